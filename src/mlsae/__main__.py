@@ -1,0 +1,3 @@
+from mlsae.cli import main
+
+main()

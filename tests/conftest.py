@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny byte-level tokenizer and tiny random GPT-NeoX / Llama / GPT-2 models
+built from configs (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+ARCHS = ["gpt_neox", "llama", "gpt2"]
+N_LAYERS, D_MODEL = 3, 32
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: ids 0..255 are bytes (as GPT-2 byte chars), then special tokens."""
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens(
+        {"eos_token": "<|endoftext|>", "bos_token": "<|bos|>", "pad_token": "<|pad|>"}
+    )
+    return fast
+
+
+def make_model(arch: str, vocab_size: int, n_layers: int = N_LAYERS, d: int = D_MODEL):
+    """A tiny randomly initialised causal LM of the given architecture (deterministic)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 3)
+    if arch == "gpt_neox":
+        cfg = GPTNeoXConfig(
+            hidden_size=d,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            intermediate_size=4 * d,
+            max_position_embeddings=512,
+            **common,
+        )
+    elif arch == "llama":
+        cfg = LlamaConfig(
+            hidden_size=d,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=3 * d,
+            max_position_embeddings=512,
+            **common,
+        )
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=d, n_layer=n_layers, n_head=4, n_positions=512, **common)
+    else:
+        raise ValueError(arch)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    # Random init leaves LayerNorm at identity and small weights; perturb so layers differ.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(arch, tokenizer):
+    return make_model(arch, vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, arch, tokenizer) -> Path:
+    """A tiny model + tokenizer saved as an HF folder, loadable with from_pretrained."""
+    model = make_model(arch, vocab_size=len(tokenizer))
+    out = tmp_path / f"tiny-{arch}"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
