@@ -96,6 +96,11 @@ def used_mask(
 def special_ids_of(tokenizer) -> list[int]:
     """Every id the tokenizer marks special, plus bos/eos/pad."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    # added tokens flagged special (e.g. SmolLM2's <file_sep>, <jupyter_code>...) are often
+    # missing from all_special_ids
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(i))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(tokenizer, name, None)
         if v is not None:

@@ -83,6 +83,317 @@ def cache(
     )
 
 
+lens_app = typer.Typer(
+    no_args_is_help=True, help="Tuned lens: train per-layer translators, compare to the logit lens."
+)
+
+
+@lens_app.command("train")
+def lens_train(
+    out: Annotated[Path, typer.Option(help="Output lens folder (lens.safetensors + lens.json)")],
+    model: ModelOpt = _m.model,
+    dataset: DatasetOpt = _d.dataset,
+    tokens: Annotated[int, typer.Option(help="Training-split tokens to use")] = 8192,
+    layers: LayersOpt = None,
+    context_length: CtxOpt = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of A_l (c_l: x RMS of x_l)")] = 1e-3,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps (default: one pass over the tokens)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Contexts per step")] = 2,
+    seed: Annotated[int, typer.Option(help="Data order seed")] = 0,
+    text_column: ColOpt = _d.text_column,
+    hf_split: HfSplitOpt = _d.hf_split,
+    dtype: ModelDtypeOpt = _m.dtype,
+) -> None:
+    """Train a tuned lens: minimise KL(final || lens) at every block but the last."""
+    from mlsae.lens_train import train_lens_command
+
+    train_lens_command(
+        out=out,
+        model_cfg=ModelConfig(model=model, dtype=dtype),  # type: ignore[arg-type]
+        data_cfg=DataConfig(
+            dataset=dataset, split="train", text_column=text_column, hf_split=hf_split,
+            context_length=context_length,
+        ),  # fmt: skip
+        n_tokens=tokens,
+        layers=layers,
+        lr=lr,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
+@lens_app.command("evaluate")
+def lens_evaluate(
+    lens: Annotated[Path, typer.Argument(help="Lens folder (ours or tuned-lens params.pt)")],
+    out: Annotated[Path, typer.Option(help="Output JSON file")],
+    model: Annotated[
+        str | None, typer.Option(help="Model (default: the one named in the lens)")
+    ] = None,
+    dataset: DatasetOpt = _d.dataset,
+    tokens: Annotated[int, typer.Option(help="Test-split tokens to evaluate")] = 4096,
+    context_length: CtxOpt = 128,
+    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass")] = 2,
+    text_column: ColOpt = _d.text_column,
+    hf_split: HfSplitOpt = _d.hf_split,
+    dtype: ModelDtypeOpt = _m.dtype,
+) -> None:
+    """Per-layer KL and CE of the tuned lens vs the logit lens on held-out tokens."""
+    from mlsae.lens_train import evaluate_lens_command
+
+    evaluate_lens_command(
+        lens_path=lens,
+        out=out,
+        model_cfg=None if model is None else ModelConfig(model=model, dtype=dtype),  # type: ignore[arg-type]
+        data_cfg=DataConfig(
+            dataset=dataset, split="test", text_column=text_column, hf_split=hf_split,
+            context_length=context_length,
+        ),  # fmt: skip
+        n_tokens=tokens,
+        batch_size=batch_size,
+    )
+
+
+app.add_typer(lens_app, name="lens")
+
+
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Argument(help="Training run folder (or an SAE folder)")],
+    out: Annotated[Path, typer.Option(help="Output folder: analysis.json, figures, report.html")],
+    cache: Annotated[
+        Path | None, typer.Option(help="Activation cache to analyse (else one is built)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model for prompts / a new cache (default: the SAE's)")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset for a new cache (default: the SAE's)")
+    ] = None,
+    split: SplitOpt = "test",
+    tokens: Annotated[int, typer.Option(help="Tokens for a new cache")] = 8192,
+    context_length: CtxOpt = _d.context_length,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="Prompt for a per-prompt heatmap (repeatable)")
+    ] = None,
+    compare: Annotated[
+        Path | None, typer.Option(help="Another SAE run (e.g. single-layer) to compare")
+    ] = None,
+) -> None:
+    """Where latents live across layers (SPEC 4), residual geometry, and report.html."""
+    from mlsae.report import analyze_command
+
+    analyze_command(
+        run=run,
+        out=out,
+        cache=cache,
+        model=model,
+        dataset=dataset,
+        split=split,
+        tokens=tokens,
+        context_length=context_length,
+        prompts=prompt,
+        compare=compare,
+    )
+
+
+@app.command()
+def evaluate(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="RUN (run or SAE folder); with --cross: MLSAE_RUN SAE_RUN ..."),
+    ],
+    out: Annotated[Path, typer.Option(help="Output FILE.json (with --cross: a folder)")],
+    cross: Annotated[
+        bool, typer.Option("--cross", help="Cross-layer matrix: MLSAE vs single-layer SAEs")
+    ] = False,
+    cache: Annotated[
+        Path | None, typer.Option(help="Held-out activation cache (else the model is run)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model (default: the SAE's/cache's)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset (default: the SAE's)")] = None,
+    split: SplitOpt = "test",
+    tokens: Annotated[
+        int | None, typer.Option(help="Tokens to evaluate (default: whole cache, or 8192)")
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Evaluate on these layers instead, e.g. '0-11' or '3'")
+    ] = None,
+    ce: Annotated[bool, typer.Option("--ce/--no-ce", help="Delta CE and KL by splicing")] = True,
+    allow_train: Annotated[
+        bool, typer.Option("--allow-train", help="Accept train-split tokens")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass")] = 4,
+    context_length: CtxOpt = _d.context_length,
+    text_column: ColOpt = _d.text_column,
+    hf_split: HfSplitOpt = _d.hf_split,
+    dtype: Annotated[
+        str | None, typer.Option(help="Model weight dtype (default: the cache's, or float32)")
+    ] = None,
+) -> None:
+    """Per-layer FVU, MSE, L0, delta CE, KL and dead fraction on held-out tokens."""
+    from mlsae.evaluate import cross_command, evaluate_command, parse_layers
+
+    kw = dict(
+        cache=cache, model=model, dataset=dataset, split=split, tokens=tokens, ce=ce,
+        allow_train=allow_train, batch_size=batch_size, context_length=context_length,
+        text_column=text_column, hf_split=hf_split, model_dtype=dtype,
+    )  # fmt: skip
+    if cross:
+        if len(runs) < 2:
+            raise MlsaeError("--cross needs MLSAE_RUN and at least one single-layer SAE_RUN")
+        cross_command(runs[0], runs[1:], out, layers=parse_layers(layers), **kw)
+    else:
+        if len(runs) != 1:
+            raise MlsaeError("evaluate takes one RUN (use --cross for several)")
+        evaluate_command(runs[0], out, layers=parse_layers(layers), **kw)
+
+
+@app.command()
+def evolution(
+    run: Annotated[Path, typer.Argument(help="Per-layer SAE run folder (`train --per-layer`)")],
+    out: Annotated[Path, typer.Option(help="Output folder: evolution.json, graph.json/html, PNGs")],
+    cache: Annotated[
+        Path | None, typer.Option(help="Activation cache in stream order (else the model is run)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model (default: the SAEs')")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset (default: the SAEs')")] = None,
+    split: SplitOpt = "test",
+    tokens: Annotated[
+        int, typer.Option(help="Tokens to run the model on (without --cache)")
+    ] = 8192,
+    context_length: CtxOpt = _d.context_length,
+    text_column: ColOpt = _d.text_column,
+    hf_split: HfSplitOpt = _d.hf_split,
+    dtype: ModelDtypeOpt = _m.dtype,
+    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass")] = 4,
+    top_m: Annotated[int, typer.Option(help="Edges: m best partners per feature (0: none)")] = 3,
+    edge_threshold: Annotated[
+        float | None, typer.Option(help="Edges: keep measure >= this (alone with --top-m 0)")
+    ] = None,
+    edge_measure: Annotated[
+        str, typer.Option(help="pearson, jaccard, sufficiency, necessity or decoder_cos")
+    ] = "pearson",
+    link_threshold: Annotated[
+        float, typer.Option(help="Appear/disappear: no partner with Pearson >= this")
+    ] = 0.5,
+    pass_through: Annotated[float, typer.Option(help="Passed through: Pearson >= this")] = 0.95,
+    boolean_threshold: Annotated[
+        float, typer.Option(help="AND/OR: necessity/sufficiency >= this")
+    ] = 0.999,
+    min_support: Annotated[
+        int, typer.Option(help="AND/OR/specialise ignore features active on fewer tokens")
+    ] = 10,
+    contexts: Annotated[int, typer.Option(help="Top contexts kept per feature")] = 5,
+    memory_gb: Annotated[
+        float, typer.Option(help="Budget for pair co-moment matrices (12 B per feature pair)")
+    ] = 2.0,
+    seed: Annotated[int, typer.Option(help="Community detection seed")] = 0,
+    community: Annotated[
+        str, typer.Option(help="auto (Leiden, else Louvain), leiden, louvain")
+    ] = "auto",
+    max_nodes: Annotated[
+        int, typer.Option(help="Nodes drawn in graph.html (most connected)")
+    ] = 1500,
+) -> None:
+    """Features across layers of per-layer SAEs: statistics, graph, communities, SAE Match."""
+    from mlsae.evolution import EvolutionConfig
+    from mlsae.evolution_run import evolution_command
+
+    if cache is not None and model is not None:
+        raise MlsaeError("give --cache or --model, not both")
+    if community not in ("auto", "leiden", "louvain"):
+        raise MlsaeError(f"unknown --community {community!r}: auto, leiden or louvain")
+    cfg = EvolutionConfig(
+        top_m=top_m or None, edge_threshold=edge_threshold, edge_measure=edge_measure,  # type: ignore[arg-type]
+        link_threshold=link_threshold, pass_through=pass_through,
+        boolean_threshold=boolean_threshold, min_support=min_support, contexts=contexts,
+        memory_gb=memory_gb, seed=seed, max_nodes_html=max_nodes,
+    )  # fmt: skip
+    evolution_command(
+        run=run, out=out, cache=cache, model=model, dataset=dataset, dtype=dtype,
+        data_kw=dict(split=split, context_length=context_length, text_column=text_column,
+                     hf_split=hf_split),
+        n_tokens=tokens, batch_size=batch_size, cfg=cfg, community_method=community,
+    )  # fmt: skip
+
+
+@app.command()
+def train(
+    out: Annotated[Path | None, typer.Option(help="New run folder")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run exactly from its last checkpoint")
+    ] = None,
+    cache: Annotated[Path | None, typer.Option(help="Activation cache (else one is built)")] = None,
+    model: ModelOpt = _m.model,
+    dataset: DatasetOpt = _d.dataset,
+    tokens: Annotated[
+        int, typer.Option(help="Tokens to cache into RUN/cache (no --cache)")
+    ] = 50_000,
+    context_length: CtxOpt = _d.context_length,
+    layers: Annotated[
+        str | None, typer.Option(help="Layers of the MLSAE: 'all' (default) or e.g. '0-11'")
+    ] = None,
+    single_layer: Annotated[
+        int | None, typer.Option(help="Train a single-layer baseline on this layer")
+    ] = None,
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="One SAE per chosen layer (layer_XX/ folders)")
+    ] = False,
+    expansion_factor: Annotated[
+        list[int] | None, typer.Option(help="R (repeat for a sweep grid) [default: 8]")
+    ] = None,
+    k: Annotated[
+        list[int] | None,
+        typer.Option("-k", "--k", help="TopK k (repeat for a sweep) [default: 32]"),
+    ] = None,
+    k_aux: Annotated[int | None, typer.Option(help="AuxK latents (default ~ d/2)")] = None,
+    aux_coef: Annotated[float, typer.Option(help="AuxK weight alpha")] = _t.aux_coef,
+    batch_tokens: Annotated[int, typer.Option(help="Vectors per step (per SAE)")] = _t.batch_tokens,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = _t.lr,
+    seed: Annotated[int, typer.Option(help="Init and data-order seed")] = _t.seed,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the cache [default: 1]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps")] = None,
+    dead_tokens: Annotated[
+        int, typer.Option(help="Dead after this many tokens without firing")
+    ] = _t.dead_tokens,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Steps between checkpoints")
+    ] = _t.checkpoint_every,
+    compute_dtype: Annotated[
+        str, typer.Option(help="Encoder matmul dtype: auto, float32, bfloat16")
+    ] = _t.compute_dtype,
+    normalize: Annotated[str, typer.Option(help="standardize or none")] = "standardize",
+    wandb: Annotated[bool, typer.Option("--wandb", help="Log to Weights & Biases")] = False,
+) -> None:
+    """Train the multi-layer SAE, a single-layer baseline, a sweep or a per-layer set."""
+    from mlsae.train import train_command
+
+    if (out is None) == (resume is None):
+        raise MlsaeError("give exactly one of --out RUN (new run) or --resume RUN")
+    cfg = TrainConfig(
+        batch_tokens=batch_tokens, lr=lr, aux_coef=aux_coef, k_aux=k_aux, dead_tokens=dead_tokens,
+        seed=seed, checkpoint_every=checkpoint_every, compute_dtype=compute_dtype,  # type: ignore[arg-type]
+        wandb=wandb,
+    )  # fmt: skip
+    train_command(
+        out=out, resume=resume, cache=cache, model=model, dataset=dataset, tokens=tokens,
+        context_length=context_length, layers=layers, single_layer=single_layer,
+        per_layer=per_layer, expansion_factors=expansion_factor, ks=k, normalize=normalize,
+        cfg=cfg, max_steps=max_steps, epochs=epochs,
+    )  # fmt: skip
+
+
+@app.command()
+def info(model: ModelOpt = _m.model, dtype: ModelDtypeOpt = _m.dtype) -> None:
+    """Print a model's name, block count, width, special ids and this CPU's compute dtype."""
+    from mlsae.model import print_info
+
+    print_info(ModelConfig(model=model, dtype=dtype))  # type: ignore[arg-type]
+
+
 def main() -> None:
     """Console entry point."""
     try:

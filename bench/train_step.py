@@ -1,0 +1,223 @@
+"""Time one full SAE training step (forward, backward, Adam, decoder renorm) on this CPU.
+
+Contenders, on the same inputs, repeats interleaved in one run:
+  mlsae      this project (sparse decoder/encoder gradients, fast top-k, compute dtype per CPU)
+  mlsae+aux  the same with AuxK on 5% dead latents
+  dense      a plain dense fp32 TopK SAE with autograd (same math)
+  sparsify   EleutherAI sparsify's SparseCoder (pip eai-sparsify, CPU fallback path)
+  roofline   the encoder forward matmul alone in this machine's fastest dtype
+Also compares the top-k methods on the same pre-activations and breaks our step into phases.
+
+Usage: .venv/bin/python bench/train_step.py [--n 4096 --d 576 --r 8 --k 32 --repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from mlsae import kernels
+from mlsae.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
+from mlsae.config import SaeConfig
+from mlsae.sae import SparseAutoencoder
+
+
+def adam(params) -> torch.optim.Optimizer:
+    """Adam as in SPEC 2 (fused kernel where torch has one for CPU)."""
+    try:
+        return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10)
+
+
+def ours(x: torch.Tensor, d: int, r: int, k: int, dead_frac: float = 0.0) -> Callable[[], None]:
+    sae = SparseAutoencoder(SaeConfig(d_in=d, expansion_factor=r, k=k), seed=0)
+    sae.init_b_dec(x)
+    opt = adam(sae.parameters())
+    m = d * r
+    dead = torch.randperm(m, generator=torch.Generator().manual_seed(1))[: int(dead_frac * m)]
+    k_aux = 256 if dead_frac else 0
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = sae.train_step_forward(x, dead if dead_frac else None, k_aux, 1 / 32)
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+
+    return step
+
+
+def dense(x: torch.Tensor, d: int, r: int, k: int) -> Callable[[], None]:
+    """Plain dense fp32 reference: dense pre, dense scatter of the top-k, dense decoder."""
+    m = d * r
+    g = torch.Generator().manual_seed(0)
+    W_enc = torch.nn.Parameter((torch.rand(d, m, generator=g) * 2 - 1) / d**0.5)  # noqa: N806
+    W_dec = torch.nn.Parameter(W_enc.detach().t() / W_enc.detach().t().norm(dim=1, keepdim=True))  # noqa: N806
+    b_enc, b_dec = torch.nn.Parameter(torch.zeros(m)), torch.nn.Parameter(torch.zeros(d))
+    opt = adam([W_enc, b_enc, W_dec, b_dec])
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        mean, std = x.mean(1, keepdim=True), x.std(1, keepdim=True) + 1e-5
+        u = (x - mean) / std
+        pre = (u - b_dec) @ W_enc + b_enc
+        v, i = pre.topk(k, dim=1)
+        z = torch.zeros_like(pre).scatter(1, i, v.relu())
+        u_hat = z @ W_dec + b_dec
+        loss = (u - u_hat).pow(2).sum() / (u - u.mean(0)).pow(2).sum()
+        loss.backward()
+        with torch.no_grad():
+            gd = W_dec.grad
+            gd -= (gd * W_dec).sum(1, keepdim=True) * W_dec
+            opt.step()
+            W_dec.div_(W_dec.norm(dim=1, keepdim=True))
+
+    return step
+
+
+def sparsify_step(x: torch.Tensor, d: int, r: int, k: int) -> Callable[[], None] | str:
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            from sparsify import SparseCoder, SparseCoderConfig
+    except Exception as e:  # noqa: BLE001 - any import problem means "not available"
+        return f"sparsify unavailable ({type(e).__name__}: {e}); pip install eai-sparsify"
+    torch.manual_seed(0)
+    sae = SparseCoder(d, SparseCoderConfig(expansion_factor=r, k=k))
+    opt = adam(sae.parameters())
+    u = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)  # same space as ours
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = sae(u)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
+def roofline(x: torch.Tensor, d: int, r: int) -> tuple[Callable[[], None], torch.dtype]:
+    dt = torch.bfloat16 if has_fast_bf16() else torch.float32
+    W = torch.randn(d, d * r).to(dt)  # noqa: N806
+    b = torch.zeros(d * r, dtype=dt)
+    xb = x.to(dt)
+    return (lambda: torch.addmm(b, xb, W)), dt
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """ms per call of each function, calls interleaved (one warm-up each)."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def phases(x: torch.Tensor, d: int, r: int, k: int, repeats: int) -> dict[str, float]:
+    """Median ms of each phase of our step."""
+    sae = SparseAutoencoder(SaeConfig(d_in=d, expansion_factor=r, k=k), seed=0)
+    opt = adam(sae.parameters())
+    u = sae.normalize(x)[0]
+    dt = sae.compute_dtype
+    acc: dict[str, list[float]] = {}
+
+    def tick(name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        acc.setdefault(name, []).append((t1 - t0) * 1e3)
+        return t1
+
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        pre = torch.addmm(sae.b_enc.to(dt), (u - sae.b_dec).to(dt), sae.W_enc.to(dt))
+        t = tick("encoder matmul", t)
+        kernels.topk(pre, k)
+        t = tick("top-k", t)
+        del pre
+        opt.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        out = sae.train_step_forward(x)
+        t = tick("forward (all)", t)
+        out.loss.backward()
+        t = tick("backward", t)
+        sae.remove_parallel_grad_()
+        opt.step()
+        sae.normalize_decoder_()
+        tick("adam + decoder projection/renorm", t)
+    return {n: statistics.median(v[1:]) for n, v in acc.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, default=4096, help="vectors per step")
+    p.add_argument("--d", type=int, default=576)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-sparsify", action="store_true")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(a.n, a.d) * (1 + torch.rand(a.d)) + torch.randn(a.d)  # [N, d]
+    dt = resolve_compute_dtype("auto", verbose=False)
+    print(f"CPU capability {cpu_capability()}; fast bf16: {has_fast_bf16()}; threads "
+          f"{torch.get_num_threads()}; torch {torch.__version__}")  # fmt: skip
+    print(f"shape: N={a.n} d={a.d} R={a.r} (d_sae={a.d * a.r}) k={a.k}; compute dtype {dt}")
+
+    # top-k methods on the same pre-activations
+    pre = (x @ torch.randn(a.d, a.d * a.r) / a.d**0.5).to(dt)
+    ref = pre.topk(a.k, dim=1).values
+    tk = {m: (lambda m=m: kernels.topk(pre, a.k, m)) for m in ("torch", "grouped")}
+    for m, f in tk.items():
+        v, i = f()
+        ok = torch.equal(v.sort(1, descending=True).values, ref) and torch.equal(
+            pre.gather(1, i), v
+        )
+        assert ok, f"top-k method {m} is not exact"
+    tt = interleaved(tk, a.repeats)
+    print("top-k on [N, d_sae] (ms, min/median): " + ", ".join(
+        f"{m} {min(v):.1f}/{statistics.median(v):.1f}" for m, v in tt.items()
+    ) + f"  (default: {kernels.TOPK_METHOD}, group {kernels.TOPK_GROUP})")  # fmt: skip
+
+    fns: dict[str, Callable[[], None]] = {
+        "mlsae": ours(x, a.d, a.r, a.k),
+        "mlsae+aux": ours(x, a.d, a.r, a.k, dead_frac=0.05),
+        "dense": dense(x, a.d, a.r, a.k),
+    }
+    sp = "skipped (--no-sparsify)" if a.no_sparsify else sparsify_step(x, a.d, a.r, a.k)
+    if callable(sp):
+        fns["sparsify"] = sp
+    else:
+        print(sp)
+    fns["roofline"], rdt = roofline(x, a.d, a.r)
+    times = interleaved(fns, a.repeats)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    print(f"\nms per step (median of {a.repeats}, min in brackets); roofline = encoder matmul "
+          f"alone in {rdt}")  # fmt: skip
+    for n, v in times.items():
+        print(f"  {n:10s} {med[n]:8.1f}  [{min(v):.1f}]  {a.n / med[n] * 1e3:10.0f} vectors/s")
+    us = med["mlsae"]
+    print("\nratios (throughput of mlsae vs ...):")
+    if "sparsify" in med:
+        print(f"  vs sparsify  {med['sparsify'] / us:5.2f}x   (goal >= 2x)")
+    print(f"  vs dense     {med['dense'] / us:5.2f}x")
+    print(f"  of roofline  {med['roofline'] / us:5.0%}    (goal >= 50%)")
+    print(f"  with AuxK (5% dead) {med['roofline'] / med['mlsae+aux']:5.0%} of roofline")
+
+    ph = phases(x, a.d, a.r, a.k, a.repeats)
+    print("\nour step by phase (median ms): " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The main job on the embedded default (SmolLM2-135M-Instruct + Wikipedia/SOTU corpus), offline:
+# cache -> train MLSAE + single-layer baselines -> evaluate -> cross-layer matrix -> analyze.
+# Usage: scripts/demo.sh BIN OUT TRAIN_TOKENS TEST_TOKENS [extra: lens evolution]
+set -euo pipefail
+BIN=${1:-.venv/bin}; OUT=${2:-demo_out}; TOK=${3:-60000}; TEST=${4:-8192}; shift 4 || true
+EXTRA=" $* "
+M="$BIN/mlsae"
+R=${DEMO_R:-8}; K=${DEMO_K:-32}; BATCH=${DEMO_BATCH:-4096}
+EARLY=${DEMO_EARLY:-3}; LATE=${DEMO_LATE:-24}
+mkdir -p "$OUT"
+start=$(date +%s)
+stage() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
+
+stage "1/6 cache $TOK training tokens and $TEST held-out tokens of all 30 layers"
+"$M" cache --split train --tokens "$TOK" --out "$OUT/cache_train"
+"$M" cache --split test --tokens "$TEST" --out "$OUT/cache_test"
+python3 - "$OUT/cache_train/manifest.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+print({k: m[k] for k in ("model", "dataset", "split", "d_model", "dtype", "n_tokens", "context_length")},
+      f"layers {m['layers'][0]}..{m['layers'][-1]}", f"{len(m['shards'])} shards")
+PY
+
+stage "2/6 train the MLSAE (R=$R, k=$K) on every layer, and single-layer SAEs at layers $EARLY and $LATE"
+"$M" train --cache "$OUT/cache_train" --expansion-factor "$R" -k "$K" --batch-tokens "$BATCH" \
+  --dead-tokens 20000 --out "$OUT/mlsae"
+for L in $EARLY $LATE; do
+  "$M" train --cache "$OUT/cache_train" --single-layer "$L" --expansion-factor "$R" -k "$K" \
+    --batch-tokens "$BATCH" --dead-tokens 20000 --out "$OUT/sae_layer$L"
+done
+
+stage "3/6 evaluate the MLSAE on held-out tokens (FVU, MSE, L0, delta CE, KL per layer)"
+"$M" evaluate "$OUT/mlsae" --cache "$OUT/cache_test" --out "$OUT/mlsae/eval.json"
+
+stage "4/6 cross-layer matrix: single-layer SAEs on every layer vs the MLSAE"
+"$M" evaluate --cross "$OUT/mlsae" "$OUT/sae_layer$EARLY" "$OUT/sae_layer$LATE" \
+  --cache "$OUT/cache_test" --out "$OUT/cross"
+
+stage "5/6 analyze: where latents live across layers, residual geometry, report"
+"$M" analyze "$OUT/mlsae" --cache "$OUT/cache_test" --out "$OUT/analysis" \
+  --prompt "The capital of France is Paris, and the capital of Italy is Rome." \
+  --prompt "Mr. Speaker, the state of our Union is strong."
+
+if [[ "$EXTRA" == *" lens "* ]]; then
+  stage "lens: train a tuned lens, evaluate it, and train/evaluate a lens-space MLSAE"
+  "$M" lens train --tokens "${DEMO_LENS_TOKENS:-20000}" --out "$OUT/lens"
+  "$M" lens evaluate "$OUT/lens" --tokens "$TEST" --out "$OUT/lens/eval.json"
+fi
+if [[ "$EXTRA" == *" evolution "* ]]; then
+  stage "evolution: per-layer SAEs on all 30 layers, then features across layers"
+  "$M" train --cache "$OUT/cache_train" --per-layer --expansion-factor "$R" -k "$K" \
+    --batch-tokens "$BATCH" --dead-tokens 20000 --out "$OUT/per_layer"
+  "$M" evolution "$OUT/per_layer" --cache "$OUT/cache_test" --out "$OUT/evolution"
+fi
+
+stage "6/6 done in $(( $(date +%s) - start ))s"
+echo "report: $(cd "$OUT/analysis" && pwd)/report.html"

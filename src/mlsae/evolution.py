@@ -1,0 +1,418 @@
+"""Features across layers (SPEC section 6, seed 004): exact streaming statistics between the
+SAEs of adjacent layers, from their sparse TopK codes only (no dense token x feature store).
+
+For SAEs at layers u (up) and d (down), over the same N used tokens, with a[t,i] >= 0 the
+activation of up feature i (0 when not in the top k) and b[t,j] that of down feature j:
+  pearson[i,j]  = cov(a_i, b_j) / (sd(a_i) sd(b_j))             (all N tokens, zeros included)
+  active_i(t)   = a[t,i] > 0.2 * max_t a[t,i]                   (max over the same data)
+  jaccard[i,j]  = |A_i & B_j| / |A_i | B_j|
+  sufficiency   = P(B_j | A_i) = |A_i & B_j| / |A_i|            (up active => down active)
+  necessity     = P(A_i | B_j) = |A_i & B_j| / |B_j|            (down active => up active)
+  decoder_cos   = cos(W_dec_u[i], W_dec_d[j])
+Pass 1 (`FeatureStats`) gives per feature the sums, max, activity counts and top contexts;
+pass 2 (`PairStats`) accumulates sum_t a_i b_j (float64) and |A_i & B_j| (int32) per pair as
+dense [d_up, d_down] matrices filled by index_add over the k x k code products of each token,
+so memory is 12 bytes per feature pair; pairs are processed in groups under a budget.
+`summarize_pair` then reduces a pair in row blocks to: each feature's top-m partners (edges
+carrying every measure), best partners, pass-through / appear / disappear, quasi-boolean AND /
+OR (exactly two up features of necessity / sufficiency >= 0.999), and specialisation.
+Dead features (never > 0 on the data) are excluded from every fraction and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mlsae.errors import MlsaeError
+
+F64 = torch.float64
+MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "decoder_cos")
+
+
+@dataclass
+class EvolutionConfig:
+    """Settings of `mlsae evolution` (saved in evolution.json)."""
+
+    top_m: int | None = 3
+    """Edges: each feature's m most similar next/previous-layer partners (None: no top-m cut)."""
+    edge_threshold: float | None = None
+    """Edges: keep only pairs whose edge measure is >= this (None: no threshold)."""
+    edge_measure: Literal["pearson", "jaccard", "sufficiency", "necessity", "decoder_cos"] = (
+        "pearson"
+    )
+    """Similarity used for edges, partners and community weights."""
+    max_edges_per_pair: int = 200_000
+    """Cap on edges kept per layer pair in threshold-only mode (largest measure first)."""
+    active_fraction: float = 0.2
+    """A feature is active on a token when its activation is > this x its max over the data."""
+    pass_through: float = 0.95
+    """Passed through: best next-layer Pearson >= this."""
+    link_threshold: float = 0.5
+    """Appears: no previous-layer partner of Pearson >= this; disappears: no next-layer one."""
+    boolean_threshold: float = 0.999
+    """AND: exactly two up features of necessity >= this; OR: of sufficiency >= this."""
+    min_support: int = 10
+    """Features active (above threshold) on fewer tokens are left out of AND / OR /
+    specialisation (1 = the bare SPEC definition; rare features make spurious AND/ORs)."""
+    specialise_necessity: float = 0.9
+    """Specialises: some up feature i has necessity(i|j) >= this ..."""
+    specialise_sufficiency: float = 0.5
+    """... and sufficiency(j|i) <= this: j fires on a clear subset of i's tokens."""
+    contexts: int = 5
+    """Top activating token contexts kept per feature."""
+    memory_gb: float = 2.0
+    """Budget for the pair co-moment matrices held at once (12 bytes per feature pair)."""
+    seed: int = 0
+    """Seed for community detection."""
+    max_nodes_html: int = 1500
+    """graph.html draws at most this many nodes (the most connected)."""
+
+    def __post_init__(self) -> None:
+        if self.top_m is None and self.edge_threshold is None:
+            raise MlsaeError("give --top-m, --edge-threshold or both to define graph edges")
+        if self.top_m is not None and self.top_m < 1:
+            raise MlsaeError(f"--top-m must be >= 1, not {self.top_m}")
+        if self.edge_measure not in MEASURES:
+            raise MlsaeError(f"unknown edge measure {self.edge_measure!r}: one of {MEASURES}")
+        if not 0 < self.active_fraction < 1:
+            raise MlsaeError(f"active fraction must be in (0, 1), not {self.active_fraction}")
+        if self.memory_gb <= 0:
+            raise MlsaeError(f"--memory-gb must be > 0, not {self.memory_gb}")
+
+
+class FeatureStats:
+    """Pass 1 for one layer's SAE: per-feature sums, max, activity and top contexts."""
+
+    def __init__(self, d_sae: int, n_contexts: int = 5) -> None:
+        self.d = d_sae
+        self.n = 0  # used tokens seen
+        self.sum = torch.zeros(d_sae, dtype=F64)  # [d] sum_t a
+        self.sumsq = torch.zeros(d_sae, dtype=F64)  # [d] sum_t a^2
+        self.max = torch.zeros(d_sae, dtype=F64)  # [d] max_t a
+        self.nonzero = torch.zeros(d_sae, dtype=torch.int64)  # [d] #tokens with a > 0
+        c = max(int(n_contexts), 0)
+        self.top_val = torch.full((d_sae, c), -math.inf)  # [d, C] descending
+        self.top_pos = torch.full((d_sae, c), -1, dtype=torch.int64)  # [d, C] token positions
+
+    def update(self, idx: Tensor, acts: Tensor, pos: Tensor | None = None) -> None:
+        """idx, acts: [n, k] TopK codes of n used tokens; pos: [n] their stream positions."""
+        self.n += idx.shape[0]
+        f = idx.reshape(-1).long()
+        v = acts.reshape(-1).to(F64)
+        self.sum.index_add_(0, f, v)
+        self.sumsq.index_add_(0, f, v * v)
+        self.nonzero.index_add_(0, f, (v > 0).long())
+        self.max.scatter_reduce_(0, f, v, "amax")
+        c = self.top_val.shape[1]
+        if c == 0 or pos is None:
+            return
+        p = pos.long()[:, None].expand_as(idx).reshape(-1)
+        on = v > 0
+        f, v32, p = f[on], v[on].float(), p[on]
+        order = torch.argsort(v32, descending=True, stable=True)
+        order = order[torch.argsort(f[order], stable=True)]  # by feature, then value desc
+        f, v32, p = f[order], v32[order], p[order]
+        starts = torch.searchsorted(f, f, side="left")
+        rank = torch.arange(len(f)) - starts  # rank within feature
+        keep = rank < c
+        bv = torch.full((self.d, c), -math.inf)
+        bp = torch.full((self.d, c), -1, dtype=torch.int64)
+        bv[f[keep], rank[keep]] = v32[keep]
+        bp[f[keep], rank[keep]] = p[keep]
+        vals, sel = torch.cat([self.top_val, bv], 1).topk(c, dim=1)
+        self.top_pos = torch.cat([self.top_pos, bp], 1).gather(1, sel)
+        self.top_val = vals
+
+    @property
+    def alive(self) -> Tensor:
+        """[d] bool: active (> 0) on at least one token."""
+        return self.nonzero > 0
+
+    def threshold(self, fraction: float = 0.2) -> Tensor:
+        """[d] the 'active' threshold fraction x max; a dead feature's (0) is never exceeded."""
+        return self.max * fraction
+
+    def density(self) -> Tensor:
+        """[d] fraction of used tokens with activation > 0."""
+        return self.nonzero.double() / max(self.n, 1)
+
+
+class PairStats:
+    """Pass 2 for one adjacent pair: sum_t a_i b_j and |A_i & B_j| as dense matrices."""
+
+    def __init__(self, thr_up: Tensor, thr_down: Tensor, max_entries: int = 1 << 21) -> None:
+        self.thr_up, self.thr_down = thr_up.to(F64), thr_down.to(F64)
+        self.d_up, self.d_down = len(thr_up), len(thr_down)
+        self.cross = torch.zeros(self.d_up * self.d_down, dtype=F64)  # [d_up*d_down]
+        self.co = torch.zeros(self.d_up * self.d_down, dtype=torch.int32)  # [d_up*d_down]
+        self.n_up = torch.zeros(self.d_up, dtype=torch.int64)  # [d_up] |A_i|
+        self.n_down = torch.zeros(self.d_down, dtype=torch.int64)  # [d_down] |B_j|
+        self.max_entries = max_entries
+
+    @staticmethod
+    def nbytes(d_up: int, d_down: int) -> int:
+        """Bytes of the two accumulators."""
+        return d_up * d_down * 12
+
+    def update(self, up_idx: Tensor, up_acts: Tensor, down_idx: Tensor, down_acts: Tensor) -> None:
+        """Codes of the same n tokens at both layers: [n, k_up] and [n, k_down]."""
+        up_idx, down_idx = up_idx.long(), down_idx.long()
+        a, b = up_acts.to(F64), down_acts.to(F64)
+        on_a = a > self.thr_up[up_idx]  # [n, k_up]
+        on_b = b > self.thr_down[down_idx]  # [n, k_down]
+        self.n_up.index_add_(0, up_idx[on_a], torch.ones_like(up_idx[on_a]))
+        self.n_down.index_add_(0, down_idx[on_b], torch.ones_like(down_idx[on_b]))
+        step = max(1, self.max_entries // max(1, a.shape[1] * b.shape[1]))
+        for s in range(0, a.shape[0], step):
+            sl = slice(s, s + step)
+            flat = (up_idx[sl, :, None] * self.d_down + down_idx[sl, None, :]).reshape(-1)
+            self.cross.index_add_(0, flat, (a[sl, :, None] * b[sl, None, :]).reshape(-1))
+            both = (on_a[sl, :, None] & on_b[sl, None, :]).reshape(-1)
+            hit = flat[both]
+            self.co.index_add_(0, hit, torch.ones(len(hit), dtype=torch.int32))
+
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        """Views [d_up, d_down] of the cross sums and co-activity counts."""
+        return self.cross.view(self.d_up, self.d_down), self.co.view(self.d_up, self.d_down)
+
+
+def _moments(s: FeatureStats, sel) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation over the N tokens of the selected features."""
+    n = max(s.n, 1)
+    mu = s.sum[sel] / n
+    return mu, (s.sumsq[sel] / n - mu * mu).clamp_min(0).sqrt()
+
+
+def _unit_rows(w: Tensor | None) -> Tensor | None:
+    """Decoder rows scaled to unit norm (float64), None passes through."""
+    return None if w is None else torch.nn.functional.normalize(w.detach().to(F64), dim=1)
+
+
+def measures(
+    up: FeatureStats,
+    down: FeatureStats,
+    pair: PairStats,
+    rows: Tensor,
+    cols: Tensor,
+    w_up: Tensor | None = None,
+    w_down: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Every measure at (rows, cols), two broadcastable index tensors (e.g. [b,1] and [1,d]).
+
+    NaN where undefined (a dead feature); decoder_cos NaN without decoder rows.
+    w_up / w_down: unit decoder rows [d, d_in] (see `_unit_rows`)."""
+    cross, co = pair.matrices()
+    n = max(up.n, 1)
+    mu_a, sd_a = _moments(up, rows)
+    mu_b, sd_b = _moments(down, cols)
+    cov = cross[rows, cols] / n - mu_a * mu_b
+    den = sd_a * sd_b
+    pearson = torch.where(den > 0, cov / den, math.nan).clamp(-1, 1)
+    c = co[rows, cols].to(F64)
+    na, nb = pair.n_up[rows].to(F64), pair.n_down[cols].to(F64)
+    union = na + nb - c
+    jaccard = torch.where(union > 0, c / union, 0.0)
+    suff = torch.where(na > 0, c / na.clamp_min(1), math.nan)
+    nec = torch.where(nb > 0, c / nb.clamp_min(1), math.nan)
+    if w_up is not None and w_down is not None:
+        if rows.ndim == 2 and cols.ndim == 2 and cols.shape[0] == 1:
+            cos = w_up[rows[:, 0]] @ w_down[cols[0]].T  # [b, d] dense block
+        else:
+            cos = (w_up[rows] * w_down[cols]).sum(-1)
+    else:
+        cos = torch.full_like(pearson, math.nan)
+    return {"pearson": pearson, "jaccard": jaccard, "sufficiency": suff, "necessity": nec,
+            "decoder_cos": cos}  # fmt: skip
+
+
+@dataclass
+class PairResult:
+    """The reduction of one adjacent pair (up layer, down layer)."""
+
+    up_layer: int
+    down_layer: int
+    edges: dict[str, Tensor]  # up, down (i64 [E]) + every measure (f64 [E])
+    best_next: Tensor  # [d_up] best next-layer Pearson (NaN: dead)
+    best_next_idx: Tensor  # [d_up]
+    best_prev: Tensor  # [d_down] best previous-layer Pearson (NaN: dead)
+    best_prev_idx: Tensor  # [d_down]
+    and_features: list[tuple[int, int, int]] = field(default_factory=list)  # (down, up1, up2)
+    or_features: list[tuple[int, int, int]] = field(default_factory=list)
+    specialised: list[tuple[int, int]] = field(default_factory=list)  # (down, parent up)
+    summary: dict = field(default_factory=dict)
+
+
+def _fill_members(store: Tensor, count: Tensor, hits: Tensor, offset: int) -> None:
+    """Record the first two row indices (+offset) per column of a boolean block [b, d]."""
+    r, c = hits.nonzero(as_tuple=True)  # row-major: rows ascending within a column
+    if len(c) == 0:
+        return
+    order = torch.argsort(c, stable=True)
+    r, c = r[order], c[order]
+    rank = torch.arange(len(c)) - torch.searchsorted(c, c, side="left") + count[c]
+    keep = rank < store.shape[1]
+    store[c[keep], rank[keep]] = r[keep] + offset
+    count += hits.sum(0)
+
+
+def summarize_pair(
+    up: FeatureStats,
+    down: FeatureStats,
+    pair: PairStats,
+    cfg: EvolutionConfig,
+    w_up: Tensor | None = None,
+    w_down: Tensor | None = None,
+    layers: tuple[int, int] = (0, 1),
+    block_entries: int = 1 << 21,
+) -> PairResult:
+    """Reduce a pair's accumulators (row blocks, bounded memory) to edges and counts.
+    w_up / w_down: raw decoder weights [d_sae, d_in] (rows are features)."""
+    wu, wd = _unit_rows(w_up), _unit_rows(w_down)
+    d_up, d_dn = pair.d_up, pair.d_down
+    alive_up, alive_dn = up.alive, down.alive
+    sup_up = alive_up & (pair.n_up >= cfg.min_support)
+    sup_dn = alive_dn & (pair.n_down >= cfg.min_support)
+    m = min(cfg.top_m or 0, d_dn)
+    mc = min(cfg.top_m or 0, d_up)
+    best_next = torch.full((d_up,), math.nan, dtype=F64)
+    best_next_idx = torch.full((d_up,), -1, dtype=torch.int64)
+    best_prev = torch.full((d_dn,), -math.inf, dtype=F64)
+    best_prev_idx = torch.full((d_dn,), -1, dtype=torch.int64)
+    col_val = torch.full((mc, d_dn), -math.inf, dtype=F64)  # running top-m per column
+    col_idx = torch.full((mc, d_dn), -1, dtype=torch.int64)
+    and_cnt = torch.zeros(d_dn, dtype=torch.int64)
+    or_cnt = torch.zeros(d_dn, dtype=torch.int64)
+    and_mem = torch.full((d_dn, 2), -1, dtype=torch.int64)
+    or_mem = torch.full((d_dn, 2), -1, dtype=torch.int64)
+    spec_nec = torch.full((d_dn,), -math.inf, dtype=F64)
+    spec_suf = torch.full((d_dn,), math.nan, dtype=F64)
+    spec_par = torch.full((d_dn,), -1, dtype=torch.int64)
+    cand_i: list[Tensor] = []
+    cand_j: list[Tensor] = []
+    cand_v: list[Tensor] = []
+    cols = torch.arange(d_dn)[None, :]
+    bt = cfg.boolean_threshold
+    step = max(1, block_entries // max(d_dn, 1))
+    for s in range(0, d_up, step):
+        rows = torch.arange(s, min(s + step, d_up))
+        ms = measures(up, down, pair, rows[:, None], cols, wu, wd)
+        valid = alive_up[rows][:, None] & alive_dn[None, :]  # [b, d_dn]
+        p = torch.where(valid & ~ms["pearson"].isnan(), ms["pearson"], -math.inf)
+        v, j = p.max(1)
+        best_next[rows] = torch.where(v > -math.inf, v, math.nan)
+        best_next_idx[rows] = j
+        v, i = p.max(0)
+        better = v > best_prev
+        best_prev[better], best_prev_idx[better] = v[better], i[better] + s
+        e = ms[cfg.edge_measure]
+        e = torch.where(valid & ~e.isnan() & (e > 0), e, -math.inf)
+        if cfg.edge_threshold is not None:
+            e = torch.where(e >= cfg.edge_threshold, e, -math.inf)
+        if m:
+            v, j = e.topk(m, dim=1)
+            ok = v > -math.inf
+            cand_i.append(rows[:, None].expand_as(j)[ok])
+            cand_j.append(j[ok])
+            cand_v.append(v[ok])
+            v, i = e.topk(min(mc, len(rows)), dim=0)
+            col_val, sel = torch.cat([col_val, v]).topk(mc, dim=0)
+            col_idx = torch.cat([col_idx, i + s]).gather(0, sel)
+        else:
+            ii, jj = (e > -math.inf).nonzero(as_tuple=True)
+            cand_i.append(rows[ii])
+            cand_j.append(jj)
+            cand_v.append(e[ii, jj])
+            if sum(len(x) for x in cand_v) > 2 * cfg.max_edges_per_pair:
+                keep = torch.cat(cand_v).topk(cfg.max_edges_per_pair).indices
+                cand_i, cand_j, cand_v = ([torch.cat(x)[keep]] for x in (cand_i, cand_j, cand_v))
+        sup = sup_up[rows][:, None] & sup_dn[None, :]
+        nec, suf = ms["necessity"], ms["sufficiency"]
+        _fill_members(and_mem, and_cnt, sup & (nec >= bt), s)
+        _fill_members(or_mem, or_cnt, sup & (suf >= bt), s)
+        n2 = torch.where(sup & ~nec.isnan(), nec, -math.inf)
+        v, i = n2.max(0)
+        better = v > spec_nec
+        spec_nec[better], spec_par[better] = v[better], i[better] + s
+        spec_suf[better] = suf[i[better], better.nonzero(as_tuple=True)[0]]
+    if m:
+        ok = col_val > -math.inf
+        cand_i.append(col_idx[ok])
+        cand_j.append(cols.expand_as(col_idx)[ok])
+    ei, ej = torch.cat(cand_i), torch.cat(cand_j)
+    if cfg.top_m is None and len(ei) > cfg.max_edges_per_pair:
+        keep = torch.cat(cand_v).topk(cfg.max_edges_per_pair).indices
+        ei, ej = ei[keep], ej[keep]
+    key = torch.unique(ei * d_dn + ej)  # sorted, de-duplicated
+    ei, ej = key // d_dn, key % d_dn
+    edges = {"up": ei, "down": ej, **measures(up, down, pair, ei, ej, wu, wd)}
+    best_prev = torch.where(best_prev > -math.inf, best_prev, math.nan)
+    and_ok = (and_cnt == 2) & sup_dn
+    or_ok = (or_cnt == 2) & sup_dn
+    spec_ok = (
+        sup_dn & (spec_nec >= cfg.specialise_necessity) & (spec_suf <= cfg.specialise_sufficiency)
+    )
+    res = PairResult(
+        up_layer=layers[0],
+        down_layer=layers[1],
+        edges=edges,
+        best_next=best_next,
+        best_next_idx=best_next_idx,
+        best_prev=best_prev,
+        best_prev_idx=best_prev_idx,
+        and_features=[(int(j), int(and_mem[j, 0]), int(and_mem[j, 1])) for j in and_ok.nonzero()],
+        or_features=[(int(j), int(or_mem[j, 0]), int(or_mem[j, 1])) for j in or_ok.nonzero()],
+        specialised=[(int(j), int(spec_par[j])) for j in spec_ok.nonzero()],
+    )
+    res.summary = _pair_summary(res, alive_up, alive_dn, cfg)
+    return res
+
+
+def _pair_summary(r: PairResult, alive_up: Tensor, alive_dn: Tensor, cfg: EvolutionConfig) -> dict:
+    """Fractions over alive features; dead ones counted."""
+    nu, nd = int(alive_up.sum()), int(alive_dn.sum())
+    bn = r.best_next[alive_up].nan_to_num(-math.inf)
+    bp = r.best_prev[alive_dn].nan_to_num(-math.inf)
+    frac = lambda x, n: float(x) / n if n else None
+    return {
+        "up_layer": r.up_layer,
+        "down_layer": r.down_layer,
+        "alive_up": nu,
+        "dead_up": int((~alive_up).sum()),
+        "alive_down": nd,
+        "dead_down": int((~alive_dn).sum()),
+        "pass_through": frac((bn >= cfg.pass_through).sum(), nu),
+        "disappear": frac((bn < cfg.link_threshold).sum(), nu),
+        "appear": frac((bp < cfg.link_threshold).sum(), nd),
+        "n_and": len(r.and_features),
+        "n_or": len(r.or_features),
+        "n_specialised": len(r.specialised),
+        "specialised": frac(len(r.specialised), nd),
+        "n_edges": len(r.edges["up"]),
+        "and_features": [list(x) for x in r.and_features],
+        "or_features": [list(x) for x in r.or_features],
+    }
+
+
+def plan_groups(sizes: list[tuple[int, int]], memory_gb: float) -> list[list[int]]:
+    """Split pair indices into consecutive groups whose accumulators fit the budget."""
+    budget = memory_gb * 1e9
+    groups: list[list[int]] = []
+    used = 0.0
+    for p, (du, dd) in enumerate(sizes):
+        need = PairStats.nbytes(du, dd)
+        if need > budget:
+            raise MlsaeError(
+                f"one layer pair needs {need / 1e9:.2f} GB of co-moment matrices, more than "
+                f"--memory-gb {memory_gb:g}: raise --memory-gb"
+            )
+        if not groups or used + need > budget:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(p)
+        used += need
+    return groups

@@ -1,0 +1,394 @@
+"""`mlsae evolution RUN --out DIR`: features across layers between per-layer SAEs (SPEC 6).
+
+Pass 1 streams the tokens once (an activation cache in stream order, or the model run on a
+dataset split): every layer's SAE encodes its vectors, the sparse codes go to a temporary file
+store on disk (N x k per layer, never a dense token x feature matrix), `FeatureStats` collects
+sums / max / top contexts, and SAE Match's FVUs are accumulated. Pass 2 reads the codes back
+for groups of layer pairs whose co-moment matrices fit `--memory-gb` (the 'active' threshold
+needs pass 1's max). Then the graph, communities, DIR/graph.json, DIR/evolution.json,
+DIR/graph.html and the figures. Only used (non-special) tokens count.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mlsae.config import DataConfig, ModelConfig, save_json
+from mlsae.errors import MlsaeError
+from mlsae.evolution import (
+    EvolutionConfig,
+    FeatureStats,
+    PairResult,
+    PairStats,
+    plan_groups,
+    summarize_pair,
+)
+from mlsae.graph import (
+    build_graph,
+    communities,
+    community_summary,
+    finite,
+    graph_json,
+    node_details,
+    select_nodes,
+    write_graph_html,
+    write_json,
+)
+from mlsae.match import MatchScores, match_permutation
+
+
+@dataclass
+class Chunk:
+    """Consecutive tokens of the stream: activations of the SAE layers, in the SAEs' order."""
+
+    acts: Tensor  # [n, L, d] any float dtype
+    token_ids: Tensor  # [n]
+    mask: Tensor  # [n] bool, False at special tokens
+    offset: int  # stream position of token 0
+
+
+def load_per_layer(run: Path) -> list[tuple[int, Any]]:
+    """The single-layer SAEs of a per-layer run folder (those listed in per_layer.json, else
+    every sub-folder with cfg.json), sorted by layer: [(layer, SparseAutoencoder)]."""
+    from mlsae.sae import load_sae
+
+    run = Path(run)
+    if not run.is_dir():
+        raise MlsaeError(f"run folder {str(run)!r} does not exist")
+    listing = run / "per_layer.json"
+    if listing.is_file():
+        try:
+            folders = [run / e["path"] for e in json.loads(listing.read_text())["saes"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MlsaeError(f"{listing}: unreadable per-layer listing ({e})") from None
+    else:
+        folders = [c.parent for c in sorted(run.glob("*/cfg.json"))]
+    out = []
+    for folder in folders:
+        sae = load_sae(folder)
+        if len(sae.cfg.layers) != 1:
+            raise MlsaeError(f"{folder} is not a single-layer SAE (layers {sae.cfg.layers})")
+        out.append((int(sae.cfg.layers[0]), sae))
+    out.sort(key=lambda t: t[0])
+    layers = [ly for ly, _ in out]
+    if len(set(layers)) != len(layers):
+        raise MlsaeError(f"{run} holds two SAEs for one layer (layers {layers})")
+    if len(out) < 2:
+        raise MlsaeError(
+            f"{run} holds {len(out)} single-layer SAE(s); need a per-layer set of at least two "
+            "(`mlsae train --per-layer`)"
+        )
+    return out
+
+
+def cache_chunks(path: Path, saes: list[tuple[int, Any]]) -> tuple[Iterator[Chunk], dict]:
+    """Chunks from an activation cache, checked against the SAEs; and the cache's facts."""
+    from mlsae.cache import ActivationCache
+
+    cache = ActivationCache(path)
+    missing = [ly for ly, _ in saes if ly not in cache.layers]
+    if missing:
+        raise MlsaeError(f"cache {path} lacks layer(s) {missing} (it holds {cache.layers})")
+    for ly, sae in saes:
+        if sae.cfg.d_in != cache.d_model:
+            raise MlsaeError(
+                f"SAE of layer {ly} has d_in {sae.cfg.d_in}, cache d_model {cache.d_model}"
+            )
+        if (sae.cfg.lens or None) != (cache.manifest.get("lens") or None):
+            raise MlsaeError(f"SAE of layer {ly} and cache {path} disagree on the tuned lens")
+    cols = [cache.layers.index(ly) for ly, _ in saes]
+
+    def gen() -> Iterator[Chunk]:
+        for s in cache.iter_ordered():
+            yield Chunk(s.activations[:, cols], s.token_ids, s.mask, s.offset)
+
+    facts = {"n_tokens": cache.n_tokens, "context_length": int(cache.context_length),
+             "model": cache.manifest.get("model"), "source": str(path)}  # fmt: skip
+    return gen(), facts
+
+
+def model_chunks(
+    model_cfg: ModelConfig, data_cfg: DataConfig, saes: list[tuple[int, Any]], n_tokens: int,
+    batch_size: int,
+) -> tuple[Iterator[Chunk], dict, Any]:  # fmt: skip
+    """Chunks from running the model on `n_tokens` of a dataset split; and the tokenizer."""
+    from mlsae.capture import capture, check_layers, used_mask
+    from mlsae.model import load_model
+    from mlsae.text import iter_contexts
+
+    lm = load_model(model_cfg)
+    layers = check_layers([ly for ly, _ in saes], lm.n_layers)
+    ctx = int(data_cfg.context_length)
+    n_ctx = max(1, -(-int(n_tokens) // ctx))
+
+    def gen() -> Iterator[Chunk]:
+        contexts = iter_contexts(lm.tokenizer, data_cfg)
+        done = 0
+        while done < n_ctx:
+            batch = [
+                c for _, c in zip(range(min(batch_size, n_ctx - done)), contexts, strict=False)
+            ]
+            if not batch:
+                break
+            ids = torch.stack(batch)  # [B, T]
+            h = capture(lm.model, ids, layers)  # [B, T, L, d]
+            mask = used_mask(ids, lm.special_ids)
+            yield Chunk(h.flatten(0, 1), ids.flatten(), mask.flatten(), done * ctx)
+            done += len(batch)
+
+    facts = {"n_tokens": n_ctx * ctx, "context_length": ctx, "model": model_cfg.model,
+             "source": f"{data_cfg.dataset}:{data_cfg.split}"}  # fmt: skip
+    return gen(), facts, lm.tokenizer
+
+
+class CodeStore:
+    """Append-only files of every layer's TopK codes (int32 indices, float32 values) and of the
+    stream's token ids; read back by row range."""
+
+    def __init__(self, folder: Path, n_layers: int) -> None:
+        self.folder = folder
+        self.files = [
+            (open(folder / f"idx_{p}.bin", "wb"), open(folder / f"act_{p}.bin", "wb"))  # noqa: SIM115 (closed in close())
+            for p in range(n_layers)
+        ]
+        self.tok = open(folder / "tokens.bin", "wb")  # noqa: SIM115
+        self.k = [0] * n_layers
+        self.rows = [0] * n_layers
+        self.n_stream = 0
+
+    def add_tokens(self, token_ids: Tensor, offset: int) -> None:
+        if offset != self.n_stream:
+            raise MlsaeError(
+                f"token stream is not contiguous (offset {offset}, expected {self.n_stream})"
+            )
+        token_ids.to(torch.int32).numpy().tofile(self.tok)
+        self.n_stream += len(token_ids)
+
+    def add(self, p: int, idx: Tensor, acts: Tensor) -> None:
+        self.k[p] = idx.shape[1]
+        idx.to(torch.int32).numpy().tofile(self.files[p][0])
+        acts.float().numpy().tofile(self.files[p][1])
+        self.rows[p] += idx.shape[0]
+
+    def close(self) -> None:
+        for a, b in self.files:
+            a.close()
+            b.close()
+        self.tok.close()
+
+    def read(self, p: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        k = self.k[p]
+        idx = np.fromfile(
+            self.folder / f"idx_{p}.bin", np.int32, (stop - start) * k, offset=start * k * 4
+        )
+        act = np.fromfile(
+            self.folder / f"act_{p}.bin", np.float32, (stop - start) * k, offset=start * k * 4
+        )
+        return torch.from_numpy(idx.astype(np.int64)).view(-1, k), torch.from_numpy(act).view(-1, k)
+
+    def tokens(self) -> np.ndarray:
+        return np.fromfile(self.folder / "tokens.bin", np.int32)
+
+
+@torch.inference_mode()
+def first_pass(
+    chunks: Iterator[Chunk], saes: list[tuple[int, Any]], store: CodeStore, match: MatchScores,
+    cfg: EvolutionConfig, total: int | None,
+) -> list[FeatureStats]:  # fmt: skip
+    """Encode every layer of every chunk; feature statistics, codes on disk, SAE Match FVUs."""
+    stats = [FeatureStats(sae.cfg.d_sae, cfg.contexts) for _, sae in saes]
+    bar = tqdm(total=total, desc="evolution: encode", unit="tok", leave=False)
+    for ch in chunks:
+        store.add_tokens(ch.token_ids, ch.offset)
+        pos = ch.offset + torch.arange(len(ch.mask))[ch.mask]
+        if len(pos):
+            prev = None
+            for p, (_, sae) in enumerate(saes):
+                x = ch.acts[:, p][ch.mask].float()  # [n_used, d]
+                enc = sae.encode(x)
+                store.add(p, enc.top_indices, enc.top_acts)
+                stats[p].update(enc.top_indices, enc.top_acts, pos)
+                if prev is not None:
+                    match.update(p - 1, sae, prev, enc, x)
+                prev = enc
+        bar.update(len(ch.mask))
+    bar.close()
+    store.close()
+    if stats[0].n == 0:
+        raise MlsaeError("no used (non-special) tokens to analyse")
+    return stats
+
+
+def second_pass(
+    saes: list[tuple[int, Any]], stats: list[FeatureStats], store: CodeStore,
+    cfg: EvolutionConfig, chunk_rows: int = 4096,
+) -> list[PairResult]:  # fmt: skip
+    """Co-moments of each adjacent pair, in groups under the memory budget; then reduce."""
+    sizes = [(stats[p].d, stats[p + 1].d) for p in range(len(saes) - 1)]
+    groups = plan_groups(sizes, cfg.memory_gb)
+    n = stats[0].n
+    results: list[PairResult] = []
+    bar = tqdm(total=len(groups) * n, desc="evolution: pairs", unit="tok", leave=False)
+    for group in groups:
+        acc = {
+            p: PairStats(stats[p].threshold(cfg.active_fraction),
+                         stats[p + 1].threshold(cfg.active_fraction))
+            for p in group
+        }  # fmt: skip
+        for s in range(0, n, chunk_rows):
+            stop = min(s + chunk_rows, n)
+            codes = {q: store.read(q, s, stop) for q in sorted({*group, *(p + 1 for p in group)})}
+            for p in group:
+                acc[p].update(*codes[p], *codes[p + 1])
+            bar.update(stop - s)
+        for p in group:
+            (lu, su), (ld, sd) = saes[p], saes[p + 1]
+            results.append(summarize_pair(stats[p], stats[p + 1], acc.pop(p), cfg,
+                                          su.W_dec, sd.W_dec, layers=(lu, ld)))  # fmt: skip
+    bar.close()
+    return results
+
+
+def _findings(pairs: list[dict]) -> dict[str, Any]:
+    """The seed's three findings, each with the numbers it rests on."""
+    pt = [s["pass_through"] for s in pairs if s["pass_through"] is not None]
+    alive_down = sum(s["alive_down"] for s in pairs)
+    n_bool = sum(s["n_and"] + s["n_or"] for s in pairs)
+    n_spec = sum(s["n_specialised"] for s in pairs)
+    mean_pt = float(np.mean(pt)) if pt else 0.0
+    return {
+        "pass_through_mean": mean_pt,
+        "pass_through_holds": mean_pt >= 0.10,
+        "n_and": sum(s["n_and"] for s in pairs),
+        "n_or": sum(s["n_or"] for s in pairs),
+        "boolean_fraction": n_bool / alive_down if alive_down else 0.0,
+        "boolean_holds": n_bool > 0,
+        "n_specialised": n_spec,
+        "specialised_fraction": n_spec / alive_down if alive_down else 0.0,
+        "specialise_holds": n_spec > 0,
+    }
+
+
+def evolution_command(
+    run: Path,
+    out: Path,
+    cache: Path | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
+    dtype: str = "float32",
+    data_kw: dict[str, Any] | None = None,
+    n_tokens: int = 8192,
+    batch_size: int = 4,
+    cfg: EvolutionConfig | None = None,
+    community_method: str = "auto",
+) -> dict[str, Any]:
+    """Run everything and write DIR/{evolution.json, graph.json, graph.html, *.png}.
+    Tokens come from `cache` (stream order), else from running `model` (default: the SAEs')
+    on `n_tokens` of `dataset` (default: the SAEs'); data_kw: more DataConfig fields."""
+    t0 = time.perf_counter()
+    cfg = cfg or EvolutionConfig()
+    saes = load_per_layer(run)
+    layers = [ly for ly, _ in saes]
+    tokenizer = None
+    if cache is not None:
+        chunks, facts = cache_chunks(cache, saes)
+    else:
+        sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
+        mc = ModelConfig(model=model or sc.model, dtype=dtype)  # type: ignore[arg-type]
+        dc = DataConfig(dataset=dataset or sc.dataset, **{"split": "test", **(data_kw or {})})
+        chunks, facts, tokenizer = model_chunks(mc, dc, saes, n_tokens, batch_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = list(zip(layers[:-1], layers[1:], strict=True))
+    perms = [match_permutation(saes[p][1].W_dec, saes[p + 1][1].W_dec) for p in range(len(pairs))]
+    match = MatchScores(pairs, perms, saes[0][1].cfg.d_in, saes[0][1].cfg.d_sae)
+    tmp = Path(tempfile.mkdtemp(prefix=".codes-", dir=out))
+    try:
+        store = CodeStore(tmp, len(saes))
+        stats = first_pass(chunks, saes, store, match, cfg, facts["n_tokens"])
+        results = second_pass(saes, stats, store, cfg)
+        tokens = store.tokens()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if cache is not None:
+        tokenizer = _tokenizer_for(facts.get("model"))
+    alive = [s.alive for s in stats]
+    g = build_graph(layers, alive, [s.density() for s in stats], results, cfg.edge_measure)
+    g.community, g.method = communities(
+        len(g.layer),
+        g.src,
+        g.dst,
+        g.weight,
+        cfg.seed,
+        community_method,  # type: ignore[arg-type]
+    )
+    write_json(out / "graph.json", graph_json(g))
+    keep = select_nodes(g, cfg.max_nodes_html)
+    details = node_details(g, keep, stats, results, cfg, tokens, facts["context_length"], tokenizer)
+    drawn = write_graph_html(out / "graph.html", g, details, cfg.max_nodes_html,
+                             f"mlsae evolution: {Path(run).name}")  # fmt: skip
+    summary = [r.summary for r in results]
+    body = {
+        "run": str(run),
+        "layers": layers,
+        "data": facts,
+        "n_used_tokens": stats[0].n,
+        "settings": asdict(cfg),
+        "dead": {str(ly): int((~a).sum()) for ly, a in zip(layers, alive, strict=True)},
+        "pairs": summary,
+        "match": match.result(),
+        "communities": community_summary(g),
+        "graph": {"nodes": len(g.layer), "edges": len(g.src), "html_nodes_drawn": drawn},
+        "findings": _findings(summary),
+        "time_s": time.perf_counter() - t0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    from mlsae.evolution_report import write_figures
+
+    body["figures"] = write_figures(out, body)
+    save_json(out / "evolution.json", finite(body))
+    _print_summary(body, out)
+    return body
+
+
+def _tokenizer_for(model: str | None) -> Any:
+    """The tokenizer of the cache's model for decoding contexts (None if it cannot load)."""
+    if not model:
+        return None
+    try:
+        from mlsae.model import load_model
+
+        return load_model(ModelConfig(model=model)).tokenizer
+    except (MlsaeError, OSError, ValueError) as e:
+        print(f"mlsae evolution: contexts shown as token ids ({e})")
+        return None
+
+
+def _print_summary(body: dict, out: Path) -> None:
+    """One line per layer pair, then the findings."""
+    print(f"{'pair':>9} {'pass':>6} {'appear':>7} {'disapp':>7} {'AND':>4} {'OR':>4} "
+          f"{'spec':>5} {'matchFVU':>9} {'unperm':>7} {'own':>6}")  # fmt: skip
+    for s, m in zip(body["pairs"], body["match"], strict=True):
+        f = lambda v: "-" if v is None else f"{v:.3f}"
+        print(f"{s['up_layer']:>4}->{s['down_layer']:<4} {f(s['pass_through']):>6} "
+              f"{f(s['appear']):>7} {f(s['disappear']):>7} {s['n_and']:>4} {s['n_or']:>4} "
+              f"{s['n_specialised']:>5} {f(m['matched']):>9} {f(m['unpermuted']):>7} "
+              f"{f(m['own']):>6}")  # fmt: skip
+    c = body["communities"]
+    print(f"communities ({c.get('method')}): {c.get('n_communities')} with >= 2 features, "
+          f"largest {c.get('largest')}, {c.get('n_singletons')} singletons")  # fmt: skip
+    print(f"wrote {out}/evolution.json, graph.json, graph.html ({body['time_s']:.0f} s, "
+          f"peak RSS {body['peak_rss_mb']:.0f} MB)")  # fmt: skip

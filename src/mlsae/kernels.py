@@ -1,0 +1,207 @@
+"""Fast CPU kernels of the TopK SAE: one implementation used by training, evaluation and analysis.
+
+The dense pieces are the encoder matmul `pre = v @ W_enc + b_enc` (in the compute dtype) and
+one top-k pass over `pre`; everything after the top-k is sparse:
+
+- `topk`: exact row-wise top-k. `grouped` preselects candidates with a strided group max
+  (the k largest group maxima hold every top-k element), then runs `torch.topk` on k*g
+  candidates instead of d_sae columns.
+- `LatentSegments` + `segment_sum`: the (sample, slot) entries sorted by latent, so a weight
+  gradient is one `embedding_bag` segment sum per active latent (rows of inactive latents stay 0
+  and are never touched): grad_W[j] = sum_{entries e of latent j} w_e * table[sample(e)].
+- `sparse_decode`: x_hat[n] = sum_s acts[n, s] * W_dec[idx[n, s]] via `embedding_bag`, with a
+  custom backward (grad acts = row dot products, grad W_dec = segment sums).
+- `topk_encode`: encoder + top-k + ReLU with a sparse backward: only the k selected
+  pre-activations per row carry gradient, so grad W_enc = v^T @ sparse(grad_pre) is a segment
+  sum too. AuxK reuses the same `pre`: only the dead columns are sliced out (no second encoder
+  pass), and their gradient is a dense product over those columns only (dense beats gathers
+  there: k_aux ~ d/2 entries per row over a few dead columns).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TopkMethod = Literal["auto", "torch", "grouped"]
+TOPK_METHOD: TopkMethod = "auto"
+"""Default top-k method (see `topk`); chosen from bench/train_step.py measurements."""
+TOPK_GROUP = 16
+"""Group size g of the grouped top-k."""
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+def _grouped_ok(m: int, k: int, g: int) -> bool:
+    return g > 1 and m % g == 0 and m // g >= 2 * k
+
+
+def topk(pre: Tensor, k: int, method: TopkMethod | None = None) -> tuple[Tensor, Tensor]:
+    """Row-wise k largest values of pre [N, m] and their column indices (both [N, k], in no
+    particular order). Exact: the values equal `torch.topk`'s (indices differ only at ties)."""
+    method = method or TOPK_METHOD
+    n, m = pre.shape
+    g = TOPK_GROUP
+    if method == "torch" or not _grouped_ok(m, k, g) or (method == "auto" and n < 64):
+        return pre.topk(k, dim=1, sorted=False)
+    s = m // g
+    gmax = pre.view(n, g, s).amax(1)  # [N, s]: max over the strided group {c, c+s, ..., c+(g-1)s}
+    gi = gmax.topk(k, dim=1, sorted=False).indices  # [N, k] groups holding all top-k elements
+    cols = (gi.unsqueeze(1) + torch.arange(0, m, s).view(1, g, 1)).view(n, k * g)  # [N, k*g]
+    vals, j = pre.gather(1, cols).topk(k, dim=1, sorted=False)  # [N, k]
+    return vals, cols.gather(1, j)
+
+
+# ----------------------------------------------------------------------------- segments
+
+
+class LatentSegments(NamedTuple):
+    """Entries of an index matrix [N, k] grouped by latent (CSR by latent)."""
+
+    rows: Tensor  # [N*k] sample of each entry, in latent order
+    order: Tensor  # [N*k] flat entry index, in latent order
+    offsets: Tensor  # [m] first entry of each latent's segment
+    flat: Tensor  # [N*k] latent of each entry (original order)
+
+
+def latent_segments(idx: Tensor, m: int) -> LatentSegments:
+    """Sort the entries of idx [N, k] (values in [0, m)) by latent."""
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = torch.sort(flat, stable=True).indices  # [N*k]
+    counts = torch.bincount(flat, minlength=m)  # [m]
+    offsets = torch.zeros(m, dtype=torch.int64)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    return LatentSegments(torch.div(order, k, rounding_mode="floor"), order, offsets, flat)
+
+
+def segment_sum(seg: LatentSegments, table: Tensor, weights: Tensor) -> Tensor:
+    """out[j] = sum over entries e of latent j of weights[e] * table[sample(e)]: [m, d].
+
+    table [N, d]; weights [N, k] (same layout as the index matrix). This is the transpose
+    product sparse(weights)^T @ table, done as one embedding_bag pass over the active entries.
+    """
+    w = weights.reshape(-1).index_select(0, seg.order).to(table.dtype)
+    return F.embedding_bag(
+        seg.rows, table.contiguous(), seg.offsets, mode="sum", per_sample_weights=w
+    )
+
+
+def _row_dots(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """out[n, s] = grad[n] . weight[idx[n, s]]: [N, k], without materialising weight[idx]."""
+    n, k = idx.shape
+    flat = idx.reshape(-1)
+    try:
+        offsets = torch.arange(0, n * k, k)
+        bag = torch.arange(n).repeat_interleave(k)
+        out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad.contiguous(), weight, flat, offsets, bag, 0, -1
+        )
+        return out.view(n, k)
+    except (AttributeError, RuntimeError):  # pragma: no cover - private op missing
+        out = torch.empty(n, k, dtype=grad.dtype)
+        for s in range(0, n, 256):
+            w = weight.index_select(0, flat[s * k : (s + 256) * k]).view(-1, k, weight.shape[1])
+            out[s : s + 256] = torch.bmm(w, grad[s : s + 256].unsqueeze(2)).squeeze(2)
+        return out
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
+        ctx.save_for_backward(acts, idx, W_dec)
+        return F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad [N, d]
+        acts, idx, W_dec = ctx.saved_tensors
+        g_acts = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_acts = _row_dots(grad, W_dec, idx).to(acts.dtype)
+        if ctx.needs_input_grad[2]:
+            g_w = segment_sum(latent_segments(idx, W_dec.shape[0]), grad, acts)
+        return g_acts, None, g_w
+
+
+def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
+    """sum_s acts[n, s] * W_dec[idx[n, s]]: acts f32[N, k], idx i64[N, k], W_dec [m, d] ->
+    [N, d] (no bias). Backward: grad acts = row dots, grad W_dec touches active rows only."""
+    if idx.shape[1] == 0:
+        return acts.new_zeros(acts.shape[0], W_dec.shape[1])
+    return _SparseDecode.apply(acts, idx, W_dec)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class Encoded(NamedTuple):
+    """Output of `topk_encode` (acts are post-ReLU, >= 0)."""
+
+    acts: Tensor  # f32[N, k]
+    idx: Tensor  # i64[N, k]
+    dead_pre: Tensor  # f32[N, n_dead] pre-activations of the dead latents (AuxK), or [N, 0]
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, b_dec, W_enc, b_enc, k, dtype, dead):  # noqa: N803
+        v = u - b_dec  # [N, d] f32
+        pre = torch.addmm(b_enc.to(dtype), v.to(dtype), W_enc.to(dtype))  # [N, m]
+        vals, idx = topk(pre, k)
+        acts = vals.float().relu_()
+        if dead is None:
+            dead = idx.new_zeros(0)
+        dead_pre = pre.index_select(1, dead).float()  # [N, n_dead]: only the dead columns
+        del pre
+        ctx.save_for_backward(v, W_enc, idx, acts, dead)
+        ctx.mark_non_differentiable(idx)
+        return acts, idx, dead_pre
+
+    @staticmethod
+    def backward(ctx, g_acts, _g_idx, g_dead):
+        v, W_enc, idx, acts, dead = ctx.saved_tensors
+        d, m = W_enc.shape
+        g = (g_acts if g_acts is not None else torch.zeros_like(acts)) * (acts > 0)  # ReLU
+        seg = latent_segments(idx, m)
+        col = torch.zeros(m, dtype=g.dtype).index_add_(0, seg.flat, g.reshape(-1))  # [m]
+        dense = g_dead is not None and dead.numel() > 0  # AuxK: dense over dead columns only
+        if dense:
+            col.index_add_(0, dead, g_dead.sum(0))
+        g_u = g_bdec = g_w = None
+        if ctx.needs_input_grad[2]:
+            g_wt = segment_sum(seg, v, g)  # [m, d]: only active latents' rows are non-zero
+            if dense:
+                g_wt.index_add_(0, dead, g_dead.t() @ v)  # [n_dead, d]
+            g_w = g_wt.t()  # [d, m]
+        if ctx.needs_input_grad[1]:
+            g_bdec = -(W_enc @ col)  # [d]: pre depends on -b_dec through every row
+        if ctx.needs_input_grad[0]:
+            g_u = F.embedding_bag(idx, W_enc.t().contiguous(), mode="sum", per_sample_weights=g)
+            if dense:
+                g_u = g_u + g_dead @ W_enc.index_select(1, dead).t()
+        g_benc = col if ctx.needs_input_grad[3] else None
+        return g_u, g_bdec, g_w, g_benc, None, None, None
+
+
+def topk_encode(
+    u: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,  # noqa: N803
+    b_enc: Tensor,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    dead: Tensor | None = None,
+) -> Encoded:
+    """z = ReLU(TopK_k((u - b_dec) @ W_enc + b_enc)) as (acts, idx), the matmul in `dtype`
+    (master weights stay f32). u f32[N, d], W_enc [d, m]. With `dead` (i64 latent ids), also
+    the dead latents' pre-activations [N, n_dead], sliced from the same matmul (for AuxK).
+    Gradients flow to u, b_dec, W_enc and b_enc through the selected entries (and the dead
+    columns) only."""
+    return Encoded(*_TopKEncode.apply(u, b_dec, W_enc, b_enc, k, dtype, dead))

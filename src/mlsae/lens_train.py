@@ -1,0 +1,340 @@
+"""Training and evaluating the tuned lens (SPEC section 5; `mlsae lens train|evaluate`).
+
+Training minimises, summed over the lens's blocks l (all but the last), the mean over used
+(non-special) positions of KL(p_final || softmax(unembed(final_norm(T_l(x_l))))). All block
+outputs come from one `capture.capture` pass that runs through the last block; the final
+distribution is unembed(final_norm(x_{L-1})) of that same pass, which is exactly the model's
+own logits. Optimizer: Adam with a short warmup and linear decay; the bias c_l gets a
+learning rate scaled by the RMS of x_l, so one `lr` suits every layer's scale.
+
+Evaluation (test split): per block, KL(final || lens) averaged over used positions and the
+next-token cross-entropy averaged over predicted positions (used positions with a next token
+in the context, as splice.py; the target may be EOS), for the tuned lens and the logit lens
+(identity translators).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mlsae.capture import capture, get_final_norm, unembed, used_mask
+from mlsae.config import DataConfig, ModelConfig, save_json
+from mlsae.errors import MlsaeError
+from mlsae.lens import TunedLens, load_lens
+
+_CHUNK = 256  # positions per unembedding chunk (a [256, vocab] float32 block)
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No gradients into the model (the unembedding weight grad would dominate the cost)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def final_logits(model: nn.Module, x_last: Tensor) -> Tensor:
+    """The model's next-token logits from the last block's output. [..., d] -> [..., V] fp32."""
+    return unembed(model, get_final_norm(model)(x_last)).float()
+
+
+def _kl_backward(
+    model: nn.Module, lens: TunedLens, h: Tensor, layer: int, p: Tensor, p_logp: Tensor, scale: float
+) -> float:
+    """Backpropagate scale * sum_t KL(p_t || q_t) into the lens, q = softmax(lens logits).
+
+    h: [N, d] block outputs; p: [N, V] final probabilities; p_logp: sum p log p (scalar).
+    The gradient through the softmax is the closed form q - p (two vocab matmuls, no autograd
+    over [N, V] elementwise ops). Returns the loss value."""
+    norm = get_final_norm(model)
+    dtype = next(norm.parameters(), h).dtype
+    u = norm(lens(h, layer).to(dtype))  # [N, d] graph into A_l, c_l
+    u_leaf = u.detach().requires_grad_(True)
+    z = unembed(model, u_leaf).float()  # [N, V] graph into u_leaf only (model frozen)
+    with torch.no_grad():
+        logq = torch.log_softmax(z, dim=-1)
+        kl = float(p_logp - (p * logq).sum()) * scale
+        grad = logq.exp_().sub_(p).mul_(scale)  # d KL / d z = q - p
+    z.backward(grad)
+    u.backward(u_leaf.grad)
+    return kl
+
+
+def _capture_all(model: nn.Module, lens: TunedLens, ids: Tensor, special_ids: Sequence[int]):
+    """One pass: used block outputs x [N, Lc, d] of lens.layers + the last block, the mask
+    [B, T] and the captured layer list."""
+    layers = sorted(set(lens.layers) | {lens.last_layer})
+    xs = capture(model, ids, layers)  # [B, T, Lc, d]
+    mask = used_mask(ids, special_ids)  # [B, T]
+    return xs, mask, layers
+
+
+def train_lens(
+    model: nn.Module,
+    lens: TunedLens,
+    contexts: Tensor,
+    special_ids: Sequence[int],
+    *,
+    steps: int | None = None,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    warmup: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order). Returns the mean
+    KL per trained layer (summed over layers) of every step."""
+    trained = lens.trained_layers
+    if not trained:
+        raise MlsaeError("nothing to train: the lens only covers the last block (identity)")
+    if contexts.ndim != 2 or len(contexts) == 0:
+        raise MlsaeError("no training contexts")
+    n = len(contexts)
+    steps = steps if steps is not None else math.ceil(n / batch_size)
+    warmup = warmup if warmup is not None else max(1, min(20, steps // 10))
+    gen = torch.Generator().manual_seed(seed)
+    order = iter(())
+
+    def next_batch() -> Tensor:
+        nonlocal order
+        idx = list(itertools.islice(order, batch_size))
+        while len(idx) < min(batch_size, n):
+            order = iter(torch.randperm(n, generator=gen).tolist())
+            idx += list(itertools.islice(order, batch_size - len(idx)))
+        return contexts[idx]
+
+    lens.train()
+    history: list[float] = []
+    with _frozen(model):
+        batch = next_batch()
+        xs, mask, layers = _capture_all(model, lens, batch, special_ids)
+        groups = []
+        for layer in trained:
+            x = xs[..., layers.index(layer), :][mask].float()  # [N, d]
+            rms = float(x.pow(2).mean().sqrt()) if len(x) else 1.0
+            lin = lens.translators[str(layer)]
+            groups += [{"params": [lin.weight], "lr": lr}, {"params": [lin.bias], "lr": lr * rms}]
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
+
+        bar = tqdm(range(steps), desc="lens train", disable=not progress, file=sys.stderr)
+        for step in bar:
+            if step > 0:
+                batch = next_batch()
+                xs, mask, layers = _capture_all(model, lens, batch, special_ids)
+            scale = min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / steps)
+            for g in groups:
+                g["lr"] = g["base_lr"] * scale
+            x = xs[mask]  # [N, Lc, d]
+            if len(x) == 0:
+                continue
+            total = 0.0
+            for start in range(0, len(x), _CHUNK):
+                xc = x[start : start + _CHUNK]  # [n, Lc, d]
+                with torch.no_grad():
+                    final_logp = torch.log_softmax(final_logits(model, xc[:, -1]), dim=-1)
+                    p = final_logp.exp()  # [n, V]
+                    p_logp = (p * final_logp).sum()
+                    del final_logp
+                for layer in trained:
+                    h = xc[:, layers.index(layer)]
+                    total += _kl_backward(model, lens, h, layer, p, p_logp, 1 / len(x))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            history.append(total / len(trained))
+            bar.set_postfix(kl=f"{history[-1]:.3f}")
+    lens.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate_lens(
+    model: nn.Module,
+    lens: TunedLens,
+    batches: Iterable[Tensor],
+    special_ids: Sequence[int],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Per-layer KL(final || lens) and next-token CE of the tuned and the logit lens.
+
+    batches: [B, T] token ids. Sums are float64; KL is averaged over used positions, CE over
+    used positions t < T-1 (target token t+1, whatever it is)."""
+    layers = lens.layers
+    sums = {k: torch.zeros(len(layers), dtype=torch.float64) for k in ("tk", "tc", "lk", "lc")}
+    n_kl = n_ce = 0
+    model_ce = 0.0
+    for ids in tqdm(batches, desc="lens evaluate", disable=not progress, file=sys.stderr):
+        xs, mask, cap = _capture_all(model, lens, ids, special_ids)
+        pred = mask.clone()
+        pred[:, -1] = False  # [B, T] used positions with a next token (as splice.py)
+        target = torch.roll(ids, -1, dims=1)[mask]  # [N] next token (valid where pred)
+        is_pred = pred[mask]  # [N]
+        x = xs[mask]  # [N, Lc, d]
+        for start in range(0, len(x), _CHUNK):
+            xc, tc, pc = (
+                x[start : start + _CHUNK],
+                target[start : start + _CHUNK],
+                is_pred[start : start + _CHUNK],
+            )
+            final_logp = torch.log_softmax(final_logits(model, xc[:, -1]), dim=-1)  # [n, V]
+            model_ce += float(-final_logp[pc].gather(1, tc[pc, None]).double().sum())
+            for i, layer in enumerate(layers):
+                h = xc[:, cap.index(layer)]
+                for key, logits in (
+                    ("t", lens.logits(model, h, layer)),
+                    ("l", final_logits(model, h)),
+                ):
+                    logq = torch.log_softmax(logits.float(), dim=-1)
+                    kl = (final_logp.exp() * (final_logp - logq)).sum(-1)  # [n]
+                    sums[key + "k"][i] += kl.double().sum()
+                    sums[key + "c"][i] += -logq[pc].gather(1, tc[pc, None]).double().sum()
+        n_kl += int(mask.sum())
+        n_ce += int(pred.sum())
+    if n_kl == 0 or n_ce == 0:
+        raise MlsaeError("no evaluation tokens (every position is a special token?)")
+    res = lambda k: [float(v) for v in sums[k] / (n_kl if k.endswith("k") else n_ce)]
+    return {
+        "layers": layers,
+        "tuned": {"kl": res("tk"), "ce": res("tc")},
+        "logit": {"kl": res("lk"), "ce": res("lc")},
+        "model_ce": model_ce / n_ce,
+        "n_kl_positions": n_kl,
+        "n_ce_positions": n_ce,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Aligned text table of an evaluation result."""
+    lines = [f"{'layer':>5} {'KL tuned':>9} {'KL logit':>9} {'CE tuned':>9} {'CE logit':>9}"]
+    t, g = result["tuned"], result["logit"]
+    for i, layer in enumerate(result["layers"]):
+        lines.append(
+            f"{layer:>5} {t['kl'][i]:>9.4f} {g['kl'][i]:>9.4f} {t['ce'][i]:>9.4f} {g['ce'][i]:>9.4f}"
+        )
+    lines.append(f"model CE {result['model_ce']:.4f} over {result['n_ce_positions']} positions")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI glue
+
+
+def _contexts(tokenizer, data_cfg: DataConfig, n_tokens: int) -> Tensor:
+    """[n, T] the first ceil(n_tokens / T) contexts of the split."""
+    from mlsae.text import iter_contexts
+
+    if n_tokens < 1:
+        raise MlsaeError(f"--tokens must be >= 1, not {n_tokens}")
+    n_ctx = math.ceil(n_tokens / data_cfg.context_length)
+    ctx = list(itertools.islice(iter_contexts(tokenizer, data_cfg), n_ctx))
+    if len(ctx) < n_ctx:
+        print(
+            f"[mlsae] split {data_cfg.split!r} holds only {len(ctx)} contexts "
+            f"({len(ctx) * data_cfg.context_length} tokens)",
+            file=sys.stderr,
+        )
+    return torch.stack(ctx)
+
+
+def train_lens_command(
+    out: Path,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    n_tokens: int,
+    layers: str | None = None,
+    lr: float = 1e-3,
+    steps: int | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> TunedLens:
+    """`mlsae lens train`: train a lens on training-split tokens and save it to `out`."""
+    from mlsae.capture import iter_layers_arg
+    from mlsae.model import load_model
+
+    if data_cfg.split != "train":
+        raise MlsaeError("the lens is trained on the train split")
+    if batch_size < 1 or (steps is not None and steps < 1) or not lr > 0:
+        raise MlsaeError("--batch-size and --steps must be >= 1 and --lr > 0")
+    t0 = time.perf_counter()
+    lm = load_model(model_cfg)
+    chosen = iter_layers_arg(layers, lm.n_layers)
+    torch.manual_seed(seed)
+    lens = TunedLens(lm.n_layers, lm.d_model, chosen, model=lm.name)
+    contexts = _contexts(lm.tokenizer, data_cfg, n_tokens)
+    history = train_lens(
+        lm.model, lens, contexts, lm.special_ids, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed,
+    )  # fmt: skip
+    lens.meta["training"] = {
+        "dataset": data_cfg.dataset,
+        "split": data_cfg.split,
+        "context_length": data_cfg.context_length,
+        "tokens": int(contexts.numel()),
+        "steps": len(history),
+        "batch_size": batch_size,
+        "lr": lr,
+        "optimizer": "adam (bias lr x rms of x_l), warmup + linear decay",
+        "loss": "sum_l KL(final || lens_l)",
+        "seed": seed,
+        "model_dtype": model_cfg.dtype,
+        "kl_first_last": [history[0], history[-1]] if history else None,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    lens.save(out)
+    print(
+        f"[mlsae] lens saved to {out} ({len(history)} steps, mean KL per layer "
+        f"{history[0]:.3f} -> {history[-1]:.3f}, {time.perf_counter() - t0:.0f} s)",
+        file=sys.stderr,
+    )
+    return lens
+
+
+def evaluate_lens_command(
+    lens_path: Path,
+    out: Path,
+    model_cfg: ModelConfig | None,
+    data_cfg: DataConfig,
+    n_tokens: int,
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """`mlsae lens evaluate`: tuned vs logit lens on test-split tokens; JSON + printed table."""
+    from mlsae.model import load_model
+
+    lens = load_lens(lens_path)
+    if model_cfg is None:
+        if not lens.model_name:
+            raise MlsaeError("the lens does not name its model: pass --model")
+        model_cfg = ModelConfig(model=lens.model_name)
+    lm = load_model(model_cfg)
+    lens.check_model(lm.n_layers, lm.d_model)
+    contexts = _contexts(lm.tokenizer, data_cfg, n_tokens)
+    batches = [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
+    result = evaluate_lens(lm.model, lens, batches, lm.special_ids)
+    result = {
+        **result,
+        "lens": str(lens_path),
+        "model": lm.name,
+        "dataset": data_cfg.dataset,
+        "split": data_cfg.split,
+        "n_tokens": int(contexts.numel()),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_json(out, result)
+    print(format_table(result))
+    return result

@@ -1,0 +1,495 @@
+"""`mlsae train`: the training loop of the MLSAE, single-layer baselines, sweeps and per-layer
+sets, with checkpoints and exact resume (SPEC section 2).
+
+A run trains one or more "members" (SAEs) in one pass over an activation cache; each batch of
+vectors is read once and fed to all of them:
+- MLSAE (default) / single-layer baseline: one SAE on all chosen layers / one layer; folder sae/.
+- sweep (several --expansion-factor / -k): the grid, one folder sae_R{R}_k{k}/ each.
+- per-layer set (--per-layer): one SAE per chosen layer, folders layer_XX/ + per_layer.json; a
+  batch holds batch_tokens vectors per layer and each SAE gets its own layer's vectors.
+
+Dead latents are counted in tokens of text: a batch of B vectors drawn from L layers is B / L
+tokens for an SAE trained on those L layers (a single-layer SAE: B vectors = B tokens). A latent
+is dead once it has not fired (activation > 0) for `dead_tokens` tokens.
+
+Exact resume: the data order is a pure function of (seed, epoch, batch index) (cache.shuffled
+with skip_batches), and checkpoints hold all weights, Adam states, counters and the position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlsae.cache import ActivationCache, Batch
+from mlsae.checkpoint import load_checkpoint, save_checkpoint
+from mlsae.compute import resolve_compute_dtype
+from mlsae.config import DataConfig, ModelConfig, SaeConfig, TrainConfig, save_json
+from mlsae.errors import MlsaeError
+from mlsae.sae import SparseAutoencoder, validate_cfg
+
+RUN_CFG = "train_cfg.json"
+EVAL_VECTORS = 65536
+"""Vectors of the final per-layer FVU pass (train tokens; `mlsae evaluate` does held-out)."""
+
+
+def make_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam (SPEC 2), the fused CPU kernel where this torch has one."""
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    try:
+        return torch.optim.Adam(params, fused=True, **kw)
+    except (RuntimeError, TypeError):  # pragma: no cover - old torch
+        return torch.optim.Adam(params, **kw)
+
+
+@dataclass
+class Member:
+    """One SAE being trained, with its optimizer and dead-latent counter."""
+
+    name: str
+    sae: SparseAutoencoder
+    opt: torch.optim.Adam
+    layer: int | None  # per-layer set: the layer it takes from each batch; else None (all)
+    since: Tensor  # f64[d_sae] tokens since each latent last fired
+    initialized: bool = False  # b_dec set from the first batch
+
+    @property
+    def tokens_per_vector(self) -> float:
+        return 1.0 / len(self.sae.cfg.layers)
+
+    def step(self, x: Tensor, cfg: TrainConfig, k_aux: int) -> dict[str, float]:
+        """One optimizer step on raw vectors x [B, d]; returns the step's metrics."""
+        sae = self.sae
+        if not self.initialized:
+            sae.init_b_dec(x)
+            self.initialized = True
+        dead = (self.since >= cfg.dead_tokens).nonzero().view(-1)  # [n_dead]
+        self.opt.zero_grad(set_to_none=True)
+        out = sae.train_step_forward(x, dead, k_aux, cfg.aux_coef)
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        self.opt.step()
+        sae.normalize_decoder_()
+        fired = update_dead_counter(
+            self.since, out.top_acts, out.top_indices, len(x) * self.tokens_per_vector
+        )
+        return {
+            "loss": out.loss.item(),
+            "fvu": out.fvu.item(),
+            "auxk": out.auxk.item(),
+            "dead_frac": dead.numel() / sae.cfg.d_sae,
+            "l0": fired,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()},
+            "opt": self.opt.state_dict(),
+            "since": self.since.clone(),
+            "initialized": self.initialized,
+        }
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.sae.load_state_dict(st["sae"])
+        self.opt.load_state_dict(st["opt"])
+        self.since.copy_(st["since"])
+        self.initialized = bool(st["initialized"])
+
+
+@torch.no_grad()
+def update_dead_counter(since: Tensor, acts: Tensor, idx: Tensor, n_tokens: float) -> float:
+    """Add n_tokens to every latent's counter, reset the latents that fired (act > 0) to 0;
+    returns L0 (mean number of active latents per vector)."""
+    on = acts > 0  # [B, k]
+    since += n_tokens
+    since.index_fill_(0, idx[on], 0.0)
+    return float(on.sum()) / max(1, acts.shape[0])
+
+
+# ----------------------------------------------------------------------------- run setup
+
+
+def _parse_layers(spec: str | None, cache: ActivationCache) -> list[int]:
+    from mlsae.capture import iter_layers_arg
+
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return list(cache.layers)
+    layers = iter_layers_arg(spec, 1 << 30)
+    bad = [x for x in layers if x not in cache.layers]
+    if bad:
+        raise MlsaeError(f"layer(s) {bad} not in the cache {cache.path} (it holds {cache.layers})")
+    return layers
+
+
+def _specs(
+    mode: str, layers: list[int], rs: list[int], ks: list[int], seed: int
+) -> list[dict[str, Any]]:
+    """Members of the run: name, expansion_factor, k, layers, seed."""
+    grid = [(r, k) for r in sorted(set(rs)) for k in sorted(set(ks))]
+    if mode == "per_layer":
+        if len(grid) != 1:
+            raise MlsaeError("--per-layer takes one --expansion-factor and one -k")
+        (r, k), = grid  # fmt: skip
+        # Distinct seeds per layer so adjacent-layer SAEs do not share an init.
+        return [
+            {"name": f"layer_{ly:02d}", "expansion_factor": r, "k": k, "layers": [ly],
+             "seed": seed + 1_000_003 * (ly + 1)}
+            for ly in layers
+        ]  # fmt: skip
+    names = ["sae"] if len(grid) == 1 else [f"sae_R{r}_k{k}" for r, k in grid]
+    return [
+        {"name": n, "expansion_factor": r, "k": k, "layers": layers, "seed": seed}
+        for n, (r, k) in zip(names, grid, strict=True)
+    ]
+
+
+def _check_train_cfg(cfg: TrainConfig) -> None:
+    checks = {
+        "--batch-tokens must be >= 2": cfg.batch_tokens >= 2,
+        "--lr must be > 0": cfg.lr > 0,
+        "--epochs must be >= 1": cfg.epochs >= 1,
+        "--max-steps must be >= 1": cfg.max_steps is None or cfg.max_steps >= 1,
+        "--dead-tokens must be >= 1": cfg.dead_tokens >= 1,
+        "--checkpoint-every must be >= 1": cfg.checkpoint_every >= 1,
+        "--k-aux must be >= 1": cfg.k_aux is None or cfg.k_aux >= 1,
+        "--aux-coef must be >= 0": cfg.aux_coef >= 0,
+    }
+    for msg, ok in checks.items():
+        if not ok:
+            raise MlsaeError(msg)
+
+
+def _cache_from_source(out: Path, src: dict[str, Any]) -> ActivationCache:
+    """Build RUN/cache from a model + dataset (resumable), then open it."""
+    from mlsae.cache import build_cache
+
+    build_cache(
+        out=out / "cache",
+        model_cfg=ModelConfig(model=src["model"]),
+        data_cfg=DataConfig(
+            dataset=src["dataset"], split="train", context_length=src["context_length"]
+        ),
+        n_tokens=src["tokens"],
+        layers=src.get("layers"),
+    )
+    return ActivationCache(out / "cache")
+
+
+def _new_run(
+    out: Path, cache: ActivationCache | None, source: dict[str, Any], layers_spec: str | None,
+    single_layer: int | None, per_layer: bool, rs: list[int], ks: list[int], normalize: str,
+    cfg: TrainConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """Validate the options, create RUN and write train_cfg.json; returns the run config."""
+    if (out / RUN_CFG).exists():
+        raise MlsaeError(f"{out} already holds a training run: continue it with --resume {out}")
+    if out.exists() and any(p.name != "cache" for p in out.iterdir()):
+        raise MlsaeError(f"{out} exists and is not empty: choose a new --out")
+    if single_layer is not None and (per_layer or layers_spec is not None):
+        raise MlsaeError("--single-layer cannot be combined with --layers or --per-layer")
+    _check_train_cfg(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if cache is None:
+        cache = _cache_from_source(out, source)
+    layers = _parse_layers(str(single_layer) if single_layer is not None else layers_spec, cache)
+    mode = "per_layer" if per_layer else ("single" if len(layers) == 1 else "mlsae")
+    specs = _specs(mode, layers, rs or [8], ks or [32], cfg.seed)
+    for s in specs:  # shape errors before any work
+        validate_cfg(
+            SaeConfig(
+                d_in=cache.d_model,
+                expansion_factor=s["expansion_factor"],
+                k=s["k"],
+                normalize=normalize,
+            )
+        )  # type: ignore[arg-type]
+    run = {
+        "cache": str(cache.path.resolve()),
+        "mode": mode,
+        "layers": layers,
+        "d_in": cache.d_model,
+        "normalize": normalize,
+        "members": specs,
+        "train": asdict(cfg),
+        "model": cache.manifest.get("model"),
+        "dataset": cache.manifest.get("dataset"),
+        "lens": cache.manifest.get("lens"),
+    }
+    save_json(out / RUN_CFG, run)
+    return run
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and stops after the current step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _metrics_file(out: Path, keep_step: int) -> Any:
+    """RUN/metrics.jsonl opened for appending, cut back to steps <= keep_step (resume)."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+    return open(path, "a")  # noqa: SIM115 - closed by the caller
+
+
+def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Member]:
+    """Train (or continue) the run in `out`; returns the members with their final weights."""
+    from tqdm import tqdm
+
+    cache = ActivationCache(run["cache"])
+    if cache.d_model != run["d_in"]:
+        raise MlsaeError(
+            f"mismatched d_in: the run's SAEs take d_in = {run['d_in']} but the cache "
+            f"{cache.path} holds d_model = {cache.d_model}"
+        )
+    layers = _parse_layers(",".join(map(str, run["layers"])), cache)
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
+    members = []
+    for s in run["members"]:
+        sc = SaeConfig(
+            d_in=run["d_in"], expansion_factor=s["expansion_factor"], k=s["k"],
+            normalize=run["normalize"], layers=s["layers"], model=run["model"] or "",
+            dataset=run["dataset"] or "", lens=run["lens"],
+        )  # fmt: skip
+        sae = SparseAutoencoder(sc, seed=s["seed"], compute_dtype=dtype)
+        since = torch.zeros(sc.d_sae, dtype=torch.float64)
+        layer = s["layers"][0] if run["mode"] == "per_layer" else None
+        members.append(Member(s["name"], sae, make_adam(sae.parameters(), cfg), layer, since))
+    per_read = len(layers) if run["mode"] == "per_layer" else 1
+    read_batch = cfg.batch_tokens * per_read
+    n_vec = cache.n_vectors(layers)
+    if n_vec == 0:
+        raise MlsaeError(f"the cache {cache.path} holds no usable vectors (every token is special)")
+    per_epoch = n_vec // read_batch
+    if per_epoch == 0:
+        raise MlsaeError(
+            f"the cache holds {n_vec} vectors of layers {layers}, fewer than one batch of "
+            f"{read_batch}: lower --batch-tokens or cache more tokens"
+        )
+    total = per_epoch * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    step = epoch = batch_i = 0
+    ck = load_checkpoint(out)
+    if ck is not None:
+        step, epoch, batch_i = ck["step"], ck["epoch"], ck["batch"]
+        for m in members:
+            if m.name not in ck["members"]:
+                raise MlsaeError(f"checkpoint of {out} lacks SAE {m.name}: not this run's")
+            m.load(ck["members"][m.name])
+    k_aux = cfg.resolved_k_aux(run["d_in"])
+
+    def checkpoint() -> None:
+        state = {"step": step, "epoch": epoch, "batch": batch_i}
+        save_checkpoint(out, {**state, "members": {m.name: m.state() for m in members}})
+        for m in members:
+            m.sae.save(out / m.name)
+
+    log = _metrics_file(out, step)
+    wb = _wandb_start(out, run) if cfg.wandb else None
+    bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    t_start, v_done = time.perf_counter(), 0
+    try:
+        with _Signals() as sig, bar, log:
+            while step < total and epoch < cfg.epochs:
+                batches = cache.shuffled(
+                    read_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
+                    buffer_shards=cfg.shuffle_buffer_shards, drop_last=True,
+                )  # fmt: skip
+                t0 = time.perf_counter()
+                for batch in batches:
+                    rows, n_step = [], 0
+                    for m in members:
+                        x = _member_x(m, batch)
+                        if len(x) < 2:
+                            continue
+                        rows.append({"sae": m.name, **m.step(x, cfg, k_aux)})
+                        n_step += len(x)
+                    step, batch_i = step + 1, batch_i + 1
+                    t1 = time.perf_counter()
+                    vps = n_step / max(t1 - t0, 1e-9)
+                    v_done += n_step
+                    for r in rows:
+                        log.write(
+                            json.dumps({"step": step, "epoch": epoch, **r, "vectors_per_s": vps})
+                            + "\n"
+                        )
+                    log.flush()
+                    if wb is not None:
+                        wb.log(
+                            {
+                                f"{r['sae']}/{k}": v
+                                for r in rows
+                                for k, v in r.items()
+                                if k != "sae"
+                            },
+                            step=step,
+                        )
+                    bar.set_postfix(
+                        fvu=f"{rows[0]['fvu']:.3f}" if rows else "-", vec_s=f"{vps:.0f}"
+                    )
+                    bar.update(1)
+                    if step % cfg.checkpoint_every == 0 or sig.signum is not None:
+                        checkpoint()
+                    if sig.signum is not None:
+                        print(
+                            f"\n[mlsae] stopped by signal {sig.signum} at step {step}: checkpoint "
+                            f"saved; continue with `mlsae train --resume {out}`", file=sys.stderr,
+                        )  # fmt: skip
+                        raise SystemExit(128 + sig.signum)
+                    if step >= total:
+                        break
+                    t0 = time.perf_counter()
+                else:
+                    epoch, batch_i = epoch + 1, 0
+            checkpoint()
+    finally:
+        if wb is not None:
+            wb.finish()
+    el = time.perf_counter() - t_start
+    if v_done:
+        print(
+            f"[mlsae] {step} steps; {v_done / el:.0f} vectors/s over this session", file=sys.stderr
+        )
+    return members
+
+
+def _member_x(m: Member, batch: Batch) -> Tensor:
+    return batch.x if m.layer is None else batch.x[batch.layer == m.layer]
+
+
+def _wandb_start(out: Path, run: dict[str, Any]) -> Any:
+    try:
+        import wandb  # noqa: PLC0415
+    except ImportError:
+        raise MlsaeError("--wandb needs the wandb package (pip install wandb)") from None
+    return wandb.init(project="mlsae", name=out.name, dir=str(out), config=run, resume="allow")
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+@torch.no_grad()
+def final_fvu(run: dict[str, Any], members: list[Member], cfg: TrainConfig) -> dict[str, Any]:
+    """Per-layer FVU (raw space) of each SAE on a pass over up to EVAL_VECTORS cached vectors."""
+    from mlsae.metrics import LayerMetrics
+
+    cache = ActivationCache(run["cache"])
+    layers = run["layers"]
+    acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
+    seen = 0
+    for batch in cache.shuffled(
+        8192, layers, seed=cfg.seed + 1, buffer_shards=cfg.shuffle_buffer_shards
+    ):
+        for m in members:
+            for layer in m.sae.cfg.layers:
+                sel = batch.layer == layer
+                if sel.any():
+                    x = batch.x[sel]
+                    x_hat, enc = m.sae(x)
+                    acc[m.name].update(layer, x, x_hat, enc.top_indices, enc.top_acts)
+        seen += len(batch)
+        if seen >= EVAL_VECTORS:
+            break
+    return {name: a.result() for name, a in acc.items()}
+
+
+def _print_fvu(res: dict[str, Any]) -> None:
+    print("final per-layer FVU (training tokens):")
+    for name, r in res.items():
+        per = " ".join(
+            f"{ly}:{v:.3f}" if v is not None else f"{ly}:-"
+            for ly, v in zip(r["layers"], r["per_layer"]["fvu"], strict=True)
+        )  # fmt: skip
+        mean = r["mean"]["fvu"]
+        print(f"  {name}: mean {mean:.4f} | {per}" if mean is not None else f"  {name}: -")
+
+
+def train_command(
+    out: Path | None = None,
+    resume: Path | None = None,
+    cache: Path | None = None,
+    model: str = "default",
+    dataset: str = "default",
+    tokens: int = 50_000,
+    context_length: int = 256,
+    layers: str | None = None,
+    single_layer: int | None = None,
+    per_layer: bool = False,
+    expansion_factors: list[int] | None = None,
+    ks: list[int] | None = None,
+    normalize: str = "standardize",
+    cfg: TrainConfig | None = None,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+) -> Path:
+    """`mlsae train`: new run in `out`, or continue `resume` (max_steps/epochs may be raised).
+    Returns the run folder."""
+    cfg = cfg or TrainConfig()
+    if resume is not None:
+        out = Path(resume)
+        if not (out / RUN_CFG).is_file():
+            raise MlsaeError(f"--resume {out}: no {RUN_CFG} there (not a training run)")
+        run = json.loads((out / RUN_CFG).read_text())
+        tc = dict(run["train"])
+        tc["betas"] = tuple(tc["betas"])
+        cfg = TrainConfig(**tc)
+        if max_steps is not None or epochs is not None:
+            cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
+            cfg.epochs = epochs if epochs is not None else cfg.epochs
+            _check_train_cfg(cfg)
+            run["train"] = asdict(cfg)
+            save_json(out / RUN_CFG, run)
+    else:
+        if out is None:
+            raise MlsaeError("give --out RUN for a new run (or --resume RUN)")
+        out = Path(out)
+        cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
+        cfg.epochs = epochs if epochs is not None else cfg.epochs
+        src = {"model": model, "dataset": dataset, "tokens": tokens,
+               "context_length": context_length, "layers": layers}  # fmt: skip
+        ac = ActivationCache(cache) if cache is not None else None
+        if ac is None and single_layer is not None:
+            src["layers"] = str(single_layer)
+        run = _new_run(out, ac, src, layers, single_layer, per_layer, expansion_factors or [],
+                       ks or [], normalize, cfg)  # fmt: skip
+    members = run_training(out, run, cfg)
+    if run["mode"] == "per_layer":
+        entries = [{"layer": m.layer, "path": m.name} for m in members]
+        save_json(out / "per_layer.json", {"layers": [m.layer for m in members], "saes": entries})
+    res = final_fvu(run, members, cfg)
+    save_json(out / "final_fvu.json", res)
+    _print_fvu(res)
+    if not math.isfinite(sum(r["mean"]["fvu"] or 0.0 for r in res.values())):
+        raise MlsaeError("training diverged (non-finite FVU): lower --lr")
+    return out

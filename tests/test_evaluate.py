@@ -1,0 +1,164 @@
+"""`mlsae evaluate` end to end on a tiny model: real model.py, cache.py and sae.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from mlsae.cache import ActivationCache, build_cache
+from mlsae.capture import get_blocks
+from mlsae.cli import app
+from mlsae.config import DataConfig, ModelConfig, SaeConfig
+from mlsae.errors import MlsaeError
+from mlsae.evaluate import cross_command, evaluate_command
+from mlsae.sae import SparseAutoencoder, load_sae
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    from conftest import make_model
+
+    root = tmp_path_factory.mktemp("eval")
+    model = make_model("gpt_neox", len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    g = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven"]
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"text": " ".join(g.choice(words, size=g.integers(3, 9)))}) + "\n")
+    mdir, data = str(root / "model"), str(root / "docs.jsonl")
+    for split in ("test", "train"):
+        build_cache(
+            root / f"cache_{split}",
+            ModelConfig(model=mdir),
+            DataConfig(dataset=data, split=split, context_length=CTX),  # type: ignore[arg-type]
+            n_tokens=6 * CTX,
+            storage_dtype="float32",
+            batch_size=4,
+            shard_tokens=2 * CTX,
+        )
+    for name, layers, seed in (("mlsae", [0, 1, 2], 0), ("l0", [0], 1), ("l2", [2], 2)):
+        cfg = SaeConfig(d_in=32, expansion_factor=2, k=4, layers=layers, model=mdir, dataset=data)
+        SparseAutoencoder(cfg, seed=seed, compute_dtype=torch.float32).save(root / name / "sae")
+    return root, model, mdir, data
+
+
+def _reference(root: Path, model, sae_dir: Path, layers: list[int]) -> dict:
+    """Independent computation on the test cache: numpy FVU and a hooked full forward."""
+    sae = load_sae(sae_dir, compute_dtype=torch.float32)
+    ac = ActivationCache(root / "cache_test")
+    shards = [ac.load_shard(i) for i in range(ac.n_shards)]
+    acts = torch.cat([s.activations for s in shards])  # [n, L, d]
+    ids = torch.cat([s.token_ids for s in shards]).view(-1, CTX)
+    mask = torch.cat([s.mask for s in shards])
+    out: dict = {"fvu": [], "delta_ce": [], "n_tokens": int(mask.sum())}
+    active = set()
+    for layer in layers:
+        x = acts[mask][:, ac.layers.index(layer)].double().numpy()
+        with torch.no_grad():
+            x_hat, enc = sae(torch.as_tensor(x, dtype=torch.float32))
+        active |= set(enc.top_indices[enc.top_acts > 0].tolist())
+        err = ((x - x_hat.double().numpy()) ** 2).sum()
+        out["fvu"].append(err / ((x - x.mean(0)) ** 2).sum())
+        out["delta_ce"].append(_manual_delta_ce(model, sae, ids, mask.view(-1, CTX), layer))
+    out["dead_fraction"] = 1 - len(active) / sae.cfg.d_sae
+    return out
+
+
+@torch.no_grad()
+def _manual_delta_ce(model, sae, ids, used, layer) -> float:
+    def hook(_m, _i, o):
+        h = (o[0] if isinstance(o, tuple) else o).clone()
+        h[used] = sae(h[used])[0]
+        return (h, *o[1:]) if isinstance(o, tuple) else h
+
+    clean = F.log_softmax(model(input_ids=ids).logits, -1)
+    handle = get_blocks(model)[layer].register_forward_hook(hook)
+    spliced = F.log_softmax(model(input_ids=ids).logits, -1)
+    handle.remove()
+    tgt = ids[:, 1:, None]
+    ce = (clean[:, :-1].gather(2, tgt) - spliced[:, :-1].gather(2, tgt)).squeeze(2)
+    return float(ce[used[:, :-1]].mean())  # from used positions, every target exists here
+
+
+def test_cli_with_cache_matches_reference(setup, tmp_path):
+    root, model, _, _ = setup
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(
+        app, ["evaluate", str(root / "mlsae"), "--cache", str(root / "cache_test"),
+              "--out", str(out), "--batch-size", "4"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "mean" in res.stdout and "dead fraction" in res.stdout
+    got = json.loads(out.read_text())
+    assert set(got) == {"layers", "per_layer", "mean", "dead_fraction", "n_tokens", "sae", "model"}
+    assert set(got["per_layer"]) == {"fvu", "mse", "l0", "delta_ce", "kl"}
+    ref = _reference(root, model, root / "mlsae" / "sae", [0, 1, 2])
+    assert got["layers"] == [0, 1, 2]
+    assert got["n_tokens"] == ref["n_tokens"] < 6 * CTX  # special tokens are not counted
+    np.testing.assert_allclose(got["per_layer"]["fvu"], ref["fvu"], rtol=1e-5)
+    np.testing.assert_allclose(got["per_layer"]["delta_ce"], ref["delta_ce"], atol=1e-5)
+    assert got["mean"]["fvu"] == pytest.approx(np.mean(ref["fvu"]), rel=1e-5)
+    assert got["dead_fraction"] == pytest.approx(ref["dead_fraction"])
+    assert all(v > 0 for v in got["per_layer"]["kl"])
+    assert all(0 < v <= 4 for v in got["per_layer"]["l0"])
+
+
+def test_model_path_and_single_layer_on_any_layer(setup, tmp_path):
+    root, model, mdir, data = setup
+    res = evaluate_command(
+        root / "l0", tmp_path / "a.json", layers=[1, 2], model=mdir, dataset=data,
+        tokens=6 * CTX, context_length=CTX, ce=False,
+    )  # fmt: skip
+    assert res["layers"] == [1, 2] and res["per_layer"]["delta_ce"] == [None, None]
+    # the model path on the test split sees the same tokens as the test cache
+    ref = _reference(root, model, root / "l0" / "sae", [1, 2])
+    assert res["n_tokens"] == ref["n_tokens"]
+    np.testing.assert_allclose(res["per_layer"]["fvu"], ref["fvu"], rtol=1e-4)
+
+
+def test_cross_matrix(setup, tmp_path):
+    root, _, _, _ = setup
+    cross = cross_command(
+        root / "mlsae", [root / "l2", root / "l0"], tmp_path / "cross",
+        cache=root / "cache_test", batch_size=3,
+    )  # fmt: skip
+    assert cross["rows"] == ["L0", "L2", "MLSAE"] and cross["layers"] == [0, 1, 2]
+    assert json.loads((tmp_path / "cross" / "cross.json").read_text())["rows"] == cross["rows"]
+    for key in ("fvu", "delta_ce"):
+        assert (tmp_path / "cross" / f"cross_{key}.png").stat().st_size > 1000
+        assert np.array(cross[key], dtype=float).shape == (3, 3)
+    one = evaluate_command(root / "l2", tmp_path / "b.json", layers=[0], cache=root / "cache_test")
+    assert cross["fvu"][1][0] == pytest.approx(one["per_layer"]["fvu"][0], rel=1e-6)
+    assert cross["delta_ce"][1][0] == pytest.approx(one["per_layer"]["delta_ce"][0], abs=1e-6)
+    ml = evaluate_command(root / "mlsae", tmp_path / "c.json", cache=root / "cache_test")
+    np.testing.assert_allclose(cross["fvu"][2], ml["per_layer"]["fvu"], rtol=1e-6)
+
+
+def test_bad_inputs(setup, tmp_path):
+    root, _, mdir, data = setup
+    out = tmp_path / "x.json"
+    with pytest.raises(MlsaeError, match="train split"):
+        evaluate_command(root / "mlsae", out, cache=root / "cache_train")
+    with pytest.raises(MlsaeError, match="held-out"):
+        evaluate_command(root / "mlsae", out, model=mdir, dataset=data, split="train")
+    cfg = SaeConfig(d_in=16, expansion_factor=2, k=4, layers=[0], model=mdir)
+    SparseAutoencoder(cfg).save(tmp_path / "narrow")
+    with pytest.raises(MlsaeError, match="d_in 16"):
+        evaluate_command(tmp_path / "narrow", out, model=mdir, dataset=data, ce=False)
+    with pytest.raises(MlsaeError, match="d_in 16"):
+        evaluate_command(tmp_path / "narrow", out, cache=root / "cache_test", ce=False)
+    with pytest.raises(MlsaeError, match="missing from the cache"):
+        evaluate_command(root / "l0", out, layers=[0, 3], cache=root / "cache_test")
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope"), "--out", str(out)])
+    assert res.exit_code != 0 and isinstance(res.exception, MlsaeError)
+    assert not out.exists()

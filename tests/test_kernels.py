@@ -1,0 +1,125 @@
+"""Fast kernels vs dense plain-torch computations (values and autograd gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlsae import kernels
+from mlsae.kernels import latent_segments, segment_sum, sparse_decode, topk, topk_encode
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small ops: one thread is faster and immune to other processes' load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _unique_idx(n: int, m: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, m, generator=g).argsort(1)[:, :k]  # [n, k] distinct per row
+
+
+@pytest.mark.parametrize("method", ["torch", "grouped", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_exact(method, dtype):
+    torch.manual_seed(0)
+    pre = torch.randn(200, 512).to(dtype)
+    pre[:5] = pre[:5].round()  # heavy ties in a few rows
+    pre[7, :] = 0.0  # a constant row
+    v, i = topk(pre, 8, method)
+    ref = pre.float().sort(1, descending=True).values[:, :8]
+    assert torch.equal(v.float().sort(1, descending=True).values, ref)
+    assert torch.equal(pre.gather(1, i), v)
+    assert all(len(set(r.tolist())) == 8 for r in i)  # distinct columns
+
+
+def test_topk_grouped_fallback_shapes():
+    pre = torch.randn(70, 101)  # d_sae not divisible by the group size -> torch.topk
+    v, i = topk(pre, 5, "grouped")
+    assert torch.equal(v.sort(1, descending=True).values, pre.topk(5).values)
+
+
+def test_grouped_topk_really_groups():
+    """The grouped path is taken (not the fallback) for bench-like shapes."""
+    assert kernels._grouped_ok(4608, 32, kernels.TOPK_GROUP)
+    pre = torch.randn(128, 4608)
+    v, i = topk(pre, 32, "grouped")
+    assert torch.equal(v.sort(1, descending=True).values, pre.topk(32).values)
+
+
+def test_segment_sum_equals_dense_transpose_product():
+    n, m, k, d = 50, 40, 6, 7
+    idx = _unique_idx(n, m, k)
+    w = torch.randn(n, k)
+    table = torch.randn(n, d)
+    dense = torch.zeros(n, m).scatter_(1, idx, w)  # [n, m]
+    got = segment_sum(latent_segments(idx, m), table, w)
+    torch.testing.assert_close(got, dense.t() @ table, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_forward_backward_vs_dense():
+    n, m, k, d = 33, 60, 5, 9
+    idx = _unique_idx(n, m, k, 1)
+    acts = torch.rand(n, k, requires_grad=True)
+    W = torch.randn(m, d, requires_grad=True)  # noqa: N806
+    go = torch.randn(n, d)
+    out = sparse_decode(acts, idx, W)
+    out.backward(go)
+    a2, W2 = acts.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()  # noqa: N806
+    z = torch.zeros(n, m).scatter(1, idx, a2)  # dense code
+    ref = z @ W2
+    ref.backward(go)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acts.grad, a2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(W.grad, W2.grad, rtol=1e-5, atol=1e-5)
+    inactive = torch.ones(m, dtype=torch.bool)
+    inactive[idx.unique()] = False
+    assert inactive.any() and W.grad[inactive].abs().max() == 0
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_topk_encode_vs_dense_autograd(with_dead):
+    torch.manual_seed(3)
+    n, d, m, k = 40, 12, 96, 6
+    u = torch.randn(n, d, requires_grad=True)
+    b_dec = torch.randn(d, requires_grad=True)
+    W = torch.randn(d, m, requires_grad=True)  # noqa: N806
+    b_enc = (torch.randn(m) - 6).requires_grad_()  # some selected pre-activations < 0
+    dead = torch.tensor([3, 5, 17, 40, 41, 42, 60, 77, 90, 91, 92, 95])
+    enc = topk_encode(u, b_dec, W, b_enc, k, torch.float32, dead if with_dead else None)
+    assert 0 < (enc.acts == 0).float().mean() < 0.5  # the ReLU after the top-k matters
+    ga, gd = torch.randn(n, k), torch.randn(n, enc.dead_pre.shape[1])
+    loss = (enc.acts * ga).sum() + (enc.dead_pre * gd).sum()
+    loss.backward()
+
+    leaves = [t.detach().clone().requires_grad_() for t in (u, b_dec, W, b_enc)]
+    u2, bd2, W2, be2 = leaves  # noqa: N806
+    pre = (u2 - bd2) @ W2 + be2  # dense [n, m]
+    v, i = pre.topk(k, dim=1)
+    # match the kernel's slot order so the random upstream gradients line up
+    perm = (enc.idx.unsqueeze(2) == i.unsqueeze(1)).float().argmax(2)  # kernel slot -> ref slot
+    assert torch.equal(i.gather(1, perm), enc.idx)
+    ref = v.gather(1, perm).relu()
+    torch.testing.assert_close(enc.acts, ref.detach(), rtol=1e-5, atol=1e-5)
+    loss2 = (ref * ga).sum()
+    if with_dead:
+        torch.testing.assert_close(enc.dead_pre, pre[:, dead].detach(), rtol=1e-5, atol=1e-5)
+        loss2 = loss2 + (pre[:, dead] * gd).sum()
+    else:
+        assert enc.dead_pre.shape == (n, 0)
+    loss2.backward()
+    for got, want in zip((u, b_dec, W, b_enc), leaves, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_compute_dtype_matches_bf16_reference():
+    torch.manual_seed(0)
+    u, W, b = torch.randn(16, 8), torch.randn(8, 64), torch.randn(64)  # noqa: N806
+    enc = topk_encode(u, torch.zeros(8), W, b, 4, torch.bfloat16)
+    pre = torch.addmm(b.bfloat16(), u.bfloat16(), W.bfloat16()).float()
+    ref = pre.topk(4).values.relu()
+    torch.testing.assert_close(enc.acts.sort(1, descending=True).values, ref)

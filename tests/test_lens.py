@@ -1,0 +1,303 @@
+"""Tuned lens: exact inverse, block-index convention, training, evaluation, tuned-lens import."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mlsae.capture import capture
+from mlsae.errors import MlsaeError
+from mlsae.lens import TunedLens, identity_lens, load_lens
+from mlsae.lens_train import evaluate_lens, train_lens
+
+L, D = 3, 32  # conftest N_LAYERS, D_MODEL
+
+
+def _random_lens(n_layers: int, d: int, scale: float = 0.3, seed: int = 0) -> TunedLens:
+    """A lens with dense (non-diagonal) random A_l and random c_l."""
+    g = torch.Generator().manual_seed(seed)
+    lens = TunedLens(n_layers, d)
+    for layer in lens.trained_layers:
+        a = scale * torch.randn(d, d, generator=g) / d**0.5
+        lens._set(layer, a, torch.randn(d, generator=g))
+    return lens
+
+
+def _ids(tok, b: int = 2, t: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (b, t), generator=g)
+    ids[:, 0] = tok.bos_token_id
+    ids[0, 10] = tok.eos_token_id
+    return ids
+
+
+def _special(tok) -> list[int]:
+    return [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
+
+
+def _final_norm_and_head(model):
+    """Independent lookup of the final norm and lm_head (not via mlsae.capture)."""
+    norm = {"gpt_neox": lambda: model.gpt_neox.final_layer_norm,
+            "llama": lambda: model.model.norm,
+            "gpt2": lambda: model.transformer.ln_f}[model.config.model_type]()  # fmt: skip
+    return norm, model.lm_head if hasattr(model, "lm_head") else model.embed_out
+
+
+# ------------------------------------------------------------------ exact inverse
+
+
+@torch.no_grad()
+def test_inverse_is_exact_for_dense_A() -> None:
+    lens = _random_lens(4, 16)
+    h = torch.randn(5, 7, 16)
+    for layer in range(4):
+        z = lens(h, layer)
+        assert torch.allclose(lens.inverse(z, layer), h, atol=1e-5)
+    # independent check of T and of the inverse with numpy
+    a, c = lens.A(1).detach().numpy().astype(np.float64), lens.c(1).detach().numpy()
+    z = lens(h, 1).numpy().astype(np.float64)
+    np.testing.assert_allclose(z, h.numpy() @ (np.eye(16) + a).T + c, atol=1e-5)
+    np.testing.assert_allclose(
+        lens.inverse(torch.from_numpy(z), 1).numpy(), (z - c) @ np.linalg.inv(np.eye(16) + a).T,
+        atol=1e-9,
+    )  # fmt: skip
+    # the paper's fault: an element-wise product with the diagonal of the inverse is wrong
+    diag_inv = torch.tensor(np.diag(np.linalg.inv(np.eye(16) + a)), dtype=torch.float32)
+    assert (((lens(h, 1) - lens.c(1).detach()) * diag_inv) - h).abs().max() > 1e-2
+
+
+def test_inverse_follows_parameter_updates() -> None:
+    lens = _random_lens(3, 8)
+    h = torch.randn(10, 8)
+    lens.inverse(lens(h, 0), 0)  # fills the LU cache
+    with torch.no_grad():
+        lens.translators["0"].weight.add_(0.1 * torch.randn(8, 8))
+    assert torch.allclose(lens.inverse(lens(h, 0), 0), h, atol=1e-5)
+
+
+def test_ill_conditioned_translator_raises() -> None:
+    lens = TunedLens(3, 8)
+    lens._set(0, -torch.eye(8) + torch.diag(torch.tensor([1.0] * 7 + [1e-8])), None)
+    with pytest.raises(MlsaeError, match="ill-conditioned"):
+        lens.inverse(torch.randn(2, 8), 0)
+    lens._set(1, -torch.eye(8), None)  # singular
+    with pytest.raises(MlsaeError, match="ill-conditioned"):
+        lens.inverse(torch.randn(2, 8), 1)
+
+
+# ------------------------------------------------------------------ index convention
+
+
+def test_last_block_is_identity_and_layers_match_block_outputs(tiny_model, tokenizer) -> None:
+    model = tiny_model
+    lens = _random_lens(L, D)
+    assert sorted(lens.translators) == ["0", "1"]  # no parameters for the last block
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        xs = capture(model, ids, list(range(L)))  # [B, T, L, d]
+        assert torch.equal(lens(xs[:, :, L - 1], L - 1), xs[:, :, L - 1])
+        assert torch.equal(lens.inverse(xs[:, :, L - 1], L - 1), xs[:, :, L - 1])
+        norm, head = _final_norm_and_head(model)
+        logit = identity_lens(L, D)
+        for layer in range(L - 1):
+            x = out.hidden_states[layer + 1]  # output of block `layer` (index 0: embeddings)
+            assert torch.allclose(xs[:, :, layer], x, atol=1e-6)
+            ref = head(norm(x))
+            assert torch.allclose(logit.logits(model, x, layer), ref, atol=1e-5)
+            a, c = lens.A(layer), lens.c(layer)
+            ref_t = head(norm(x + x @ a.T + c))
+            assert torch.allclose(lens.logits(model, x, layer), ref_t, atol=1e-5)
+            assert not torch.allclose(ref_t, ref, atol=1e-3)  # the translator does something
+        # last block: the lens is the model's own output distribution
+        assert torch.allclose(lens.logits(model, xs[:, :, L - 1], L - 1), out.logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------ training / evaluation
+
+
+@torch.no_grad()
+def _manual_eval(model, lens: TunedLens, ids: torch.Tensor, special: list[int]) -> dict:
+    """Independent float64 reference: hidden_states[l+1], explicit softmax, loops over tokens."""
+    out = model(input_ids=ids, output_hidden_states=True)
+    norm, head = _final_norm_and_head(model)
+    p = torch.softmax(out.logits.double(), -1)  # [B, T, V]
+    used = ~torch.isin(ids, torch.tensor(special))
+    res = {"tuned": {"kl": [], "ce": []}, "logit": {"kl": [], "ce": []}}
+    for layer in range(L):
+        x = out.hidden_states[layer + 1] if layer < L - 1 else None
+        for kind in ("tuned", "logit"):
+            if x is None:
+                logits = out.logits
+            elif kind == "tuned":
+                logits = head(norm(x + x @ lens.A(layer).T + lens.c(layer)))
+            else:
+                logits = head(norm(x))
+            q = torch.softmax(logits.double(), -1)
+            kls, ces = [], []
+            for b in range(ids.shape[0]):
+                for t in range(ids.shape[1]):
+                    if not used[b, t]:
+                        continue
+                    kls.append(float((p[b, t] * (p[b, t].log() - q[b, t].log())).sum()))
+                    if t + 1 < ids.shape[1]:
+                        ces.append(-float(q[b, t, ids[b, t + 1]].log()))
+            res[kind]["kl"].append(sum(kls) / len(kls))
+            res[kind]["ce"].append(sum(ces) / len(ces))
+    return res
+
+
+def test_evaluation_matches_independent_computation(tiny_model, tokenizer) -> None:
+    lens = _random_lens(L, D, scale=0.5, seed=3)
+    ids = _ids(tokenizer, b=3, t=20, seed=1)
+    got = evaluate_lens(tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), progress=False)
+    ref = _manual_eval(tiny_model, lens, ids, _special(tokenizer))
+    assert got["layers"] == list(range(L))
+    for kind in ("tuned", "logit"):
+        for key in ("kl", "ce"):
+            np.testing.assert_allclose(got[kind][key], ref[kind][key], rtol=1e-4, atol=1e-7)
+    assert got["tuned"]["kl"][0] != pytest.approx(got["logit"]["kl"][0])
+    assert got["n_kl_positions"] == 3 * 20 - 4
+    assert got["model_ce"] == pytest.approx(ref["logit"]["ce"][-1], rel=1e-5)
+
+
+def test_closed_form_gradient_matches_autograd(tiny_model, tokenizer) -> None:
+    from mlsae.lens_train import _kl_backward
+
+    lens = _random_lens(L, D, seed=5)
+    with torch.no_grad():
+        x = capture(tiny_model, _ids(tokenizer), list(range(L)))[0]  # [T, L, d]
+        logp = torch.log_softmax(tiny_model(input_ids=_ids(tokenizer)).logits[0].double(), -1)
+    p = logp.exp()
+    tiny_model.requires_grad_(False)
+    got = _kl_backward(tiny_model, lens, x[:, 1], 1, p.float(), (p * logp).sum().float(), 0.5)
+    ga, gc = lens.A(1).grad.clone(), lens.c(1).grad.clone()
+    # reference: plain autograd of 0.5 * sum KL(p || q) in float64
+    norm, head = _final_norm_and_head(tiny_model)
+    a = lens.A(1).detach().double().requires_grad_(True)
+    c = lens.c(1).detach().double().requires_grad_(True)
+    h = x[:, 1].double()
+    norm64, head64 = norm.double(), head.double()
+    logq = torch.log_softmax(head64(norm64(h + h @ a.T + c)), -1)
+    ref = 0.5 * (p * (logp - logq)).sum()
+    ref.backward()
+    norm.float(), head.float()
+    assert got == pytest.approx(float(ref.detach()), rel=1e-4)
+    assert torch.allclose(ga.double(), a.grad, rtol=1e-3, atol=1e-6)
+    assert torch.allclose(gc.double(), c.grad, rtol=1e-3, atol=1e-6)
+    assert float(a.grad.abs().max()) > 1e-4
+
+
+def test_training_reduces_kl(tiny_model, tokenizer) -> None:
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (12, 32), generator=g)
+    test = torch.randint(0, 256, (4, 32), generator=g)
+    lens = TunedLens(L, D)
+    hist = train_lens(
+        tiny_model, lens, train, _special(tokenizer), steps=25, batch_size=4, lr=1e-2,
+        progress=False,
+    )  # fmt: skip
+    assert hist[-1] < 0.7 * hist[0]
+    assert all(p.grad is None for p in tiny_model.parameters())  # the model is not trained
+    res = evaluate_lens(tiny_model, lens, [test], _special(tokenizer), progress=False)
+    for i in range(L - 1):  # held-out tokens
+        assert res["tuned"]["kl"][i] < res["logit"]["kl"][i]
+    assert res["tuned"]["kl"][L - 1] == res["logit"]["kl"][L - 1] == pytest.approx(0, abs=1e-6)
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    lens = _random_lens(5, 8)
+    lens = TunedLens(5, 8, layers=[1, 2, 4], model="m", meta={"training": {"lr": 0.1}})
+    lens._set(1, torch.randn(8, 8), torch.randn(8))
+    lens.save(tmp_path / "lens")
+    back = load_lens(tmp_path / "lens")
+    assert back.layers == [1, 2, 4] and back.trained_layers == [1, 2]
+    assert back.model_name == "m" and back.meta["training"] == {"lr": 0.1}
+    assert torch.equal(back.A(1), lens.A(1)) and torch.equal(back.c(1), lens.c(1))
+    cfg = json.loads((tmp_path / "lens" / "lens.json").read_text())
+    assert cfg["identity_layer"] == 4 and cfg["d_model"] == 8
+    with pytest.raises(MlsaeError, match="no translator for layer"):
+        back(torch.randn(8), 0)
+    with pytest.raises(MlsaeError):
+        back.check_layers([0, 1])
+    with pytest.raises(MlsaeError, match="not a lens folder"):
+        load_lens(tmp_path)
+
+
+def test_tuned_lens_package_import(tmp_path: Path) -> None:
+    """Its translator i acts on hidden_states[i]: i = 0 is the embeddings (dropped), i >= 1 is
+    the output of block i - 1; the last block has none (identity)."""
+    n, d = 4, 6
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(n):
+        state[f"{i}.weight"] = torch.randn(d, d, generator=g)
+        state[f"{i}.bias"] = torch.randn(d, generator=g)
+    folder = tmp_path / "tl"
+    folder.mkdir()
+    torch.save(state, folder / "params.pt")
+    cfg = {"base_model_name_or_path": "EleutherAI/pythia-70m", "d_model": d,
+           "num_hidden_layers": n, "bias": True, "lens_type": "linear_tuned_lens"}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(cfg))
+    lens = load_lens(folder)
+    assert lens.n_layers == n and lens.model_name == "EleutherAI/pythia-70m"
+    for block in range(n - 1):
+        assert torch.equal(lens.A(block), state[f"{block + 1}.weight"])
+        assert torch.equal(lens.c(block), state[f"{block + 1}.bias"])
+    h = torch.randn(3, d)
+    assert torch.equal(lens(h, n - 1), h)
+    # h + W h + b, as tuned-lens's transform_hidden computes it
+    w, b = state["2.weight"], state["2.bias"]
+    assert torch.allclose(lens(h, 1), h + torch.nn.functional.linear(h, w, b), atol=1e-6)
+    # older saves prefix the keys; a wrong translator count is an error
+    torch.save({f"layer_translators.{k}": v for k, v in state.items()}, folder / "params.pt")
+    assert torch.equal(load_lens(folder).A(0), state["1.weight"])
+    torch.save({k: v for k, v in state.items() if not k.startswith("3.")}, folder / "params.pt")
+    with pytest.raises(MlsaeError, match="expected translators"):
+        load_lens(folder)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
+    from conftest import make_model
+
+    from mlsae.cli import app
+
+    model_dir = tmp_path / "tiny"
+    make_model("gpt_neox", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "lens", "layer", "token", "river", "stone"]
+    docs = [" ".join(rng.choice(words, 30)) for _ in range(80)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in docs))
+    runner = CliRunner()
+    common = ["--model", str(model_dir), "--dataset", str(data), "--context-length", "32"]
+    r = runner.invoke(
+        app, ["lens", "train", "--out", str(tmp_path / "lens"), "--tokens", "256",
+              "--steps", "4", "--lr", "1e-2", *common],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert load_lens(tmp_path / "lens").meta["training"]["steps"] == 4
+    out = tmp_path / "eval.json"
+    r = runner.invoke(
+        app, ["lens", "evaluate", str(tmp_path / "lens"), "--out", str(out), "--tokens", "64",
+              *common],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["layers"] == [0, 1, 2] and res["split"] == "test"
+    assert set(res["tuned"]) == set(res["logit"]) == {"kl", "ce"}
+    assert "KL tuned" in r.output
+    r = runner.invoke(app, ["lens", "evaluate", str(tmp_path / "nope"), "--out", str(out)])
+    assert isinstance(r.exception, MlsaeError)

@@ -1,0 +1,315 @@
+"""Figures, the self-contained report.html (incl. a headless Chromium screenshot), and the
+`mlsae analyze` command end to end against a brute-force computation."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlsae.analysis import LayerStats
+from mlsae.figures import make_figures
+from mlsae.geometry import residual_geometry
+from mlsae.report import _clean, _summary, eval_table, reading, write_report
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAYERS = [0, 1, 2, 3, 4, 5]
+
+
+def synthetic(seed=0, n=200, n_lat=64, d=8):
+    """Layer stats (latents with a preferred layer, some spread) and geometry of random data."""
+    g = torch.Generator().manual_seed(seed)
+    L = len(LAYERS)
+    pref = torch.randint(0, L, (n_lat,), generator=g)
+    dist = (torch.arange(L)[:, None] - pref[None, :]).abs()  # [L, n_lat]
+    p = torch.exp(-dist.double())
+    a = torch.rand(n, L, n_lat, generator=g, dtype=torch.float64) * (
+        torch.rand(n, L, n_lat, generator=g, dtype=torch.float64) < 0.3 * p
+    )
+    a[:, :, -3:] = 0  # dead latents
+    st = LayerStats(n_lat, LAYERS)
+    st.update_dense(a)
+    x = torch.randn(n, L, d, generator=g).cumsum(1) * (1 + torch.arange(L)).view(1, L, 1)
+    geo = residual_geometry(lambda: [(x, None)], LAYERS, d)
+    return st.result(), geo
+
+
+EVAL = {
+    "layers": LAYERS,
+    "per_layer": {"fvu": [0.1, 0.2, 0.3, 0.25, 0.2, 0.15], "delta_ce": [0.5] * 6},
+    "mean": {"fvu": 0.2, "delta_ce": 0.5},
+}
+
+
+def make_report(tmp: Path, with_eval: bool = True) -> tuple[Path, list]:
+    stats, geo = synthetic()
+    pstats, _ = synthetic(seed=1, n=12)
+    figs = make_figures(tmp, stats, geo, [("a prompt", pstats)], ("sae_layer3", pstats))
+    s = _summary(stats, geo)
+    s.update(
+        run=str(tmp / "run"),
+        sae=str(tmp / "run" / "sae"),
+        data={"model": "tiny", "split": "test"},
+        prompts=[{"text": "a prompt <b>", **_summary(pstats, None)}],
+        compare={"sae": "sae_layer3", "sae_cfg": {"layers": [3]}, **_summary(pstats, None)},
+    )
+    s = _clean(s)
+    json.dumps(s, allow_nan=False)  # NaNs were cleaned
+    cfgs = {"cfg.json": {"d_in": 8, "k": 4, "layers": LAYERS}, "train_cfg.json": {"lr": 1e-4}}
+    ev = (tmp / "eval.json", EVAL) if with_eval else None
+    return write_report(tmp / "report.html", s, figs, cfgs, ev), figs
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return make_report(tmp_path_factory.mktemp("report"))
+
+
+def test_report_is_self_contained_with_every_figure(report):
+    path, figs = report
+    text = path.read_text()
+    names = {p.name for _, p in figs}
+    assert {
+        "heatmap_aggregate.png",
+        "heatmap_prompt_1.png",
+        "expected_layer.png",
+        "layer_var.png",
+        "heatmap_compare.png",
+        "cosine.png",
+        "norms.png",
+    } <= names
+    assert "http" not in text.lower() and "href" not in text.lower()
+    assert "<script" not in text.lower() and "<link" not in text.lower()
+    srcs = re.findall(r'src="([^"]*)"', text)
+    assert len(srcs) == len(figs)
+    for src, (_, p) in zip(srcs, figs, strict=True):  # each figure embedded, byte for byte
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) == p.read_bytes()
+    assert "a prompt &lt;b&gt;" in text  # escaped
+    assert "delta_ce" in text and "0.25" in text  # evaluation table
+    assert "rel_var_token" in text and "train_cfg.json" in text
+
+
+def test_eval_table_list_of_rows():
+    html = eval_table({"per_layer": [{"layer": 3, "fvu": 0.125}], "mean": {"fvu": 0.125}})
+    assert "<td>3</td>" in html and "0.125" in html and "mean" in html
+
+
+def test_reading_against_paper():
+    s = {
+        "n_tokens": 10,
+        "n_latents": 5,
+        "n_latents_alive": 4,
+        "n_latents_dead": 1,
+        "layers": [0, 1, 2],
+        "rel_var_latent": 0.8,
+        "rel_var_token": 0.02,
+        "token_variance_factor": 50.0,
+        "multi_layer_fraction_aggregate": 0.9,
+        "multi_layer_fraction_token": 0.1,
+        "norm_mean": [1.0, 2.0, 4.0],
+        "adjacent_cosine": [0.5, 0.7],
+    }
+    text = " ".join(reading(s))
+    assert "50.0x smaller" in text and "in the range the paper reports" in text
+    assert "norms grow with depth" in text and "0.500 to 0.700" in text
+    s.update(token_variance_factor=2.0, rel_var_token=0.5, norm_mean=[3.0, 2.0, 1.0])
+    text = " ".join(reading(s))
+    assert "less than" in text and "do not grow" in text
+
+
+def _viridis_dark_pixels(png: Path) -> int:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(png)[..., :3]  # float [H, W, 3] in 0..1
+    dark = np.array([68, 1, 84]) / 255  # viridis(0): the heatmaps' background
+    return int((np.abs(img - dark).max(-1) < 0.06).sum())
+
+
+def _screenshot(html: Path, png: Path) -> None:
+    with tempfile.TemporaryDirectory() as prof:
+        cmd = [
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={prof}", f"--screenshot={png}",
+            "--window-size=1200,2400", "--hide-scrollbars", html.resolve().as_uri(),
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium is not installed")
+def test_chromium_screenshot_shows_figures(report, tmp_path):
+    path, _ = report
+    shot = tmp_path / "shot.png"
+    _screenshot(path, shot)
+    assert _viridis_dark_pixels(shot) > 2000  # the heatmaps are drawn
+    # control: the same page without image data shows no heatmap pixels
+    blank = tmp_path / "blank.html"
+    blank.write_text(re.sub(r'src="data:[^"]*"', 'src=""', path.read_text()))
+    _screenshot(blank, tmp_path / "blank.png")
+    assert _viridis_dark_pixels(tmp_path / "blank.png") < 50
+    keep = Path("/tmp/mlsae_report_shot.png")  # left for a human to look at
+    shutil.copy(shot, keep)
+
+
+# ---------------------------------------------------------------- `mlsae analyze` end to end
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer):
+    """A tiny GPT-NeoX model, a float32 test-split cache of all 3 layers, an MLSAE run (with an
+    eval.json and train_cfg.json) and a single-layer SAE run."""
+    from conftest import make_model
+
+    from mlsae.cache import build_cache
+    from mlsae.config import DataConfig, ModelConfig, SaeConfig
+    from mlsae.sae import SparseAutoencoder
+
+    root = tmp_path_factory.mktemp("analyze")
+    model = make_model("gpt_neox", len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    g = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven"]
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"text": " ".join(g.choice(words, size=g.integers(3, 9)))}) + "\n")
+    mdir, data = str(root / "model"), str(root / "docs.jsonl")
+    build_cache(
+        root / "cache",
+        ModelConfig(model=mdir),
+        DataConfig(dataset=data, split="test", context_length=CTX),  # type: ignore[arg-type]
+        n_tokens=6 * CTX,
+        storage_dtype="float32",
+        batch_size=4,
+        shard_tokens=2 * CTX,
+    )
+    for name, layers, seed in (("mlsae", [0, 1, 2], 0), ("l1", [1], 1)):
+        cfg = SaeConfig(d_in=32, expansion_factor=2, k=4, layers=layers, model=mdir, dataset=data)
+        SparseAutoencoder(cfg, seed=seed, compute_dtype=torch.float32).save(root / name / "sae")
+    (root / "mlsae" / "eval.json").write_text(json.dumps(EVAL | {"layers": [0, 1, 2]}))
+    (root / "mlsae" / "train_cfg.json").write_text(json.dumps({"lr": 1e-4, "seed": 0}))
+    return root, model, mdir, data
+
+
+def _dense_reference(root: Path, sae_dir: Path, layers: list[int]):
+    """Dense a[t,l,j] of an SAE over the cache's used tokens, and the raw vectors."""
+    from mlsae.cache import ActivationCache
+    from mlsae.sae import load_sae
+
+    sae = load_sae(sae_dir, compute_dtype=torch.float32)
+    ac = ActivationCache(root / "cache")
+    shards = [ac.load_shard(i) for i in range(ac.n_shards)]
+    acts = torch.cat([s.activations for s in shards])[:, [ac.layers.index(x) for x in layers]]
+    mask = torch.cat([s.mask for s in shards])
+    assert 0 < int(mask.sum()) < mask.numel()  # special tokens present and excluded
+    with torch.no_grad():
+        enc = sae.encode(acts[mask].reshape(-1, 32).float())
+        dense = sae.dense_acts(enc).reshape(int(mask.sum()), len(layers), -1).double()
+    return dense, acts[mask].double()
+
+
+def test_analyze_command_matches_brute_force(runs, tmp_path):
+    from test_analysis import brute
+    from typer.testing import CliRunner
+
+    from mlsae.cli import app
+
+    root, model, mdir, _ = runs
+    out = tmp_path / "out"
+    args = ["analyze", str(root / "mlsae"), "--cache", str(root / "cache"), "--out", str(out),
+            "--prompt", "alpha beta river", "--compare", str(root / "l1")]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "analysis.json").read_text())
+    dense, x = _dense_reference(root, root / "mlsae" / "sae", [0, 1, 2])
+    ones = torch.ones(dense.shape[0], dtype=torch.bool)
+    b = brute(dense, ones, [0, 1, 2])
+    assert s["n_tokens"] == dense.shape[0] and s["layers"] == [0, 1, 2]
+    assert s["n_latents_alive"] == len(b["alive"])
+    for key, want in [("rel_var_latent", b["rel_var_latent"]), ("rel_var_token",
+                      b["rel_var_token"]), ("multi_layer_fraction_aggregate", b["agg"]),
+                      ("multi_layer_fraction_token", b["tok"])]:  # fmt: skip
+        assert s[key] == pytest.approx(want, rel=1e-6), key
+    xc = x - x.mean(0)
+    cos = torch.nn.functional.cosine_similarity(xc[:, :-1], xc[:, 1:], dim=-1).mean(0)
+    np.testing.assert_allclose(s["adjacent_cosine"], cos.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(s["norm_mean"], x.norm(dim=-1).mean(0).numpy(), rtol=1e-6)
+    # the single-layer SAE is applied to every layer of the same tokens
+    dl1, _ = _dense_reference(root, root / "l1" / "sae", [0, 1, 2])
+    b1 = brute(dl1, ones, [0, 1, 2])
+    assert s["compare"]["rel_var_token"] == pytest.approx(b1["rel_var_token"], rel=1e-6)
+    assert s["compare"]["rel_var_latent"] == pytest.approx(b1["rel_var_latent"], rel=1e-6)
+    # the prompt: its own tokens through the model at every layer
+    from mlsae.capture import capture
+    from mlsae.sae import load_sae
+
+    sae = load_sae(root / "mlsae" / "sae", compute_dtype=torch.float32)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(mdir)("alpha beta river", return_tensors="pt")["input_ids"]
+    xp = capture(model, ids, [0, 1, 2])[0].float()  # [T, 3, 32]
+    with torch.no_grad():
+        dp = sae.dense_acts(sae.encode(xp.reshape(-1, 32))).reshape(ids.shape[1], 3, -1).double()
+    bp = brute(dp, torch.ones(ids.shape[1], dtype=torch.bool), [0, 1, 2])
+    assert s["prompts"][0]["n_tokens"] == ids.shape[1]
+    assert s["prompts"][0]["rel_var_token"] == pytest.approx(bp["rel_var_token"], rel=1e-5)
+    # outputs: per-latent arrays, every figure, eval table and configs in the report
+    z = np.load(out / "latents.npz")
+    for j in b["alive"][:5]:
+        assert z["expected_layer"][j] == pytest.approx(b["E"][j], rel=1e-6)
+    text = (out / "report.html").read_text()
+    assert text.count("data:image/png;base64,") == len(s["figures"]) == 7
+    assert "train_cfg.json" in text and "eval.json" in text and "http" not in text
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_single_layer_run_uses_every_cache_layer(runs, tmp_path):
+    from mlsae.report import analyze_command
+
+    root = runs[0]
+    s = analyze_command(root / "l1", tmp_path / "o", cache=root / "cache")
+    assert s["layers"] == [0, 1, 2] and s["compare"] is None and s["prompts"] == []
+
+
+def test_analyze_builds_and_removes_a_temporary_cache(runs, tmp_path):
+    from mlsae.report import analyze_command
+
+    root, _, mdir, data = runs
+    out = tmp_path / "o"
+    s = analyze_command(root / "mlsae", out, model=mdir, dataset=data, tokens=2 * CTX,
+                        context_length=CTX)  # fmt: skip
+    assert s["cache"] is None and 0 < s["n_tokens"] <= 2 * CTX
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
+    from mlsae.cli import main
+
+    root = runs[0]
+    for name in ("sae_R2_k4", "sae_R2_k8"):  # a sweep folder: the user must pick one
+        shutil.copytree(root / "l1" / "sae", tmp_path / "sweep" / name)
+    for argv, msg in [
+        (["analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "does not exist"),
+        (["analyze", str(tmp_path / "sweep"), "--cache", str(root / "cache"), "--out", str(tmp_path / "o")],
+         "several SAEs"),
+        (["analyze", str(root / "mlsae"), "--cache", str(tmp_path), "--out", str(tmp_path / "o")],
+         "has no manifest"),
+    ]:  # fmt: skip
+        monkeypatch.setattr("sys.argv", ["mlsae", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
