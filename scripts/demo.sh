@@ -38,7 +38,7 @@ stage "4/6 cross-layer matrix: single-layer SAEs on every layer vs the MLSAE"
   --cache "$OUT/cache_test" --out "$OUT/cross"
 
 stage "5/6 analyze: where latents live across layers, residual geometry, report"
-"$M" analyze "$OUT/mlsae" --cache "$OUT/cache_test" --out "$OUT/analysis" \
+"$M" analyze "$OUT/mlsae" --cache "$OUT/cache_test" --out "$OUT/analysis" --compare "$OUT/sae_layer$LATE" \
   --prompt "The capital of France is Paris, and the capital of Italy is Rome." \
   --prompt "Mr. Speaker, the state of our Union is strong."
 

@@ -106,6 +106,12 @@ def test_measures_equal_brute_force(data):
     want = brute(a.double().numpy(), b.double().numpy(), wa.double().numpy(), wb.double().numpy())
     for name in want:
         np.testing.assert_allclose(got[name].numpy(), want[name], atol=1e-10, err_msg=name)
+    block = measures(  # the dense row-block path used by summarize_pair
+        up, down, pair, slice(2, 9), None, *(torch.nn.functional.normalize(w.double(), dim=1)
+                                             for w in (wa, wb)))  # fmt: skip
+    for name in want:
+        tol = 1e-6 if name == "decoder_cos" else 1e-10  # computed in float32 there
+        np.testing.assert_allclose(block[name].numpy(), want[name][2:9], atol=tol, err_msg=name)
     assert up.alive.tolist() == (a.max(0).values > 0).tolist()
     assert not bool(up.alive[-1]) and not bool(down.alive[-1])  # the dead features
     np.testing.assert_allclose(up.density().numpy(), (a > 0).double().mean(0).numpy())

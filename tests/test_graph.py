@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,7 +146,8 @@ def test_pipeline_outputs(tiny, tmp_path):
     assert set(gj["edges"]) >= {"pearson", "jaccard", "sufficiency", "necessity", "decoder_cos"}
     # every passed-through layer-0 feature's best partner is its permuted copy
     nodes = gj["nodes"]
-    for s, t, p in zip(gj["edges"]["source"], gj["edges"]["target"], gj["edges"]["pearson"]):
+    e = gj["edges"]
+    for s, t, p in zip(e["source"], e["target"], e["pearson"], strict=True):
         if nodes["layer"][s] == 0 and p > 0.999:
             assert int(sigma[nodes["feature"][t]]) == nodes["feature"][s]
     for f in ev["figures"].values():
@@ -282,3 +282,15 @@ def test_pipeline_from_model(tmp_path, tokenizer):
     assert 0 < body["n_used_tokens"] <= 224
     page = (tmp_path / "out" / "graph.html").read_text()
     assert '"tokens":["' in page and "cat" in page  # decoded with the tokenizer
+
+
+def test_vendored_library_can_be_inlined():
+    from importlib import resources
+
+    assets = resources.files("mlsae") / "assets"
+    lib = (assets / "cytoscape.min.js").read_text(encoding="utf-8")
+    assert "</" not in lib and "<!--" not in lib  # safe inside an inline <script>
+    assert (
+        "MIT" in (assets / "cytoscape.LICENSE").read_text()
+        or "Permission is hereby" in (assets / "cytoscape.LICENSE").read_text()
+    )

@@ -18,6 +18,15 @@ from mlsae.lens_train import evaluate_lens, train_lens
 L, D = 3, 32  # conftest N_LAYERS, D_MODEL
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops: one thread is ~20x faster than two on a shared, loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _random_lens(n_layers: int, d: int, scale: float = 0.3, seed: int = 0) -> TunedLens:
     """A lens with dense (non-diagonal) random A_l and random c_l."""
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +83,9 @@ def test_inverse_is_exact_for_dense_A() -> None:
 def test_inverse_follows_parameter_updates() -> None:
     lens = _random_lens(3, 8)
     h = torch.randn(10, 8)
-    lens.inverse(lens(h, 0), 0)  # fills the LU cache
+    with torch.inference_mode():  # fills the LU cache inside inference mode (as cache.py does)
+        assert torch.allclose(lens.inverse(lens(h, 0), 0), h, atol=1e-5)
+    assert torch.allclose(lens.inverse(lens(h, 0), 0), h, atol=1e-5)  # z requires grad here
     with torch.no_grad():
         lens.translators["0"].weight.add_(0.1 * torch.randn(8, 8))
     assert torch.allclose(lens.inverse(lens(h, 0), 0), h, atol=1e-5)
@@ -175,7 +186,9 @@ def test_closed_form_gradient_matches_autograd(tiny_model, tokenizer) -> None:
         logp = torch.log_softmax(tiny_model(input_ids=_ids(tokenizer)).logits[0].double(), -1)
     p = logp.exp()
     tiny_model.requires_grad_(False)
-    got = _kl_backward(tiny_model, lens, x[:, 1], 1, p.float(), (p * logp).sum().float(), 0.5)
+    got = _kl_backward(
+        tiny_model, lambda h: lens(h, 1), x[:, 1], p.float(), (p * logp).sum().float(), 0.5
+    )
     ga, gc = lens.A(1).grad.clone(), lens.c(1).grad.clone()
     # reference: plain autograd of 0.5 * sum KL(p || q) in float64
     norm, head = _final_norm_and_head(tiny_model)
@@ -191,6 +204,22 @@ def test_closed_form_gradient_matches_autograd(tiny_model, tokenizer) -> None:
     assert torch.allclose(ga.double(), a.grad, rtol=1e-3, atol=1e-6)
     assert torch.allclose(gc.double(), c.grad, rtol=1e-3, atol=1e-6)
     assert float(a.grad.abs().max()) > 1e-4
+
+
+def test_preconditioned_parametrisation_is_the_same_affine_map() -> None:
+    from mlsae.lens_train import _Preconditioned
+
+    lens = _random_lens(3, 16, seed=2)
+    x = torch.randn(40, 16) * torch.linspace(0.1, 50, 16) + 3.0  # very unequal dimensions
+    pre = _Preconditioned(x, lens.A(0), lens.c(0))
+    a, c = pre.affine()
+    assert torch.allclose(a, lens.A(0), atol=1e-5) and torch.allclose(c, lens.c(0), atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(pre(x), lens(x, 0), rtol=1e-5, atol=1e-4)
+        pre.B.add_(0.01)
+        u = (x - pre.mu) / pre.s  # independent: T(h) = h + A h + c + s * 0.01 * sum_j u_j
+        ref = x + x @ lens.A(0).T + lens.c(0) + pre.s * 0.01 * u.sum(1, keepdim=True)
+        assert torch.allclose(pre(x), ref, rtol=1e-4, atol=1e-3)
 
 
 def test_training_reduces_kl(tiny_model, tokenizer) -> None:

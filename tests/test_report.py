@@ -121,9 +121,11 @@ def test_reading_against_paper():
     text = " ".join(reading(s))
     assert "50.0x smaller" in text and "in the range the paper reports" in text
     assert "norms grow with depth" in text and "0.500 to 0.700" in text
+    assert "as in the paper: multi-layer in aggregate" in text
     s.update(token_variance_factor=2.0, rel_var_token=0.5, norm_mean=[3.0, 2.0, 1.0])
+    s.update(multi_layer_fraction_token=0.6)
     text = " ".join(reading(s))
-    assert "less than" in text and "do not grow" in text
+    assert "less than" in text and "do not grow" in text and "unlike the paper, most" in text
 
 
 def _viridis_dark_pixels(png: Path) -> int:

@@ -85,6 +85,19 @@ def test_encode_decode_forward_equal_slow_reference(normalize):
         torch.testing.assert_close(dense[n], want, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_no_grad_encode_equals_one_pass(monkeypatch):
+    import mlsae.sae as sae_mod
+
+    sae = _sae()
+    x = torch.randn(50, 10)
+    ref = sae.encode(x)  # grad enabled: one pass
+    monkeypatch.setattr(sae_mod, "ENCODE_CHUNK", 16)
+    with torch.no_grad():
+        got = sae.encode(x)
+    torch.testing.assert_close(got.top_acts, ref.top_acts.detach())
+    assert torch.equal(got.top_indices, ref.top_indices)
+
+
 def test_init_decoder_is_unit_norm_encoder_transpose():
     sae = SparseAutoencoder(SaeConfig(d_in=8, expansion_factor=2, k=2), seed=3)
     assert all(p.is_contiguous() for p in sae.parameters())  # row gathers need row-major
@@ -203,6 +216,7 @@ def test_save_load_roundtrip(tmp_path):
     }  # fmt: skip
     back = mlsae.load_sae(tmp_path / "s")
     assert not back.training and back.cfg == sae.cfg
+    assert all(p.is_contiguous() for p in back.parameters())
     x = torch.randn(7, 10)
     torch.testing.assert_close(back(x)[0], sae(x)[0].detach())
     sae.save(tmp_path / "s")  # overwrite in place

@@ -173,13 +173,8 @@ class CacheWriter:
         acts, ids, mask = (torch.cat([b[i] for b in self._buf]) for i in range(3))
         self._buf = [(acts[n:], ids[n:], mask[n:])] if self._n_buf > n else []
         self._n_buf -= n
-        data = st_save(
-            {
-                "activations": acts[:n].contiguous(),
-                "token_ids": ids[:n].contiguous(),
-                "mask": mask[:n].contiguous(),
-            }
-        )
+        tensors = {"activations": acts[:n], "token_ids": ids[:n], "mask": mask[:n]}
+        data = st_save({k: v.contiguous() for k, v in tensors.items()})
         name = shard_name(len(self.manifest["shards"]))
         _write_atomic(self.out / name, data)
         entry = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "n_tokens": n}
@@ -420,23 +415,6 @@ class _Gather:
 # ----------------------------------------------------------------------------- building
 
 
-def _take_contexts(tokenizer, cfg: DataConfig, n_ctx: int, n_tokens: int) -> Tensor:
-    """The first n_ctx contexts [n_ctx, T]; MlsaeError (before anything is written) if fewer."""
-    from mlsae.text import iter_contexts
-
-    rows = []
-    for row in iter_contexts(tokenizer, cfg):
-        rows.append(row)
-        if len(rows) == n_ctx:
-            return torch.stack(rows)
-    have = len(rows) * cfg.context_length
-    raise MlsaeError(
-        f"dataset {cfg.dataset!r} (split {cfg.split!r}) holds only {have} tokens in "
-        f"{len(rows)} contexts of {cfg.context_length}, fewer than the {n_tokens} asked for: "
-        f"use --tokens {have} or less"
-    )
-
-
 def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_shard: int) -> Any:
     """Verified shards of an earlier run of the same command (list), the finished manifest
     (dict) if it completed, or None for a fresh start. Never touches a foreign folder."""
@@ -522,7 +500,7 @@ def build_cache(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MlsaeError(f"--out {out} is a file: choose a new --out")
-    from mlsae.text import iter_documents
+    from mlsae.text import iter_documents, take_contexts
 
     next(iter_documents(data_cfg))  # fail fast on a missing dataset/column/empty split
     lm = load_model(model_cfg)
@@ -530,7 +508,7 @@ def build_cache(
     ctx = data_cfg.context_length
     n_ctx = math.ceil(n_tokens / ctx)
     per_shard = max(1, shard_tokens // ctx)  # contexts per shard
-    contexts = _take_contexts(lm.tokenizer, data_cfg, n_ctx, n_tokens)  # [n_ctx, ctx]
+    contexts = take_contexts(lm.tokenizer, data_cfg, n_ctx)  # [n_ctx, ctx]
     settings = {
         "model": lm.name, "model_dtype": model_cfg.dtype, "dataset": data_cfg.dataset,
         "split": data_cfg.split, "text_column": data_cfg.text_column, "hf_split": data_cfg.hf_split,

@@ -9,6 +9,7 @@ pass per batch of contexts serves every SAE and every layer (splice.py).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +258,10 @@ def evaluate_entries(
                 )
         _check(entries, None, ac.d_model)
         name = model or man.get("model") or cfg0.model
+        others = sorted({str(e.sae.cfg.model) for e in entries} - {str(man.get("model"))})
+        if others:
+            print(f"[mlsae] warning: cache model {man.get('model')!r}, SAE model(s) {others}",
+                  file=sys.stderr)  # fmt: skip
         recon_from_cache(entries, ac, tokens)
         if ce:
             lm = _load(name, model_dtype or man.get("model_dtype") or "float32")
@@ -454,7 +459,7 @@ def plot_cross(cross: dict[str, Any], key: str, path: Path) -> Path:
     ax.set_yticks(range(n_r), cross["rows"], fontsize=7)
     ax.set_xlabel("evaluation layer")
     ax.set_ylabel("SAE (trained on)")
-    ax.set_title(f"{key}: single-layer SAEs vs MLSAE ({cross['model']})", fontsize=9)
+    ax.set_title(f"{key}: single-layer SAEs vs MLSAE ({Path(cross['model']).name})", fontsize=9)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)

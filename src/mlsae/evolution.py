@@ -22,6 +22,7 @@ Dead features (never > 0 on the data) are excluded from every fraction and count
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -181,11 +182,15 @@ class PairStats:
         return self.cross.view(self.d_up, self.d_down), self.co.view(self.d_up, self.d_down)
 
 
-def _moments(s: FeatureStats, sel) -> tuple[Tensor, Tensor]:
-    """Mean and standard deviation over the N tokens of the selected features."""
+def _terms(s: FeatureStats, counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per feature [d]: mean, 1/sd and |active|, 1/|active| (float64; the inverses are NaN
+    where sd or |active| is 0, so undefined measures come out NaN)."""
     n = max(s.n, 1)
-    mu = s.sum[sel] / n
-    return mu, (s.sumsq[sel] / n - mu * mu).clamp_min(0).sqrt()
+    mu = s.sum / n
+    sd = (s.sumsq / n - mu * mu).clamp_min(0).sqrt()
+    cnt = counts.to(F64)
+    return (mu, torch.where(sd > 0, 1 / sd, math.nan), cnt,
+            torch.where(cnt > 0, 1 / cnt, math.nan))  # fmt: skip
 
 
 def _unit_rows(w: Tensor | None) -> Tensor | None:
@@ -197,37 +202,43 @@ def measures(
     up: FeatureStats,
     down: FeatureStats,
     pair: PairStats,
-    rows: Tensor,
-    cols: Tensor,
+    rows: Tensor | slice,
+    cols: Tensor | None = None,
     w_up: Tensor | None = None,
     w_down: Tensor | None = None,
+    names: Collection[str] = MEASURES,
 ) -> dict[str, Tensor]:
-    """Every measure at (rows, cols), two broadcastable index tensors (e.g. [b,1] and [1,d]).
+    """The measures `names` (default all) at (rows, cols): two broadcastable index tensors (e.g. [E] and [E], or
+    [b,1] and [1,d]), or a slice of rows against every column (a dense block, no gather).
 
     NaN where undefined (a dead feature); decoder_cos NaN without decoder rows.
     w_up / w_down: unit decoder rows [d, d_in] (see `_unit_rows`)."""
     cross, co = pair.matrices()
-    n = max(up.n, 1)
-    mu_a, sd_a = _moments(up, rows)
-    mu_b, sd_b = _moments(down, cols)
-    cov = cross[rows, cols] / n - mu_a * mu_b
-    den = sd_a * sd_b
-    pearson = torch.where(den > 0, cov / den, math.nan).clamp(-1, 1)
-    c = co[rows, cols].to(F64)
-    na, nb = pair.n_up[rows].to(F64), pair.n_down[cols].to(F64)
-    union = na + nb - c
-    jaccard = torch.where(union > 0, c / union, 0.0)
-    suff = torch.where(na > 0, c / na.clamp_min(1), math.nan)
-    nec = torch.where(nb > 0, c / nb.clamp_min(1), math.nan)
-    if w_up is not None and w_down is not None:
-        if rows.ndim == 2 and cols.ndim == 2 and cols.shape[0] == 1:
-            cos = w_up[rows[:, 0]] @ w_down[cols[0]].T  # [b, d] dense block
-        else:
-            cos = (w_up[rows] * w_down[cols]).sum(-1)
+    ta, tb = _terms(up, pair.n_up), _terms(down, pair.n_down)
+    if isinstance(rows, slice):
+        c, cnt = cross[rows], co[rows].to(F64)  # [b, d_down]
+        ta = tuple(t[rows, None] for t in ta)
+        tb = tuple(t[None, :] for t in tb)
+        cos = None
+        if w_up is not None and w_down is not None and "decoder_cos" in names:
+            cos = (w_up[rows].float() @ w_down.T.float()).to(F64)  # fp32: 1e-7 is plenty
     else:
-        cos = torch.full_like(pearson, math.nan)
-    return {"pearson": pearson, "jaccard": jaccard, "sufficiency": suff, "necessity": nec,
-            "decoder_cos": cos}  # fmt: skip
+        c, cnt = cross[rows, cols], co[rows, cols].to(F64)
+        ta, tb = tuple(t[rows] for t in ta), tuple(t[cols] for t in tb)
+        cos = None if w_up is None or w_down is None else (w_up[rows] * w_down[cols]).sum(-1)
+    (mu_a, isd_a, na, ina), (mu_b, isd_b, nb, inb) = ta, tb
+    pearson = c / max(up.n, 1)
+    pearson -= mu_a * mu_b  # covariance
+    pearson *= isd_a
+    pearson *= isd_b
+    out = {"pearson": pearson.clamp_(-1, 1), "sufficiency": cnt * ina, "necessity": cnt * inb}
+    if "jaccard" in names:
+        union = na + nb
+        union -= cnt
+        out["jaccard"] = (cnt / union).nan_to_num_(0.0)  # 0 / 0 only if both never active
+    if "decoder_cos" in names:
+        out["decoder_cos"] = torch.full_like(pearson, math.nan) if cos is None else cos
+    return {k: out[k] for k in MEASURES if k in out}
 
 
 @dataclass
@@ -297,48 +308,61 @@ def summarize_pair(
     cand_v: list[Tensor] = []
     cols = torch.arange(d_dn)[None, :]
     bt = cfg.boolean_threshold
+    ninf = -math.inf
     step = max(1, block_entries // max(d_dn, 1))
+    need = {"pearson", "necessity", "sufficiency", cfg.edge_measure}
+    col_bias = torch.where(alive_dn, 0.0, ninf).to(F64)  # [d_dn] -inf at dead columns
+    sup_bias = torch.where(sup_dn, 0.0, ninf).to(F64)  # [d_dn] -inf below min_support
     for s in range(0, d_up, step):
         rows = torch.arange(s, min(s + step, d_up))
-        ms = measures(up, down, pair, rows[:, None], cols, wu, wd)
-        valid = alive_up[rows][:, None] & alive_dn[None, :]  # [b, d_dn]
-        p = torch.where(valid & ~ms["pearson"].isnan(), ms["pearson"], -math.inf)
+        ms = measures(up, down, pair, slice(s, s + len(rows)), None, wu, wd, need)
+        dead_r = ~alive_up[rows]
+        # quasi-boolean AND / OR (features under min_support left out) and specialisation
+        nec, suf = ms["necessity"], ms["sufficiency"]
+        nosup_r = ~sup_up[rows]
+        for hits, mem, cnt in ((nec >= bt, and_mem, and_cnt), (suf >= bt, or_mem, or_cnt)):
+            hits[nosup_r] = False
+            hits &= sup_dn[None, :]
+            _fill_members(mem, cnt, hits, s)
+        n2 = nec.nan_to_num(nan=ninf)
+        n2[nosup_r] = ninf
+        n2 += sup_bias
+        v, i = n2.max(0)
+        better = v > spec_nec
+        spec_nec[better], spec_par[better] = v[better], i[better] + s
+        spec_suf[better] = suf[i[better], better.nonzero(as_tuple=True)[0]]
+        # best partners by Pearson (NaN for dead features)
+        p = ms["pearson"].nan_to_num_(nan=ninf)
         v, j = p.max(1)
-        best_next[rows] = torch.where(v > -math.inf, v, math.nan)
+        best_next[rows] = torch.where(v > ninf, v, math.nan)
         best_next_idx[rows] = j
         v, i = p.max(0)
         better = v > best_prev
         best_prev[better], best_prev_idx[better] = v[better], i[better] + s
-        e = ms[cfg.edge_measure]
-        e = torch.where(valid & ~e.isnan() & (e > 0), e, -math.inf)
+        # edge candidates (last: may modify the measure in place)
+        e = ms[cfg.edge_measure].nan_to_num_(nan=ninf)
+        e[dead_r] = ninf
+        e += col_bias
+        e[e <= 0] = ninf
         if cfg.edge_threshold is not None:
-            e = torch.where(e >= cfg.edge_threshold, e, -math.inf)
+            e[e < cfg.edge_threshold] = ninf
         if m:
             v, j = e.topk(m, dim=1)
-            ok = v > -math.inf
+            ok = v > ninf
             cand_i.append(rows[:, None].expand_as(j)[ok])
             cand_j.append(j[ok])
             cand_v.append(v[ok])
-            v, i = e.topk(min(mc, len(rows)), dim=0)
-            col_val, sel = torch.cat([col_val, v]).topk(mc, dim=0)
-            col_idx = torch.cat([col_idx, i + s]).gather(0, sel)
+            v, i = e.T.topk(min(mc, len(rows)), dim=1)  # [d_dn, <=mc] per column
+            col_val, sel = torch.cat([col_val, v.T]).topk(mc, dim=0)
+            col_idx = torch.cat([col_idx, i.T + s]).gather(0, sel)
         else:
-            ii, jj = (e > -math.inf).nonzero(as_tuple=True)
+            ii, jj = (e > ninf).nonzero(as_tuple=True)
             cand_i.append(rows[ii])
             cand_j.append(jj)
             cand_v.append(e[ii, jj])
             if sum(len(x) for x in cand_v) > 2 * cfg.max_edges_per_pair:
                 keep = torch.cat(cand_v).topk(cfg.max_edges_per_pair).indices
                 cand_i, cand_j, cand_v = ([torch.cat(x)[keep]] for x in (cand_i, cand_j, cand_v))
-        sup = sup_up[rows][:, None] & sup_dn[None, :]
-        nec, suf = ms["necessity"], ms["sufficiency"]
-        _fill_members(and_mem, and_cnt, sup & (nec >= bt), s)
-        _fill_members(or_mem, or_cnt, sup & (suf >= bt), s)
-        n2 = torch.where(sup & ~nec.isnan(), nec, -math.inf)
-        v, i = n2.max(0)
-        better = v > spec_nec
-        spec_nec[better], spec_par[better] = v[better], i[better] + s
-        spec_suf[better] = suf[i[better], better.nonzero(as_tuple=True)[0]]
     if m:
         ok = col_val > -math.inf
         cand_i.append(col_idx[ok])

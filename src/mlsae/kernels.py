@@ -68,15 +68,31 @@ class LatentSegments(NamedTuple):
     flat: Tensor  # [N*k] latent of each entry (original order)
 
 
+_SEG_MEMO: list = [None, None]  # [(idx, version, m), segments]: encoder and decoder share it
+
+
 def latent_segments(idx: Tensor, m: int) -> LatentSegments:
-    """Sort the entries of idx [N, k] (values in [0, m)) by latent."""
+    """Sort the entries of idx [N, k] (values in [0, m)) by latent (memoised for the last idx:
+    the encoder and decoder backward of one step sort the same indices)."""
+    key = _SEG_MEMO[0]  # the memo holds idx, so its storage cannot be reused by another tensor
+    if (
+        key is not None
+        and key[0].data_ptr() == idx.data_ptr()
+        and key[0].shape == idx.shape
+        and key[0].stride() == idx.stride()
+        and key[0]._version == key[1] == idx._version
+        and key[2] == m
+    ):
+        return _SEG_MEMO[1]
     k = idx.shape[1]
     flat = idx.reshape(-1)
     order = torch.sort(flat, stable=True).indices  # [N*k]
     counts = torch.bincount(flat, minlength=m)  # [m]
     offsets = torch.zeros(m, dtype=torch.int64)
     torch.cumsum(counts[:-1], 0, out=offsets[1:])
-    return LatentSegments(torch.div(order, k, rounding_mode="floor"), order, offsets, flat)
+    seg = LatentSegments(torch.div(order, k, rounding_mode="floor"), order, offsets, flat)
+    _SEG_MEMO[:] = [(idx, idx._version, m), seg]
+    return seg
 
 
 def segment_sum(seg: LatentSegments, table: Tensor, weights: Tensor) -> Tensor:

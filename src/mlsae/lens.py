@@ -126,7 +126,8 @@ class TunedLens(nn.Module):
         return (hf + nn.functional.linear(hf, lin.weight, lin.bias)).to(h.dtype)
 
     def inverse(self, z: Tensor, layer: int) -> Tensor:
-        """Exact h = (I + A_l)^{-1} (z - c_l) by a float64 LU solve. z: [..., d] -> [..., d]."""
+        """Exact h = (I + A_l)^{-1} (z - c_l) by a float64 LU solve. z: [..., d] -> [..., d] in
+        z's dtype (differentiable in z, not in the lens parameters)."""
         lin = self._linear(int(layer))
         if lin is None:
             return z
@@ -141,14 +142,15 @@ class TunedLens(nn.Module):
         hit = self._lu.get(layer)
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
-        m = torch.eye(self.d_model, dtype=torch.float64) + lin.weight.detach().double()
-        cond = float(torch.linalg.cond(m))
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable anywhere
+            m = torch.eye(self.d_model, dtype=torch.float64) + lin.weight.detach().double()
+            cond = float(torch.linalg.cond(m))
+            lu, piv, _ = torch.linalg.lu_factor_ex(m)
         if not cond < self.max_cond:  # also catches inf/nan
             raise MlsaeError(
                 f"lens translator of layer {layer} is ill-conditioned (cond(I + A) = {cond:.3g} "
                 f">= {self.max_cond:.0e}): its inverse is not reliable"
             )
-        lu, piv = torch.linalg.lu_factor(m)
         self._lu[layer] = (key, lu, piv)
         return lu, piv
 

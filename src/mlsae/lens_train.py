@@ -5,7 +5,7 @@ Training minimises, summed over the lens's blocks l (all but the last), the mean
 outputs come from one `capture.capture` pass that runs through the last block; the final
 distribution is unembed(final_norm(x_{L-1})) of that same pass, which is exactly the model's
 own logits. Optimizer: Adam with a short warmup and linear decay; the bias c_l gets a
-learning rate scaled by the RMS of x_l, so one `lr` suits every layer's scale.
+standardised-input parametrisation (`_Preconditioned`), so one `lr` suits every layer.
 
 Evaluation (test split): per block, KL(final || lens) averaged over used positions and the
 next-token cross-entropy averaged over predicted positions (used positions with a next token
@@ -19,7 +19,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,16 +54,17 @@ def final_logits(model: nn.Module, x_last: Tensor) -> Tensor:
 
 
 def _kl_backward(
-    model: nn.Module, lens: TunedLens, h: Tensor, layer: int, p: Tensor, p_logp: Tensor, scale: float
-) -> float:
-    """Backpropagate scale * sum_t KL(p_t || q_t) into the lens, q = softmax(lens logits).
+    model: nn.Module, translate: Callable[[Tensor], Tensor], h: Tensor, p: Tensor,
+    p_logp: Tensor, scale: float,
+) -> float:  # fmt: skip
+    """Backpropagate scale * sum_t KL(p_t || q_t), q = softmax(unembed(final_norm(translate(h)))).
 
     h: [N, d] block outputs; p: [N, V] final probabilities; p_logp: sum p log p (scalar).
     The gradient through the softmax is the closed form q - p (two vocab matmuls, no autograd
     over [N, V] elementwise ops). Returns the loss value."""
     norm = get_final_norm(model)
     dtype = next(norm.parameters(), h).dtype
-    u = norm(lens(h, layer).to(dtype))  # [N, d] graph into A_l, c_l
+    u = norm(translate(h).to(dtype))  # [N, d] graph into the translator
     u_leaf = u.detach().requires_grad_(True)
     z = unembed(model, u_leaf).float()  # [N, V] graph into u_leaf only (model frozen)
     with torch.no_grad():
@@ -73,6 +74,37 @@ def _kl_backward(
     z.backward(grad)
     u.backward(u_leaf.grad)
     return kl
+
+
+class _Preconditioned(nn.Module):
+    """Training parametrisation of one translator in standardised coordinates
+    u = (h - mu) / s (mu, s: per-dimension mean and std of x_l on the first batch):
+    T(h) = h + s * (B u + e), i.e. A = diag(s) B diag(1/s) and c = s * e - A mu. Residual
+    streams have a few dimensions thousands of times larger than the rest; in these
+    coordinates every entry of B has the same relative effect per Adam step, so one learning
+    rate suits every layer and dimension. Starts from the lens's current A, c."""
+
+    def __init__(self, x: Tensor, a: Tensor, c: Tensor) -> None:
+        super().__init__()
+        x = x.detach().float()  # [N, d]
+        rms = x.pow(2).mean().sqrt().clamp_min(1e-6)
+        many = len(x) > 1
+        self.register_buffer("mu", x.mean(0) if many else torch.zeros(x.shape[1]))
+        std = x.std(0) if many else torch.ones(x.shape[1]) * rms
+        self.register_buffer("s", std.clamp_min(1e-3 * rms))  # [d]
+        a, c = a.detach().float(), c.detach().float()
+        self.B = nn.Parameter(a * self.s[None, :] / self.s[:, None])  # [d, d]
+        self.e = nn.Parameter((c + a @ self.mu) / self.s)  # [d]
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """(A [d, d], c [d]) of the current parameters."""
+        a = self.s[:, None] * self.B / self.s[None, :]
+        return a, self.s * self.e - a @ self.mu
+
+    def forward(self, h: Tensor) -> Tensor:
+        a, c = self.affine()
+        hf = h.float()
+        return hf + nn.functional.linear(hf, a, c)
 
 
 def _capture_all(model: nn.Module, lens: TunedLens, ids: Tensor, special_ids: Sequence[int]):
@@ -97,8 +129,8 @@ def train_lens(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order). Returns the mean
-    KL per trained layer (summed over layers) of every step."""
+    """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order), Adam with linear
+    warmup and linear decay to 0. Returns the mean KL per trained layer of every step."""
     trained = lens.trained_layers
     if not trained:
         raise MlsaeError("nothing to train: the lens only covers the last block (identity)")
@@ -118,32 +150,25 @@ def train_lens(
             idx += list(itertools.islice(order, batch_size - len(idx)))
         return contexts[idx]
 
-    lens.train()
     history: list[float] = []
     with _frozen(model):
         batch = next_batch()
         xs, mask, layers = _capture_all(model, lens, batch, special_ids)
-        groups = []
-        for layer in trained:
-            x = xs[..., layers.index(layer), :][mask].float()  # [N, d]
-            rms = float(x.pow(2).mean().sqrt()) if len(x) else 1.0
-            lin = lens.translators[str(layer)]
-            groups += [{"params": [lin.weight], "lr": lr}, {"params": [lin.bias], "lr": lr * rms}]
-        for g in groups:
-            g["base_lr"] = g["lr"]
-        opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
-
+        pre = {
+            layer: _Preconditioned(xs[:, :, layers.index(layer)][mask], lens.A(layer), lens.c(layer))
+            for layer in trained
+        }
+        params = [q for m in pre.values() for q in m.parameters()]
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.0, 1 - i / steps)
+        )
         bar = tqdm(range(steps), desc="lens train", disable=not progress, file=sys.stderr)
         for step in bar:
             if step > 0:
                 batch = next_batch()
                 xs, mask, layers = _capture_all(model, lens, batch, special_ids)
-            scale = min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / steps)
-            for g in groups:
-                g["lr"] = g["base_lr"] * scale
             x = xs[mask]  # [N, Lc, d]
-            if len(x) == 0:
-                continue
             total = 0.0
             for start in range(0, len(x), _CHUNK):
                 xc = x[start : start + _CHUNK]  # [n, Lc, d]
@@ -154,12 +179,16 @@ def train_lens(
                     del final_logp
                 for layer in trained:
                     h = xc[:, layers.index(layer)]
-                    total += _kl_backward(model, lens, h, layer, p, p_logp, 1 / len(x))
-            opt.step()
+                    total += _kl_backward(model, pre[layer], h, p, p_logp, 1 / len(x))
+            if len(x):
+                opt.step()
+                history.append(total / len(trained))
+                bar.set_postfix(kl=f"{history[-1]:.3f}")
             opt.zero_grad(set_to_none=True)
-            history.append(total / len(trained))
-            bar.set_postfix(kl=f"{history[-1]:.3f}")
-    lens.eval()
+            sched.step()
+    with torch.no_grad():
+        for layer, m in pre.items():
+            lens._set(layer, *m.affine())
     return history
 
 
@@ -280,6 +309,8 @@ def train_lens_command(
         lm.model, lens, contexts, lm.special_ids, steps=steps, batch_size=batch_size, lr=lr,
         seed=seed,
     )  # fmt: skip
+    if not history:
+        raise MlsaeError("no training positions (every token is special?)")
     lens.meta["training"] = {
         "dataset": data_cfg.dataset,
         "split": data_cfg.split,
@@ -288,11 +319,11 @@ def train_lens_command(
         "steps": len(history),
         "batch_size": batch_size,
         "lr": lr,
-        "optimizer": "adam (bias lr x rms of x_l), warmup + linear decay",
+        "optimizer": "adam, standardised-input parametrisation, warmup + linear decay",
         "loss": "sum_l KL(final || lens_l)",
         "seed": seed,
         "model_dtype": model_cfg.dtype,
-        "kl_first_last": [history[0], history[-1]] if history else None,
+        "kl_first_last": [history[0], history[-1]],
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     lens.save(out)

@@ -271,13 +271,18 @@ def reading(s: dict[str, Any], eval_mean: dict[str, Any] | None = None) -> list[
         )
     ma, mt = s.get("multi_layer_fraction_aggregate"), s.get("multi_layer_fraction_token")
     if ma is not None and mt is not None:
+        verdict = (
+            "as in the paper: multi-layer in aggregate, mostly single-layer for one token."
+            if mt < 0.5 <= ma
+            else "unlike the paper, most activations of a latent on one token span several layers."
+            if mt >= 0.5
+            else "few latents are multi-layer even in aggregate."
+        )
         out.append(
             f"{100 * ma:.1f}% of active latents fire at more than one layer somewhere in the "
-            f"sample, but only {100 * mt:.1f}% of (token, latent) activations span more than one "
-            "layer of the same token"
-            + (" (as in the paper: multi-layer in aggregate, mostly single-layer per token)."
-               if ma > mt else ".")
-        )  # fmt: skip
+            f"sample, and {100 * mt:.1f}% of (token, latent) activations span more than one "
+            f"layer of the same token: {verdict}"
+        )
     nm = s.get("norm_mean")
     if nm and len(nm) > 1:
         steps = np.diff(np.asarray(nm, dtype=float))

@@ -31,6 +31,8 @@ from mlsae.kernels import sparse_decode, topk_encode
 from mlsae.metrics import fvu
 
 STD_EPS = 1e-5
+ENCODE_CHUNK = 8192
+"""Rows per encoder pass without autograd (bounds the dense pre-activation memory)."""
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae.safetensors"
 
 
@@ -115,8 +117,8 @@ class SparseAutoencoder(nn.Module):
         x = x.float()
         if self.cfg.normalize == "none":
             return x, x.new_zeros(x.shape[0], 1), x.new_ones(x.shape[0], 1)
-        mean = x.mean(1, keepdim=True)
-        std = x.std(1, keepdim=True) + STD_EPS
+        std, mean = torch.std_mean(x, dim=1, keepdim=True)  # [N, 1] each (Bessel-corrected std)
+        std = std + STD_EPS
         return (x - mean) / std, mean, std
 
     # ------------------------------------------------------------------ public API
@@ -124,8 +126,16 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> EncoderOutput:
         """Raw x f32[N, d_in] -> EncoderOutput (normalization inside)."""
         u, mean, std = self.normalize(x)
-        enc = topk_encode(u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype)
-        return EncoderOutput(enc.acts, enc.idx, mean, std)
+        args = (self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype)
+        if torch.is_grad_enabled() or len(u) <= ENCODE_CHUNK:
+            enc = topk_encode(u, *args)
+            return EncoderOutput(enc.acts, enc.idx, mean, std)
+        # no autograd: chunks bound the memory of the dense [rows, d_sae] pre-activations
+        parts = [
+            topk_encode(u[i : i + ENCODE_CHUNK], *args) for i in range(0, len(u), ENCODE_CHUNK)
+        ]
+        acts, idx = torch.cat([p.acts for p in parts]), torch.cat([p.idx for p in parts])
+        return EncoderOutput(acts, idx, mean, std)
 
     def decode_normalized(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """u_hat = z @ W_dec + b_dec in the normalized space: [N, d_in]."""

@@ -242,3 +242,17 @@ def iter_contexts(tokenizer, cfg: DataConfig) -> Iterator[Tensor]:
             f"dataset {cfg.dataset!r} (split {cfg.split!r}) holds {len(rest)} tokens, "
             f"less than one context of {ctx}"
         )
+
+
+def take_contexts(tokenizer, cfg: DataConfig, n_contexts: int) -> Tensor:
+    """The split's first n_contexts contexts, LongTensor[n_contexts, context_length]; MlsaeError
+    stating how many tokens the split holds if it has fewer."""
+    rows = list(itertools.islice(iter_contexts(tokenizer, cfg), n_contexts))
+    if len(rows) < n_contexts:
+        ctx = cfg.context_length
+        raise MlsaeError(
+            f"dataset {cfg.dataset!r} (split {cfg.split!r}) holds only {len(rows) * ctx} tokens "
+            f"({len(rows)} contexts of {ctx}), fewer than the {n_contexts * ctx} needed: "
+            f"use --tokens {len(rows) * ctx} or less"
+        )
+    return torch.stack(rows)

@@ -18,10 +18,8 @@ with skip_batches), and checkpoints hold all weights, Adam states, counters and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,13 +30,21 @@ import torch
 from torch import Tensor
 
 from mlsae.cache import ActivationCache, Batch
-from mlsae.checkpoint import load_checkpoint, save_checkpoint
+from mlsae.checkpoint import (
+    RUN_CFG,
+    StopSignals,
+    check_train_cfg,
+    load_checkpoint,
+    new_run,
+    open_metrics,
+    parse_layers,
+    save_checkpoint,
+)
 from mlsae.compute import resolve_compute_dtype
-from mlsae.config import DataConfig, ModelConfig, SaeConfig, TrainConfig, save_json
+from mlsae.config import SaeConfig, TrainConfig, save_json
 from mlsae.errors import MlsaeError
-from mlsae.sae import SparseAutoencoder, validate_cfg
+from mlsae.sae import SparseAutoencoder
 
-RUN_CFG = "train_cfg.json"
 EVAL_VECTORS = 65536
 """Vectors of the final per-layer FVU pass (train tokens; `mlsae evaluate` does held-out)."""
 
@@ -119,148 +125,7 @@ def update_dead_counter(since: Tensor, acts: Tensor, idx: Tensor, n_tokens: floa
 # ----------------------------------------------------------------------------- run setup
 
 
-def _parse_layers(spec: str | None, cache: ActivationCache) -> list[int]:
-    from mlsae.capture import iter_layers_arg
-
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return list(cache.layers)
-    layers = iter_layers_arg(spec, 1 << 30)
-    bad = [x for x in layers if x not in cache.layers]
-    if bad:
-        raise MlsaeError(f"layer(s) {bad} not in the cache {cache.path} (it holds {cache.layers})")
-    return layers
-
-
-def _specs(
-    mode: str, layers: list[int], rs: list[int], ks: list[int], seed: int
-) -> list[dict[str, Any]]:
-    """Members of the run: name, expansion_factor, k, layers, seed."""
-    grid = [(r, k) for r in sorted(set(rs)) for k in sorted(set(ks))]
-    if mode == "per_layer":
-        if len(grid) != 1:
-            raise MlsaeError("--per-layer takes one --expansion-factor and one -k")
-        (r, k), = grid  # fmt: skip
-        # Distinct seeds per layer so adjacent-layer SAEs do not share an init.
-        return [
-            {"name": f"layer_{ly:02d}", "expansion_factor": r, "k": k, "layers": [ly],
-             "seed": seed + 1_000_003 * (ly + 1)}
-            for ly in layers
-        ]  # fmt: skip
-    names = ["sae"] if len(grid) == 1 else [f"sae_R{r}_k{k}" for r, k in grid]
-    return [
-        {"name": n, "expansion_factor": r, "k": k, "layers": layers, "seed": seed}
-        for n, (r, k) in zip(names, grid, strict=True)
-    ]
-
-
-def _check_train_cfg(cfg: TrainConfig) -> None:
-    checks = {
-        "--batch-tokens must be >= 2": cfg.batch_tokens >= 2,
-        "--lr must be > 0": cfg.lr > 0,
-        "--epochs must be >= 1": cfg.epochs >= 1,
-        "--max-steps must be >= 1": cfg.max_steps is None or cfg.max_steps >= 1,
-        "--dead-tokens must be >= 1": cfg.dead_tokens >= 1,
-        "--checkpoint-every must be >= 1": cfg.checkpoint_every >= 1,
-        "--k-aux must be >= 1": cfg.k_aux is None or cfg.k_aux >= 1,
-        "--aux-coef must be >= 0": cfg.aux_coef >= 0,
-    }
-    for msg, ok in checks.items():
-        if not ok:
-            raise MlsaeError(msg)
-
-
-def _cache_from_source(out: Path, src: dict[str, Any]) -> ActivationCache:
-    """Build RUN/cache from a model + dataset (resumable), then open it."""
-    from mlsae.cache import build_cache
-
-    build_cache(
-        out=out / "cache",
-        model_cfg=ModelConfig(model=src["model"]),
-        data_cfg=DataConfig(
-            dataset=src["dataset"], split="train", context_length=src["context_length"]
-        ),
-        n_tokens=src["tokens"],
-        layers=src.get("layers"),
-    )
-    return ActivationCache(out / "cache")
-
-
-def _new_run(
-    out: Path, cache: ActivationCache | None, source: dict[str, Any], layers_spec: str | None,
-    single_layer: int | None, per_layer: bool, rs: list[int], ks: list[int], normalize: str,
-    cfg: TrainConfig,
-) -> dict[str, Any]:  # fmt: skip
-    """Validate the options, create RUN and write train_cfg.json; returns the run config."""
-    if (out / RUN_CFG).exists():
-        raise MlsaeError(f"{out} already holds a training run: continue it with --resume {out}")
-    if out.exists() and any(p.name != "cache" for p in out.iterdir()):
-        raise MlsaeError(f"{out} exists and is not empty: choose a new --out")
-    if single_layer is not None and (per_layer or layers_spec is not None):
-        raise MlsaeError("--single-layer cannot be combined with --layers or --per-layer")
-    _check_train_cfg(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if cache is None:
-        cache = _cache_from_source(out, source)
-    layers = _parse_layers(str(single_layer) if single_layer is not None else layers_spec, cache)
-    mode = "per_layer" if per_layer else ("single" if len(layers) == 1 else "mlsae")
-    specs = _specs(mode, layers, rs or [8], ks or [32], cfg.seed)
-    for s in specs:  # shape errors before any work
-        validate_cfg(
-            SaeConfig(
-                d_in=cache.d_model,
-                expansion_factor=s["expansion_factor"],
-                k=s["k"],
-                normalize=normalize,
-            )
-        )  # type: ignore[arg-type]
-    run = {
-        "cache": str(cache.path.resolve()),
-        "mode": mode,
-        "layers": layers,
-        "d_in": cache.d_model,
-        "normalize": normalize,
-        "members": specs,
-        "train": asdict(cfg),
-        "model": cache.manifest.get("model"),
-        "dataset": cache.manifest.get("dataset"),
-        "lens": cache.manifest.get("lens"),
-    }
-    save_json(out / RUN_CFG, run)
-    return run
-
-
 # ----------------------------------------------------------------------------- the loop
-
-
-class _Signals:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints and stops after the current step."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def _metrics_file(out: Path, keep_step: int) -> Any:
-    """RUN/metrics.jsonl opened for appending, cut back to steps <= keep_step (resume)."""
-    path = out / "metrics.jsonl"
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
-    return open(path, "a")  # noqa: SIM115 - closed by the caller
 
 
 def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Member]:
@@ -273,7 +138,7 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
             f"mismatched d_in: the run's SAEs take d_in = {run['d_in']} but the cache "
             f"{cache.path} holds d_model = {cache.d_model}"
         )
-    layers = _parse_layers(",".join(map(str, run["layers"])), cache)
+    layers = parse_layers(",".join(map(str, run["layers"])), cache)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     members = []
     for s in run["members"]:
@@ -307,6 +172,11 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
             if m.name not in ck["members"]:
                 raise MlsaeError(f"checkpoint of {out} lacks SAE {m.name}: not this run's")
             m.load(ck["members"][m.name])
+        print(
+            f"[mlsae] resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
+            f"settings of {RUN_CFG}",
+            file=sys.stderr,
+        )
     k_aux = cfg.resolved_k_aux(run["d_in"])
 
     def checkpoint() -> None:
@@ -315,12 +185,12 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
         for m in members:
             m.sae.save(out / m.name)
 
-    log = _metrics_file(out, step)
+    log = open_metrics(out, step)
     wb = _wandb_start(out, run) if cfg.wandb else None
     bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
     t_start, v_done = time.perf_counter(), 0
     try:
-        with _Signals() as sig, bar, log:
+        with StopSignals() as sig, bar, log:
             while step < total and epoch < cfg.epochs:
                 batches = cache.shuffled(
                     read_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
@@ -467,7 +337,7 @@ def train_command(
         if max_steps is not None or epochs is not None:
             cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
             cfg.epochs = epochs if epochs is not None else cfg.epochs
-            _check_train_cfg(cfg)
+            check_train_cfg(cfg)
             run["train"] = asdict(cfg)
             save_json(out / RUN_CFG, run)
     else:
@@ -481,7 +351,7 @@ def train_command(
         ac = ActivationCache(cache) if cache is not None else None
         if ac is None and single_layer is not None:
             src["layers"] = str(single_layer)
-        run = _new_run(out, ac, src, layers, single_layer, per_layer, expansion_factors or [],
+        run = new_run(out, ac, src, layers, single_layer, per_layer, expansion_factors or [],
                        ks or [], normalize, cfg)  # fmt: skip
     members = run_training(out, run, cfg)
     if run["mode"] == "per_layer":
