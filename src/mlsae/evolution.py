@@ -66,10 +66,12 @@ class EvolutionConfig:
     """... and sufficiency(j|i) <= this: j fires on a clear subset of i's tokens."""
     contexts: int = 5
     """Top activating token contexts kept per feature."""
-    memory_gb: float = 2.0
+    memory_gb: float = 1.0
     """Budget for the pair co-moment matrices held at once (12 bytes per feature pair)."""
     seed: int = 0
     """Seed for community detection."""
+    resolution: float = 1.0
+    """Modularity resolution of the communities (1 = modularity; larger = smaller ones)."""
     max_nodes_html: int = 1500
     """graph.html draws at most this many nodes (the most connected)."""
 

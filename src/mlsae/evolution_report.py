@@ -115,6 +115,12 @@ def reading(body: dict[str, Any]) -> list[str]:
             f"SAE Match: carrying layer l's code to layer l+1 through the matched permutation "
             f"gives a mean FVU of {mm:.3f} against x_(l+1), versus {mu:.3f} without the "
             f"permutation and {mo:.3f} for layer l+1's own SAE."
+            + (
+                " An FVU of 1 or more means the matched features do not carry over: adjacent "
+                "SAEs' decoder directions are unrelated (as for briefly trained SAEs)."
+                if mm >= 1
+                else ""
+            )
         )
     return out
 

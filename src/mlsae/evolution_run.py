@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,19 @@ class CodeStore:
         return np.fromfile(self.folder / "tokens.bin", np.int32)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the sparse statistics on one intra-op thread: they are scatter / element-wise passes
+    that gain nothing from a second thread and lose a lot to thread synchronisation on a busy
+    machine (measured 4x slower with 2 threads under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.inference_mode()
 def first_pass(
     chunks: Iterator[Chunk], saes: list[tuple[int, Any]], store: CodeStore, match: MatchScores,
@@ -220,7 +234,8 @@ def first_pass(
                 x = ch.acts[:, p][ch.mask].float()  # [n_used, d]
                 enc = sae.encode(x)
                 store.add(p, enc.top_indices, enc.top_acts)
-                stats[p].update(enc.top_indices, enc.top_acts, pos)
+                with one_thread():
+                    stats[p].update(enc.top_indices, enc.top_acts, pos)
                 if prev is not None:
                     match.update(p - 1, sae, prev, enc, x)
                 prev = enc
@@ -300,6 +315,7 @@ def evolution_command(
     on `n_tokens` of `dataset` (default: the SAEs'); data_kw: more DataConfig fields."""
     t0 = time.perf_counter()
     cfg = cfg or EvolutionConfig()
+    clock: dict[str, float] = {}  # phase -> end time
     saes = load_per_layer(run)
     layers = [ly for ly, _ in saes]
     tokenizer = None
@@ -319,8 +335,11 @@ def evolution_command(
     try:
         store = CodeStore(tmp, len(saes))
         stats = first_pass(chunks, saes, store, match, cfg, facts["n_tokens"])
-        results = second_pass(saes, stats, store, cfg)
+        clock["encode"] = time.perf_counter()
+        with one_thread():
+            results = second_pass(saes, stats, store, cfg)
         tokens = store.tokens()
+        clock["pairs"] = time.perf_counter()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if cache is not None:
@@ -334,13 +353,18 @@ def evolution_command(
         g.weight,
         cfg.seed,
         community_method,  # type: ignore[arg-type]
+        cfg.resolution,
     )
+    clock["communities"] = time.perf_counter()
     write_json(out / "graph.json", graph_json(g))
-    keep = select_nodes(g, cfg.max_nodes_html)
+    often = np.concatenate([(s.nonzero[s.alive] >= cfg.min_support).numpy() for s in stats])
+    keep = select_nodes(g, cfg.max_nodes_html, often)
     details = node_details(g, keep, stats, results, cfg, tokens, facts["context_length"], tokenizer)
-    drawn = write_graph_html(out / "graph.html", g, details, cfg.max_nodes_html,
+    drawn = write_graph_html(out / "graph.html", g, details, keep,
                              f"mlsae evolution: {Path(run).name}")  # fmt: skip
+    clock["html"] = time.perf_counter()
     summary = [r.summary for r in results]
+    marks = [t0, *clock.values()]
     body = {
         "run": str(run),
         "layers": layers,
@@ -354,6 +378,7 @@ def evolution_command(
         "graph": {"nodes": len(g.layer), "edges": len(g.src), "html_nodes_drawn": drawn},
         "findings": _findings(summary),
         "time_s": time.perf_counter() - t0,
+        "phase_s": {k: b - a for k, a, b in zip(clock, marks[:-1], marks[1:], strict=True)},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     from mlsae.evolution_report import write_figures
@@ -390,5 +415,6 @@ def _print_summary(body: dict, out: Path) -> None:
     c = body["communities"]
     print(f"communities ({c.get('method')}): {c.get('n_communities')} with >= 2 features, "
           f"largest {c.get('largest')}, {c.get('n_singletons')} singletons")  # fmt: skip
-    print(f"wrote {out}/evolution.json, graph.json, graph.html ({body['time_s']:.0f} s, "
-          f"peak RSS {body['peak_rss_mb']:.0f} MB)")  # fmt: skip
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in body["phase_s"].items())
+    print(f"wrote {out}/evolution.json, graph.json, graph.html ({body['time_s']:.0f} s: "
+          f"{phases}; peak RSS {body['peak_rss_mb']:.0f} MB)")  # fmt: skip

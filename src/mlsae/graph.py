@@ -120,8 +120,10 @@ def communities(
     weight: np.ndarray,
     seed: int = 0,
     method: Literal["auto", "leiden", "louvain"] = "auto",
+    resolution: float = 1.0,
 ) -> tuple[np.ndarray, str]:
-    """Community labels [n] (modularity, weighted) and the method used. 'auto' = Leiden when
+    """Community labels [n] (weighted modularity with a resolution gamma; 1 = plain
+    modularity, larger = smaller communities) and the method used. 'auto' = Leiden when
     leidenalg and igraph import, else Louvain (networkx). Deterministic for a given seed."""
     if method in ("auto", "leiden"):
         try:
@@ -133,15 +135,18 @@ def communities(
         else:
             g = igraph.Graph(n=n, edges=np.stack([src, dst], 1).tolist(), directed=False)
             part = leidenalg.find_partition(
-                g, leidenalg.ModularityVertexPartition, weights=weight.tolist(), seed=seed
-            )
+                g, leidenalg.RBConfigurationVertexPartition, weights=weight.tolist(), seed=seed,
+                resolution_parameter=resolution,
+            )  # fmt: skip
             return _canonical([list(c) for c in part], n), "leiden"
     import networkx as nx
 
     graph = nx.Graph()
     graph.add_nodes_from(range(n))
     graph.add_weighted_edges_from(zip(src.tolist(), dst.tolist(), weight.tolist(), strict=True))
-    comms = nx.community.louvain_communities(graph, weight="weight", seed=seed)
+    comms = nx.community.louvain_communities(
+        graph, weight="weight", resolution=resolution, seed=seed
+    )
     return _canonical([list(c) for c in comms], n), "louvain"
 
 
@@ -212,16 +217,18 @@ def graph_json(g: FeatureGraph) -> dict[str, Any]:
     }
 
 
-def select_nodes(g: FeatureGraph, max_nodes: int) -> np.ndarray:
+def select_nodes(g: FeatureGraph, max_nodes: int, eligible: np.ndarray | None = None) -> np.ndarray:
     """Indices (sorted) of at most `max_nodes` nodes to draw: the endpoints of the strongest
-    edges, taken in turn from each layer pair (so every column shows its best links), then the
-    remaining nodes of highest degree."""
+    edges between `eligible` nodes (default all; e.g. features active often enough for their
+    Pearson to mean something), taken in turn from each layer pair so every column shows its
+    best links; then the remaining nodes of highest degree."""
     n = len(g.layer)
     if n <= max_nodes:
         return np.arange(n)
+    ok = np.ones(n, bool) if eligible is None else eligible
     by_pair = []
     for lu in g.layers[:-1]:
-        e = np.nonzero(g.layer[g.src] == lu)[0]
+        e = np.nonzero((g.layer[g.src] == lu) & ok[g.src] & ok[g.dst])[0]
         by_pair.append(e[np.lexsort((e, -g.weight[e]))])  # strongest first, ties by index
     chosen: dict[int, None] = {}
     rank = 0
@@ -244,11 +251,11 @@ def node_id(layer: int, feature: int) -> str:
 
 
 def write_graph_html(
-    path: Path, g: FeatureGraph, details: dict[int, dict[str, Any]], max_nodes: int, title: str
+    path: Path, g: FeatureGraph, details: dict[int, dict[str, Any]], keep: np.ndarray, title: str
 ) -> int:
     """Write the self-contained viewer; `details[node]` holds the panel content of a drawn node
-    (measures, flags, partners, contexts). Returns the number of nodes drawn."""
-    keep = select_nodes(g, max_nodes)
+    (measures, flags, partners, contexts); keep: the nodes to draw (`select_nodes`). Returns
+    the number of nodes drawn."""
     kept = set(keep.tolist())
     col = {ly: c for c, ly in enumerate(g.layers)}
     sizes = np.bincount(g.community) if g.community is not None else None

@@ -229,8 +229,8 @@ class SparseAutoencoder(nn.Module):
 
 def replace_dir(src: Path, dst: Path) -> None:
     """Move folder src to dst, replacing dst; dst is never missing except between two renames
-    (a stale `dst.old` is then recovered by `recover_dir`)."""
-    old = dst.with_name(dst.name + ".old")
+    (a stale `.dst.old` is then recovered by `recover_dir`)."""
+    old = dst.with_name(f".{dst.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
         os.replace(dst, old)
@@ -240,7 +240,7 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 def recover_dir(dst: Path) -> Path:
     """The folder written by `replace_dir`, or its previous version if killed mid-swap."""
-    old = dst.with_name(dst.name + ".old")
+    old = dst.with_name(f".{dst.name}.old")
     return old if not dst.exists() and old.exists() else dst
 
 

@@ -43,6 +43,7 @@ from mlsae.checkpoint import (
 from mlsae.compute import resolve_compute_dtype
 from mlsae.config import SaeConfig, TrainConfig, save_json
 from mlsae.errors import MlsaeError
+from mlsae.kernels import set_malloc_retain
 from mlsae.sae import SparseAutoencoder
 
 EVAL_VECTORS = 65536
@@ -140,6 +141,7 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
         )
     layers = parse_layers(",".join(map(str, run["layers"])), cache)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
+    set_malloc_retain(True)  # no page faults for each step's large temporaries
     members = []
     for s in run["members"]:
         sc = SaeConfig(
