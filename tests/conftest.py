@@ -92,3 +92,28 @@ def tiny_model_dir(tmp_path: Path, arch, tokenizer) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops run faster on one thread, and are immune to other processes' load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven"]
+
+
+def write_word_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
+    """A JSONL corpus of short random word documents ({"text": ...} per line)."""
+    import json
+
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            f.write(json.dumps({"text": " ".join(g.choice(WORDS, size=g.integers(3, 9)))}) + "\n")
+    return path

@@ -24,17 +24,13 @@ CTX = 32
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    from conftest import make_model
+    from conftest import make_model, write_word_corpus
 
     root = tmp_path_factory.mktemp("eval")
     model = make_model("gpt_neox", len(tokenizer))
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    g = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven"]
-    with open(root / "docs.jsonl", "w") as f:
-        for _ in range(300):
-            f.write(json.dumps({"text": " ".join(g.choice(words, size=g.integers(3, 9)))}) + "\n")
+    write_word_corpus(root / "docs.jsonl")
     mdir, data = str(root / "model"), str(root / "docs.jsonl")
     for split in ("test", "train"):
         build_cache(

@@ -8,14 +8,7 @@ import torch
 from mlsae import kernels
 from mlsae.kernels import latent_segments, segment_sum, sparse_decode, topk, topk_encode
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops: one thread is faster and immune to other processes' load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unique_idx(n: int, m: int, k: int, seed: int = 0) -> torch.Tensor:

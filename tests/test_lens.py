@@ -206,27 +206,43 @@ def test_closed_form_gradient_matches_autograd(tiny_model, tokenizer) -> None:
     assert float(a.grad.abs().max()) > 1e-4
 
 
-def test_whitened_parametrisation_is_the_same_affine_map() -> None:
-    from mlsae.lens_train import _inv_sqrt, _Whitened
+def test_preconditioned_parametrisation_is_the_same_affine_map() -> None:
+    from mlsae.lens_train import _Preconditioned
 
     lens = _random_lens(3, 16, seed=2)
     x = torch.randn(40, 16) * torch.linspace(0.1, 50, 16) + 3.0  # very unequal dimensions
-    cov = torch.cov(x.T.double())
-    p_in = _inv_sqrt(cov, 0.0)
-    assert torch.allclose(p_in[0] @ cov @ p_in[0], torch.eye(16, dtype=torch.float64), atol=1e-3)
-    assert torch.allclose(p_in[0] @ p_in[1], torch.eye(16, dtype=torch.float64), atol=1e-6)
-    f = torch.randn(16, 16, dtype=torch.float64)
-    pre = _Whitened(x.mean(0), p_in, _inv_sqrt(f @ f.T, 0.1), lens.A(0), lens.c(0))
+    pre = _Preconditioned(x, lens.A(0), lens.c(0))
     a, c = pre.affine()
-    assert torch.allclose(a.float(), lens.A(0), atol=1e-4)
-    assert torch.allclose(c.float(), lens.c(0), atol=1e-3)
+    assert torch.allclose(a, lens.A(0), atol=1e-5) and torch.allclose(c, lens.c(0), atol=1e-4)
     with torch.no_grad():
-        assert torch.allclose(pre(x), lens(x, 0), rtol=1e-4, atol=1e-3)
+        assert torch.allclose(pre(x), lens(x, 0), rtol=1e-5, atol=1e-3)
         pre.B.add_(0.01)
-        a, c = pre.affine()  # independent: T(h) = h + A h + c with A, c from the formulas
-        a_ref = pre.p_out.double() @ pre.B.double() @ pre.p_in.double()
-        assert torch.allclose(a, a_ref) and not torch.allclose(a.float(), lens.A(0), atol=1e-3)
-        assert torch.allclose(pre(x), x + x @ a.float().T + c.float(), rtol=1e-4, atol=1e-3)
+        u = (x - pre.mu) / pre.s  # independent: T(h) = h + A h + c + s * 0.01 * sum_j u_j
+        ref = x + x @ lens.A(0).T + lens.c(0) + pre.s * 0.01 * u.sum(1, keepdim=True)
+        assert torch.allclose(pre(x), ref, rtol=1e-4, atol=1e-3)
+        a, c = pre.affine()
+        assert torch.allclose(pre(x), x + x @ a.T + c, rtol=1e-4, atol=1e-3)
+
+
+def test_regression_init_is_weighted_least_squares(tiny_model, tokenizer) -> None:
+    from mlsae.lens_train import regression_init
+
+    ids = _ids(tokenizer, b=4, t=32, seed=4)
+    lens = TunedLens(L, D)
+    n = regression_init(tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), ridge=0.0)
+    used = ~torch.isin(ids, torch.tensor(_special(tokenizer)))
+    assert n == int(used.sum())
+    with torch.no_grad():
+        hs = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
+        last = capture(tiny_model, ids, [L - 1])[:, :, 0]  # before the final norm
+    y = last[used].double().numpy()
+    sw = 1 / np.sqrt((y**2).mean(1, keepdims=True))  # sqrt of the token weights
+    for layer in range(L - 1):
+        x = hs[layer + 1][used].double().numpy()
+        design = np.concatenate([x, np.ones((len(x), 1))], 1) * sw
+        beta = np.linalg.lstsq(design, (y - x) * sw, rcond=None)[0]  # [d+1, d]
+        np.testing.assert_allclose(lens.A(layer).detach().numpy(), beta[:D].T, atol=2e-4)
+        np.testing.assert_allclose(lens.c(layer).detach().numpy(), beta[D], atol=2e-4)
 
 
 def test_training_reduces_kl(tiny_model, tokenizer) -> None:
@@ -235,7 +251,7 @@ def test_training_reduces_kl(tiny_model, tokenizer) -> None:
     test = torch.randint(0, 256, (4, 32), generator=g)
     lens = TunedLens(L, D)
     hist = train_lens(
-        tiny_model, lens, train, _special(tokenizer), steps=25, batch_size=4, lr=0.1,
+        tiny_model, lens, train, _special(tokenizer), steps=25, batch_size=4, lr=1e-2,
         progress=False,
     )  # fmt: skip
     assert hist[-1] < 0.7 * hist[0]

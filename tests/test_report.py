@@ -172,7 +172,7 @@ CTX = 32
 def runs(tmp_path_factory, tokenizer):
     """A tiny GPT-NeoX model, a float32 test-split cache of all 3 layers, an MLSAE run (with an
     eval.json and train_cfg.json) and a single-layer SAE run."""
-    from conftest import make_model
+    from conftest import make_model, write_word_corpus
 
     from mlsae.cache import build_cache
     from mlsae.config import DataConfig, ModelConfig, SaeConfig
@@ -182,11 +182,7 @@ def runs(tmp_path_factory, tokenizer):
     model = make_model("gpt_neox", len(tokenizer))
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    g = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven"]
-    with open(root / "docs.jsonl", "w") as f:
-        for _ in range(300):
-            f.write(json.dumps({"text": " ".join(g.choice(words, size=g.integers(3, 9)))}) + "\n")
+    write_word_corpus(root / "docs.jsonl")
     mdir, data = str(root / "model"), str(root / "docs.jsonl")
     build_cache(
         root / "cache",

@@ -14,13 +14,7 @@ from mlsae.config import SaeConfig
 from mlsae.errors import MlsaeError
 from mlsae.sae import SparseAutoencoder, geometric_median, load_sae
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sae(d=10, r=4, k=3, normalize="standardize", seed=0) -> SparseAutoencoder:

@@ -76,16 +76,6 @@ def _kl_backward(
     return kl
 
 
-def _inv_sqrt(m: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-    """(M + damping * diag(M) + eps I)^(-1/2) and its inverse, for a symmetric PSD [d, d]."""
-    m = m.double()
-    diag = m.diagonal().clamp_min(0)
-    m = m + torch.diag(damping * diag + 1e-9 * float(diag.mean()) + 1e-30)
-    w, v = torch.linalg.eigh(m)
-    w = w.clamp_min(float(w.max()) * 1e-12)
-    return (v * w.rsqrt()) @ v.T, (v * w.sqrt()) @ v.T
-
-
 class _Preconditioned(nn.Module):
     """Training parametrisation of one translator in standardised coordinates
     u = (h - mu) / s (mu, s: per-dimension mean and std of x_l on the first batches):
@@ -116,61 +106,45 @@ class _Preconditioned(nn.Module):
         return hf + self.s * (((hf - self.mu) / self.s) @ self.B.T + self.e)
 
 
-class _Whitened(nn.Module):
-    """Training parametrisation of one translator (a Kronecker-factored preconditioner):
-    T(h) = h + P_out (B P_in (h - mu) + e), i.e. A = P_out B P_in, c = P_out e - A mu, with
-    P_in = Cov(x_l)^(-1/2) and P_out = F^(-1/2), F the Fisher of the lens logits w.r.t. T(h)
-    (both damped). Residual streams have dimensions thousands of times larger than others and
-    the logits see few directions strongly: in these coordinates the loss curvature is about
-    the identity, so plain SGD converges in few steps at every layer. Starts from the lens's
-    current A, c (zero for a new lens)."""
-
-    def __init__(self, mu: Tensor, p_in: Tensor, p_out: Tensor, a: Tensor, c: Tensor) -> None:
-        super().__init__()
-        (pi, pi_inv), (po, po_inv) = p_in, p_out
-        self.register_buffer("mu", mu.float())  # [d]
-        self.register_buffer("p_in", pi.float())  # [d, d] symmetric
-        self.register_buffer("p_out", po.float())  # [d, d] symmetric
-        a, c = a.detach().double(), c.detach().double()
-        self.B = nn.Parameter((po_inv @ a @ pi_inv).float())  # [d, d]
-        self.e = nn.Parameter((po_inv @ (c + a @ mu.double())).float())  # [d]
-
-    def affine(self) -> tuple[Tensor, Tensor]:
-        """(A [d, d], c [d]) of the current parameters (float64)."""
-        a = self.p_out.double() @ self.B.double() @ self.p_in.double()
-        return a, self.p_out.double() @ self.e.double() - a @ self.mu.double()
-
-    def forward(self, h: Tensor) -> Tensor:
-        hf = h.float()  # [N, d]
-        return hf + ((hf - self.mu) @ self.p_in @ self.B.T + self.e) @ self.p_out
-
-
 @torch.no_grad()
-def _whitening(
-    model: nn.Module, x: Tensor, layers: Sequence[int], trained: Sequence[int], damping: float
-) -> dict[int, tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
-    """Per trained layer (mu, P_in pair, P_out pair) from used block outputs x [N, Lc, d]
-    (the last captured layer is the last block)."""
-    from torch.func import jacrev, vmap
-
-    from mlsae.capture import get_unembed
-
-    norm = get_final_norm(model)
-    w = get_unembed(model).weight.detach().double()  # [V, d]
-    dtype = next(norm.parameters(), w).dtype
-    p = torch.softmax(final_logits(model, x[:, -1]).double(), -1)  # [N, V]
-    m = p @ w  # [N, d]
-    fisher_u = (w * p.mean(0)[:, None]).T @ w - m.T @ m / len(x)  # [d, d] logits Fisher in u
-    sample = torch.linspace(0, len(x) - 1, min(len(x), 32)).long()
-    out = {}
+def regression_init(
+    model: nn.Module,
+    lens: TunedLens,
+    batches: Iterable[Tensor],
+    special_ids: Sequence[int],
+    ridge: float = 0.01,
+    progress: bool = True,
+) -> int:
+    """Warm start: set each trained translator to the weighted least-squares affine map from
+    x_l to the last block's output x_{L-1} (Din et al. 2023, "Jump to conclusions"), i.e.
+    min sum_t ||T_l(x_l) - x_{L-1}||^2 / rms(x_{L-1})^2 (the final norm divides by that RMS),
+    ridge-regularised by `ridge` x the Gram diagonal. Only forward passes: cheap next to KL
+    steps. batches: [B, T] ids. Returns the number of positions used."""
+    trained = lens.trained_layers
+    d = lens.d_model
+    gram = {layer: torch.zeros(d + 1, d + 1, dtype=torch.float64) for layer in trained}
+    rhs = {layer: torch.zeros(d + 1, d, dtype=torch.float64) for layer in trained}
+    n = 0
+    for ids in tqdm(batches, desc="lens regression", disable=not progress, file=sys.stderr):
+        xs, mask, layers = _capture_all(model, lens, ids, special_ids)
+        x = xs[mask].double()  # [N, Lc, d]
+        if not len(x):
+            continue
+        y = x[:, -1]  # [N, d] last block output
+        w = 1 / y.pow(2).mean(1, keepdim=True).clamp_min(1e-12)  # [N, 1] token weights
+        one = torch.ones(len(x), 1, dtype=torch.float64)
+        for layer in trained:
+            xl = torch.cat([x[:, layers.index(layer)], one], 1)  # [N, d+1]
+            gram[layer] += (xl * w).T @ xl
+            rhs[layer] += (xl * w).T @ (y - xl[:, :d])  # residual target: T(h) - h
+        n += len(x)
+    if n == 0:
+        raise MlsaeError("no training positions for the lens regression")
     for layer in trained:
-        xl = x[:, layers.index(layer)].double()  # [N, d]
-        mu = xl.mean(0)
-        cov = (xl - mu).T @ (xl - mu) / max(1, len(xl) - 1)
-        jac = vmap(jacrev(lambda v: norm(v[None])[0]))(xl[sample].to(dtype)).double().mean(0)
-        fisher = jac.T @ fisher_u @ jac  # [d, d] Fisher w.r.t. T(h)
-        out[layer] = (mu, _inv_sqrt(cov, damping), _inv_sqrt(fisher, damping))
-    return out
+        g = gram[layer] + torch.diag(ridge * gram[layer].diagonal() + 1e-12)
+        beta = torch.linalg.solve(g, rhs[layer])  # [d+1, d]
+        lens._set(layer, beta[:d].T, beta[d])  # A = beta[:d]^T, c = beta[d]
+    return n
 
 
 def _capture_all(model: nn.Module, lens: TunedLens, ids: Tensor, special_ids: Sequence[int]):
@@ -193,10 +167,7 @@ def train_lens(
     lr: float = 1e-3,
     warmup: int | None = None,
     seed: int = 0,
-    optimizer: str = "adam",
-    precond: str = "diag",
-    damping: float = 0.1,
-    stat_contexts: int = 16,
+    stat_contexts: int = 8,
     progress: bool = True,
 ) -> list[float]:
     """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order), Adam with linear
@@ -228,21 +199,13 @@ def train_lens(
         x0 = torch.cat([xs[mask] for xs, mask, _ in stats])  # [N, Lc, d]
         if len(x0) < 2:
             raise MlsaeError("too few training positions for the lens statistics")
-        if precond == "kfac":
-            white = _whitening(model, x0, layers, trained, damping)
-            pre = {l: _Whitened(*white[l], lens.A(l), lens.c(l)) for l in trained}
-        else:
-            pre = {
-                l: _Preconditioned(x0[:, layers.index(l)], lens.A(l), lens.c(l)) for l in trained
-            }
+        pre = {
+            layer: _Preconditioned(x0[:, layers.index(layer)], lens.A(layer), lens.c(layer))
+            for layer in trained
+        }
         del x0
         params = [q for m in pre.values() for q in m.parameters()]
-        if optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
-        elif optimizer == "sgd":  # Nesterov momentum, as tuned-lens
-            opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-        else:
-            raise MlsaeError(f"unknown optimizer {optimizer!r} (adam, sgd)")
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.0, 1 - i / steps)
         )
