@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mlsae.capture import capture
 from mlsae.errors import MlsaeError
 from mlsae.lens import TunedLens, identity_lens, load_lens
-from mlsae.lens_train import evaluate_lens, train_lens
+from mlsae.lens_train import evaluate_lens, regression_init, train_lens
 
 L, D = 3, 32  # conftest N_LAYERS, D_MODEL
 
@@ -225,11 +225,11 @@ def test_preconditioned_parametrisation_is_the_same_affine_map() -> None:
 
 
 def test_regression_init_is_weighted_least_squares(tiny_model, tokenizer) -> None:
-    from mlsae.lens_train import regression_init
-
     ids = _ids(tokenizer, b=4, t=32, seed=4)
     lens = TunedLens(L, D)
-    n = regression_init(tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), ridge=0.0)
+    n = regression_init(
+        tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), ridge=0.0, progress=False
+    )
     used = ~torch.isin(ids, torch.tensor(_special(tokenizer)))
     assert n == int(used.sum())
     with torch.no_grad():
@@ -260,6 +260,12 @@ def test_training_reduces_kl(tiny_model, tokenizer) -> None:
     for i in range(L - 1):  # held-out tokens
         assert res["tuned"]["kl"][i] < res["logit"]["kl"][i]
     assert res["tuned"]["kl"][L - 1] == res["logit"]["kl"][L - 1] == pytest.approx(0, abs=1e-6)
+    # the regression warm start alone also beats the logit lens on held-out tokens
+    warm = TunedLens(L, D)
+    regression_init(tiny_model, warm, [train], _special(tokenizer), progress=False)
+    res = evaluate_lens(tiny_model, warm, [test], _special(tokenizer), progress=False)
+    for i in range(L - 1):
+        assert res["tuned"]["kl"][i] < res["logit"]["kl"][i]
 
 
 # ------------------------------------------------------------------ files
@@ -340,7 +346,9 @@ def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
               "--steps", "4", "--lr", "1e-2", *common],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert load_lens(tmp_path / "lens").meta["training"]["steps"] == 4
+    training = load_lens(tmp_path / "lens").meta["training"]
+    assert training["steps"] == 4 and training["init"] == "regression"
+    assert training["regression_positions"] > 0
     out = tmp_path / "eval.json"
     r = runner.invoke(
         app, ["lens", "evaluate", str(tmp_path / "lens"), "--out", str(out), "--tokens", "64",

@@ -93,14 +93,20 @@ def lens_train(
     out: Annotated[Path, typer.Option(help="Output lens folder (lens.safetensors + lens.json)")],
     model: ModelOpt = _m.model,
     dataset: DatasetOpt = _d.dataset,
-    tokens: Annotated[int, typer.Option(help="Training-split tokens to use")] = 8192,
+    tokens: Annotated[
+        int, typer.Option(help="Training-split tokens (all used by the regression)")
+    ] = 16384,
     layers: LayersOpt = None,
     context_length: CtxOpt = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate of A_l (c_l: x RMS of x_l)")] = 1e-3,
-    steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps (default: one pass over the tokens)")
+    init: Annotated[
+        str, typer.Option(help="'regression' (least-squares warm start) or 'zero' (identity)")
+    ] = "regression",
+    ridge: Annotated[float, typer.Option(help="Ridge of the regression (x Gram diagonal)")] = 0.01,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam lr of the KL steps (default 1e-4; 1e-3 from zero)")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Contexts per step")] = 2,
+    steps: Annotated[int, typer.Option(help="KL optimizer steps (0: regression only)")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Contexts per KL step")] = 1,
     seed: Annotated[int, typer.Option(help="Data order seed")] = 0,
     text_column: ColOpt = _d.text_column,
     hf_split: HfSplitOpt = _d.hf_split,
@@ -121,6 +127,8 @@ def lens_train(
         ),
         n_tokens=tokens,
         layers=layers,
+        init=init,
+        ridge=ridge,
         lr=lr,
         steps=steps,
         batch_size=batch_size,

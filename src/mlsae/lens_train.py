@@ -1,11 +1,20 @@
 """Training and evaluating the tuned lens (SPEC section 5; `mlsae lens train|evaluate`).
 
-Training minimises, summed over the lens's blocks l (all but the last), the mean over used
+The loss, summed over the lens's blocks l (all but the last), is the mean over used
 (non-special) positions of KL(p_final || softmax(unembed(final_norm(T_l(x_l))))). All block
 outputs come from one `capture.capture` pass that runs through the last block; the final
 distribution is unembed(final_norm(x_{L-1})) of that same pass, which is exactly the model's
-own logits. Optimizer: Adam with a short warmup and linear decay; the bias c_l gets a
-standardised-input parametrisation (`_Preconditioned`), so one `lr` suits every layer.
+own logits.
+
+Every KL step costs two [tokens, d] x [d, vocab] matmuls per layer (the full-vocabulary
+unembedding), so on a CPU only a few thousand token-layers per minute are affordable. Hence
+two stages:
+1. warm start (`init="regression"`, default): each T_l is set to the weighted least-squares
+   affine map from x_l to x_{L-1} (`regression_init`; Din et al. 2023). It needs only forward
+   passes, so it can use many tokens, and already beats the logit lens by far.
+   `init="zero"` starts from the identity (A = 0, c = 0) as Belrose et al. do.
+2. KL training (`train_lens`): Adam on the KL loss in standardised coordinates
+   (`_Preconditioned`), short warmup, linear decay to 0.
 
 Evaluation (test split): per block, KL(final || lens) averaged over used positions and the
 next-token cross-entropy averaged over predicted positions (used positions with a next token
@@ -332,50 +341,68 @@ def train_lens_command(
     data_cfg: DataConfig,
     n_tokens: int,
     layers: str | None = None,
-    lr: float = 1e-3,
-    steps: int | None = None,
-    batch_size: int = 4,
+    init: str = "regression",
+    ridge: float = 0.01,
+    lr: float | None = None,
+    steps: int = 8,
+    batch_size: int = 1,
     seed: int = 0,
 ) -> TunedLens:
-    """`mlsae lens train`: train a lens on training-split tokens and save it to `out`."""
+    """`mlsae lens train`: warm start (regression on all `n_tokens`, or zero), then `steps` KL
+    steps of `batch_size` contexts (lr default 1e-4 after regression, 1e-3 from zero); save."""
     from mlsae.capture import iter_layers_arg
     from mlsae.model import load_model
 
     if data_cfg.split != "train":
         raise MlsaeError("the lens is trained on the train split")
-    if batch_size < 1 or (steps is not None and steps < 1) or not lr > 0:
-        raise MlsaeError("--batch-size and --steps must be >= 1 and --lr > 0")
+    if init not in ("regression", "zero"):
+        raise MlsaeError(f"--init must be 'regression' or 'zero', not {init!r}")
+    lr = lr if lr is not None else (1e-4 if init == "regression" else 1e-3)
+    if batch_size < 1 or steps < 0 or not lr > 0 or not ridge >= 0:
+        raise MlsaeError("--batch-size must be >= 1, --steps >= 0, --lr > 0 and --ridge >= 0")
+    if init == "zero" and steps == 0:
+        raise MlsaeError("--init zero with --steps 0 would save the logit lens: use --steps >= 1")
     t0 = time.perf_counter()
     lm = load_model(model_cfg)
     chosen = iter_layers_arg(layers, lm.n_layers)
     torch.manual_seed(seed)
     lens = TunedLens(lm.n_layers, lm.d_model, chosen, model=lm.name)
+    if not lens.trained_layers:
+        raise MlsaeError("nothing to train: the last block's lens is the identity")
     contexts = _contexts(lm.tokenizer, data_cfg, n_tokens)
-    history = train_lens(
-        lm.model, lens, contexts, lm.special_ids, steps=steps, batch_size=batch_size, lr=lr,
-        seed=seed,
-    )  # fmt: skip
-    if not history:
-        raise MlsaeError("no training positions (every token is special?)")
+    n_regr = 0
+    if init == "regression":
+        batches = [contexts[i : i + 8] for i in range(0, len(contexts), 8)]
+        n_regr = regression_init(lm.model, lens, batches, lm.special_ids, ridge=ridge)
+    history: list[float] = []
+    if steps:
+        history = train_lens(
+            lm.model, lens, contexts, lm.special_ids, steps=steps, batch_size=batch_size, lr=lr,
+            seed=seed,
+        )  # fmt: skip
+    wall = time.perf_counter() - t0
     lens.meta["training"] = {
         "dataset": data_cfg.dataset,
         "split": data_cfg.split,
         "context_length": data_cfg.context_length,
         "tokens": int(contexts.numel()),
+        "init": init,
+        "ridge": ridge if init == "regression" else None,
+        "regression_positions": n_regr,
         "steps": len(history),
         "batch_size": batch_size,
         "lr": lr,
-        "optimizer": "adam, standardised-input parametrisation, warmup + linear decay",
-        "loss": "sum_l KL(final || lens_l)",
+        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0",
+        "loss": "sum over layers of mean KL(final || lens)",
         "seed": seed,
         "model_dtype": model_cfg.dtype,
-        "kl_first_last": [history[0], history[-1]],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "kl_first_last": [history[0], history[-1]] if history else None,
+        "wall_seconds": round(wall, 1),
     }
     lens.save(out)
+    kl = f", train KL per layer {history[0]:.3f} -> {history[-1]:.3f}" if history else ""
     print(
-        f"[mlsae] lens saved to {out} ({len(history)} steps, mean KL per layer "
-        f"{history[0]:.3f} -> {history[-1]:.3f}, {time.perf_counter() - t0:.0f} s)",
+        f"[mlsae] lens saved to {out} (init {init}, {len(history)} KL steps{kl}, {wall:.0f} s)",
         file=sys.stderr,
     )
     return lens
