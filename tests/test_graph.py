@@ -158,6 +158,13 @@ def test_pipeline_outputs(tiny, tmp_path):
     sec = evolution_section_html(tmp_path)
     assert "Many features pass through: holds" in sec and "data:image/png;base64" in sec
     assert not list(tmp_path.glob(".codes-*"))  # the code store is removed
+    # `mlsae analyze --evolution DIR` puts this section and a relative graph link in report.html
+    from mlsae.report import analyze_command
+
+    rep = tmp_path / "analysis"
+    analyze_command(root / "run" / "layer_00", rep, cache=root / "cache", evolution=tmp_path)
+    page = (rep / "report.html").read_text()
+    assert '<section id="evolution">' in page and 'href="../graph.html"' in page
 
 
 def test_second_pass_independent_of_chunking(tiny, tmp_path):

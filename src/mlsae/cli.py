@@ -195,6 +195,9 @@ def analyze(
     compare: Annotated[
         Path | None, typer.Option(help="Another SAE run (e.g. single-layer) to compare")
     ] = None,
+    evolution: Annotated[
+        Path | None, typer.Option(help="An `mlsae evolution` output folder to add to the report")
+    ] = None,
 ) -> None:
     """Where latents live across layers (SPEC 4), residual geometry, and report.html."""
     from mlsae.report import analyze_command
@@ -210,6 +213,7 @@ def analyze(
         context_length=context_length,
         prompts=prompt,
         compare=compare,
+        evolution=evolution,
     )
 
 

@@ -105,8 +105,10 @@ def analyze_command(
     prompts: list[str] | None = None,
     compare: Path | None = None,
     chunk_vectors: int = 8192,
+    evolution: Path | None = None,
 ) -> dict[str, Any]:
-    """The whole `mlsae analyze`; returns the analysis.json dict."""
+    """The whole `mlsae analyze`; returns the analysis.json dict. `evolution`: an
+    `mlsae evolution` output folder whose section (and graph.html link) joins the report."""
     from mlsae.cache import ActivationCache, build_cache
 
     run, out = Path(run), Path(out)
@@ -115,6 +117,14 @@ def analyze_command(
         raise MlsaeError(f"--out {out} is a file: choose a folder")
     sae_dir = resolve_sae_dir(run)
     sae, cfg = _load(sae_dir)
+    extra: list[str] = []
+    if evolution is not None:
+        import os
+
+        from mlsae.evolution_report import evolution_section_html
+
+        href = os.path.relpath(Path(evolution).resolve() / "graph.html", out.resolve())
+        extra.append(evolution_section_html(Path(evolution), graph_href=href))
     cmp = None
     if compare is not None:
         cmp_dir = resolve_sae_dir(Path(compare))
@@ -206,7 +216,7 @@ def analyze_command(
             if (folder / name).is_file():
                 configs[name] = _read_json(folder / name)
                 break
-    write_report(out / "report.html", summary, figs, configs, ev)
+    write_report(out / "report.html", summary, figs, configs, ev, extra)
     print(f"[mlsae] wrote {out / 'analysis.json'} and {out / 'report.html'}", file=sys.stderr)
     return summary
 
@@ -391,6 +401,7 @@ def write_report(
     figs: list[tuple[str, Path]],
     configs: dict[str, Any],
     ev: tuple[Path, dict[str, Any]] | None,
+    extra_sections: list[str] | None = None,
 ) -> Path:
     """Write the self-contained report.html atomically."""
     mean = ev[1].get("mean") if ev and isinstance(ev[1].get("mean"), dict) else None
@@ -418,6 +429,7 @@ def write_report(
     else:
         parts.append("<h2>Evaluation</h2><p>No evaluation JSON in the run folder "
                      "(run <code>mlsae evaluate</code> to add one).</p>")  # fmt: skip
+    parts += list(extra_sections or [])
     parts.append("<h2>Configuration</h2>")
     for name, cfg in configs.items():
         if isinstance(cfg, dict):
