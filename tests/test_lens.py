@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from mlsae.capture import capture
 from mlsae.errors import MlsaeError
 from mlsae.lens import TunedLens, identity_lens, load_lens
-from mlsae.lens_train import evaluate_lens, regression_init, train_lens
+from mlsae.lens_eval import evaluate_lens
+from mlsae.lens_train import regression_init, train_lens
 
 L, D = 3, 32  # conftest N_LAYERS, D_MODEL
 
@@ -228,8 +229,9 @@ def test_regression_init_is_weighted_least_squares(tiny_model, tokenizer) -> Non
     ids = _ids(tokenizer, b=4, t=32, seed=4)
     lens = TunedLens(L, D)
     n = regression_init(
-        tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), ridge=0.0, progress=False
-    )
+        tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), ridge=0.0, min_singular=0.0,
+        progress=False,
+    )  # fmt: skip
     used = ~torch.isin(ids, torch.tensor(_special(tokenizer)))
     assert n == int(used.sum())
     with torch.no_grad():
@@ -243,6 +245,22 @@ def test_regression_init_is_weighted_least_squares(tiny_model, tokenizer) -> Non
         beta = np.linalg.lstsq(design, (y - x) * sw, rcond=None)[0]  # [d+1, d]
         np.testing.assert_allclose(lens.A(layer).detach().numpy(), beta[:D].T, atol=2e-4)
         np.testing.assert_allclose(lens.c(layer).detach().numpy(), beta[D], atol=2e-4)
+    # a floor on the singular values of I + A (then c = weighted mean of y - x - A x)
+    sv0 = np.linalg.svd(np.eye(D) + lens.A(0).detach().numpy(), compute_uv=False)
+    floor = 0.5 * float(sv0.max())
+    assert sv0.min() < floor  # the floor binds
+    regression_init(
+        tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), ridge=0.0,
+        min_singular=floor, progress=False,
+    )  # fmt: skip
+    w = (sw**2)[:, 0]
+    for layer in range(L - 1):
+        a = lens.A(layer).detach().double().numpy()
+        sv = np.linalg.svd(np.eye(D) + a, compute_uv=False)
+        assert sv.min() >= floor * (1 - 1e-5)
+        x = hs[layer + 1][used].double().numpy()
+        c_ref = (w[:, None] * (y - x - x @ a.T)).sum(0) / w.sum()
+        np.testing.assert_allclose(lens.c(layer).detach().numpy(), c_ref, atol=2e-4)
 
 
 def test_training_reduces_kl(tiny_model, tokenizer) -> None:

@@ -102,6 +102,9 @@ def lens_train(
         str, typer.Option(help="'regression' (least-squares warm start) or 'zero' (identity)")
     ] = "regression",
     ridge: Annotated[float, typer.Option(help="Ridge of the regression (x Gram diagonal)")] = 0.01,
+    min_singular: Annotated[
+        float, typer.Option(help="Floor on the singular values of I + A after the regression")
+    ] = 0.1,
     lr: Annotated[
         float | None, typer.Option(help="Adam lr of the KL steps (default 1e-4; 1e-3 from zero)")
     ] = None,
@@ -129,6 +132,7 @@ def lens_train(
         layers=layers,
         init=init,
         ridge=ridge,
+        min_singular=min_singular,
         lr=lr,
         steps=steps,
         batch_size=batch_size,
@@ -144,7 +148,7 @@ def lens_evaluate(
         str | None, typer.Option(help="Model (default: the one named in the lens)")
     ] = None,
     dataset: DatasetOpt = _d.dataset,
-    tokens: Annotated[int, typer.Option(help="Test-split tokens to evaluate")] = 4096,
+    tokens: Annotated[int, typer.Option(help="Test-split tokens to evaluate")] = 2048,
     context_length: CtxOpt = 128,
     batch_size: Annotated[int, typer.Option(help="Contexts per forward pass")] = 2,
     text_column: ColOpt = _d.text_column,
@@ -152,12 +156,13 @@ def lens_evaluate(
     dtype: ModelDtypeOpt = _m.dtype,
 ) -> None:
     """Per-layer KL and CE of the tuned lens vs the logit lens on held-out tokens."""
-    from mlsae.lens_train import evaluate_lens_command
+    from mlsae.lens_eval import evaluate_lens_command
 
     evaluate_lens_command(
         lens_path=lens,
         out=out,
-        model_cfg=None if model is None else ModelConfig(model=model, dtype=dtype),  # type: ignore[arg-type]
+        model=model,
+        dtype=dtype,
         data_cfg=DataConfig(
             dataset=dataset,
             split="test",
