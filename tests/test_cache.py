@@ -15,10 +15,11 @@ from conftest import make_model
 from transformers import AutoModelForCausalLM
 
 import mlsae.cache as cache_mod
-from mlsae.cache import ActivationCache, CacheWriter, build_cache
+from mlsae.cache import ActivationCache, CacheWriter
 from mlsae.capture import capture, special_ids_of
 from mlsae.config import DataConfig, ModelConfig
 from mlsae.errors import MlsaeError
+from mlsae.extract import build_cache
 from mlsae.text import iter_contexts
 
 REQUIRED = [
@@ -287,7 +288,7 @@ def test_build_errors_write_nothing(tmp_path: Path, neox_dir: Path, tokenizer) -
         _build(tmp_path / "c", neox_dir, corpus, layers="0,3")
     with pytest.raises(MlsaeError, match="does not exist"):
         _build(tmp_path / "c", neox_dir, tmp_path / "nope")
-    with pytest.raises(MlsaeError, match="--lens: not supported yet"):
+    with pytest.raises(MlsaeError, match="is not a lens folder"):
         _build(tmp_path / "c", neox_dir, corpus, lens=tmp_path)
     assert not (tmp_path / "c").exists()
 

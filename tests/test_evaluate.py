@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from mlsae.cache import ActivationCache, build_cache
+from mlsae.cache import ActivationCache
 from mlsae.capture import get_blocks
 from mlsae.cli import app
 from mlsae.config import DataConfig, ModelConfig, SaeConfig
+from mlsae.cross import cross_command
 from mlsae.errors import MlsaeError
-from mlsae.evaluate import cross_command, evaluate_command
+from mlsae.evaluate import evaluate_command
+from mlsae.extract import build_cache
 from mlsae.sae import SparseAutoencoder, load_sae
 
 CTX = 32
@@ -96,7 +98,9 @@ def test_cli_with_cache_matches_reference(setup, tmp_path):
     assert res.exit_code == 0, res.output
     assert "mean" in res.stdout and "dead fraction" in res.stdout
     got = json.loads(out.read_text())
-    assert set(got) == {"layers", "per_layer", "mean", "dead_fraction", "n_tokens", "sae", "model"}
+    assert set(got) == {"layers", "per_layer", "mean", "dead_fraction", "n_tokens", "sae", "model",
+                        "space"}  # fmt: skip
+    assert got["space"] == "model"
     assert set(got["per_layer"]) == {"fvu", "mse", "l0", "delta_ce", "kl"}
     ref = _reference(root, model, root / "mlsae" / "sae", [0, 1, 2])
     assert got["layers"] == [0, 1, 2]

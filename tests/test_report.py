@@ -18,7 +18,8 @@ import torch
 from mlsae.analysis import LayerStats
 from mlsae.figures import make_figures
 from mlsae.geometry import residual_geometry
-from mlsae.report import _clean, _summary, eval_table, reading, write_report
+from mlsae.report import _clean, _summary
+from mlsae.report_html import eval_table, reading, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAYERS = [0, 1, 2, 3, 4, 5]
@@ -52,14 +53,14 @@ EVAL = {
 def make_report(tmp: Path, with_eval: bool = True) -> tuple[Path, list]:
     stats, geo = synthetic()
     pstats, _ = synthetic(seed=1, n=12)
-    figs = make_figures(tmp, stats, geo, [("a prompt", pstats)], ("sae_layer3", pstats))
+    figs = make_figures(tmp, stats, geo, [("a prompt", pstats)], [("sae_layer3", pstats)])
     s = _summary(stats, geo)
     s.update(
         run=str(tmp / "run"),
         sae=str(tmp / "run" / "sae"),
         data={"model": "tiny", "split": "test"},
         prompts=[{"text": "a prompt <b>", **_summary(pstats, None)}],
-        compare={"sae": "sae_layer3", "sae_cfg": {"layers": [3]}, **_summary(pstats, None)},
+        compare=[{"sae": "sae_layer3", "sae_cfg": {"layers": [3]}, **_summary(pstats, None)}],
     )
     s = _clean(s)
     json.dumps(s, allow_nan=False)  # NaNs were cleaned
@@ -174,8 +175,8 @@ def runs(tmp_path_factory, tokenizer):
     eval.json and train_cfg.json) and a single-layer SAE run."""
     from conftest import make_model, write_word_corpus
 
-    from mlsae.cache import build_cache
     from mlsae.config import DataConfig, ModelConfig, SaeConfig
+    from mlsae.extract import build_cache
     from mlsae.sae import SparseAutoencoder
 
     root = tmp_path_factory.mktemp("analyze")
@@ -247,8 +248,8 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     # the single-layer SAE is applied to every layer of the same tokens
     dl1, _ = _dense_reference(root, root / "l1" / "sae", [0, 1, 2])
     b1 = brute(dl1, ones, [0, 1, 2])
-    assert s["compare"]["rel_var_token"] == pytest.approx(b1["rel_var_token"], rel=1e-6)
-    assert s["compare"]["rel_var_latent"] == pytest.approx(b1["rel_var_latent"], rel=1e-6)
+    assert s["compare"][0]["rel_var_token"] == pytest.approx(b1["rel_var_token"], rel=1e-6)
+    assert s["compare"][0]["rel_var_latent"] == pytest.approx(b1["rel_var_latent"], rel=1e-6)
     # the prompt: its own tokens through the model at every layer
     from mlsae.capture import capture
     from mlsae.sae import load_sae
@@ -278,7 +279,7 @@ def test_single_layer_run_uses_every_cache_layer(runs, tmp_path):
 
     root = runs[0]
     s = analyze_command(root / "l1", tmp_path / "o", cache=root / "cache")
-    assert s["layers"] == [0, 1, 2] and s["compare"] is None and s["prompts"] == []
+    assert s["layers"] == [0, 1, 2] and s["compare"] == [] and s["prompts"] == []
 
 
 def test_analyze_builds_and_removes_a_temporary_cache(runs, tmp_path):

@@ -249,10 +249,15 @@ EncodeFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """x f32[N, d] (raw space) -> (top_acts f32[N, k] >= 0, top_indices i64[N, k])."""
 
 
-def sae_encoder(sae: Any) -> EncodeFn:
-    """The EncodeFn of a loaded SparseAutoencoder (mlsae.sae)."""
+def sae_encoder(sae: Any, lens: Any = None, layers: Sequence[int] | None = None) -> EncodeFn:
+    """The EncodeFn of a loaded SparseAutoencoder (mlsae.sae). With a tuned `lens`, the SAE
+    reads T_l(x): the rows of x are taken as [m, L, d] with L = len(layers) (as `feed` lays
+    them out) and translated per layer first."""
 
     def encode(x: Tensor) -> tuple[Tensor, Tensor]:
+        if lens is not None:
+            x = lens.forward_stack(x.reshape(-1, len(layers), x.shape[-1]), layers)
+            x = x.reshape(-1, x.shape[-1])
         enc = sae.encode(x)
         return enc.top_acts, enc.top_indices
 
@@ -311,7 +316,7 @@ def analyze_prompts(
     cfg: SaeConfig,
     layers: list[int],
     chunk_vectors: int = 8192,
-    sae_dir: Path | None = None,
+    lens: Any = None,
 ) -> list[LayerStatsResult]:
     """Per prompt: capture every layer's vector of its tokens, encode, and accumulate."""
     if not prompts:
@@ -322,24 +327,14 @@ def analyze_prompts(
     lm = load_model(ModelConfig(model=model))
     if lm.d_model != cfg.d_in:
         raise MlsaeError(f"model {model!r} has d_model {lm.d_model}, the SAE d_in {cfg.d_in}")
-    lens = None
-    if cfg.lens:
-        from mlsae.lens import load_lens
-
-        lens_path = Path(cfg.lens)
-        if not lens_path.exists() and sae_dir is not None and (sae_dir / lens_path).exists():
-            lens_path = sae_dir / lens_path  # a path relative to the SAE folder
-        lens = load_lens(lens_path)
     out = []
     for text in prompts:
         ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]  # [1, T]
         if ids.shape[1] == 0:
             raise MlsaeError(f"prompt {text!r} has no tokens")
         x = capture(lm.model, ids, layers)[0].float()  # [T, L, d]
-        if lens is not None:
-            x = lens.forward_stack(x, layers)
         mask = used_mask(ids, lm.special_ids)[0]  # [T]
         st = LayerStats(cfg.d_sae, layers)
-        feed(st, sae_encoder(sae), x[mask], chunk_vectors)
+        feed(st, sae_encoder(sae, lens, layers), x[mask], chunk_vectors)
         out.append(st.result())
     return out

@@ -145,7 +145,7 @@ def check_train_cfg(cfg: TrainConfig) -> None:
 
 def _cache_from_source(out: Path, src: dict[str, Any]) -> ActivationCache:
     """Build RUN/cache from a model + dataset (resumable), then open it."""
-    from mlsae.cache import build_cache
+    from mlsae.extract import build_cache
 
     build_cache(
         out=out / "cache",
@@ -155,6 +155,7 @@ def _cache_from_source(out: Path, src: dict[str, Any]) -> ActivationCache:
         ),
         n_tokens=src["tokens"],
         layers=src.get("layers"),
+        lens=src.get("lens"),
     )
     return ActivationCache(out / "cache")
 
@@ -172,9 +173,16 @@ def new_run(
     if single_layer is not None and (per_layer or layers_spec is not None):
         raise MlsaeError("--single-layer cannot be combined with --layers or --per-layer")
     check_train_cfg(cfg)
+    lens = source.get("lens")
+    if lens is not None:
+        from mlsae.lens import lens_ref, resolve_space
+
+        lens = lens_ref(lens)
+        resolve_space(lens, None if cache is None else cache.manifest.get("lens"), what="--lens")
     out.mkdir(parents=True, exist_ok=True)
     if cache is None:
         cache = _cache_from_source(out, source)
+    lens = lens or cache.manifest.get("lens")
     layers = parse_layers(str(single_layer) if single_layer is not None else layers_spec, cache)
     mode = "per_layer" if per_layer else ("single" if len(layers) == 1 else "mlsae")
     specs = _specs(mode, layers, rs or [8], ks or [32], cfg.seed)
@@ -191,7 +199,7 @@ def new_run(
         "train": asdict(cfg),
         "model": cache.manifest.get("model"),
         "dataset": cache.manifest.get("dataset"),
-        "lens": cache.manifest.get("lens"),
+        "lens": lens,  # the SAE's space; a plain cache gets T_l applied on the fly
     }
     save_json(out / RUN_CFG, run)
     return run

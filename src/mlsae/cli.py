@@ -62,7 +62,7 @@ def cache(
     lens: Annotated[Path | None, typer.Option(help="Tuned lens folder (cache T_l(x))")] = None,
 ) -> None:
     """Capture residual-stream vectors of every chosen block into safetensors shards."""
-    from mlsae.cache import build_cache
+    from mlsae.extract import build_cache
 
     build_cache(
         out=out,
@@ -198,7 +198,11 @@ def analyze(
         list[str] | None, typer.Option(help="Prompt for a per-prompt heatmap (repeatable)")
     ] = None,
     compare: Annotated[
-        Path | None, typer.Option(help="Another SAE run (e.g. single-layer) to compare")
+        list[Path] | None,
+        typer.Option(help="Another SAE run to compare (repeatable): single-layer, lens, ..."),
+    ] = None,
+    lens: Annotated[
+        Path | None, typer.Option(help="The SAE's tuned-lens folder, if it has moved")
     ] = None,
     evolution: Annotated[
         Path | None, typer.Option(help="An `mlsae evolution` output folder to add to the report")
@@ -219,6 +223,7 @@ def analyze(
         prompts=prompt,
         compare=compare,
         evolution=evolution,
+        lens=lens,
     )
 
 
@@ -255,9 +260,14 @@ def evaluate(
     dtype: Annotated[
         str | None, typer.Option(help="Model weight dtype (default: the cache's, or float32)")
     ] = None,
+    lens: Annotated[
+        Path | None, typer.Option(help="A lens SAE's tuned-lens folder, if it has moved")
+    ] = None,
 ) -> None:
-    """Per-layer FVU, MSE, L0, delta CE, KL and dead fraction on held-out tokens."""
-    from mlsae.evaluate import cross_command, evaluate_command, parse_layers
+    """Per-layer FVU, MSE, L0, delta CE, KL and dead fraction on held-out tokens. A tuned-lens
+    SAE gets FVU in both spaces and delta CE / KL through the exact inverse."""
+    from mlsae.cross import cross_command
+    from mlsae.evaluate import evaluate_command, parse_layers
 
     kw = dict(
         cache=cache, model=model, dataset=dataset, split=split, tokens=tokens, ce=ce,
@@ -265,13 +275,15 @@ def evaluate(
         text_column=text_column, hf_split=hf_split, model_dtype=dtype,
     )  # fmt: skip
     if cross:
+        if lens is not None:
+            raise MlsaeError("--lens applies to one RUN, not to --cross")
         if len(runs) < 2:
             raise MlsaeError("--cross needs MLSAE_RUN and at least one single-layer SAE_RUN")
         cross_command(runs[0], runs[1:], out, layers=parse_layers(layers), **kw)
     else:
         if len(runs) != 1:
             raise MlsaeError("evaluate takes one RUN (use --cross for several)")
-        evaluate_command(runs[0], out, layers=parse_layers(layers), **kw)
+        evaluate_command(runs[0], out, layers=parse_layers(layers), lens=lens, **kw)
 
 
 @app.command()
@@ -393,6 +405,9 @@ def train(
     ] = _t.compute_dtype,
     normalize: Annotated[str, typer.Option(help="standardize or none")] = "standardize",
     wandb: Annotated[bool, typer.Option("--wandb", help="Log to Weights & Biases")] = False,
+    lens: Annotated[
+        Path | None, typer.Option(help="Tuned lens folder: train on T_l(x) (SPEC 5)")
+    ] = None,
 ) -> None:
     """Train the multi-layer SAE, a single-layer baseline, a sweep or a per-layer set."""
     from mlsae.train import train_command
@@ -408,7 +423,7 @@ def train(
         out=out, resume=resume, cache=cache, model=model, dataset=dataset, tokens=tokens,
         context_length=context_length, layers=layers, single_layer=single_layer,
         per_layer=per_layer, expansion_factors=expansion_factor, ks=k, normalize=normalize,
-        cfg=cfg, max_steps=max_steps, epochs=epochs,
+        cfg=cfg, max_steps=max_steps, epochs=epochs, lens=lens,
     )  # fmt: skip
 
 

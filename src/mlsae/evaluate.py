@@ -20,24 +20,10 @@ from torch import Tensor
 
 from mlsae.config import DataConfig, ModelConfig, save_json
 from mlsae.errors import MlsaeError
-from mlsae.metrics import LayerMetrics, mean_or_none
+from mlsae.lens import Space
+from mlsae.metrics import LayerMetrics
 
 METRICS = ("fvu", "mse", "l0", "delta_ce", "kl")
-
-
-class Space:
-    """Maps vectors between the model's residual space and the SAE's input space: identity, or
-    a tuned lens (SPEC 5) when the SAE was trained in lens space: to_sae = T_l, to_model = the
-    exact inverse (lens.py)."""
-
-    def __init__(self, lens: Any = None) -> None:
-        self.lens = lens
-
-    def to_sae(self, x: Tensor, layer: int) -> Tensor:
-        return x if self.lens is None else self.lens.forward(x, layer)
-
-    def to_model(self, x: Tensor, layer: int) -> Tensor:
-        return x if self.lens is None else self.lens.inverse(x, layer)
 
 
 @dataclass
@@ -49,23 +35,47 @@ class Entry:
     sae: Any  # sae.SparseAutoencoder (or anything with .cfg, .encode, .decode)
     layers: list[int]
     space: Space = field(default_factory=Space)
-    metrics: LayerMetrics | None = None
+    metrics: LayerMetrics | None = None  # in the SAE's space
+    model_metrics: LayerMetrics | None = None  # in the model's space (lens SAEs only)
+    lens_override: Path | None = None  # --lens: where the SAE's lens is now
 
     def __post_init__(self) -> None:
-        if self.metrics is None:
-            self.metrics = LayerMetrics(self.layers, self.sae.cfg.d_in, self.sae.cfg.d_sae)
+        self.reset_metrics()
 
-    def reconstruct(self, x: Tensor, layer: int, record: bool) -> Tensor:
-        """x: [N, d] raw model space (lens space when the cache holds T_l(x)) -> x_hat [N, d] in
-        the same space; optionally recording reconstruction metrics."""
+    def reset_metrics(self) -> None:
+        d_in, d_sae = self.sae.cfg.d_in, self.sae.cfg.d_sae
+        self.metrics = LayerMetrics(self.layers, d_in, d_sae)
+        lensed = self.space.lens is not None
+        self.model_metrics = LayerMetrics(self.layers, d_in, d_sae) if lensed else None
+
+    def reconstruct(
+        self, x: Tensor, layer: int, record: bool, x_model: Tensor | None = None
+    ) -> Tensor:
+        """x: [N, d] SAE inputs of block `layer` -> the reconstruction [N, d] in the MODEL's space
+        (through the exact lens inverse for a lens SAE), optionally recording metrics in both
+        spaces. x_model: the model-space vectors (default: the inverse of x)."""
         enc = self.sae.encode(x)
         x_hat = self.sae.decode(enc)
         if record:
             self.metrics.update(layer, x, x_hat, enc.top_indices, enc.top_acts)
-        return x_hat
+        if self.space.lens is None:
+            return x_hat
+        x_hat_model = self.space.to_model(x_hat, layer)
+        if record:
+            x_model = self.space.to_model(x, layer) if x_model is None else x_model
+            self.model_metrics.update(layer, x_model, x_hat_model)
+        return x_hat_model
 
     def result(self, model: str) -> dict[str, Any]:
+        """metrics.result() plus, for a lens SAE, fvu_model / mse_model (model space)."""
         r = self.metrics.result()
+        r["space"] = "model" if self.space.lens is None else "tuned-lens"
+        if self.model_metrics is not None:
+            mr = self.model_metrics.result()
+            for k in ("fvu", "mse"):
+                r["per_layer"][f"{k}_model"] = mr["per_layer"][k]
+                r["mean"][f"{k}_model"] = mr["mean"][k]
+            r["lens"] = self.sae.cfg.lens if self.lens_override is None else str(self.lens_override)
         return {**r, "sae": str(self.path), "model": model}
 
 
@@ -86,8 +96,15 @@ def sae_dirs(run: str | Path) -> list[Path]:
     return subs
 
 
-def load_entry(path: Path, label: str | None = None, layers: Sequence[int] | None = None) -> Entry:
-    """Load an SAE folder; evaluate it on `layers` (default: the layers it was trained on)."""
+def load_entry(
+    path: Path,
+    label: str | None = None,
+    layers: Sequence[int] | None = None,
+    lens: Path | None = None,
+) -> Entry:
+    """Load an SAE folder; evaluate it on `layers` (default: the layers it was trained on).
+    `lens` replaces the lens folder recorded in a lens SAE's cfg.json (a moved lens)."""
+    from mlsae.lens import resolve_space
     from mlsae.sae import load_sae
 
     sae = load_sae(path)
@@ -95,17 +112,10 @@ def load_entry(path: Path, label: str | None = None, layers: Sequence[int] | Non
     use = sorted(set(int(x) for x in (layers if layers is not None else trained)))
     if not use:
         raise MlsaeError(f"{path}: the SAE lists no layers; pass --layers")
-    space = Space()
-    if sae.cfg.lens:
-        from mlsae.lens import load_lens
-
-        lens_path = Path(sae.cfg.lens)
-        if not lens_path.exists() and (path / lens_path).exists():
-            lens_path = path / lens_path
-        space = Space(load_lens(lens_path))
+    space = resolve_space(sae.cfg.lens, None, override=lens, sae_dir=path, what=f"SAE {path}")
     if label is None:
         label = f"L{trained[0]}" if len(trained) == 1 else ("MLSAE" if trained else path.name)
-    return Entry(label, path, sae, use, space)
+    return Entry(label, path, sae, use, space, lens_override=lens)
 
 
 def _check(entries: Sequence[Entry], n_layers: int | None, d_model: int) -> None:
@@ -182,7 +192,9 @@ def recon_from_cache(entries: Sequence[Entry], cache: Any, max_tokens: int | Non
             acts = shard.activations[: ids.numel()][mask.reshape(-1)]  # [N_used, L_cache, d]
             for e in entries:
                 for layer in e.layers:
-                    e.reconstruct(acts[:, pos[layer]].float(), layer, record=True)
+                    x = acts[:, pos[layer]].float()
+                    x_model = None if e.space.cache_in_lens else x
+                    e.reconstruct(e.space.cached_to_sae(x, layer), layer, True, x_model)
             bar.update(ids.numel())
 
 
@@ -209,10 +221,11 @@ def run_model(
             cp = clean_pass(model, ids, layers, used=used)
             for e in entries:
                 for layer in e.layers:
-                    x = e.space.to_sae(cp.vectors(layer), layer)
-                    x_hat = e.reconstruct(x, layer, record=recon)
+                    x_model = cp.vectors(layer)
+                    x = e.space.to_sae(x_model, layer)
+                    x_hat_model = e.reconstruct(x, layer, recon, x_model)
                     if ce:
-                        s = splice(model, cp, layer, e.space.to_model(x_hat, layer))
+                        s = splice(model, cp, layer, x_hat_model)
                         e.metrics.update_splice(layer, s.ce_sum, s.kl_sum, s.n)
             bar.update(ids.numel())
 
@@ -239,6 +252,7 @@ def evaluate_entries(
     cfg0 = entries[0].sae.cfg
     if cache is not None:
         from mlsae.cache import ActivationCache
+        from mlsae.lens import resolve_space
 
         ac = ActivationCache(cache)
         man = ac.manifest
@@ -250,12 +264,11 @@ def evaluate_entries(
         missing = sorted({x for e in entries for x in e.layers} - set(ac.layers))
         if missing:
             raise MlsaeError(f"layer(s) {missing} are missing from the cache (it has {ac.layers})")
-        for e in entries:
-            if (man.get("lens") or None) != (e.sae.cfg.lens or None):
-                raise MlsaeError(
-                    f"cache lens {man.get('lens')!r} does not match SAE {e.path} lens "
-                    f"{e.sae.cfg.lens!r}"
-                )
+        for e in entries:  # the cache holds x (lens applied on the fly) or T_l(x)
+            e.space = resolve_space(
+                e.sae.cfg.lens, man.get("lens"), override=e.lens_override, sae_dir=e.path,
+                what=f"SAE {e.path}",
+            )  # fmt: skip
         _check(entries, None, ac.d_model)
         name = model or man.get("model") or cfg0.model
         others = sorted({str(e.sae.cfg.model) for e in entries} - {str(man.get("model"))})
@@ -319,6 +332,7 @@ def evaluate_command(
     run: str | Path,
     out: str | Path,
     layers: Sequence[int] | None = None,
+    lens: Path | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens.
@@ -331,7 +345,7 @@ def evaluate_command(
     if len(dirs) > 1:
         names = ", ".join(d.name for d in dirs)
         raise MlsaeError(f"{run} holds several SAEs ({names}): pass one of their folders")
-    entry = load_entry(dirs[0], layers=layers)
+    entry = load_entry(dirs[0], layers=layers, lens=lens)
     name = evaluate_entries([entry], **kwargs)
     result = entry.result(name)
     save_json(Path(out), result)
@@ -346,122 +360,14 @@ def _fmt(v: float | None, width: int = 9) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Per-layer table with a mean row, then dead fraction and token count."""
-    head = "layer" + "".join(k.rjust(10) for k in METRICS)
-    rows = [head, "-" * len(head)]
+    """Per-layer table with a mean row, then dead fraction and token count. A lens SAE's FVU is
+    in lens space; its fvu_model column is the FVU in the model's space."""
     per = result["per_layer"]
+    keys = [*METRICS, *(k for k in ("fvu_model",) if k in per)]
+    head = "layer" + "".join(k.rjust(10) for k in keys)
+    rows = [head, "-" * len(head)]
     for i, layer in enumerate(result["layers"]):
-        rows.append(f"{layer:5d}" + "".join(" " + _fmt(per[k][i]) for k in METRICS))
-    rows.append(" mean" + "".join(" " + _fmt(result["mean"][k]) for k in METRICS))
+        rows.append(f"{layer:5d}" + "".join(" " + _fmt(per[k][i]) for k in keys))
+    rows.append(" mean" + "".join(" " + _fmt(result["mean"][k]) for k in keys))
     rows.append(f"dead fraction {result['dead_fraction']:.4f}   tokens {result['n_tokens']}")
     return "\n".join(rows)
-
-
-def cross_command(
-    mlsae_run: str | Path,
-    sae_runs: Sequence[str | Path],
-    out: str | Path,
-    layers: Sequence[int] | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """`mlsae evaluate --cross MLSAE_RUN SAE_RUN ... --out DIR`: every single-layer SAE on every
-    layer of the MLSAE (or `layers`), the MLSAE on its own layers, sharing one clean pass per
-    batch. Writes DIR/cross.json and DIR/cross_fvu.png, DIR/cross_delta_ce.png."""
-    mdirs = sae_dirs(mlsae_run)
-    if len(mdirs) != 1:
-        raise MlsaeError(f"{mlsae_run} holds {len(mdirs)} SAEs: pass the MLSAE's folder")
-    mlsae = load_entry(mdirs[0], label="MLSAE")
-    cols = sorted(set(layers)) if layers is not None else mlsae.layers
-    singles = [load_entry(d, layers=cols) for r in sae_runs for d in sae_dirs(r)]
-    if not singles:
-        raise MlsaeError("--cross needs at least one single-layer SAE run after the MLSAE")
-    singles.sort(key=lambda e: (list(e.sae.cfg.layers), e.label))
-    mlsae.layers = [x for x in mlsae.layers if x in cols]
-    mlsae.metrics = LayerMetrics(mlsae.layers, mlsae.sae.cfg.d_in, mlsae.sae.cfg.d_sae)
-    name = evaluate_entries([*singles, mlsae], **kwargs)
-    rows = [*singles, mlsae]
-    cross: dict[str, Any] = {
-        "rows": [e.label for e in rows],
-        "row_layers": [[int(x) for x in e.sae.cfg.layers] for e in rows],
-        "layers": cols,
-        "sae": [str(e.path) for e in rows],
-        "model": name,
-        "n_tokens": mlsae.metrics.n_tokens,
-        "dead_fraction": [e.metrics.dead_fraction() for e in rows],
-    }
-    for key in METRICS:
-        mat = []
-        for e in rows:
-            per = dict(zip(e.layers, e.metrics.per_layer()[key], strict=True))
-            mat.append([per.get(c) for c in cols])
-        cross[key] = mat
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "cross.json", cross)
-    for key in ("fvu", "delta_ce"):
-        if any(v is not None for row in cross[key] for v in row):
-            plot_cross(cross, key, out / f"cross_{key}.png")
-    print(format_cross(cross))
-    return cross
-
-
-def format_cross(cross: dict[str, Any]) -> str:
-    """Diagonal vs off-diagonal: each single-layer SAE on its own layer and elsewhere, next to
-    the MLSAE on the same layers."""
-    cols, mrow = cross["layers"], len(cross["rows"]) - 1
-    lines = []
-    for key in ("fvu", "delta_ce"):
-        lines.append(
-            f"{key:9s} {'SAE':>8s} {'diag':>9s} {'off-diag':>9s} {'MLSAE@diag':>11s} "
-            f"{'MLSAE off':>10s}"
-        )
-        for r in range(mrow):
-            own = [c for c in cross["row_layers"][r] if c in cols]
-            if len(own) != 1:
-                continue
-            j = cols.index(own[0])
-            row, mla = cross[key][r], cross[key][mrow]
-            off = mean_or_none([v for i, v in enumerate(row) if i != j])
-            moff = mean_or_none([v for i, v in enumerate(mla) if i != j])
-            lines.append(
-                f"{'':9s} {cross['rows'][r]:>8s} {_fmt(row[j])} {_fmt(off)} "
-                f"{_fmt(mla[j], 11)} {_fmt(moff, 10)}"
-            )
-    return "\n".join(lines)
-
-
-def plot_cross(cross: dict[str, Any], key: str, path: Path) -> Path:
-    """Heatmap in the style of the paper: single-layer SAEs as rows, evaluation layers as
-    columns, the MLSAE as an extra row below a separator."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    mat = np.array([[np.nan if v is None else v for v in row] for row in cross[key]], float)
-    n_r, n_c = mat.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_c + 2), max(2.5, 0.4 * n_r + 1.2)))
-    im = ax.imshow(
-        np.ma.masked_invalid(mat), aspect="auto", cmap="magma_r", interpolation="nearest"
-    )
-    fig.colorbar(im, ax=ax, label={"fvu": "FVU", "delta_ce": "delta CE (nats)"}.get(key, key))
-    if n_c <= 24 and n_r <= 24:
-        hi = np.nanmax(mat) if np.isfinite(mat).any() else 0.0
-        for (i, j), v in np.ndenumerate(mat):
-            if np.isfinite(v):
-                color = "white" if v > 0.6 * hi else "black"
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=color)
-    ax.axhline(n_r - 1.5, color="black", lw=1.5)
-    ax.set_xticks(range(n_c), [str(c) for c in cross["layers"]], fontsize=7)
-    ax.set_yticks(range(n_r), cross["rows"], fontsize=7)
-    ax.set_xlabel("evaluation layer")
-    ax.set_ylabel("SAE (trained on)")
-    ax.set_title(f"{key}: single-layer SAEs vs MLSAE ({Path(cross['model']).name})", fontsize=9)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

@@ -138,7 +138,7 @@ def make_figures(
     stats: LayerStatsResult,
     geo: GeometryResult | None,
     prompts: Sequence[tuple[str, LayerStatsResult]] = (),
-    compare: tuple[str, LayerStatsResult] | None = None,
+    compare: Sequence[tuple[str, LayerStatsResult]] = (),
 ) -> list[tuple[str, Path]]:
     """Write every figure into out/ and return [(caption, path)] in report order."""
     out = Path(out)
@@ -160,12 +160,12 @@ def make_figures(
     figs.append(
         ("Per-token vs aggregate layer variance", layer_variance(stats, out / "layer_var.png"))
     )
-    if compare is not None:
-        name, st = compare
+    for i, (name, st) in enumerate(compare):
+        png = out / ("heatmap_compare.png" if i == 0 else f"heatmap_compare_{i + 1}.png")
         figs.append(
             (
                 f"Comparison SAE ({name}): P(L | J) aggregated over all tokens",
-                heatmap(st, out / "heatmap_compare.png", f"{name}: P(L=l | J=j), all tokens"),
+                heatmap(st, png, f"{name}: P(L=l | J=j), all tokens"),
             )
         )
     if geo is not None:

@@ -162,6 +162,14 @@ class TunedLens(nn.Module):
         """Exact inverse per layer: z [..., L, d] with z[..., i, :] in lens space of layers[i]."""
         return torch.stack([self.inverse(z[..., i, :], lay) for i, lay in enumerate(layers)], -2)
 
+    def forward_rows(self, x: Tensor, layer_of_row: Tensor) -> Tensor:
+        """T applied row by row: x [N, d], layer_of_row [N] block index of each row."""
+        out = x.clone()
+        for lay in torch.unique(layer_of_row).tolist():
+            sel = layer_of_row == lay
+            out[sel] = self(x[sel], int(lay))
+        return out
+
     def logits(self, model: nn.Module, h: Tensor, layer: int) -> Tensor:
         """Lens logits unembed(final_norm(T_l(h))). h: [..., d] -> [..., vocab]."""
         norm = get_final_norm(model)
@@ -306,3 +314,72 @@ def load_tuned_lens_package(path: str | Path) -> TunedLens:
     for i in range(1, n_layers):  # hidden_states[i] = output of block i - 1
         lens._set(i - 1, weights[i]["weight"], weights[i].get("bias"))
     return lens.eval()
+
+
+# ----------------------------------------------------------------------------- spaces
+
+
+def lens_ref(path: str | Path) -> str:
+    """How caches and SAEs record a lens: its folder's absolute path."""
+    return str(Path(path).resolve())
+
+
+class Space:
+    """Where an SAE's inputs live. `lens` None: the model's residual space. Otherwise the SAE
+    sees T_l(x) and reconstructions return through the exact inverse; `cache_in_lens` says the
+    cache being read already holds T_l(x) (a `cache --lens` cache) rather than x."""
+
+    def __init__(self, lens: TunedLens | None = None, cache_in_lens: bool = False) -> None:
+        self.lens, self.cache_in_lens = lens, bool(cache_in_lens and lens is not None)
+
+    def to_sae(self, x: Tensor, layer: int) -> Tensor:
+        """Model-space vectors [N, d] of block `layer` -> SAE inputs."""
+        return x if self.lens is None else self.lens.forward(x, layer)
+
+    def to_model(self, z: Tensor, layer: int) -> Tensor:
+        """SAE-space vectors (inputs or reconstructions) -> model space (exact inverse)."""
+        return z if self.lens is None else self.lens.inverse(z, layer)
+
+    def cached_to_sae(self, x: Tensor, layer: int) -> Tensor:
+        """Vectors read from the cache -> SAE inputs."""
+        return x if self.cache_in_lens else self.to_sae(x, layer)
+
+    def cached_to_model(self, x: Tensor, layer: int) -> Tensor:
+        """Vectors read from the cache -> model space."""
+        return self.to_model(x, layer) if self.cache_in_lens else x
+
+
+def resolve_space(
+    sae_lens: str | None,
+    cache_lens: str | None,
+    *,
+    override: str | Path | None = None,
+    sae_dir: Path | None = None,
+    what: str = "the SAE",
+) -> Space:
+    """The Space of an SAE trained with `sae_lens` (its cfg.lens; `override` replaces it, e.g. a
+    moved lens folder) reading a cache built with `cache_lens` (its manifest's lens, or None for
+    the model). MlsaeError when the two cannot be reconciled."""
+    path: Path | None = None
+    if override is not None and not sae_lens:
+        raise MlsaeError(f"--lens: {what} was trained in the model's space, not with a tuned lens")
+    if override is not None:
+        path = Path(override)
+    elif sae_lens:
+        path = Path(sae_lens)
+        if not path.exists() and sae_dir is not None and (sae_dir / path).exists():
+            path = sae_dir / path  # a path relative to the SAE folder
+    if path is None:
+        if cache_lens:
+            raise MlsaeError(
+                f"the cache holds tuned-lens vectors (lens {cache_lens}) but {what} was trained "
+                "in the model's space: use a cache built without --lens"
+            )
+        return Space()
+    lens = load_lens(path)
+    if cache_lens and lens_ref(cache_lens) != lens_ref(path):
+        raise MlsaeError(
+            f"the cache was built with lens {cache_lens} but {what} uses lens {lens_ref(path)}: "
+            "use a cache built without --lens (the lens is then applied on the fly)"
+        )
+    return Space(lens, cache_in_lens=bool(cache_lens))

@@ -140,6 +140,7 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
             f"{cache.path} holds d_model = {cache.d_model}"
         )
     layers = parse_layers(",".join(map(str, run["layers"])), cache)
+    to_sae = sae_inputs(run, cache, layers)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     set_malloc_retain(True)  # no page faults for each step's large temporaries
     members = []
@@ -200,6 +201,7 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
                 )  # fmt: skip
                 t0 = time.perf_counter()
                 for batch in batches:
+                    batch.x = to_sae(batch)
                     rows, n_step = [], 0
                     for m in members:
                         x = _member_x(m, batch)
@@ -256,6 +258,23 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
     return members
 
 
+def sae_inputs(run: dict[str, Any], cache: ActivationCache, layers: list[int]) -> Any:
+    """Batch -> SAE inputs [B, d]: the cached vectors, or T_l of them when the run trains in
+    tuned-lens space on a cache of model-space vectors (SPEC 5)."""
+    from mlsae.lens import resolve_space
+
+    space = resolve_space(run.get("lens"), cache.manifest.get("lens"), what="the run")
+    lens = space.lens
+    if lens is None or space.cache_in_lens:
+        return lambda batch: batch.x
+    if lens.d_model != cache.d_model:
+        raise MlsaeError(f"the lens has width {lens.d_model}, the cache {cache.d_model}")
+    lens.check_layers(layers)
+    print(f"[mlsae] training in tuned-lens space: T_l applied on the fly ({run['lens']})",
+          file=sys.stderr)  # fmt: skip
+    return lambda batch: lens.forward_rows(batch.x, batch.layer)
+
+
 def _member_x(m: Member, batch: Batch) -> Tensor:
     return batch.x if m.layer is None else batch.x[batch.layer == m.layer]
 
@@ -278,11 +297,13 @@ def final_fvu(run: dict[str, Any], members: list[Member], cfg: TrainConfig) -> d
 
     cache = ActivationCache(run["cache"])
     layers = run["layers"]
+    to_sae = sae_inputs(run, cache, layers)
     acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
     seen = 0
     for batch in cache.shuffled(
         8192, layers, seed=cfg.seed + 1, buffer_shards=cfg.shuffle_buffer_shards
     ):
+        batch.x = to_sae(batch)
         for m in members:
             for layer in m.sae.cfg.layers:
                 sel = batch.layer == layer
@@ -324,11 +345,14 @@ def train_command(
     cfg: TrainConfig | None = None,
     max_steps: int | None = None,
     epochs: int | None = None,
+    lens: Path | None = None,
 ) -> Path:
     """`mlsae train`: new run in `out`, or continue `resume` (max_steps/epochs may be raised).
     Returns the run folder."""
     cfg = cfg or TrainConfig()
     if resume is not None:
+        if lens is not None:
+            raise MlsaeError("--lens is a setting of a new run: a resumed run keeps its own")
         out = Path(resume)
         if not (out / RUN_CFG).is_file():
             raise MlsaeError(f"--resume {out}: no {RUN_CFG} there (not a training run)")
@@ -349,7 +373,7 @@ def train_command(
         cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
         cfg.epochs = epochs if epochs is not None else cfg.epochs
         src = {"model": model, "dataset": dataset, "tokens": tokens,
-               "context_length": context_length, "layers": layers}  # fmt: skip
+               "context_length": context_length, "layers": layers, "lens": lens}  # fmt: skip
         ac = ActivationCache(cache) if cache is not None else None
         if ac is None and single_layer is not None:
             src["layers"] = str(single_layer)

@@ -1,0 +1,250 @@
+"""report.html of `mlsae analyze`: a plain-language reading of analysis.json against the paper,
+tables and figures, in one self-contained file (images as base64 data URIs, no external links
+or scripts)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PAPER_TOKEN_FACTOR = (10.0, 100.0)  # "one to two orders of magnitude smaller"
+
+
+# ---------------------------------------------------------------- plain-language reading
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}g}"
+
+
+def reading(s: dict[str, Any], eval_mean: dict[str, Any] | None = None) -> list[str]:
+    """A few sentences interpreting analysis.json (`s`) against the paper."""
+    out = [
+        f"{s['n_tokens']} tokens (special tokens excluded) on layers {s['layers'][0]}.."
+        f"{s['layers'][-1]}; {s['n_latents_alive']} of {s['n_latents']} latents were active at "
+        f"least once ({s['n_latents_dead']} never active, excluded)."
+    ]
+    fac, rl = s.get("token_variance_factor"), s.get("rel_var_latent")
+    if fac is not None:
+        lo, hi = PAPER_TOKEN_FACTOR
+        verdict = (
+            "in the range the paper reports (one to two orders of magnitude)"
+            if lo <= fac <= hi
+            else "even more than the one to two orders of magnitude the paper reports"
+            if fac > hi
+            else "less than the one to two orders of magnitude the paper reports"
+        )
+        out.append(
+            f"For a single token, a latent's layer variance is {fac:.1f}x smaller than across "
+            f"tokens (rel_var_token = {_f(s['rel_var_token'])}): {verdict}."
+        )
+    elif s.get("rel_var_token") == 0:
+        out.append("For a single token every latent is active at exactly one layer.")
+    if rl is not None:
+        out.append(
+            f"Aggregated over tokens, a latent's layer variance is {_f(rl)} of the total layer "
+            f"variance (rel_var_latent): "
+            + (
+                "individual latents spread over many layers (more than half the total spread)."
+                if rl > 0.5
+                else "individual latents are concentrated on a few neighbouring layers."
+            )
+        )
+    ma, mt = s.get("multi_layer_fraction_aggregate"), s.get("multi_layer_fraction_token")
+    if ma is not None and mt is not None:
+        verdict = (
+            "as in the paper: multi-layer in aggregate, mostly single-layer for one token."
+            if mt < 0.5 <= ma
+            else "unlike the paper, most activations of a latent on one token span several layers."
+            if mt >= 0.5
+            else "few latents are multi-layer even in aggregate."
+        )
+        out.append(
+            f"{100 * ma:.1f}% of active latents fire at more than one layer somewhere in the "
+            f"sample, and {100 * mt:.1f}% of (token, latent) activations span more than one "
+            f"layer of the same token: {verdict}"
+        )
+    nm = s.get("norm_mean")
+    if nm and len(nm) > 1:
+        steps = np.diff(np.asarray(nm, dtype=float))
+        grows = nm[-1] > nm[0] and (steps > 0).mean() >= 0.5
+        out.append(
+            f"Mean residual norm goes from {_f(nm[0])} (block {s['layers'][0]}) to {_f(nm[-1])} "
+            f"(block {s['layers'][-1]}), rising at {int((steps > 0).sum())} of {len(steps)} "
+            "steps: " + ("norms grow with depth, as the paper reports." if grows
+                         else "norms do not grow steadily with depth, unlike the paper.")
+        )  # fmt: skip
+    cos = [c for c in (s.get("adjacent_cosine") or []) if c is not None]
+    if cos:
+        out.append(
+            f"Adjacent-layer cosine similarity of centred residual vectors ranges from "
+            f"{min(cos):.3f} to {max(cos):.3f} (mean {float(np.mean(cos)):.3f})."
+        )
+    for c in s.get("compare") or []:
+        if c.get("rel_var_token") is None:
+            continue
+        if c.get("space", "model") != s.get("space", "model"):
+            out.append(lens_reading(s, c))
+            continue
+        out.append(
+            f"The comparison SAE ({c.get('label', c['sae'])}, trained on layers {c['sae_cfg']['layers']})"
+            f" applied to the same layers gives rel_var_latent = {_f(c.get('rel_var_latent'))} "
+            f"and rel_var_token = {_f(c.get('rel_var_token'))}."
+        )
+    if eval_mean:
+        fvu, dce = eval_mean.get("fvu"), eval_mean.get("delta_ce")
+        out.append(
+            f"Reconstruction (mean over layers): FVU {_f(fvu)}, delta CE {_f(dce)} "
+            "(paper, Pythia-70m with R=64, k=32: 0.097 and 0.565)."
+        )
+    return out
+
+
+def lens_reading(s: dict[str, Any], c: dict[str, Any]) -> str:
+    """One sentence comparing the same kind of SAE with and without the tuned lens (SPEC 5)."""
+    lensed, plain = (s, c) if s.get("space") == "tuned-lens" else (c, s)
+    keys = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token",
+            "multi_layer_fraction_aggregate")  # fmt: skip
+    parts = [f"{k} {_f(lensed.get(k))} vs {_f(plain.get(k))}" for k in keys]
+    a, b = lensed.get("multi_layer_fraction_token"), plain.get("multi_layer_fraction_token")
+    verdict = ""
+    if a is not None and b is not None:
+        verdict = (
+            ": the lens increases multi-layer activity, as the paper reports (slightly)."
+            if a > b
+            else ": the lens does not increase multi-layer activity here, unlike the paper."
+        )
+    return "With the tuned lens vs without (" + "; ".join(parts) + ")" + verdict
+
+
+# ---------------------------------------------------------------- HTML
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;
+padding:3px 8px;text-align:right;font-size:13px}th{background:#f0f0f0}td.k{text-align:left}
+figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}figcaption{color:#555;
+font-size:14px}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:12px}
+.reading li{margin:.3em 0}"""
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return _f(v, 4)
+    if isinstance(v, (list, dict)):
+        return html.escape(json.dumps(v))
+    return html.escape(str(v))
+
+
+def _kv_table(d: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td class=k>{html.escape(str(k))}</td><td class=k>{_cell(v)}</td></tr>"
+                   for k, v in d.items())  # fmt: skip
+    return f"<table>{rows}</table>"
+
+
+def _grid(header: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def eval_table(ev: dict[str, Any]) -> str:
+    """The evaluation JSON's per-layer metrics (dict of lists or list of dicts) and means."""
+    per, layers = ev.get("per_layer"), ev.get("layers")
+    if isinstance(per, dict):
+        keys = [k for k, v in per.items() if isinstance(v, list)]
+        n = max((len(per[k]) for k in keys), default=0)
+        layers = layers if isinstance(layers, list) and len(layers) == n else list(range(n))
+        rows = [[layers[i]] + [per[k][i] if i < len(per[k]) else "" for k in keys]
+                for i in range(n)]  # fmt: skip
+    elif isinstance(per, list) and per and all(isinstance(r, dict) for r in per):
+        keys = [k for k in per[0] if k != "layer"]
+        layers = layers if isinstance(layers, list) and len(layers) == len(per) else None
+        rows = [[r.get("layer", layers[i] if layers else i)] + [r.get(k, "") for k in keys]
+                for i, r in enumerate(per)]  # fmt: skip
+    else:
+        return f"<pre>{html.escape(json.dumps(ev, indent=1)[:20000])}</pre>"
+    mean = ev.get("mean")
+    if isinstance(mean, dict):
+        rows.append(["mean"] + [mean.get(k, "") for k in keys])
+    return _grid(["layer", *keys], rows)
+
+
+def _ratio_table(s: dict[str, Any]) -> str:
+    keys = ["n_tokens", "n_latents", "n_latents_alive", "var_layer", "mean_var_latent",
+            "mean_var_token", "rel_var_latent", "rel_var_token", "token_variance_factor",
+            "multi_layer_fraction_aggregate", "multi_layer_fraction_token",
+            "multi_layer_fraction_token_per_latent"]  # fmt: skip
+    lens = any(c.get("space", "model") != s.get("space", "model") for c in s.get("compare") or [])
+    tag = (lambda d: f" ({d.get('space', 'model')} space)") if lens else (lambda d: "")
+    cols = [(f"this SAE{tag(s)}", s)]
+    cols += [(f"compare: {c.get('label')}{tag(c)}", c) for c in s.get("compare") or []]
+    cols += [(f"prompt {i + 1}", p) for i, p in enumerate(s.get("prompts") or [])]
+    return _grid(["quantity", *[c for c, _ in cols]], [[k] + [d.get(k) for _, d in cols]
+                                                      for k in keys])  # fmt: skip
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def write_report(
+    path: Path,
+    s: dict[str, Any],
+    figs: list[tuple[str, Path]],
+    configs: dict[str, Any],
+    ev: tuple[Path, dict[str, Any]] | None,
+    extra_sections: list[str] | None = None,
+) -> Path:
+    """Write the self-contained report.html atomically."""
+    mean = ev[1].get("mean") if ev and isinstance(ev[1].get("mean"), dict) else None
+    parts = [
+        "<!doctype html><html><head><meta charset=utf-8>",
+        f"<title>mlsae analysis: {html.escape(Path(s['run']).name)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Where latents live: {html.escape(str(s['run']))}</h1>",
+        f"<p>SAE <code>{html.escape(str(s['sae']))}</code>; data {_cell(s.get('data'))}.</p>",
+        "<h2>Reading</h2><ul class=reading>",
+        *[f"<li>{html.escape(t)}</li>" for t in reading(s, mean)],
+        "</ul><h2>Layer statistics</h2>",
+        _ratio_table(s),
+    ]
+    if s.get("prompts"):
+        parts.append("<p>Prompts: " + "; ".join(
+            f"{i + 1}: <q>{html.escape(p['text'])}</q>" for i, p in enumerate(s["prompts"])
+        ) + "</p>")  # fmt: skip
+    parts.append("<h2>Figures</h2>")
+    for cap, p in figs:
+        parts.append(f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>")
+    if ev is not None:
+        parts += [f"<h2>Evaluation <small>({html.escape(ev[0].name)})</small></h2>",
+                  eval_table(ev[1])]  # fmt: skip
+    else:
+        parts.append("<h2>Evaluation</h2><p>No evaluation JSON in the run folder "
+                     "(run <code>mlsae evaluate</code> to add one).</p>")  # fmt: skip
+    parts += list(extra_sections or [])
+    parts.append("<h2>Configuration</h2>")
+    for name, cfg in configs.items():
+        if isinstance(cfg, dict):
+            parts += [f"<h3>{html.escape(name)}</h3>", _kv_table(cfg)]
+    parts.append(
+        "<h2>Definitions</h2><p>L is the block index. P(L=l|J=j) = sum_t a[t,l,j] / "
+        "sum_t,l' a[t,l',j]; P(J=j) and P(T=t,J=j) are proportional to the latent's total "
+        "activation (over layers and tokens, resp. over layers). rel_var_latent = "
+        "E_J[Var(L|J)]/Var(L); rel_var_token = E_J,T[Var(L|J,T)]/E_J[Var(L|J)]. "
+        "multi_layer_fraction_aggregate: fraction of active latents with activity at more "
+        "than one layer over the sample; multi_layer_fraction_token: fraction of active "
+        "(token, latent) pairs active at more than one layer of that token. Special tokens "
+        "are excluded; never-active latents are excluded where undefined.</p></body></html>"
+    )
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    tmp.replace(path)
+    return path
