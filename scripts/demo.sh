@@ -12,7 +12,7 @@ LR=${DEMO_LR:-1e-3}
 EARLY=${DEMO_EARLY:-3}; LATE=${DEMO_LATE:-24}
 mkdir -p "$OUT"
 # Caches resume (or are reused when complete); runs are re-made from scratch each time.
-rm -rf "$OUT/mlsae" "$OUT"/sae_layer* "$OUT/cross" "$OUT/analysis" "$OUT/lens" "$OUT/per_layer" "$OUT/evolution"
+rm -rf "$OUT/mlsae" "$OUT/mlsae_lens" "$OUT"/sae_layer* "$OUT/cross" "$OUT/analysis" "$OUT/lens" "$OUT/per_layer" "$OUT/evolution"
 start=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
@@ -53,16 +53,23 @@ if [[ "$EXTRA" == *" evolution "* ]]; then
   EVO=(--evolution "$OUT/evolution")
 fi
 
+CMP=(--compare "$OUT/sae_layer$LATE")
+if [[ "$EXTRA" == *" lens "* ]]; then
+  stage "lens: a tuned lens vs the logit lens, then the MLSAE trained in tuned-lens space"
+  "$M" lens train --tokens "${DEMO_LENS_TOKENS:-16384}" --out "$OUT/lens"
+  "$M" lens evaluate "$OUT/lens" --tokens "${DEMO_LENS_EVAL_TOKENS:-1024}" --out "$OUT/lens/eval.json"
+  # Same cache, same settings as the plain MLSAE; T_l is applied to each batch on the fly.
+  "$M" train --cache "$OUT/cache_train" --lens "$OUT/lens" --expansion-factor "$R" -k "$K" \
+    --batch-tokens "$BATCH" --lr "$LR" --dead-tokens 20000 --out "$OUT/mlsae_lens"
+  "$M" evaluate "$OUT/mlsae_lens" --cache "$OUT/cache_test" --tokens "${DEMO_CE_TOKENS:-2048}" \
+    --out "$OUT/mlsae_lens/eval.json"
+  CMP+=(--compare "$OUT/mlsae_lens")
+fi
+
 stage "5/6 analyze: where latents live across layers, residual geometry, report"
-"$M" analyze "$OUT/mlsae" --cache "$OUT/cache_test" --out "$OUT/analysis" --compare "$OUT/sae_layer$LATE" \
+"$M" analyze "$OUT/mlsae" --cache "$OUT/cache_test" --out "$OUT/analysis" "${CMP[@]}" \
   --prompt "The capital of France is Paris, and the capital of Italy is Rome." \
   --prompt "Mr. Speaker, the state of our Union is strong." "${EVO[@]}"
-
-if [[ "$EXTRA" == *" lens "* ]]; then
-  stage "lens: train a tuned lens and compare it with the logit lens on held-out tokens"
-  "$M" lens train --tokens "${DEMO_LENS_TOKENS:-20000}" --out "$OUT/lens"
-  "$M" lens evaluate "$OUT/lens" --tokens "$TEST" --out "$OUT/lens/eval.json"
-fi
 
 stage "6/6 done in $(( $(date +%s) - start ))s"
 echo "report: $(cd "$OUT/analysis" && pwd)/report.html"

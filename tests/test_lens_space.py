@@ -264,8 +264,16 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
 
     _train(root, tmp_path / "plain", "cache_train")
     _train(root, tmp_path / "lensed", "cache_train", "--lens", str(root / "lens"))
-    s = analyze_command(tmp_path / "plain", tmp_path / "a", cache=root / "cache_test",
-                        compare=[tmp_path / "lensed"])  # fmt: skip
+    ev = evaluate_command(tmp_path / "lensed", tmp_path / "lensed" / "eval.json",
+                          cache=root / "cache_test", ce=False)  # fmt: skip
+    lens_eval = {"layers": [0, 1, 2], "tuned": {"kl": [0.5, 0.25, 0.0], "ce": [3.0, 2.5, 2.0]},
+                 "logit": {"kl": [4.0, 2.0, 0.0], "ce": [6.0, 4.0, 2.0]}}  # fmt: skip
+    (root / "lens" / "eval.json").write_text(json.dumps(lens_eval))
+    try:
+        s = analyze_command(tmp_path / "plain", tmp_path / "a", cache=root / "cache_test",
+                            compare=[tmp_path / "lensed"])  # fmt: skip
+    finally:
+        (root / "lens" / "eval.json").unlink()
     c = s["compare"][0]
     assert s["space"] == "model" and c["space"] == "tuned-lens"
     # the same lens SAE analysed on the stored lens cache (no on-the-fly transform)
@@ -276,7 +284,9 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     assert c["rel_var_latent"] != pytest.approx(s["rel_var_latent"], rel=1e-6)
     text = (tmp_path / "a" / "report.html").read_text()
     assert "With the tuned lens vs without" in text and "tuned-lens space" in text
-    assert json.loads((tmp_path / "a" / "analysis.json").read_text())["compare"][0]["space"] == (
-        "tuned-lens"
-    )
+    assert "<h2>Tuned lens</h2>" in text and "eval: fvu_model" in text
+    assert c["eval_mean"]["fvu_model"] == pytest.approx(ev["mean"]["fvu_model"])
+    assert s["lens_eval"]["tuned"]["kl"] == lens_eval["tuned"]["kl"]
+    saved = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert saved["compare"][0]["space"] == "tuned-lens" and direct["lens_eval"] is None
     assert load_lens(root / "lens").covers(L - 1)

@@ -215,10 +215,15 @@ def analyze_command(
         [(_label(d), results[f"compare_{i}"]) for i, (d, _, _) in enumerate(cmps)],
     )
     summary["figures"] = [p.name for _, p in figs]
+    ev = find_eval(run, sae_dir)
+    summary["eval_mean"] = ev[1].get("mean") if ev else None
+    for c, cp in zip(summary["compare"], compares, strict=True):
+        c_ev = find_eval(Path(cp), Path(c["sae"]))
+        c["eval_mean"] = c_ev[1].get("mean") if c_ev else None
+    summary["lens_eval"] = _lens_eval([cfg.lens, *(c.lens for _, _, c in cmps)])
     summary = _clean(summary)
     save_json(out / "analysis.json", summary)
     stats.save_npz(out / "latents.npz")
-    ev = find_eval(run, sae_dir)
     configs = {"cfg.json": _read_json(sae_dir / "cfg.json")}
     for name in ("train_cfg.json",):
         for folder in (run, sae_dir):
@@ -228,6 +233,14 @@ def analyze_command(
     write_report(out / "report.html", summary, figs, configs, ev, extra)
     print(f"[mlsae] wrote {out / 'analysis.json'} and {out / 'report.html'}", file=sys.stderr)
     return summary
+
+
+def _lens_eval(lenses: list[str | None]) -> dict[str, Any] | None:
+    """`mlsae lens evaluate` results saved as eval.json in the first lens folder that has one."""
+    for lens in lenses:
+        if lens and isinstance(obj := _read_json(Path(lens) / "eval.json"), dict):
+            return {"path": lens, **obj}
+    return None
 
 
 def _on_the_fly(space: Any) -> Any:

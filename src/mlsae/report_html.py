@@ -185,8 +185,24 @@ def _ratio_table(s: dict[str, Any]) -> str:
     cols = [(f"this SAE{tag(s)}", s)]
     cols += [(f"compare: {c.get('label')}{tag(c)}", c) for c in s.get("compare") or []]
     cols += [(f"prompt {i + 1}", p) for i, p in enumerate(s.get("prompts") or [])]
-    return _grid(["quantity", *[c for c, _ in cols]], [[k] + [d.get(k) for _, d in cols]
-                                                      for k in keys])  # fmt: skip
+    rows = [[k] + [d.get(k) for _, d in cols] for k in keys]
+    ev_keys = ("fvu", "fvu_model", "mse", "delta_ce", "kl", "l0")  # held-out, from eval.json
+    for k in ev_keys:
+        vals = [(d.get("eval_mean") or {}).get(k) for _, d in cols]
+        if any(v is not None for v in vals):
+            rows.append([f"eval: {k}", *vals])
+    return _grid(["quantity", *[c for c, _ in cols]], rows)
+
+
+def lens_table(lens_eval: dict[str, Any]) -> str:
+    """Per-layer KL and CE of the tuned lens vs the logit lens (`mlsae lens evaluate` JSON)."""
+    t, lg = lens_eval.get("tuned") or {}, lens_eval.get("logit") or {}
+    rows = [
+        [layer, *(d.get(k, [None] * (i + 1))[i] for d, k in ((t, "kl"), (lg, "kl"), (t, "ce"),
+                                                             (lg, "ce")))]
+        for i, layer in enumerate(lens_eval.get("layers") or [])
+    ]  # fmt: skip
+    return _grid(["layer", "KL tuned", "KL logit", "CE tuned", "CE logit"], rows)
 
 
 def _img(path: Path) -> str:
@@ -222,6 +238,16 @@ def write_report(
     parts.append("<h2>Figures</h2>")
     for cap, p in figs:
         parts.append(f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>")
+    if s.get("lens_eval"):
+        le = s["lens_eval"]
+        parts += [
+            "<h2>Tuned lens</h2>",
+            f"<p>Lens <code>{html.escape(str(le.get('path')))}</code>: KL(final || lens) and "
+            "next-token CE per block on held-out tokens (nats). Lens-space SAEs see T_l(x); "
+            "their reconstructions return through the exact inverse, so delta CE and KL are "
+            "measured in the model's space, and eval: fvu_model is the FVU there.</p>",
+            lens_table(le),
+        ]
     if ev is not None:
         parts += [f"<h2>Evaluation <small>({html.escape(ev[0].name)})</small></h2>",
                   eval_table(ev[1])]  # fmt: skip
