@@ -117,3 +117,26 @@ def write_word_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
         for _ in range(n_docs):
             f.write(json.dumps({"text": " ".join(g.choice(WORDS, size=g.integers(3, 9)))}) + "\n")
     return path
+
+
+@torch.no_grad()
+def hooked_delta_ce(model, ids, used, layer: int, recon) -> float:
+    """Reference delta CE by two plain full forwards, the second with a hook replacing block
+    `layer`'s output at `used` positions by recon(h[used]) ([N, d] -> [N, d]). Every target
+    exists in these fixed-length contexts; predictions from used positions count."""
+    import torch.nn.functional as F
+
+    from mlsae.capture import get_blocks
+
+    def hook(_m, _i, o):
+        h = (o[0] if isinstance(o, tuple) else o).clone()
+        h[used] = recon(h[used]).to(h.dtype)
+        return (h, *o[1:]) if isinstance(o, tuple) else h
+
+    clean = F.log_softmax(model(input_ids=ids).logits, -1)
+    handle = get_blocks(model)[layer].register_forward_hook(hook)
+    spliced = F.log_softmax(model(input_ids=ids).logits, -1)
+    handle.remove()
+    tgt = ids[:, 1:, None]
+    ce = (clean[:, :-1].gather(2, tgt) - spliced[:, :-1].gather(2, tgt)).squeeze(2)
+    return float(ce[used[:, :-1]].mean())

@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from mlsae.cache import ActivationCache
-from mlsae.capture import get_blocks
 from mlsae.cli import app
 from mlsae.config import DataConfig, ModelConfig, SaeConfig
 from mlsae.cross import cross_command
@@ -72,20 +70,10 @@ def _reference(root: Path, model, sae_dir: Path, layers: list[int]) -> dict:
     return out
 
 
-@torch.no_grad()
 def _manual_delta_ce(model, sae, ids, used, layer) -> float:
-    def hook(_m, _i, o):
-        h = (o[0] if isinstance(o, tuple) else o).clone()
-        h[used] = sae(h[used])[0]
-        return (h, *o[1:]) if isinstance(o, tuple) else h
+    from conftest import hooked_delta_ce
 
-    clean = F.log_softmax(model(input_ids=ids).logits, -1)
-    handle = get_blocks(model)[layer].register_forward_hook(hook)
-    spliced = F.log_softmax(model(input_ids=ids).logits, -1)
-    handle.remove()
-    tgt = ids[:, 1:, None]
-    ce = (clean[:, :-1].gather(2, tgt) - spliced[:, :-1].gather(2, tgt)).squeeze(2)
-    return float(ce[used[:, :-1]].mean())  # from used positions, every target exists here
+    return hooked_delta_ce(model, ids, used, layer, lambda h: sae(h)[0])
 
 
 def test_cli_with_cache_matches_reference(setup, tmp_path):

@@ -11,11 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from mlsae.cache import ActivationCache
-from mlsae.capture import get_blocks
 from mlsae.cli import app
 from mlsae.config import DataConfig, ModelConfig, SaeConfig
 from mlsae.errors import MlsaeError
@@ -168,6 +166,8 @@ def test_perfect_reconstruction_through_the_lens_has_zero_delta_ce(root, monkeyp
 
 @torch.no_grad()
 def _reference(root: Path, sae, model) -> dict:
+    from conftest import hooked_delta_ce
+
     """FVU in both spaces with numpy and delta CE by a hooked full forward, from the plain
     cache, with the lens applied and inverted by numpy."""
     acts, ids, mask = _all(root / "cache_test")
@@ -186,19 +186,10 @@ def _reference(root: Path, sae, model) -> dict:
         out["fvu"].append(((z - z_hat) ** 2).sum() / ((z - z.mean(0)) ** 2).sum())
         out["fvu_model"].append(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
-        def hook(_m, _i, o, layer=layer):
-            h = (o[0] if isinstance(o, tuple) else o).clone()
-            x_hat = _np_inverse(root, recon(h[used].double().numpy(), layer)[1], layer)
-            h[used] = torch.as_tensor(x_hat, dtype=h.dtype)
-            return (h, *o[1:]) if isinstance(o, tuple) else h
+        def through_lens(h: torch.Tensor, layer: int = layer) -> torch.Tensor:
+            return torch.as_tensor(_np_inverse(root, recon(h.double().numpy(), layer)[1], layer))
 
-        clean = F.log_softmax(model(input_ids=ids).logits, -1)
-        handle = get_blocks(model)[layer].register_forward_hook(hook)
-        spliced = F.log_softmax(model(input_ids=ids).logits, -1)
-        handle.remove()
-        tgt = ids[:, 1:, None]
-        ce = (clean[:, :-1].gather(2, tgt) - spliced[:, :-1].gather(2, tgt)).squeeze(2)
-        out["delta_ce"].append(float(ce[used[:, :-1]].mean()))
+        out["delta_ce"].append(hooked_delta_ce(model, ids, used, layer, through_lens))
     return out
 
 
