@@ -166,10 +166,10 @@ def test_perfect_reconstruction_through_the_lens_has_zero_delta_ce(root, monkeyp
 
 @torch.no_grad()
 def _reference(root: Path, sae, model) -> dict:
-    from conftest import hooked_delta_ce
-
     """FVU in both spaces with numpy and delta CE by a hooked full forward, from the plain
     cache, with the lens applied and inverted by numpy."""
+    from conftest import hooked_delta_ce
+
     acts, ids, mask = _all(root / "cache_test")
     used = mask.view(-1, CTX)
     out: dict = {"fvu": [], "fvu_model": [], "delta_ce": []}
