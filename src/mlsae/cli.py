@@ -12,6 +12,20 @@ from typing import Annotated
 
 import typer
 
+from mlsae.cli_lens import lens_app
+from mlsae.cli_options import (
+    ColOpt,
+    CtxOpt,
+    DatasetOpt,
+    HfSplitOpt,
+    LayersOpt,
+    ModelDtypeOpt,
+    ModelOpt,
+    SplitOpt,
+    _d,
+    _m,
+    _t,
+)
 from mlsae.config import DataConfig, ModelConfig, TrainConfig
 from mlsae.errors import MlsaeError
 
@@ -22,26 +36,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_d, _m, _t = DataConfig(), ModelConfig(), TrainConfig()
-
 
 @app.callback()
 def _root() -> None:
     """Multi-layer sparse autoencoders: cache activations, train, evaluate, analyse."""
-
-
-ModelOpt = Annotated[
-    str, typer.Option(help="'default' (embedded SmolLM2-135M), HF id/dir, or .gguf")
-]
-DatasetOpt = Annotated[
-    str, typer.Option(help="'default' (embedded corpus), HF dataset, or .txt/.jsonl/.parquet files")
-]
-SplitOpt = Annotated[str, typer.Option(help="train or test (document-level, disjoint)")]
-LayersOpt = Annotated[str | None, typer.Option(help="'all' or e.g. '0,5,10' or '0-11'")]
-CtxOpt = Annotated[int, typer.Option(help="Tokens per context")]
-ColOpt = Annotated[str, typer.Option(help="Text column (HF/JSONL/parquet)")]
-HfSplitOpt = Annotated[str, typer.Option(help="HF dataset split to stream")]
-ModelDtypeOpt = Annotated[str, typer.Option(help="Model weight dtype: float32 or bfloat16")]
 
 
 @app.command()
@@ -80,98 +78,6 @@ def cache(
         batch_size=batch_size,
         shard_tokens=shard_tokens,
         lens=lens,
-    )
-
-
-lens_app = typer.Typer(
-    no_args_is_help=True, help="Tuned lens: train per-layer translators, compare to the logit lens."
-)
-
-
-@lens_app.command("train")
-def lens_train(
-    out: Annotated[Path, typer.Option(help="Output lens folder (lens.safetensors + lens.json)")],
-    model: ModelOpt = _m.model,
-    dataset: DatasetOpt = _d.dataset,
-    tokens: Annotated[
-        int, typer.Option(help="Training-split tokens (all used by the regression)")
-    ] = 16384,
-    layers: LayersOpt = None,
-    context_length: CtxOpt = 128,
-    init: Annotated[
-        str, typer.Option(help="'regression' (least-squares warm start) or 'zero' (identity)")
-    ] = "regression",
-    ridge: Annotated[float, typer.Option(help="Ridge of the regression (x Gram diagonal)")] = 0.01,
-    min_singular: Annotated[
-        float, typer.Option(help="Floor on the singular values of I + A after the regression")
-    ] = 0.1,
-    lr: Annotated[
-        float | None, typer.Option(help="Adam lr of the KL steps (default 1e-4; 1e-3 from zero)")
-    ] = None,
-    steps: Annotated[int, typer.Option(help="KL optimizer steps (0: regression only)")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Contexts per KL step")] = 1,
-    seed: Annotated[int, typer.Option(help="Data order seed")] = 0,
-    text_column: ColOpt = _d.text_column,
-    hf_split: HfSplitOpt = _d.hf_split,
-    dtype: ModelDtypeOpt = _m.dtype,
-) -> None:
-    """Train a tuned lens: minimise KL(final || lens) at every block but the last."""
-    from mlsae.lens_train import train_lens_command
-
-    train_lens_command(
-        out=out,
-        model_cfg=ModelConfig(model=model, dtype=dtype),  # type: ignore[arg-type]
-        data_cfg=DataConfig(
-            dataset=dataset,
-            split="train",
-            text_column=text_column,
-            hf_split=hf_split,
-            context_length=context_length,
-        ),
-        n_tokens=tokens,
-        layers=layers,
-        init=init,
-        ridge=ridge,
-        min_singular=min_singular,
-        lr=lr,
-        steps=steps,
-        batch_size=batch_size,
-        seed=seed,
-    )
-
-
-@lens_app.command("evaluate")
-def lens_evaluate(
-    lens: Annotated[Path, typer.Argument(help="Lens folder (ours or tuned-lens params.pt)")],
-    out: Annotated[Path, typer.Option(help="Output JSON file")],
-    model: Annotated[
-        str | None, typer.Option(help="Model (default: the one named in the lens)")
-    ] = None,
-    dataset: DatasetOpt = _d.dataset,
-    tokens: Annotated[int, typer.Option(help="Test-split tokens to evaluate")] = 2048,
-    context_length: CtxOpt = 128,
-    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass")] = 2,
-    text_column: ColOpt = _d.text_column,
-    hf_split: HfSplitOpt = _d.hf_split,
-    dtype: ModelDtypeOpt = _m.dtype,
-) -> None:
-    """Per-layer KL and CE of the tuned lens vs the logit lens on held-out tokens."""
-    from mlsae.lens_eval import evaluate_lens_command
-
-    evaluate_lens_command(
-        lens_path=lens,
-        out=out,
-        model=model,
-        dtype=dtype,
-        data_cfg=DataConfig(
-            dataset=dataset,
-            split="test",
-            text_column=text_column,
-            hf_split=hf_split,
-            context_length=context_length,
-        ),
-        n_tokens=tokens,
-        batch_size=batch_size,
     )
 
 
@@ -264,8 +170,10 @@ def evaluate(
         Path | None, typer.Option(help="A lens SAE's tuned-lens folder, if it has moved")
     ] = None,
 ) -> None:
-    """Per-layer FVU, MSE, L0, delta CE, KL and dead fraction on held-out tokens. A tuned-lens
-    SAE gets FVU in both spaces and delta CE / KL through the exact inverse."""
+    """Per-layer FVU, MSE, L0, delta CE, KL and dead fraction on held-out tokens.
+
+    A tuned-lens SAE gets FVU in both spaces, and delta CE / KL through the exact inverse.
+    """
     from mlsae.cross import cross_command
     from mlsae.evaluate import evaluate_command, parse_layers
 
