@@ -281,3 +281,23 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     saved = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert saved["compare"][0]["space"] == "tuned-lens" and direct["lens_eval"] is None
     assert load_lens(root / "lens").covers(L - 1)
+
+
+def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
+    from mlsae.evolution import EvolutionConfig
+    from mlsae.evolution_run import evolution_command
+
+    _train(root, tmp_path / "pl", "cache_train", "--per-layer", "--lens", str(root / "lens"))
+    cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.01, max_nodes_html=30)
+    fly = evolution_command(tmp_path / "pl", tmp_path / "a", cache=root / "cache_test", cfg=cfg)
+    stored = evolution_command(tmp_path / "pl", tmp_path / "b", cache=root / "cache_test_lens",
+                               cfg=cfg)  # fmt: skip
+    for p, q in zip(fly["pairs"], stored["pairs"], strict=True):
+        for k in ("pass_through", "appear", "disappear"):
+            assert p[k] == pytest.approx(q[k], abs=1e-6), k
+    for p, q in zip(fly["match"], stored["match"], strict=True):
+        assert p == pytest.approx(q, rel=1e-4)
+    # a model-space per-layer set refuses the lens cache
+    _train(root, tmp_path / "pp", "cache_train", "--per-layer")
+    with pytest.raises(MlsaeError, match="cache holds tuned-lens vectors"):
+        evolution_command(tmp_path / "pp", tmp_path / "c", cache=root / "cache_test_lens", cfg=cfg)

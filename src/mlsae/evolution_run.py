@@ -108,8 +108,6 @@ def cache_chunks(path: Path, saes: list[tuple[int, Any]]) -> tuple[Iterator[Chun
             raise MlsaeError(
                 f"SAE of layer {ly} has d_in {sae.cfg.d_in}, cache d_model {cache.d_model}"
             )
-        if (sae.cfg.lens or None) != (cache.manifest.get("lens") or None):
-            raise MlsaeError(f"SAE of layer {ly} and cache {path} disagree on the tuned lens")
     cols = [cache.layers.index(ly) for ly, _ in saes]
 
     def gen() -> Iterator[Chunk]:
@@ -117,7 +115,8 @@ def cache_chunks(path: Path, saes: list[tuple[int, Any]]) -> tuple[Iterator[Chun
             yield Chunk(s.activations[:, cols], s.token_ids, s.mask, s.offset)
 
     facts = {"n_tokens": cache.n_tokens, "context_length": int(cache.context_length),
-             "model": cache.manifest.get("model"), "source": str(path)}  # fmt: skip
+             "model": cache.manifest.get("model"), "source": str(path),
+             "lens": cache.manifest.get("lens")}  # fmt: skip
     return gen(), facts
 
 
@@ -220,9 +219,10 @@ def one_thread() -> Iterator[None]:
 @torch.inference_mode()
 def first_pass(
     chunks: Iterator[Chunk], saes: list[tuple[int, Any]], store: CodeStore, match: MatchScores,
-    cfg: EvolutionConfig, total: int | None,
+    cfg: EvolutionConfig, total: int | None, spaces: list[Any] | None = None,
 ) -> list[FeatureStats]:  # fmt: skip
-    """Encode every layer of every chunk; feature statistics, codes on disk, SAE Match FVUs."""
+    """Encode every layer of every chunk; feature statistics, codes on disk, SAE Match FVUs.
+    `spaces` (lens.Space per SAE): tuned-lens SAEs read T_l(x)."""
     stats = [FeatureStats(sae.cfg.d_sae, cfg.contexts) for _, sae in saes]
     bar = tqdm(total=total, desc="evolution: encode", unit="tok", leave=False)
     for ch in chunks:
@@ -230,8 +230,10 @@ def first_pass(
         pos = ch.offset + torch.arange(len(ch.mask))[ch.mask]
         if len(pos):
             prev = None
-            for p, (_, sae) in enumerate(saes):
+            for p, (ly, sae) in enumerate(saes):
                 x = ch.acts[:, p][ch.mask].float()  # [n_used, d]
+                if spaces is not None:
+                    x = spaces[p].cached_to_sae(x, ly)
                 enc = sae.encode(x)
                 store.add(p, enc.top_indices, enc.top_acts)
                 with one_thread():
@@ -326,6 +328,12 @@ def evolution_command(
         mc = ModelConfig(model=model or sc.model, dtype=dtype)  # type: ignore[arg-type]
         dc = DataConfig(dataset=dataset or sc.dataset, **{"split": "test", **(data_kw or {})})
         chunks, facts, tokenizer = model_chunks(mc, dc, saes, n_tokens, batch_size)
+    from mlsae.lens import resolve_space
+
+    spaces = [
+        resolve_space(sae.cfg.lens, facts.get("lens"), what=f"the SAE of layer {ly}")
+        for ly, sae in saes
+    ]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pairs = list(zip(layers[:-1], layers[1:], strict=True))
@@ -334,7 +342,7 @@ def evolution_command(
     tmp = Path(tempfile.mkdtemp(prefix=".codes-", dir=out))
     try:
         store = CodeStore(tmp, len(saes))
-        stats = first_pass(chunks, saes, store, match, cfg, facts["n_tokens"])
+        stats = first_pass(chunks, saes, store, match, cfg, facts["n_tokens"], spaces)
         clock["encode"] = time.perf_counter()
         with one_thread():
             results = second_pass(saes, stats, store, cfg)

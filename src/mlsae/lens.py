@@ -162,8 +162,9 @@ class TunedLens(nn.Module):
         """Exact inverse per layer: z [..., L, d] with z[..., i, :] in lens space of layers[i]."""
         return torch.stack([self.inverse(z[..., i, :], lay) for i, lay in enumerate(layers)], -2)
 
+    @torch.no_grad()
     def forward_rows(self, x: Tensor, layer_of_row: Tensor) -> Tensor:
-        """T applied row by row: x [N, d], layer_of_row [N] block index of each row."""
+        """T applied row by row (no autograd): x [N, d], layer_of_row [N] block of each row."""
         out = x.clone()
         for lay in torch.unique(layer_of_row).tolist():
             sel = layer_of_row == lay
@@ -332,10 +333,12 @@ class Space:
     def __init__(self, lens: TunedLens | None = None, cache_in_lens: bool = False) -> None:
         self.lens, self.cache_in_lens = lens, bool(cache_in_lens and lens is not None)
 
+    @torch.no_grad()
     def to_sae(self, x: Tensor, layer: int) -> Tensor:
-        """Model-space vectors [N, d] of block `layer` -> SAE inputs."""
+        """Model-space vectors [N, d] of block `layer` -> SAE inputs (no autograd)."""
         return x if self.lens is None else self.lens.forward(x, layer)
 
+    @torch.no_grad()
     def to_model(self, z: Tensor, layer: int) -> Tensor:
         """SAE-space vectors (inputs or reconstructions) -> model space (exact inverse)."""
         return z if self.lens is None else self.lens.inverse(z, layer)
