@@ -257,6 +257,8 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     _train(root, tmp_path / "lensed", "cache_train", "--lens", str(root / "lens"))
     ev = evaluate_command(tmp_path / "lensed", tmp_path / "lensed" / "eval.json",
                           cache=root / "cache_test", ce=False)  # fmt: skip
+    pev = evaluate_command(tmp_path / "plain", tmp_path / "plain" / "eval.json",
+                           cache=root / "cache_test", ce=False)  # fmt: skip
     lens_eval = {"layers": [0, 1, 2], "tuned": {"kl": [0.5, 0.25, 0.0], "ce": [3.0, 2.5, 2.0]},
                  "logit": {"kl": [4.0, 2.0, 0.0], "ce": [6.0, 4.0, 2.0]}}  # fmt: skip
     (root / "lens" / "eval.json").write_text(json.dumps(lens_eval))
@@ -276,6 +278,7 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     text = (tmp_path / "a" / "report.html").read_text()
     assert "With the tuned lens vs without" in text and "tuned-lens space" in text
     assert "<h2>Tuned lens</h2>" in text and "eval: fvu_model" in text
+    assert f"held-out FVU is {ev['mean']['fvu_model']:.3g} vs {pev['mean']['fvu']:.3g}" in text
     assert c["eval_mean"]["fvu_model"] == pytest.approx(ev["mean"]["fvu_model"])
     assert s["lens_eval"]["tuned"]["kl"] == lens_eval["tuned"]["kl"]
     saved = json.loads((tmp_path / "a" / "analysis.json").read_text())

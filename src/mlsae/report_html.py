@@ -120,7 +120,16 @@ def lens_reading(s: dict[str, Any], c: dict[str, Any]) -> str:
             if a > b
             else ": the lens does not increase multi-layer activity here, unlike the paper."
         )
-    return "With the tuned lens vs without (" + "; ".join(parts) + ")" + verdict
+    out = "With the tuned lens vs without (" + "; ".join(parts) + ")" + verdict
+    el, ep = lensed.get("eval_mean") or {}, plain.get("eval_mean") or {}
+    fl, fp = el.get("fvu_model", el.get("fvu")), ep.get("fvu")
+    if fl is not None and fp is not None:
+        out += (
+            f" In the model's space (through the exact inverse) the lens SAE's held-out FVU is "
+            f"{_f(fl)} vs {_f(fp)} and its delta CE {_f(el.get('delta_ce'))} vs "
+            f"{_f(ep.get('delta_ce'))} (lens-space FVU {_f(el.get('fvu'))})."
+        )
+    return out
 
 
 # ---------------------------------------------------------------- HTML
@@ -134,6 +143,8 @@ font-size:14px}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:12p
 
 
 def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return _f(v, 4)
     if isinstance(v, (list, dict)):
