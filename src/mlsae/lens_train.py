@@ -362,7 +362,9 @@ def train_lens_command(
         "singular_values": _singular_summary(lens),
     }
     lens.save(out)
-    kl = f", train KL per layer {history[0]:.3f} -> {history[-1]:.3f}" if history else ""
+    kl = (  # one context per step by default: a per-step trend would be noise
+        f", mean train-batch KL per layer {sum(history) / len(history):.3f}" if history else ""
+    )
     print(
         f"[mlsae] lens saved to {out} (init {init}, {len(history)} KL steps{kl}, {wall:.0f} s)",
         file=sys.stderr,
