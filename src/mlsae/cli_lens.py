@@ -19,7 +19,7 @@ from mlsae.cli_options import (
     _d,
     _m,
 )
-from mlsae.config import DataConfig, ModelConfig
+from mlsae.config import DEFAULT_MIN_SINGULAR, DataConfig, ModelConfig
 
 lens_app = typer.Typer(
     no_args_is_help=True, help="Tuned lens: train per-layer translators, compare to the logit lens."
@@ -41,8 +41,9 @@ def lens_train(
     ] = "regression",
     ridge: Annotated[float, typer.Option(help="Ridge of the regression (x Gram diagonal)")] = 0.01,
     min_singular: Annotated[
-        float, typer.Option(help="Floor on the singular values of I + A after the regression")
-    ] = 0.1,
+        float,
+        typer.Option(help="Floor on the singular values of I + A (bounds the inverse's gain)"),
+    ] = DEFAULT_MIN_SINGULAR,
     lr: Annotated[
         float | None, typer.Option(help="Adam lr of the KL steps (default 1e-4; 1e-3 from zero)")
     ] = None,

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.capture import capture, get_final_norm, unembed, used_mask
-from mlsae.config import DataConfig, ModelConfig
+from mlsae.config import DEFAULT_MIN_SINGULAR, DataConfig, ModelConfig
 from mlsae.errors import MlsaeError
 from mlsae.lens import TunedLens
 
@@ -118,7 +118,7 @@ def regression_init(
     batches: Iterable[Tensor],
     special_ids: Sequence[int],
     ridge: float = 0.01,
-    min_singular: float = 0.1,
+    min_singular: float = DEFAULT_MIN_SINGULAR,
     progress: bool = True,
 ) -> int:
     """Warm start: set each trained translator to the weighted least-squares affine map from
@@ -129,8 +129,8 @@ def regression_init(
 
     The fit squashes directions the final output does not vary in (singular values of I + A
     down to 1e-4), which the exact inverse would amplify ~1e4-fold; singular values below
-    `min_singular` are raised to it (then c is refit). On SmolLM2 a floor of 0.1 changes the
-    KL by < 1% and bounds ||(I + A)^-1|| by 10."""
+    `min_singular` are raised to it (then c is refit), which bounds ||(I + A)^-1|| by
+    1 / min_singular (see DEFAULT_MIN_SINGULAR)."""
     trained = lens.trained_layers
     d = lens.d_model
     gram = {layer: torch.zeros(d + 1, d + 1, dtype=torch.float64) for layer in trained}
@@ -297,7 +297,7 @@ def train_lens_command(
     layers: str | None = None,
     init: str = "regression",
     ridge: float = 0.01,
-    min_singular: float = 0.1,
+    min_singular: float = DEFAULT_MIN_SINGULAR,
     lr: float | None = None,
     steps: int = 8,
     batch_size: int = 1,
