@@ -116,9 +116,9 @@ def lens_reading(s: dict[str, Any], c: dict[str, Any]) -> str:
     verdict = ""
     if a is not None and b is not None:
         verdict = (
-            ": the lens increases multi-layer activity, as the paper reports (slightly)."
+            ": the lens increases per-token multi-layer activity, as the paper reports (slightly)."
             if a > b
-            else ": the lens does not increase multi-layer activity here, unlike the paper."
+            else ": the lens does not increase per-token multi-layer activity here, unlike the paper."
         )
     out = "With the tuned lens vs without (" + "; ".join(parts) + ")" + verdict
     el, ep = lensed.get("eval_mean") or {}, plain.get("eval_mean") or {}
