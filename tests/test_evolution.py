@@ -11,12 +11,11 @@ import torch
 from mlsae.errors import MlsaeError
 from mlsae.evolution import (
     EvolutionConfig,
-    FeatureStats,
-    PairStats,
     measures,
     plan_groups,
     summarize_pair,
 )
+from mlsae.evolution_stats import FeatureStats, PairStats
 
 
 def to_codes(dense: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

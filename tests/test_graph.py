@@ -168,13 +168,8 @@ def test_pipeline_outputs(tiny, tmp_path):
 
 
 def test_second_pass_independent_of_chunking(tiny, tmp_path):
-    from mlsae.evolution_run import (
-        CodeStore,
-        cache_chunks,
-        first_pass,
-        load_per_layer,
-        second_pass,
-    )
+    from mlsae.evolution_data import CodeStore, cache_chunks, load_per_layer
+    from mlsae.evolution_run import first_pass, second_pass
 
     root = tiny[0]
     saes = load_per_layer(root / "run")

@@ -23,7 +23,8 @@ import numpy as np
 from torch import Tensor
 
 from mlsae.errors import MlsaeError
-from mlsae.evolution import MEASURES, EvolutionConfig, FeatureStats, PairResult
+from mlsae.evolution import MEASURES, EvolutionConfig, PairResult
+from mlsae.evolution_stats import FeatureStats
 
 PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
