@@ -19,7 +19,9 @@ from mlsae.cli_options import (
     _d,
     _m,
 )
-from mlsae.config import DEFAULT_MIN_SINGULAR, DataConfig, ModelConfig
+from mlsae.config import DataConfig, LensTrainConfig, ModelConfig
+
+_l = LensTrainConfig  # its class attributes are the field defaults (lr stays None)
 
 lens_app = typer.Typer(
     no_args_is_help=True, help="Tuned lens: train per-layer translators, compare to the logit lens."
@@ -38,18 +40,20 @@ def lens_train(
     context_length: CtxOpt = 128,
     init: Annotated[
         str, typer.Option(help="'regression' (least-squares warm start) or 'zero' (identity)")
-    ] = "regression",
-    ridge: Annotated[float, typer.Option(help="Ridge of the regression (x Gram diagonal)")] = 0.01,
+    ] = _l.init,
+    ridge: Annotated[
+        float, typer.Option(help="Ridge of the regression (x Gram diagonal)")
+    ] = _l.ridge,
     min_singular: Annotated[
         float,
         typer.Option(help="Floor on the singular values of I + A (bounds the inverse's gain)"),
-    ] = DEFAULT_MIN_SINGULAR,
+    ] = _l.min_singular,
     lr: Annotated[
         float | None, typer.Option(help="Adam lr of the KL steps (default 1e-4; 1e-3 from zero)")
-    ] = None,
-    steps: Annotated[int, typer.Option(help="KL optimizer steps (0: regression only)")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Contexts per KL step")] = 1,
-    seed: Annotated[int, typer.Option(help="Data order seed")] = 0,
+    ] = _l.lr,
+    steps: Annotated[int, typer.Option(help="KL optimizer steps (0: regression only)")] = _l.steps,
+    batch_size: Annotated[int, typer.Option(help="Contexts per KL step")] = _l.batch_size,
+    seed: Annotated[int, typer.Option(help="Data order seed")] = _l.seed,
     text_column: ColOpt = _d.text_column,
     hf_split: HfSplitOpt = _d.hf_split,
     dtype: ModelDtypeOpt = _m.dtype,
@@ -69,13 +73,15 @@ def lens_train(
         ),
         n_tokens=tokens,
         layers=layers,
-        init=init,
-        ridge=ridge,
-        min_singular=min_singular,
-        lr=lr,
-        steps=steps,
-        batch_size=batch_size,
-        seed=seed,
+        cfg=LensTrainConfig(
+            init=init,  # type: ignore[arg-type]
+            ridge=ridge,
+            min_singular=min_singular,
+            lr=lr,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+        ),
     )
 
 

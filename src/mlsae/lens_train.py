@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.capture import capture, get_final_norm, unembed, used_mask
-from mlsae.config import DEFAULT_MIN_SINGULAR, DataConfig, ModelConfig
+from mlsae.config import DEFAULT_MIN_SINGULAR, DataConfig, LensTrainConfig, ModelConfig
 from mlsae.errors import MlsaeError
 from mlsae.lens import TunedLens
 
@@ -295,50 +295,35 @@ def train_lens_command(
     data_cfg: DataConfig,
     n_tokens: int,
     layers: str | None = None,
-    init: str = "regression",
-    ridge: float = 0.01,
-    min_singular: float = DEFAULT_MIN_SINGULAR,
-    lr: float | None = None,
-    steps: int = 8,
-    batch_size: int = 1,
-    seed: int = 0,
+    cfg: LensTrainConfig | None = None,
 ) -> TunedLens:
-    """`mlsae lens train`: warm start (regression on all `n_tokens`, or zero), then `steps` KL
-    steps of `batch_size` contexts (lr default 1e-4 after regression, 1e-3 from zero); save."""
+    """`mlsae lens train`: warm start (regression on all `n_tokens`, or zero), then `cfg.steps`
+    KL steps of `cfg.batch_size` contexts; save."""
     from mlsae.capture import iter_layers_arg
     from mlsae.model import load_model
 
+    cfg = cfg or LensTrainConfig()
     if data_cfg.split != "train":
         raise MlsaeError("the lens is trained on the train split")
-    if init not in ("regression", "zero"):
-        raise MlsaeError(f"--init must be 'regression' or 'zero', not {init!r}")
-    lr = lr if lr is not None else (1e-4 if init == "regression" else 1e-3)
-    if batch_size < 1 or steps < 0 or not lr > 0 or not ridge >= 0 or not 0 <= min_singular < 1:
-        raise MlsaeError(
-            "--batch-size must be >= 1, --steps >= 0, --lr > 0, --ridge >= 0 and "
-            "--min-singular in [0, 1)"
-        )
-    if init == "zero" and steps == 0:
-        raise MlsaeError("--init zero with --steps 0 would save the logit lens: use --steps >= 1")
     t0 = time.perf_counter()
     lm = load_model(model_cfg)
     chosen = iter_layers_arg(layers, lm.n_layers)
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     lens = TunedLens(lm.n_layers, lm.d_model, chosen, model=lm.name)
     if not lens.trained_layers:
         raise MlsaeError("nothing to train: the last block's lens is the identity")
     contexts = load_contexts(lm.tokenizer, data_cfg, n_tokens)
     n_regr = 0
-    if init == "regression":
+    if cfg.init == "regression":
         batches = [contexts[i : i + 8] for i in range(0, len(contexts), 8)]
         n_regr = regression_init(
-            lm.model, lens, batches, lm.special_ids, ridge=ridge, min_singular=min_singular
+            lm.model, lens, batches, lm.special_ids, ridge=cfg.ridge, min_singular=cfg.min_singular
         )
     history: list[float] = []
-    if steps:
+    if cfg.steps:
         history = train_lens(
-            lm.model, lens, contexts, lm.special_ids, steps=steps, batch_size=batch_size, lr=lr,
-            seed=seed,
+            lm.model, lens, contexts, lm.special_ids, steps=cfg.steps, batch_size=cfg.batch_size,
+            lr=cfg.lr, seed=cfg.seed,
         )  # fmt: skip
     wall = time.perf_counter() - t0
     lens.meta["training"] = {
@@ -346,16 +331,16 @@ def train_lens_command(
         "split": data_cfg.split,
         "context_length": data_cfg.context_length,
         "tokens": int(contexts.numel()),
-        "init": init,
-        "ridge": ridge if init == "regression" else None,
-        "min_singular": min_singular if init == "regression" else None,
+        "init": cfg.init,
+        "ridge": cfg.ridge if cfg.init == "regression" else None,
+        "min_singular": cfg.min_singular if cfg.init == "regression" else None,
         "regression_positions": n_regr,
         "steps": len(history),
-        "batch_size": batch_size,
-        "lr": lr,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
         "optimizer": "adam in standardised coordinates, warmup + linear decay to 0",
         "loss": "sum over layers of mean KL(final || lens)",
-        "seed": seed,
+        "seed": cfg.seed,
         "model_dtype": model_cfg.dtype,
         "kl_first_last": [history[0], history[-1]] if history else None,
         "wall_seconds": round(wall, 1),
@@ -366,7 +351,7 @@ def train_lens_command(
         f", mean train-batch KL per layer {sum(history) / len(history):.3f}" if history else ""
     )
     print(
-        f"[mlsae] lens saved to {out} (init {init}, {len(history)} KL steps{kl}, {wall:.0f} s)",
+        f"[mlsae] lens saved to {out} (init {cfg.init}, {len(history)} KL steps{kl}, {wall:.0f} s)",
         file=sys.stderr,
     )
     return lens
