@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from mlsae.splice import clean_pass, splice
+from mlsae.eval.splice import clean_pass, splice
 
 
 def _default_model(n_ctx: int, ctx: int):
-    from mlsae.config import DataConfig, ModelConfig
-    from mlsae.model import load_model
-    from mlsae.text import iter_contexts
+    from mlsae.core.config import DataConfig, ModelConfig
+    from mlsae.data.model import load_model
+    from mlsae.data.text import iter_contexts
 
     lm = load_model(ModelConfig())
     data = DataConfig(split="test", context_length=ctx)

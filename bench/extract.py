@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mlsae.capture import capture, iter_layers_arg, truncated_forward, used_mask
-from mlsae.compute import cpu_capability, resolve_compute_dtype
-from mlsae.config import ModelConfig
-from mlsae.model import load_model
+from mlsae.core.compute import cpu_capability, resolve_compute_dtype
+from mlsae.core.config import ModelConfig
+from mlsae.data.capture import capture, iter_layers_arg, truncated_forward, used_mask
+from mlsae.data.model import load_model
 
 
 def _timed(fn) -> float:

@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-from mlsae import kernels
-from mlsae.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
-from mlsae.config import SaeConfig
-from mlsae.sae import SparseAutoencoder
+from mlsae.core.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
+from mlsae.core.config import SaeConfig
+from mlsae.sae import kernels
+from mlsae.sae.autoencoder import SparseAutoencoder
 
 CLOCK = time.perf_counter
 """Wall clock; --cpu-time switches to this thread's CPU time (with --threads 1: the compute

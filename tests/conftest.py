@@ -126,7 +126,7 @@ def hooked_delta_ce(model, ids, used, layer: int, recon) -> float:
     exists in these fixed-length contexts; predictions from used positions count."""
     import torch.nn.functional as F
 
-    from mlsae.capture import get_blocks
+    from mlsae.data.capture import get_blocks
 
     def hook(_m, _i, o):
         h = (o[0] if isinstance(o, tuple) else o).clone()

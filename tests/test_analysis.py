@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.analysis import LayerStats
-from mlsae.geometry import ResidualGeometry, hist_quantiles, residual_geometry
+from mlsae.analysis.geometry import ResidualGeometry, hist_quantiles, residual_geometry
+from mlsae.analysis.layers import LayerStats
 
 LAYERS = [0, 2, 3, 7]  # block indices with gaps: the variable is the block index
 

@@ -14,13 +14,13 @@ import torch
 from conftest import make_model
 from transformers import AutoModelForCausalLM
 
-import mlsae.cache as cache_mod
-from mlsae.cache import ActivationCache, CacheWriter
-from mlsae.capture import capture, special_ids_of
-from mlsae.config import DataConfig, ModelConfig
-from mlsae.errors import MlsaeError
-from mlsae.extract import build_cache
-from mlsae.text import iter_contexts
+import mlsae.activations.cache as cache_mod
+from mlsae.activations.cache import ActivationCache, CacheWriter
+from mlsae.activations.extract import build_cache
+from mlsae.core.config import DataConfig, ModelConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.data.capture import capture, special_ids_of
+from mlsae.data.text import iter_contexts
 
 REQUIRED = [
     "model", "dataset", "split", "layers", "d_model", "dtype", "n_tokens", "context_length",

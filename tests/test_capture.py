@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import N_LAYERS
 
-from mlsae.capture import (
+from mlsae.core.errors import MlsaeError
+from mlsae.data.capture import (
     capture,
     check_layers,
     get_blocks,
@@ -19,7 +20,6 @@ from mlsae.capture import (
     unembed,
     used_mask,
 )
-from mlsae.errors import MlsaeError
 
 B, T = 2, 12
 

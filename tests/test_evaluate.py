@@ -10,14 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mlsae.cache import ActivationCache
-from mlsae.cli import app
-from mlsae.config import DataConfig, ModelConfig, SaeConfig
-from mlsae.cross import cross_command
-from mlsae.errors import MlsaeError
-from mlsae.evaluate import evaluate_command
-from mlsae.extract import build_cache
-from mlsae.sae import SparseAutoencoder, load_sae
+from mlsae.activations.cache import ActivationCache
+from mlsae.activations.extract import build_cache
+from mlsae.cli.app import app
+from mlsae.core.config import DataConfig, ModelConfig, SaeConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.eval.cross import cross_command
+from mlsae.eval.evaluate import evaluate_command
+from mlsae.sae.autoencoder import SparseAutoencoder, load_sae
 
 CTX = 32
 

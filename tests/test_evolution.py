@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.errors import MlsaeError
-from mlsae.evolution import (
+from mlsae.core.errors import MlsaeError
+from mlsae.evolution.measures import (
     EvolutionConfig,
     measures,
     plan_groups,
     summarize_pair,
 )
-from mlsae.evolution_stats import FeatureStats, PairStats
+from mlsae.evolution.stats import FeatureStats, PairStats
 
 
 def to_codes(dense: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

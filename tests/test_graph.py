@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.cache import CacheWriter
-from mlsae.config import SaeConfig
-from mlsae.errors import MlsaeError
-from mlsae.evolution import EvolutionConfig
-from mlsae.graph import communities
-from mlsae.match import MatchScores, match_permutation
-from mlsae.metrics import fvu
-from mlsae.sae import SparseAutoencoder
+from mlsae.activations.cache import CacheWriter
+from mlsae.core.config import SaeConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.evolution.graph import communities
+from mlsae.evolution.match import MatchScores, match_permutation
+from mlsae.evolution.measures import EvolutionConfig
+from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.metrics import fvu
 
 D, CTX = 16, 40
 
@@ -125,7 +125,7 @@ def tiny(tmp_path_factory):
 
 
 def test_pipeline_outputs(tiny, tmp_path):
-    from mlsae.evolution_run import evolution_command
+    from mlsae.evolution.run import evolution_command
 
     root, sigma, x0, a = tiny
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.001, max_nodes_html=60)
@@ -153,13 +153,13 @@ def test_pipeline_outputs(tiny, tmp_path):
     for f in ev["figures"].values():
         assert (tmp_path / f).stat().st_size > 1000
     assert body["communities"]["n_communities"] >= 1
-    from mlsae.evolution_report import evolution_section_html
+    from mlsae.report.evolution import evolution_section_html
 
     sec = evolution_section_html(tmp_path)
     assert "Many features pass through: holds" in sec and "data:image/png;base64" in sec
     assert not list(tmp_path.glob(".codes-*"))  # the code store is removed
     # `mlsae analyze --evolution DIR` puts this section and a relative graph link in report.html
-    from mlsae.report import analyze_command
+    from mlsae.report.analyze import analyze_command
 
     rep = tmp_path / "analysis"
     analyze_command(root / "run" / "layer_00", rep, cache=root / "cache", evolution=tmp_path)
@@ -168,8 +168,8 @@ def test_pipeline_outputs(tiny, tmp_path):
 
 
 def test_second_pass_independent_of_chunking(tiny, tmp_path):
-    from mlsae.evolution_data import CodeStore, cache_chunks, load_per_layer
-    from mlsae.evolution_run import first_pass, second_pass
+    from mlsae.evolution.codes import CodeStore, cache_chunks, load_per_layer
+    from mlsae.evolution.run import first_pass, second_pass
 
     root = tiny[0]
     saes = load_per_layer(root / "run")
@@ -187,7 +187,7 @@ def test_second_pass_independent_of_chunking(tiny, tmp_path):
 
 
 def test_user_errors(tiny, tmp_path):
-    from mlsae.evolution_run import evolution_command
+    from mlsae.evolution.run import evolution_command
 
     root = tiny[0]
     with pytest.raises(MlsaeError, match="at least two"):
@@ -233,7 +233,7 @@ def chromium(args: list[str], timeout: int = 90) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_graph_html_renders_and_click_shows_panel(tiny, tmp_path):
-    from mlsae.evolution_run import evolution_command
+    from mlsae.evolution.run import evolution_command
 
     root = tiny[0]
     evolution_command(
@@ -260,7 +260,7 @@ def test_pipeline_from_model(tmp_path, tokenizer):
     """Without --cache: the model is run on a local text dataset, contexts are decoded."""
     from conftest import make_model
 
-    from mlsae.evolution_run import evolution_command
+    from mlsae.evolution.run import evolution_command
 
     model = make_model("gpt2", vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path / "m")

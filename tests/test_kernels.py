@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlsae import kernels
-from mlsae.kernels import latent_segments, segment_sum, sparse_decode, topk, topk_encode
+from mlsae.sae import kernels
+from mlsae.sae.kernels import latent_segments, segment_sum, sparse_decode, topk, topk_encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mlsae.capture import capture
-from mlsae.errors import MlsaeError
-from mlsae.lens import TunedLens, identity_lens, load_lens
-from mlsae.lens_eval import evaluate_lens
-from mlsae.lens_train import regression_init, train_lens
+from mlsae.core.errors import MlsaeError
+from mlsae.data.capture import capture
+from mlsae.lens.evaluate import evaluate_lens
+from mlsae.lens.train import regression_init, train_lens
+from mlsae.lens.tuned import TunedLens, identity_lens, load_lens
 
 L, D = 3, 32  # conftest N_LAYERS, D_MODEL
 
@@ -51,7 +51,7 @@ def _special(tok) -> list[int]:
 
 
 def _final_norm_and_head(model):
-    """Independent lookup of the final norm and lm_head (not via mlsae.capture)."""
+    """Independent lookup of the final norm and lm_head (not via mlsae.data.capture)."""
     norm = {"gpt_neox": lambda: model.gpt_neox.final_layer_norm,
             "llama": lambda: model.model.norm,
             "gpt2": lambda: model.transformer.ln_f}[model.config.model_type]()  # fmt: skip
@@ -179,7 +179,7 @@ def test_evaluation_matches_independent_computation(tiny_model, tokenizer) -> No
 
 
 def test_closed_form_gradient_matches_autograd(tiny_model, tokenizer) -> None:
-    from mlsae.lens_train import _kl_backward
+    from mlsae.lens.train import _kl_backward
 
     lens = _random_lens(L, D, seed=5)
     with torch.no_grad():
@@ -208,7 +208,7 @@ def test_closed_form_gradient_matches_autograd(tiny_model, tokenizer) -> None:
 
 
 def test_preconditioned_parametrisation_is_the_same_affine_map() -> None:
-    from mlsae.lens_train import _Preconditioned
+    from mlsae.lens.train import _Preconditioned
 
     lens = _random_lens(3, 16, seed=2)
     x = torch.randn(40, 16) * torch.linspace(0.1, 50, 16) + 3.0  # very unequal dimensions
@@ -347,7 +347,7 @@ def test_tuned_lens_package_import(tmp_path: Path) -> None:
 def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
     from conftest import make_model
 
-    from mlsae.cli import app
+    from mlsae.cli.app import app
 
     model_dir = tmp_path / "tiny"
     make_model("gpt_neox", len(tokenizer)).save_pretrained(model_dir)
@@ -382,7 +382,7 @@ def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
 
 
 def test_lens_train_config_defaults_and_bad_values() -> None:
-    from mlsae.config import LensTrainConfig
+    from mlsae.core.config import LensTrainConfig
 
     assert LensTrainConfig().lr == 1e-4  # after the regression warm start
     assert LensTrainConfig(init="zero").lr == 1e-3

@@ -13,14 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mlsae.cache import ActivationCache
-from mlsae.cli import app
-from mlsae.config import DataConfig, ModelConfig, SaeConfig
-from mlsae.errors import MlsaeError
-from mlsae.evaluate import Entry, evaluate_command, evaluate_entries
-from mlsae.extract import build_cache
-from mlsae.lens import TunedLens, lens_ref, load_lens, resolve_space
-from mlsae.sae import SparseAutoencoder, load_sae
+from mlsae.activations.cache import ActivationCache
+from mlsae.activations.extract import build_cache
+from mlsae.cli.app import app
+from mlsae.core.config import DataConfig, ModelConfig, SaeConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.eval.evaluate import Entry, evaluate_command, evaluate_entries
+from mlsae.lens.tuned import TunedLens, lens_ref, load_lens, resolve_space
+from mlsae.sae.autoencoder import SparseAutoencoder, load_sae
 
 CTX, D, L = 32, 32, 3
 
@@ -251,7 +251,7 @@ def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, 
 
 
 def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) -> None:
-    from mlsae.report import analyze_command
+    from mlsae.report.analyze import analyze_command
 
     _train(root, tmp_path / "plain", "cache_train")
     _train(root, tmp_path / "lensed", "cache_train", "--lens", str(root / "lens"))
@@ -287,8 +287,8 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
 
 
 def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
-    from mlsae.evolution import EvolutionConfig
-    from mlsae.evolution_run import evolution_command
+    from mlsae.evolution.measures import EvolutionConfig
+    from mlsae.evolution.run import evolution_command
 
     _train(root, tmp_path / "pl", "cache_train", "--per-layer", "--lens", str(root / "lens"))
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.01, max_nodes_html=30)

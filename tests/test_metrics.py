@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.metrics import LayerMetrics, fvu, mean_or_none
+from mlsae.sae.metrics import LayerMetrics, fvu, mean_or_none
 
 
 def _data(n=500, d=12, d_sae=40, k=5, seed=0, offset=None):

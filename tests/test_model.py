@@ -11,11 +11,11 @@ import torch
 import transformers
 from conftest import D_MODEL, N_LAYERS, make_model, make_tokenizer
 
-import mlsae.model as mm
-from mlsae.capture import capture
-from mlsae.config import ModelConfig
-from mlsae.errors import MlsaeError
-from mlsae.model import LoadedModel, load_model
+import mlsae.data.model as mm
+from mlsae.core.config import ModelConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.data.capture import capture
+from mlsae.data.model import LoadedModel, load_model
 
 IDS = torch.tensor([[5, 70, 101, 33, 200, 7, 64, 150]])
 
@@ -220,7 +220,7 @@ def test_real_default_model():
 def test_info_command(tiny_model_dir: Path):
     from typer.testing import CliRunner
 
-    from mlsae.cli import app
+    from mlsae.cli.app import app
 
     res = CliRunner().invoke(app, ["info", "--model", str(tiny_model_dir)])
     assert res.exit_code == 0, res.output

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.analysis import LayerStats
-from mlsae.figures import make_figures
-from mlsae.geometry import residual_geometry
-from mlsae.report import _clean, _summary
-from mlsae.report_html import eval_table, reading, write_report
+from mlsae.analysis.geometry import residual_geometry
+from mlsae.analysis.layers import LayerStats
+from mlsae.report.analyze import _clean, _summary
+from mlsae.report.figures import make_figures
+from mlsae.report.html import eval_table, reading, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAYERS = [0, 1, 2, 3, 4, 5]
@@ -175,9 +175,9 @@ def runs(tmp_path_factory, tokenizer):
     eval.json and train_cfg.json) and a single-layer SAE run."""
     from conftest import make_model, write_word_corpus
 
-    from mlsae.config import DataConfig, ModelConfig, SaeConfig
-    from mlsae.extract import build_cache
-    from mlsae.sae import SparseAutoencoder
+    from mlsae.activations.extract import build_cache
+    from mlsae.core.config import DataConfig, ModelConfig, SaeConfig
+    from mlsae.sae.autoencoder import SparseAutoencoder
 
     root = tmp_path_factory.mktemp("analyze")
     model = make_model("gpt_neox", len(tokenizer))
@@ -204,8 +204,8 @@ def runs(tmp_path_factory, tokenizer):
 
 def _dense_reference(root: Path, sae_dir: Path, layers: list[int]):
     """Dense a[t,l,j] of an SAE over the cache's used tokens, and the raw vectors."""
-    from mlsae.cache import ActivationCache
-    from mlsae.sae import load_sae
+    from mlsae.activations.cache import ActivationCache
+    from mlsae.sae.autoencoder import load_sae
 
     sae = load_sae(sae_dir, compute_dtype=torch.float32)
     ac = ActivationCache(root / "cache")
@@ -223,7 +223,7 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     from test_analysis import brute
     from typer.testing import CliRunner
 
-    from mlsae.cli import app
+    from mlsae.cli.app import app
 
     root, model, mdir, _ = runs
     out = tmp_path / "out"
@@ -251,8 +251,8 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     assert s["compare"][0]["rel_var_token"] == pytest.approx(b1["rel_var_token"], rel=1e-6)
     assert s["compare"][0]["rel_var_latent"] == pytest.approx(b1["rel_var_latent"], rel=1e-6)
     # the prompt: its own tokens through the model at every layer
-    from mlsae.capture import capture
-    from mlsae.sae import load_sae
+    from mlsae.data.capture import capture
+    from mlsae.sae.autoencoder import load_sae
 
     sae = load_sae(root / "mlsae" / "sae", compute_dtype=torch.float32)
     from transformers import AutoTokenizer
@@ -275,7 +275,7 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
 
 
 def test_single_layer_run_uses_every_cache_layer(runs, tmp_path):
-    from mlsae.report import analyze_command
+    from mlsae.report.analyze import analyze_command
 
     root = runs[0]
     s = analyze_command(root / "l1", tmp_path / "o", cache=root / "cache")
@@ -283,7 +283,7 @@ def test_single_layer_run_uses_every_cache_layer(runs, tmp_path):
 
 
 def test_analyze_builds_and_removes_a_temporary_cache(runs, tmp_path):
-    from mlsae.report import analyze_command
+    from mlsae.report.analyze import analyze_command
 
     root, _, mdir, data = runs
     out = tmp_path / "o"
@@ -294,7 +294,7 @@ def test_analyze_builds_and_removes_a_temporary_cache(runs, tmp_path):
 
 
 def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
-    from mlsae.cli import main
+    from mlsae.cli.app import main
 
     root = runs[0]
     for name in ("sae_R2_k4", "sae_R2_k8"):  # a sweep folder: the user must pick one

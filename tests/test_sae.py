@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mlsae
-from mlsae.config import SaeConfig
-from mlsae.errors import MlsaeError
-from mlsae.sae import SparseAutoencoder, geometric_median, load_sae
+from mlsae.core.config import SaeConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.sae.autoencoder import SparseAutoencoder, geometric_median, load_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,7 +80,7 @@ def test_encode_decode_forward_equal_slow_reference(normalize):
 
 
 def test_chunked_no_grad_encode_equals_one_pass(monkeypatch):
-    import mlsae.sae as sae_mod
+    import mlsae.sae.autoencoder as sae_mod
 
     sae = _sae()
     x = torch.randn(50, 10)
@@ -158,8 +158,8 @@ def test_training_loss_gradients_equal_dense_autograd(k_aux):
 
 
 def test_decoder_rows_unit_norm_after_steps_and_parallel_grad_removed():
-    from mlsae.config import TrainConfig
-    from mlsae.train import make_adam
+    from mlsae.core.config import TrainConfig
+    from mlsae.train.loop import make_adam
 
     torch.manual_seed(0)
     sae = _sae(d=16, r=4, k=4)

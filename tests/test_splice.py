@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsae.capture import get_blocks
-from mlsae.errors import MlsaeError
-from mlsae.splice import clean_pass, predicted_mask, splice, spliced_logp
+from mlsae.core.errors import MlsaeError
+from mlsae.data.capture import get_blocks
+from mlsae.eval.splice import clean_pass, predicted_mask, splice, spliced_logp
 
 
 def _ids(tok, b=2, t=20, seed=0):

@@ -1,4 +1,4 @@
-"""Text sources, the document-level split, EOS joining and fixed contexts (mlsae.text)."""
+"""Text sources, the document-level split, EOS joining and fixed contexts (mlsae.data.text)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import mlsae.text as text
-from mlsae.config import DataConfig
-from mlsae.errors import MlsaeError
-from mlsae.text import doc_split, iter_contexts, iter_documents
+import mlsae.data.text as text
+from mlsae.core.config import DataConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.data.text import doc_split, iter_contexts, iter_documents
 
 
 def _docs(n: int, seed: int = 0) -> list[str]:

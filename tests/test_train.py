@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlsae.cache import ActivationCache, CacheWriter
-from mlsae.config import SaeConfig, TrainConfig
-from mlsae.errors import MlsaeError
-from mlsae.metrics import fvu
-from mlsae.sae import SparseAutoencoder
-from mlsae.train import Member, make_adam, train_command, update_dead_counter
+from mlsae.activations.cache import ActivationCache, CacheWriter
+from mlsae.core.config import SaeConfig, TrainConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.metrics import fvu
+from mlsae.train.loop import Member, make_adam, train_command, update_dead_counter
 
 LAYERS = [0, 2, 5]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

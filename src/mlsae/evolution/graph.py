@@ -1,0 +1,386 @@
+"""The feature graph across layers (SPEC section 6): nodes are (layer, feature) of the alive
+features of per-layer SAEs, edges join each feature to its most similar next-layer features
+(see `mlsae.evolution.measures.summarize_pair`), communities by Leiden (leidenalg + igraph, modularity)
+with networkx's Louvain as the fallback, both seeded and deterministic.
+
+Outputs: graph.json (columnar: nodes {layer, feature, community, density}, edges {source,
+target, every measure}, indices into the node arrays) and graph.html (one offline file with the
+vendored Cytoscape.js inlined; layers as columns, nodes coloured by community, edge width by
+similarity, a click shows a feature's panel, filters by layer range and minimum similarity).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch import Tensor
+
+from mlsae.core.errors import MlsaeError
+from mlsae.evolution.measures import MEASURES, EvolutionConfig, PairResult
+from mlsae.evolution.stats import FeatureStats
+
+PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+    "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d",
+    "#31a354", "#756bb1", "#636363", "#fd8d3c",
+]  # fmt: skip
+SINGLETON = "#c7c7c7"
+
+
+@dataclass
+class FeatureGraph:
+    """Nodes [V] and undirected edges [E] (source = up-layer node, target = down-layer node)."""
+
+    layers: list[int]
+    layer: np.ndarray  # [V] block index
+    feature: np.ndarray  # [V] feature index in that layer's SAE
+    density: np.ndarray  # [V] fraction of used tokens with activation > 0
+    src: np.ndarray  # [E] node index
+    dst: np.ndarray  # [E] node index
+    measures: dict[str, np.ndarray]  # [E] each of MEASURES
+    edge_measure: str
+    community: np.ndarray | None = None  # [V] 0 = largest community
+    method: str = ""
+
+    @property
+    def weight(self) -> np.ndarray:
+        """[E] the edge measure (positive by construction)."""
+        return self.measures[self.edge_measure]
+
+    def node_index(self) -> dict[tuple[int, int], int]:
+        """(layer, feature) -> node index."""
+        return {
+            (int(a), int(b)): i
+            for i, (a, b) in enumerate(zip(self.layer, self.feature, strict=True))
+        }
+
+
+def build_graph(
+    layers: list[int],
+    alive: list[Tensor],
+    density: list[Tensor],
+    results: list[PairResult],
+    edge_measure: str,
+) -> FeatureGraph:
+    """Nodes: every alive feature of every layer; edges: every pair result's edges."""
+    offsets, layer, feature, dens = [], [], [], []
+    node_of: list[np.ndarray] = []  # per layer: feature -> node index (-1 dead)
+    n = 0
+    for pos, ly in enumerate(layers):
+        f = alive[pos].nonzero().flatten().numpy()
+        m = np.full(len(alive[pos]), -1, dtype=np.int64)
+        m[f] = np.arange(n, n + len(f))
+        node_of.append(m)
+        offsets.append(n)
+        layer.append(np.full(len(f), ly, dtype=np.int64))
+        feature.append(f.astype(np.int64))
+        dens.append(density[pos].numpy()[f])
+        n += len(f)
+    src, dst, meas = [], [], {k: [] for k in MEASURES}
+    for p, r in enumerate(results):
+        if (r.up_layer, r.down_layer) != (layers[p], layers[p + 1]):
+            raise MlsaeError(f"pair {p} is {r.up_layer}->{r.down_layer}, not adjacent layers")
+        src.append(node_of[p][r.edges["up"].numpy()])
+        dst.append(node_of[p + 1][r.edges["down"].numpy()])
+        for k in MEASURES:
+            meas[k].append(r.edges[k].numpy())
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    return FeatureGraph(
+        layers=list(layers),
+        layer=cat(layer, np.int64),
+        feature=cat(feature, np.int64),
+        density=cat(dens, np.float64),
+        src=cat(src, np.int64),
+        dst=cat(dst, np.int64),
+        measures={k: cat(v, np.float64) for k, v in meas.items()},
+        edge_measure=edge_measure,
+    )
+
+
+def _canonical(groups: list[list[int]], n: int) -> np.ndarray:
+    """Labels 0.. by decreasing size, ties by smallest member (independent of the algorithm's
+    own numbering)."""
+    groups = sorted((sorted(g) for g in groups), key=lambda g: (-len(g), g[0]))
+    labels = np.full(n, -1, dtype=np.int64)
+    for c, g in enumerate(groups):
+        labels[g] = c
+    return labels
+
+
+def communities(
+    n: int,
+    src: np.ndarray,
+    dst: np.ndarray,
+    weight: np.ndarray,
+    seed: int = 0,
+    method: Literal["auto", "leiden", "louvain"] = "auto",
+    resolution: float = 1.0,
+) -> tuple[np.ndarray, str]:
+    """Community labels [n] (weighted modularity with a resolution gamma; 1 = plain
+    modularity, larger = smaller communities) and the method used. 'auto' = Leiden when
+    leidenalg and igraph import, else Louvain (networkx). Deterministic for a given seed."""
+    if method in ("auto", "leiden"):
+        try:
+            import igraph
+            import leidenalg
+        except ImportError:
+            if method == "leiden":
+                raise MlsaeError("Leiden needs `pip install leidenalg igraph`") from None
+        else:
+            g = igraph.Graph(n=n, edges=np.stack([src, dst], 1).tolist(), directed=False)
+            part = leidenalg.find_partition(
+                g, leidenalg.RBConfigurationVertexPartition, weights=weight.tolist(), seed=seed,
+                resolution_parameter=resolution,
+            )  # fmt: skip
+            return _canonical([list(c) for c in part], n), "leiden"
+    import networkx as nx
+
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    graph.add_weighted_edges_from(zip(src.tolist(), dst.tolist(), weight.tolist(), strict=True))
+    comms = nx.community.louvain_communities(
+        graph, weight="weight", resolution=resolution, seed=seed
+    )
+    return _canonical([list(c) for c in comms], n), "louvain"
+
+
+def community_summary(g: FeatureGraph) -> dict[str, Any]:
+    """Count and size distribution of communities (singletons: features without edges or left
+    alone), and how many layers each multi-feature community spans."""
+    if g.community is None:
+        return {}
+    sizes = np.bincount(g.community) if len(g.community) else np.zeros(0, np.int64)
+    multi = np.nonzero(sizes >= 2)[0]
+    spans = [len(np.unique(g.layer[g.community == c])) for c in multi]
+    hist = np.bincount(sizes)
+    return {
+        "method": g.method,
+        "n_communities": len(multi),
+        "n_singletons": int((sizes == 1).sum()),
+        "sizes": sizes[multi].tolist(),
+        "size_histogram": {int(s): int(c) for s, c in enumerate(hist) if c and s >= 2},
+        "largest": int(sizes.max()) if len(sizes) else 0,
+        "median_size": float(np.median(sizes[multi])) if len(multi) else None,
+        "mean_layer_span": float(np.mean(spans)) if spans else None,
+        "max_layer_span": int(max(spans)) if spans else 0,
+    }
+
+
+def _num(v: float, digits: int = 6) -> float | None:
+    """JSON number rounded to `digits` significant digits; NaN/inf -> null."""
+    v = float(v)
+    return None if not math.isfinite(v) else float(f"{v:.{digits}g}")
+
+
+def finite(obj: Any) -> Any:
+    """A copy with every NaN/inf float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Compact JSON written atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, separators=(",", ":")))
+    tmp.replace(path)
+
+
+def graph_json(g: FeatureGraph) -> dict[str, Any]:
+    """The graph.json body (columnar arrays; edges index the node arrays)."""
+    return {
+        "layers": g.layers,
+        "edge_measure": g.edge_measure,
+        "community_method": g.method,
+        "nodes": {
+            "layer": g.layer.tolist(),
+            "feature": g.feature.tolist(),
+            "community": [] if g.community is None else g.community.tolist(),
+            "density": [_num(x) for x in g.density],
+        },
+        "edges": {
+            "source": g.src.tolist(),
+            "target": g.dst.tolist(),
+            **{k: [_num(x) for x in g.measures[k]] for k in MEASURES},
+        },
+    }
+
+
+def select_nodes(g: FeatureGraph, max_nodes: int, eligible: np.ndarray | None = None) -> np.ndarray:
+    """Indices (sorted) of at most `max_nodes` nodes to draw: the endpoints of the strongest
+    edges between `eligible` nodes (default all; e.g. features active often enough for their
+    Pearson to mean something), taken in turn from each layer pair so every column shows its
+    best links; then the remaining nodes of highest degree."""
+    n = len(g.layer)
+    if n <= max_nodes:
+        return np.arange(n)
+    ok = np.ones(n, bool) if eligible is None else eligible
+    by_pair = []
+    for lu in g.layers[:-1]:
+        e = np.nonzero((g.layer[g.src] == lu) & ok[g.src] & ok[g.dst])[0]
+        by_pair.append(e[np.lexsort((e, -g.weight[e]))])  # strongest first, ties by index
+    chosen: dict[int, None] = {}
+    rank = 0
+    while len(chosen) < max_nodes - 1 and any(rank < len(e) for e in by_pair):
+        for e in by_pair:
+            if rank < len(e) and len(chosen) + 2 <= max_nodes:
+                chosen.update({int(g.src[e[rank]]): None, int(g.dst[e[rank]]): None})
+        rank += 1
+    deg = np.bincount(np.concatenate([g.src, g.dst]), minlength=n)
+    for v in np.lexsort((np.arange(n), -deg)):
+        if len(chosen) >= max_nodes:
+            break
+        chosen.setdefault(int(v), None)
+    return np.sort(np.fromiter(chosen, dtype=np.int64))
+
+
+def node_id(layer: int, feature: int) -> str:
+    """The node's id in graph.html: 'L<layer>:<feature>'."""
+    return f"L{layer}:{feature}"
+
+
+def write_graph_html(
+    path: Path, g: FeatureGraph, details: dict[int, dict[str, Any]], keep: np.ndarray, title: str
+) -> int:
+    """Write the self-contained viewer; `details[node]` holds the panel content of a drawn node
+    (measures, flags, partners, contexts); keep: the nodes to draw (`select_nodes`). Returns
+    the number of nodes drawn."""
+    kept = set(keep.tolist())
+    col = {ly: c for c, ly in enumerate(g.layers)}
+    sizes = np.bincount(g.community) if g.community is not None else None
+    dx, dy = 240.0, 14.0
+    nodes = []
+    for layer in g.layers:  # y: by community, then feature, so communities line up
+        mine = keep[g.layer[keep] == layer]
+        comm = g.community[mine] if g.community is not None else np.zeros(len(mine), int)
+        for row, i in enumerate(mine[np.lexsort((g.feature[mine], comm))]):
+            c = int(g.community[i]) if g.community is not None else -1
+            big = sizes is not None and sizes[c] >= 2
+            info = details.get(int(i), {})
+            nodes.append({
+                "id": node_id(int(g.layer[i]), int(g.feature[i])),
+                "layer": int(g.layer[i]), "feature": int(g.feature[i]),
+                "x": col[layer] * dx, "y": row * dy,
+                "color": PALETTE[c % len(PALETTE)] if big else SINGLETON,
+                "community": c, "community_size": int(sizes[c]) if sizes is not None else 1,
+                "measures": info.get("measures", {}), "flags": info.get("flags", []),
+                "partners": info.get("partners", []), "contexts": info.get("contexts", []),
+            })  # fmt: skip
+    edges = [
+        [node_id(g.layer[s], g.feature[s]), node_id(g.layer[t], g.feature[t]), _num(w, 4)]
+        for s, t, w in zip(g.src, g.dst, g.weight, strict=True)
+        if s in kept and t in kept
+    ]
+    data = {
+        "layers": g.layers, "dx": dx, "edge_measure": g.edge_measure, "measures": list(MEASURES),
+        "nodes": nodes, "edges": edges, "n_nodes_total": len(g.layer),
+        "n_edges_total": len(g.src),
+    }  # fmt: skip
+    assets = resources.files("mlsae") / "assets"
+    lib = (assets / "cytoscape.min.js").read_text(encoding="utf-8")
+    page = (assets / "graph_template.html").read_text(encoding="utf-8")
+    blob = (
+        json.dumps(finite(data), separators=(",", ":"), allow_nan=False)
+        .replace("</", "<\\/")
+        .replace("<!--", "<\\u0021--")
+    )
+    head, _, rest = page.replace("__TITLE__", html.escape(title)).partition("__DATA__")
+    mid, _, tail = rest.partition("/*__CYTOSCAPE__*/")
+    page = head + blob + mid + lib + tail  # the library has no "</" (checked by a test)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return len(nodes)
+
+
+def _decoder(tokenizer: Any) -> Any:
+    """token id -> display string (cached); ids in angle brackets without a tokenizer."""
+    memo: dict[int, str] = {}
+
+    def dec(i: int) -> str:
+        if i not in memo:
+            memo[i] = f"<{i}>" if tokenizer is None else tokenizer.decode([i])
+        return memo[i]
+
+    return dec
+
+
+def node_details(
+    g: FeatureGraph, keep: np.ndarray, stats: list[FeatureStats], results: list[PairResult],
+    cfg: EvolutionConfig, tokens: np.ndarray, ctx_len: int, tokenizer: Any,
+) -> dict[int, dict]:  # fmt: skip
+    """The graph.html panel of each drawn node: measures, flags, partners, contexts."""
+    pos_of = {ly: p for p, ly in enumerate(g.layers)}
+    dec = _decoder(tokenizer)
+    flags: dict[tuple[int, int], list[str]] = {}
+    for r in results:
+        for kind, rows in (("AND", r.and_features), ("OR", r.or_features)):
+            for j, a, b in rows:
+                flags.setdefault((r.down_layer, j), []).append(
+                    f"{kind} of {node_id(r.up_layer, a)} and {node_id(r.up_layer, b)}"
+                )
+                for i in (a, b):
+                    flags.setdefault((r.up_layer, i), []).append(
+                        f"member of {kind} {node_id(r.down_layer, j)}"
+                    )
+        for j, i in r.specialised:
+            flags.setdefault((r.down_layer, j), []).append(f"specialises {node_id(r.up_layer, i)}")
+    inc: dict[int, list[int]] = {}
+    for e, (s, t) in enumerate(zip(g.src, g.dst, strict=True)):
+        inc.setdefault(int(s), []).append(e)
+        inc.setdefault(int(t), []).append(e)
+    out = {}
+    for v in keep.tolist():
+        layer, f = int(g.layer[v]), int(g.feature[v])
+        p = pos_of[layer]
+        st = stats[p]
+        m: dict[str, Any] = {"density": float(st.density()[f]), "max activation": float(st.max[f]),
+                             "mean when > 0": float(st.sum[f] / max(int(st.nonzero[f]), 1))}  # fmt: skip
+        fl = list(flags.get((layer, f), []))
+        if p < len(results):
+            r = results[p]
+            bn = float(r.best_next[f])
+            m["best next Pearson"] = bn
+            m["best next"] = node_id(r.down_layer, int(r.best_next_idx[f]))
+            if bn >= cfg.pass_through:
+                fl.append(f"passed through to {m['best next']}")
+            elif not bn >= cfg.link_threshold:
+                fl.append("disappears (no next-layer partner)")
+        if p > 0:
+            r = results[p - 1]
+            bp = float(r.best_prev[f])
+            m["best previous Pearson"] = bp
+            m["best previous"] = node_id(r.up_layer, int(r.best_prev_idx[f]))
+            if not bp >= cfg.link_threshold:
+                fl.append("appears (no previous-layer partner)")
+        partners = []
+        for e in sorted(inc.get(v, []), key=lambda e: -g.weight[e])[:12]:
+            o = int(g.dst[e]) if int(g.src[e]) == v else int(g.src[e])
+            partners.append({"id": node_id(int(g.layer[o]), int(g.feature[o])),
+                             "dir": "next" if g.layer[o] > layer else "prev",
+                             **{k: float(a[e]) for k, a in g.measures.items()}})  # fmt: skip
+        contexts = []
+        for val, pos in zip(st.top_val[f].tolist(), st.top_pos[f].tolist(), strict=True):
+            if pos < 0:
+                continue
+            c0 = pos // ctx_len * ctx_len
+            lo, hi = max(c0, pos - 12), min(c0 + ctx_len, pos + 4, len(tokens))
+            contexts.append(
+                {"tokens": [dec(int(t)) for t in tokens[lo:hi]], "hi": pos - lo, "act": val}
+            )
+        out[v] = {"measures": {k: (None if isinstance(x, float) and x != x else x) for k, x in m.items()},
+                  "flags": fl, "partners": partners, "contexts": contexts}  # fmt: skip
+    return out

@@ -1,0 +1,348 @@
+"""Features across layers (SPEC section 6, seed 004): exact streaming statistics between the
+SAEs of adjacent layers, from their sparse TopK codes only (no dense token x feature store).
+
+For SAEs at layers u (up) and d (down), over the same N used tokens, with a[t,i] >= 0 the
+activation of up feature i (0 when not in the top k) and b[t,j] that of down feature j:
+  pearson[i,j]  = cov(a_i, b_j) / (sd(a_i) sd(b_j))             (all N tokens, zeros included)
+  active_i(t)   = a[t,i] > 0.2 * max_t a[t,i]                   (max over the same data)
+  jaccard[i,j]  = |A_i & B_j| / |A_i | B_j|
+  sufficiency   = P(B_j | A_i) = |A_i & B_j| / |A_i|            (up active => down active)
+  necessity     = P(A_i | B_j) = |A_i & B_j| / |B_j|            (down active => up active)
+  decoder_cos   = cos(W_dec_u[i], W_dec_d[j])
+Pass 1 (`FeatureStats`, in evolution_stats.py) gives per feature the sums, max, activity counts and top contexts;
+pass 2 (`PairStats`) accumulates sum_t a_i b_j (float64) and |A_i & B_j| (int32) per pair as
+dense [d_up, d_down] matrices filled by index_add over the k x k code products of each token,
+so memory is 12 bytes per feature pair; pairs are processed in groups under a budget.
+`summarize_pair` then reduces a pair in row blocks to: each feature's top-m partners (edges
+carrying every measure), best partners, pass-through / appear / disappear, quasi-boolean AND /
+OR (exactly two up features of necessity / sufficiency >= 0.999), and specialisation.
+Dead features (never > 0 on the data) are excluded from every fraction and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mlsae.core.errors import MlsaeError
+from mlsae.evolution.stats import F64, FeatureStats, PairStats
+
+MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "decoder_cos")
+
+
+@dataclass
+class EvolutionConfig:
+    """Settings of `mlsae evolution` (saved in evolution.json)."""
+
+    top_m: int | None = 3
+    """Edges: each feature's m most similar next/previous-layer partners (None: no top-m cut)."""
+    edge_threshold: float | None = None
+    """Edges: keep only pairs whose edge measure is >= this (None: no threshold)."""
+    edge_measure: Literal["pearson", "jaccard", "sufficiency", "necessity", "decoder_cos"] = (
+        "pearson"
+    )
+    """Similarity used for edges, partners and community weights."""
+    max_edges_per_pair: int = 200_000
+    """Cap on edges kept per layer pair in threshold-only mode (largest measure first)."""
+    active_fraction: float = 0.2
+    """A feature is active on a token when its activation is > this x its max over the data."""
+    pass_through: float = 0.95
+    """Passed through: best next-layer Pearson >= this."""
+    link_threshold: float = 0.5
+    """Appears: no previous-layer partner of Pearson >= this; disappears: no next-layer one."""
+    boolean_threshold: float = 0.999
+    """AND: exactly two up features of necessity >= this; OR: of sufficiency >= this."""
+    min_support: int = 10
+    """Features active (above threshold) on fewer tokens are left out of AND / OR /
+    specialisation (1 = the bare SPEC definition; rare features make spurious AND/ORs)."""
+    specialise_necessity: float = 0.9
+    """Specialises: some up feature i has necessity(i|j) >= this ..."""
+    specialise_sufficiency: float = 0.5
+    """... and sufficiency(j|i) <= this: j fires on a clear subset of i's tokens."""
+    contexts: int = 5
+    """Top activating token contexts kept per feature."""
+    memory_gb: float = 1.0
+    """Budget for the pair co-moment matrices held at once (12 bytes per feature pair)."""
+    seed: int = 0
+    """Seed for community detection."""
+    resolution: float = 1.0
+    """Modularity resolution of the communities (1 = modularity; larger = smaller ones)."""
+    max_nodes_html: int = 1500
+    """graph.html draws at most this many nodes (the most connected)."""
+
+    def __post_init__(self) -> None:
+        if self.top_m is None and self.edge_threshold is None:
+            raise MlsaeError("give --top-m, --edge-threshold or both to define graph edges")
+        if self.top_m is not None and self.top_m < 1:
+            raise MlsaeError(f"--top-m must be >= 1, not {self.top_m}")
+        if self.edge_measure not in MEASURES:
+            raise MlsaeError(f"unknown edge measure {self.edge_measure!r}: one of {MEASURES}")
+        if not 0 < self.active_fraction < 1:
+            raise MlsaeError(f"active fraction must be in (0, 1), not {self.active_fraction}")
+        if self.memory_gb <= 0:
+            raise MlsaeError(f"--memory-gb must be > 0, not {self.memory_gb}")
+
+
+def _terms(s: FeatureStats, counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per feature [d]: mean, 1/sd and |active|, 1/|active| (float64; the inverses are NaN
+    where sd or |active| is 0, so undefined measures come out NaN)."""
+    n = max(s.n, 1)
+    mu = s.sum / n
+    sd = (s.sumsq / n - mu * mu).clamp_min(0).sqrt()
+    cnt = counts.to(F64)
+    return (mu, torch.where(sd > 0, 1 / sd, math.nan), cnt,
+            torch.where(cnt > 0, 1 / cnt, math.nan))  # fmt: skip
+
+
+def _unit_rows(w: Tensor | None) -> Tensor | None:
+    """Decoder rows scaled to unit norm (float64), None passes through."""
+    return None if w is None else torch.nn.functional.normalize(w.detach().to(F64), dim=1)
+
+
+def measures(
+    up: FeatureStats,
+    down: FeatureStats,
+    pair: PairStats,
+    rows: Tensor | slice,
+    cols: Tensor | None = None,
+    w_up: Tensor | None = None,
+    w_down: Tensor | None = None,
+    names: Collection[str] = MEASURES,
+) -> dict[str, Tensor]:
+    """The measures `names` (default all) at (rows, cols): two broadcastable index tensors (e.g. [E] and [E], or
+    [b,1] and [1,d]), or a slice of rows against every column (a dense block, no gather).
+
+    NaN where undefined (a dead feature); decoder_cos NaN without decoder rows.
+    w_up / w_down: unit decoder rows [d, d_in] (see `_unit_rows`)."""
+    cross, co = pair.matrices()
+    ta, tb = _terms(up, pair.n_up), _terms(down, pair.n_down)
+    if isinstance(rows, slice):
+        c, cnt = cross[rows], co[rows].to(F64)  # [b, d_down]
+        ta = tuple(t[rows, None] for t in ta)
+        tb = tuple(t[None, :] for t in tb)
+        cos = None
+        if w_up is not None and w_down is not None and "decoder_cos" in names:
+            cos = (w_up[rows].float() @ w_down.T.float()).to(F64)  # fp32: 1e-7 is plenty
+    else:
+        c, cnt = cross[rows, cols], co[rows, cols].to(F64)
+        ta, tb = tuple(t[rows] for t in ta), tuple(t[cols] for t in tb)
+        cos = None if w_up is None or w_down is None else (w_up[rows] * w_down[cols]).sum(-1)
+    (mu_a, isd_a, na, ina), (mu_b, isd_b, nb, inb) = ta, tb
+    pearson = c / max(up.n, 1)
+    pearson -= mu_a * mu_b  # covariance
+    pearson *= isd_a
+    pearson *= isd_b
+    out = {"pearson": pearson.clamp_(-1, 1), "sufficiency": cnt * ina, "necessity": cnt * inb}
+    if "jaccard" in names:
+        union = na + nb
+        union -= cnt
+        out["jaccard"] = (cnt / union).nan_to_num_(0.0)  # 0 / 0 only if both never active
+    if "decoder_cos" in names:
+        out["decoder_cos"] = torch.full_like(pearson, math.nan) if cos is None else cos
+    return {k: out[k] for k in MEASURES if k in out}
+
+
+@dataclass
+class PairResult:
+    """The reduction of one adjacent pair (up layer, down layer)."""
+
+    up_layer: int
+    down_layer: int
+    edges: dict[str, Tensor]  # up, down (i64 [E]) + every measure (f64 [E])
+    best_next: Tensor  # [d_up] best next-layer Pearson (NaN: dead)
+    best_next_idx: Tensor  # [d_up]
+    best_prev: Tensor  # [d_down] best previous-layer Pearson (NaN: dead)
+    best_prev_idx: Tensor  # [d_down]
+    and_features: list[tuple[int, int, int]] = field(default_factory=list)  # (down, up1, up2)
+    or_features: list[tuple[int, int, int]] = field(default_factory=list)
+    specialised: list[tuple[int, int]] = field(default_factory=list)  # (down, parent up)
+    summary: dict = field(default_factory=dict)
+
+
+def _fill_members(store: Tensor, count: Tensor, hits: Tensor, offset: int) -> None:
+    """Record the first two row indices (+offset) per column of a boolean block [b, d]."""
+    r, c = hits.nonzero(as_tuple=True)  # row-major: rows ascending within a column
+    if len(c) == 0:
+        return
+    order = torch.argsort(c, stable=True)
+    r, c = r[order], c[order]
+    rank = torch.arange(len(c)) - torch.searchsorted(c, c, side="left") + count[c]
+    keep = rank < store.shape[1]
+    store[c[keep], rank[keep]] = r[keep] + offset
+    count += hits.sum(0)
+
+
+def summarize_pair(
+    up: FeatureStats,
+    down: FeatureStats,
+    pair: PairStats,
+    cfg: EvolutionConfig,
+    w_up: Tensor | None = None,
+    w_down: Tensor | None = None,
+    layers: tuple[int, int] = (0, 1),
+    block_entries: int = 1 << 21,
+) -> PairResult:
+    """Reduce a pair's accumulators (row blocks, bounded memory) to edges and counts.
+    w_up / w_down: raw decoder weights [d_sae, d_in] (rows are features)."""
+    wu, wd = _unit_rows(w_up), _unit_rows(w_down)
+    d_up, d_dn = pair.d_up, pair.d_down
+    alive_up, alive_dn = up.alive, down.alive
+    sup_up = alive_up & (pair.n_up >= cfg.min_support)
+    sup_dn = alive_dn & (pair.n_down >= cfg.min_support)
+    m = min(cfg.top_m or 0, d_dn)
+    mc = min(cfg.top_m or 0, d_up)
+    best_next = torch.full((d_up,), math.nan, dtype=F64)
+    best_next_idx = torch.full((d_up,), -1, dtype=torch.int64)
+    best_prev = torch.full((d_dn,), -math.inf, dtype=F64)
+    best_prev_idx = torch.full((d_dn,), -1, dtype=torch.int64)
+    col_val = torch.full((mc, d_dn), -math.inf, dtype=F64)  # running top-m per column
+    col_idx = torch.full((mc, d_dn), -1, dtype=torch.int64)
+    and_cnt = torch.zeros(d_dn, dtype=torch.int64)
+    or_cnt = torch.zeros(d_dn, dtype=torch.int64)
+    and_mem = torch.full((d_dn, 2), -1, dtype=torch.int64)
+    or_mem = torch.full((d_dn, 2), -1, dtype=torch.int64)
+    spec_nec = torch.full((d_dn,), -math.inf, dtype=F64)
+    spec_suf = torch.full((d_dn,), math.nan, dtype=F64)
+    spec_par = torch.full((d_dn,), -1, dtype=torch.int64)
+    cand_i: list[Tensor] = []
+    cand_j: list[Tensor] = []
+    cand_v: list[Tensor] = []
+    cols = torch.arange(d_dn)[None, :]
+    bt = cfg.boolean_threshold
+    ninf = -math.inf
+    step = max(1, block_entries // max(d_dn, 1))
+    need = {"pearson", "necessity", "sufficiency", cfg.edge_measure}
+    col_bias = torch.where(alive_dn, 0.0, ninf).to(F64)  # [d_dn] -inf at dead columns
+    sup_bias = torch.where(sup_dn, 0.0, ninf).to(F64)  # [d_dn] -inf below min_support
+    for s in range(0, d_up, step):
+        rows = torch.arange(s, min(s + step, d_up))
+        ms = measures(up, down, pair, slice(s, s + len(rows)), None, wu, wd, need)
+        dead_r = ~alive_up[rows]
+        # quasi-boolean AND / OR (features under min_support left out) and specialisation
+        nec, suf = ms["necessity"], ms["sufficiency"]
+        nosup_r = ~sup_up[rows]
+        for hits, mem, cnt in ((nec >= bt, and_mem, and_cnt), (suf >= bt, or_mem, or_cnt)):
+            hits[nosup_r] = False
+            hits &= sup_dn[None, :]
+            _fill_members(mem, cnt, hits, s)
+        n2 = nec.nan_to_num(nan=ninf)
+        n2[nosup_r] = ninf
+        n2 += sup_bias
+        v, i = n2.max(0)
+        better = v > spec_nec
+        spec_nec[better], spec_par[better] = v[better], i[better] + s
+        spec_suf[better] = suf[i[better], better.nonzero(as_tuple=True)[0]]
+        # best partners by Pearson (NaN for dead features)
+        p = ms["pearson"].nan_to_num_(nan=ninf)
+        v, j = p.max(1)
+        best_next[rows] = torch.where(v > ninf, v, math.nan)
+        best_next_idx[rows] = j
+        v, i = p.max(0)
+        better = v > best_prev
+        best_prev[better], best_prev_idx[better] = v[better], i[better] + s
+        # edge candidates (last: may modify the measure in place)
+        e = ms[cfg.edge_measure].nan_to_num_(nan=ninf)
+        e[dead_r] = ninf
+        e += col_bias
+        e[e <= 0] = ninf
+        if cfg.edge_threshold is not None:
+            e[e < cfg.edge_threshold] = ninf
+        if m:
+            v, j = e.topk(m, dim=1)
+            ok = v > ninf
+            cand_i.append(rows[:, None].expand_as(j)[ok])
+            cand_j.append(j[ok])
+            cand_v.append(v[ok])
+            v, i = e.T.topk(min(mc, len(rows)), dim=1)  # [d_dn, <=mc] per column
+            col_val, sel = torch.cat([col_val, v.T]).topk(mc, dim=0)
+            col_idx = torch.cat([col_idx, i.T + s]).gather(0, sel)
+        else:
+            ii, jj = (e > ninf).nonzero(as_tuple=True)
+            cand_i.append(rows[ii])
+            cand_j.append(jj)
+            cand_v.append(e[ii, jj])
+            if sum(len(x) for x in cand_v) > 2 * cfg.max_edges_per_pair:
+                keep = torch.cat(cand_v).topk(cfg.max_edges_per_pair).indices
+                cand_i, cand_j, cand_v = ([torch.cat(x)[keep]] for x in (cand_i, cand_j, cand_v))
+    if m:
+        ok = col_val > -math.inf
+        cand_i.append(col_idx[ok])
+        cand_j.append(cols.expand_as(col_idx)[ok])
+    ei, ej = torch.cat(cand_i), torch.cat(cand_j)
+    if cfg.top_m is None and len(ei) > cfg.max_edges_per_pair:
+        keep = torch.cat(cand_v).topk(cfg.max_edges_per_pair).indices
+        ei, ej = ei[keep], ej[keep]
+    key = torch.unique(ei * d_dn + ej)  # sorted, de-duplicated
+    ei, ej = key // d_dn, key % d_dn
+    edges = {"up": ei, "down": ej, **measures(up, down, pair, ei, ej, wu, wd)}
+    best_prev = torch.where(best_prev > -math.inf, best_prev, math.nan)
+    and_ok = (and_cnt == 2) & sup_dn
+    or_ok = (or_cnt == 2) & sup_dn
+    spec_ok = (
+        sup_dn & (spec_nec >= cfg.specialise_necessity) & (spec_suf <= cfg.specialise_sufficiency)
+    )
+    res = PairResult(
+        up_layer=layers[0],
+        down_layer=layers[1],
+        edges=edges,
+        best_next=best_next,
+        best_next_idx=best_next_idx,
+        best_prev=best_prev,
+        best_prev_idx=best_prev_idx,
+        and_features=[(int(j), int(and_mem[j, 0]), int(and_mem[j, 1])) for j in and_ok.nonzero()],
+        or_features=[(int(j), int(or_mem[j, 0]), int(or_mem[j, 1])) for j in or_ok.nonzero()],
+        specialised=[(int(j), int(spec_par[j])) for j in spec_ok.nonzero()],
+    )
+    res.summary = _pair_summary(res, alive_up, alive_dn, cfg)
+    return res
+
+
+def _pair_summary(r: PairResult, alive_up: Tensor, alive_dn: Tensor, cfg: EvolutionConfig) -> dict:
+    """Fractions over alive features; dead ones counted."""
+    nu, nd = int(alive_up.sum()), int(alive_dn.sum())
+    bn = r.best_next[alive_up].nan_to_num(-math.inf)
+    bp = r.best_prev[alive_dn].nan_to_num(-math.inf)
+    frac = lambda x, n: float(x) / n if n else None
+    return {
+        "up_layer": r.up_layer,
+        "down_layer": r.down_layer,
+        "alive_up": nu,
+        "dead_up": int((~alive_up).sum()),
+        "alive_down": nd,
+        "dead_down": int((~alive_dn).sum()),
+        "pass_through": frac((bn >= cfg.pass_through).sum(), nu),
+        "disappear": frac((bn < cfg.link_threshold).sum(), nu),
+        "appear": frac((bp < cfg.link_threshold).sum(), nd),
+        "n_and": len(r.and_features),
+        "n_or": len(r.or_features),
+        "n_specialised": len(r.specialised),
+        "specialised": frac(len(r.specialised), nd),
+        "n_edges": len(r.edges["up"]),
+        "and_features": [list(x) for x in r.and_features],
+        "or_features": [list(x) for x in r.or_features],
+    }
+
+
+def plan_groups(sizes: list[tuple[int, int]], memory_gb: float) -> list[list[int]]:
+    """Split pair indices into consecutive groups whose accumulators fit the budget."""
+    budget = memory_gb * 1e9
+    groups: list[list[int]] = []
+    used = 0.0
+    for p, (du, dd) in enumerate(sizes):
+        need = PairStats.nbytes(du, dd)
+        if need > budget:
+            raise MlsaeError(
+                f"one layer pair needs {need / 1e9:.2f} GB of co-moment matrices, more than "
+                f"--memory-gb {memory_gb:g}: raise --memory-gb"
+            )
+        if not groups or used + need > budget:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(p)
+        used += need
+    return groups

@@ -1,0 +1,274 @@
+"""`mlsae evolution RUN --out DIR`: features across layers between per-layer SAEs (SPEC 6).
+
+Pass 1 streams the tokens once (an activation cache in stream order, or the model run on a
+dataset split): every layer's SAE encodes its vectors, the sparse codes go to a temporary file
+store on disk (N x k per layer, never a dense token x feature matrix), `FeatureStats` collects
+sums / max / top contexts, and SAE Match's FVUs are accumulated. Pass 2 reads the codes back
+for groups of layer pairs whose co-moment matrices fit `--memory-gb` (the 'active' threshold
+needs pass 1's max). Then the graph, communities, DIR/graph.json, DIR/evolution.json,
+DIR/graph.html and the figures. Only used (non-special) tokens count.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mlsae.core.config import DataConfig, ModelConfig, save_json
+from mlsae.core.errors import MlsaeError
+from mlsae.evolution.codes import Chunk, CodeStore, cache_chunks, load_per_layer, model_chunks
+from mlsae.evolution.graph import (
+    build_graph,
+    communities,
+    community_summary,
+    finite,
+    graph_json,
+    node_details,
+    select_nodes,
+    write_graph_html,
+    write_json,
+)
+from mlsae.evolution.match import MatchScores, match_permutation
+from mlsae.evolution.measures import (
+    EvolutionConfig,
+    PairResult,
+    plan_groups,
+    summarize_pair,
+)
+from mlsae.evolution.stats import FeatureStats, PairStats
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the sparse statistics on one intra-op thread: they are scatter / element-wise passes
+    that gain nothing from a second thread and lose a lot to thread synchronisation on a busy
+    machine (measured 4x slower with 2 threads under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@torch.inference_mode()
+def first_pass(
+    chunks: Iterator[Chunk], saes: list[tuple[int, Any]], store: CodeStore, match: MatchScores,
+    cfg: EvolutionConfig, total: int | None, spaces: list[Any] | None = None,
+) -> list[FeatureStats]:  # fmt: skip
+    """Encode every layer of every chunk; feature statistics, codes on disk, SAE Match FVUs.
+    `spaces` (lens.Space per SAE): tuned-lens SAEs read T_l(x)."""
+    stats = [FeatureStats(sae.cfg.d_sae, cfg.contexts) for _, sae in saes]
+    bar = tqdm(total=total, desc="evolution: encode", unit="tok", leave=False)
+    for ch in chunks:
+        store.add_tokens(ch.token_ids, ch.offset)
+        pos = ch.offset + torch.arange(len(ch.mask))[ch.mask]
+        if len(pos):
+            prev = None
+            for p, (ly, sae) in enumerate(saes):
+                x = ch.acts[:, p][ch.mask].float()  # [n_used, d]
+                if spaces is not None:
+                    x = spaces[p].cached_to_sae(x, ly)
+                enc = sae.encode(x)
+                store.add(p, enc.top_indices, enc.top_acts)
+                with one_thread():
+                    stats[p].update(enc.top_indices, enc.top_acts, pos)
+                if prev is not None:
+                    match.update(p - 1, sae, prev, enc, x)
+                prev = enc
+        bar.update(len(ch.mask))
+    bar.close()
+    store.close()
+    if stats[0].n == 0:
+        raise MlsaeError("no used (non-special) tokens to analyse")
+    return stats
+
+
+def second_pass(
+    saes: list[tuple[int, Any]], stats: list[FeatureStats], store: CodeStore,
+    cfg: EvolutionConfig, chunk_rows: int = 4096,
+) -> list[PairResult]:  # fmt: skip
+    """Co-moments of each adjacent pair, in groups under the memory budget; then reduce."""
+    sizes = [(stats[p].d, stats[p + 1].d) for p in range(len(saes) - 1)]
+    groups = plan_groups(sizes, cfg.memory_gb)
+    n = stats[0].n
+    results: list[PairResult] = []
+    bar = tqdm(total=len(groups) * n, desc="evolution: pairs", unit="tok", leave=False)
+    for group in groups:
+        acc = {
+            p: PairStats(stats[p].threshold(cfg.active_fraction),
+                         stats[p + 1].threshold(cfg.active_fraction))
+            for p in group
+        }  # fmt: skip
+        for s in range(0, n, chunk_rows):
+            stop = min(s + chunk_rows, n)
+            codes = {q: store.read(q, s, stop) for q in sorted({*group, *(p + 1 for p in group)})}
+            for p in group:
+                acc[p].update(*codes[p], *codes[p + 1])
+            bar.update(stop - s)
+        for p in group:
+            (lu, su), (ld, sd) = saes[p], saes[p + 1]
+            results.append(summarize_pair(stats[p], stats[p + 1], acc.pop(p), cfg,
+                                          su.W_dec, sd.W_dec, layers=(lu, ld)))  # fmt: skip
+    bar.close()
+    return results
+
+
+def _findings(pairs: list[dict]) -> dict[str, Any]:
+    """The seed's three findings, each with the numbers it rests on."""
+    pt = [s["pass_through"] for s in pairs if s["pass_through"] is not None]
+    alive_down = sum(s["alive_down"] for s in pairs)
+    n_bool = sum(s["n_and"] + s["n_or"] for s in pairs)
+    n_spec = sum(s["n_specialised"] for s in pairs)
+    mean_pt = float(np.mean(pt)) if pt else 0.0
+    return {
+        "pass_through_mean": mean_pt,
+        "pass_through_holds": mean_pt >= 0.10,
+        "n_and": sum(s["n_and"] for s in pairs),
+        "n_or": sum(s["n_or"] for s in pairs),
+        "boolean_fraction": n_bool / alive_down if alive_down else 0.0,
+        "boolean_holds": n_bool > 0,
+        "n_specialised": n_spec,
+        "specialised_fraction": n_spec / alive_down if alive_down else 0.0,
+        "specialise_holds": n_spec > 0,
+    }
+
+
+def evolution_command(
+    run: Path,
+    out: Path,
+    cache: Path | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
+    dtype: str = "float32",
+    data_kw: dict[str, Any] | None = None,
+    n_tokens: int = 8192,
+    batch_size: int = 4,
+    cfg: EvolutionConfig | None = None,
+    community_method: str = "auto",
+) -> dict[str, Any]:
+    """Run everything and write DIR/{evolution.json, graph.json, graph.html, *.png}.
+    Tokens come from `cache` (stream order), else from running `model` (default: the SAEs')
+    on `n_tokens` of `dataset` (default: the SAEs'); data_kw: more DataConfig fields."""
+    t0 = time.perf_counter()
+    cfg = cfg or EvolutionConfig()
+    clock: dict[str, float] = {}  # phase -> end time
+    saes = load_per_layer(run)
+    layers = [ly for ly, _ in saes]
+    tokenizer = None
+    if cache is not None:
+        chunks, facts = cache_chunks(cache, saes)
+    else:
+        sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
+        mc = ModelConfig(model=model or sc.model, dtype=dtype)  # type: ignore[arg-type]
+        dc = DataConfig(dataset=dataset or sc.dataset, **{"split": "test", **(data_kw or {})})
+        chunks, facts, tokenizer = model_chunks(mc, dc, saes, n_tokens, batch_size)
+    from mlsae.lens.tuned import resolve_space
+
+    spaces = [
+        resolve_space(sae.cfg.lens, facts.get("lens"), what=f"the SAE of layer {ly}")
+        for ly, sae in saes
+    ]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = list(zip(layers[:-1], layers[1:], strict=True))
+    perms = [match_permutation(saes[p][1].W_dec, saes[p + 1][1].W_dec) for p in range(len(pairs))]
+    match = MatchScores(pairs, perms, saes[0][1].cfg.d_in, saes[0][1].cfg.d_sae)
+    tmp = Path(tempfile.mkdtemp(prefix=".codes-", dir=out))
+    try:
+        store = CodeStore(tmp, len(saes))
+        stats = first_pass(chunks, saes, store, match, cfg, facts["n_tokens"], spaces)
+        clock["encode"] = time.perf_counter()
+        with one_thread():
+            results = second_pass(saes, stats, store, cfg)
+        tokens = store.tokens()
+        clock["pairs"] = time.perf_counter()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if cache is not None:
+        tokenizer = _tokenizer_for(facts.get("model"))
+    alive = [s.alive for s in stats]
+    g = build_graph(layers, alive, [s.density() for s in stats], results, cfg.edge_measure)
+    g.community, g.method = communities(
+        len(g.layer),
+        g.src,
+        g.dst,
+        g.weight,
+        cfg.seed,
+        community_method,  # type: ignore[arg-type]
+        cfg.resolution,
+    )
+    clock["communities"] = time.perf_counter()
+    write_json(out / "graph.json", graph_json(g))
+    often = np.concatenate([(s.nonzero[s.alive] >= cfg.min_support).numpy() for s in stats])
+    keep = select_nodes(g, cfg.max_nodes_html, often)
+    details = node_details(g, keep, stats, results, cfg, tokens, facts["context_length"], tokenizer)
+    drawn = write_graph_html(out / "graph.html", g, details, keep,
+                             f"mlsae evolution: {Path(run).name}")  # fmt: skip
+    clock["html"] = time.perf_counter()
+    summary = [r.summary for r in results]
+    marks = [t0, *clock.values()]
+    body = {
+        "run": str(run),
+        "layers": layers,
+        "data": facts,
+        "n_used_tokens": stats[0].n,
+        "settings": asdict(cfg),
+        "dead": {str(ly): int((~a).sum()) for ly, a in zip(layers, alive, strict=True)},
+        "pairs": summary,
+        "match": match.result(),
+        "communities": community_summary(g),
+        "graph": {"nodes": len(g.layer), "edges": len(g.src), "html_nodes_drawn": drawn},
+        "findings": _findings(summary),
+        "time_s": time.perf_counter() - t0,
+        "phase_s": {k: b - a for k, a, b in zip(clock, marks[:-1], marks[1:], strict=True)},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    from mlsae.report.evolution import write_figures
+
+    body["figures"] = write_figures(out, body)
+    save_json(out / "evolution.json", finite(body))
+    _print_summary(body, out)
+    return body
+
+
+def _tokenizer_for(model: str | None) -> Any:
+    """The tokenizer of the cache's model for decoding contexts (None if it cannot load)."""
+    if not model:
+        return None
+    try:
+        from mlsae.data.model import load_model
+
+        return load_model(ModelConfig(model=model)).tokenizer
+    except (MlsaeError, OSError, ValueError) as e:
+        print(f"mlsae evolution: contexts shown as token ids ({e})")
+        return None
+
+
+def _print_summary(body: dict, out: Path) -> None:
+    """One line per layer pair, then the findings."""
+    print(f"{'pair':>9} {'pass':>6} {'appear':>7} {'disapp':>7} {'AND':>4} {'OR':>4} "
+          f"{'spec':>5} {'matchFVU':>9} {'unperm':>7} {'own':>6}")  # fmt: skip
+    for s, m in zip(body["pairs"], body["match"], strict=True):
+        f = lambda v: "-" if v is None else f"{v:.3f}"
+        print(f"{s['up_layer']:>4}->{s['down_layer']:<4} {f(s['pass_through']):>6} "
+              f"{f(s['appear']):>7} {f(s['disappear']):>7} {s['n_and']:>4} {s['n_or']:>4} "
+              f"{s['n_specialised']:>5} {f(m['matched']):>9} {f(m['unpermuted']):>7} "
+              f"{f(m['own']):>6}")  # fmt: skip
+    c = body["communities"]
+    print(f"communities ({c.get('method')}): {c.get('n_communities')} with >= 2 features, "
+          f"largest {c.get('largest')}, {c.get('n_singletons')} singletons")  # fmt: skip
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in body["phase_s"].items())
+    print(f"wrote {out}/evolution.json, graph.json, graph.html ({body['time_s']:.0f} s: "
+          f"{phases}; peak RSS {body['peak_rss_mb']:.0f} MB)")  # fmt: skip

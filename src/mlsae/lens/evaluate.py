@@ -1,0 +1,129 @@
+"""Evaluating a tuned lens against the logit lens (`mlsae lens evaluate`; SPEC section 5).
+
+On held-out (test split) tokens, per block: KL(final || lens) averaged over used positions,
+and the next-token cross-entropy averaged over predicted positions (used positions with a
+next token in the context, as splice.py; the target may be EOS), for the tuned lens and the
+logit lens (identity translators). Sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mlsae.core.config import DataConfig, ModelConfig, save_json
+from mlsae.core.errors import MlsaeError
+from mlsae.lens.train import CHUNK, capture_lens_layers, final_logits, load_contexts
+from mlsae.lens.tuned import TunedLens, load_lens
+
+
+@torch.no_grad()
+def evaluate_lens(
+    model: nn.Module,
+    lens: TunedLens,
+    batches: Iterable[Tensor],
+    special_ids: Sequence[int],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Per-layer KL(final || lens) and next-token CE of the tuned and the logit lens.
+
+    batches: [B, T] token ids. Sums are float64; KL is averaged over used positions, CE over
+    used positions t < T-1 (target token t+1, whatever it is)."""
+    layers = lens.layers
+    sums = {k: torch.zeros(len(layers), dtype=torch.float64) for k in ("tk", "tc", "lk", "lc")}
+    n_kl = n_ce = 0
+    model_ce = 0.0
+    for ids in tqdm(batches, desc="lens evaluate", disable=not progress, file=sys.stderr):
+        xs, mask, cap = capture_lens_layers(model, lens, ids, special_ids)
+        pred = mask.clone()
+        pred[:, -1] = False  # [B, T] used positions with a next token (as splice.py)
+        target = torch.roll(ids, -1, dims=1)[mask]  # [N] next token (valid where pred)
+        is_pred = pred[mask]  # [N]
+        x = xs[mask]  # [N, Lc, d]
+        for start in range(0, len(x), CHUNK):
+            xc, tc, pc = (
+                x[start : start + CHUNK],
+                target[start : start + CHUNK],
+                is_pred[start : start + CHUNK],
+            )
+            final_logp = torch.log_softmax(final_logits(model, xc[:, -1]), dim=-1)  # [n, V]
+            p = final_logp.exp()  # [n, V]
+            model_ce += float(-final_logp[pc].gather(1, tc[pc, None]).double().sum())
+            for i, layer in enumerate(layers):
+                h = xc[:, cap.index(layer)]
+                for key in ("t", "l"):
+                    if key == "t" or layer != lens.last_layer:  # identical at the last block
+                        logits = (
+                            lens.logits(model, h, layer) if key == "t" else final_logits(model, h)
+                        )
+                        logq = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+                        kl = (p * (final_logp - logq)).sum(-1).double().sum()
+                        ce = -logq[pc].gather(1, tc[pc, None]).double().sum()
+                    sums[key + "k"][i] += kl
+                    sums[key + "c"][i] += ce
+        n_kl += int(mask.sum())
+        n_ce += int(pred.sum())
+    if n_kl == 0 or n_ce == 0:
+        raise MlsaeError("no evaluation tokens (every position is a special token?)")
+    res = lambda k: [float(v) for v in sums[k] / (n_kl if k.endswith("k") else n_ce)]
+    return {
+        "layers": layers,
+        "tuned": {"kl": res("tk"), "ce": res("tc")},
+        "logit": {"kl": res("lk"), "ce": res("lc")},
+        "model_ce": model_ce / n_ce,
+        "n_kl_positions": n_kl,
+        "n_ce_positions": n_ce,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Aligned text table of an evaluation result."""
+    lines = [f"{'layer':>5} {'KL tuned':>9} {'KL logit':>9} {'CE tuned':>9} {'CE logit':>9}"]
+    t, g = result["tuned"], result["logit"]
+    for i, layer in enumerate(result["layers"]):
+        lines.append(
+            f"{layer:>5} {t['kl'][i]:>9.4f} {g['kl'][i]:>9.4f} {t['ce'][i]:>9.4f} {g['ce'][i]:>9.4f}"
+        )
+    lines.append(f"model CE {result['model_ce']:.4f} over {result['n_ce_positions']} positions")
+    return "\n".join(lines)
+
+
+def evaluate_lens_command(
+    lens_path: Path,
+    out: Path,
+    model: str | None,
+    dtype: str,
+    data_cfg: DataConfig,
+    n_tokens: int,
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """`mlsae lens evaluate`: tuned vs logit lens on test-split tokens; JSON + printed table."""
+    from mlsae.data.model import load_model
+
+    lens = load_lens(lens_path)
+    if model is None and not lens.model_name:
+        raise MlsaeError("the lens does not name its model: pass --model")
+    lm = load_model(ModelConfig(model=model or lens.model_name, dtype=dtype))  # type: ignore[arg-type]
+    lens.check_model(lm.n_layers, lm.d_model)
+    contexts = load_contexts(lm.tokenizer, data_cfg, n_tokens)
+    batches = [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
+    result = evaluate_lens(lm.model, lens, batches, lm.special_ids)
+    result = {
+        **result,
+        "lens": str(lens_path),
+        "model": lm.name,
+        "dataset": data_cfg.dataset,
+        "split": data_cfg.split,
+        "n_tokens": int(contexts.numel()),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_json(out, result)
+    print(format_table(result))
+    return result

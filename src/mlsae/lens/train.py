@@ -1,0 +1,357 @@
+"""Training the tuned lens (SPEC section 5; `mlsae lens train`).
+
+The loss, summed over the lens's blocks l (all but the last), is the mean over used
+(non-special) positions of KL(p_final || softmax(unembed(final_norm(T_l(x_l))))). All block
+outputs come from one `capture.capture` pass that runs through the last block; the final
+distribution is unembed(final_norm(x_{L-1})) of that same pass, which is exactly the model's
+own logits.
+
+Every KL step costs two [tokens, d] x [d, vocab] matmuls per layer (the full-vocabulary
+unembedding), so on a CPU only a few thousand token-layers per minute are affordable. Hence
+two stages:
+1. warm start (`init="regression"`, default): each T_l is set to the weighted least-squares
+   affine map from x_l to x_{L-1} (`regression_init`; Din et al. 2023). It needs only forward
+   passes, so it can use many tokens, and already beats the logit lens by far.
+   `init="zero"` starts from the identity (A = 0, c = 0) as Belrose et al. do.
+2. KL training (`train_lens`): Adam on the KL loss in standardised coordinates
+   (`_Preconditioned`), short warmup, linear decay to 0.
+
+Evaluation against the logit lens: lens_eval.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mlsae.core.config import DEFAULT_MIN_SINGULAR, DataConfig, LensTrainConfig, ModelConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.data.capture import capture, get_final_norm, unembed, used_mask
+from mlsae.lens.tuned import TunedLens
+
+CHUNK = 256  # positions per unembedding chunk (a [256, vocab] float32 block)
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No gradients into the model (the unembedding weight grad would dominate the cost)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def final_logits(model: nn.Module, x_last: Tensor) -> Tensor:
+    """The model's next-token logits from the last block's output. [..., d] -> [..., V] fp32."""
+    return unembed(model, get_final_norm(model)(x_last)).float()
+
+
+def _kl_backward(
+    model: nn.Module, translate: Callable[[Tensor], Tensor], h: Tensor, p: Tensor,
+    p_logp: Tensor, scale: float,
+) -> float:  # fmt: skip
+    """Backpropagate scale * sum_t KL(p_t || q_t), q = softmax(unembed(final_norm(translate(h)))).
+
+    h: [N, d] block outputs; p: [N, V] final probabilities; p_logp: sum p log p (scalar).
+    The gradient through the softmax is the closed form q - p (two vocab matmuls, no autograd
+    over [N, V] elementwise ops). Returns the loss value."""
+    norm = get_final_norm(model)
+    dtype = next(norm.parameters(), h).dtype
+    u = norm(translate(h).to(dtype))  # [N, d] graph into the translator
+    u_leaf = u.detach().requires_grad_(True)
+    z = unembed(model, u_leaf).float()  # [N, V] graph into u_leaf only (model frozen)
+    with torch.no_grad():
+        logq = torch.log_softmax(z, dim=-1)
+        kl = float(p_logp - (p * logq).sum()) * scale
+        grad = logq.exp_().sub_(p).mul_(scale)  # d KL / d z = q - p
+    z.backward(grad)
+    u.backward(u_leaf.grad)
+    return kl
+
+
+class _Preconditioned(nn.Module):
+    """Training parametrisation of one translator in standardised coordinates
+    u = (h - mu) / s (mu, s: per-dimension mean and std of x_l on the first batches):
+    T(h) = h + s * (B u + e), i.e. A = diag(s) B diag(1/s) and c = s * e - A mu. Residual
+    streams have a few dimensions thousands of times larger than the rest; in these
+    coordinates every entry of B has the same relative effect per Adam step, so one learning
+    rate suits every dimension. Starts from the lens's current A, c."""
+
+    def __init__(self, x: Tensor, a: Tensor, c: Tensor) -> None:
+        super().__init__()
+        x = x.detach().float()  # [N, d]
+        rms = x.pow(2).mean().sqrt().clamp_min(1e-6)
+        many = len(x) > 1
+        self.register_buffer("mu", x.mean(0) if many else torch.zeros(x.shape[1]))
+        std = x.std(0) if many else torch.ones(x.shape[1]) * rms
+        self.register_buffer("s", std.clamp_min(1e-3 * rms))  # [d]
+        a, c = a.detach().float(), c.detach().float()
+        self.B = nn.Parameter(a * self.s[None, :] / self.s[:, None])  # [d, d]
+        self.e = nn.Parameter((c + a @ self.mu) / self.s)  # [d]
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """(A [d, d], c [d]) of the current parameters."""
+        a = self.s[:, None] * self.B / self.s[None, :]
+        return a, self.s * self.e - a @ self.mu
+
+    def forward(self, h: Tensor) -> Tensor:
+        hf = h.float()  # [N, d]
+        return hf + self.s * (((hf - self.mu) / self.s) @ self.B.T + self.e)
+
+
+@torch.no_grad()
+def regression_init(
+    model: nn.Module,
+    lens: TunedLens,
+    batches: Iterable[Tensor],
+    special_ids: Sequence[int],
+    ridge: float = 0.01,
+    min_singular: float = DEFAULT_MIN_SINGULAR,
+    progress: bool = True,
+) -> int:
+    """Warm start: set each trained translator to the weighted least-squares affine map from
+    x_l to the last block's output x_{L-1} (Din et al. 2023, "Jump to conclusions"), i.e.
+    min sum_t ||T_l(x_l) - x_{L-1}||^2 / rms(x_{L-1})^2 (the final norm divides by that RMS),
+    ridge-regularised by `ridge` x the Gram diagonal. Only forward passes: cheap next to KL
+    steps. batches: [B, T] ids. Returns the number of positions used.
+
+    The fit squashes directions the final output does not vary in (singular values of I + A
+    down to 1e-4), which the exact inverse would amplify ~1e4-fold; singular values below
+    `min_singular` are raised to it (then c is refit), which bounds ||(I + A)^-1|| by
+    1 / min_singular (see DEFAULT_MIN_SINGULAR)."""
+    trained = lens.trained_layers
+    d = lens.d_model
+    gram = {layer: torch.zeros(d + 1, d + 1, dtype=torch.float64) for layer in trained}
+    rhs = {layer: torch.zeros(d + 1, d, dtype=torch.float64) for layer in trained}
+    n = 0
+    for ids in tqdm(batches, desc="lens regression", disable=not progress, file=sys.stderr):
+        xs, mask, layers = capture_lens_layers(model, lens, ids, special_ids)
+        x = xs[mask].double()  # [N, Lc, d]
+        if not len(x):
+            continue
+        y = x[:, -1]  # [N, d] last block output
+        w = 1 / y.pow(2).mean(1, keepdim=True).clamp_min(1e-12)  # [N, 1] token weights
+        one = torch.ones(len(x), 1, dtype=torch.float64)
+        for layer in trained:
+            xl = torch.cat([x[:, layers.index(layer)], one], 1)  # [N, d+1]
+            gram[layer] += (xl * w).T @ xl
+            rhs[layer] += (xl * w).T @ (y - xl[:, :d])  # residual target: T(h) - h
+        n += len(x)
+    if n == 0:
+        raise MlsaeError("no training positions for the lens regression")
+    for layer in trained:
+        g = gram[layer] + torch.diag(ridge * gram[layer].diagonal() + 1e-12)
+        beta = torch.linalg.solve(g, rhs[layer])  # [d+1, d]
+        a, c = beta[:d].T, beta[d]  # A [d, d], c [d]
+        eye = torch.eye(d, dtype=torch.float64)
+        u, sv, vh = torch.linalg.svd(eye + a)
+        if float(sv.min()) < min_singular:
+            a = (u * sv.clamp_min(min_singular)) @ vh - eye
+            sw, swx = gram[layer][d, d], gram[layer][d, :d]  # sum w, sum w x
+            c = (rhs[layer][d] - a @ swx) / sw  # weighted mean of y - x - A x
+        lens._set(layer, a, c)
+    return n
+
+
+def capture_lens_layers(model: nn.Module, lens: TunedLens, ids: Tensor, special_ids: Sequence[int]):
+    """One pass: used block outputs x [N, Lc, d] of lens.layers + the last block, the mask
+    [B, T] and the captured layer list."""
+    layers = sorted(set(lens.layers) | {lens.last_layer})
+    xs = capture(model, ids, layers)  # [B, T, Lc, d]
+    mask = used_mask(ids, special_ids)  # [B, T]
+    return xs, mask, layers
+
+
+def train_lens(
+    model: nn.Module,
+    lens: TunedLens,
+    contexts: Tensor,
+    special_ids: Sequence[int],
+    *,
+    steps: int | None = None,
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    warmup: int | None = None,
+    seed: int = 0,
+    stat_contexts: int = 8,
+    progress: bool = True,
+) -> list[float]:
+    """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order), Adam with linear
+    warmup and linear decay to 0. Returns the mean KL per trained layer of every step."""
+    trained = lens.trained_layers
+    if not trained:
+        raise MlsaeError("nothing to train: the lens only covers the last block (identity)")
+    if contexts.ndim != 2 or len(contexts) == 0:
+        raise MlsaeError("no training contexts")
+    n = len(contexts)
+    steps = steps if steps is not None else math.ceil(n / batch_size)
+    warmup = warmup if warmup is not None else max(1, min(20, steps // 10))
+    gen = torch.Generator().manual_seed(seed)
+    order = iter(())
+
+    def next_batch() -> Tensor:
+        nonlocal order
+        idx = list(itertools.islice(order, batch_size))
+        while len(idx) < min(batch_size, n):
+            order = iter(torch.randperm(n, generator=gen).tolist())
+            idx += list(itertools.islice(order, batch_size - len(idx)))
+        return contexts[idx]
+
+    history: list[float] = []
+    with _frozen(model):
+        first = [next_batch() for _ in range(max(1, math.ceil(stat_contexts / batch_size)))]
+        stats = [capture_lens_layers(model, lens, ids, special_ids) for ids in first]
+        layers = stats[0][2]
+        x0 = torch.cat([xs[mask] for xs, mask, _ in stats])  # [N, Lc, d]
+        if len(x0) < 2:
+            raise MlsaeError("too few training positions for the lens statistics")
+        pre = {
+            layer: _Preconditioned(x0[:, layers.index(layer)], lens.A(layer), lens.c(layer))
+            for layer in trained
+        }
+        del x0
+        params = [q for m in pre.values() for q in m.parameters()]
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.0, 1 - i / steps)
+        )
+        bar = tqdm(range(steps), desc="lens train", disable=not progress, file=sys.stderr)
+        for _step in bar:
+            xs, mask, _ = (
+                stats.pop(0)
+                if stats
+                else capture_lens_layers(model, lens, next_batch(), special_ids)
+            )
+            x = xs[mask]  # [N, Lc, d]
+            total = 0.0
+            for start in range(0, len(x), CHUNK):
+                xc = x[start : start + CHUNK]  # [n, Lc, d]
+                with torch.no_grad():
+                    final_logp = torch.log_softmax(final_logits(model, xc[:, -1]), dim=-1)
+                    p = final_logp.exp()  # [n, V]
+                    p_logp = (p * final_logp).sum()
+                    del final_logp
+                for layer in trained:
+                    h = xc[:, layers.index(layer)]
+                    total += _kl_backward(model, pre[layer], h, p, p_logp, 1 / len(x))
+            if len(x):
+                opt.step()
+                history.append(total / len(trained))
+                bar.set_postfix(kl=f"{history[-1]:.3f}")
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+    with torch.no_grad():
+        for layer, m in pre.items():
+            lens._set(layer, *m.affine())
+    return history
+
+
+# ---------------------------------------------------------------------------- CLI glue
+
+
+def load_contexts(tokenizer, data_cfg: DataConfig, n_tokens: int) -> Tensor:
+    """[n, T] the first ceil(n_tokens / T) contexts of the split."""
+    from mlsae.data.text import iter_contexts
+
+    if n_tokens < 1:
+        raise MlsaeError(f"--tokens must be >= 1, not {n_tokens}")
+    n_ctx = math.ceil(n_tokens / data_cfg.context_length)
+    ctx = list(itertools.islice(iter_contexts(tokenizer, data_cfg), n_ctx))
+    if len(ctx) < n_ctx:
+        print(
+            f"[mlsae] split {data_cfg.split!r} holds only {len(ctx)} contexts "
+            f"({len(ctx) * data_cfg.context_length} tokens)",
+            file=sys.stderr,
+        )
+    return torch.stack(ctx)
+
+
+def _singular_summary(lens: TunedLens) -> dict[str, list[float]]:
+    """Per trained layer, the extreme singular values of I + A (conditioning of the inverse)."""
+    lo, hi = [], []
+    for layer in lens.trained_layers:
+        m = torch.eye(lens.d_model, dtype=torch.float64) + lens.A(layer).detach().double()
+        sv = torch.linalg.svdvals(m)
+        lo.append(round(float(sv.min()), 5))
+        hi.append(round(float(sv.max()), 3))
+    return {"layers": lens.trained_layers, "min": lo, "max": hi}
+
+
+def train_lens_command(
+    out: Path,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    n_tokens: int,
+    layers: str | None = None,
+    cfg: LensTrainConfig | None = None,
+) -> TunedLens:
+    """`mlsae lens train`: warm start (regression on all `n_tokens`, or zero), then `cfg.steps`
+    KL steps of `cfg.batch_size` contexts; save."""
+    from mlsae.data.capture import iter_layers_arg
+    from mlsae.data.model import load_model
+
+    cfg = cfg or LensTrainConfig()
+    if data_cfg.split != "train":
+        raise MlsaeError("the lens is trained on the train split")
+    t0 = time.perf_counter()
+    lm = load_model(model_cfg)
+    chosen = iter_layers_arg(layers, lm.n_layers)
+    torch.manual_seed(cfg.seed)
+    lens = TunedLens(lm.n_layers, lm.d_model, chosen, model=lm.name)
+    if not lens.trained_layers:
+        raise MlsaeError("nothing to train: the last block's lens is the identity")
+    contexts = load_contexts(lm.tokenizer, data_cfg, n_tokens)
+    n_regr = 0
+    if cfg.init == "regression":
+        batches = [contexts[i : i + 8] for i in range(0, len(contexts), 8)]
+        n_regr = regression_init(
+            lm.model, lens, batches, lm.special_ids, ridge=cfg.ridge, min_singular=cfg.min_singular
+        )
+    history: list[float] = []
+    if cfg.steps:
+        history = train_lens(
+            lm.model, lens, contexts, lm.special_ids, steps=cfg.steps, batch_size=cfg.batch_size,
+            lr=cfg.lr, seed=cfg.seed,
+        )  # fmt: skip
+    wall = time.perf_counter() - t0
+    lens.meta["training"] = {
+        "dataset": data_cfg.dataset,
+        "split": data_cfg.split,
+        "context_length": data_cfg.context_length,
+        "tokens": int(contexts.numel()),
+        "init": cfg.init,
+        "ridge": cfg.ridge if cfg.init == "regression" else None,
+        "min_singular": cfg.min_singular if cfg.init == "regression" else None,
+        "regression_positions": n_regr,
+        "steps": len(history),
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0",
+        "loss": "sum over layers of mean KL(final || lens)",
+        "seed": cfg.seed,
+        "model_dtype": model_cfg.dtype,
+        "kl_first_last": [history[0], history[-1]] if history else None,
+        "wall_seconds": round(wall, 1),
+        "singular_values": _singular_summary(lens),
+    }
+    lens.save(out)
+    kl = (  # one context per step by default: a per-step trend would be noise
+        f", mean train-batch KL per layer {sum(history) / len(history):.3f}" if history else ""
+    )
+    print(
+        f"[mlsae] lens saved to {out} (init {cfg.init}, {len(history)} KL steps{kl}, {wall:.0f} s)",
+        file=sys.stderr,
+    )
+    return lens

@@ -1,0 +1,276 @@
+"""The TopK sparse autoencoder (SPEC section 2): one implementation used everywhere.
+
+Shapes: d = d_in, m = d_sae = R * d. Parameters (fp32 master weights): W_enc [d, m], b_enc [m],
+W_dec [m, d] (unit-norm rows), b_dec [d]. For a raw vector x:
+    u = (x - mean_d(x)) / (std_d(x) + 1e-5)      (normalize="standardize"; u = x for "none";
+                                                  std is torch's default, with Bessel correction)
+    pre = (u - b_dec) @ W_enc + b_enc ; z = ReLU(TopK_k(pre))
+    u_hat = z @ W_dec + b_dec ; x_hat = u_hat * std + mean
+The heavy lifting is in `mlsae.sae.kernels` (sparse decoder, sparse encoder gradient, top-k).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mlsae.core.compute import resolve_compute_dtype
+from mlsae.core.config import SaeConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.sae.kernels import sparse_decode, topk_encode
+from mlsae.sae.metrics import fvu
+
+STD_EPS = 1e-5
+ENCODE_CHUNK = 8192
+"""Rows per encoder pass without autograd (bounds the dense pre-activation memory)."""
+CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae.safetensors"
+
+
+class EncoderOutput(NamedTuple):
+    """Sparse code of a batch; mean/std map reconstructions back to the raw space."""
+
+    top_acts: Tensor  # f32[N, k] >= 0
+    top_indices: Tensor  # i64[N, k]
+    mean: Tensor  # f32[N, 1] (zeros for normalize="none")
+    std: Tensor  # f32[N, 1] (ones for normalize="none"), includes the +1e-5
+
+
+class StepOutput(NamedTuple):
+    """Training forward of one batch (normalized space)."""
+
+    loss: Tensor  # scalar: fvu + aux_coef * auxk
+    fvu: Tensor  # scalar, batch FVU of u
+    auxk: Tensor  # scalar, 0 when no latent is dead
+    top_acts: Tensor  # [N, k]
+    top_indices: Tensor  # [N, k]
+
+
+def validate_cfg(cfg: SaeConfig) -> None:
+    """MlsaeError for impossible shapes (k > d_sae, ...)."""
+    if cfg.d_in < 2:
+        raise MlsaeError(f"d_in must be >= 2, not {cfg.d_in}")
+    if cfg.expansion_factor < 1:
+        raise MlsaeError(f"expansion factor must be >= 1, not {cfg.expansion_factor}")
+    if not 1 <= cfg.k <= cfg.d_sae:
+        raise MlsaeError(f"k = {cfg.k} must be between 1 and d_sae = {cfg.d_sae}")
+    if cfg.normalize not in ("standardize", "none"):
+        raise MlsaeError(f"normalize must be 'standardize' or 'none', not {cfg.normalize!r}")
+
+
+def geometric_median(points: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows
+    of points [N, d] (computed in float64) -> [d]."""
+    x = points.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)  # [N]
+        y_new = (w.unsqueeze(1) * x).sum(0) / w.sum()
+        done = (y_new - y).norm() <= tol * max(1.0, float(y.norm()))
+        y = y_new
+        if done:
+            break
+    return y.to(points.dtype)
+
+
+class SparseAutoencoder(nn.Module):
+    """TopK SAE with input standardization and unit-norm decoder rows (SPEC section 2)."""
+
+    def __init__(
+        self, cfg: SaeConfig, seed: int = 0, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        validate_cfg(cfg)
+        self.cfg = cfg
+        d, m = cfg.d_in, cfg.d_sae
+        self.compute_dtype = compute_dtype or resolve_compute_dtype("auto", verbose=False)
+        gen = torch.Generator().manual_seed(int(seed))
+        bound = 1.0 / math.sqrt(d)
+        w = torch.rand(d, m, generator=gen).mul_(2 * bound).sub_(bound)  # U(-1/sqrt d, 1/sqrt d)
+        self.W_enc = nn.Parameter(w)  # [d, m]
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.W_dec = nn.Parameter(w.t().contiguous())  # [m, d], W_enc^T with unit rows
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.normalize_decoder_()
+
+    # ------------------------------------------------------------------ normalization
+
+    def _check(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
+            raise MlsaeError(
+                f"SAE expects vectors of width d_in = {self.cfg.d_in} as [N, {self.cfg.d_in}], "
+                f"got shape {list(x.shape)}"
+            )
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw x f32[N, d] -> (u [N, d], mean [N, 1], std [N, 1] incl. +1e-5)."""
+        self._check(x)
+        x = x.float()
+        if self.cfg.normalize == "none":
+            return x, x.new_zeros(x.shape[0], 1), x.new_ones(x.shape[0], 1)
+        std, mean = torch.std_mean(x, dim=1, keepdim=True)  # [N, 1] each (Bessel-corrected std)
+        std = std + STD_EPS
+        return (x - mean) / std, mean, std
+
+    # ------------------------------------------------------------------ public API
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """Raw x f32[N, d_in] -> EncoderOutput (normalization inside)."""
+        u, mean, std = self.normalize(x)
+        args = (self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype)
+        if torch.is_grad_enabled() or len(u) <= ENCODE_CHUNK:
+            enc = topk_encode(u, *args)
+            return EncoderOutput(enc.acts, enc.idx, mean, std)
+        # no autograd: chunks bound the memory of the dense [rows, d_sae] pre-activations
+        parts = [
+            topk_encode(u[i : i + ENCODE_CHUNK], *args) for i in range(0, len(u), ENCODE_CHUNK)
+        ]
+        acts, idx = torch.cat([p.acts for p in parts]), torch.cat([p.idx for p in parts])
+        return EncoderOutput(acts, idx, mean, std)
+
+    def decode_normalized(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """u_hat = z @ W_dec + b_dec in the normalized space: [N, d_in]."""
+        return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
+
+    def decode(self, enc: EncoderOutput) -> Tensor:
+        """Reconstruction in the raw space: f32[N, d_in]."""
+        return self.decode_normalized(enc.top_acts, enc.top_indices) * enc.std + enc.mean
+
+    def forward(self, x: Tensor) -> tuple[Tensor, EncoderOutput]:
+        """(x_hat [N, d_in] raw space, EncoderOutput)."""
+        enc = self.encode(x)
+        return self.decode(enc), enc
+
+    def dense_acts(self, enc: EncoderOutput) -> Tensor:
+        """Dense latent activations f32[N, d_sae] (scatter of top_acts)."""
+        out = enc.top_acts.new_zeros(enc.top_acts.shape[0], self.cfg.d_sae)
+        return out.scatter_(1, enc.top_indices, enc.top_acts)
+
+    # ------------------------------------------------------------------ training
+
+    @torch.no_grad()
+    def init_b_dec(self, x: Tensor) -> None:
+        """b_dec = geometric median of the batch in the normalized space the encoder sees."""
+        self.b_dec.copy_(geometric_median(self.normalize(x)[0]))
+
+    def train_step_forward(
+        self, x: Tensor, dead: Tensor | None = None, k_aux: int = 0, aux_coef: float = 0.0
+    ) -> StepOutput:
+        """Loss of a raw batch x [N, d_in]: batch FVU of u plus aux_coef * AuxK.
+
+        dead: i64 ids of dead latents (or None). AuxK = FVU(e, e_hat) with e = u - u_hat
+        (detached: it is the target) and e_hat = the ReLU'd top min(k_aux, #dead) dead
+        pre-activations decoded without b_dec.
+        """
+        u, _, _ = self.normalize(x)
+        use_aux = dead is not None and dead.numel() > 0 and k_aux > 0 and aux_coef != 0
+        dead = dead if use_aux else None
+        enc = topk_encode(
+            u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead
+        )
+        u_hat = self.decode_normalized(enc.acts, enc.idx)  # [N, d]
+        rec = fvu(u, u_hat)
+        if dead is not None:
+            dpre = enc.dead_pre  # [N, n_dead]
+            if k_aux < dpre.shape[1]:
+                v, i = dpre.topk(k_aux, dim=1, sorted=False)
+                a = torch.zeros_like(dpre).scatter(1, i, v.relu())
+            else:
+                a = dpre.relu()
+            e_hat = a @ self.W_dec.index_select(0, dead)  # [N, d], no b_dec
+            auxk = fvu((u - u_hat).detach(), e_hat)
+        else:
+            auxk = rec.new_zeros(())
+        return StepOutput(rec + aux_coef * auxk, rec, auxk, enc.acts, enc.idx)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove from each decoder row's gradient its component along the (unit) row."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.addcmul_(torch.linalg.vecdot(g, self.W_dec).unsqueeze(1), self.W_dec, value=-1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        norm = torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True)
+        self.W_dec.div_(norm.clamp_min(torch.finfo(norm.dtype).tiny))
+
+    # ------------------------------------------------------------------ files
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The four tensors of sae.safetensors (contiguous fp32 copies)."""
+        return {
+            n: getattr(self, n).detach().float().contiguous().clone()
+            for n in ("W_enc", "b_enc", "W_dec", "b_dec")
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the SAE folder (cfg.json + sae.safetensors) atomically: temp dir, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file(self.state_tensors(), str(tmp / WEIGHTS_FILE))
+            (tmp / CFG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2))
+            replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder src to dst, replacing dst; dst is never missing except between two renames
+    (a stale `.dst.old` is then recovered by `recover_dir`)."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: Path) -> Path:
+    """The folder written by `replace_dir`, or its previous version if killed mid-swap."""
+    old = dst.with_name(f".{dst.name}.old")
+    return old if not dst.exists() and old.exists() else dst
+
+
+def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> SparseAutoencoder:
+    """Load an SAE folder (cfg.json + sae.safetensors) in eval mode with fp32 master weights.
+    Also accepts a training run folder holding one SAE in `sae/`."""
+    path = recover_dir(Path(path))
+    if not path.exists():
+        raise MlsaeError(f"SAE folder {path} does not exist")
+    if not (path / CFG_FILE).exists() and (path / "sae" / CFG_FILE).exists():
+        path = recover_dir(path / "sae")
+    cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        missing = [p.name for p in (cfg_path, w_path) if not p.is_file()]
+        raise MlsaeError(f"{path} is not an SAE folder: missing {', '.join(missing)}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        cfg = SaeConfig.from_dict(raw)
+    except (OSError, ValueError, TypeError) as e:
+        raise MlsaeError(f"{cfg_path}: unreadable SAE config ({e})") from None
+    try:
+        tensors = load_file(str(w_path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        raise MlsaeError(f"{w_path}: unreadable weights ({e})") from None
+    sae = SparseAutoencoder(cfg, compute_dtype=compute_dtype)
+    want = {n: tuple(p.shape) for n, p in sae.named_parameters()}
+    got = {n: tuple(t.shape) for n, t in tensors.items()}
+    if got != want:
+        raise MlsaeError(f"{w_path} does not match {cfg_path}: expected {want}, found {got}")
+    with torch.no_grad():
+        for n, p in sae.named_parameters():
+            p.copy_(tensors[n].float())
+    return sae.eval()

@@ -1,0 +1,391 @@
+"""`mlsae train`: the training loop of the MLSAE, single-layer baselines, sweeps and per-layer
+sets, with checkpoints and exact resume (SPEC section 2).
+
+A run trains one or more "members" (SAEs) in one pass over an activation cache; each batch of
+vectors is read once and fed to all of them:
+- MLSAE (default) / single-layer baseline: one SAE on all chosen layers / one layer; folder sae/.
+- sweep (several --expansion-factor / -k): the grid, one folder sae_R{R}_k{k}/ each.
+- per-layer set (--per-layer): one SAE per chosen layer, folders layer_XX/ + per_layer.json; a
+  batch holds batch_tokens vectors per layer and each SAE gets its own layer's vectors.
+
+Dead latents are counted in tokens of text: a batch of B vectors drawn from L layers is B / L
+tokens for an SAE trained on those L layers (a single-layer SAE: B vectors = B tokens). A latent
+is dead once it has not fired (activation > 0) for `dead_tokens` tokens.
+
+Exact resume: the data order is a pure function of (seed, epoch, batch index) (cache.shuffled
+with skip_batches), and checkpoints hold all weights, Adam states, counters and the position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlsae.activations.cache import ActivationCache, Batch
+from mlsae.core.compute import resolve_compute_dtype
+from mlsae.core.config import SaeConfig, TrainConfig, save_json
+from mlsae.core.errors import MlsaeError
+from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.kernels import set_malloc_retain
+from mlsae.train.checkpoint import (
+    RUN_CFG,
+    StopSignals,
+    check_train_cfg,
+    load_checkpoint,
+    new_run,
+    open_metrics,
+    parse_layers,
+    save_checkpoint,
+)
+
+EVAL_VECTORS = 65536
+"""Vectors of the final per-layer FVU pass (train tokens; `mlsae evaluate` does held-out)."""
+
+
+def make_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam (SPEC 2), the fused CPU kernel where this torch has one."""
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    try:
+        return torch.optim.Adam(params, fused=True, **kw)
+    except (RuntimeError, TypeError):  # pragma: no cover - old torch
+        return torch.optim.Adam(params, **kw)
+
+
+@dataclass
+class Member:
+    """One SAE being trained, with its optimizer and dead-latent counter."""
+
+    name: str
+    sae: SparseAutoencoder
+    opt: torch.optim.Adam
+    layer: int | None  # per-layer set: the layer it takes from each batch; else None (all)
+    since: Tensor  # f64[d_sae] tokens since each latent last fired
+    initialized: bool = False  # b_dec set from the first batch
+
+    @property
+    def tokens_per_vector(self) -> float:
+        return 1.0 / len(self.sae.cfg.layers)
+
+    def step(self, x: Tensor, cfg: TrainConfig, k_aux: int) -> dict[str, float]:
+        """One optimizer step on raw vectors x [B, d]; returns the step's metrics."""
+        sae = self.sae
+        if not self.initialized:
+            sae.init_b_dec(x)
+            self.initialized = True
+        dead = (self.since >= cfg.dead_tokens).nonzero().view(-1)  # [n_dead]
+        self.opt.zero_grad(set_to_none=True)
+        out = sae.train_step_forward(x, dead, k_aux, cfg.aux_coef)
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        self.opt.step()
+        sae.normalize_decoder_()
+        fired = update_dead_counter(
+            self.since, out.top_acts, out.top_indices, len(x) * self.tokens_per_vector
+        )
+        return {
+            "loss": out.loss.item(),
+            "fvu": out.fvu.item(),
+            "auxk": out.auxk.item(),
+            "dead_frac": dead.numel() / sae.cfg.d_sae,
+            "l0": fired,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()},
+            "opt": self.opt.state_dict(),
+            "since": self.since.clone(),
+            "initialized": self.initialized,
+        }
+
+    def load(self, st: dict[str, Any]) -> None:
+        self.sae.load_state_dict(st["sae"])
+        self.opt.load_state_dict(st["opt"])
+        self.since.copy_(st["since"])
+        self.initialized = bool(st["initialized"])
+
+
+@torch.no_grad()
+def update_dead_counter(since: Tensor, acts: Tensor, idx: Tensor, n_tokens: float) -> float:
+    """Add n_tokens to every latent's counter, reset the latents that fired (act > 0) to 0;
+    returns L0 (mean number of active latents per vector)."""
+    on = acts > 0  # [B, k]
+    since += n_tokens
+    since.index_fill_(0, idx[on], 0.0)
+    return float(on.sum()) / max(1, acts.shape[0])
+
+
+# ----------------------------------------------------------------------------- run setup
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Member]:
+    """Train (or continue) the run in `out`; returns the members with their final weights."""
+    from tqdm import tqdm
+
+    cache = ActivationCache(run["cache"])
+    if cache.d_model != run["d_in"]:
+        raise MlsaeError(
+            f"mismatched d_in: the run's SAEs take d_in = {run['d_in']} but the cache "
+            f"{cache.path} holds d_model = {cache.d_model}"
+        )
+    layers = parse_layers(",".join(map(str, run["layers"])), cache)
+    to_sae = sae_inputs(run, cache, layers)
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
+    set_malloc_retain(True)  # no page faults for each step's large temporaries
+    members = []
+    for s in run["members"]:
+        sc = SaeConfig(
+            d_in=run["d_in"], expansion_factor=s["expansion_factor"], k=s["k"],
+            normalize=run["normalize"], layers=s["layers"], model=run["model"] or "",
+            dataset=run["dataset"] or "", lens=run["lens"],
+        )  # fmt: skip
+        sae = SparseAutoencoder(sc, seed=s["seed"], compute_dtype=dtype)
+        since = torch.zeros(sc.d_sae, dtype=torch.float64)
+        layer = s["layers"][0] if run["mode"] == "per_layer" else None
+        members.append(Member(s["name"], sae, make_adam(sae.parameters(), cfg), layer, since))
+    per_read = len(layers) if run["mode"] == "per_layer" else 1
+    read_batch = cfg.batch_tokens * per_read
+    n_vec = cache.n_vectors(layers)
+    if n_vec == 0:
+        raise MlsaeError(f"the cache {cache.path} holds no usable vectors (every token is special)")
+    per_epoch = n_vec // read_batch
+    if per_epoch == 0:
+        raise MlsaeError(
+            f"the cache holds {n_vec} vectors of layers {layers}, fewer than one batch of "
+            f"{read_batch}: lower --batch-tokens or cache more tokens"
+        )
+    total = per_epoch * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    step = epoch = batch_i = 0
+    ck = load_checkpoint(out)
+    if ck is not None:
+        step, epoch, batch_i = ck["step"], ck["epoch"], ck["batch"]
+        for m in members:
+            if m.name not in ck["members"]:
+                raise MlsaeError(f"checkpoint of {out} lacks SAE {m.name}: not this run's")
+            m.load(ck["members"][m.name])
+        print(
+            f"[mlsae] resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
+            f"settings of {RUN_CFG}",
+            file=sys.stderr,
+        )
+    k_aux = cfg.resolved_k_aux(run["d_in"])
+
+    def checkpoint() -> None:
+        state = {"step": step, "epoch": epoch, "batch": batch_i}
+        save_checkpoint(out, {**state, "members": {m.name: m.state() for m in members}})
+        for m in members:
+            m.sae.save(out / m.name)
+
+    log = open_metrics(out, step)
+    wb = _wandb_start(out, run) if cfg.wandb else None
+    bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    t_start, v_done = time.perf_counter(), 0
+    try:
+        with StopSignals() as sig, bar, log:
+            while step < total and epoch < cfg.epochs:
+                batches = cache.shuffled(
+                    read_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
+                    buffer_shards=cfg.shuffle_buffer_shards, drop_last=True,
+                )  # fmt: skip
+                t0 = time.perf_counter()
+                for batch in batches:
+                    batch.x = to_sae(batch)
+                    rows, n_step = [], 0
+                    for m in members:
+                        x = _member_x(m, batch)
+                        if len(x) < 2:
+                            continue
+                        rows.append({"sae": m.name, **m.step(x, cfg, k_aux)})
+                        n_step += len(x)
+                    step, batch_i = step + 1, batch_i + 1
+                    t1 = time.perf_counter()
+                    vps = n_step / max(t1 - t0, 1e-9)
+                    v_done += n_step
+                    for r in rows:
+                        log.write(
+                            json.dumps({"step": step, "epoch": epoch, **r, "vectors_per_s": vps})
+                            + "\n"
+                        )
+                    log.flush()
+                    if wb is not None:
+                        wb.log(
+                            {
+                                f"{r['sae']}/{k}": v
+                                for r in rows
+                                for k, v in r.items()
+                                if k != "sae"
+                            },
+                            step=step,
+                        )
+                    bar.set_postfix(
+                        fvu=f"{rows[0]['fvu']:.3f}" if rows else "-", vec_s=f"{vps:.0f}"
+                    )
+                    bar.update(1)
+                    if step % cfg.checkpoint_every == 0 or sig.signum is not None:
+                        checkpoint()
+                    if sig.signum is not None:
+                        print(
+                            f"\n[mlsae] stopped by signal {sig.signum} at step {step}: checkpoint "
+                            f"saved; continue with `mlsae train --resume {out}`", file=sys.stderr,
+                        )  # fmt: skip
+                        raise SystemExit(128 + sig.signum)
+                    if step >= total:
+                        break
+                    t0 = time.perf_counter()
+                else:
+                    epoch, batch_i = epoch + 1, 0
+            checkpoint()
+    finally:
+        if wb is not None:
+            wb.finish()
+    el = time.perf_counter() - t_start
+    if v_done:
+        print(
+            f"[mlsae] {step} steps; {v_done / el:.0f} vectors/s over this session", file=sys.stderr
+        )
+    return members
+
+
+def sae_inputs(run: dict[str, Any], cache: ActivationCache, layers: list[int]) -> Any:
+    """Batch -> SAE inputs [B, d]: the cached vectors, or T_l of them when the run trains in
+    tuned-lens space on a cache of model-space vectors (SPEC 5)."""
+    from mlsae.lens.tuned import resolve_space
+
+    space = resolve_space(run.get("lens"), cache.manifest.get("lens"), what="the run")
+    lens = space.lens
+    if lens is None or space.cache_in_lens:
+        return lambda batch: batch.x
+    if lens.d_model != cache.d_model:
+        raise MlsaeError(f"the lens has width {lens.d_model}, the cache {cache.d_model}")
+    lens.check_layers(layers)
+    print(f"[mlsae] training in tuned-lens space: T_l applied on the fly ({run['lens']})",
+          file=sys.stderr)  # fmt: skip
+    return lambda batch: lens.forward_rows(batch.x, batch.layer)
+
+
+def _member_x(m: Member, batch: Batch) -> Tensor:
+    return batch.x if m.layer is None else batch.x[batch.layer == m.layer]
+
+
+def _wandb_start(out: Path, run: dict[str, Any]) -> Any:
+    try:
+        import wandb  # noqa: PLC0415
+    except ImportError:
+        raise MlsaeError("--wandb needs the wandb package (pip install wandb)") from None
+    return wandb.init(project="mlsae", name=out.name, dir=str(out), config=run, resume="allow")
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+@torch.no_grad()
+def final_fvu(run: dict[str, Any], members: list[Member], cfg: TrainConfig) -> dict[str, Any]:
+    """Per-layer FVU (raw space) of each SAE on a pass over up to EVAL_VECTORS cached vectors."""
+    from mlsae.sae.metrics import LayerMetrics
+
+    cache = ActivationCache(run["cache"])
+    layers = run["layers"]
+    to_sae = sae_inputs(run, cache, layers)
+    acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
+    seen = 0
+    for batch in cache.shuffled(
+        8192, layers, seed=cfg.seed + 1, buffer_shards=cfg.shuffle_buffer_shards
+    ):
+        batch.x = to_sae(batch)
+        for m in members:
+            for layer in m.sae.cfg.layers:
+                sel = batch.layer == layer
+                if sel.any():
+                    x = batch.x[sel]
+                    x_hat, enc = m.sae(x)
+                    acc[m.name].update(layer, x, x_hat, enc.top_indices, enc.top_acts)
+        seen += len(batch)
+        if seen >= EVAL_VECTORS:
+            break
+    return {name: a.result() for name, a in acc.items()}
+
+
+def _print_fvu(res: dict[str, Any]) -> None:
+    print("final per-layer FVU (training tokens):")
+    for name, r in res.items():
+        per = " ".join(
+            f"{ly}:{v:.3f}" if v is not None else f"{ly}:-"
+            for ly, v in zip(r["layers"], r["per_layer"]["fvu"], strict=True)
+        )  # fmt: skip
+        mean = r["mean"]["fvu"]
+        print(f"  {name}: mean {mean:.4f} | {per}" if mean is not None else f"  {name}: -")
+
+
+def train_command(
+    out: Path | None = None,
+    resume: Path | None = None,
+    cache: Path | None = None,
+    model: str = "default",
+    dataset: str = "default",
+    tokens: int = 50_000,
+    context_length: int = 256,
+    layers: str | None = None,
+    single_layer: int | None = None,
+    per_layer: bool = False,
+    expansion_factors: list[int] | None = None,
+    ks: list[int] | None = None,
+    normalize: str = "standardize",
+    cfg: TrainConfig | None = None,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+    lens: Path | None = None,
+) -> Path:
+    """`mlsae train`: new run in `out`, or continue `resume` (max_steps/epochs may be raised).
+    Returns the run folder."""
+    cfg = cfg or TrainConfig()
+    if resume is not None:
+        if lens is not None:
+            raise MlsaeError("--lens is a setting of a new run: a resumed run keeps its own")
+        out = Path(resume)
+        if not (out / RUN_CFG).is_file():
+            raise MlsaeError(f"--resume {out}: no {RUN_CFG} there (not a training run)")
+        run = json.loads((out / RUN_CFG).read_text())
+        tc = dict(run["train"])
+        tc["betas"] = tuple(tc["betas"])
+        cfg = TrainConfig(**tc)
+        if max_steps is not None or epochs is not None:
+            cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
+            cfg.epochs = epochs if epochs is not None else cfg.epochs
+            check_train_cfg(cfg)
+            run["train"] = asdict(cfg)
+            save_json(out / RUN_CFG, run)
+    else:
+        if out is None:
+            raise MlsaeError("give --out RUN for a new run (or --resume RUN)")
+        out = Path(out)
+        cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
+        cfg.epochs = epochs if epochs is not None else cfg.epochs
+        src = {"model": model, "dataset": dataset, "tokens": tokens,
+               "context_length": context_length, "layers": layers, "lens": lens}  # fmt: skip
+        ac = ActivationCache(cache) if cache is not None else None
+        if ac is None and single_layer is not None:
+            src["layers"] = str(single_layer)
+        run = new_run(out, ac, src, layers, single_layer, per_layer, expansion_factors or [],
+                       ks or [], normalize, cfg)  # fmt: skip
+    members = run_training(out, run, cfg)
+    if run["mode"] == "per_layer":
+        entries = [{"layer": m.layer, "path": m.name} for m in members]
+        save_json(out / "per_layer.json", {"layers": [m.layer for m in members], "saes": entries})
+    res = final_fvu(run, members, cfg)
+    save_json(out / "final_fvu.json", res)
+    _print_fvu(res)
+    if not math.isfinite(sum(r["mean"]["fvu"] or 0.0 for r in res.values())):
+        raise MlsaeError("training diverged (non-finite FVU): lower --lr")
+    return out
