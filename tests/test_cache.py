@@ -224,21 +224,21 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def test_crash_then_resume_equals_uninterrupted(
-    tmp_path: Path, neox_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    tmp_path: Path, neox_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     corpus = _corpus(tmp_path / "corpus")
     _build(tmp_path / "ref", neox_dir, corpus)
-    real = cache_mod._write_atomic
+    real = cache_mod.write_bytes
     calls: list[str] = []
 
-    def crashing(path: Path, data: bytes) -> None:
+    def crashing(path: Path, data: bytes, **kw: bool) -> None:
         calls.append(path.name)
         if len(calls) == 3:  # die half-way through writing the third shard
             path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
             raise KeyboardInterrupt
-        real(path, data)
+        real(path, data, **kw)
 
-    monkeypatch.setattr(cache_mod, "_write_atomic", crashing)
+    monkeypatch.setattr(cache_mod, "write_bytes", crashing)
     with pytest.raises(KeyboardInterrupt):
         _build(tmp_path / "c", neox_dir, corpus)
     with pytest.raises(MlsaeError, match="incomplete"):
@@ -247,14 +247,16 @@ def test_crash_then_resume_equals_uninterrupted(
     shard1 = tmp_path / "c" / "shard_00001.safetensors"
     shard1.write_bytes(shard1.read_bytes()[:-8] + b"\0" * 8)
     calls.clear()
-    monkeypatch.setattr(cache_mod, "_write_atomic", lambda p, d: calls.append(p.name) or real(p, d))
+    monkeypatch.setattr(
+        cache_mod, "write_bytes", lambda p, d, **kw: calls.append(p.name) or real(p, d, **kw)
+    )
     _build(tmp_path / "c", neox_dir, corpus)
     assert calls == [
         "shard_00001.safetensors",
         "shard_00002.safetensors",
         "shard_00003.safetensors",
     ]
-    assert "resuming" in capsys.readouterr().err
+    assert "resuming" in caplog.text
     assert _files(tmp_path / "c") == _files(tmp_path / "ref")  # byte for byte
     ActivationCache(tmp_path / "c").load_shard(1)
 

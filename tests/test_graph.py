@@ -17,6 +17,7 @@ from mlsae.core.errors import MlsaeError
 from mlsae.evolution.graph import communities
 from mlsae.evolution.match import MatchScores, match_permutation
 from mlsae.evolution.measures import EvolutionConfig
+from mlsae.report.evolution import write_figures
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.metrics import fvu
 
@@ -129,7 +130,9 @@ def test_pipeline_outputs(tiny, tmp_path):
 
     root, sigma, x0, a = tiny
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.001, max_nodes_html=60)
-    body = evolution_command(root / "run", tmp_path, cache=root / "cache", cfg=cfg)
+    body = evolution_command(
+        root / "run", tmp_path, cache=root / "cache", cfg=cfg, figures=write_figures
+    )
     ev = json.loads((tmp_path / "evolution.json").read_text())
     gj = json.loads((tmp_path / "graph.json").read_text())
     assert ev["layers"] == [0, 1, 2] and ev["n_used_tokens"] == len(x0)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from mlsae.activations.cache import ActivationCache, CacheWriter
 from mlsae.core.config import SaeConfig, TrainConfig
-from mlsae.core.errors import MlsaeError
+from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.metrics import fvu
 from mlsae.train.loop import Member, make_adam, train_command, update_dead_counter
@@ -244,10 +244,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(cache_dir, tmp_path):
 
     t = threading.Thread(target=term_later)
     t.start()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(Interrupted) as e:
         train_command(resume=out)
     t.join()
-    assert e.value.code == 128 + signal.SIGTERM
+    assert e.value.exit_code == 128 + signal.SIGTERM
     assert killed_at + 30 <= _ckpt_step(out) < 150
     train_command(resume=out)
     _assert_same(out / "sae", ref / "sae", atol=1e-6)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +24,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from mlsae.core.config import save_json
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_bytes, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "mlsae-activation-cache"
@@ -35,7 +34,8 @@ REQUIRED_FIELDS = (
     "model", "dataset", "split", "layers", "d_model", "dtype", "n_tokens", "context_length",
     "lens", "shards", "complete",
 )  # fmt: skip
-_OURS = re.compile(r"^(shard_\d{5}\.safetensors|manifest\.json)(\.tmp)?$")
+_OURS = re.compile(r"^\.?(shard_\d{5}\.safetensors|manifest\.json)(\..*\.tmp|\.tmp)?$")
+"""Our file names, and the temporary names `mlsae.core.io` writes them under."""
 _VERIFIED: set[tuple[str, str, int, int]] = set()  # (path, sha256, size, mtime_ns) checked
 
 
@@ -69,15 +69,6 @@ def _storage_dtype(name: str) -> torch.dtype:
     if name not in STORAGE_DTYPES:
         raise MlsaeError(f"unknown storage dtype {name!r} (use {', '.join(STORAGE_DTYPES)})")
     return STORAGE_DTYPES[name]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256_file(path: Path) -> str:
@@ -145,7 +136,7 @@ class CacheWriter:
         self._save_manifest()
 
     def _save_manifest(self) -> None:
-        save_json(self.out / MANIFEST, self.manifest)
+        write_json(self.out / MANIFEST, self.manifest)
 
     def add(self, activations: Tensor, token_ids: Tensor, mask: Tensor) -> None:
         """Append tokens: activations [n, L, d], token_ids [n], mask [n]."""
@@ -173,7 +164,7 @@ class CacheWriter:
         tensors = {"activations": acts[:n], "token_ids": ids[:n], "mask": mask[:n]}
         data = st_save({k: v.contiguous() for k, v in tensors.items()})
         name = shard_name(len(self.manifest["shards"]))
-        _write_atomic(self.out / name, data)
+        write_bytes(self.out / name, data, fsync=True)
         entry = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "n_tokens": n}
         self.manifest["shards"].append({**entry, "n_used": int(mask[:n].sum())})
         self.manifest["n_tokens"] += n

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from mlsae.activations.cache import (
 )
 from mlsae.core.config import DataConfig, ModelConfig
 from mlsae.core.errors import MlsaeError
+
+log = logging.getLogger(__name__)
 
 
 def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_shard: int) -> Any:
@@ -141,14 +143,14 @@ def build_cache(
     }  # fmt: skip
     done = _resume_point(out, settings, contexts, per_shard)
     if isinstance(done, dict):
-        print(f"[mlsae] {out} is already complete ({done['n_tokens']} tokens)", file=sys.stderr)
+        log.info(f"{out} is already complete ({done['n_tokens']} tokens)")
         return done
     meta = {k: v for k, v in settings.items() if k not in ("dtype", "shard_tokens")}
     meta["special_ids"] = list(lm.special_ids)
     writer = CacheWriter(out, meta, per_shard * ctx, storage_dtype, shards=done or [])
     start = len(done or []) * per_shard
     if start:
-        print(f"[mlsae] resuming {out} after {start * ctx} tokens", file=sys.stderr)
+        log.info(f"resuming {out} after {start * ctx} tokens")
     L, d = len(layer_list), lm.d_model
     bar = tqdm(total=n_ctx * ctx, initial=start * ctx, unit="tok", unit_scale=True, desc="cache")
     with bar, torch.inference_mode():

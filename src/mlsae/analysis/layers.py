@@ -39,6 +39,7 @@ from torch import Tensor
 from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
 from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_with
 
 F64 = torch.float64
 
@@ -81,13 +82,10 @@ class LayerStatsResult:
 
     def save_npz(self, path: Path) -> None:
         """The per-latent arrays as a compressed .npz (atomic)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
         names = ["p_layer_given_latent", "expected_layer", "var_latent", "var_token",
                  "latent_mass", "multi_token_per_latent"]  # fmt: skip
-        np.savez_compressed(tmp, layers=np.asarray(self.layers),
-                            **{k: getattr(self, k) for k in names})  # fmt: skip
-        tmp.replace(path)
+        arrays = {"layers": np.asarray(self.layers), **{k: getattr(self, k) for k in names}}
+        write_with(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".tmp.npz")
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready scalars and short lists (no per-latent arrays)."""

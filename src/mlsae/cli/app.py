@@ -6,6 +6,7 @@ Each command is a thin shell over one stage module; stage modules are imported l
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +28,7 @@ from mlsae.cli.options import (
     _t,
 )
 from mlsae.core.config import DataConfig, ModelConfig, TrainConfig
-from mlsae.core.errors import MlsaeError
+from mlsae.core.errors import Interrupted, MlsaeError
 
 app = typer.Typer(
     add_completion=False,
@@ -174,8 +175,8 @@ def evaluate(
 
     A tuned-lens SAE gets FVU in both spaces, and delta CE / KL through the exact inverse.
     """
-    from mlsae.eval.cross import cross_command
-    from mlsae.eval.evaluate import evaluate_command, parse_layers
+    from mlsae.eval.cross import cross_command, format_cross
+    from mlsae.eval.evaluate import evaluate_command, format_table, parse_layers
 
     kw = dict(
         cache=cache, model=model, dataset=dataset, split=split, tokens=tokens, ce=ce,
@@ -187,11 +188,17 @@ def evaluate(
             raise MlsaeError("--lens applies to one RUN, not to --cross")
         if len(runs) < 2:
             raise MlsaeError("--cross needs MLSAE_RUN and at least one single-layer SAE_RUN")
-        cross_command(runs[0], runs[1:], out, layers=parse_layers(layers), **kw)
+        print(
+            format_cross(cross_command(runs[0], runs[1:], out, layers=parse_layers(layers), **kw))
+        )
     else:
         if len(runs) != 1:
             raise MlsaeError("evaluate takes one RUN (use --cross for several)")
-        evaluate_command(runs[0], out, layers=parse_layers(layers), lens=lens, **kw)
+        print(
+            format_table(
+                evaluate_command(runs[0], out, layers=parse_layers(layers), lens=lens, **kw)
+            )
+        )
 
 
 @app.command()
@@ -246,7 +253,8 @@ def evolution(
 ) -> None:
     """Features across layers of per-layer SAEs: statistics, graph, communities, SAE Match."""
     from mlsae.evolution.measures import EvolutionConfig
-    from mlsae.evolution.run import evolution_command
+    from mlsae.evolution.run import evolution_command, format_summary
+    from mlsae.report.evolution import write_figures
 
     if cache is not None and model is not None:
         raise MlsaeError("give --cache or --model, not both")
@@ -258,12 +266,14 @@ def evolution(
         boolean_threshold=boolean_threshold, min_support=min_support, contexts=contexts,
         memory_gb=memory_gb, seed=seed, resolution=resolution, max_nodes_html=max_nodes,
     )  # fmt: skip
-    evolution_command(
+    body = evolution_command(
         run=run, out=out, cache=cache, model=model, dataset=dataset, dtype=dtype,
         data_kw=dict(split=split, context_length=context_length, text_column=text_column,
                      hf_split=hf_split),
         n_tokens=tokens, batch_size=batch_size, cfg=cfg, community_method=community,
+        figures=write_figures,
     )  # fmt: skip
+    print(format_summary(body, out))
 
 
 @app.command()
@@ -318,7 +328,8 @@ def train(
     ] = None,
 ) -> None:
     """Train the multi-layer SAE, a single-layer baseline, a sweep or a per-layer set."""
-    from mlsae.train.loop import train_command
+    from mlsae.core.io import read_json
+    from mlsae.train.loop import format_fvu, train_command
 
     if (out is None) == (resume is None):
         raise MlsaeError("give exactly one of --out RUN (new run) or --resume RUN")
@@ -327,26 +338,34 @@ def train(
         seed=seed, checkpoint_every=checkpoint_every, compute_dtype=compute_dtype,  # type: ignore[arg-type]
         wandb=wandb,
     )  # fmt: skip
-    train_command(
+    run = train_command(
         out=out, resume=resume, cache=cache, model=model, dataset=dataset, tokens=tokens,
         context_length=context_length, layers=layers, single_layer=single_layer,
         per_layer=per_layer, expansion_factors=expansion_factor, ks=k, normalize=normalize,
         cfg=cfg, max_steps=max_steps, epochs=epochs, lens=lens,
     )  # fmt: skip
+    print(format_fvu(read_json(run / "final_fvu.json")))
 
 
 @app.command()
 def info(model: ModelOpt = _m.model, dtype: ModelDtypeOpt = _m.dtype) -> None:
     """Print a model's name, block count, width, special ids and this CPU's compute dtype."""
-    from mlsae.data.model import print_info
+    from mlsae.data.model import model_info
 
-    print_info(ModelConfig(model=model, dtype=dtype))  # type: ignore[arg-type]
+    print(model_info(ModelConfig(model=model, dtype=dtype)))  # type: ignore[arg-type]
 
 
 def main() -> None:
     """Console entry point."""
+    logging.basicConfig(level=logging.INFO, format="[mlsae] %(message)s", stream=sys.stderr)
+    logging.captureWarnings(True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()
+    except Interrupted as e:
+        print(f"mlsae: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except MlsaeError as e:
         print(f"mlsae: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -101,9 +101,9 @@ def lens_evaluate(
     dtype: ModelDtypeOpt = _m.dtype,
 ) -> None:
     """Per-layer KL and CE of the tuned lens vs the logit lens on held-out tokens."""
-    from mlsae.lens.evaluate import evaluate_lens_command
+    from mlsae.lens.evaluate import evaluate_lens_command, format_table
 
-    evaluate_lens_command(
+    result = evaluate_lens_command(
         lens_path=lens,
         out=out,
         model=model,
@@ -118,3 +118,4 @@ def lens_evaluate(
         n_tokens=tokens,
         batch_size=batch_size,
     )
+    print(format_table(result))

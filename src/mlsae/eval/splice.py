@@ -23,7 +23,7 @@ l's output (correct, slower).
 
 from __future__ import annotations
 
-import sys
+import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
@@ -44,6 +44,8 @@ from mlsae.data.capture import (
     unembed,
     used_mask,
 )
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "direct", "hook"]
 _CHUNK = 2048  # predicted positions per unembedding chunk (bounds [chunk, vocab] temporaries)
@@ -177,10 +179,9 @@ def clean_pass(
 
 def _fallback(model: nn.Module, reason: str) -> None:
     _MODE_CACHE[model] = "hook"
-    print(
-        f"[mlsae] splicing {type(model).__name__}: calling blocks directly does not reproduce "
-        f"the model ({reason}); using full forward passes with a hook (slower)",
-        file=sys.stderr,
+    log.warning(
+        f"splicing {type(model).__name__}: calling blocks directly does not reproduce "
+        f"the model ({reason}); using full forward passes with a hook (slower)"
     )
 
 

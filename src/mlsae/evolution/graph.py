@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import Tensor
 
+from mlsae.core import io
 from mlsae.core.errors import MlsaeError
 from mlsae.evolution.measures import MEASURES, EvolutionConfig, PairResult
 from mlsae.evolution.stats import FeatureStats
@@ -190,14 +191,6 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Compact JSON written atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")))
-    tmp.replace(path)
-
-
 def graph_json(g: FeatureGraph) -> dict[str, Any]:
     """The graph.json body (columnar arrays; edges index the node arrays)."""
     return {
@@ -300,9 +293,7 @@ def write_graph_html(
     mid, _, tail = rest.partition("/*__CYTOSCAPE__*/")
     page = head + blob + mid + lib + tail  # the library has no "</" (checked by a test)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    io.write_text(path, page)
     return len(nodes)
 
 

@@ -11,11 +11,12 @@ DIR/graph.html and the figures. Only used (non-special) tokens count.
 
 from __future__ import annotations
 
+import logging
 import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mlsae.core.config import DataConfig, ModelConfig, save_json
+from mlsae.core.config import DataConfig, ModelConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_json
 from mlsae.evolution.codes import Chunk, CodeStore, cache_chunks, load_per_layer, model_chunks
 from mlsae.evolution.graph import (
     build_graph,
@@ -37,7 +39,6 @@ from mlsae.evolution.graph import (
     node_details,
     select_nodes,
     write_graph_html,
-    write_json,
 )
 from mlsae.evolution.match import MatchScores, match_permutation
 from mlsae.evolution.measures import (
@@ -47,6 +48,8 @@ from mlsae.evolution.measures import (
     summarize_pair,
 )
 from mlsae.evolution.stats import FeatureStats, PairStats
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -157,6 +160,7 @@ def evolution_command(
     batch_size: int = 4,
     cfg: EvolutionConfig | None = None,
     community_method: str = "auto",
+    figures: Callable[[Path, dict[str, Any]], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Run everything and write DIR/{evolution.json, graph.json, graph.html, *.png}.
     Tokens come from `cache` (stream order), else from running `model` (default: the SAEs')
@@ -210,7 +214,7 @@ def evolution_command(
         cfg.resolution,
     )
     clock["communities"] = time.perf_counter()
-    write_json(out / "graph.json", graph_json(g))
+    write_json(out / "graph.json", graph_json(g), indent=None)
     often = np.concatenate([(s.nonzero[s.alive] >= cfg.min_support).numpy() for s in stats])
     keep = select_nodes(g, cfg.max_nodes_html, often)
     details = node_details(g, keep, stats, results, cfg, tokens, facts["context_length"], tokenizer)
@@ -235,11 +239,9 @@ def evolution_command(
         "phase_s": {k: b - a for k, a, b in zip(clock, marks[:-1], marks[1:], strict=True)},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    from mlsae.report.evolution import write_figures
-
-    body["figures"] = write_figures(out, body)
-    save_json(out / "evolution.json", finite(body))
-    _print_summary(body, out)
+    if figures is not None:  # the report stage draws them (this stage does not import it)
+        body["figures"] = figures(out, body)
+    write_json(out / "evolution.json", finite(body))
     return body
 
 
@@ -252,23 +254,24 @@ def _tokenizer_for(model: str | None) -> Any:
 
         return load_model(ModelConfig(model=model)).tokenizer
     except (MlsaeError, OSError, ValueError) as e:
-        print(f"mlsae evolution: contexts shown as token ids ({e})")
+        log.warning(f"contexts shown as token ids ({e})")
         return None
 
 
-def _print_summary(body: dict, out: Path) -> None:
-    """One line per layer pair, then the findings."""
-    print(f"{'pair':>9} {'pass':>6} {'appear':>7} {'disapp':>7} {'AND':>4} {'OR':>4} "
-          f"{'spec':>5} {'matchFVU':>9} {'unperm':>7} {'own':>6}")  # fmt: skip
+def format_summary(body: dict, out: Path) -> str:
+    """One line per layer pair, then the communities and where the outputs are."""
+    lines = [f"{'pair':>9} {'pass':>6} {'appear':>7} {'disapp':>7} {'AND':>4} {'OR':>4} "
+          f"{'spec':>5} {'matchFVU':>9} {'unperm':>7} {'own':>6}"]  # fmt: skip
     for s, m in zip(body["pairs"], body["match"], strict=True):
         f = lambda v: "-" if v is None else f"{v:.3f}"
-        print(f"{s['up_layer']:>4}->{s['down_layer']:<4} {f(s['pass_through']):>6} "
+        lines.append(f"{s['up_layer']:>4}->{s['down_layer']:<4} {f(s['pass_through']):>6} "
               f"{f(s['appear']):>7} {f(s['disappear']):>7} {s['n_and']:>4} {s['n_or']:>4} "
               f"{s['n_specialised']:>5} {f(m['matched']):>9} {f(m['unpermuted']):>7} "
               f"{f(m['own']):>6}")  # fmt: skip
     c = body["communities"]
-    print(f"communities ({c.get('method')}): {c.get('n_communities')} with >= 2 features, "
+    lines.append(f"communities ({c.get('method')}): {c.get('n_communities')} with >= 2 features, "
           f"largest {c.get('largest')}, {c.get('n_singletons')} singletons")  # fmt: skip
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in body["phase_s"].items())
-    print(f"wrote {out}/evolution.json, graph.json, graph.html ({body['time_s']:.0f} s: "
+    lines.append(f"wrote {out}/evolution.json, graph.json, graph.html ({body['time_s']:.0f} s: "
           f"{phases}; peak RSS {body['peak_rss_mb']:.0f} MB)")  # fmt: skip
+    return "\n".join(lines)

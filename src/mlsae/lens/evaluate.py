@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mlsae.core.config import DataConfig, ModelConfig, save_json
+from mlsae.core.config import DataConfig, ModelConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_json
 from mlsae.lens.train import CHUNK, capture_lens_layers, final_logits, load_contexts
 from mlsae.lens.tuned import TunedLens, load_lens
 
@@ -124,6 +125,5 @@ def evaluate_lens_command(
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_json(out, result)
-    print(format_table(result))
+    write_json(out, result)
     return result

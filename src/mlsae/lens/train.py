@@ -22,6 +22,7 @@ Evaluation against the logit lens: lens_eval.py.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import sys
 import time
@@ -37,6 +38,8 @@ from mlsae.core.config import DEFAULT_MIN_SINGULAR, DataConfig, LensTrainConfig,
 from mlsae.core.errors import MlsaeError
 from mlsae.data.capture import capture, get_final_norm, unembed, used_mask
 from mlsae.lens.tuned import TunedLens
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256  # positions per unembedding chunk (a [256, vocab] float32 block)
 
@@ -270,10 +273,9 @@ def load_contexts(tokenizer, data_cfg: DataConfig, n_tokens: int) -> Tensor:
     n_ctx = math.ceil(n_tokens / data_cfg.context_length)
     ctx = list(itertools.islice(iter_contexts(tokenizer, data_cfg), n_ctx))
     if len(ctx) < n_ctx:
-        print(
-            f"[mlsae] split {data_cfg.split!r} holds only {len(ctx)} contexts "
-            f"({len(ctx) * data_cfg.context_length} tokens)",
-            file=sys.stderr,
+        log.info(
+            f"split {data_cfg.split!r} holds only {len(ctx)} contexts "
+            f"({len(ctx) * data_cfg.context_length} tokens)"
         )
     return torch.stack(ctx)
 
@@ -350,8 +352,5 @@ def train_lens_command(
     kl = (  # one context per step by default: a per-step trend would be noise
         f", mean train-batch KL per layer {sum(history) / len(history):.3f}" if history else ""
     )
-    print(
-        f"[mlsae] lens saved to {out} (init {cfg.init}, {len(history)} KL steps{kl}, {wall:.0f} s)",
-        file=sys.stderr,
-    )
+    log.info(f"lens saved to {out} (init {cfg.init}, {len(history)} KL steps{kl}, {wall:.0f} s)")
     return lens

@@ -22,7 +22,6 @@ training settings).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mlsae.core.config import save_json
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import read_json_object, write_json, write_safetensors
 from mlsae.data.capture import get_final_norm, unembed
 
 LENS_FORMAT = "mlsae-tuned-lens"
@@ -192,19 +191,14 @@ class TunedLens(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write `lens.safetensors` + `lens.json` into the folder `path` (atomically each)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
         for layer in self.trained_layers:
             lin = self.translators[str(layer)]
             tensors[f"A.{layer}"] = lin.weight.detach().float().contiguous()
             tensors[f"c.{layer}"] = lin.bias.detach().float().contiguous()
-        tmp = path / (LENS_WEIGHTS + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": LENS_FORMAT})
-        tmp.replace(path / LENS_WEIGHTS)
-        save_json(path / LENS_JSON, self.config())
+        write_safetensors(path / LENS_WEIGHTS, tensors, metadata={"format": LENS_FORMAT})
+        write_json(path / LENS_JSON, self.config())
 
     def _set(self, layer: int, a: Tensor, c: Tensor | None) -> None:
         lin = self.translators[str(layer)]
@@ -222,16 +216,6 @@ class TunedLens(nn.Module):
 def identity_lens(n_layers: int, d_model: int, model: str = "") -> TunedLens:
     """The logit lens: every translator is the identity (A = 0, c = 0)."""
     return TunedLens(n_layers, d_model, model=model, meta={"kind": "logit"})
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MlsaeError(f"cannot read {path}: {e}") from None
-    if not isinstance(obj, dict):
-        raise MlsaeError(f"{path}: expected a JSON object")
-    return obj
 
 
 def load_lens(path: str | Path) -> TunedLens:
@@ -254,7 +238,7 @@ def _load_ours(path: Path) -> TunedLens:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg = _read_json(path / LENS_JSON)
+    cfg = read_json_object(path / LENS_JSON, "lens config")
     try:
         if cfg.get("format") != LENS_FORMAT:
             raise KeyError("format")
@@ -286,7 +270,7 @@ def load_tuned_lens_package(path: str | Path) -> TunedLens:
     block outputs: its translator i (acting on hidden_states[i]) becomes our T_{i-1}; its
     translator 0 (embeddings) is dropped; the last block is the identity (module docstring)."""
     path = Path(path)
-    cfg = _read_json(path / "config.json")
+    cfg = read_json_object(path / "config.json", "tuned-lens config")
     lens_type = cfg.get("lens_type", "linear_tuned_lens")
     if lens_type != "linear_tuned_lens":
         raise MlsaeError(f"{path}: unsupported tuned-lens type {lens_type!r}")

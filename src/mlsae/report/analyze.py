@@ -9,10 +9,9 @@ main one, so the two analyses share tokens and layers.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,12 @@ import numpy as np
 
 from mlsae.analysis.geometry import GeometryResult
 from mlsae.analysis.layers import LayerStatsResult, analyze_cache, analyze_prompts, sae_encoder
-from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, save_json
+from mlsae.core.config import DataConfig, ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import read_json, write_json
 from mlsae.report.html import write_report
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- run folders
 
@@ -46,9 +48,10 @@ def resolve_sae_dir(run: Path) -> Path:
 
 
 def _read_json(path: Path) -> Any:
+    """An optional JSON file (an evaluation, a config): None if absent or unreadable."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        return read_json(path)
+    except MlsaeError:
         return None
 
 
@@ -222,7 +225,7 @@ def analyze_command(
         c["eval_mean"] = c_ev[1].get("mean") if c_ev else None
     summary["lens_eval"] = _lens_eval([cfg.lens, *(c.lens for _, _, c in cmps)])
     summary = _clean(summary)
-    save_json(out / "analysis.json", summary)
+    write_json(out / "analysis.json", summary)
     stats.save_npz(out / "latents.npz")
     configs = {"cfg.json": _read_json(sae_dir / "cfg.json")}
     for name in ("train_cfg.json",):
@@ -231,7 +234,7 @@ def analyze_command(
                 configs[name] = _read_json(folder / name)
                 break
     write_report(out / "report.html", summary, figs, configs, ev, extra)
-    print(f"[mlsae] wrote {out / 'analysis.json'} and {out / 'report.html'}", file=sys.stderr)
+    log.info(f"wrote {out / 'analysis.json'} and {out / 'report.html'}")
     return summary
 
 
@@ -253,7 +256,7 @@ def _space_name(cfg: SaeConfig) -> str:
 
 
 def _warn(msg: str) -> None:
-    print(f"[mlsae] warning: {msg}", file=sys.stderr)
+    log.warning(f"{msg}")
 
 
 def _label(sae_dir: Path) -> str:

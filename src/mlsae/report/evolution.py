@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402  # noqa: E402
 
-from mlsae.core.errors import MlsaeError  # noqa: E402
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import save_figure  # noqa: E402
 
 FIGURES = {
     "fractions": "evolution_fractions.png",
@@ -26,12 +27,8 @@ FIGURES = {
 }
 
 
-def _save(fig: plt.Figure, path: Path) -> str:
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path.name
+def _save(fig: Figure, path: Path) -> str:
+    return save_figure(fig, path).name
 
 
 def write_figures(out: Path, body: dict[str, Any]) -> dict[str, str]:

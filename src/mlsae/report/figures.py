@@ -4,7 +4,6 @@ atomically and returns its path."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,22 +12,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mlsae.analysis.geometry import GeometryResult  # noqa: E402
 from mlsae.analysis.layers import LayerStatsResult  # noqa: E402
+from mlsae.core.io import save_figure  # noqa: E402
 
 DPI = 110
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+def _save(fig: Figure, path: Path) -> Path:
+    return save_figure(fig, path)
 
 
 def _layer_ticks(ax: plt.Axes, layers: Sequence[int], axis: str = "y") -> None:

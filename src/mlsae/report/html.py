@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from mlsae.core.io import write_text
+
 PAPER_TOKEN_FACTOR = (10.0, 100.0)  # "one to two orders of magnitude smaller"
 
 
@@ -280,8 +282,4 @@ def write_report(
         "(token, latent) pairs active at more than one layer of that token. Special tokens "
         "are excluded; never-active latents are excluded where undefined.</p></body></html>"
     )
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "\n".join(parts))

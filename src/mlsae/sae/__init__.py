@@ -1,1 +1,20 @@
-"""sae."""
+"""Stage 3, the TopK SAE: the model, its kernels, FVU and streaming metrics, SAE and run folders.
+May import: core."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlsae.sae.autoencoder import EncoderOutput, SparseAutoencoder, load_sae
+
+
+def __getattr__(name: str) -> object:  # lazy: `import mlsae.sae` stays free of torch
+    if name in ("SparseAutoencoder", "EncoderOutput", "load_sae"):
+        from mlsae.sae import autoencoder
+
+        return getattr(autoencoder, name)
+    raise AttributeError(name)
+
+
+__all__ = ["EncoderOutput", "SparseAutoencoder", "load_sae"]

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +24,7 @@ from torch import Tensor, nn
 from mlsae.core.compute import resolve_compute_dtype
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import atomic_dir, recover_dir, write_json
 from mlsae.sae.kernels import sparse_decode, topk_encode
 from mlsae.sae.metrics import fvu
 
@@ -216,32 +214,9 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write the SAE folder (cfg.json + sae.safetensors) atomically: temp dir, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             save_file(self.state_tensors(), str(tmp / WEIGHTS_FILE))
-            (tmp / CFG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2))
-            replace_dir(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder src to dst, replacing dst; dst is never missing except between two renames
-    (a stale `.dst.old` is then recovered by `recover_dir`)."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(dst: Path) -> Path:
-    """The folder written by `replace_dir`, or its previous version if killed mid-swap."""
-    old = dst.with_name(f".{dst.name}.old")
-    return old if not dst.exists() and old.exists() else dst
+            write_json(tmp / CFG_FILE, self.cfg.to_dict())
 
 
 def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> SparseAutoencoder:

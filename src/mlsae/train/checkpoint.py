@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,9 +18,10 @@ from typing import Any
 import torch
 
 from mlsae.activations.cache import ActivationCache
-from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, TrainConfig, save_json
+from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, TrainConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.sae.autoencoder import recover_dir, replace_dir, validate_cfg
+from mlsae.core.io import atomic_dir, recover_dir, write_json
+from mlsae.sae.autoencoder import validate_cfg
 
 RUN_CFG = "train_cfg.json"
 CHECKPOINT = "checkpoint"
@@ -34,16 +33,12 @@ def save_checkpoint(run: Path, state: dict[str, Any]) -> Path:
     """Write RUN/checkpoint atomically. state: step, epoch, batch, members{name: {...}}."""
     run = Path(run)
     dst = run / CHECKPOINT
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
-    try:
+    with atomic_dir(dst) as tmp:
         payload = {**state, "version": VERSION, "rng": torch.get_rng_state()}
         torch.save(payload, tmp / STATE)
         summary = {k: state[k] for k in ("step", "epoch", "batch")}
         summary["members"] = sorted(state["members"])
-        (tmp / "checkpoint.json").write_text(json.dumps(summary, indent=2))
-        replace_dir(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / "checkpoint.json", summary)
     return dst
 
 
@@ -201,5 +196,5 @@ def new_run(
         "dataset": cache.manifest.get("dataset"),
         "lens": lens,  # the SAE's space; a plain cache gets T_l applied on the fly
     }
-    save_json(out / RUN_CFG, run)
+    write_json(out / RUN_CFG, run)
     return run

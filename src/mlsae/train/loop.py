@@ -19,8 +19,8 @@ with skip_batches), and checkpoints hold all weights, Adam states, counters and 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +31,9 @@ from torch import Tensor
 
 from mlsae.activations.cache import ActivationCache, Batch
 from mlsae.core.compute import resolve_compute_dtype
-from mlsae.core.config import SaeConfig, TrainConfig, save_json
-from mlsae.core.errors import MlsaeError
+from mlsae.core.config import SaeConfig, TrainConfig
+from mlsae.core.errors import Interrupted, MlsaeError
+from mlsae.core.io import write_json
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.kernels import set_malloc_retain
 from mlsae.train.checkpoint import (
@@ -45,6 +46,8 @@ from mlsae.train.checkpoint import (
     parse_layers,
     save_checkpoint,
 )
+
+log = logging.getLogger(__name__)
 
 EVAL_VECTORS = 65536
 """Vectors of the final per-layer FVU pass (train tokens; `mlsae evaluate` does held-out)."""
@@ -175,10 +178,9 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
             if m.name not in ck["members"]:
                 raise MlsaeError(f"checkpoint of {out} lacks SAE {m.name}: not this run's")
             m.load(ck["members"][m.name])
-        print(
-            f"[mlsae] resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
-            f"settings of {RUN_CFG}",
-            file=sys.stderr,
+        log.info(
+            f"resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
+            f"settings of {RUN_CFG}"
         )
     k_aux = cfg.resolved_k_aux(run["d_in"])
 
@@ -188,12 +190,12 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
         for m in members:
             m.sae.save(out / m.name)
 
-    log = open_metrics(out, step)
+    metrics_log = open_metrics(out, step)
     wb = _wandb_start(out, run) if cfg.wandb else None
     bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
     t_start, v_done = time.perf_counter(), 0
     try:
-        with StopSignals() as sig, bar, log:
+        with StopSignals() as sig, bar, metrics_log:
             while step < total and epoch < cfg.epochs:
                 batches = cache.shuffled(
                     read_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
@@ -214,11 +216,11 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
                     vps = n_step / max(t1 - t0, 1e-9)
                     v_done += n_step
                     for r in rows:
-                        log.write(
+                        metrics_log.write(
                             json.dumps({"step": step, "epoch": epoch, **r, "vectors_per_s": vps})
                             + "\n"
                         )
-                    log.flush()
+                    metrics_log.flush()
                     if wb is not None:
                         wb.log(
                             {
@@ -236,11 +238,11 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
                     if step % cfg.checkpoint_every == 0 or sig.signum is not None:
                         checkpoint()
                     if sig.signum is not None:
-                        print(
-                            f"\n[mlsae] stopped by signal {sig.signum} at step {step}: checkpoint "
-                            f"saved; continue with `mlsae train --resume {out}`", file=sys.stderr,
-                        )  # fmt: skip
-                        raise SystemExit(128 + sig.signum)
+                        raise Interrupted(
+                            sig.signum,
+                            f"stopped by signal {sig.signum} at step {step}: checkpoint saved; "
+                            f"continue with `mlsae train --resume {out}`",
+                        )
                     if step >= total:
                         break
                     t0 = time.perf_counter()
@@ -252,9 +254,7 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
             wb.finish()
     el = time.perf_counter() - t_start
     if v_done:
-        print(
-            f"[mlsae] {step} steps; {v_done / el:.0f} vectors/s over this session", file=sys.stderr
-        )
+        log.info(f"{step} steps; {v_done / el:.0f} vectors/s over this session")
     return members
 
 
@@ -270,8 +270,7 @@ def sae_inputs(run: dict[str, Any], cache: ActivationCache, layers: list[int]) -
     if lens.d_model != cache.d_model:
         raise MlsaeError(f"the lens has width {lens.d_model}, the cache {cache.d_model}")
     lens.check_layers(layers)
-    print(f"[mlsae] training in tuned-lens space: T_l applied on the fly ({run['lens']})",
-          file=sys.stderr)  # fmt: skip
+    log.info(f"training in tuned-lens space: T_l applied on the fly ({run['lens']})")  # fmt: skip
     return lambda batch: lens.forward_rows(batch.x, batch.layer)
 
 
@@ -317,15 +316,17 @@ def final_fvu(run: dict[str, Any], members: list[Member], cfg: TrainConfig) -> d
     return {name: a.result() for name, a in acc.items()}
 
 
-def _print_fvu(res: dict[str, Any]) -> None:
-    print("final per-layer FVU (training tokens):")
+def format_fvu(res: dict[str, Any]) -> str:
+    """The final per-layer FVU of each SAE as text (final_fvu.json)."""
+    lines = ["final per-layer FVU (training tokens):"]
     for name, r in res.items():
         per = " ".join(
             f"{ly}:{v:.3f}" if v is not None else f"{ly}:-"
             for ly, v in zip(r["layers"], r["per_layer"]["fvu"], strict=True)
         )  # fmt: skip
         mean = r["mean"]["fvu"]
-        print(f"  {name}: mean {mean:.4f} | {per}" if mean is not None else f"  {name}: -")
+        lines.append(f"  {name}: mean {mean:.4f} | {per}" if mean is not None else f"  {name}: -")
+    return "\n".join(lines)
 
 
 def train_command(
@@ -365,7 +366,7 @@ def train_command(
             cfg.epochs = epochs if epochs is not None else cfg.epochs
             check_train_cfg(cfg)
             run["train"] = asdict(cfg)
-            save_json(out / RUN_CFG, run)
+            write_json(out / RUN_CFG, run)
     else:
         if out is None:
             raise MlsaeError("give --out RUN for a new run (or --resume RUN)")
@@ -382,10 +383,9 @@ def train_command(
     members = run_training(out, run, cfg)
     if run["mode"] == "per_layer":
         entries = [{"layer": m.layer, "path": m.name} for m in members]
-        save_json(out / "per_layer.json", {"layers": [m.layer for m in members], "saes": entries})
+        write_json(out / "per_layer.json", {"layers": [m.layer for m in members], "saes": entries})
     res = final_fvu(run, members, cfg)
-    save_json(out / "final_fvu.json", res)
-    _print_fvu(res)
+    write_json(out / "final_fvu.json", res)
     if not math.isfinite(sum(r["mean"]["fvu"] or 0.0 for r in res.values())):
         raise MlsaeError("training diverged (non-finite FVU): lower --lr")
     return out
