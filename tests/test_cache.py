@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import mlsae.activations.cache as cache_mod
 from mlsae.activations.cache import ActivationCache, CacheWriter
 from mlsae.activations.extract import build_cache
-from mlsae.core.config import DataConfig, ModelConfig
+from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.data.capture import capture, special_ids_of
 from mlsae.data.text import iter_contexts
@@ -113,9 +113,9 @@ def test_shuffled_layer_subset(tmp_path: Path) -> None:
     c = ActivationCache(out)
     got = _ids(c.shuffled(64, layers=[6, 1]))
     assert sorted(got) == sorted((t, lay) for t in range(250) if mask[t] for lay in (1, 6))
-    with pytest.raises(MlsaeError, match=r"layer\(s\) \[5\] not in the cache"):
+    with pytest.raises(MlsaeError, match=r"layer\(s\) \[5\] not in the activations"):
         next(c.shuffled(64, layers=[1, 5]))
-    with pytest.raises(MlsaeError, match="not in the cache"):
+    with pytest.raises(MlsaeError, match="not in the activations"):
         c.n_vectors([0])
 
 
@@ -179,11 +179,12 @@ def _corpus(root: Path, n: int = 40) -> Path:
     return root
 
 
-def _build(out: Path, model_dir: Path, corpus: Path, **kw) -> dict:
-    args = dict(n_tokens=200, layers="0,2", batch_size=3, shard_tokens=64)
-    args.update(kw)
+def _build(out: Path, model_dir: Path, corpus: Path, n_tokens=200, layers="0,2",
+           storage_dtype="bfloat16", lens=None) -> dict:  # fmt: skip
     data = DataConfig(dataset=str(corpus), context_length=16)
-    return build_cache(out, ModelConfig(model=str(model_dir)), data, **args)
+    source = SourceConfig(tokens=n_tokens, layers=layers, batch_size=3)
+    extract = ExtractConfig(storage_dtype=storage_dtype, shard_tokens=64)
+    return build_cache(out, ModelConfig(model=str(model_dir)), data, source, extract, lens)
 
 
 def test_round_trip_equals_capture(tmp_path: Path, tiny_model_dir: Path, tokenizer) -> None:
@@ -330,8 +331,9 @@ def test_cli(tmp_path: Path, neox_dir: Path, monkeypatch, capsys) -> None:
 @pytest.mark.real_model
 def test_real_model_default_corpus(tmp_path: Path) -> None:
     man = build_cache(
-        tmp_path / "c", ModelConfig(), DataConfig(context_length=64), 128, "0,29", batch_size=2
-    )
+        tmp_path / "c", ModelConfig(), DataConfig(context_length=64),
+        SourceConfig(tokens=128, layers="0,29", batch_size=2),
+    )  # fmt: skip
     assert man["d_model"] == 576 and man["layers"] == [0, 29] and man["n_tokens"] == 128
     shard = ActivationCache(tmp_path / "c").load_shard(0)
     assert shard.activations.shape == (128, 2, 576) and shard.activations.dtype == torch.bfloat16

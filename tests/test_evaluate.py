@@ -13,13 +13,36 @@ from typer.testing import CliRunner
 from mlsae.activations.cache import ActivationCache
 from mlsae.activations.extract import build_cache
 from mlsae.cli.app import app
-from mlsae.core.config import DataConfig, ModelConfig, SaeConfig
+from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.stage_config import EvalConfig
 from mlsae.eval.cross import cross_command
 from mlsae.eval.evaluate import evaluate_command
-from mlsae.sae.autoencoder import SparseAutoencoder, load_sae
+from mlsae.report.figures import cross_figures
+from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.folders import load_sae
 
 CTX = 32
+
+
+def _opts(
+    cache=None,
+    layers=None,
+    model=None,
+    dataset=None,
+    split="test",
+    tokens=None,
+    ce=True,
+    batch_size=8,
+    allow_train=False,
+) -> dict:
+    """The config keywords of evaluate_command / cross_command."""
+    lay = None if layers is None else ",".join(map(str, layers))
+    return dict(
+        source=SourceConfig(cache=cache, layers=lay, tokens=tokens, batch_size=batch_size),
+        data=DataConfig(dataset=dataset, split=split, context_length=CTX),
+        model=ModelConfig(model=model), ev=EvalConfig(ce=ce, allow_train=allow_train),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +60,8 @@ def setup(tmp_path_factory, tokenizer):
             root / f"cache_{split}",
             ModelConfig(model=mdir),
             DataConfig(dataset=data, split=split, context_length=CTX),  # type: ignore[arg-type]
-            n_tokens=6 * CTX,
-            storage_dtype="float32",
-            batch_size=4,
-            shard_tokens=2 * CTX,
+            SourceConfig(tokens=6 * CTX, batch_size=4),
+            ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
         )
     for name, layers, seed in (("mlsae", [0, 1, 2], 0), ("l0", [0], 1), ("l2", [2], 2)):
         cfg = SaeConfig(d_in=32, expansion_factor=2, k=4, layers=layers, model=mdir, dataset=data)
@@ -104,9 +125,7 @@ def test_cli_with_cache_matches_reference(setup, tmp_path):
 def test_model_path_and_single_layer_on_any_layer(setup, tmp_path):
     root, model, mdir, data = setup
     res = evaluate_command(
-        root / "l0", tmp_path / "a.json", layers=[1, 2], model=mdir, dataset=data,
-        tokens=6 * CTX, context_length=CTX, ce=False,
-    )  # fmt: skip
+        root / "l0", tmp_path / "a.json", **_opts(layers=[1, 2], model=mdir, dataset=data, tokens=6 * CTX, ce=False))  # fmt: skip
     assert res["layers"] == [1, 2] and res["per_layer"]["delta_ce"] == [None, None]
     # the model path on the test split sees the same tokens as the test cache
     ref = _reference(root, model, root / "l0" / "sae", [1, 2])
@@ -118,17 +137,22 @@ def test_cross_matrix(setup, tmp_path):
     root, _, _, _ = setup
     cross = cross_command(
         root / "mlsae", [root / "l2", root / "l0"], tmp_path / "cross",
-        cache=root / "cache_test", batch_size=3,
+        **_opts(cache=root / "cache_test", batch_size=3),
     )  # fmt: skip
+    cross_figures(cross, tmp_path / "cross")
     assert cross["rows"] == ["L0", "L2", "MLSAE"] and cross["layers"] == [0, 1, 2]
     assert json.loads((tmp_path / "cross" / "cross.json").read_text())["rows"] == cross["rows"]
     for key in ("fvu", "delta_ce"):
         assert (tmp_path / "cross" / f"cross_{key}.png").stat().st_size > 1000
         assert np.array(cross[key], dtype=float).shape == (3, 3)
-    one = evaluate_command(root / "l2", tmp_path / "b.json", layers=[0], cache=root / "cache_test")
+    one = evaluate_command(
+        root / "l2", tmp_path / "b.json", **_opts(layers=[0], cache=root / "cache_test")
+    )
     assert cross["fvu"][1][0] == pytest.approx(one["per_layer"]["fvu"][0], rel=1e-6)
     assert cross["delta_ce"][1][0] == pytest.approx(one["per_layer"]["delta_ce"][0], abs=1e-6)
-    ml = evaluate_command(root / "mlsae", tmp_path / "c.json", cache=root / "cache_test", ce=False)
+    ml = evaluate_command(
+        root / "mlsae", tmp_path / "c.json", **_opts(cache=root / "cache_test", ce=False)
+    )
     np.testing.assert_allclose(cross["fvu"][2], ml["per_layer"]["fvu"], rtol=1e-6)
 
 
@@ -136,17 +160,17 @@ def test_bad_inputs(setup, tmp_path):
     root, _, mdir, data = setup
     out = tmp_path / "x.json"
     with pytest.raises(MlsaeError, match="train split"):
-        evaluate_command(root / "mlsae", out, cache=root / "cache_train")
+        evaluate_command(root / "mlsae", out, **_opts(cache=root / "cache_train"))
     with pytest.raises(MlsaeError, match="held-out"):
-        evaluate_command(root / "mlsae", out, model=mdir, dataset=data, split="train")
+        evaluate_command(root / "mlsae", out, **_opts(model=mdir, dataset=data, split="train"))
     cfg = SaeConfig(d_in=16, expansion_factor=2, k=4, layers=[0], model=mdir)
     SparseAutoencoder(cfg).save(tmp_path / "narrow")
     with pytest.raises(MlsaeError, match="d_in 16"):
-        evaluate_command(tmp_path / "narrow", out, model=mdir, dataset=data, ce=False)
+        evaluate_command(tmp_path / "narrow", out, **_opts(model=mdir, dataset=data, ce=False))
     with pytest.raises(MlsaeError, match="d_in 16"):
-        evaluate_command(tmp_path / "narrow", out, cache=root / "cache_test", ce=False)
-    with pytest.raises(MlsaeError, match="missing from the cache"):
-        evaluate_command(root / "l0", out, layers=[0, 3], cache=root / "cache_test")
+        evaluate_command(tmp_path / "narrow", out, **_opts(cache=root / "cache_test", ce=False))
+    with pytest.raises(MlsaeError, match="missing from cache"):
+        evaluate_command(root / "l0", out, **_opts(layers=[0, 3], cache=root / "cache_test"))
     res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope"), "--out", str(out)])
     assert res.exit_code != 0 and isinstance(res.exception, MlsaeError)
     assert not out.exists()

@@ -196,7 +196,7 @@ def test_summary_equals_brute_force(data, block):
 def test_threshold_edges(data):
     a, b, wa, wb, k = data
     up, down, pair = feed(a, b, k, [slice(0, len(a))])
-    cfg = EvolutionConfig(top_m=None, edge_threshold=0.4, edge_measure="jaccard")
+    cfg = EvolutionConfig(top_m=0, edge_threshold=0.4, edge_measure="jaccard")
     res = summarize_pair(up, down, pair, cfg, wa, wb, block_entries=4 * 9)
     m = brute(a.double().numpy(), b.double().numpy(), wa.double().numpy(), wb.double().numpy())
     want = {(int(i), int(j)) for i, j in zip(*np.nonzero(m["jaccard"] >= 0.4), strict=True)}
@@ -251,4 +251,4 @@ def test_plan_groups_respects_budget():
     with pytest.raises(MlsaeError, match="memory-gb"):
         plan_groups(sizes, 0.001)
     with pytest.raises(MlsaeError):
-        EvolutionConfig(top_m=None, edge_threshold=None)
+        EvolutionConfig(top_m=0, edge_threshold=None)

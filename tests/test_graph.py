@@ -6,17 +6,18 @@ import json
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from mlsae.activations.cache import CacheWriter
-from mlsae.core.config import SaeConfig
+from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.stage_config import EvolutionConfig
 from mlsae.evolution.graph import communities
 from mlsae.evolution.match import MatchScores, match_permutation
-from mlsae.evolution.measures import EvolutionConfig
 from mlsae.report.evolution import write_figures
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.metrics import fvu
@@ -125,13 +126,17 @@ def tiny(tmp_path_factory):
     return root, sigma, x0[mask], a
 
 
+def _cache(root: Path) -> SourceConfig:
+    return SourceConfig(cache=root / "cache")
+
+
 def test_pipeline_outputs(tiny, tmp_path):
     from mlsae.evolution.run import evolution_command
 
     root, sigma, x0, a = tiny
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.001, max_nodes_html=60)
     body = evolution_command(
-        root / "run", tmp_path, cache=root / "cache", cfg=cfg, figures=write_figures
+        root / "run", tmp_path, source=_cache(root), cfg=cfg, figures=write_figures
     )
     ev = json.loads((tmp_path / "evolution.json").read_text())
     gj = json.loads((tmp_path / "graph.json").read_text())
@@ -165,20 +170,21 @@ def test_pipeline_outputs(tiny, tmp_path):
     from mlsae.report.analyze import analyze_command
 
     rep = tmp_path / "analysis"
-    analyze_command(root / "run" / "layer_00", rep, cache=root / "cache", evolution=tmp_path)
+    analyze_command(root / "run" / "layer_00", rep, source=_cache(root), evolution=tmp_path)
     page = (rep / "report.html").read_text()
     assert '<section id="evolution">' in page and 'href="../graph.html"' in page
 
 
 def test_second_pass_independent_of_chunking(tiny, tmp_path):
-    from mlsae.evolution.codes import CodeStore, cache_chunks, load_per_layer
+    from mlsae.activations.cache import ActivationCache
+    from mlsae.evolution.codes import CodeStore, load_per_layer, source_chunks
     from mlsae.evolution.run import first_pass, second_pass
 
     root = tiny[0]
     saes = load_per_layer(root / "run")
     cfg = EvolutionConfig(top_m=2, min_support=1)
     store = CodeStore(tmp_path, len(saes))
-    chunks, _ = cache_chunks(root / "cache", saes)
+    chunks, _ = source_chunks(ActivationCache(root / "cache"), saes)
     match = MatchScores([(0, 1), (1, 2)], [torch.arange(48)] * 2, D, 48)
     stats = first_pass(chunks, saes, store, match, cfg, None)
     r1 = second_pass(saes, stats, store, cfg, chunk_rows=4096)
@@ -194,10 +200,10 @@ def test_user_errors(tiny, tmp_path):
 
     root = tiny[0]
     with pytest.raises(MlsaeError, match="at least two"):
-        evolution_command(root / "run" / "layer_00", tmp_path, cache=root / "cache")
+        evolution_command(root / "run" / "layer_00", tmp_path, source=_cache(root))
     with pytest.raises(MlsaeError, match="memory-gb"):
         evolution_command(
-            root / "run", tmp_path, cache=root / "cache", cfg=EvolutionConfig(memory_gb=1e-6)
+            root / "run", tmp_path, source=_cache(root), cfg=EvolutionConfig(memory_gb=1e-6)
         )
 
 
@@ -240,7 +246,7 @@ def test_graph_html_renders_and_click_shows_panel(tiny, tmp_path):
 
     root = tiny[0]
     evolution_command(
-        root / "run", tmp_path, cache=root / "cache", cfg=EvolutionConfig(max_nodes_html=40)
+        root / "run", tmp_path, source=_cache(root), cfg=EvolutionConfig(max_nodes_html=40)
     )
     page = (tmp_path / "graph.html").read_text()
     assert "cytoscape" in page and "http://" not in page.split("<script>")[0]
@@ -276,11 +282,9 @@ def test_pipeline_from_model(tmp_path, tokenizer):
     body = evolution_command(
         tmp_path / "run",
         tmp_path / "out",
-        model=str(tmp_path / "m"),
-        dataset=str(tmp_path / "d.txt"),
-        data_kw={"split": "train", "context_length": 32},
-        n_tokens=200,
-        batch_size=3,
+        model=ModelConfig(model=str(tmp_path / "m")),
+        data=DataConfig(dataset=str(tmp_path / "d.txt"), split="train", context_length=32),
+        source=SourceConfig(tokens=200, batch_size=3),
         cfg=EvolutionConfig(min_support=1),
     )
     assert body["data"]["n_tokens"] == 224  # 7 whole contexts

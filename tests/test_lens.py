@@ -382,12 +382,12 @@ def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
 
 
 def test_lens_train_config_defaults_and_bad_values() -> None:
-    from mlsae.core.config import LensTrainConfig
+    from mlsae.core.stage_config import LensTrainConfig
 
     assert LensTrainConfig().lr == 1e-4  # after the regression warm start
     assert LensTrainConfig(init="zero").lr == 1e-3
     assert LensTrainConfig(lr=5e-3).lr == 5e-3
-    for bad in ({"init": "ones"}, {"steps": -1}, {"batch_size": 0}, {"lr": 0.0},
+    for bad in ({"init": "ones"}, {"steps": -1}, {"step_contexts": 0}, {"lr": 0.0},
                 {"ridge": -1.0}, {"min_singular": 1.0}, {"init": "zero", "steps": 0}):  # fmt: skip
         with pytest.raises(MlsaeError):
             LensTrainConfig(**bad)

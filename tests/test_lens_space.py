@@ -16,11 +16,13 @@ from typer.testing import CliRunner
 from mlsae.activations.cache import ActivationCache
 from mlsae.activations.extract import build_cache
 from mlsae.cli.app import app
-from mlsae.core.config import DataConfig, ModelConfig, SaeConfig
+from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.stage_config import EvalConfig
 from mlsae.eval.evaluate import Entry, evaluate_command, evaluate_entries
 from mlsae.lens.tuned import TunedLens, lens_ref, load_lens, resolve_space
-from mlsae.sae.autoencoder import SparseAutoencoder, load_sae
+from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.folders import load_sae
 
 CTX, D, L = 32, 32, 3
 
@@ -55,8 +57,8 @@ def root(tmp_path_factory, tokenizer) -> Path:
         build_cache(
             root / f"cache_{name}", ModelConfig(model=str(root / "model")),
             DataConfig(dataset=str(root / "docs.jsonl"), split=split, context_length=CTX),  # type: ignore[arg-type]
-            n_tokens=8 * CTX, storage_dtype="float32", batch_size=4, shard_tokens=2 * CTX,
-            lens=lens,
+            SourceConfig(tokens=8 * CTX, batch_size=4),
+            ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX), lens,
         )  # fmt: skip
     return root
 
@@ -150,7 +152,8 @@ def test_perfect_reconstruction_through_the_lens_has_zero_delta_ce(root, monkeyp
     def run() -> dict:
         sae = _Identity(lens_ref(root / "lens"))
         e = Entry("id", root, sae, list(range(L)), resolve_space(sae.cfg.lens, None))
-        evaluate_entries([e], cache=root / "cache_test", model=str(root / "model"), batch_size=4)
+        evaluate_entries([e], ActivationCache(root / "cache_test"),
+                         model=ModelConfig(model=str(root / "model")), batch_size=4)  # fmt: skip
         return e.result("m")
 
     r = run()
@@ -205,7 +208,9 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
     results = {}
     for cache in ("cache_test", "cache_test_lens"):  # lens on the fly, or stored
         results[cache] = r = evaluate_command(
-            tmp_path / "run", tmp_path / f"{cache}.json", cache=root / cache, batch_size=4
+            tmp_path / "run",
+            tmp_path / f"{cache}.json",
+            source=SourceConfig(cache=root / cache, batch_size=4),
         )
         assert r["space"] == "tuned-lens" and r["lens"] == lens_ref(root / "lens")
         np.testing.assert_allclose(r["per_layer"]["fvu"], ref["fvu"], rtol=1e-4)
@@ -215,8 +220,9 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
         )
     assert results["cache_test"]["per_layer"]["fvu_model"] != ref["fvu"]  # two spaces differ
     # the model path (no cache) agrees as well
-    r = evaluate_command(tmp_path / "run", tmp_path / "m.json", dataset=str(root / "docs.jsonl"),
-                         tokens=8 * CTX, batch_size=4, context_length=CTX)  # fmt: skip
+    r = evaluate_command(tmp_path / "run", tmp_path / "m.json",
+                         data=DataConfig(dataset=str(root / "docs.jsonl"), split="test", context_length=CTX),
+                         source=SourceConfig(tokens=8 * CTX, batch_size=4))  # fmt: skip
     np.testing.assert_allclose(r["per_layer"]["fvu_model"], ref["fvu_model"], rtol=1e-4)
     np.testing.assert_allclose(r["per_layer"]["delta_ce"], ref["delta_ce"], rtol=1e-3, atol=1e-5)
 
@@ -225,15 +231,23 @@ def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, 
     plain = SaeConfig(d_in=D, expansion_factor=2, k=4, layers=list(range(L)))
     SparseAutoencoder(plain, seed=0).save(tmp_path / "plain")
     with pytest.raises(MlsaeError, match="cache holds tuned-lens vectors"):
-        evaluate_command(tmp_path / "plain", tmp_path / "e.json", cache=root / "cache_test_lens")
+        evaluate_command(
+            tmp_path / "plain",
+            tmp_path / "e.json",
+            source=SourceConfig(cache=root / "cache_test_lens"),
+        )
     with pytest.raises(MlsaeError, match="trained in the model's space"):
-        evaluate_command(tmp_path / "plain", tmp_path / "e.json", cache=root / "cache_test",
-                         lens=root / "lens")  # fmt: skip
+        evaluate_command(tmp_path / "plain", tmp_path / "e.json",
+                         source=SourceConfig(cache=root / "cache_test"), lens=root / "lens")  # fmt: skip
     other = SaeConfig(d_in=D, expansion_factor=2, k=4, layers=list(range(L)),
                       lens=lens_ref(root / "lens_b"))  # fmt: skip
     SparseAutoencoder(other, seed=0).save(tmp_path / "other")
     with pytest.raises(MlsaeError, match="was built with lens"):
-        evaluate_command(tmp_path / "other", tmp_path / "e.json", cache=root / "cache_test_lens")
+        evaluate_command(
+            tmp_path / "other",
+            tmp_path / "e.json",
+            source=SourceConfig(cache=root / "cache_test_lens"),
+        )
     import sys
 
     from mlsae import cli
@@ -255,22 +269,24 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
 
     _train(root, tmp_path / "plain", "cache_train")
     _train(root, tmp_path / "lensed", "cache_train", "--lens", str(root / "lens"))
-    ev = evaluate_command(tmp_path / "lensed", tmp_path / "lensed" / "eval.json",
-                          cache=root / "cache_test", ce=False)  # fmt: skip
-    pev = evaluate_command(tmp_path / "plain", tmp_path / "plain" / "eval.json",
-                           cache=root / "cache_test", ce=False)  # fmt: skip
+    test = SourceConfig(cache=root / "cache_test")
+    ev = evaluate_command(tmp_path / "lensed", tmp_path / "lensed" / "eval.json", source=test,
+                          ev=EvalConfig(ce=False))  # fmt: skip
+    pev = evaluate_command(tmp_path / "plain", tmp_path / "plain" / "eval.json", source=test,
+                           ev=EvalConfig(ce=False))  # fmt: skip
     lens_eval = {"layers": [0, 1, 2], "tuned": {"kl": [0.5, 0.25, 0.0], "ce": [3.0, 2.5, 2.0]},
                  "logit": {"kl": [4.0, 2.0, 0.0], "ce": [6.0, 4.0, 2.0]}}  # fmt: skip
     (root / "lens" / "eval.json").write_text(json.dumps(lens_eval))
     try:
-        s = analyze_command(tmp_path / "plain", tmp_path / "a", cache=root / "cache_test",
+        s = analyze_command(tmp_path / "plain", tmp_path / "a", source=test,
                             compare=[tmp_path / "lensed"])  # fmt: skip
     finally:
         (root / "lens" / "eval.json").unlink()
     c = s["compare"][0]
     assert s["space"] == "model" and c["space"] == "tuned-lens"
     # the same lens SAE analysed on the stored lens cache (no on-the-fly transform)
-    direct = analyze_command(tmp_path / "lensed", tmp_path / "b", cache=root / "cache_test_lens")
+    direct = analyze_command(tmp_path / "lensed", tmp_path / "b",
+                             source=SourceConfig(cache=root / "cache_test_lens"))  # fmt: skip
     for k in ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token",
               "multi_layer_fraction_aggregate"):  # fmt: skip
         assert c[k] == pytest.approx(direct[k], rel=1e-4, abs=1e-6), k
@@ -292,9 +308,10 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
 
     _train(root, tmp_path / "pl", "cache_train", "--per-layer", "--lens", str(root / "lens"))
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.01, max_nodes_html=30)
-    fly = evolution_command(tmp_path / "pl", tmp_path / "a", cache=root / "cache_test", cfg=cfg)
-    stored = evolution_command(tmp_path / "pl", tmp_path / "b", cache=root / "cache_test_lens",
-                               cfg=cfg)  # fmt: skip
+    fly = evolution_command(tmp_path / "pl", tmp_path / "a",
+                            source=SourceConfig(cache=root / "cache_test"), cfg=cfg)  # fmt: skip
+    stored = evolution_command(tmp_path / "pl", tmp_path / "b",
+                               source=SourceConfig(cache=root / "cache_test_lens"), cfg=cfg)  # fmt: skip
     for p, q in zip(fly["pairs"], stored["pairs"], strict=True):
         for k in ("pass_through", "appear", "disappear"):
             assert p[k] == pytest.approx(q[k], abs=1e-6), k
@@ -303,4 +320,5 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
     # a model-space per-layer set refuses the lens cache
     _train(root, tmp_path / "pp", "cache_train", "--per-layer")
     with pytest.raises(MlsaeError, match="cache holds tuned-lens vectors"):
-        evolution_command(tmp_path / "pp", tmp_path / "c", cache=root / "cache_test_lens", cfg=cfg)
+        evolution_command(tmp_path / "pp", tmp_path / "c",
+                          source=SourceConfig(cache=root / "cache_test_lens"), cfg=cfg)  # fmt: skip

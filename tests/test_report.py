@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from mlsae.analysis.analyze import summarize as _summary
 from mlsae.analysis.geometry import residual_geometry
 from mlsae.analysis.layers import LayerStats
-from mlsae.report.analyze import _clean, _summary
+from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.io import json_safe as _clean
 from mlsae.report.figures import make_figures
 from mlsae.report.html import eval_table, reading, write_report
 
@@ -176,7 +178,7 @@ def runs(tmp_path_factory, tokenizer):
     from conftest import make_model, write_word_corpus
 
     from mlsae.activations.extract import build_cache
-    from mlsae.core.config import DataConfig, ModelConfig, SaeConfig
+    from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
     from mlsae.sae.autoencoder import SparseAutoencoder
 
     root = tmp_path_factory.mktemp("analyze")
@@ -188,11 +190,9 @@ def runs(tmp_path_factory, tokenizer):
     build_cache(
         root / "cache",
         ModelConfig(model=mdir),
-        DataConfig(dataset=data, split="test", context_length=CTX),  # type: ignore[arg-type]
-        n_tokens=6 * CTX,
-        storage_dtype="float32",
-        batch_size=4,
-        shard_tokens=2 * CTX,
+        DataConfig(dataset=data, split="test", context_length=CTX),
+        SourceConfig(tokens=6 * CTX, batch_size=4),
+        ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
     )
     for name, layers, seed in (("mlsae", [0, 1, 2], 0), ("l1", [1], 1)):
         cfg = SaeConfig(d_in=32, expansion_factor=2, k=4, layers=layers, model=mdir, dataset=data)
@@ -205,7 +205,7 @@ def runs(tmp_path_factory, tokenizer):
 def _dense_reference(root: Path, sae_dir: Path, layers: list[int]):
     """Dense a[t,l,j] of an SAE over the cache's used tokens, and the raw vectors."""
     from mlsae.activations.cache import ActivationCache
-    from mlsae.sae.autoencoder import load_sae
+    from mlsae.sae.folders import load_sae
 
     sae = load_sae(sae_dir, compute_dtype=torch.float32)
     ac = ActivationCache(root / "cache")
@@ -252,7 +252,7 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     assert s["compare"][0]["rel_var_latent"] == pytest.approx(b1["rel_var_latent"], rel=1e-6)
     # the prompt: its own tokens through the model at every layer
     from mlsae.data.capture import capture
-    from mlsae.sae.autoencoder import load_sae
+    from mlsae.sae.folders import load_sae
 
     sae = load_sae(root / "mlsae" / "sae", compute_dtype=torch.float32)
     from transformers import AutoTokenizer
@@ -278,17 +278,18 @@ def test_single_layer_run_uses_every_cache_layer(runs, tmp_path):
     from mlsae.report.analyze import analyze_command
 
     root = runs[0]
-    s = analyze_command(root / "l1", tmp_path / "o", cache=root / "cache")
+    s = analyze_command(root / "l1", tmp_path / "o", source=SourceConfig(cache=root / "cache"))
     assert s["layers"] == [0, 1, 2] and s["compare"] == [] and s["prompts"] == []
 
 
-def test_analyze_builds_and_removes_a_temporary_cache(runs, tmp_path):
+def test_analyze_runs_the_model_without_a_cache(runs, tmp_path):
     from mlsae.report.analyze import analyze_command
 
     root, _, mdir, data = runs
     out = tmp_path / "o"
-    s = analyze_command(root / "mlsae", out, model=mdir, dataset=data, tokens=2 * CTX,
-                        context_length=CTX)  # fmt: skip
+    s = analyze_command(root / "mlsae", out, source=SourceConfig(tokens=2 * CTX),
+                        data=DataConfig(dataset=data, split="test", context_length=CTX),
+                        model=ModelConfig(model=mdir))  # fmt: skip
     assert s["cache"] is None and 0 < s["n_tokens"] <= 2 * CTX
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 import mlsae
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.sae.autoencoder import SparseAutoencoder, geometric_median, load_sae
+from mlsae.sae.autoencoder import SparseAutoencoder, geometric_median
+from mlsae.sae.folders import load_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,7 +222,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(MlsaeError, match="does not exist"):
         load_sae(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MlsaeError, match="missing cfg.json, sae.safetensors"):
+    with pytest.raises(MlsaeError, match="holds no SAE"):
         load_sae(tmp_path / "empty")
     _sae().save(tmp_path / "a")
     (tmp_path / "a" / "sae.safetensors").write_bytes(b"garbage")
@@ -238,7 +239,7 @@ def test_load_errors(tmp_path):
 
 
 def test_bad_shapes():
-    with pytest.raises(MlsaeError, match="k = 50 must be between 1 and d_sae = 40"):
+    with pytest.raises(MlsaeError, match="-k 50 must be between 1 and d_sae = 40"):
         SparseAutoencoder(SaeConfig(d_in=10, expansion_factor=4, k=50))
     with pytest.raises(MlsaeError, match="d_in = 10"):
         _sae().encode(torch.randn(3, 11))

@@ -17,7 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from mlsae.activations.cache import ActivationCache, CacheWriter
-from mlsae.core.config import SaeConfig, TrainConfig
+from mlsae.core.config import (
+    DataConfig,
+    ModelConfig,
+    SaeConfig,
+    SaeGridConfig,
+    SourceConfig,
+    TrainConfig,
+)
 from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.metrics import fvu
@@ -70,6 +77,37 @@ def _assert_same(a: Path, b: Path, atol=1e-6) -> None:
 def _cfg(**kw) -> TrainConfig:
     base = dict(batch_tokens=64, lr=2e-3, dead_tokens=200, checkpoint_every=5, max_steps=30)
     return TrainConfig(**{**base, **kw})
+
+
+def _train(
+    out,
+    cache=None,
+    *,
+    r=(8,),
+    k=(32,),
+    layers=None,
+    single_layer=None,
+    per_layer=False,
+    cfg=None,
+    data=None,
+    model=None,
+    tokens=None,
+    **train_kw,
+):
+    """train_command for a new run with the configs built from short keywords."""
+    cfg = cfg or TrainConfig()
+    cfg = TrainConfig(**{**cfg.__dict__, **train_kw}) if train_kw else cfg
+    return train_command(
+        out, data=data or DataConfig(), model=model or ModelConfig(),
+        source=SourceConfig(cache=cache, layers=layers, tokens=tokens),
+        sae=SaeGridConfig(expansion_factor=list(r), k=list(k), single_layer=single_layer,
+                          per_layer=per_layer),
+        train=cfg,
+    )  # fmt: skip
+
+
+def _resume(out, **train_given):
+    return train_command(out, resume=True, train_given=train_given)
 
 
 # ----------------------------------------------------------------------------- dead counter
@@ -135,7 +173,7 @@ def test_recovers_known_sparse_dictionary():
 
 
 def test_run_outputs_and_metrics(cache_dir, tmp_path):
-    out = train_command(out=tmp_path / "r", cache=cache_dir, expansion_factors=[4], ks=[2],
+    out = _train(tmp_path / "r", cache_dir, r=[4], k=[2],
                         cfg=_cfg(dead_tokens=22), epochs=1)  # fmt: skip
     assert {"sae", "checkpoint", "metrics.jsonl", "train_cfg.json", "final_fvu.json"} <= {
         p.name for p in out.iterdir()
@@ -156,22 +194,22 @@ def test_run_outputs_and_metrics(cache_dir, tmp_path):
 
 
 def test_sweep_equals_separate_runs(cache_dir, tmp_path):
-    sweep = train_command(out=tmp_path / "sw", cache=cache_dir, expansion_factors=[2, 4],
-                          ks=[2, 4], cfg=_cfg(max_steps=12))  # fmt: skip
+    sweep = _train(tmp_path / "sw", cache_dir, r=[2, 4],
+                          k=[2, 4], cfg=_cfg(max_steps=12))  # fmt: skip
     names = {p.name for p in sweep.iterdir() if p.name.startswith("sae_")}
     assert names == {"sae_R2_k2", "sae_R2_k4", "sae_R4_k2", "sae_R4_k4"}
     rows = (sweep / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 12 * 4
     for r, k in ((2, 4), (4, 2)):
-        one = train_command(out=tmp_path / f"one{r}{k}", cache=cache_dir, expansion_factors=[r],
-                            ks=[k], cfg=_cfg(max_steps=12))  # fmt: skip
+        one = _train(tmp_path / f"one{r}{k}", cache_dir, r=[r],
+                            k=[k], cfg=_cfg(max_steps=12))  # fmt: skip
         _assert_same(sweep / f"sae_R{r}_k{k}", one / "sae", atol=1e-6)
 
 
 def test_per_layer_set_feeds_each_sae_its_layer(cache_dir, tmp_path):
     cfg = _cfg(max_steps=6)
-    run = train_command(out=tmp_path / "pl", cache=cache_dir, layers="0,5", per_layer=True,
-                        expansion_factors=[2], ks=[3], cfg=cfg)  # fmt: skip
+    run = _train(tmp_path / "pl", cache_dir, layers="0,5", per_layer=True,
+                        r=[2], k=[3], cfg=cfg)  # fmt: skip
     index = json.loads((run / "per_layer.json").read_text())
     assert index["layers"] == [0, 5]
     assert [e["path"] for e in index["saes"]] == ["layer_00", "layer_05"]
@@ -225,7 +263,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(cache_dir, tmp_path):
     """SIGKILL of a subprocess (its last periodic checkpoint survives), resume, SIGTERM
     (checkpoint on the spot, exit 143), resume to the end: the same weights and per-step
     losses as one uninterrupted run, across an epoch boundary, with AuxK active."""
-    ref = train_command(out=tmp_path / "ref", cache=cache_dir, expansion_factors=[4], ks=[2],
+    ref = _train(tmp_path / "ref", cache_dir, r=[4], k=[2],
                         cfg=_cfg(checkpoint_every=3, dead_tokens=22), epochs=2, max_steps=150)  # fmt: skip
     out = tmp_path / "run"
     rc, _ = _interrupt(_cli("--cache", str(cache_dir), "--out", str(out), *RUN_ARGS), out, 20,
@@ -245,11 +283,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(cache_dir, tmp_path):
     t = threading.Thread(target=term_later)
     t.start()
     with pytest.raises(Interrupted) as e:
-        train_command(resume=out)
+        _resume(out)
     t.join()
     assert e.value.exit_code == 128 + signal.SIGTERM
     assert killed_at + 30 <= _ckpt_step(out) < 150
-    train_command(resume=out)
+    _resume(out)
     _assert_same(out / "sae", ref / "sae", atol=1e-6)
     want = [json.loads(s) for s in (ref / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
@@ -264,29 +302,29 @@ def test_killed_and_resumed_run_equals_uninterrupted(cache_dir, tmp_path):
 
 
 def test_bad_inputs(cache_dir, tmp_path):
-    with pytest.raises(MlsaeError, match="k = 100 must be between 1 and d_sae = 16"):
-        train_command(out=tmp_path / "a", cache=cache_dir, expansion_factors=[1], ks=[100])
-    with pytest.raises(MlsaeError, match=r"layer\(s\) \[1\] not in the cache"):
-        train_command(out=tmp_path / "b", cache=cache_dir, layers="0,1")
-    with pytest.raises(MlsaeError, match=r"layer\(s\) \[3\] not in the cache"):
-        train_command(out=tmp_path / "c", cache=cache_dir, single_layer=3)
+    with pytest.raises(MlsaeError, match="-k 100 must be between 1 and d_sae = 16"):
+        _train(tmp_path / "a", cache_dir, r=[1], k=[100])
+    with pytest.raises(MlsaeError, match=r"layer\(s\) \[1\] not in cache"):
+        _train(tmp_path / "b", cache_dir, layers="0,1")
+    with pytest.raises(MlsaeError, match=r"layer\(s\) \[3\] not in cache"):
+        _train(tmp_path / "c", cache_dir, single_layer=3)
     empty = make_cache(tmp_path / "empty", n_tokens=256, all_masked=True)
     with pytest.raises(MlsaeError, match="no usable vectors"):
-        train_command(out=tmp_path / "d", cache=empty, cfg=_cfg())
+        _train(tmp_path / "d", empty, cfg=_cfg())
     with pytest.raises(MlsaeError, match="does not exist"):
-        train_command(out=tmp_path / "e", cache=tmp_path / "nowhere")
+        _train(tmp_path / "e", tmp_path / "nowhere")
     with pytest.raises(MlsaeError, match="fewer than one batch"):
-        train_command(out=tmp_path / "f", cache=cache_dir, cfg=_cfg(batch_tokens=10**6))
-    run = train_command(out=tmp_path / "g", cache=cache_dir, cfg=_cfg(max_steps=2))
+        _train(tmp_path / "f", cache_dir, cfg=_cfg(batch_tokens=10**6))
+    run = _train(tmp_path / "g", cache_dir, cfg=_cfg(max_steps=2))
     with pytest.raises(MlsaeError, match="--resume"):
-        train_command(out=run, cache=cache_dir, cfg=_cfg(max_steps=2))
+        _train(run, cache_dir, cfg=_cfg(max_steps=2))
     # mismatched d_in: the run's cache replaced by one of another width
     cfg_path = run / "train_cfg.json"
     rc = json.loads(cfg_path.read_text())
     rc["cache"] = str(make_cache(tmp_path / "narrow", n_tokens=256, d=8))
     cfg_path.write_text(json.dumps(rc))
     with pytest.raises(MlsaeError, match="mismatched d_in"):
-        train_command(resume=run, max_steps=4)
+        _resume(run, max_steps=4)
 
 
 def test_cli_error_is_one_line(cache_dir, tmp_path, monkeypatch, capsys):
@@ -299,8 +337,7 @@ def test_cli_error_is_one_line(cache_dir, tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert (
-        err[-1].startswith("mlsae: error: k = 999")
-        and len([ln for ln in err if "error" in ln]) == 1
+        err[-1].startswith("mlsae: error: -k 999") and len([ln for ln in err if "error" in ln]) == 1
     )
 
 
@@ -309,7 +346,8 @@ def test_train_from_model_and_dataset(tiny_model_dir, tmp_path, arch):
     """No --cache: RUN/cache is built from the model and a local text file, then trained."""
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps." * 3 for i in range(60)))
-    out = train_command(out=tmp_path / "r", model=str(tiny_model_dir), dataset=str(text),
-                        tokens=512, context_length=64, layers="0,2", cfg=_cfg(max_steps=3))  # fmt: skip
+    out = _train(tmp_path / "r", model=ModelConfig(model=str(tiny_model_dir)),
+                 data=DataConfig(dataset=str(text), context_length=64), tokens=512,
+                 layers="0,2", cfg=_cfg(max_steps=3))  # fmt: skip
     assert ActivationCache(out / "cache").layers == [0, 2]
     assert json.loads((out / "sae" / "cfg.json").read_text())["layers"] == [0, 2]

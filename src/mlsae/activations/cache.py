@@ -13,9 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from mlsae.activations.source import ActivationSource, Batch, Block, Shard
+
+__all__ = ["ActivationCache", "Batch", "Block", "CacheWriter", "Shard"]
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_bytes, write_json
 
@@ -43,28 +43,6 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
-@dataclass
-class Shard:
-    """One shard: tokens [offset, offset + n) of the split's context stream."""
-
-    activations: Tensor  # [n, L, d] storage dtype
-    token_ids: Tensor  # [n] int64
-    mask: Tensor  # [n] bool, False at special tokens
-    offset: int = 0  # global index of the shard's first token
-
-
-@dataclass
-class Batch:
-    """Shuffled training vectors."""
-
-    x: Tensor  # [B, d] float32
-    layer: Tensor  # [B] int64 block index
-    position: Tensor  # [B] int64 global token index
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-
 def _storage_dtype(name: str) -> torch.dtype:
     if name not in STORAGE_DTYPES:
         raise MlsaeError(f"unknown storage dtype {name!r} (use {', '.join(STORAGE_DTYPES)})")
@@ -77,16 +55,6 @@ def _sha256_file(path: Path) -> str:
         while n := f.readinto(buf):
             h.update(memoryview(buf)[:n])
     return h.hexdigest()
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8, person=b"mlsae-shuf")
-    return int.from_bytes(h.digest(), "big") >> 1
-
-
-def _gen(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -183,8 +151,9 @@ class CacheWriter:
 # ----------------------------------------------------------------------------- reading
 
 
-class ActivationCache:
-    """A finished cache folder; validates the manifest on open (MlsaeError on any problem)."""
+class ActivationCache(ActivationSource):
+    """A finished cache folder (an `ActivationSource` whose blocks are its shards); validates
+    the manifest on open (MlsaeError on any problem)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -219,15 +188,30 @@ class ActivationCache:
         if absent:
             raise MlsaeError(f"activation cache {self.path}: missing shard file(s) {absent}")
         self.manifest: dict[str, Any] = m
+        self.info = m
         self.d_model = int(m["d_model"])
-        self.n_tokens = int(m["n_tokens"])
-        self.context_length = m["context_length"]
+        self.context_length = int(m["context_length"] or 0)  # 0: not recorded
         self.dtype = STORAGE_DTYPES[m["dtype"]]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._sizes = sizes
 
     @property
     def n_shards(self) -> int:
         return len(self.manifest["shards"])
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_shards
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    def block_tokens(self, i: int) -> int:
+        return self._sizes[i]
+
+    def describe(self) -> str:
+        return f"cache {self.path}"
 
     def _verify(self, i: int) -> Path:
         """Path of shard i after its sha256 check (done once per shard per process)."""
@@ -265,20 +249,16 @@ class ActivationCache:
             )
         return tensors
 
-    def load_shard(self, i: int) -> Shard:
+    def load_block(self, i: int) -> Block:
         """Shard i, sha256-checked (once per process) and checked against the manifest."""
         t = self._open(i)
-        return Shard(t["activations"], t["token_ids"], t["mask"], self.offsets[i])
+        return Block(t["activations"], t["token_ids"], t["mask"], self.offsets[i])
 
-    def iter_ordered(self) -> Iterator[Shard]:
-        """Every shard in stream order (the next one is read in a background thread)."""
-        with ThreadPoolExecutor(1) as pool:
-            nxt = pool.submit(self.load_shard, 0)
-            for i in range(self.n_shards):
-                cur = nxt.result()
-                if i + 1 < self.n_shards:
-                    nxt = pool.submit(self.load_shard, i + 1)
-                yield cur
+    load_shard = load_block
+
+    def block_ids(self, i: int) -> tuple[Tensor, Tensor]:
+        t = self._open(i)
+        return t["token_ids"], t["mask"]
 
     def n_used(self, i: int) -> int:
         """Number of mask==True tokens in shard i (from the manifest when recorded)."""
@@ -286,115 +266,3 @@ class ActivationCache:
         if "n_used" not in entry:
             entry["n_used"] = int(self._open(i)["mask"].sum())
         return int(entry["n_used"])
-
-    def _layer_positions(self, layers: Sequence[int] | None) -> list[int]:
-        if layers is None:
-            return list(range(len(self.layers)))
-        bad = [x for x in layers if int(x) not in self.layers]
-        if bad or not len(layers):
-            raise MlsaeError(f"layer(s) {bad or '[]'} not in the cache (it holds {self.layers})")
-        return [self.layers.index(x) for x in sorted(set(int(x) for x in layers))]
-
-    def n_vectors(self, layers: Sequence[int] | None = None) -> int:
-        """Used tokens x number of layers."""
-        return sum(self.n_used(i) for i in range(self.n_shards)) * len(
-            self._layer_positions(layers)
-        )
-
-    def _fill(self, shards: list[int], lpos: list[int], buf: Tensor) -> tuple[Tensor, Tensor]:
-        """Copy several shards' chosen layers into buf [cap, n_l, d]; returns the buffer rows of
-        the used tokens [N] and their global positions [N]."""
-        lsel = None if lpos == list(range(len(self.layers))) else torch.tensor(lpos)
-        rows, pos, a = [], [], 0
-        for i in shards:
-            t = self._open(i)
-            n = len(t["mask"])
-            if lsel is None:
-                buf[a : a + n].copy_(t["activations"])
-            else:
-                torch.index_select(t["activations"], 1, lsel, out=buf[a : a + n])
-            keep = t["mask"].nonzero().squeeze(1)  # [n_used]
-            rows.append(keep + a)
-            pos.append(keep + self.offsets[i])
-            a += n
-        return torch.cat(rows), torch.cat(pos)
-
-    def shuffled(
-        self,
-        batch_size: int,
-        layers: Sequence[int] | None = None,
-        seed: int = 0,
-        epoch: int = 0,
-        skip_batches: int = 0,
-        buffer_shards: int = 8,
-        drop_last: bool = False,
-    ) -> Iterator[Batch]:
-        """Batches mixing layers and tokens across buffers of `buffer_shards` shards.
-
-        The epoch is one virtual stream of vectors: shards in a (seed, epoch) order, grouped into
-        buffers, each buffer's (token, layer) vectors in a (seed, epoch, buffer) permutation;
-        batches are consecutive slices of it, so `skip_batches` jumps straight to the buffer
-        holding batch `skip_batches` without reading the ones before. Only mask==True tokens.
-        The next buffer is read in a background thread (memory: 2 x buffer_shards shards).
-        """
-        if batch_size < 1 or buffer_shards < 1 or skip_batches < 0:
-            raise MlsaeError("batch_size and buffer_shards must be >= 1, skip_batches >= 0")
-        lpos = self._layer_positions(layers)
-        n_l = len(lpos)
-        layer_ids = torch.tensor([self.layers[p] for p in lpos], dtype=torch.int64)
-        order = torch.randperm(self.n_shards, generator=_gen(seed, epoch)).tolist()
-        groups = [order[i : i + buffer_shards] for i in range(0, len(order), buffer_shards)]
-        sizes = [sum(self.n_used(i) for i in g) * n_l for g in groups]  # vectors per buffer
-        start = skip_batches * batch_size
-        first, begin = 0, 0  # first buffer needed and its first vector's stream index
-        while first < len(groups) and begin + sizes[first] <= start:
-            begin += sizes[first]
-            first += 1
-        todo = [j for j in range(first, len(groups)) if sizes[j]]
-        if not todo:
-            return
-        cap = max(sum(int(self.manifest["shards"][i]["n_tokens"]) for i in groups[j]) for j in todo)
-        bufs = [torch.empty(cap, n_l, self.d_model, dtype=self.dtype) for _ in todo[:2]]
-        pending: list[tuple[Tensor, Tensor, Tensor]] = []  # pieces of a batch across buffers
-        n_pending = 0
-        with ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(self._fill, groups[todo[0]], lpos, bufs[0])
-            for t, j in enumerate(todo):
-                rows, pos = fut.result()
-                if t + 1 < len(todo):  # the other buffer is free: its batches were all yielded
-                    fut = pool.submit(self._fill, groups[todo[t + 1]], lpos, bufs[(t + 1) % 2])
-                take = _Gather(bufs[t % 2].view(-1, self.d_model), layer_ids, rows, pos)
-                perm = torch.randperm(sizes[j], generator=_gen(seed, epoch, j))
-                o = start - begin if j == first else 0
-                if n_pending:
-                    piece = take(perm[o : o + batch_size - n_pending])
-                    pending.append(piece)
-                    n_pending += len(piece[0])
-                    o += len(piece[0])
-                    if n_pending == batch_size:
-                        yield Batch(*(torch.cat(p) for p in zip(*pending, strict=True)))
-                        pending, n_pending = [], 0
-                while o + batch_size <= sizes[j]:
-                    yield Batch(*take(perm[o : o + batch_size]))
-                    o += batch_size
-                if o < sizes[j]:
-                    pending.append(take(perm[o:]))
-                    n_pending += sizes[j] - o
-        if n_pending and not drop_last:
-            yield Batch(*(torch.cat(p) for p in zip(*pending, strict=True)))
-
-
-@dataclass
-class _Gather:
-    """Vectors of a buffer by index v over its used vectors (token v // n_l, layer v % n_l)."""
-
-    flat: Tensor  # [cap * n_l, d] storage dtype
-    layer_ids: Tensor  # [n_l] block indices
-    rows: Tensor  # [N] buffer row of each used token
-    pos: Tensor  # [N] global token position of each used token
-
-    def __call__(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        n_l = len(self.layer_ids)
-        tok, lay = idx // n_l, idx % n_l
-        x = self.flat.index_select(0, self.rows[tok] * n_l + lay).float()  # [b, d]
-        return x, self.layer_ids[lay], self.pos[tok]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,9 @@ from mlsae.activations.cache import (
     MANIFEST,
     CacheWriter,
     _sha256_file,
-    _storage_dtype,
     shard_name,
 )
-from mlsae.core.config import DataConfig, ModelConfig
+from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 
 log = logging.getLogger(__name__)
@@ -87,80 +84,56 @@ def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_sha
 
 def build_cache(
     out: str | Path,
-    model_cfg: ModelConfig,
-    data_cfg: DataConfig,
-    n_tokens: int,
-    layers: str | None = None,
-    storage_dtype: str = "bfloat16",
-    batch_size: int = 8,
-    shard_tokens: int = 4096,
+    model: ModelConfig,
+    data: DataConfig,
+    source: SourceConfig,
+    extract: ExtractConfig | None = None,
     lens: str | Path | None = None,
-    *,
-    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Any]:
-    """`mlsae cache`: capture the chosen blocks' outputs for n_tokens tokens (rounded up to
-    whole contexts) into `out`; resumes an interrupted run of the same command.
-    `transform` maps acts f32[N, L, d] (layers as in the manifest) before storing (lens hook)."""
+    """`mlsae cache`: capture the chosen blocks' outputs for `source.tokens` tokens (rounded up
+    to whole contexts) of `data` into `out`, through the tuned `lens` if given (the cache then
+    holds T_l(x)); resumes an interrupted run of the same command. Returns the manifest."""
     from tqdm import tqdm
 
-    from mlsae.data.capture import capture, iter_layers_arg, used_mask
-    from mlsae.data.model import load_model
+    from mlsae.activations.live import LiveSource
+    from mlsae.activations.open import open_source
 
-    _storage_dtype(storage_dtype)
-    if n_tokens < 1 or batch_size < 1 or shard_tokens < 1:
-        raise MlsaeError("--tokens, --batch-size and --shard-tokens must be >= 1")
-    if data_cfg.context_length < 1:
-        raise MlsaeError(f"--context-length must be >= 1, not {data_cfg.context_length}")
+    extract = extract or ExtractConfig()
+    if source.cache is not None:
+        raise MlsaeError("`mlsae cache` writes a cache: --cache is not an input here")
+    if source.tokens is None:
+        raise MlsaeError("give --tokens: how many tokens to cache")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MlsaeError(f"--out {out} is a file: choose a new --out")
-    from mlsae.data.text import iter_documents, take_contexts
-
-    next(iter_documents(data_cfg))  # fail fast on a missing dataset/column/empty split
-    tl = None
-    if lens is not None:
-        from mlsae.lens.tuned import lens_ref, load_lens
-
-        tl = load_lens(lens)  # fail fast on a bad lens folder, before loading the model
-    lm = load_model(model_cfg)
-    layer_list = iter_layers_arg(layers, lm.n_layers)
-    if tl is not None:
-        tl.check_model(lm.n_layers, lm.d_model)
-        tl.check_layers(layer_list)
-        if transform is None:
-            transform = lambda acts: tl.forward_stack(acts, layer_list)  # noqa: E731
-        lens = lens_ref(lens)  # type: ignore[arg-type]
-    ctx = data_cfg.context_length
-    n_ctx = math.ceil(n_tokens / ctx)
-    per_shard = max(1, shard_tokens // ctx)  # contexts per shard
-    contexts = take_contexts(lm.tokenizer, data_cfg, n_ctx)  # [n_ctx, ctx]
+    ctx = data.context_length
+    per_shard = max(1, extract.shard_tokens // ctx)  # contexts per shard
+    live = open_source(source, data, model, default_tokens=source.tokens, lens=lens,
+                       storage_dtype=extract.storage_dtype, block_tokens=per_shard * ctx)  # fmt: skip
+    assert isinstance(live, LiveSource)
+    contexts = live.contexts()  # [n_ctx, ctx]
     settings = {
-        "model": lm.name, "model_dtype": model_cfg.dtype, "dataset": data_cfg.dataset,
-        "split": data_cfg.split, "text_column": data_cfg.text_column, "hf_split": data_cfg.hf_split,
-        "test_fraction": data_cfg.test_fraction, "context_length": ctx, "layers": layer_list,
-        "d_model": lm.d_model, "dtype": storage_dtype, "lens": lens,
-        "requested_tokens": n_tokens, "target_tokens": n_ctx * ctx, "shard_tokens": per_shard * ctx,
+        **{k: live.info[k] for k in ("model", "model_dtype", "dataset", "split", "text_column",
+                                     "hf_split", "test_fraction", "context_length", "layers",
+                                     "d_model", "dtype", "lens")},
+        "requested_tokens": source.tokens, "target_tokens": live.n_contexts * ctx,
+        "shard_tokens": per_shard * ctx,
     }  # fmt: skip
     done = _resume_point(out, settings, contexts, per_shard)
     if isinstance(done, dict):
         log.info(f"{out} is already complete ({done['n_tokens']} tokens)")
         return done
     meta = {k: v for k, v in settings.items() if k not in ("dtype", "shard_tokens")}
-    meta["special_ids"] = list(lm.special_ids)
-    writer = CacheWriter(out, meta, per_shard * ctx, storage_dtype, shards=done or [])
-    start = len(done or []) * per_shard
+    meta["special_ids"] = list(live.lm.special_ids)
+    writer = CacheWriter(out, meta, per_shard * ctx, extract.storage_dtype, shards=done or [])
+    start = len(done or [])
     if start:
-        log.info(f"resuming {out} after {start * ctx} tokens")
-    L, d = len(layer_list), lm.d_model
-    bar = tqdm(total=n_ctx * ctx, initial=start * ctx, unit="tok", unit_scale=True, desc="cache")
-    with bar, torch.inference_mode():
-        for s0 in range(start, n_ctx, per_shard):  # batches never cross a shard boundary
-            s1 = min(s0 + per_shard, n_ctx)
-            for b0 in range(s0, s1, batch_size):
-                ids = contexts[b0 : min(b0 + batch_size, s1)]  # [B, T]
-                acts = capture(lm.model, ids, layer_list).reshape(-1, L, d)  # [B*T, L, d]
-                if transform is not None:
-                    acts = transform(acts.float())
-                writer.add(acts, ids.reshape(-1), used_mask(ids, lm.special_ids).reshape(-1))
-                bar.update(ids.numel())
+        log.info(f"resuming {out} after {start * per_shard * ctx} tokens")
+    bar = tqdm(total=live.n_tokens, initial=start * per_shard * ctx, unit="tok", unit_scale=True,
+               desc="cache")  # fmt: skip
+    with bar:
+        for i in range(start, live.n_blocks):  # a block is exactly one shard
+            b = live.load_block(i)
+            writer.add(b.activations, b.token_ids, b.mask)
+            bar.update(len(b.token_ids))
     return writer.close()

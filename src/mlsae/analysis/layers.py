@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mlsae.activations.source import ActivationSource
 from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
 from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
@@ -274,14 +275,14 @@ def feed(stats: LayerStats, encode: EncodeFn, x: Tensor, chunk_vectors: int = 81
         stats.update(acts.reshape(m, L, -1), idx.reshape(m, L, -1))
 
 
-def analyze_cache(
-    cache: Any,
+def analyze_source(
+    cache: ActivationSource,
     encoders: dict[str, tuple[EncodeFn, int]],
     layers: Sequence[int],
     chunk_vectors: int = 8192,
     geometry: bool = True,
 ) -> tuple[dict[str, LayerStatsResult], GeometryResult | None]:
-    """One pass over an ActivationCache feeding every SAE in `encoders` (name -> (encode,
+    """One pass over an activation source feeding every SAE in `encoders` (name -> (encode,
     n_latents)) with the vectors of `layers` of the used tokens, plus geometry pass 1; then
     geometry pass 2 (no SAE) if `geometry`. Memory is per shard."""
     from tqdm import tqdm
@@ -293,7 +294,7 @@ def analyze_cache(
     pos = [cache.layers.index(x) for x in layers]
     stats = {name: LayerStats(n_lat, layers) for name, (_, n_lat) in encoders.items()}
     geo = ResidualGeometry(layers, cache.d_model) if geometry else None
-    for shard in tqdm(cache.iter_ordered(), total=cache.n_shards, desc="analyze", unit="shard"):
+    for shard in tqdm(cache.iter_ordered(), total=cache.n_blocks, desc="analyze", unit="block"):
         x = shard.activations[:, pos]  # [n, L, d]
         if geo is not None:
             geo.update_pass1(x, shard.mask)
@@ -302,14 +303,14 @@ def analyze_cache(
             feed(stats[name], encode, xm, chunk_vectors)
     if geo is None:
         return {k: v.result() for k, v in stats.items()}, None
-    for shard in tqdm(cache.iter_ordered(), total=cache.n_shards, desc="geometry", unit="shard"):
+    for shard in tqdm(cache.iter_ordered(), total=cache.n_blocks, desc="geometry", unit="block"):
         geo.update_pass2(shard.activations[:, pos], shard.mask)
     return {k: v.result() for k, v in stats.items()}, geo.result()
 
 
 def analyze_prompts(
     prompts: list[str],
-    model: str,
+    model: ModelConfig,
     sae: Any,
     cfg: SaeConfig,
     layers: list[int],
@@ -322,9 +323,9 @@ def analyze_prompts(
     from mlsae.data.capture import capture, used_mask
     from mlsae.data.model import load_model
 
-    lm = load_model(ModelConfig(model=model))
+    lm = load_model(model)
     if lm.d_model != cfg.d_in:
-        raise MlsaeError(f"model {model!r} has d_model {lm.d_model}, the SAE d_in {cfg.d_in}")
+        raise MlsaeError(f"model {model.name!r} has d_model {lm.d_model}, the SAE d_in {cfg.d_in}")
     out = []
     for text in prompts:
         ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]  # [1, T]

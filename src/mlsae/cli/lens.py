@@ -1,121 +1,62 @@
-"""`mlsae lens ...`: train a tuned lens, compare it with the logit lens (lens_train.py,
-lens_eval.py)."""
+"""`mlsae lens ...`: train a tuned lens, compare it with the logit lens (mlsae.lens.train,
+mlsae.lens.evaluate). The model runs on the data: there is no --cache here."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mlsae.cli.options import (
-    ColOpt,
-    CtxOpt,
-    DatasetOpt,
-    HfSplitOpt,
-    LayersOpt,
-    ModelDtypeOpt,
-    ModelOpt,
-    _d,
-    _m,
-)
-from mlsae.core.config import DataConfig, LensTrainConfig, ModelConfig
-
-_l = LensTrainConfig  # its class attributes are the field defaults (lr stays None)
+from mlsae.cli.options import config_command
+from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.stage_config import LensTrainConfig
 
 lens_app = typer.Typer(
     no_args_is_help=True, help="Tuned lens: train per-layer translators, compare to the logit lens."
 )
 
 
-@lens_app.command("train")
+@config_command(lens_app, "train", defaults={"tokens": 16384}, exclude={"cache"}, fixed={"split": "train"},
+                help_overrides={"tokens": "Training-split tokens (all used by the regression)"})  # fmt: skip
 def lens_train(
     out: Annotated[Path, typer.Option(help="Output lens folder (lens.safetensors + lens.json)")],
-    model: ModelOpt = _m.model,
-    dataset: DatasetOpt = _d.dataset,
-    tokens: Annotated[
-        int, typer.Option(help="Training-split tokens (all used by the regression)")
-    ] = 16384,
-    layers: LayersOpt = None,
-    context_length: CtxOpt = 128,
-    init: Annotated[
-        str, typer.Option(help="'regression' (least-squares warm start) or 'zero' (identity)")
-    ] = _l.init,
-    ridge: Annotated[
-        float, typer.Option(help="Ridge of the regression (x Gram diagonal)")
-    ] = _l.ridge,
-    min_singular: Annotated[
-        float,
-        typer.Option(help="Floor on the singular values of I + A (bounds the inverse's gain)"),
-    ] = _l.min_singular,
-    lr: Annotated[
-        float | None, typer.Option(help="Adam lr of the KL steps (default 1e-4; 1e-3 from zero)")
-    ] = _l.lr,
-    steps: Annotated[int, typer.Option(help="KL optimizer steps (0: regression only)")] = _l.steps,
-    batch_size: Annotated[int, typer.Option(help="Contexts per KL step")] = _l.batch_size,
-    seed: Annotated[int, typer.Option(help="Data order seed")] = _l.seed,
-    text_column: ColOpt = _d.text_column,
-    hf_split: HfSplitOpt = _d.hf_split,
-    dtype: ModelDtypeOpt = _m.dtype,
+    data: DataConfig,
+    model: ModelConfig,
+    source: SourceConfig,
+    cfg: LensTrainConfig,
 ) -> None:
     """Train a tuned lens: minimise KL(final || lens) at every block but the last."""
+    from mlsae.activations.open import open_source
     from mlsae.lens.train import train_lens_command
 
-    train_lens_command(
-        out=out,
-        model_cfg=ModelConfig(model=model, dtype=dtype),  # type: ignore[arg-type]
-        data_cfg=DataConfig(
-            dataset=dataset,
-            split="train",
-            text_column=text_column,
-            hf_split=hf_split,
-            context_length=context_length,
-        ),
-        n_tokens=tokens,
-        layers=layers,
-        cfg=LensTrainConfig(
-            init=init,  # type: ignore[arg-type]
-            ridge=ridge,
-            min_singular=min_singular,
-            lr=lr,
-            steps=steps,
-            batch_size=batch_size,
-            seed=seed,
-        ),
-    )
+    live = open_source(source, data, model, default_tokens=16384)
+    lens = train_lens_command(out, live, cfg)  # type: ignore[arg-type]
+    print(f"lens saved to {out} ({len(lens.trained_layers)} translators)")
 
 
-@lens_app.command("evaluate")
+@config_command(lens_app, "evaluate", defaults={"tokens": 2048}, exclude={"cache", "layers"},
+                fixed={"split": "test"}, help_overrides={
+                    "model": "Model (default: the one named in the lens)",
+                    "tokens": "Test-split tokens to evaluate"})  # fmt: skip
 def lens_evaluate(
     lens: Annotated[Path, typer.Argument(help="Lens folder (ours or tuned-lens params.pt)")],
     out: Annotated[Path, typer.Option(help="Output JSON file")],
-    model: Annotated[
-        str | None, typer.Option(help="Model (default: the one named in the lens)")
-    ] = None,
-    dataset: DatasetOpt = _d.dataset,
-    tokens: Annotated[int, typer.Option(help="Test-split tokens to evaluate")] = 2048,
-    context_length: CtxOpt = 128,
-    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass")] = 2,
-    text_column: ColOpt = _d.text_column,
-    hf_split: HfSplitOpt = _d.hf_split,
-    dtype: ModelDtypeOpt = _m.dtype,
+    data: DataConfig,
+    model: ModelConfig,
+    source: SourceConfig,
 ) -> None:
     """Per-layer KL and CE of the tuned lens vs the logit lens on held-out tokens."""
+    from mlsae.activations.open import open_source
+    from mlsae.core.errors import MlsaeError
     from mlsae.lens.evaluate import evaluate_lens_command, format_table
+    from mlsae.lens.tuned import load_lens
 
-    result = evaluate_lens_command(
-        lens_path=lens,
-        out=out,
-        model=model,
-        dtype=dtype,
-        data_cfg=DataConfig(
-            dataset=dataset,
-            split="test",
-            text_column=text_column,
-            hf_split=hf_split,
-            context_length=context_length,
-        ),
-        n_tokens=tokens,
-        batch_size=batch_size,
-    )
-    print(format_table(result))
+    tl = load_lens(lens)
+    tl.meta["path"] = str(lens)
+    if model.model is None and not tl.model_name:
+        raise MlsaeError("the lens does not name its model: pass --model")
+    live = open_source(source, data, replace(model, model=model.model or tl.model_name),
+                       default_tokens=2048, layers=[])  # fmt: skip
+    print(format_table(evaluate_lens_command(tl, out, live, source.batch_size)))  # type: ignore[arg-type]

@@ -1,24 +1,174 @@
-"""Typer option types shared by the `mlsae` commands (one help text per concept)."""
+"""The CLI derived from the configuration dataclasses: `@config_command` turns every parameter of
+a command that is annotated with a config dataclass into one option per field. The option is
+`--field-name`, its help is the field's docstring, its type and default are the field's (Literal
+choices are listed by `--help`), and the command receives the dataclass, built (and so
+validated) once from the options. Which fields the user typed is available as `Given`, so a
+command can fill the others from a saved run or SAE (`mlsae train --resume`, `--model` defaulting
+to the SAE's model).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import typing
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
 
 import typer
 
-from mlsae.core.config import DataConfig, ModelConfig, TrainConfig
+from mlsae.core.schema import hints
 
-_d, _m, _t = DataConfig(), ModelConfig(), TrainConfig()
 
-ModelOpt = Annotated[
-    str, typer.Option(help="'default' (embedded SmolLM2-135M), HF id/dir, or .gguf")
-]
-DatasetOpt = Annotated[
-    str, typer.Option(help="'default' (embedded corpus), HF dataset, or .txt/.jsonl/.parquet files")
-]
-SplitOpt = Annotated[str, typer.Option(help="train or test (document-level, disjoint)")]
-LayersOpt = Annotated[str | None, typer.Option(help="'all' or e.g. '0,5,10' or '0-11'")]
-CtxOpt = Annotated[int, typer.Option(help="Tokens per context")]
-ColOpt = Annotated[str, typer.Option(help="Text column (HF/JSONL/parquet)")]
-HfSplitOpt = Annotated[str, typer.Option(help="HF dataset split to stream")]
-ModelDtypeOpt = Annotated[str, typer.Option(help="Model weight dtype: float32 or bfloat16")]
+class Given(dict[str, set[str]]):
+    """{config parameter name: the fields the user gave on the command line}."""
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (its attribute docstring), one line."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    out: dict[str, str] = {}
+    for a, b in zip(body, body[1:], strict=False):
+        if (
+            isinstance(a, ast.AnnAssign)
+            and isinstance(a.target, ast.Name)
+            and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)
+        ):
+            out[a.target.id] = " ".join(b.value.value.split())
+    return out
+
+
+def option_name(field: str) -> str:
+    """`--field-name` for a field `field_name`."""
+    return "--" + field.replace("_", "-")
+
+
+@dataclasses.dataclass
+class _Expanded:
+    param: str  # the command's parameter name
+    cls: type
+    fields: list[str]  # expanded fields, in order
+    fixed: dict[str, Any]  # fields set by the command, not options
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return ...  # required
+
+
+def config_command(
+    app: typer.Typer,
+    name: str | None = None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    exclude: set[str] | frozenset[str] = frozenset(),
+    fixed: Mapping[str, Any] | None = None,
+    aliases: Mapping[str, list[str]] | None = None,
+    help_overrides: Mapping[str, str] | None = None,
+    **typer_kw: Any,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `fn` on `app`, expanding its config-dataclass parameters into options.
+
+    defaults: per-command defaults of fields (shown by --help); exclude: fields not offered
+    (they keep their default); fixed: fields set by the command; aliases: extra option names;
+    help_overrides: a command-specific help text for a field. Keys are field names.
+    """
+    defaults, fixed = dict(defaults or {}), dict(fixed or {})
+    aliases, help_overrides = dict(aliases or {}), dict(help_overrides or {})
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+        fn_hints = typing.get_type_hints(fn, include_extras=True)
+        params: list[inspect.Parameter] = []
+        expanded: list[_Expanded] = []
+        seen: dict[str, str] = {}
+        for p in sig.parameters.values():
+            tp = fn_hints.get(p.name, p.annotation)
+            if p.name == "given":
+                continue
+            if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
+                params.append(p.replace(annotation=tp))
+                continue
+            docs, types = field_docs(tp), hints(tp)
+            ex = _Expanded(p.name, tp, [], {})
+            for f in dataclasses.fields(tp):
+                if not f.init:
+                    continue
+                if f.name in fixed:
+                    ex.fixed[f.name] = fixed[f.name]
+                    continue
+                if f.name in exclude:
+                    continue
+                opt = option_name(f.name)
+                if opt in seen:
+                    raise TypeError(
+                        f"{fn.__name__}: option {opt} from {tp.__name__} and {seen[opt]}"
+                    )
+                seen[opt] = tp.__name__
+                help_text = help_overrides.get(f.name) or docs.get(f.name)
+                if not help_text:
+                    raise TypeError(
+                        f"{tp.__name__}.{f.name} has no docstring: it is an option's help"
+                    )
+                decls = [opt, *aliases.get(f.name, [])]
+                info = typer.Option(*decls, help=help_text)
+                default = defaults.get(f.name, _field_default(f))
+                ann = Annotated[types[f.name], info]  # type: ignore[valid-type]
+                params.append(
+                    inspect.Parameter(
+                        f"{p.name}__{f.name}",
+                        inspect.Parameter.KEYWORD_ONLY,
+                        default=default if default is not ... else inspect.Parameter.empty,
+                        annotation=ann,
+                    )
+                )
+                ex.fields.append(f.name)
+            expanded.append(ex)
+        takes_given = "given" in sig.parameters
+        # typer wants parameters without defaults first
+        params.sort(key=lambda q: q.default is not inspect.Parameter.empty)
+        params = [q.replace(kind=inspect.Parameter.KEYWORD_ONLY) for q in params]
+
+        def wrapper(**kwargs: Any) -> Any:
+            import click
+
+            ctx = click.get_current_context(silent=True)
+            given = Given()
+            for ex in expanded:
+                values = {f: kwargs.pop(f"{ex.param}__{f}") for f in ex.fields}
+                for f, v in values.items():
+                    if isinstance(v, tuple) and typing.get_origin(hints(ex.cls)[f]) is list:
+                        values[f] = list(v)
+                given[ex.param] = {
+                    f
+                    for f in ex.fields
+                    if ctx is not None
+                    and ctx.get_parameter_source(f"{ex.param}__{f}")
+                    in (
+                        click.core.ParameterSource.COMMANDLINE,
+                        click.core.ParameterSource.ENVIRONMENT,
+                    )
+                }
+                kwargs[ex.param] = ex.cls(**values, **ex.fixed)
+            if takes_given:
+                kwargs["given"] = given
+            return fn(**kwargs)
+
+        wrapper.__name__ = fn.__name__
+        wrapper.__doc__ = fn.__doc__
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.expanded = expanded  # type: ignore[attr-defined]
+        app.command(name, **typer_kw)(wrapper)
+        return wrapper
+
+    return decorate

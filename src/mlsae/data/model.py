@@ -76,7 +76,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.dtype not in _DTYPES:
         raise MlsaeError(f"unknown model dtype {cfg.dtype!r} (float32, bfloat16)")
     dtype = _DTYPES[cfg.dtype]
-    name = str(cfg.model)
+    name = cfg.name
     if name == DEFAULT_MODEL:
         model, tok = _load_gguf(default_gguf_path(), dtype)
     elif name.lower().endswith(".gguf"):

@@ -11,17 +11,20 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mlsae.core.config import DataConfig, ModelConfig
+from mlsae.activations.source import ActivationSource
+from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
+from mlsae.core.stage_config import EvalConfig
 from mlsae.lens.tuned import Space
+from mlsae.sae.folders import RunFolder
 from mlsae.sae.metrics import LayerMetrics
 
 log = logging.getLogger(__name__)
@@ -85,20 +88,6 @@ class Entry:
 # ----------------------------------------------------------------------------- loading
 
 
-def sae_dirs(run: str | Path) -> list[Path]:
-    """SAE folders of a run: RUN itself (cfg.json), RUN/sae, or every subfolder with a cfg.json
-    (sweeps, per-layer sets)."""
-    run = Path(run)
-    if (run / "cfg.json").is_file():
-        return [run]
-    if (run / "sae" / "cfg.json").is_file():
-        return [run / "sae"]
-    subs = sorted(p for p in run.glob("*") if (p / "cfg.json").is_file()) if run.is_dir() else []
-    if not subs:
-        raise MlsaeError(f"{run} is neither an SAE folder (cfg.json) nor a run folder with sae/")
-    return subs
-
-
 def load_entry(
     path: Path,
     label: str | None = None,
@@ -108,7 +97,7 @@ def load_entry(
     """Load an SAE folder; evaluate it on `layers` (default: the layers it was trained on).
     `lens` replaces the lens folder recorded in a lens SAE's cfg.json (a moved lens)."""
     from mlsae.lens.tuned import resolve_space
-    from mlsae.sae.autoencoder import load_sae
+    from mlsae.sae.folders import load_sae
 
     sae = load_sae(path)
     trained = [int(x) for x in sae.cfg.layers]
@@ -138,67 +127,32 @@ def _check(entries: Sequence[Entry], n_layers: int | None, d_model: int) -> None
 # ----------------------------------------------------------------------------- data
 
 
-def _cache_contexts(cache: Any, max_tokens: int | None) -> Iterator[tuple[Tensor, Tensor, Any]]:
-    """(ids [C, T], mask [C, T], shard) per shard, whole contexts, up to max_tokens."""
-    ctx = cache.context_length
-    if not ctx:
-        raise MlsaeError(f"cache {cache.path} does not record its context_length")
-    left = math.inf if max_tokens is None else math.ceil(max_tokens / ctx) * ctx
-    for shard in cache.iter_ordered():
-        if left <= 0:
-            return
-        n = int(min(len(shard.token_ids), left))
-        left -= n
-        if n % ctx:
-            raise MlsaeError(f"cache {cache.path}: a shard does not hold whole contexts of {ctx}")
-        yield shard.token_ids[:n].view(-1, ctx), shard.mask[:n].view(-1, ctx), shard
-
-
-def _batches(contexts: Iterator[tuple[Tensor, Tensor]], batch_size: int):
-    """Regroup (ids [C, T], used [C, T]) into batches of batch_size contexts."""
-    buf_i: list[Tensor] = []
-    buf_u: list[Tensor] = []
-    for ids, used in contexts:
-        buf_i.append(ids)
-        buf_u.append(used)
-        while sum(len(b) for b in buf_i) >= batch_size:
-            ids_all, used_all = torch.cat(buf_i), torch.cat(buf_u)
-            yield ids_all[:batch_size], used_all[:batch_size]
-            buf_i, buf_u = [ids_all[batch_size:]], [used_all[batch_size:]]
-    if buf_i and sum(len(b) for b in buf_i):
-        yield torch.cat(buf_i), torch.cat(buf_u)
-
-
-def _text_contexts(lm: Any, data: DataConfig, n_tokens: int) -> Iterator[tuple[Tensor, Tensor]]:
-    from mlsae.data.capture import used_mask
-    from mlsae.data.text import iter_contexts
-
-    n_ctx = max(1, math.ceil(n_tokens / data.context_length))
-    for i, ids in enumerate(iter_contexts(lm.tokenizer, data)):
-        if i >= n_ctx:
-            return
-        yield ids[None], used_mask(ids[None], lm.special_ids)
-
-
-# ----------------------------------------------------------------------------- engine
-
-
 @torch.inference_mode()
-def recon_from_cache(entries: Sequence[Entry], cache: Any, max_tokens: int | None) -> None:
-    """Reconstruction metrics on the cached vectors (used tokens only)."""
+def recon_from_source(
+    entries: Sequence[Entry], source: ActivationSource, max_tokens: int | None
+) -> None:
+    """Reconstruction metrics on the source's stored vectors (used tokens only)."""
     from tqdm import tqdm
 
-    pos = {layer: i for i, layer in enumerate(cache.layers)}
-    total = cache.n_tokens if max_tokens is None else min(cache.n_tokens, max_tokens)
+    pos = {layer: i for i, layer in enumerate(source.layers)}
+    total = source.n_tokens if max_tokens is None else min(source.n_tokens, max_tokens)
+    left = (
+        None
+        if max_tokens is None
+        else -(-max_tokens // source.context_length) * source.context_length
+    )
     with tqdm(total=total, unit="tok", unit_scale=True, desc="reconstruct") as bar:
-        for ids, mask, shard in _cache_contexts(cache, max_tokens):
-            acts = shard.activations[: ids.numel()][mask.reshape(-1)]  # [N_used, L_cache, d]
+        for block in source.iter_ordered(max_tokens):
+            n = len(block.token_ids) if left is None else min(len(block.token_ids), left)
+            acts = block.activations[:n][block.mask[:n]]  # [N_used, L_source, d]
             for e in entries:
                 for layer in e.layers:
                     x = acts[:, pos[layer]].float()
                     x_model = None if e.space.cache_in_lens else x
                     e.reconstruct(e.space.cached_to_sae(x, layer), layer, True, x_model)
-            bar.update(ids.numel())
+            if left is not None:
+                left -= n
+            bar.update(n)
 
 
 @torch.inference_mode()
@@ -218,9 +172,14 @@ def run_model(
     from mlsae.eval.splice import clean_pass, splice
 
     layers = sorted({x for e in entries for x in e.layers})
+    vocab = int(model.get_input_embeddings().num_embeddings)
     desc = "delta CE" if ce else "reconstruct"
     with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc) as bar:
         for ids, used in batches:
+            if ids.numel() and int(ids.max()) >= vocab:
+                raise MlsaeError(
+                    f"token ids beyond the model's vocabulary ({vocab}): not its tokens"
+                )
             cp = clean_pass(model, ids, layers, used=used)
             for e in entries:
                 for layer in e.layers:
@@ -233,75 +192,72 @@ def run_model(
             bar.update(ids.numel())
 
 
+def open_eval_source(
+    entries: Sequence[Entry], source: SourceConfig, data: DataConfig, model: ModelConfig
+) -> ActivationSource:
+    """The held-out activations for `entries`: the cache, or the model (default: the SAEs')
+    on 8,192 tokens of the data (default: the SAEs' dataset, test split)."""
+    from mlsae.activations.open import open_source
+
+    cfg0 = entries[0].sae.cfg
+    layers = sorted({x for e in entries for x in e.layers})
+    return open_source(
+        source, replace(data, dataset=data.dataset or cfg0.dataset),
+        replace(model, model=model.model or cfg0.model), default_tokens=8192, layers=layers,
+    )  # fmt: skip
+
+
 def evaluate_entries(
     entries: list[Entry],
+    source: ActivationSource,
     *,
-    cache: str | Path | None = None,
-    model: str | None = None,
-    dataset: str | None = None,
-    split: str = "test",
+    model: ModelConfig | None = None,
+    ev: EvalConfig | None = None,
     tokens: int | None = None,
-    ce: bool = True,
-    allow_train: bool = False,
-    batch_size: int = 4,
-    context_length: int | None = None,
-    text_column: str = "text",
-    hf_split: str = "train",
-    model_dtype: str | None = None,
+    batch_size: int = 8,
 ) -> str:
-    """Fill every entry's metrics; returns the model name. See `evaluate_command`."""
-    if batch_size < 1 or (tokens is not None and tokens < 1):
-        raise MlsaeError("--batch-size and --tokens must be >= 1")
-    cfg0 = entries[0].sae.cfg
-    if cache is not None:
-        from mlsae.activations.cache import ActivationCache
-        from mlsae.lens.tuned import resolve_space
+    """Fill every entry's metrics from `source` (up to `tokens` tokens); returns the model name.
+    A cache gives the reconstruction metrics; delta CE / KL run the model (`model`, default the
+    cache's) on its token ids. A live source serves both from one clean pass per batch."""
+    from mlsae.activations.open import source_model
+    from mlsae.lens.tuned import resolve_space
 
-        ac = ActivationCache(cache)
-        man = ac.manifest
-        if man.get("split") == "train" and not allow_train:
-            raise MlsaeError(
-                f"cache {cache} holds the train split: evaluate on held-out tokens "
-                "(a cache built with --split test), or pass --allow-train"
-            )
-        missing = sorted({x for e in entries for x in e.layers} - set(ac.layers))
-        if missing:
-            raise MlsaeError(f"layer(s) {missing} are missing from the cache (it has {ac.layers})")
-        for e in entries:  # the cache holds x (lens applied on the fly) or T_l(x)
-            e.space = resolve_space(
-                e.sae.cfg.lens, man.get("lens"), override=e.lens_override, sae_dir=e.path,
-                what=f"SAE {e.path}",
-            )  # fmt: skip
-        _check(entries, None, ac.d_model)
-        name = model or man.get("model") or cfg0.model
-        others = sorted({str(e.sae.cfg.model) for e in entries} - {str(man.get("model"))})
-        if others:
-            log.warning(f"cache model {man.get('model')!r}, SAE model(s) {others}")  # fmt: skip
-        recon_from_cache(entries, ac, tokens)
-        if ce:
-            lm = _load(name, model_dtype or man.get("model_dtype") or "float32")
-            _check(entries, lm.n_layers, lm.d_model)
-            vocab = int(lm.model.get_input_embeddings().num_embeddings)
-            ctxs = (_checked(i, vocab, cache) + (m,) for i, m, _ in _cache_contexts(ac, tokens))
-            n = ac.n_tokens if tokens is None else min(ac.n_tokens, tokens)
-            run_model(entries, lm.model, _batches(ctxs, batch_size), recon=False, ce=True,
-                      total_tokens=n)  # fmt: skip
-        return name
-    if split == "train" and not allow_train:
-        raise MlsaeError("evaluate on held-out tokens: --split test (or pass --allow-train)")
-    name = model or cfg0.model
-    lm = _load(name, model_dtype or "float32")
-    _check(entries, lm.n_layers, lm.d_model)
-    data = DataConfig(
-        dataset=dataset or cfg0.dataset, split=split,  # type: ignore[arg-type]
-        text_column=text_column, hf_split=hf_split,
-    )  # fmt: skip
-    if context_length is not None:
-        data.context_length = context_length
-    n = tokens if tokens is not None else 8192
-    batches = _batches(_text_contexts(lm, data, n), batch_size)
-    run_model(entries, lm.model, batches, recon=True, ce=ce, total_tokens=n)
-    return name
+    ev = ev or EvalConfig()
+    if source.info.get("split") == "train" and not ev.allow_train:
+        raise MlsaeError(
+            f"{source.describe()} holds the train split: evaluate on held-out tokens "
+            "(--split test, or a cache built with --split test), or pass --allow-train"
+        )
+    missing = sorted({x for e in entries for x in e.layers} - set(source.layers))
+    if missing:
+        raise MlsaeError(
+            f"layer(s) {missing} are missing from {source.describe()} (it has {source.layers})"
+        )
+    for e in entries:  # the source holds x (lens applied on the fly) or T_l(x)
+        e.space = resolve_space(
+            e.sae.cfg.lens, source.lens, override=e.lens_override, sae_dir=e.path,
+            what=f"SAE {e.path}",
+        )  # fmt: skip
+        e.reset_metrics()
+    _check(entries, None, source.d_model)
+    others = sorted({str(e.sae.cfg.model) for e in entries} - {str(source.info.get("model"))})
+    if others:
+        log.warning(f"activations of model {source.info.get('model')!r}, SAE model(s) {others}")
+    n = source.n_tokens if tokens is None else min(source.n_tokens, tokens)
+    live = getattr(source, "lm", None)
+    if live is not None:  # the model runs anyway: one clean pass for both
+        _check(entries, live.n_layers, live.d_model)
+        run_model(entries, live.model, source.token_batches(batch_size, tokens), recon=True,
+                  ce=ev.ce, total_tokens=n)  # fmt: skip
+        return str(live.name)
+    recon_from_source(entries, source, tokens)
+    if ev.ce:
+        lm = source_model(source, model)
+        _check(entries, lm.n_layers, lm.d_model)
+        run_model(entries, lm.model, source.token_batches(batch_size, tokens), recon=False,
+                  ce=True, total_tokens=n)  # fmt: skip
+        return str(lm.name)
+    return str(model.name if model is not None else source.info.get("model"))
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
@@ -315,40 +271,31 @@ def parse_layers(spec: str | None) -> list[int] | None:
     return iter_layers_arg(spec, 1 << 20)
 
 
-def _checked(ids: Tensor, vocab: int, cache: Any) -> tuple[Tensor]:
-    if ids.numel() and int(ids.max()) >= vocab:
-        raise MlsaeError(f"cache {cache} holds token ids beyond the model's vocabulary ({vocab})")
-    return (ids,)
-
-
-def _load(name: str, dtype: str) -> Any:
-    from mlsae.data.model import load_model
-
-    return load_model(ModelConfig(model=name, dtype=dtype))  # type: ignore[arg-type]
-
-
 # ----------------------------------------------------------------------------- commands
 
 
 def evaluate_command(
     run: str | Path,
     out: str | Path,
-    layers: Sequence[int] | None = None,
+    *,
+    source: SourceConfig | None = None,
+    data: DataConfig | None = None,
+    model: ModelConfig | None = None,
+    ev: EvalConfig | None = None,
     lens: Path | None = None,
-    **kwargs: Any,
 ) -> dict[str, Any]:
-    """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens.
-
-    kwargs: cache, model, dataset, split, tokens, ce, allow_train, batch_size, context_length,
-    model_dtype (see `evaluate_entries`). `layers` evaluates the SAE on other layers than it
-    was trained on (e.g. a single-layer SAE on any layer). Writes and returns the JSON dict.
-    """
-    dirs = sae_dirs(run)
-    if len(dirs) > 1:
-        names = ", ".join(d.name for d in dirs)
-        raise MlsaeError(f"{run} holds several SAEs ({names}): pass one of their folders")
-    entry = load_entry(dirs[0], layers=layers, lens=lens)
-    name = evaluate_entries([entry], **kwargs)
+    """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens (`source`:
+    a cache, else the model on the test split). `source.layers` evaluates the SAE on other
+    layers than it was trained on (e.g. a single-layer SAE on any layer). `lens`: where a lens
+    SAE's lens folder is now. Writes and returns the JSON dict."""
+    source, ev = source or SourceConfig(), ev or EvalConfig()
+    data, model = data or DataConfig(split="test"), model or ModelConfig()
+    entry = load_entry(
+        RunFolder(Path(run)).sae_dir(), layers=parse_layers(source.layers), lens=lens
+    )
+    src = open_eval_source([entry], replace(source, layers=None), data, model)
+    name = evaluate_entries([entry], src, model=model if model.model else None, ev=ev,
+                            tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
     result = entry.result(name)
     write_json(Path(out), result)
     return result

@@ -7,7 +7,6 @@ split. `CodeStore` keeps each layer's TopK codes on disk between pass 1 and pass
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mlsae.core.config import DataConfig, ModelConfig
+from mlsae.activations.source import ActivationSource
 from mlsae.core.errors import MlsaeError
+from mlsae.sae.folders import RunFolder
 
 
 @dataclass
@@ -32,31 +32,11 @@ class Chunk:
 
 
 def load_per_layer(run: Path) -> list[tuple[int, Any]]:
-    """The single-layer SAEs of a per-layer run folder (those listed in per_layer.json, else
-    every sub-folder with cfg.json), sorted by layer: [(layer, SparseAutoencoder)]."""
-    from mlsae.sae.autoencoder import load_sae
+    """The single-layer SAEs of a per-layer run folder, sorted by layer: [(layer, SAE)]."""
+    from mlsae.sae.folders import load_sae
 
-    run = Path(run)
-    if not run.is_dir():
-        raise MlsaeError(f"run folder {str(run)!r} does not exist")
-    listing = run / "per_layer.json"
-    if listing.is_file():
-        try:
-            folders = [run / e["path"] for e in json.loads(listing.read_text())["saes"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise MlsaeError(f"{listing}: unreadable per-layer listing ({e})") from None
-    else:
-        folders = [c.parent for c in sorted(run.glob("*/cfg.json"))]
-    out = []
-    for folder in folders:
-        sae = load_sae(folder)
-        if len(sae.cfg.layers) != 1:
-            raise MlsaeError(f"{folder} is not a single-layer SAE (layers {sae.cfg.layers})")
-        out.append((int(sae.cfg.layers[0]), sae))
-    out.sort(key=lambda t: t[0])
-    layers = [ly for ly, _ in out]
-    if len(set(layers)) != len(layers):
-        raise MlsaeError(f"{run} holds two SAEs for one layer (layers {layers})")
+    folder = RunFolder(Path(run))
+    out = [(ly, load_sae(d)) for ly, d in folder.per_layer_dirs()]
     if len(out) < 2:
         raise MlsaeError(
             f"{run} holds {len(out)} single-layer SAE(s); need a per-layer set of at least two "
@@ -65,63 +45,36 @@ def load_per_layer(run: Path) -> list[tuple[int, Any]]:
     return out
 
 
-def cache_chunks(path: Path, saes: list[tuple[int, Any]]) -> tuple[Iterator[Chunk], dict]:
-    """Chunks from an activation cache, checked against the SAEs; and the cache's facts."""
-    from mlsae.activations.cache import ActivationCache
-
-    cache = ActivationCache(path)
-    missing = [ly for ly, _ in saes if ly not in cache.layers]
+def source_chunks(
+    source: ActivationSource, saes: list[tuple[int, Any]], max_tokens: int | None = None
+) -> tuple[Iterator[Chunk], dict[str, Any]]:
+    """Chunks of the SAEs' layers from an activation source in stream order, checked against
+    the SAEs; and the source's facts for evolution.json."""
+    missing = [ly for ly, _ in saes if ly not in source.layers]
     if missing:
-        raise MlsaeError(f"cache {path} lacks layer(s) {missing} (it holds {cache.layers})")
+        raise MlsaeError(f"{source.describe()} lacks layer(s) {missing} (it holds {source.layers})")
     for ly, sae in saes:
-        if sae.cfg.d_in != cache.d_model:
+        if sae.cfg.d_in != source.d_model:
             raise MlsaeError(
-                f"SAE of layer {ly} has d_in {sae.cfg.d_in}, cache d_model {cache.d_model}"
+                f"SAE of layer {ly} has d_in {sae.cfg.d_in}, the activations {source.d_model}"
             )
-    cols = [cache.layers.index(ly) for ly, _ in saes]
+    cols = [source.layers.index(ly) for ly, _ in saes]
 
     def gen() -> Iterator[Chunk]:
-        for s in cache.iter_ordered():
-            yield Chunk(s.activations[:, cols], s.token_ids, s.mask, s.offset)
+        for b in source.iter_ordered(max_tokens):
+            yield Chunk(b.activations[:, cols], b.token_ids, b.mask, b.offset)
 
-    facts = {"n_tokens": cache.n_tokens, "context_length": int(cache.context_length),
-             "model": cache.manifest.get("model"), "source": str(path),
-             "lens": cache.manifest.get("lens")}  # fmt: skip
+    ctx = max(1, int(source.context_length))
+    n = source.n_tokens if max_tokens is None else min(source.n_tokens, -(-max_tokens // ctx) * ctx)
+    path = getattr(source, "path", None)
+    where = (
+        str(path)
+        if path is not None
+        else f"{source.info.get('dataset')}:{source.info.get('split')}"
+    )
+    facts = {"n_tokens": n, "context_length": int(source.context_length),
+             "model": source.info.get("model"), "source": where, "lens": source.lens}  # fmt: skip
     return gen(), facts
-
-
-def model_chunks(
-    model_cfg: ModelConfig, data_cfg: DataConfig, saes: list[tuple[int, Any]], n_tokens: int,
-    batch_size: int,
-) -> tuple[Iterator[Chunk], dict, Any]:  # fmt: skip
-    """Chunks from running the model on `n_tokens` of a dataset split; and the tokenizer."""
-    from mlsae.data.capture import capture, check_layers, used_mask
-    from mlsae.data.model import load_model
-    from mlsae.data.text import iter_contexts
-
-    lm = load_model(model_cfg)
-    layers = check_layers([ly for ly, _ in saes], lm.n_layers)
-    ctx = int(data_cfg.context_length)
-    n_ctx = max(1, -(-int(n_tokens) // ctx))
-
-    def gen() -> Iterator[Chunk]:
-        contexts = iter_contexts(lm.tokenizer, data_cfg)
-        done = 0
-        while done < n_ctx:
-            batch = [
-                c for _, c in zip(range(min(batch_size, n_ctx - done)), contexts, strict=False)
-            ]
-            if not batch:
-                break
-            ids = torch.stack(batch)  # [B, T]
-            h = capture(lm.model, ids, layers)  # [B, T, L, d]
-            mask = used_mask(ids, lm.special_ids)
-            yield Chunk(h.flatten(0, 1), ids.flatten(), mask.flatten(), done * ctx)
-            done += len(batch)
-
-    facts = {"n_tokens": n_ctx * ctx, "context_length": ctx, "model": model_cfg.model,
-             "source": f"{data_cfg.dataset}:{data_cfg.split}"}  # fmt: skip
-    return gen(), facts, lm.tokenizer
 
 
 class CodeStore:

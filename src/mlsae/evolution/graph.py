@@ -24,7 +24,8 @@ from torch import Tensor
 
 from mlsae.core import io
 from mlsae.core.errors import MlsaeError
-from mlsae.evolution.measures import MEASURES, EvolutionConfig, PairResult
+from mlsae.core.stage_config import MEASURES, EvolutionConfig
+from mlsae.evolution.measures import PairResult
 from mlsae.evolution.stats import FeatureStats
 
 PALETTE = [

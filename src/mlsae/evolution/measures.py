@@ -24,68 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from mlsae.core.errors import MlsaeError
+from mlsae.core.stage_config import MEASURES, EvolutionConfig
 from mlsae.evolution.stats import F64, FeatureStats, PairStats
-
-MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "decoder_cos")
-
-
-@dataclass
-class EvolutionConfig:
-    """Settings of `mlsae evolution` (saved in evolution.json)."""
-
-    top_m: int | None = 3
-    """Edges: each feature's m most similar next/previous-layer partners (None: no top-m cut)."""
-    edge_threshold: float | None = None
-    """Edges: keep only pairs whose edge measure is >= this (None: no threshold)."""
-    edge_measure: Literal["pearson", "jaccard", "sufficiency", "necessity", "decoder_cos"] = (
-        "pearson"
-    )
-    """Similarity used for edges, partners and community weights."""
-    max_edges_per_pair: int = 200_000
-    """Cap on edges kept per layer pair in threshold-only mode (largest measure first)."""
-    active_fraction: float = 0.2
-    """A feature is active on a token when its activation is > this x its max over the data."""
-    pass_through: float = 0.95
-    """Passed through: best next-layer Pearson >= this."""
-    link_threshold: float = 0.5
-    """Appears: no previous-layer partner of Pearson >= this; disappears: no next-layer one."""
-    boolean_threshold: float = 0.999
-    """AND: exactly two up features of necessity >= this; OR: of sufficiency >= this."""
-    min_support: int = 10
-    """Features active (above threshold) on fewer tokens are left out of AND / OR /
-    specialisation (1 = the bare SPEC definition; rare features make spurious AND/ORs)."""
-    specialise_necessity: float = 0.9
-    """Specialises: some up feature i has necessity(i|j) >= this ..."""
-    specialise_sufficiency: float = 0.5
-    """... and sufficiency(j|i) <= this: j fires on a clear subset of i's tokens."""
-    contexts: int = 5
-    """Top activating token contexts kept per feature."""
-    memory_gb: float = 1.0
-    """Budget for the pair co-moment matrices held at once (12 bytes per feature pair)."""
-    seed: int = 0
-    """Seed for community detection."""
-    resolution: float = 1.0
-    """Modularity resolution of the communities (1 = modularity; larger = smaller ones)."""
-    max_nodes_html: int = 1500
-    """graph.html draws at most this many nodes (the most connected)."""
-
-    def __post_init__(self) -> None:
-        if self.top_m is None and self.edge_threshold is None:
-            raise MlsaeError("give --top-m, --edge-threshold or both to define graph edges")
-        if self.top_m is not None and self.top_m < 1:
-            raise MlsaeError(f"--top-m must be >= 1, not {self.top_m}")
-        if self.edge_measure not in MEASURES:
-            raise MlsaeError(f"unknown edge measure {self.edge_measure!r}: one of {MEASURES}")
-        if not 0 < self.active_fraction < 1:
-            raise MlsaeError(f"active fraction must be in (0, 1), not {self.active_fraction}")
-        if self.memory_gb <= 0:
-            raise MlsaeError(f"--memory-gb must be > 0, not {self.memory_gb}")
 
 
 def _terms(s: FeatureStats, counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -194,8 +139,8 @@ def summarize_pair(
     alive_up, alive_dn = up.alive, down.alive
     sup_up = alive_up & (pair.n_up >= cfg.min_support)
     sup_dn = alive_dn & (pair.n_down >= cfg.min_support)
-    m = min(cfg.top_m or 0, d_dn)
-    mc = min(cfg.top_m or 0, d_up)
+    m = min(cfg.top_m, d_dn)
+    mc = min(cfg.top_m, d_up)
     best_next = torch.full((d_up,), math.nan, dtype=F64)
     best_next_idx = torch.full((d_up,), -1, dtype=torch.int64)
     best_prev = torch.full((d_dn,), -math.inf, dtype=F64)
@@ -274,7 +219,7 @@ def summarize_pair(
         cand_i.append(col_idx[ok])
         cand_j.append(cols.expand_as(col_idx)[ok])
     ei, ej = torch.cat(cand_i), torch.cat(cand_j)
-    if cfg.top_m is None and len(ei) > cfg.max_edges_per_pair:
+    if cfg.top_m == 0 and len(ei) > cfg.max_edges_per_pair:
         keep = torch.cat(cand_v).topk(cfg.max_edges_per_pair).indices
         ei, ej = ei[keep], ej[keep]
     key = torch.unique(ei * d_dn + ej)  # sorted, de-duplicated

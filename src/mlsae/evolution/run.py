@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mlsae.core.config import DataConfig, ModelConfig
+from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
-from mlsae.evolution.codes import Chunk, CodeStore, cache_chunks, load_per_layer, model_chunks
+from mlsae.core.stage_config import EvolutionConfig
+from mlsae.evolution.codes import Chunk, CodeStore, load_per_layer, source_chunks
 from mlsae.evolution.graph import (
     build_graph,
     communities,
@@ -42,7 +43,6 @@ from mlsae.evolution.graph import (
 )
 from mlsae.evolution.match import MatchScores, match_permutation
 from mlsae.evolution.measures import (
-    EvolutionConfig,
     PairResult,
     plan_groups,
     summarize_pair,
@@ -151,35 +151,36 @@ def _findings(pairs: list[dict]) -> dict[str, Any]:
 def evolution_command(
     run: Path,
     out: Path,
-    cache: Path | None = None,
-    model: str | None = None,
-    dataset: str | None = None,
-    dtype: str = "float32",
-    data_kw: dict[str, Any] | None = None,
-    n_tokens: int = 8192,
-    batch_size: int = 4,
+    *,
+    source: SourceConfig | None = None,
+    data: DataConfig | None = None,
+    model: ModelConfig | None = None,
     cfg: EvolutionConfig | None = None,
-    community_method: str = "auto",
     figures: Callable[[Path, dict[str, Any]], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Run everything and write DIR/{evolution.json, graph.json, graph.html, *.png}.
-    Tokens come from `cache` (stream order), else from running `model` (default: the SAEs')
-    on `n_tokens` of `dataset` (default: the SAEs'); data_kw: more DataConfig fields."""
+    """Run everything and write DIR/{evolution.json, graph.json, graph.html} (and the figures,
+    drawn by `figures(out, body)` when given: the report stage's). Tokens come from
+    `source` (a cache in stream order, else the model, by default the SAEs', on 8,192 test
+    tokens of the SAEs' dataset)."""
+    from mlsae.activations.open import open_source
+    from mlsae.lens.tuned import resolve_space
+
     t0 = time.perf_counter()
     cfg = cfg or EvolutionConfig()
+    source, data, model = (
+        source or SourceConfig(),
+        data or DataConfig(split="test"),
+        model or ModelConfig(),
+    )
     clock: dict[str, float] = {}  # phase -> end time
     saes = load_per_layer(run)
     layers = [ly for ly, _ in saes]
-    tokenizer = None
-    if cache is not None:
-        chunks, facts = cache_chunks(cache, saes)
-    else:
-        sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
-        mc = ModelConfig(model=model or sc.model, dtype=dtype)  # type: ignore[arg-type]
-        dc = DataConfig(dataset=dataset or sc.dataset, **{"split": "test", **(data_kw or {})})
-        chunks, facts, tokenizer = model_chunks(mc, dc, saes, n_tokens, batch_size)
-    from mlsae.lens.tuned import resolve_space
-
+    sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
+    src = open_source(source, replace(data, dataset=data.dataset or sc.dataset),
+                      replace(model, model=model.model or sc.model), default_tokens=8192,
+                      layers=layers)  # fmt: skip
+    chunks, facts = source_chunks(src, saes, source.tokens)
+    live = getattr(src, "lm", None)
     spaces = [
         resolve_space(sae.cfg.lens, facts.get("lens"), what=f"the SAE of layer {ly}")
         for ly, sae in saes
@@ -200,8 +201,7 @@ def evolution_command(
         clock["pairs"] = time.perf_counter()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if cache is not None:
-        tokenizer = _tokenizer_for(facts.get("model"))
+    tokenizer = live.tokenizer if live is not None else _tokenizer_for(facts.get("model"))
     alive = [s.alive for s in stats]
     g = build_graph(layers, alive, [s.density() for s in stats], results, cfg.edge_measure)
     g.community, g.method = communities(
@@ -210,7 +210,7 @@ def evolution_command(
         g.dst,
         g.weight,
         cfg.seed,
-        community_method,  # type: ignore[arg-type]
+        cfg.community,
         cfg.resolution,
     )
     clock["communities"] = time.perf_counter()

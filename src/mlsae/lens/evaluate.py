@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mlsae.core.config import DataConfig, ModelConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
-from mlsae.lens.train import CHUNK, capture_lens_layers, final_logits, load_contexts
-from mlsae.lens.tuned import TunedLens, load_lens
+from mlsae.lens.train import CHUNK, ContextSource, capture_lens_layers, final_logits
+from mlsae.lens.tuned import TunedLens
 
 
 @torch.no_grad()
@@ -96,34 +95,22 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def evaluate_lens_command(
-    lens_path: Path,
-    out: Path,
-    model: str | None,
-    dtype: str,
-    data_cfg: DataConfig,
-    n_tokens: int,
-    batch_size: int = 4,
+    lens: TunedLens, out: Path, source: ContextSource, batch_size: int = 8
 ) -> dict[str, Any]:
-    """`mlsae lens evaluate`: tuned vs logit lens on test-split tokens; JSON + printed table."""
-    from mlsae.data.model import load_model
-
-    lens = load_lens(lens_path)
-    if model is None and not lens.model_name:
-        raise MlsaeError("the lens does not name its model: pass --model")
-    lm = load_model(ModelConfig(model=model or lens.model_name, dtype=dtype))  # type: ignore[arg-type]
+    """`mlsae lens evaluate`: tuned vs logit lens on the source's (test-split) tokens; writes
+    and returns the JSON."""
+    lm = source.lm
     lens.check_model(lm.n_layers, lm.d_model)
-    contexts = load_contexts(lm.tokenizer, data_cfg, n_tokens)
+    contexts = source.contexts()
     batches = [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
     result = evaluate_lens(lm.model, lens, batches, lm.special_ids)
     result = {
         **result,
-        "lens": str(lens_path),
+        "lens": str(lens.meta.get("path", "")),
         "model": lm.name,
-        "dataset": data_cfg.dataset,
-        "split": data_cfg.split,
+        "dataset": source.info.get("dataset"),
+        "split": source.info.get("split"),
         "n_tokens": int(contexts.numel()),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
+    write_json(Path(out), result)
     return result

@@ -29,13 +29,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mlsae.core.config import DEFAULT_MIN_SINGULAR, DataConfig, LensTrainConfig, ModelConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.stage_config import DEFAULT_MIN_SINGULAR, LensTrainConfig
 from mlsae.data.capture import capture, get_final_norm, unembed, used_mask
 from mlsae.lens.tuned import TunedLens
 
@@ -264,20 +265,18 @@ def train_lens(
 # ---------------------------------------------------------------------------- CLI glue
 
 
-def load_contexts(tokenizer, data_cfg: DataConfig, n_tokens: int) -> Tensor:
-    """[n, T] the first ceil(n_tokens / T) contexts of the split."""
-    from mlsae.data.text import iter_contexts
+class ContextSource(Protocol):
+    """What lens training and evaluation read: a model and the token ids of a dataset split (an
+    `mlsae.activations.live.LiveSource`, which this stage does not import)."""
 
-    if n_tokens < 1:
-        raise MlsaeError(f"--tokens must be >= 1, not {n_tokens}")
-    n_ctx = math.ceil(n_tokens / data_cfg.context_length)
-    ctx = list(itertools.islice(iter_contexts(tokenizer, data_cfg), n_ctx))
-    if len(ctx) < n_ctx:
-        log.info(
-            f"split {data_cfg.split!r} holds only {len(ctx)} contexts "
-            f"({len(ctx) * data_cfg.context_length} tokens)"
-        )
-    return torch.stack(ctx)
+    lm: Any  # mlsae.data.model.LoadedModel
+    info: dict[str, Any]  # dataset, split, context_length, model_dtype, ...
+    layers: list[int]
+    batch_size: int  # contexts per forward pass
+
+    def contexts(self) -> Tensor:
+        """[n, T] token ids of every context."""
+        ...
 
 
 def _singular_summary(lens: TunedLens) -> dict[str, list[float]]:
@@ -292,58 +291,51 @@ def _singular_summary(lens: TunedLens) -> dict[str, list[float]]:
 
 
 def train_lens_command(
-    out: Path,
-    model_cfg: ModelConfig,
-    data_cfg: DataConfig,
-    n_tokens: int,
-    layers: str | None = None,
-    cfg: LensTrainConfig | None = None,
+    out: Path, source: ContextSource, cfg: LensTrainConfig | None = None
 ) -> TunedLens:
-    """`mlsae lens train`: warm start (regression on all `n_tokens`, or zero), then `cfg.steps`
-    KL steps of `cfg.batch_size` contexts; save."""
-    from mlsae.data.capture import iter_layers_arg
-    from mlsae.data.model import load_model
-
+    """`mlsae lens train`: translators for `source.layers` of `source.lm`, warm start
+    (regression on all of the source's tokens, or zero), then `cfg.steps` KL steps of
+    `cfg.step_contexts` contexts; save to `out`."""
     cfg = cfg or LensTrainConfig()
-    if data_cfg.split != "train":
+    if source.info.get("split") != "train":
         raise MlsaeError("the lens is trained on the train split")
     t0 = time.perf_counter()
-    lm = load_model(model_cfg)
-    chosen = iter_layers_arg(layers, lm.n_layers)
+    lm = source.lm
     torch.manual_seed(cfg.seed)
-    lens = TunedLens(lm.n_layers, lm.d_model, chosen, model=lm.name)
+    lens = TunedLens(lm.n_layers, lm.d_model, source.layers, model=lm.name)
     if not lens.trained_layers:
         raise MlsaeError("nothing to train: the last block's lens is the identity")
-    contexts = load_contexts(lm.tokenizer, data_cfg, n_tokens)
+    contexts = source.contexts()
     n_regr = 0
     if cfg.init == "regression":
-        batches = [contexts[i : i + 8] for i in range(0, len(contexts), 8)]
+        bs = source.batch_size
+        batches = [contexts[i : i + bs] for i in range(0, len(contexts), bs)]
         n_regr = regression_init(
             lm.model, lens, batches, lm.special_ids, ridge=cfg.ridge, min_singular=cfg.min_singular
         )
     history: list[float] = []
     if cfg.steps:
         history = train_lens(
-            lm.model, lens, contexts, lm.special_ids, steps=cfg.steps, batch_size=cfg.batch_size,
+            lm.model, lens, contexts, lm.special_ids, steps=cfg.steps, batch_size=cfg.step_contexts,
             lr=cfg.lr, seed=cfg.seed,
         )  # fmt: skip
     wall = time.perf_counter() - t0
     lens.meta["training"] = {
-        "dataset": data_cfg.dataset,
-        "split": data_cfg.split,
-        "context_length": data_cfg.context_length,
+        "dataset": source.info.get("dataset"),
+        "split": source.info.get("split"),
+        "context_length": int(contexts.shape[1]),
         "tokens": int(contexts.numel()),
         "init": cfg.init,
         "ridge": cfg.ridge if cfg.init == "regression" else None,
         "min_singular": cfg.min_singular if cfg.init == "regression" else None,
         "regression_positions": n_regr,
         "steps": len(history),
-        "batch_size": cfg.batch_size,
+        "step_contexts": cfg.step_contexts,
         "lr": cfg.lr,
         "optimizer": "adam in standardised coordinates, warmup + linear decay to 0",
         "loss": "sum over layers of mean KL(final || lens)",
         "seed": cfg.seed,
-        "model_dtype": model_cfg.dtype,
+        "model_dtype": source.info.get("model_dtype"),
         "kl_first_last": [history[0], history[-1]] if history else None,
         "wall_seconds": round(wall, 1),
         "singular_values": _singular_summary(lens),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -170,3 +171,45 @@ def make_figures(
             )
         figs.append(("Residual norm by layer", residual_norms(geo, out / "norms.png")))
     return figs
+
+
+def plot_cross(cross: dict[str, Any], key: str, path: Path) -> Path:
+    """Heatmap in the style of the paper: single-layer SAEs as rows, evaluation layers as
+    columns, the MLSAE as an extra row below a separator."""
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    mat = np.array([[np.nan if v is None else v for v in row] for row in cross[key]], float)
+    n_r, n_c = mat.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_c + 2), max(2.5, 0.4 * n_r + 1.2)))
+    im = ax.imshow(
+        np.ma.masked_invalid(mat), aspect="auto", cmap="magma_r", interpolation="nearest"
+    )
+    fig.colorbar(im, ax=ax, label={"fvu": "FVU", "delta_ce": "delta CE (nats)"}.get(key, key))
+    if n_c <= 24 and n_r <= 24:
+        hi = np.nanmax(mat) if np.isfinite(mat).any() else 0.0
+        for (i, j), v in np.ndenumerate(mat):
+            if np.isfinite(v):
+                color = "white" if v > 0.6 * hi else "black"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=color)
+    ax.axhline(n_r - 1.5, color="black", lw=1.5)
+    ax.set_xticks(range(n_c), [str(c) for c in cross["layers"]], fontsize=7)
+    ax.set_yticks(range(n_r), cross["rows"], fontsize=7)
+    ax.set_xlabel("evaluation layer")
+    ax.set_ylabel("SAE (trained on)")
+    ax.set_title(f"{key}: single-layer SAEs vs MLSAE ({Path(cross['model']).name})", fontsize=9)
+    return save_figure(fig, path)
+
+
+def cross_figures(cross: dict[str, Any], out: Path) -> list[Path]:
+    """out/cross_fvu.png and out/cross_delta_ce.png of an `evaluate --cross` result (those with
+    values)."""
+    return [
+        plot_cross(cross, key, Path(out) / f"cross_{key}.png")
+        for key in ("fvu", "delta_ce")
+        if any(v is not None for row in cross[key] for v in row)
+    ]

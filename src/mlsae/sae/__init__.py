@@ -6,14 +6,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mlsae.sae.autoencoder import EncoderOutput, SparseAutoencoder, load_sae
+    from mlsae.sae.autoencoder import EncoderOutput, SparseAutoencoder
+    from mlsae.sae.folders import load_sae
 
 
 def __getattr__(name: str) -> object:  # lazy: `import mlsae.sae` stays free of torch
-    if name in ("SparseAutoencoder", "EncoderOutput", "load_sae"):
+    if name in ("SparseAutoencoder", "EncoderOutput"):
         from mlsae.sae import autoencoder
 
         return getattr(autoencoder, name)
+    if name == "load_sae":
+        from mlsae.sae.folders import load_sae
+
+        return load_sae
     raise AttributeError(name)
 
 

@@ -11,27 +11,26 @@ The heavy lifting is in `mlsae.sae.kernels` (sparse decoder, sparse encoder grad
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mlsae.core.compute import resolve_compute_dtype
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_dir, recover_dir, write_json
+from mlsae.core.io import atomic_dir, write_json
 from mlsae.sae.kernels import sparse_decode, topk_encode
 from mlsae.sae.metrics import fvu
 
 STD_EPS = 1e-5
 ENCODE_CHUNK = 8192
 """Rows per encoder pass without autograd (bounds the dense pre-activation memory)."""
-CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae.safetensors"
+SAE_CFG, SAE_WEIGHTS = "cfg.json", "sae.safetensors"
+"""The two files of an SAE folder (mlsae.sae.folders reads them)."""
 
 
 class EncoderOutput(NamedTuple):
@@ -51,18 +50,6 @@ class StepOutput(NamedTuple):
     auxk: Tensor  # scalar, 0 when no latent is dead
     top_acts: Tensor  # [N, k]
     top_indices: Tensor  # [N, k]
-
-
-def validate_cfg(cfg: SaeConfig) -> None:
-    """MlsaeError for impossible shapes (k > d_sae, ...)."""
-    if cfg.d_in < 2:
-        raise MlsaeError(f"d_in must be >= 2, not {cfg.d_in}")
-    if cfg.expansion_factor < 1:
-        raise MlsaeError(f"expansion factor must be >= 1, not {cfg.expansion_factor}")
-    if not 1 <= cfg.k <= cfg.d_sae:
-        raise MlsaeError(f"k = {cfg.k} must be between 1 and d_sae = {cfg.d_sae}")
-    if cfg.normalize not in ("standardize", "none"):
-        raise MlsaeError(f"normalize must be 'standardize' or 'none', not {cfg.normalize!r}")
 
 
 def geometric_median(points: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
@@ -87,7 +74,6 @@ class SparseAutoencoder(nn.Module):
         self, cfg: SaeConfig, seed: int = 0, compute_dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
-        validate_cfg(cfg)
         self.cfg = cfg
         d, m = cfg.d_in, cfg.d_sae
         self.compute_dtype = compute_dtype or resolve_compute_dtype("auto", verbose=False)
@@ -215,37 +201,5 @@ class SparseAutoencoder(nn.Module):
     def save(self, path: str | Path) -> None:
         """Write the SAE folder (cfg.json + sae.safetensors) atomically: temp dir, then rename."""
         with atomic_dir(path) as tmp:
-            save_file(self.state_tensors(), str(tmp / WEIGHTS_FILE))
-            write_json(tmp / CFG_FILE, self.cfg.to_dict())
-
-
-def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> SparseAutoencoder:
-    """Load an SAE folder (cfg.json + sae.safetensors) in eval mode with fp32 master weights.
-    Also accepts a training run folder holding one SAE in `sae/`."""
-    path = recover_dir(Path(path))
-    if not path.exists():
-        raise MlsaeError(f"SAE folder {path} does not exist")
-    if not (path / CFG_FILE).exists() and (path / "sae" / CFG_FILE).exists():
-        path = recover_dir(path / "sae")
-    cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
-    if not cfg_path.is_file() or not w_path.is_file():
-        missing = [p.name for p in (cfg_path, w_path) if not p.is_file()]
-        raise MlsaeError(f"{path} is not an SAE folder: missing {', '.join(missing)}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-        cfg = SaeConfig.from_dict(raw)
-    except (OSError, ValueError, TypeError) as e:
-        raise MlsaeError(f"{cfg_path}: unreadable SAE config ({e})") from None
-    try:
-        tensors = load_file(str(w_path))
-    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-        raise MlsaeError(f"{w_path}: unreadable weights ({e})") from None
-    sae = SparseAutoencoder(cfg, compute_dtype=compute_dtype)
-    want = {n: tuple(p.shape) for n, p in sae.named_parameters()}
-    got = {n: tuple(t.shape) for n, t in tensors.items()}
-    if got != want:
-        raise MlsaeError(f"{w_path} does not match {cfg_path}: expected {want}, found {got}")
-    with torch.no_grad():
-        for n, p in sae.named_parameters():
-            p.copy_(tensors[n].float())
-    return sae.eval()
+            save_file(self.state_tensors(), str(tmp / SAE_WEIGHTS))
+            write_json(tmp / SAE_CFG, self.cfg.to_dict())

@@ -22,30 +22,31 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mlsae.activations.cache import ActivationCache, Batch
+from mlsae.activations.source import ActivationSource, Batch
 from mlsae.core.compute import resolve_compute_dtype
-from mlsae.core.config import SaeConfig, TrainConfig
+from mlsae.core.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SaeConfig,
+    SaeGridConfig,
+    SourceConfig,
+    TrainConfig,
+)
 from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.core.io import write_json
 from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import set_malloc_retain
-from mlsae.train.checkpoint import (
-    RUN_CFG,
-    StopSignals,
-    check_train_cfg,
-    load_checkpoint,
-    new_run,
-    open_metrics,
-    parse_layers,
-    save_checkpoint,
-)
+from mlsae.train.checkpoint import StopSignals, load_checkpoint, open_metrics, save_checkpoint
+from mlsae.train.run import check_new_run, plan_run, read_run
 
 log = logging.getLogger(__name__)
 
@@ -132,41 +133,43 @@ def update_dead_counter(since: Tensor, acts: Tensor, idx: Tensor, n_tokens: floa
 # ----------------------------------------------------------------------------- the loop
 
 
-def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Member]:
-    """Train (or continue) the run in `out`; returns the members with their final weights."""
+def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Member]:
+    """Train (or continue) the run in `out` on `source`; returns the members with their final
+    weights."""
     from tqdm import tqdm
 
-    cache = ActivationCache(run["cache"])
-    if cache.d_model != run["d_in"]:
+    cfg = run.train
+    if source.d_model != run.d_in:
         raise MlsaeError(
-            f"mismatched d_in: the run's SAEs take d_in = {run['d_in']} but the cache "
-            f"{cache.path} holds d_model = {cache.d_model}"
+            f"mismatched d_in: the run's SAEs take d_in = {run.d_in} but {source.describe()} "
+            f"holds d_model = {source.d_model}"
         )
-    layers = parse_layers(",".join(map(str, run["layers"])), cache)
-    to_sae = sae_inputs(run, cache, layers)
+    layers = list(run.layers)
+    source.layer_positions(layers)  # every layer of the run must be in the source
+    to_sae = sae_inputs(run, source, layers)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     set_malloc_retain(True)  # no page faults for each step's large temporaries
     members = []
-    for s in run["members"]:
+    for s in run.members:
         sc = SaeConfig(
-            d_in=run["d_in"], expansion_factor=s["expansion_factor"], k=s["k"],
-            normalize=run["normalize"], layers=s["layers"], model=run["model"] or "",
-            dataset=run["dataset"] or "", lens=run["lens"],
+            d_in=run.d_in, expansion_factor=s.expansion_factor, k=s.k,
+            normalize=run.sae.normalize, layers=list(s.layers), model=run.model.name,
+            dataset=run.data.name, lens=run.lens,
         )  # fmt: skip
-        sae = SparseAutoencoder(sc, seed=s["seed"], compute_dtype=dtype)
+        sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype)
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
-        layer = s["layers"][0] if run["mode"] == "per_layer" else None
-        members.append(Member(s["name"], sae, make_adam(sae.parameters(), cfg), layer, since))
-    per_read = len(layers) if run["mode"] == "per_layer" else 1
+        layer = s.layers[0] if run.mode == "per_layer" else None
+        members.append(Member(s.name, sae, make_adam(sae.parameters(), cfg), layer, since))
+    per_read = len(layers) if run.mode == "per_layer" else 1
     read_batch = cfg.batch_tokens * per_read
-    n_vec = cache.n_vectors(layers)
+    n_vec = source.n_vectors(layers)
     if n_vec == 0:
-        raise MlsaeError(f"the cache {cache.path} holds no usable vectors (every token is special)")
+        raise MlsaeError(f"{source.describe()} holds no usable vectors (every token is special)")
     per_epoch = n_vec // read_batch
     if per_epoch == 0:
         raise MlsaeError(
-            f"the cache holds {n_vec} vectors of layers {layers}, fewer than one batch of "
-            f"{read_batch}: lower --batch-tokens or cache more tokens"
+            f"{source.describe()} holds {n_vec} vectors of layers {layers}, fewer than one batch "
+            f"of {read_batch}: lower --batch-tokens or use more tokens"
         )
     total = per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -178,11 +181,9 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
             if m.name not in ck["members"]:
                 raise MlsaeError(f"checkpoint of {out} lacks SAE {m.name}: not this run's")
             m.load(ck["members"][m.name])
-        log.info(
-            f"resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
-            f"settings of {RUN_CFG}"
-        )
-    k_aux = cfg.resolved_k_aux(run["d_in"])
+        log.info(f"resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
+                 f"settings of {RUN_CFG}")  # fmt: skip
+    k_aux = cfg.resolved_k_aux(run.d_in)
 
     def checkpoint() -> None:
         state = {"step": step, "epoch": epoch, "batch": batch_i}
@@ -197,7 +198,7 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
     try:
         with StopSignals() as sig, bar, metrics_log:
             while step < total and epoch < cfg.epochs:
-                batches = cache.shuffled(
+                batches = source.shuffled(
                     read_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
                     buffer_shards=cfg.shuffle_buffer_shards, drop_last=True,
                 )  # fmt: skip
@@ -258,19 +259,19 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
     return members
 
 
-def sae_inputs(run: dict[str, Any], cache: ActivationCache, layers: list[int]) -> Any:
-    """Batch -> SAE inputs [B, d]: the cached vectors, or T_l of them when the run trains in
-    tuned-lens space on a cache of model-space vectors (SPEC 5)."""
+def sae_inputs(run: RunConfig, source: ActivationSource, layers: list[int]) -> Any:
+    """Batch -> SAE inputs [B, d]: the stored vectors, or T_l of them when the run trains in
+    tuned-lens space on model-space activations (SPEC 5)."""
     from mlsae.lens.tuned import resolve_space
 
-    space = resolve_space(run.get("lens"), cache.manifest.get("lens"), what="the run")
+    space = resolve_space(run.lens, source.lens, what="the run")
     lens = space.lens
     if lens is None or space.cache_in_lens:
         return lambda batch: batch.x
-    if lens.d_model != cache.d_model:
-        raise MlsaeError(f"the lens has width {lens.d_model}, the cache {cache.d_model}")
+    if lens.d_model != source.d_model:
+        raise MlsaeError(f"the lens has width {lens.d_model}, the activations {source.d_model}")
     lens.check_layers(layers)
-    log.info(f"training in tuned-lens space: T_l applied on the fly ({run['lens']})")  # fmt: skip
+    log.info(f"training in tuned-lens space: T_l applied on the fly ({run.lens})")
     return lambda batch: lens.forward_rows(batch.x, batch.layer)
 
 
@@ -278,28 +279,29 @@ def _member_x(m: Member, batch: Batch) -> Tensor:
     return batch.x if m.layer is None else batch.x[batch.layer == m.layer]
 
 
-def _wandb_start(out: Path, run: dict[str, Any]) -> Any:
+def _wandb_start(out: Path, run: RunConfig) -> Any:
     try:
         import wandb  # noqa: PLC0415
     except ImportError:
         raise MlsaeError("--wandb needs the wandb package (pip install wandb)") from None
-    return wandb.init(project="mlsae", name=out.name, dir=str(out), config=run, resume="allow")
+    return wandb.init(
+        project="mlsae", name=out.name, dir=str(out), config=run.to_dict(), resume="allow"
+    )
 
 
 # ----------------------------------------------------------------------------- after training
 
 
 @torch.no_grad()
-def final_fvu(run: dict[str, Any], members: list[Member], cfg: TrainConfig) -> dict[str, Any]:
-    """Per-layer FVU (raw space) of each SAE on a pass over up to EVAL_VECTORS cached vectors."""
+def final_fvu(run: RunConfig, members: list[Member], source: ActivationSource) -> dict[str, Any]:
+    """Per-layer FVU (raw space) of each SAE on a pass over up to EVAL_VECTORS training vectors."""
     from mlsae.sae.metrics import LayerMetrics
 
-    cache = ActivationCache(run["cache"])
-    layers = run["layers"]
-    to_sae = sae_inputs(run, cache, layers)
+    cfg, layers = run.train, list(run.layers)
+    to_sae = sae_inputs(run, source, layers)
     acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
     seen = 0
-    for batch in cache.shuffled(
+    for batch in source.shuffled(
         8192, layers, seed=cfg.seed + 1, buffer_shards=cfg.shuffle_buffer_shards
     ):
         batch.x = to_sae(batch)
@@ -330,61 +332,58 @@ def format_fvu(res: dict[str, Any]) -> str:
 
 
 def train_command(
-    out: Path | None = None,
-    resume: Path | None = None,
-    cache: Path | None = None,
-    model: str = "default",
-    dataset: str = "default",
-    tokens: int = 50_000,
-    context_length: int = 256,
-    layers: str | None = None,
-    single_layer: int | None = None,
-    per_layer: bool = False,
-    expansion_factors: list[int] | None = None,
-    ks: list[int] | None = None,
-    normalize: str = "standardize",
-    cfg: TrainConfig | None = None,
-    max_steps: int | None = None,
-    epochs: int | None = None,
-    lens: Path | None = None,
+    out: Path,
+    *,
+    data: DataConfig | None = None,
+    model: ModelConfig | None = None,
+    source: SourceConfig | None = None,
+    sae: SaeGridConfig | None = None,
+    train: TrainConfig | None = None,
+    resume: bool = False,
+    train_given: dict[str, Any] | None = None,
 ) -> Path:
-    """`mlsae train`: new run in `out`, or continue `resume` (max_steps/epochs may be raised).
-    Returns the run folder."""
-    cfg = cfg or TrainConfig()
-    if resume is not None:
-        if lens is not None:
-            raise MlsaeError("--lens is a setting of a new run: a resumed run keeps its own")
-        out = Path(resume)
-        if not (out / RUN_CFG).is_file():
-            raise MlsaeError(f"--resume {out}: no {RUN_CFG} there (not a training run)")
-        run = json.loads((out / RUN_CFG).read_text())
-        tc = dict(run["train"])
-        tc["betas"] = tuple(tc["betas"])
-        cfg = TrainConfig(**tc)
-        if max_steps is not None or epochs is not None:
-            cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
-            cfg.epochs = epochs if epochs is not None else cfg.epochs
-            check_train_cfg(cfg)
-            run["train"] = asdict(cfg)
-            write_json(out / RUN_CFG, run)
+    """`mlsae train`: a new run in `out`, or (resume) continue the run in `out` with its saved
+    settings, except `train_given` (max_steps, epochs) which may be raised. Without
+    `source.cache`, the activations of `source.tokens` tokens are cached into RUN/cache first
+    (resumable). Returns the run folder."""
+    from mlsae.activations.cache import ActivationCache
+
+    out = Path(out)
+    if resume:
+        run = read_run(out, train_given)
+        if run.cache is None:
+            raise MlsaeError(f"{out}/{RUN_CFG} names no activation cache: the run cannot resume")
+        src: ActivationSource = ActivationCache(run.cache)
     else:
-        if out is None:
-            raise MlsaeError("give --out RUN for a new run (or --resume RUN)")
-        out = Path(out)
-        cfg.max_steps = max_steps if max_steps is not None else cfg.max_steps
-        cfg.epochs = epochs if epochs is not None else cfg.epochs
-        src = {"model": model, "dataset": dataset, "tokens": tokens,
-               "context_length": context_length, "layers": layers, "lens": lens}  # fmt: skip
-        ac = ActivationCache(cache) if cache is not None else None
-        if ac is None and single_layer is not None:
-            src["layers"] = str(single_layer)
-        run = new_run(out, ac, src, layers, single_layer, per_layer, expansion_factors or [],
-                       ks or [], normalize, cfg)  # fmt: skip
-    members = run_training(out, run, cfg)
-    if run["mode"] == "per_layer":
+        data, model = data or DataConfig(), model or ModelConfig()
+        source, sae, train = (
+            source or SourceConfig(),
+            sae or SaeGridConfig(),
+            train or TrainConfig(),
+        )
+        check_new_run(out)
+        if sae.lens is not None:  # a bad lens fails before any work
+            from mlsae.lens.tuned import load_lens
+
+            load_lens(sae.lens)
+        if source.cache is not None:
+            src = ActivationCache(source.cache)
+        else:
+            from mlsae.activations.extract import build_cache
+
+            layers = str(sae.single_layer) if sae.single_layer is not None else source.layers
+            cache_src = replace(source, tokens=source.tokens or 50_000, layers=layers)
+            out.mkdir(parents=True, exist_ok=True)
+            build_cache(out / "cache", model, replace(data, split="train"), cache_src)
+            src = ActivationCache(out / "cache")
+        run = plan_run(src, data, model, source, sae, train)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / RUN_CFG, run.to_dict())
+    members = run_training(out, run, src)
+    if run.mode == "per_layer":
         entries = [{"layer": m.layer, "path": m.name} for m in members]
-        write_json(out / "per_layer.json", {"layers": [m.layer for m in members], "saes": entries})
-    res = final_fvu(run, members, cfg)
+        write_json(out / PER_LAYER, {"layers": [m.layer for m in members], "saes": entries})
+    res = final_fvu(run, members, src)
     write_json(out / "final_fvu.json", res)
     if not math.isfinite(sum(r["mean"]["fvu"] or 0.0 for r in res.values())):
         raise MlsaeError("training diverged (non-finite FVU): lower --lr")

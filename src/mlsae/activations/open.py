@@ -1,0 +1,82 @@
+"""`open_source`: the one place that decides where activations come from (an activation cache,
+or the model run on a dataset split, optionally through a tuned lens), and `source_model`: the
+model that goes with a source (for delta CE, prompts and logit effects)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlsae.activations.source import ActivationSource
+from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.errors import MlsaeError
+
+log = logging.getLogger(__name__)
+
+
+def open_source(
+    source: SourceConfig,
+    data: DataConfig,
+    model: ModelConfig,
+    *,
+    default_tokens: int,
+    layers: Sequence[int] | None = None,
+    lens: str | Path | None = None,
+    storage_dtype: str = "bfloat16",
+    block_tokens: int = 4096,
+) -> ActivationSource:
+    """`source.cache` if given (its own model, data and layers; `data`/`model` unused), else a
+    `LiveSource` running `model` on `source.tokens or default_tokens` tokens of `data`, capturing
+    `layers` (default: `source.layers`, i.e. all blocks), through the tuned `lens` if given."""
+    if source.cache is not None:
+        from mlsae.activations.cache import ActivationCache
+
+        if lens is not None:
+            raise MlsaeError("--lens applies to the model's vectors: a cache holds what it holds")
+        return ActivationCache(source.cache)
+    from mlsae.activations.live import LiveSource
+    from mlsae.data.capture import iter_layers_arg
+    from mlsae.data.model import load_model
+    from mlsae.data.text import iter_documents
+
+    next(iter_documents(data))  # a missing dataset / column / empty split fails before the model
+    tl = None
+    if lens is not None:
+        from mlsae.lens.tuned import load_lens
+
+        tl = load_lens(lens)  # a bad lens folder fails before the model loads
+    lm = load_model(model)
+    chosen = list(layers) if layers is not None else iter_layers_arg(source.layers, lm.n_layers)
+    transform = None
+    if tl is not None:
+        from mlsae.lens.tuned import lens_ref
+
+        tl.check_model(lm.n_layers, lm.d_model)
+        tl.check_layers(chosen)
+        transform = lambda acts: tl.forward_stack(acts, chosen)  # noqa: E731
+        lens = lens_ref(lens)  # type: ignore[arg-type]
+    return LiveSource(
+        lm, data, source.tokens or default_tokens, chosen, batch_size=source.batch_size,
+        block_tokens=block_tokens, storage_dtype=storage_dtype, transform=transform,
+        lens=None if lens is None else str(lens), model_dtype=model.dtype,
+    )  # fmt: skip
+
+
+def source_model(source: ActivationSource, model: ModelConfig | None = None) -> Any:
+    """The LoadedModel of a source: a live source's own, else `model` or the cache's model
+    (in the dtype the cache was made with)."""
+    lm = getattr(source, "lm", None)
+    if lm is not None and model is None:
+        return lm
+    from mlsae.data.model import load_model
+
+    name = model.model if model is not None else source.info.get("model")
+    if not name:
+        raise MlsaeError(f"{source.describe()} does not name its model: pass --model")
+    dtype = model.dtype if model is not None else source.info.get("model_dtype") or "float32"
+    lm = load_model(ModelConfig(model=str(name), dtype=dtype))
+    if lm.d_model != source.d_model:
+        raise MlsaeError(f"model {name!r} has width {lm.d_model}, the activations {source.d_model}")
+    return lm

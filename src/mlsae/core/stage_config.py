@@ -1,0 +1,125 @@
+"""Settings of the later stages, one dataclass each (a docstring per field, validated in
+`__post_init__`): evaluation, the tuned lens (`mlsae lens train`) and features across layers
+(`mlsae evolution`). The CLI options of those commands are derived from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mlsae.core.config import check
+
+Measure = Literal["pearson", "jaccard", "sufficiency", "necessity", "decoder_cos"]
+MEASURES: tuple[Measure, ...] = ("pearson", "jaccard", "sufficiency", "necessity", "decoder_cos")
+
+DEFAULT_MIN_SINGULAR = 0.9
+"""Floor on the singular values of I + A_l after the regression. Measured on SmolLM2 (demo
+settings, 60k-token MLSAE in lens space): floor 0.1 gives tuned-lens KL 4.82 / 1.09 / 0.28 at
+blocks 0 / 24 / 28, but the lens MLSAE's held-out FVU in the model's space is 0.70 (2.97 at
+block 0) and its delta CE 3.04, because the inverse amplifies errors up to 10x; floor 0.9 gives
+KL 4.82 / 2.05 / 0.61 (still 3-10x below the logit lens) and model-space FVU 0.18, delta CE
+1.44. Lens-space SAEs need an invertible lens more than the last bit of KL."""
+
+
+@dataclass
+class EvalConfig:
+    """What `mlsae evaluate` measures."""
+
+    ce: bool = True
+    """Delta CE and KL by splicing each reconstruction into the model (--no-ce: skip)."""
+    allow_train: bool = False
+    """Accept training-split tokens (evaluation is meant for held-out ones)."""
+
+
+@dataclass
+class LensTrainConfig:
+    """How the tuned lens is fitted (SPEC section 5; `mlsae lens train`)."""
+
+    init: Literal["regression", "zero"] = "regression"
+    """'regression': least-squares warm start (Din et al.); 'zero': the identity (A = 0, c = 0)."""
+    ridge: float = 0.01
+    """Ridge of the regression, as a fraction of the Gram matrix's diagonal."""
+    min_singular: float = DEFAULT_MIN_SINGULAR
+    """Floor on the singular values of I + A after the regression (bounds the inverse's gain)."""
+    lr: float | None = None
+    """Adam lr of the KL steps (default: 1e-4 after the regression, 1e-3 from zero)."""
+    steps: int = 8
+    """KL optimizer steps (0: regression only)."""
+    step_contexts: int = 1
+    """Contexts per KL step."""
+    seed: int = 0
+    """Seed of the data order."""
+
+    def __post_init__(self) -> None:
+        check(
+            self.init in ("regression", "zero"),
+            f"--init must be regression or zero, not {self.init!r}",
+        )
+        if self.lr is None:
+            self.lr = 1e-4 if self.init == "regression" else 1e-3
+        check(self.step_contexts >= 1, "--step-contexts must be >= 1")
+        check(self.steps >= 0, "--steps must be >= 0")
+        check(self.lr > 0, "--lr must be > 0")
+        check(self.ridge >= 0, "--ridge must be >= 0")
+        check(0 <= self.min_singular < 1, "--min-singular must be in [0, 1)")
+        check(not (self.init == "zero" and self.steps == 0),
+              "--init zero with --steps 0 would save the logit lens: use --steps >= 1")  # fmt: skip
+
+
+@dataclass
+class EvolutionConfig:
+    """Settings of `mlsae evolution` (saved in evolution.json)."""
+
+    top_m: int = 3
+    """Edges: each feature's m most similar next/previous-layer partners (0: no top-m cut)."""
+    edge_threshold: float | None = None
+    """Edges: keep only pairs whose edge measure is >= this (default: no threshold)."""
+    edge_measure: Measure = "pearson"
+    """Similarity used for edges, partners and community weights."""
+    max_edges_per_pair: int = 200_000
+    """Cap on edges kept per layer pair in threshold-only mode (largest measure first)."""
+    active_fraction: float = 0.2
+    """A feature is active on a token when its activation is > this x its max over the data."""
+    pass_through: float = 0.95
+    """Passed through: best next-layer Pearson >= this."""
+    link_threshold: float = 0.5
+    """Appears: no previous-layer partner of Pearson >= this; disappears: no next-layer one."""
+    boolean_threshold: float = 0.999
+    """AND: exactly two up features of necessity >= this; OR: of sufficiency >= this."""
+    min_support: int = 10
+    """Features active on fewer tokens are left out of AND / OR / specialisation (1 = the bare
+    SPEC definition; rare features make spurious AND/ORs)."""
+    specialise_necessity: float = 0.9
+    """Specialises: some up feature i has necessity(i|j) >= this ..."""
+    specialise_sufficiency: float = 0.5
+    """... and sufficiency(j|i) <= this: j fires on a clear subset of i's tokens."""
+    contexts: int = 5
+    """Top activating token contexts kept per feature."""
+    memory_gb: float = 1.0
+    """Budget for the pair co-moment matrices held at once (12 bytes per feature pair)."""
+    seed: int = 0
+    """Seed of the community detection."""
+    resolution: float = 1.0
+    """Community resolution (1 = modularity; larger: smaller communities)."""
+    community: Literal["auto", "leiden", "louvain"] = "auto"
+    """Community detection: auto (Leiden, else Louvain), leiden or louvain."""
+    max_nodes_html: int = 1500
+    """graph.html draws at most this many nodes (the most connected)."""
+
+    def __post_init__(self) -> None:
+        check(self.top_m > 0 or self.edge_threshold is not None,
+              "give --top-m, --edge-threshold or both to define graph edges")  # fmt: skip
+        check(self.top_m >= 0, f"--top-m must be >= 0, not {self.top_m}")
+        check(
+            self.edge_measure in MEASURES,
+            f"unknown --edge-measure {self.edge_measure!r}: one of {MEASURES}",
+        )
+        check(
+            0 < self.active_fraction < 1,
+            f"--active-fraction must be in (0, 1), not {self.active_fraction}",
+        )
+        check(self.memory_gb > 0, f"--memory-gb must be > 0, not {self.memory_gb}")
+        check(self.contexts >= 0 and self.min_support >= 1 and self.max_nodes_html >= 1,
+              "--contexts must be >= 0, --min-support and --max-nodes-html >= 1")  # fmt: skip
+        check(self.community in ("auto", "leiden", "louvain"),
+              f"unknown --community {self.community!r}: auto, leiden or louvain")  # fmt: skip

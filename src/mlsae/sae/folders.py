@@ -1,0 +1,177 @@
+"""Run and SAE folders on disk: the one place that knows their layout and finds the SAEs in them.
+
+An SAE folder holds `cfg.json` + `sae.safetensors`. A training run folder holds `train_cfg.json`,
+`metrics.jsonl`, `checkpoint/` and its SAE folders: `sae/` (an MLSAE or a single-layer SAE),
+`sae_R{R}_k{k}/` (sweep members) or `layer_XX/` plus `per_layer.json` (a per-layer set).
+`RunFolder(path)` accepts either kind of folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import read_json, read_json_object, recover_dir
+from mlsae.sae.autoencoder import SAE_CFG, SAE_WEIGHTS, SparseAutoencoder
+
+if TYPE_CHECKING:
+    from mlsae.core.config import RunConfig
+
+RUN_CFG, PER_LAYER, METRICS = "train_cfg.json", "per_layer.json", "metrics.jsonl"
+
+
+def is_sae_dir(path: Path) -> bool:
+    return (recover_dir(Path(path)) / SAE_CFG).is_file()
+
+
+@dataclass
+class RunFolder:
+    """A training run folder, or a bare SAE folder (then it is its own only SAE)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.path.is_dir():
+            raise MlsaeError(f"run folder {str(self.path)!r} does not exist")
+
+    @property
+    def is_run(self) -> bool:
+        return (self.path / RUN_CFG).is_file()
+
+    def sae_dirs(self) -> list[Path]:
+        """Every SAE folder: the folder itself, RUN/sae, or each sub-folder with a cfg.json
+        (sweep members, per-layer sets), sorted by name."""
+        if is_sae_dir(self.path):
+            return [recover_dir(self.path)]
+        if is_sae_dir(self.path / "sae"):
+            return [recover_dir(self.path / "sae")]
+        subs = sorted(
+            p.parent for p in self.path.glob(f"*/{SAE_CFG}") if not p.parent.name.startswith(".")
+        )
+        if not subs:
+            raise MlsaeError(
+                f"{self.path} holds no SAE (expected {SAE_CFG} + {SAE_WEIGHTS}, or {self.path}/sae/)"
+            )
+        return subs
+
+    def sae_dir(self) -> Path:
+        """The run's only SAE folder; MlsaeError listing them if there are several."""
+        dirs = self.sae_dirs()
+        if len(dirs) > 1:
+            names = ", ".join(d.name for d in dirs[:8])
+            raise MlsaeError(f"{self.path} holds several SAEs ({names}): pass one of their folders")
+        return dirs[0]
+
+    def per_layer_dirs(self) -> list[tuple[int, Path]]:
+        """(layer, folder) of a per-layer set (from per_layer.json, else every sub-folder SAE),
+        sorted by layer; each must be a single-layer SAE and each layer appear once."""
+        listing = self.path / PER_LAYER
+        if listing.is_file():
+            obj = read_json_object(listing, "per-layer listing")
+            entries = obj.get("saes")
+            if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries
+            ):
+                raise MlsaeError(f"{listing}: 'saes' must be a list of {{layer, path}} objects")
+            folders = [self.path / e["path"] for e in entries]
+        else:
+            folders = self.sae_dirs()
+        out = []
+        for folder in folders:
+            layers = sae_layers(folder)
+            if len(layers) != 1:
+                raise MlsaeError(f"{folder} is not a single-layer SAE (layers {layers})")
+            out.append((layers[0], folder))
+        out.sort(key=lambda t: t[0])
+        got = [ly for ly, _ in out]
+        if len(set(got)) != len(got):
+            raise MlsaeError(f"{self.path} holds two SAEs for one layer (layers {got})")
+        return out
+
+    def load(self, folder: Path | None = None) -> SparseAutoencoder:
+        """Load one SAE (default: the run's only one)."""
+        return load_sae(folder if folder is not None else self.sae_dir())
+
+    def run_config(self) -> RunConfig | None:
+        """The run's train_cfg.json (for an SAE folder inside a run: its parent's), or None."""
+        from mlsae.core.config import RunConfig
+
+        for folder in (self.path, self.path.parent):
+            if (folder / RUN_CFG).is_file():
+                return RunConfig.from_dict(
+                    read_json(folder / RUN_CFG, "run config"), str(folder / RUN_CFG)
+                )
+        return None
+
+    def find_eval(self, sae_dir: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+        """RUN/eval.json, else the first *.json of the run or SAE folder with `per_layer` (an
+        `mlsae evaluate` output); None if there is none."""
+        sae_dir = sae_dir or self.sae_dir()
+        seen: set[Path] = set()
+        cands = [
+            self.path / "eval.json",
+            *sorted(self.path.glob("*.json")),
+            *sorted(sae_dir.glob("*.json")),
+        ]
+        for p in cands:
+            if p in seen or not p.is_file():
+                continue
+            seen.add(p)
+            try:
+                obj = read_json(p)
+            except MlsaeError:
+                continue
+            if isinstance(obj, dict) and "per_layer" in obj:
+                return p, obj
+        return None
+
+
+def sae_layers(folder: Path) -> list[int]:
+    """The `layers` of an SAE folder's cfg.json, without loading its weights."""
+    from mlsae.core.config import SaeConfig
+
+    path = recover_dir(Path(folder)) / SAE_CFG
+    return list(SaeConfig.from_dict(read_json(path, "SAE config"), str(path)).layers)
+
+
+def label(sae_dir: Path) -> str:
+    """A short name for an SAE folder: the run's name for RUN/sae."""
+    return sae_dir.parent.name if sae_dir.name == "sae" else sae_dir.name
+
+
+def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> SparseAutoencoder:
+    """Load an SAE folder (cfg.json + sae.safetensors) in eval mode with fp32 master weights.
+    Also accepts a training run folder holding one SAE (`RUN/sae`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from mlsae.core.config import SaeConfig
+
+    path = Path(path)
+    if not recover_dir(path).exists():
+        raise MlsaeError(f"SAE folder {path} does not exist")
+    if not is_sae_dir(path):
+        path = RunFolder(path).sae_dir()
+    path = recover_dir(path)
+    cfg_path, w_path = path / SAE_CFG, path / SAE_WEIGHTS
+    if not w_path.is_file():
+        raise MlsaeError(f"{path} is not an SAE folder: missing {SAE_WEIGHTS}")
+    cfg = SaeConfig.from_dict(read_json(cfg_path, "SAE config"), str(cfg_path))
+    try:
+        tensors = load_file(str(w_path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        raise MlsaeError(f"{w_path}: unreadable weights ({e})") from None
+    sae = SparseAutoencoder(cfg, compute_dtype=compute_dtype)
+    want = {n: tuple(p.shape) for n, p in sae.named_parameters()}
+    got = {n: tuple(t.shape) for n, t in tensors.items()}
+    if got != want:
+        raise MlsaeError(f"{w_path} does not match {cfg_path}: expected {want}, found {got}")
+    with torch.no_grad():
+        for n, p in sae.named_parameters():
+            p.copy_(tensors[n].float())
+    return sae.eval()
