@@ -30,11 +30,13 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check src tests bench
+	$(BIN)/pyright
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/pyright
 
 format: venv
 	$(BIN)/ruff format src tests bench

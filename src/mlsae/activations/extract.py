@@ -95,12 +95,9 @@ def build_cache(
     holds T_l(x)); resumes an interrupted run of the same command. Returns the manifest."""
     from tqdm import tqdm
 
-    from mlsae.activations.live import LiveSource
-    from mlsae.activations.open import open_source
+    from mlsae.activations.open import open_live
 
     extract = extract or ExtractConfig()
-    if source.cache is not None:
-        raise MlsaeError("`mlsae cache` writes a cache: --cache is not an input here")
     if source.tokens is None:
         raise MlsaeError("give --tokens: how many tokens to cache")
     out = Path(out)
@@ -108,9 +105,8 @@ def build_cache(
         raise MlsaeError(f"--out {out} is a file: choose a new --out")
     ctx = data.context_length
     per_shard = max(1, extract.shard_tokens // ctx)  # contexts per shard
-    live = open_source(source, data, model, default_tokens=source.tokens, lens=lens,
-                       storage_dtype=extract.storage_dtype, block_tokens=per_shard * ctx)  # fmt: skip
-    assert isinstance(live, LiveSource)
+    live = open_live(source, data, model, default_tokens=source.tokens, lens=lens,
+                     storage_dtype=extract.storage_dtype, block_tokens=per_shard * ctx)  # fmt: skip
     contexts = live.contexts()  # [n_ctx, ctx]
     settings = {
         **{k: live.info[k] for k in ("model", "model_dtype", "dataset", "split", "text_column",

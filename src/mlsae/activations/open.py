@@ -9,11 +9,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 
 log = logging.getLogger(__name__)
+
+
+def open_live(
+    source: SourceConfig,
+    data: DataConfig,
+    model: ModelConfig,
+    *,
+    default_tokens: int,
+    layers: Sequence[int] | None = None,
+    lens: str | Path | None = None,
+    storage_dtype: str = "bfloat16",
+    block_tokens: int = 4096,
+) -> LiveSource:
+    """`open_source` for commands that must run the model (caching, the tuned lens)."""
+    if source.cache is not None:
+        raise MlsaeError("this command runs the model: --cache is not an input here")
+    src = open_source(source, data, model, default_tokens=default_tokens, layers=layers,
+                      lens=lens, storage_dtype=storage_dtype, block_tokens=block_tokens)  # fmt: skip
+    assert isinstance(src, LiveSource)
+    return src
 
 
 def open_source(
@@ -36,7 +57,6 @@ def open_source(
         if lens is not None:
             raise MlsaeError("--lens applies to the model's vectors: a cache holds what it holds")
         return ActivationCache(source.cache)
-    from mlsae.activations.live import LiveSource
     from mlsae.data.capture import iter_layers_arg
     from mlsae.data.model import load_model
     from mlsae.data.text import iter_documents
@@ -49,18 +69,18 @@ def open_source(
         tl = load_lens(lens)  # a bad lens folder fails before the model loads
     lm = load_model(model)
     chosen = list(layers) if layers is not None else iter_layers_arg(source.layers, lm.n_layers)
-    transform = None
-    if tl is not None:
+    transform, lens_name = None, None
+    if tl is not None and lens is not None:
         from mlsae.lens.tuned import lens_ref
 
         tl.check_model(lm.n_layers, lm.d_model)
         tl.check_layers(chosen)
         transform = lambda acts: tl.forward_stack(acts, chosen)  # noqa: E731
-        lens = lens_ref(lens)  # type: ignore[arg-type]
+        lens_name = lens_ref(lens)
     return LiveSource(
         lm, data, source.tokens or default_tokens, chosen, batch_size=source.batch_size,
         block_tokens=block_tokens, storage_dtype=storage_dtype, transform=transform,
-        lens=None if lens is None else str(lens), model_dtype=model.dtype,
+        lens=lens_name, model_dtype=model.dtype,
     )  # fmt: skip
 
 

@@ -255,6 +255,7 @@ def sae_encoder(sae: Any, lens: Any = None, layers: Sequence[int] | None = None)
 
     def encode(x: Tensor) -> tuple[Tensor, Tensor]:
         if lens is not None:
+            assert layers is not None, "a lens needs the layers of the rows"
             x = lens.forward_stack(x.reshape(-1, len(layers), x.shape[-1]), layers)
             x = x.reshape(-1, x.shape[-1])
         enc = sae.encode(x)

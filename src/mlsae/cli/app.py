@@ -119,7 +119,6 @@ def evaluate(
     from mlsae.eval.cross import cross_command, format_cross
     from mlsae.eval.evaluate import evaluate_command, format_table
 
-    kw = dict(source=source, data=data, model=model, ev=ev)
     if cross:
         from mlsae.report.figures import cross_figures
 
@@ -127,13 +126,16 @@ def evaluate(
             raise MlsaeError("--lens applies to one RUN, not to --cross")
         if len(runs) < 2:
             raise MlsaeError("--cross needs MLSAE_RUN and at least one single-layer SAE_RUN")
-        result = cross_command(runs[0], runs[1:], out, **kw)  # type: ignore[arg-type]
+        result = cross_command(runs[0], runs[1:], out, source=source, data=data, model=model, ev=ev)
         cross_figures(result, out)
         print(format_cross(result))
     else:
         if len(runs) != 1:
             raise MlsaeError("evaluate takes one RUN (use --cross for several)")
-        print(format_table(evaluate_command(runs[0], out, lens=lens, **kw)))  # type: ignore[arg-type]
+        res = evaluate_command(
+            runs[0], out, source=source, data=data, model=model, ev=ev, lens=lens
+        )
+        print(format_table(res))
 
 
 @config_command(app, defaults=TEST, exclude={"layers"})

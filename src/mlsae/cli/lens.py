@@ -28,11 +28,11 @@ def lens_train(
     cfg: LensTrainConfig,
 ) -> None:
     """Train a tuned lens: minimise KL(final || lens) at every block but the last."""
-    from mlsae.activations.open import open_source
+    from mlsae.activations.open import open_live
     from mlsae.lens.train import train_lens_command
 
-    live = open_source(source, data, model, default_tokens=16384)
-    lens = train_lens_command(out, live, cfg)  # type: ignore[arg-type]
+    live = open_live(source, data, model, default_tokens=16384)
+    lens = train_lens_command(out, live, cfg)
     print(f"lens saved to {out} ({len(lens.trained_layers)} translators)")
 
 
@@ -48,7 +48,7 @@ def lens_evaluate(
     source: SourceConfig,
 ) -> None:
     """Per-layer KL and CE of the tuned lens vs the logit lens on held-out tokens."""
-    from mlsae.activations.open import open_source
+    from mlsae.activations.open import open_live
     from mlsae.core.errors import MlsaeError
     from mlsae.lens.evaluate import evaluate_lens_command, format_table
     from mlsae.lens.tuned import load_lens
@@ -57,6 +57,6 @@ def lens_evaluate(
     tl.meta["path"] = str(lens)
     if model.model is None and not tl.model_name:
         raise MlsaeError("the lens does not name its model: pass --model")
-    live = open_source(source, data, replace(model, model=model.model or tl.model_name),
-                       default_tokens=2048, layers=[])  # fmt: skip
-    print(format_table(evaluate_lens_command(tl, out, live, source.batch_size)))  # type: ignore[arg-type]
+    live = open_live(source, data, replace(model, model=model.model or tl.model_name),
+                     default_tokens=2048, layers=[])  # fmt: skip
+    print(format_table(evaluate_lens_command(tl, out, live, source.batch_size)))

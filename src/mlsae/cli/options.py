@@ -31,7 +31,9 @@ class Given(dict[str, set[str]]):
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (its attribute docstring), one line."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    node = tree.body[0]
+    assert isinstance(node, ast.ClassDef)
+    body = node.body
     out: dict[str, str] = {}
     for a, b in zip(body, body[1:], strict=False):
         if (
@@ -166,8 +168,8 @@ def config_command(
 
         wrapper.__name__ = fn.__name__
         wrapper.__doc__ = fn.__doc__
-        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        wrapper.expanded = expanded  # type: ignore[attr-defined]
+        setattr(wrapper, "__signature__", inspect.Signature(params))  # noqa: B010 - typer reads it
+        setattr(wrapper, "expanded", expanded)  # noqa: B010 - for tests and docs
         app.command(name, **typer_kw)(wrapper)
         return wrapper
 

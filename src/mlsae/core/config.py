@@ -313,8 +313,10 @@ def _run_config_v1(d: dict[str, Any]) -> dict[str, Any]:
     """A version-1 train_cfg.json (flat: cache, mode, layers, d_in, normalize, members, train,
     model, dataset, lens) as a version-2 dict."""
     members = d.get("members") or []
-    rs = sorted({m.get("expansion_factor") for m in members if isinstance(m, dict)} - {None})
-    ks = sorted({m.get("k") for m in members if isinstance(m, dict)} - {None})
+    ints = lambda key: sorted(  # noqa: E731
+        {m[key] for m in members if isinstance(m, dict) and isinstance(m.get(key), int)}
+    )
+    rs, ks = ints("expansion_factor"), ints("k")
     train = d.get("train")
     if isinstance(train, dict):
         train = {k: v for k, v in train.items() if k in {f.name for f in fields(TrainConfig)}}

@@ -17,7 +17,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 from mlsae.core.errors import MlsaeError
 
@@ -118,7 +118,7 @@ def from_dict(cls: type[T], obj: Any, where: str) -> T:
     if not isinstance(obj, dict):
         raise MlsaeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     kw = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cast(Any, cls)):
         if not f.init:
             continue
         if f.name in obj:

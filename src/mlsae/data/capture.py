@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from mlsae.core.errors import MlsaeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
 
@@ -62,7 +66,7 @@ def get_final_norm(model: nn.Module) -> nn.Module:
     raise MlsaeError(f"cannot find the final norm of {type(model).__name__}")
 
 
-def get_unembed(model: nn.Module) -> nn.Module:
+def get_unembed(model: PreTrainedModel) -> nn.Module:
     """The unembedding (lm_head)."""
     head = model.get_output_embeddings()
     if head is None:
@@ -70,7 +74,7 @@ def get_unembed(model: nn.Module) -> nn.Module:
     return head
 
 
-def unembed(model: nn.Module, h: Tensor) -> Tensor:
+def unembed(model: PreTrainedModel, h: Tensor) -> Tensor:
     """Logits from a residual vector *after* the final norm, as the model computes them
     (including Gemma-2 style final logit soft-capping)."""
     logits = get_unembed(model)(h)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ from torch import nn
 from mlsae.core.config import DEFAULT_MODEL, ModelConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.data.capture import n_layers_of, special_ids_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class LoadedModel:
     """A causal LM ready for capture: eval mode, no gradients."""
 
-    model: Any  # transformers.PreTrainedModel
-    tokenizer: Any  # transformers tokenizer (has eos; pad = eos if it had none)
+    model: PreTrainedModel  # eval mode, no gradients
+    tokenizer: Tokenizer  # has eos; pad = eos if it had none
     name: str  # the --model string as given ('default', id, dir or .gguf path)
     n_layers: int  # number of transformer blocks
     d_model: int  # residual stream width
@@ -89,7 +93,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     return _finish(model, tok, name)
 
 
-def _finish(model: nn.Module, tok: Any, name: str) -> LoadedModel:
+def _finish(model: PreTrainedModel, tok: Tokenizer, name: str) -> LoadedModel:
     """Eval mode, no grads, eos/pad on the tokenizer, and the LoadedModel record."""
     model.eval()
     model.requires_grad_(False)
@@ -102,15 +106,14 @@ def _finish(model: nn.Module, tok: Any, name: str) -> LoadedModel:
         tok.eos_token = tok.convert_ids_to_tokens(int(eos_id))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    d_model = (
-        getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
-    )
+    width = getattr(model.config, "hidden_size", None)
+    d_model = int(width) if width else int(next(model.get_input_embeddings().parameters()).shape[1])
     return LoadedModel(
         model=model,
         tokenizer=tok,
         name=name,
         n_layers=n_layers_of(model),
-        d_model=int(d_model),
+        d_model=d_model,
         special_ids=special_ids_of(tok),
     )
 
@@ -136,7 +139,7 @@ def model_info(cfg: ModelConfig) -> str:
 # ---------------------------------------------------------------- HF ids and directories
 
 
-def _from_pretrained(src: str, dtype: torch.dtype, **kw: Any) -> tuple[nn.Module, Any]:
+def _from_pretrained(src: str, dtype: torch.dtype, **kw: Any) -> tuple[PreTrainedModel, Tokenizer]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src, **kw)
@@ -149,7 +152,7 @@ def _first_line(e: BaseException) -> str:
     return msg[0] if msg else type(e).__name__
 
 
-def _load_hf(name: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Tokenizer]:
     """A local directory, else an HF id from the local cache (then the hub, unless offline)."""
     path = Path(name).expanduser()
     if path.is_dir():
@@ -218,7 +221,7 @@ def _cache_complete(d: Path) -> bool:
     )
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Tokenizer]:
     """From the safetensors cache if present, else dequantize the GGUF and fill the cache."""
     cdir = gguf_cache_dir(path)
     if not _cache_complete(cdir):
@@ -277,7 +280,7 @@ def _build_gguf_cache(path: Path, cdir: Path) -> None:
         )
         config = model.config
         if hasattr(config, "quantization_config"):
-            del config.quantization_config  # weights are dequantized: a plain HF model now
+            delattr(config, "quantization_config")  # weights are dequantized: a plain HF model now
         config.dtype = torch.float32
         config.save_pretrained(tmp)
         tok.save_pretrained(tmp)

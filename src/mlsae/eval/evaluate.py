@@ -41,7 +41,7 @@ class Entry:
     sae: Any  # sae.SparseAutoencoder (or anything with .cfg, .encode, .decode)
     layers: list[int]
     space: Space = field(default_factory=Space)
-    metrics: LayerMetrics | None = None  # in the SAE's space
+    metrics: LayerMetrics = field(init=False)  # in the SAE's space
     model_metrics: LayerMetrics | None = None  # in the model's space (lens SAEs only)
     lens_override: Path | None = None  # --lens: where the SAE's lens is now
 
@@ -67,7 +67,7 @@ class Entry:
         if self.space.lens is None:
             return x_hat
         x_hat_model = self.space.to_model(x_hat, layer)
-        if record:
+        if record and self.model_metrics is not None:
             x_model = self.space.to_model(x, layer) if x_model is None else x_model
             self.model_metrics.update(layer, x_model, x_hat_model)
         return x_hat_model

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ from mlsae.data.capture import (
     unembed,
     used_mask,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def predicted_mask(used: Tensor, attention_mask: Tensor | None = None) -> Tensor
     return pred
 
 
-def _logp_chunks(model: nn.Module, last: Tensor, pred: Tensor) -> Iterator[Tensor]:
+def _logp_chunks(model: PreTrainedModel, last: Tensor, pred: Tensor) -> Iterator[Tensor]:
     """Final norm + unembedding of the last block's output [B, T, d] at predicted positions:
     [c, V] float32 log-probability chunks in predicted-position order."""
     h = get_final_norm(model)(last[pred])  # [P, d]; the norm acts per position
@@ -138,7 +141,7 @@ def _make(mode, input_ids, attention_mask, used, pred, targets, hidden, inputs, 
 
 @torch.no_grad()
 def clean_pass(
-    model: nn.Module,
+    model: PreTrainedModel,
     input_ids: Tensor,
     layers: Sequence[int],
     special_ids: Sequence[int] = (),
@@ -158,7 +161,7 @@ def clean_pass(
     pred = predicted_mask(used, attention_mask)
     targets = input_ids[:, 1:][pred[:, :-1]]
     if mode == "auto":
-        mode = _MODE_CACHE.get(model, "auto")  # type: ignore[assignment]
+        mode = cast(Mode, _MODE_CACHE.get(model, "auto"))
     if mode == "hook":
         return _clean_hook(model, input_ids, layers, attention_mask, used, pred, targets)
     try:
@@ -177,7 +180,7 @@ def clean_pass(
     return cp
 
 
-def _fallback(model: nn.Module, reason: str) -> None:
+def _fallback(model: PreTrainedModel, reason: str) -> None:
     _MODE_CACHE[model] = "hook"
     log.warning(
         f"splicing {type(model).__name__}: calling blocks directly does not reproduce "
@@ -185,7 +188,7 @@ def _fallback(model: nn.Module, reason: str) -> None:
     )
 
 
-def _self_check(model: nn.Module, cp: CleanPass) -> str | None:
+def _self_check(model: PreTrainedModel, cp: CleanPass) -> str | None:
     """None if the direct path reproduces the model's own next-token distributions (final
     norm + unembedding, and a continuation from the first kept block), else the reason."""
     if cp.n_pred == 0:
@@ -280,7 +283,7 @@ def _replaced(cp: CleanPass, layer: int, x_hat: Tensor) -> Tensor:
     return h
 
 
-def _continue(model: nn.Module, cp: CleanPass, layer: int, h: Tensor) -> Tensor:
+def _continue(model: PreTrainedModel, cp: CleanPass, layer: int, h: Tensor) -> Tensor:
     """Run blocks layer+1..L-1 on h [B, T, d] with the captured arguments -> [B, T, d]."""
     blocks = get_blocks(model)
     for i in range(layer + 1, len(blocks)):
@@ -289,7 +292,7 @@ def _continue(model: nn.Module, cp: CleanPass, layer: int, h: Tensor) -> Tensor:
     return h
 
 
-def _hook_forward(model: nn.Module, cp: CleanPass, layer: int, h: Tensor) -> Tensor:
+def _hook_forward(model: PreTrainedModel, cp: CleanPass, layer: int, h: Tensor) -> Tensor:
     """Full forward pass with block `layer`'s output replaced by h -> logits [B, T, V]."""
 
     def hook(_m, _inp, out):
@@ -305,7 +308,7 @@ def _hook_forward(model: nn.Module, cp: CleanPass, layer: int, h: Tensor) -> Ten
     return out.logits
 
 
-def _spliced_chunks(model: nn.Module, cp: CleanPass, layer: int, x_hat: Tensor):
+def _spliced_chunks(model: PreTrainedModel, cp: CleanPass, layer: int, x_hat: Tensor):
     """Spliced [c, V] log-probability chunks in predicted-position order."""
     if layer not in cp.hidden:
         raise MlsaeError(f"layer {layer} was not kept by the clean pass ({sorted(cp.hidden)})")
@@ -317,14 +320,14 @@ def _spliced_chunks(model: nn.Module, cp: CleanPass, layer: int, x_hat: Tensor):
 
 
 @torch.no_grad()
-def spliced_logp(model: nn.Module, cp: CleanPass, layer: int, x_hat: Tensor) -> Tensor:
+def spliced_logp(model: PreTrainedModel, cp: CleanPass, layer: int, x_hat: Tensor) -> Tensor:
     """[P, V] log-probabilities with block `layer`'s output replaced at used positions by
     x_hat ([N_used, d], raw model space, rows in `cp.used` row-major order)."""
     return torch.cat(list(_spliced_chunks(model, cp, layer, x_hat)))
 
 
 @torch.no_grad()
-def splice(model: nn.Module, cp: CleanPass, layer: int, x_hat: Tensor) -> SpliceStats:
+def splice(model: PreTrainedModel, cp: CleanPass, layer: int, x_hat: Tensor) -> SpliceStats:
     """Delta CE and KL sums of one layer's reconstruction over the batch's predicted positions.
 
     Per position: CE = -log q(target), KL(p || q) = sum_v p log p - sum_v p log q, with the

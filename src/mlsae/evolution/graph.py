@@ -273,7 +273,11 @@ def write_graph_html(
                 "partners": info.get("partners", []), "contexts": info.get("contexts", []),
             })  # fmt: skip
     edges = [
-        [node_id(g.layer[s], g.feature[s]), node_id(g.layer[t], g.feature[t]), _num(w, 4)]
+        [
+            node_id(int(g.layer[s]), int(g.feature[s])),
+            node_id(int(g.layer[t]), int(g.feature[t])),
+            _num(w, 4),
+        ]  # fmt: skip
         for s, t, w in zip(g.src, g.dst, g.weight, strict=True)
         if s in kept and t in kept
     ]

@@ -19,13 +19,13 @@ mean of x_d over the tokens):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from mlsae.sae.autoencoder import EncoderOutput
 from mlsae.sae.metrics import LayerMetrics
 
 VARIANTS = ("matched", "matched_target_scale", "unpermuted", "own")
@@ -47,10 +47,8 @@ def match_permutation(w_dec_up: Tensor, w_dec_down: Tensor) -> Tensor:
     return perm
 
 
-def _replace(enc: Any, **kw: Any) -> Any:
-    """A copy of an EncoderOutput (dataclass or NamedTuple) with some fields replaced."""
-    if dataclasses.is_dataclass(enc):
-        return dataclasses.replace(enc, **kw)
+def _replace(enc: EncoderOutput, **kw: Tensor) -> EncoderOutput:
+    """A copy of an EncoderOutput with some fields replaced."""
     return enc._replace(**kw)
 
 

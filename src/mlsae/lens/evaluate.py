@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
@@ -22,10 +22,13 @@ from mlsae.core.io import write_json
 from mlsae.lens.train import CHUNK, ContextSource, capture_lens_layers, final_logits
 from mlsae.lens.tuned import TunedLens
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 @torch.no_grad()
 def evaluate_lens(
-    model: nn.Module,
+    model: PreTrainedModel,
     lens: TunedLens,
     batches: Iterable[Tensor],
     special_ids: Sequence[int],
@@ -55,6 +58,7 @@ def evaluate_lens(
             final_logp = torch.log_softmax(final_logits(model, xc[:, -1]), dim=-1)  # [n, V]
             p = final_logp.exp()  # [n, V]
             model_ce += float(-final_logp[pc].gather(1, tc[pc, None]).double().sum())
+            kl = ce = torch.zeros((), dtype=torch.float64)
             for i, layer in enumerate(layers):
                 h = xc[:, cap.index(layer)]
                 for key in ("t", "l"):

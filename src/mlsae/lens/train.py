@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -40,13 +40,16 @@ from mlsae.core.stage_config import DEFAULT_MIN_SINGULAR, LensTrainConfig
 from mlsae.data.capture import capture, get_final_norm, unembed, used_mask
 from mlsae.lens.tuned import TunedLens
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # positions per unembedding chunk (a [256, vocab] float32 block)
 
 
 @contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def _frozen(model: PreTrainedModel) -> Iterator[None]:
     """No gradients into the model (the unembedding weight grad would dominate the cost)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
@@ -57,13 +60,13 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def final_logits(model: nn.Module, x_last: Tensor) -> Tensor:
+def final_logits(model: PreTrainedModel, x_last: Tensor) -> Tensor:
     """The model's next-token logits from the last block's output. [..., d] -> [..., V] fp32."""
     return unembed(model, get_final_norm(model)(x_last)).float()
 
 
 def _kl_backward(
-    model: nn.Module, translate: Callable[[Tensor], Tensor], h: Tensor, p: Tensor,
+    model: PreTrainedModel, translate: Callable[[Tensor], Tensor], h: Tensor, p: Tensor,
     p_logp: Tensor, scale: float,
 ) -> float:  # fmt: skip
     """Backpropagate scale * sum_t KL(p_t || q_t), q = softmax(unembed(final_norm(translate(h)))).
@@ -93,6 +96,9 @@ class _Preconditioned(nn.Module):
     coordinates every entry of B has the same relative effect per Adam step, so one learning
     rate suits every dimension. Starts from the lens's current A, c."""
 
+    mu: Tensor  # [d] buffer
+    s: Tensor  # [d] buffer
+
     def __init__(self, x: Tensor, a: Tensor, c: Tensor) -> None:
         super().__init__()
         x = x.detach().float()  # [N, d]
@@ -117,7 +123,7 @@ class _Preconditioned(nn.Module):
 
 @torch.no_grad()
 def regression_init(
-    model: nn.Module,
+    model: PreTrainedModel,
     lens: TunedLens,
     batches: Iterable[Tensor],
     special_ids: Sequence[int],
@@ -169,7 +175,9 @@ def regression_init(
     return n
 
 
-def capture_lens_layers(model: nn.Module, lens: TunedLens, ids: Tensor, special_ids: Sequence[int]):
+def capture_lens_layers(
+    model: PreTrainedModel, lens: TunedLens, ids: Tensor, special_ids: Sequence[int]
+):
     """One pass: used block outputs x [N, Lc, d] of lens.layers + the last block, the mask
     [B, T] and the captured layer list."""
     layers = sorted(set(lens.layers) | {lens.last_layer})
@@ -179,7 +187,7 @@ def capture_lens_layers(model: nn.Module, lens: TunedLens, ids: Tensor, special_
 
 
 def train_lens(
-    model: nn.Module,
+    model: PreTrainedModel,
     lens: TunedLens,
     contexts: Tensor,
     special_ids: Sequence[int],
@@ -279,7 +287,7 @@ class ContextSource(Protocol):
         ...
 
 
-def _singular_summary(lens: TunedLens) -> dict[str, list[float]]:
+def _singular_summary(lens: TunedLens) -> dict[str, list[int] | list[float]]:
     """Per trained layer, the extreme singular values of I + A (conditioning of the inverse)."""
     lo, hi = [], []
     for layer in lens.trained_layers:
@@ -317,7 +325,7 @@ def train_lens_command(
     if cfg.steps:
         history = train_lens(
             lm.model, lens, contexts, lm.special_ids, steps=cfg.steps, batch_size=cfg.step_contexts,
-            lr=cfg.lr, seed=cfg.seed,
+            lr=float(cfg.lr or 1e-4), seed=cfg.seed,
         )  # fmt: skip
     wall = time.perf_counter() - t0
     lens.meta["training"] = {

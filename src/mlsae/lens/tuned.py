@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ from torch import Tensor, nn
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json_object, write_json, write_safetensors
 from mlsae.data.capture import get_final_norm, unembed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 LENS_FORMAT = "mlsae-tuned-lens"
 LENS_WEIGHTS, LENS_JSON = "lens.safetensors", "lens.json"
@@ -103,7 +106,7 @@ class TunedLens(nn.Module):
             return None
         if str(layer) not in self.translators:
             raise MlsaeError(f"the lens has no translator for layer {layer} (has {self.layers})")
-        return self.translators[str(layer)]  # type: ignore[return-value]
+        return cast(nn.Linear, self.translators[str(layer)])
 
     def A(self, layer: int) -> Tensor:
         """A_l [d, d] (zeros for the last block)."""
@@ -170,7 +173,7 @@ class TunedLens(nn.Module):
             out[sel] = self(x[sel], int(lay))
         return out
 
-    def logits(self, model: nn.Module, h: Tensor, layer: int) -> Tensor:
+    def logits(self, model: PreTrainedModel, h: Tensor, layer: int) -> Tensor:
         """Lens logits unembed(final_norm(T_l(h))). h: [..., d] -> [..., vocab]."""
         norm = get_final_norm(model)
         dtype = next(norm.parameters(), h).dtype
@@ -194,14 +197,16 @@ class TunedLens(nn.Module):
         path = Path(path)
         tensors: dict[str, Tensor] = {}
         for layer in self.trained_layers:
-            lin = self.translators[str(layer)]
+            lin = self._linear(layer)
+            assert lin is not None
             tensors[f"A.{layer}"] = lin.weight.detach().float().contiguous()
             tensors[f"c.{layer}"] = lin.bias.detach().float().contiguous()
         write_safetensors(path / LENS_WEIGHTS, tensors, metadata={"format": LENS_FORMAT})
         write_json(path / LENS_JSON, self.config())
 
     def _set(self, layer: int, a: Tensor, c: Tensor | None) -> None:
-        lin = self.translators[str(layer)]
+        lin = self._linear(layer)
+        assert lin is not None, "the last block has no translator"
         if tuple(a.shape) != (self.d_model, self.d_model) or (
             c is not None and tuple(c.shape) != (self.d_model,)
         ):

@@ -54,7 +54,7 @@ def write_figures(out: Path, body: dict[str, Any]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 3.4))
     if len(sizes):
         bins = np.unique(np.geomspace(2, sizes.max() + 1, 25).astype(int))
-        ax.hist(sizes, bins=bins if len(bins) > 1 else 1, color="#1f77b4")
+        ax.hist(sizes, bins=bins.tolist() if len(bins) > 1 else 1, color="#1f77b4")
         ax.set_xscale("log")
     ax.set_xlabel("community size (features)")
     ax.set_ylabel("communities")

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -27,7 +28,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _layer_ticks(ax: plt.Axes, layers: Sequence[int], axis: str = "y") -> None:
+def _layer_ticks(ax: Axes, layers: Sequence[int], axis: str = "y") -> None:
     """At most ~11 tick labels showing block indices for columns 0..L-1."""
     step = max(1, math.ceil(len(layers) / 11))
     pos = list(range(0, len(layers), step))
@@ -62,7 +63,9 @@ def expected_layer_hist(stats: LayerStatsResult, path: Path) -> Path:
     e = stats.expected_layer[np.isfinite(stats.expected_layer)]
     lo, hi = min(stats.layers), max(stats.layers)
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    ax.hist(e, bins=np.linspace(lo - 0.5, hi + 0.5, 2 * (hi - lo + 1) + 1), color="#3b6ea5")
+    ax.hist(
+        e, bins=np.linspace(lo - 0.5, hi + 0.5, 2 * (hi - lo + 1) + 1).tolist(), color="#3b6ea5"
+    )
     ax.set_xlabel("E[L | J=j] (block index)")
     ax.set_ylabel("number of latents")
     ax.set_title("Expected layer of each latent")

@@ -165,7 +165,8 @@ class _SparseDecode(torch.autograd.Function):
         return F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # grad [N, d]
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        (grad,) = grads  # [N, d]
         acts, idx, W_dec = ctx.saved_tensors
         g_acts = g_w = None
         if ctx.needs_input_grad[0]:
@@ -210,26 +211,27 @@ class _TopKEncode(torch.autograd.Function):
         return acts, idx, dead_pre
 
     @staticmethod
-    def backward(ctx, g_acts, _g_idx, g_dead):
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        g_acts, _g_idx, g_dead = grads
         v, W_enc, idx, acts, dead = ctx.saved_tensors
         d, m = W_enc.shape
         g = (g_acts if g_acts is not None else torch.zeros_like(acts)) * (acts > 0)  # ReLU
         seg = latent_segments(idx, m)
         col = torch.zeros(m, dtype=g.dtype).index_add_(0, seg.flat, g.reshape(-1))  # [m]
         dense = g_dead is not None and dead.numel() > 0  # AuxK: dense over dead columns only
-        if dense:
+        if g_dead is not None and dense:
             col.index_add_(0, dead, g_dead.sum(0))
         g_u = g_bdec = g_w = None
         if ctx.needs_input_grad[2]:
             g_wt = segment_sum(seg, v, g)  # [m, d]: only active latents' rows are non-zero
-            if dense:
+            if g_dead is not None and dense:
                 g_wt.index_add_(0, dead, g_dead.t() @ v)  # [n_dead, d]
             g_w = g_wt.t()  # [d, m]
         if ctx.needs_input_grad[1]:
             g_bdec = -(W_enc @ col)  # [d]: pre depends on -b_dec through every row
         if ctx.needs_input_grad[0]:
             g_u = F.embedding_bag(idx, W_enc.t().contiguous(), mode="sum", per_sample_weights=g)
-            if dense:
+            if g_dead is not None and dense:
                 g_u = g_u + g_dead @ W_enc.index_select(1, dead).t()
         g_benc = col if ctx.needs_input_grad[3] else None
         return g_u, g_bdec, g_w, g_benc, None, None, None

@@ -101,7 +101,11 @@ class LayerMetrics:
         self.moments[i].update(x)
         self.sq_err[i] += float((x.double() - x_hat.double()).pow(2).sum())
         if top_indices is not None:
-            on = top_acts > 0 if top_acts is not None else torch.ones_like(top_indices, dtype=bool)
+            on = (
+                top_acts > 0
+                if top_acts is not None
+                else torch.ones_like(top_indices, dtype=torch.bool)
+            )
             self.active[i] += float(on.sum())
             idx = top_indices[on].reshape(-1).cpu()
             self.counts[i] += torch.bincount(idx, minlength=self.d_sae)

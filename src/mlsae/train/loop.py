@@ -56,11 +56,11 @@ EVAL_VECTORS = 65536
 
 def make_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam (SPEC 2), the fused CPU kernel where this torch has one."""
-    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    betas = (cfg.betas[0], cfg.betas[1])
     try:
-        return torch.optim.Adam(params, fused=True, **kw)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
     except (RuntimeError, TypeError):  # pragma: no cover - old torch
-        return torch.optim.Adam(params, **kw)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps)
 
 
 @dataclass
