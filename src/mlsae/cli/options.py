@@ -47,6 +47,16 @@ def field_docs(cls: type) -> dict[str, str]:
     return out
 
 
+_CTX = "_mlsae_ctx"
+"""The wrapper's hidden parameter that receives the click context (typer injects it)."""
+
+
+def _typed(ctx: typer.Context | None, param: str) -> bool:
+    """Whether the user gave the option `param` (on the command line or in the environment)."""
+    source = None if ctx is None else ctx.get_parameter_source(param)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def option_name(field: str) -> str:
     """`--field-name` for a field `field_name`."""
     return "--" + field.replace("_", "-")
@@ -140,27 +150,19 @@ def config_command(
         # typer wants parameters without defaults first
         params.sort(key=lambda q: q.default is not inspect.Parameter.empty)
         params = [q.replace(kind=inspect.Parameter.KEYWORD_ONLY) for q in params]
+        params.append(
+            inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        )
 
         def wrapper(**kwargs: Any) -> Any:
-            import click
-
-            ctx = click.get_current_context(silent=True)
+            ctx: typer.Context | None = kwargs.pop(_CTX, None)
             given = Given()
             for ex in expanded:
                 values = {f: kwargs.pop(f"{ex.param}__{f}") for f in ex.fields}
                 for f, v in values.items():
                     if isinstance(v, tuple) and typing.get_origin(hints(ex.cls)[f]) is list:
                         values[f] = list(v)
-                given[ex.param] = {
-                    f
-                    for f in ex.fields
-                    if ctx is not None
-                    and ctx.get_parameter_source(f"{ex.param}__{f}")
-                    in (
-                        click.core.ParameterSource.COMMANDLINE,
-                        click.core.ParameterSource.ENVIRONMENT,
-                    )
-                }
+                given[ex.param] = {f for f in ex.fields if _typed(ctx, f"{ex.param}__{f}")}
                 kwargs[ex.param] = ex.cls(**values, **ex.fixed)
             if takes_given:
                 kwargs["given"] = given
