@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from mlsae.cli.interchange import register as register_interchange
 from mlsae.cli.lens import lens_app
 from mlsae.cli.options import (
     ColOpt,
@@ -83,6 +84,7 @@ def cache(
 
 
 app.add_typer(lens_app, name="lens")
+register_interchange(app)  # mlsae export / mlsae import
 
 
 @app.command()

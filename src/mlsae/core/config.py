@@ -61,8 +61,9 @@ class SaeConfig:
     """R: number of latents = R * d_in (paper default 64)."""
     k: int = 32
     """Number of latents kept by TopK."""
-    normalize: Literal["standardize", "none"] = "standardize"
-    """Per-vector standardization u = (x - mean) / (std + 1e-5), or none."""
+    normalize: Literal["standardize", "layer_norm", "none"] = "standardize"
+    """Per-vector standardization u = (x - mean) / (std + 1e-5), or none. "layer_norm" maps back
+    with std instead of std + 1e-5 (SAELens's mode and the paper's code; imports use it)."""
     layers: list[int] = field(default_factory=list)
     """Block indices whose vectors this SAE was trained on (one entry: a single-layer SAE)."""
     model: str = DEFAULT_MODEL
