@@ -156,7 +156,7 @@ def test_round_trip_is_identity(models, tmp_path, kind, layers, normalize):
     after = load_sae(back)
     assert after.cfg == before.cfg  # layers, normalize, model, dataset restored
     diff = max(float((a - b).abs().max()) for a, b in
-               zip(before.state_tensors().values(), after.state_tensors().values()))  # fmt: skip
+               zip(before.state_tensors().values(), after.state_tensors().values(), strict=True))  # fmt: skip
     print(f"\nround trip {kind} {normalize}: max abs weight difference {diff}")
     assert diff == 0.0
 
@@ -191,7 +191,9 @@ def test_foreign_saelens_conventions_fold_exactly(tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         folder = tmp_path / f"sl_{apply_b}_{rescale}"
         sl.save_model(folder)
-        (out,) = import_command(folder, "saelens", tmp_path / f"ours_{apply_b}_{rescale}", model="m")
+        (out,) = import_command(
+            folder, "saelens", tmp_path / f"ours_{apply_b}_{rescale}", model="m"
+        )
         ours = load_sae(out, compute_dtype=torch.float32)
         assert ours.cfg.layers == [4] and ours.cfg.model == "m"
         x = torch.randn(200, 32, generator=g) * 2

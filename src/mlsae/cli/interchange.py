@@ -30,7 +30,9 @@ def export(
         str | None,
         typer.Option(help="Hook name pattern, e.g. 'model.layers.{layer}' (default: the model's)"),
     ] = None,
-    repo_id: Annotated[str, typer.Option(help="hub: the repo id the model card names")] = "ORG/NAME",
+    repo_id: Annotated[
+        str, typer.Option(help="hub: the repo id the model card names")
+    ] = "ORG/NAME",
     eval_json: Annotated[
         Path | None, typer.Option("--eval", help="hub: an `mlsae evaluate` JSON (default: RUN's)")
     ] = None,

@@ -87,7 +87,12 @@ def read_all(
         if not cfg.layers:
             raise MlsaeError(f"{f}: cannot tell which layer it reads: pass --layers")
         for gcfg, gt in groups:
-            if gcfg.d_in == cfg.d_in and gcfg.k == cfg.k and gcfg.d_sae == cfg.d_sae and _same(gt, t):
+            if (
+                gcfg.d_in == cfg.d_in
+                and gcfg.k == cfg.k
+                and gcfg.d_sae == cfg.d_sae
+                and _same(gt, t)
+            ):
                 gcfg.layers = sorted(set(gcfg.layers) | set(cfg.layers))
                 break
         else:
@@ -124,9 +129,16 @@ def import_command(
         sae.save(path)
         written.append(path)
     if per_layer:
-        entries = [{"layer": c.layers[0], "path": p.name} for (c, _), p in zip(groups, written)]
-        write_json(out / "per_layer.json", {"layers": [e["layer"] for e in entries], "saes": entries})
-    write_json(out / "import.json", {"source": str(src), "format": fmt, "saes": [str(p) for p in written]})
+        entries = [
+            {"layer": c.layers[0], "path": p.name}
+            for (c, _), p in zip(groups, written, strict=True)
+        ]
+        write_json(
+            out / "per_layer.json", {"layers": [e["layer"] for e in entries], "saes": entries}
+        )
+    write_json(
+        out / "import.json", {"source": str(src), "format": fmt, "saes": [str(p) for p in written]}
+    )
     log.info(f"imported {len(written)} SAE(s) from {src} ({fmt}) into {out}")
     return written
 
@@ -167,7 +179,9 @@ def load_any(
     if fmt is None:
         kinds = {detect_format(p) for p in path.iterdir() if p.is_dir()} - {None}
         if len(kinds) != 1:
-            raise MlsaeError(f"{src}: no SAE folder in a known format (mlsae, {', '.join(FORMATS)})")
+            raise MlsaeError(
+                f"{src}: no SAE folder in a known format (mlsae, {', '.join(FORMATS)})"
+            )
         fmt = kinds.pop()
     if fmt == "mlsae":
         return load_sae(path, compute_dtype=compute_dtype)
@@ -175,4 +189,3 @@ def load_any(
     if len(groups) != 1:
         raise MlsaeError(f"{src} holds {len(groups)} different SAEs: load one of its folders")
     return build_sae(*groups[0], str(src), compute_dtype=compute_dtype)
-

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 SPARSIFY_CFG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
 PAPER_CFG, PAPER_WEIGHTS, PAPER_BIN = "config.json", "model.safetensors", "pytorch_model.bin"
-_PAPER_NAME = re.compile(r"(?:ml)?sae-(?P<model>.+?)-x(?P<r>\d+)-k(?P<k>\d+)(?P<rest>(?:-[a-z0-9]+)*)$")
+_PAPER_NAME = re.compile(
+    r"(?:ml)?sae-(?P<model>.+?)-x(?P<r>\d+)-k(?P<k>\d+)(?P<rest>(?:-[a-z0-9]+)*)$"
+)
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
@@ -154,7 +156,9 @@ def read_paper(
     enc, dec, b_pre = w[f"{p}encoder.weight"], w[f"{p}decoder.weight"], w[f"{p}pre_encoder_bias"]
     m, d = enc.shape
     if tuple(dec.shape) != (d, m) or tuple(b_pre.shape) != (d,):
-        raise MlsaeError(f"{wpath}: encoder {list(enc.shape)}, decoder {list(dec.shape)} do not fit")
+        raise MlsaeError(
+            f"{wpath}: encoder {list(enc.shape)}, decoder {list(dec.shape)} do not fit"
+        )
     if raw.get("tuned_lens") or hint.get("lens"):
         raise MlsaeError(
             f"{folder}: trained on tuned-lens outputs with the paper's indexing (translator l "

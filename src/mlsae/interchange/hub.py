@@ -167,7 +167,9 @@ def export_hub(
             if context["train_cfg"] is not None:
                 write_json(dest / "train_cfg.json", context["train_cfg"])
             hooks: list[str] = []
-            exportable = sae.cfg.lens is None and (sae.cfg.normalize != "standardize" or approximate)
+            exportable = sae.cfg.lens is None and (
+                sae.cfg.normalize != "standardize" or approximate
+            )
             if exportable:
                 folders = export_saelens(d, dest / "saelens", hook_format, approximate)
                 hooks = [f.name for f in folders]
