@@ -225,3 +225,26 @@ def test_standardize_needs_approximate_and_errors_are_one_line(models, tmp_path)
     SparseAutoencoder(cfg).save(tmp_path / "lens_sae")
     with pytest.raises(MlsaeError, match="tuned-lens"):
         export_saelens(tmp_path / "lens_sae", tmp_path / "o2")
+
+
+def test_layer_of_hook_reads_block_outputs_only():
+    from mlsae.interchange.meta import layer_of_hook
+
+    cases = {"model.layers.3": 3, "gpt_neox.layers.12": 12, "transformer.h.0": 0, "layers.7": 7,
+             "blocks.3.hook_resid_post": 3, "blocks.3.hook_resid_pre": 2,
+             "blocks.0.hook_resid_pre": None, "blocks.3.hook_mlp_out": None,
+             "model.layers.3.mlp": None, "blocks.2.attn.hook_z": None, "embed": None}  # fmt: skip
+    assert {name: layer_of_hook(name) for name in cases} == cases
+
+
+def test_import_detects_the_format(models, tmp_path):
+    mdir, _ = models["llama"]
+    make_sae(tmp_path / "sae", [2], "layer_norm", str(mdir))
+    export_saelens(tmp_path / "sae", tmp_path / "sl")
+    res = CliRunner().invoke(app, ["import", str(tmp_path / "sl"), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert load_sae(tmp_path / "b").cfg == load_sae(tmp_path / "sae").cfg
+    with pytest.raises(MlsaeError, match="already an mlsae"):
+        import_command(tmp_path / "sae", "auto", tmp_path / "c")
+    with pytest.raises(MlsaeError, match="not empty"):
+        import_command(tmp_path / "sl", "saelens", tmp_path / "b")

@@ -11,7 +11,9 @@ import typer
 from mlsae.core.errors import MlsaeError
 
 FormatOut = Annotated[str, typer.Option("--format", help="saelens or hub")]
-FormatIn = Annotated[str, typer.Option("--format", help="sparsify, saelens or mlsae-hub")]
+FormatIn = Annotated[
+    str, typer.Option("--format", help="sparsify, saelens, mlsae-hub (the paper's) or auto")
+]
 
 
 def export(
@@ -59,7 +61,7 @@ def export(
 def import_(
     src: Annotated[str, typer.Argument(help="Folder, or an org/name hub repo")],
     out: Annotated[Path, typer.Option(help="New mlsae SAE folder")],
-    fmt: FormatIn = "mlsae-hub",
+    fmt: FormatIn = "auto",
     model: Annotated[
         str | None, typer.Option(help="The model the SAE reads (when the source does not say)")
     ] = None,

@@ -46,6 +46,19 @@ def detect_format(folder: Path) -> str | None:
     return None
 
 
+def _detect_any(src: Path) -> str:
+    """The one foreign format of SRC or of its subfolders; MlsaeError otherwise."""
+    kinds = {detect_format(src)} - {None}
+    if not kinds:
+        kinds = {detect_format(p) for p in src.iterdir() if p.is_dir()} - {None}
+    if len(kinds) != 1:
+        raise MlsaeError(f"{src}: no SAE folder in a known format ({', '.join(FORMATS)})")
+    fmt = kinds.pop()
+    if fmt == "mlsae":
+        raise MlsaeError(f"{src} is already an mlsae SAE folder")
+    return fmt
+
+
 def _members(src: Path, fmt: str) -> list[Path]:
     """The one-SAE folders of SRC in format fmt: SRC itself, or its subfolders (hooks)."""
     if detect_format(src) == fmt:
@@ -104,16 +117,19 @@ def import_command(
     src: str | Path, fmt: str, out: str | Path, model: str | None = None,
     layers: list[int] | None = None, dataset: str | None = None, name: str | None = None,
 ) -> list[Path]:  # fmt: skip
-    """`mlsae import --format FMT SRC --out DIR`: mlsae SAE folder(s); returns them."""
-    if fmt not in FORMATS:
-        raise MlsaeError(f"unknown --format {fmt!r}: {', '.join(FORMATS)}")
+    """`mlsae import --format FMT SRC --out DIR`: mlsae SAE folder(s); returns them.
+    fmt 'auto' detects it from the files."""
+    if fmt not in (*FORMATS, "auto"):
+        raise MlsaeError(f"unknown --format {fmt!r}: {', '.join(FORMATS)} or auto")
     src, out = Path(src).expanduser(), Path(out)
     if not src.exists() and _REPO_ID.match(str(src)):
         name, src = name or str(src), fetch_hub(str(src))
     if not src.is_dir():
         raise MlsaeError(f"{src} is not a folder")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MlsaeError(f"--out {out} exists and is not empty: choose a new folder")
+    if fmt == "auto":
+        fmt = _detect_any(src)
     groups = read_all(src, fmt, model, layers, name)
     written = []
     per_layer = len(groups) > 1

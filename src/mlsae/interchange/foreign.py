@@ -24,6 +24,7 @@ embeddings are not a layer), as in mlsae.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -126,10 +127,19 @@ def parse_paper_name(name: str) -> dict[str, Any]:
 
 
 def _model_layers(model: str) -> list[int]:
+    """Every block of `model`, from its config (local folder, HF cache, then the hub)."""
     from transformers import AutoConfig
 
+    from mlsae.data.model import _hub_reachable
+
+    local = Path(model).is_dir() or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
     try:
-        cfg = AutoConfig.from_pretrained(model, local_files_only=not Path(model).is_dir())
+        try:
+            cfg = AutoConfig.from_pretrained(model, local_files_only=True)
+        except OSError:
+            if local or not _hub_reachable():
+                raise
+            cfg = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:
         raise MlsaeError(
             f"cannot tell the layers of {model!r} offline ({str(e).splitlines()[0][:80]}): "

