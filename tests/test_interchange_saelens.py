@@ -119,7 +119,11 @@ def test_saelens_loads_and_matches(models, tmp_path, kind, layers, normalize):
         assert meta["prepend_bos"] is False and meta["exclude_special_tokens"] is True
         sl = SAE.load_from_disk(folder)
         assert isinstance(sl, TopKSAE) and sl.cfg.metadata.hook_name == folder.name
-        assert sl.cfg.metadata.sae_lens_version.startswith("6.")  # read as a 6.x config
+        # read as a 6.x config: the defaulting leaves it as written, metadata extras survive
+        from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
+
+        assert handle_config_defaulting(dict(cfg)) == cfg
+        assert sl.cfg.metadata.mlsae["layers"] == layers
         x = acts[:, :, i].reshape(-1, 32)
         with torch.no_grad():
             z_sl = sl.encode(x)
