@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from mlsae.cli.interchange import register as register_interchange
 from mlsae.cli.lens import lens_app
 from mlsae.cli.options import Given, config_command
 from mlsae.core.config import (
@@ -36,6 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(lens_app, name="lens")
+register_interchange(app)  # mlsae export / mlsae import
 
 Out = Annotated[Path, typer.Option(help="Output folder")]
 TEST = {"split": "test"}

@@ -20,7 +20,7 @@ DEFAULT_DATASET = "default"
 Split = Literal["train", "test"]
 Dtype = Literal["float32", "bfloat16"]
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
-Normalize = Literal["standardize", "none"]
+Normalize = Literal["standardize", "layer_norm", "none"]
 
 
 def check(ok: bool, message: str) -> None:
@@ -122,7 +122,8 @@ class SaeConfig:
     k: int = 32
     """Number of latents kept by TopK."""
     normalize: Normalize = "standardize"
-    """Per-vector standardization u = (x - mean) / (std + 1e-5), or none."""
+    """Per-vector standardization u = (x - mean) / (std + 1e-5), or none. "layer_norm" maps back
+    with std instead of std + 1e-5 (SAELens's mode and the paper's code; imports use it)."""
     layers: list[int] = field(default_factory=list)
     """Block indices whose vectors this SAE was trained on (one entry: a single-layer SAE)."""
     model: str = DEFAULT_MODEL
@@ -140,8 +141,8 @@ class SaeConfig:
         )
         check(1 <= self.k <= self.d_sae, f"-k {self.k} must be between 1 and d_sae = {self.d_sae}")
         check(
-            self.normalize in ("standardize", "none"),
-            f"--normalize must be standardize or none, not {self.normalize!r}",
+            self.normalize in ("standardize", "layer_norm", "none"),
+            f"--normalize must be standardize, layer_norm or none, not {self.normalize!r}",
         )
 
     @property

@@ -5,7 +5,10 @@ W_dec [m, d] (unit-norm rows), b_dec [d]. For a raw vector x:
     u = (x - mean_d(x)) / (std_d(x) + 1e-5)      (normalize="standardize"; u = x for "none";
                                                   std is torch's default, with Bessel correction)
     pre = (u - b_dec) @ W_enc + b_enc ; z = ReLU(TopK_k(pre))
-    u_hat = z @ W_dec + b_dec ; x_hat = u_hat * std + mean
+    u_hat = z @ W_dec + b_dec ; x_hat = u_hat * (std + 1e-5) + mean   (the exact inverse)
+normalize="layer_norm" encodes like "standardize" but maps back with x_hat = u_hat * std + mean
+(no +1e-5): SAELens's "layer_norm" mode and the paper's code (tim-lawson/mlsae) do this, so
+SAEs imported from them, or exported to SAELens, reproduce exactly.
 The heavy lifting is in `mlsae.sae.kernels` (sparse decoder, sparse encoder gradient, top-k).
 """
 
@@ -27,6 +30,7 @@ from mlsae.sae.kernels import sparse_decode, topk_encode
 from mlsae.sae.metrics import fvu
 
 STD_EPS = 1e-5
+NORMALIZE_MODES = ("standardize", "layer_norm", "none")
 ENCODE_CHUNK = 8192
 """Rows per encoder pass without autograd (bounds the dense pre-activation memory)."""
 SAE_CFG, SAE_WEIGHTS = "cfg.json", "sae.safetensors"
@@ -39,7 +43,8 @@ class EncoderOutput(NamedTuple):
     top_acts: Tensor  # f32[N, k] >= 0
     top_indices: Tensor  # i64[N, k]
     mean: Tensor  # f32[N, 1] (zeros for normalize="none")
-    std: Tensor  # f32[N, 1] (ones for normalize="none"), includes the +1e-5
+    std: Tensor  # f32[N, 1] the scale decode multiplies by: std + 1e-5 ("standardize"), std
+    # ("layer_norm"), ones ("none")
 
 
 class StepOutput(NamedTuple):
@@ -96,14 +101,15 @@ class SparseAutoencoder(nn.Module):
             )
 
     def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw x f32[N, d] -> (u [N, d], mean [N, 1], std [N, 1] incl. +1e-5)."""
+        """Raw x f32[N, d] -> (u [N, d], mean [N, 1], scale [N, 1]): u = (x - mean) / (std +
+        1e-5); scale is what decode multiplies by (std + 1e-5, or std for "layer_norm")."""
         self._check(x)
         x = x.float()
         if self.cfg.normalize == "none":
             return x, x.new_zeros(x.shape[0], 1), x.new_ones(x.shape[0], 1)
         std, mean = torch.std_mean(x, dim=1, keepdim=True)  # [N, 1] each (Bessel-corrected std)
-        std = std + STD_EPS
-        return (x - mean) / std, mean, std
+        u = (x - mean) / (std + STD_EPS)
+        return u, mean, std if self.cfg.normalize == "layer_norm" else std + STD_EPS
 
     # ------------------------------------------------------------------ public API
 
