@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from mlsae.core.config import check
@@ -123,3 +124,28 @@ class EvolutionConfig:
               "--contexts must be >= 0, --min-support and --max-nodes-html >= 1")  # fmt: skip
         check(self.community in ("auto", "leiden", "louvain"),
               f"unknown --community {self.community!r}: auto, leiden or louvain")  # fmt: skip
+
+
+@dataclass
+class ExportConfig:
+    """How `mlsae export` writes an SAE for other tools."""
+
+    format: Literal["saelens", "hub"] = "saelens"
+    """saelens: SAELens 6.x folders, one per block hook; hub: a folder ready to upload."""
+    approximate: bool = False
+    """Export a normalize='standardize' SAE with SAELens's layer_norm mode, whose decode maps back
+    with std instead of std + 1e-5 (encode is exact)."""
+    hook_format: str | None = None
+    """Hook name pattern, e.g. 'model.layers.{layer}' (default: the model's own block names)."""
+    repo_id: str = "ORG/NAME"
+    """hub: the repo id the model card names."""
+    eval_json: Path | None = None
+    """hub: an `mlsae evaluate` JSON for the model card (default: the run's)."""
+
+
+@dataclass
+class ImportConfig:
+    """What `mlsae import` reads."""
+
+    format: Literal["auto", "sparsify", "saelens", "mlsae-hub"] = "auto"
+    """sparsify, saelens, mlsae-hub (the paper's checkpoints) or auto (detected)."""

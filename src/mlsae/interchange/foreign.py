@@ -185,7 +185,9 @@ def read_paper(
     model = model or raw.get("model_name") or hint.get("model")
     if not model:
         raise MlsaeError(f"{folder}: the checkpoint does not name its model: pass --model")
-    chosen: list[int] = list(layers or raw.get("layers") or hint.get("layers") or _model_layers(model))
+    chosen: list[int] = list(
+        layers or raw.get("layers") or hint.get("layers") or _model_layers(model)
+    )
     standardize = raw.get("standardize", True)
     cfg = SaeConfig(
         d_in=int(d),
