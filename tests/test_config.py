@@ -36,6 +36,7 @@ NOT_SETTINGS = {
     "resume",
     "runs",
     "run",
+    "src",
     "cross",
     "lens",
     "prompt",
