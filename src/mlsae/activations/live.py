@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +22,7 @@ from torch import Tensor
 from mlsae.activations.source import ActivationSource, Block
 from mlsae.core.config import DataConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.data.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class LiveSource(ActivationSource):
 
     def __init__(
         self,
-        lm: Any,
+        lm: LoadedModel,
         data: DataConfig,
         n_tokens: int,
         layers: Sequence[int],

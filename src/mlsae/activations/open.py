@@ -7,12 +7,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.data.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,11 @@ def open_source(
     )  # fmt: skip
 
 
-def source_model(source: ActivationSource, model: ModelConfig | None = None) -> Any:
+def source_model(source: ActivationSource, model: ModelConfig | None = None) -> LoadedModel:
     """The LoadedModel of a source: a live source's own, else `model` or the cache's model
     (in the dtype the cache was made with)."""
-    lm = getattr(source, "lm", None)
-    if lm is not None and model is None:
-        return lm
+    if isinstance(source, LiveSource) and model is None:
+        return source.lm
     from mlsae.data.model import load_model
 
     name = model.model if model is not None else source.info.get("model")

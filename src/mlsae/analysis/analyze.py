@@ -20,6 +20,7 @@ from mlsae.analysis.layers import LayerStatsResult, analyze_prompts, analyze_sou
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import json_safe, read_json, write_json
+from mlsae.lens.tuned import Space, TunedLens
 from mlsae.sae.folders import RUN_CFG, RunFolder, label
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _lens_eval(lenses: list[str | None]) -> dict[str, Any] | None:
     return None
 
 
-def _on_the_fly(space: Any) -> Any:
+def _on_the_fly(space: Space) -> TunedLens | None:
     """The lens to apply to stored vectors before the SAE (None: they are its inputs)."""
     return None if space.cache_in_lens else space.lens
 

@@ -41,6 +41,8 @@ from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
 from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_with
+from mlsae.lens.tuned import TunedLens
+from mlsae.sae.autoencoder import SparseAutoencoder
 
 F64 = torch.float64
 
@@ -248,7 +250,9 @@ EncodeFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """x f32[N, d] (raw space) -> (top_acts f32[N, k] >= 0, top_indices i64[N, k])."""
 
 
-def sae_encoder(sae: Any, lens: Any = None, layers: Sequence[int] | None = None) -> EncodeFn:
+def sae_encoder(
+    sae: SparseAutoencoder, lens: TunedLens | None = None, layers: Sequence[int] | None = None
+) -> EncodeFn:
     """The EncodeFn of a loaded SparseAutoencoder (mlsae.sae.autoencoder). With a tuned `lens`, the SAE
     reads T_l(x): the rows of x are taken as [m, L, d] with L = len(layers) (as `feed` lays
     them out) and translated per layer first."""
@@ -312,11 +316,11 @@ def analyze_source(
 def analyze_prompts(
     prompts: list[str],
     model: ModelConfig,
-    sae: Any,
+    sae: SparseAutoencoder,
     cfg: SaeConfig,
     layers: list[int],
     chunk_vectors: int = 8192,
-    lens: Any = None,
+    lens: TunedLens | None = None,
 ) -> list[LayerStatsResult]:
     """Per prompt: capture every layer's vector of its tokens, encode, and accumulate."""
     if not prompts:

@@ -17,13 +17,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedModel
 
+from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.stage_config import EvalConfig
 from mlsae.lens.tuned import Space
+from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import RunFolder
 from mlsae.sae.metrics import LayerMetrics
 
@@ -38,7 +41,7 @@ class Entry:
 
     label: str
     path: Path
-    sae: Any  # sae.SparseAutoencoder (or anything with .cfg, .encode, .decode)
+    sae: SparseAutoencoder
     layers: list[int]
     space: Space = field(default_factory=Space)
     metrics: LayerMetrics = field(init=False)  # in the SAE's space
@@ -158,7 +161,7 @@ def recon_from_source(
 @torch.inference_mode()
 def run_model(
     entries: Sequence[Entry],
-    model: Any,
+    model: PreTrainedModel,
     batches: Iterator[tuple[Tensor, Tensor]],
     *,
     recon: bool,
@@ -172,7 +175,7 @@ def run_model(
     from mlsae.eval.splice import clean_pass, splice
 
     layers = sorted({x for e in entries for x in e.layers})
-    vocab = int(model.get_input_embeddings().num_embeddings)
+    vocab = int(next(model.get_input_embeddings().parameters()).shape[0])
     desc = "delta CE" if ce else "reconstruct"
     with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc) as bar:
         for ids, used in batches:
@@ -244,7 +247,7 @@ def evaluate_entries(
     if others:
         log.warning(f"activations of model {source.info.get('model')!r}, SAE model(s) {others}")
     n = source.n_tokens if tokens is None else min(source.n_tokens, tokens)
-    live = getattr(source, "lm", None)
+    live = source.lm if isinstance(source, LiveSource) else None
     if live is not None:  # the model runs anyway: one clean pass for both
         _check(entries, live.n_layers, live.d_model)
         run_model(entries, live.model, source.token_batches(batch_size, tokens), recon=True,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mlsae.activations.source import ActivationSource
 from mlsae.core.errors import MlsaeError
+from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import RunFolder
 
 
@@ -31,7 +32,7 @@ class Chunk:
     offset: int  # stream position of token 0
 
 
-def load_per_layer(run: Path) -> list[tuple[int, Any]]:
+def load_per_layer(run: Path) -> list[tuple[int, SparseAutoencoder]]:
     """The single-layer SAEs of a per-layer run folder, sorted by layer: [(layer, SAE)]."""
     from mlsae.sae.folders import load_sae
 
@@ -46,7 +47,9 @@ def load_per_layer(run: Path) -> list[tuple[int, Any]]:
 
 
 def source_chunks(
-    source: ActivationSource, saes: list[tuple[int, Any]], max_tokens: int | None = None
+    source: ActivationSource,
+    saes: list[tuple[int, SparseAutoencoder]],
+    max_tokens: int | None = None,
 ) -> tuple[Iterator[Chunk], dict[str, Any]]:
     """Chunks of the SAEs' layers from an activation source in stream order, checked against
     the SAEs; and the source's facts for evolution.json."""

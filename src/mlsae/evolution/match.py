@@ -19,13 +19,11 @@ mean of x_d over the tokens):
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from mlsae.sae.autoencoder import EncoderOutput
+from mlsae.sae.autoencoder import EncoderOutput, SparseAutoencoder
 from mlsae.sae.metrics import LayerMetrics
 
 VARIANTS = ("matched", "matched_target_scale", "unpermuted", "own")
@@ -52,7 +50,7 @@ def _replace(enc: EncoderOutput, **kw: Tensor) -> EncoderOutput:
     return enc._replace(**kw)
 
 
-def permute_codes(enc: Any, perm: Tensor) -> Any:
+def permute_codes(enc: EncoderOutput, perm: Tensor) -> EncoderOutput:
     """The code with each active up feature i renamed perm[i] (unmatched ones switched off)."""
     idx = perm[enc.top_indices]
     acts = torch.where(idx >= 0, enc.top_acts, torch.zeros_like(enc.top_acts))
@@ -68,7 +66,10 @@ class MatchScores:
         self.metrics = {v: LayerMetrics(downs, d_in, d_sae) for v in VARIANTS}
 
     @torch.no_grad()
-    def update(self, p: int, sae_down: Any, enc_up: Any, enc_down: Any, x_down: Tensor) -> None:
+    def update(
+        self, p: int, sae_down: SparseAutoencoder, enc_up: EncoderOutput,
+        enc_down: EncoderOutput, x_down: Tensor,
+    ) -> None:  # fmt: skip
         """Add one batch of pair p: codes of x_up and x_down [n, d_in] at both layers."""
         d = self.pairs[p][1]
         moved = permute_codes(enc_up, self.perms[p])

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
+from mlsae.activations.live import LiveSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
@@ -48,6 +50,8 @@ from mlsae.evolution.measures import (
     summarize_pair,
 )
 from mlsae.evolution.stats import FeatureStats, PairStats
+from mlsae.lens.tuned import Space
+from mlsae.sae.autoencoder import SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,8 @@ def one_thread() -> Iterator[None]:
 
 @torch.inference_mode()
 def first_pass(
-    chunks: Iterator[Chunk], saes: list[tuple[int, Any]], store: CodeStore, match: MatchScores,
-    cfg: EvolutionConfig, total: int | None, spaces: list[Any] | None = None,
+    chunks: Iterator[Chunk], saes: list[tuple[int, SparseAutoencoder]], store: CodeStore, match: MatchScores,
+    cfg: EvolutionConfig, total: int | None, spaces: list[Space] | None = None,
 ) -> list[FeatureStats]:  # fmt: skip
     """Encode every layer of every chunk; feature statistics, codes on disk, SAE Match FVUs.
     `spaces` (lens.Space per SAE): tuned-lens SAEs read T_l(x)."""
@@ -99,7 +103,7 @@ def first_pass(
 
 
 def second_pass(
-    saes: list[tuple[int, Any]], stats: list[FeatureStats], store: CodeStore,
+    saes: list[tuple[int, SparseAutoencoder]], stats: list[FeatureStats], store: CodeStore,
     cfg: EvolutionConfig, chunk_rows: int = 4096,
 ) -> list[PairResult]:  # fmt: skip
     """Co-moments of each adjacent pair, in groups under the memory budget; then reduce."""
@@ -180,7 +184,7 @@ def evolution_command(
                       replace(model, model=model.model or sc.model), default_tokens=8192,
                       layers=layers)  # fmt: skip
     chunks, facts = source_chunks(src, saes, source.tokens)
-    live = getattr(src, "lm", None)
+    live = src.lm if isinstance(src, LiveSource) else None
     spaces = [
         resolve_space(sae.cfg.lens, facts.get("lens"), what=f"the SAE of layer {ly}")
         for ly, sae in saes
@@ -245,7 +249,7 @@ def evolution_command(
     return body
 
 
-def _tokenizer_for(model: str | None) -> Any:
+def _tokenizer_for(model: str | None) -> PreTrainedTokenizerBase | None:
     """The tokenizer of the cache's model for decoding contexts (None if it cannot load)."""
     if not model:
         return None

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from mlsae.core.errors import MlsaeError
 from mlsae.core.stage_config import DEFAULT_MIN_SINGULAR, LensTrainConfig
 from mlsae.data.capture import capture, get_final_norm, unembed, used_mask
+from mlsae.data.model import LoadedModel
 from mlsae.lens.tuned import TunedLens
 
 if TYPE_CHECKING:
@@ -277,7 +278,7 @@ class ContextSource(Protocol):
     """What lens training and evaluation read: a model and the token ids of a dataset split (an
     `mlsae.activations.live.LiveSource`, which this stage does not import)."""
 
-    lm: Any  # mlsae.data.model.LoadedModel
+    lm: LoadedModel
     info: dict[str, Any]  # dataset, split, context_length, model_dtype, ...
     layers: list[int]
     batch_size: int  # contexts per forward pass

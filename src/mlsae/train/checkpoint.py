@@ -12,7 +12,7 @@ import contextlib
 import json
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -73,7 +73,7 @@ class StopSignals:
             signal.signal(s, h)
 
 
-def open_metrics(out: Path, keep_step: int) -> Any:
+def open_metrics(out: Path, keep_step: int) -> TextIO:
     """RUN/metrics.jsonl opened for appending, cut back to steps <= keep_step (resume)."""
     path = out / "metrics.jsonl"
     if path.exists():

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,9 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
     return members
 
 
-def sae_inputs(run: RunConfig, source: ActivationSource, layers: list[int]) -> Any:
+def sae_inputs(
+    run: RunConfig, source: ActivationSource, layers: list[int]
+) -> Callable[[Batch], Tensor]:
     """Batch -> SAE inputs [B, d]: the stored vectors, or T_l of them when the run trains in
     tuned-lens space on model-space activations (SPEC 5)."""
     from mlsae.lens.tuned import resolve_space
