@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from mlsae.cli.explore import register as register_explore
 from mlsae.cli.lens import lens_app
 from mlsae.cli.options import (
     ColOpt,
@@ -83,6 +84,7 @@ def cache(
 
 
 app.add_typer(lens_app, name="lens")
+register_explore(app)
 
 
 @app.command()

@@ -23,6 +23,7 @@ from mlsae.core.io import atomic_path
 
 FORMAT = "mlsae-explore-index-1"
 STREAM_ROW = 65536  # tokens per stream row
+PROMPT_PREFIX = 32  # tokens before an example kept in its link to the prompt page
 
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);
@@ -149,7 +150,11 @@ class IndexDB:
         ids, at = window_ids(self.stream, pos, self.w, self.ctx)
         lo = self.w - at  # where the window starts in the stored 2w+1 activations
         vals = [round(float(v), 4) for v in acts[lo : lo + len(ids)]]
-        return {"pos": pos, "tokens": [self.token(i) for i in ids], "acts": vals, "at": at}
+        c0 = pos // self.ctx * self.ctx  # a longer prefix for the prompt page's link
+        pre = self.stream[max(c0, pos - PROMPT_PREFIX) : pos].tolist()
+        prompt = "".join(self.token(i) for i in pre) + "".join(self.token(i) for i in ids[at:])
+        return {"pos": pos, "tokens": [self.token(i) for i in ids], "acts": vals, "at": at,
+                "prompt": prompt, "prompt_at": len(pre)}  # fmt: skip
 
     def latent(self, sae: int, j: int) -> dict[str, Any] | None:
         rows = self.q("SELECT * FROM latents WHERE sae = ? AND latent = ?", (sae, j))
