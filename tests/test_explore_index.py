@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from explore_fixtures import CTX, LAYERS, build_world, make_sae
+from explore_fixtures import CTX, LAYERS, build_world, dense_codes, make_sae
 from safetensors.torch import load_file
 
 from mlsae.core.errors import MlsaeError
@@ -39,22 +39,6 @@ def read_cache(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         np.concatenate([p["token_ids"].numpy() for p in parts]),
         np.concatenate([p["mask"].numpy() for p in parts]),
     )
-
-
-def dense_codes(sae_dir: Path, x: np.ndarray) -> np.ndarray:
-    """TopK SAE activations [N, m] from the definition (standardize, TopK of the
-    pre-activations, ReLU), float64, from the saved weights."""
-    t = load_file(str(sae_dir / "sae.safetensors"))
-    cfg = json.loads((sae_dir / "cfg.json").read_text())
-    W_enc, b_enc, b_dec = (t[k].double().numpy() for k in ("W_enc", "b_enc", "b_dec"))
-    x = x.astype(np.float64)
-    u = (x - x.mean(1, keepdims=True)) / (x.std(1, ddof=1, keepdims=True) + 1e-5)
-    pre = (u - b_dec) @ W_enc + b_enc
-    out = np.zeros_like(pre)
-    for r in range(len(pre)):
-        top = np.argsort(-pre[r])[: cfg["k"]]
-        out[r, top] = np.maximum(pre[r, top], 0)
-    return out
 
 
 @pytest.fixture(scope="module")

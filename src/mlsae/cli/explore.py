@@ -90,6 +90,7 @@ def explore(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     except OSError as e:
         raise MlsaeError(
             f"cannot listen on {host}:{port} ({e.strerror}): try another --port"

@@ -80,21 +80,20 @@ class SaeIndexer:
             idx.append(enc.top_indices)
         A, Ix = torch.stack(acts, 1), torch.stack(idx, 1)  # [nu, L, k]
         self.stats.update(A, Ix)
-        nu, L, k = A.shape
-        a = A.flatten()
-        keep = a > 0
-        a = a[keep]
-        j = Ix.flatten()[keep]
-        p = torch.arange(L).view(1, L, 1).expand(nu, L, k).flatten()[keep]
-        t = used.view(nu, 1, 1).expand(nu, L, k).flatten()[keep]
-        self.count.index_add_(0, p * self.m + j, torch.ones_like(j))
         B = len(HIST_EDGES) - 1
-        self.hist.index_add_(0, j * B + hist_bins(a), torch.ones_like(j))
-        look = WindowLookup(p, t, j, a, len(ch.mask), self.m, ch.offset, ctx)
-        win = lambda e: look.windows(p[e], t[e], j[e], self.w)
-        self.top.push(p * self.m + j, a, {"pos": t + ch.offset, "win": win})
-        r = torch.rand(len(a), generator=self.gen)
-        self.sample.push(j, r, {"pos": t + ch.offset, "layer": p, "act": a, "win": win})
+        for p in range(self.L):  # one layer at a time bounds the temporaries
+            a, j = A[:, p].flatten(), Ix[:, p].flatten()  # [nu * k]
+            keep = a > 0
+            a, j = a[keep], j[keep]
+            t = used.repeat_interleave(A.shape[2])[keep]  # chunk positions
+            pp = torch.full_like(j, p)
+            self.count.index_add_(0, p * self.m + j, torch.ones_like(j))
+            self.hist.index_add_(0, j * B + hist_bins(a), torch.ones_like(j))
+            look = WindowLookup(pp, t, j, a, len(ch.mask), self.m, ch.offset, ctx)
+            win = lambda e, t=t, j=j, pp=pp, look=look: look.windows(pp[e], t[e], j[e], self.w)
+            self.top.push(p * self.m + j, a, {"pos": t + ch.offset, "win": win})
+            r = torch.rand(len(a), generator=self.gen)
+            self.sample.push(j, r, {"pos": t + ch.offset, "layer": pp, "act": a, "win": win})
 
 
 # ----------------------------------------------------------------------------- model parts

@@ -225,6 +225,7 @@ def create_app(
     routes = [
         Route("/", index),
         Route("/static/{name}", static),
+        Route("/favicon.ico", lambda req: Response(status_code=204)),
         Route("/api/info", api(ex.info)),
         Route("/api/latent", api(ex.latent)),
         Route("/api/search", api(ex.search)),

@@ -15,7 +15,7 @@ function h(tag, attrs, ...kids) {
     else if (k === "text") el.textContent = v;
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const kid of kids.flat()) {
+  for (const kid of kids.flat(Infinity)) {
     if (kid === null || kid === undefined || kid === false) continue;
     el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
   }
@@ -24,7 +24,7 @@ function h(tag, attrs, ...kids) {
 function svg(tag, attrs, ...kids) {
   const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
-  for (const kid of kids.flat()) if (kid) el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  for (const kid of kids.flat(Infinity)) if (kid) el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
   return el;
 }
 const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Math.abs(v) >= 1000 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : (+v).toFixed(d));
@@ -63,7 +63,7 @@ const latentHref = (s, j, layer) => `#/latent/${s}/${j}` + (layer !== undefined 
 function barChart(values, labels, { width = 420, height = 120, color = "#f0a030", title = "" } = {}) {
   const n = values.length, max = Math.max(1e-12, ...values.map((v) => v || 0));
   const bw = (width - 40) / Math.max(n, 1);
-  const g = svg("svg", { width, height: height + 22, role: "img", "aria-label": title });
+  const g = svg("svg", { viewBox: `0 0 ${width} ${height + 22}`, width: "100%", style: `max-width:${width}px`, role: "img", "aria-label": title });
   values.forEach((v, i) => {
     const bh = ((v || 0) / max) * height;
     const r = svg("rect", { x: 34 + i * bw, y: height - bh, width: Math.max(1, bw - 1), height: bh, fill: color });
