@@ -228,3 +228,31 @@ def test_errors(world, tmp_path) -> None:
     (tmp_path / "junk.sqlite").write_text("not a database")
     with pytest.raises(MlsaeError, match="not an explorer index"):
         IndexDB(tmp_path / "junk.sqlite")
+
+
+def test_top_keeper_streams_like_a_full_sort() -> None:
+    """Random chunks with many exact ties: each group keeps its C largest keys, ties to the
+    earliest entry, whatever the chunking; payloads follow their keys."""
+    from mlsae.explore.keeper import TopKeeper
+
+    g = torch.Generator().manual_seed(0)
+    G, C, E = 7, 5, 600
+    group = torch.randint(0, G, (E,), generator=g)
+    key = torch.randint(0, 20, (E,), generator=g).float()  # many ties
+    keeper = TopKeeper(G, C, {"id": (torch.int64, ()), "vec": (torch.float32, (2,))})
+    s = 0
+    while s < E:
+        n = int(torch.randint(1, 90, (1,), generator=g))
+        ids = torch.arange(s, min(s + n, E))
+        keeper.push(
+            group[ids],
+            key[ids],
+            {"id": ids, "vec": lambda e, ids=ids: ids[e, None].float().repeat(1, 2)},
+        )
+        s += n
+    for gr in range(G):
+        mine = [(float(key[i]), i) for i in range(E) if group[i] == gr]
+        want = sorted(mine, key=lambda t: (-t[0], t[1]))[:C]
+        assert keeper.data["id"][gr].tolist() == [i for _, i in want]
+        assert keeper.key[gr].tolist() == [k for k, _ in want]
+        assert keeper.data["vec"][gr, :, 0].tolist() == [float(i) for _, i in want]

@@ -39,8 +39,11 @@ class TopKeeper:
         u, C = len(uniq), self.C
         all_g = torch.cat([torch.arange(u).repeat_interleave(C), inv])
         all_k = torch.cat([self.key[uniq].flatten(), k])
-        order = torch.argsort(all_k, descending=True, stable=True)
-        order = order[torch.argsort(all_g[order], stable=True)]  # by group, then key desc
+        # one stable sort by (group, -key): keys are finite or -inf (empty slots -> -big)
+        fin = all_k.isfinite()
+        big = float(all_k[fin].abs().max()) + 1.0 if fin.any() else 1.0
+        k64 = torch.where(fin, all_k.double(), -big)
+        order = torch.sort(all_g.double() * (4 * big) - k64, stable=True).indices
         gs = all_g[order]
         counts = torch.bincount(gs, minlength=u)
         rank = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[gs]
