@@ -170,27 +170,31 @@ class IndexDB:
         return {"sae": r[0], "latent": r[1], "n_active": r[2], "freq": r[3], "max_act": r[4],
                 "mean_act": r[5], "mean_layer": r[6], "var_layer": r[7], **info}  # fmt: skip
 
-    def examples(self, sae: int, j: int, kind: str, layer: int | None = None) -> list[dict]:
-        """Examples of a latent: kind 'top' (at `layer`, or the best over all layers) or
-        'quantile'; each with its window, activation, layer and (quantile) band."""
+    def examples(
+        self, sae: int, j: int, kind: str, layer: int | None = None, limit: int | None = None
+    ) -> list[dict]:
+        """Examples of a latent: kind 'top' (at `layer`, or the best over all layers, largest
+        first) or 'quantile'; at most `limit`, each with its window, activation, layer and
+        (quantile) band."""
         sql = "SELECT layer, pos, act, win, lay, band FROM examples WHERE sae=? AND latent=? AND kind=?"
         args: tuple = (sae, j, kind)
         if layer is not None:
             sql, args = sql + " AND layer=?", (*args, layer)
         W = 2 * self.w + 1
-        out = []
+        rows = []  # (act, pos, layer, band, window activations)
         for ly, pos, act, win, lay, band in self.q(sql, args):
             p, a = np.frombuffer(pos, np.int32), np.frombuffer(act, np.float32)
-            wn = np.frombuffer(win, np.float16).reshape(-1, W).astype(np.float32)
+            wn = np.frombuffer(win, np.float16).reshape(-1, W)
             lays = np.frombuffer(lay, np.int16) if lay is not None else np.full(len(p), ly)
             bands = np.frombuffer(band, np.int8) if band is not None else [None] * len(p)
-            for i in range(len(p)):
-                e = self.window(int(p[i]), wn[i])
-                e.update(act=round(float(a[i]), 4), layer=int(lays[i]),
-                         band=None if bands[i] is None else int(bands[i]))  # fmt: skip
-                out.append(e)
+            rows += [(float(a[i]), int(p[i]), int(lays[i]), bands[i], wn[i]) for i in range(len(p))]
         if kind == "top":
-            out.sort(key=lambda e: (-e["act"], e["pos"], e["layer"]))
+            rows.sort(key=lambda r: (-r[0], r[1], r[2]))
+        out = []
+        for act, pos, ly, band, wn in rows[:limit]:
+            e = self.window(pos, wn.astype(np.float32))
+            e.update(act=round(act, 4), layer=ly, band=None if band is None else int(band))
+            out.append(e)
         return out
 
     def search_token(self, sae: int, token_ids: list[int], limit: int) -> list[tuple]:

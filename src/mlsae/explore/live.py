@@ -181,8 +181,8 @@ class Live:
         return [{"id": i, "token": tok.decode([i]), "p": p} for i, p in _top(logp, N_NEXT)]
 
     def _compare(self, clean: Tensor, steered: Tensor) -> list[dict[str, Any]]:
-        """Tokens whose log-probability rose / fell most under steering."""
-        d = steered - clean
+        """Tokens whose probability rose / fell most under steering."""
+        d = steered.exp() - clean.exp()
         tok = self.lm.tokenizer
         out = []
         for sign, idx in (("up", d.topk(6).indices), ("down", (-d).topk(6).indices)):

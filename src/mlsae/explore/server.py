@@ -120,7 +120,7 @@ class Explorer:
         lat = self.db.latent(s["sae"], j)
         if lat is None:
             raise BadRequest(f"latent {j} is not in the index")
-        top = self.db.examples(s["sae"], j, "top", layer)[: self.db.meta["top_n"]]
+        top = self.db.examples(s["sae"], j, "top", layer, limit=self.db.meta["top_n"])
         lat.update(sae=s["sae"], layers=s["layers"], layer=layer, top=top,
                    quantile=self.db.examples(s["sae"], j, "quantile"))  # fmt: skip
         lat["neighbours"] = [

@@ -168,7 +168,7 @@ async function pageLatent(r) {
       d.top_tokens.map((t) => h("span", { class: "pill tokpill", title: `max ${fmt(t.max)}` }, `${show(t.token)} ×${t.n}`)),
       h("h3", {}, "Neighbours by decoder cosine"),
       h("table", {}, d.neighbours.map((n) => h("tr", {}, h("td", {}, h("a", { href: latentHref(s, n.latent) }, `#${n.latent}`)),
-        h("td", { class: "num" }, fmt(n.cos)), h("td", { class: "tok muted" }, (n.text || "").slice(0, 60)))))));
+        h("td", { class: "num" }, fmt(n.cos)), h("td", { class: "tok muted", title: n.text || "" }, (n.text || "").slice(0, 34)))))));
   const tabs = h("div", { class: "layer-tabs" },
     h("button", { class: layer === null ? "on" : "", onclick: () => go(latentHref(s, j)) }, "all layers"),
     d.layers.filter((l, i) => d.layer_count[i] > 0).map((l) => h("button", { class: String(l) === layer ? "on" : "", onclick: () => go(latentHref(s, j, l)) }, `L${l}`)));
