@@ -230,14 +230,17 @@ class IndexDB:
         )
         return [r[0] for r in rows]
 
-    def summaries(self, sae: int, latents: list[int]) -> list[dict[str, Any]]:
-        """Short rows for result lists: stats and the best example's window."""
+    def summaries(self, sae: int, latents: list[int], match: str = "") -> list[dict[str, Any]]:
+        """Short rows for result lists: stats and the best example's window (the best one
+        holding `match`, when given)."""
         out = []
         for j in latents:
             r = self.q("SELECT latent, n_active, freq, max_act, mean_layer, text FROM latents "
                        "WHERE sae=? AND latent=?", (sae, j))  # fmt: skip
             if r:
                 lj, n, f, mx, ml, text = r[0]
+                lines = (text or "").split("\n")
+                hit = [x for x in lines if match and match.lower() in x.lower()]
                 out.append({"latent": lj, "n_active": n, "freq": f, "max_act": mx,
-                            "mean_layer": ml, "text": text.split("\n")[0] if text else ""})  # fmt: skip
+                            "mean_layer": ml, "text": (hit or lines)[0]})  # fmt: skip
         return out

@@ -148,7 +148,7 @@ class Explorer:
         else:
             for j in self.db.search_layers(s["sae"], lo, hi, limit):
                 found[j] = {"why": "mean layer"}
-        rows = self.db.summaries(s["sae"], list(found))
+        rows = self.db.summaries(s["sae"], list(found), match=text if text.strip() else "")
         return {"sae": s["sae"], "results": [{**r, **found[r["latent"]]} for r in rows]}
 
     def prompt(self, req: Request) -> dict[str, Any]:
