@@ -194,11 +194,19 @@ def test_per_layer_set_sweep_and_lens_sae(world, brute, tmp_path) -> None:
     acts, _, mask = read_cache(world["cache"])
     a1 = dense_codes(tmp_path / "pl" / "layer_01", acts[mask, 1])
     assert [db.latent(1, j)["n_active"] for j in range(64)] == (a1 > 0).sum(0).tolist()
+    # a single-layer SAE run, and one sweep member given directly
+    make_sae([1], seed=11).save(tmp_path / "single" / "sae")
+    db = IndexDB(build_index(tmp_path / "single", cache=world["cache"], top_n=3)["path"])
+    assert [(s["label"], s["layers"]) for s in db.saes] == [("L1", [1])]
+    a1 = dense_codes(tmp_path / "single" / "sae", acts[mask, 1])
+    assert [db.latent(0, j)["n_active"] for j in range(64)] == (a1 > 0).sum(0).tolist()
     # a sweep: one SAE per member folder
     for name, k in (("sae_R2_k3", 3), ("sae_R2_k5", 5)):
         make_sae(LAYERS, k=k).save(tmp_path / "sweep" / name)
     db = IndexDB(build_index(tmp_path / "sweep", cache=world["cache"], top_n=2)["path"])
     assert [(s["label"], s["k"]) for s in db.saes] == [("sae_R2_k3", 3), ("sae_R2_k5", 5)]
+    db = IndexDB(build_index(tmp_path / "sweep" / "sae_R2_k5", cache=world["cache"])["path"])
+    assert [s["label"] for s in db.saes] == ["sae_R2_k5"]
     # a lens SAE reads T_l(x) = x + A x + c
     g = torch.Generator().manual_seed(0)
     lens = TunedLens(3, 32)
