@@ -62,6 +62,11 @@ def main() -> None:
     s0 = ex.db.saes[0]
     warm = fetch(base, "/api/prompt", {"sae": 0, "text": PROMPTS[0], "latent": 0})
     print(f"first prompt (loads the model and SAEs): {warm:.1f} s")
+    alone = {"latent": [fetch(base, "/api/latent", {"sae": 0, "latent": j}) for j in range(10)],
+             "prompt": [fetch(base, "/api/prompt", {"sae": 0, "text": t, "latent": 1, "steer": 2,
+                                                    "factor": 4}) for t in PROMPTS[1:]]}  # fmt: skip
+    for k, v in alone.items():
+        print(f"one client: {k} median {1e3 * np.median(v):.0f} ms over {len(v)} requests")
     rng = np.random.default_rng(0)
     jobs = []
     for c in range(a.clients):
