@@ -48,13 +48,18 @@ class FeatureGraphView:
             self.pearson = _arr(edges["pearson"], np.float64)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise MlsaeError(f"{path}: unreadable feature graph ({e})") from None
-        settings: dict[str, Any] = {}
+        body: dict[str, Any] = {}
         if (folder / "evolution.json").is_file():
             try:
-                settings = json.loads((folder / "evolution.json").read_text()).get("settings", {})
-            except (OSError, ValueError, AttributeError):
-                settings = {}
+                body = json.loads((folder / "evolution.json").read_text())
+            except (OSError, ValueError):
+                body = {}
+        settings = body.get("settings") or {} if isinstance(body, dict) else {}
         self.pass_through = float(settings.get("pass_through", 0.95))
+        n_used = body.get("n_used_tokens") if isinstance(body, dict) else None
+        # features active on enough tokens for their Pearson to mean something
+        floor = settings.get("min_support", 10) / n_used if n_used else 0.0
+        self.supported = np.nan_to_num(self.density, nan=0.0) >= floor
         self.method = str(g.get("community_method", ""))
         n = len(self.layer)
         self.sizes = np.bincount(self.community[self.community >= 0], minlength=1)
@@ -172,9 +177,15 @@ class FeatureGraphView:
                 "n_communities": multi, "community_method": self.method}  # fmt: skip
 
     def strongest(self, n: int = 10) -> list[dict[str, Any]]:
-        """A few starting points: the endpoints of the strongest edges, one per layer pair."""
+        """A few starting points: the endpoints of the strongest edges between features active
+        on at least the run's min_support tokens, one per layer pair."""
         out, seen = [], set()
-        for e in np.argsort(-np.nan_to_num(self.weight, nan=-1.0), kind="stable"):
+        ok = self.supported[self.src] & self.supported[self.dst]
+        for e in np.argsort(
+            -np.where(ok, np.nan_to_num(self.weight, nan=-1.0), -2.0), kind="stable"
+        ):
+            if not ok[e] and out:
+                break
             v = int(self.src[e])
             if int(self.layer[v]) in seen:
                 continue

@@ -338,7 +338,7 @@ async function boot() {
     return;
   }
   $("#run").textContent = `${INFO.run} · ${INFO.model} · ${INFO.n_tokens} tokens`;
-  $("#sae").replaceChildren(...INFO.saes.map((s) => h("option", { value: s.sae }, `${s.label} (${s.d_sae} latents, layers ${s.layers[0]}–${s.layers[s.layers.length - 1]})`)));
+  $("#sae").replaceChildren(...INFO.saes.map((s) => h("option", { value: s.sae }, `${s.label} (${s.d_sae} latents, ${s.layers.length > 1 ? `layers ${s.layers[0]}–${s.layers[s.layers.length - 1]}` : `layer ${s.layers[0]}`})`)));
   $("#sae").addEventListener("change", () => {
     const r = route(), before = location.hash;
     go(r.page === "latent" ? latentHref(saeId(), 0) : `#/${r.page}?sae=${saeId()}`);
