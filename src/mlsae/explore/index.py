@@ -33,6 +33,7 @@ from torch import Tensor
 
 from mlsae.analysis.layers import LayerStats
 from mlsae.core.errors import MlsaeError
+from mlsae.evolution.run import one_thread
 from mlsae.explore.keeper import TopKeeper, WindowLookup
 from mlsae.explore.source import Chunk, RunSae
 
@@ -79,6 +80,10 @@ class SaeIndexer:
             acts.append(enc.top_acts)
             idx.append(enc.top_indices)
         A, Ix = torch.stack(acts, 1), torch.stack(idx, 1)  # [nu, L, k]
+        with one_thread():  # sparse bookkeeping: a second thread only costs (see one_thread)
+            self._accumulate(ch, used, A, Ix, ctx)
+
+    def _accumulate(self, ch: Chunk, used: Tensor, A: Tensor, Ix: Tensor, ctx: int) -> None:
         self.stats.update(A, Ix)
         B = len(HIST_EDGES) - 1
         for p in range(self.L):  # one layer at a time bounds the temporaries
