@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (SmolLM2-135M-Instruct + Wikipedia/SOTU corpus), offline:
-# cache -> train MLSAE + single-layer baselines -> evaluate -> cross-layer matrix -> analyze.
+# cache -> train MLSAE + single-layer baselines -> evaluate -> cross-layer matrix -> analyze
+# -> the explorer's index (then `mlsae explore`).
 # Usage: scripts/demo.sh BIN OUT TRAIN_TOKENS TEST_TOKENS [optional stages: evolution lens]
 set -euo pipefail
 BIN=${1:-.venv/bin}; OUT=${2:-demo_out}; TOK=${3:-60000}; TEST=${4:-8192}; shift 4 || true
@@ -71,5 +72,19 @@ stage "5/6 analyze: where latents live across layers, residual geometry, report"
   --prompt "The capital of France is Paris, and the capital of Italy is Rome." \
   --prompt "Mr. Speaker, the state of our Union is strong." "${EVO[@]}"
 
-stage "6/6 done in $(( $(date +%s) - start ))s"
+stage "6/6 explorer index: top examples, frequencies, layer distributions, logit effects per latent"
+"$M" index "$OUT/mlsae" --cache "$OUT/cache_test"
+EXPLORE_PL=""
+if [[ "$EXTRA" == *" evolution "* ]]; then
+  "$M" index "$OUT/per_layer" --cache "$OUT/cache_test"
+  EXPLORE_PL="$M explore $OUT/per_layer --evolution $OUT/evolution --port 8766"
+fi
+
+stage "done in $(( $(date +%s) - start ))s"
 echo "report: $(cd "$OUT/analysis" && pwd)/report.html"
+echo "explore the MLSAE's latents (a local web app; open the URL it prints):"
+echo "  $M explore $OUT/mlsae"
+if [[ -n "$EXPLORE_PL" ]]; then
+  echo "explore the per-layer SAEs and their features across layers:"
+  echo "  $EXPLORE_PL"
+fi

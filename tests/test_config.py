@@ -37,6 +37,7 @@ NOT_SETTINGS = {
     "runs",
     "run",
     "src",
+    "db",
     "cross",
     "lens",
     "prompt",

@@ -303,7 +303,7 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
 
 
 def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
-    from mlsae.evolution.measures import EvolutionConfig
+    from mlsae.core.stage_config import EvolutionConfig
     from mlsae.evolution.run import evolution_command
 
     _train(root, tmp_path / "pl", "cache_train", "--per-layer", "--lens", str(root / "lens"))

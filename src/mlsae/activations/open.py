@@ -25,7 +25,7 @@ def open_live(
     default_tokens: int,
     layers: Sequence[int] | None = None,
     lens: str | Path | None = None,
-    storage_dtype: str = "bfloat16",
+    storage_dtype: str = "float32",
     block_tokens: int = 4096,
 ) -> LiveSource:
     """`open_source` for commands that must run the model (caching, the tuned lens)."""
@@ -45,12 +45,14 @@ def open_source(
     default_tokens: int,
     layers: Sequence[int] | None = None,
     lens: str | Path | None = None,
-    storage_dtype: str = "bfloat16",
+    storage_dtype: str = "float32",
     block_tokens: int = 4096,
 ) -> ActivationSource:
     """`source.cache` if given (its own model, data and layers; `data`/`model` unused), else a
     `LiveSource` running `model` on `source.tokens or default_tokens` tokens of `data`, capturing
-    `layers` (default: `source.layers`, i.e. all blocks), through the tuned `lens` if given."""
+    `layers` (default: `source.layers`, i.e. all blocks), through the tuned `lens` if given.
+    Live vectors keep the model's precision (float32) unless `storage_dtype` says otherwise
+    (`mlsae cache` rounds them as it stores them)."""
     if source.cache is not None:
         from mlsae.activations.cache import ActivationCache
 

@@ -116,10 +116,21 @@ class ActivationSource(ABC):
         return out
 
     def iter_ordered(self, max_tokens: int | None = None) -> Iterator[Block]:
-        """Blocks in stream order, up to the first block that reaches max_tokens tokens."""
+        """Blocks in stream order; with max_tokens, the tokens of the first
+        ceil(max_tokens / context_length) contexts (the last block cut to that)."""
         todo = self._blocks(max_tokens)
         if not todo:
             return
+        ctx = max(1, self.context_length)
+        left = None if max_tokens is None else -(-max_tokens // ctx) * ctx
+        for b in self._load_all(todo):
+            if left is not None:
+                if len(b.token_ids) > left:
+                    b = Block(b.activations[:left], b.token_ids[:left], b.mask[:left], b.offset)
+                left -= len(b.token_ids)
+            yield b
+
+    def _load_all(self, todo: list[int]) -> Iterator[Block]:
         if not self.prefetch:
             for i in todo:
                 yield self.load_block(i)

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from mlsae.cli.explore import register as register_explore
 from mlsae.cli.interchange import register as register_interchange
 from mlsae.cli.lens import lens_app
 from mlsae.cli.options import Given, config_command
@@ -38,6 +39,7 @@ app = typer.Typer(
 )
 app.add_typer(lens_app, name="lens")
 register_interchange(app)  # mlsae export / mlsae import
+register_explore(app)  # mlsae index / mlsae explore
 
 Out = Annotated[Path, typer.Option(help="Output folder")]
 TEST = {"split": "test"}

@@ -149,3 +149,45 @@ class ImportConfig:
 
     format: Literal["auto", "sparsify", "saelens", "mlsae-hub"] = "auto"
     """sparsify, saelens, mlsae-hub (the paper's checkpoints) or auto (detected)."""
+
+
+@dataclass
+class IndexConfig:
+    """What `mlsae index` keeps per latent (the explorer's database)."""
+
+    top_n: int = 32
+    """Top activating examples kept per latent and layer."""
+    window: int = 4
+    """Context tokens either side of an example."""
+    samples: int = 48
+    """Activations sampled per latent for the examples by activation quantile."""
+    n_logits: int = 10
+    """Top promoted and suppressed tokens kept per latent (logit effects)."""
+    n_neighbours: int = 10
+    """Nearest latents by decoder cosine kept per latent."""
+    seed: int = 0
+    """Seed of the activation sampling."""
+
+    def __post_init__(self) -> None:
+        check(self.top_n >= 1 and self.samples >= 4 and 0 <= self.window <= 32,
+              "--top-n must be >= 1, --samples >= 4 and --window in [0, 32]")  # fmt: skip
+        check(
+            self.n_logits >= 1 and self.n_neighbours >= 1,
+            "--n-logits and --n-neighbours must be >= 1",
+        )
+
+
+@dataclass
+class ExploreConfig:
+    """How `mlsae explore` serves the explorer."""
+
+    port: int = 8765
+    """TCP port (0: any free port)."""
+    host: str = "127.0.0.1"
+    """Address to bind (default: this machine only)."""
+    max_tokens: int = 128
+    """Longest prompt the prompt page accepts, in tokens."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, "--port must be in [0, 65535]")
+        check(1 <= self.max_tokens <= 1024, "--max-tokens must be between 1 and 1024")

@@ -139,22 +139,15 @@ def recon_from_source(
 
     pos = {layer: i for i, layer in enumerate(source.layers)}
     total = source.n_tokens if max_tokens is None else min(source.n_tokens, max_tokens)
-    left = (
-        None
-        if max_tokens is None
-        else -(-max_tokens // source.context_length) * source.context_length
-    )
     with tqdm(total=total, unit="tok", unit_scale=True, desc="reconstruct") as bar:
         for block in source.iter_ordered(max_tokens):
-            n = len(block.token_ids) if left is None else min(len(block.token_ids), left)
-            acts = block.activations[:n][block.mask[:n]]  # [N_used, L_source, d]
+            n = len(block.token_ids)
+            acts = block.activations[block.mask]  # [N_used, L_source, d]
             for e in entries:
                 for layer in e.layers:
                     x = acts[:, pos[layer]].float()
                     x_model = None if e.space.cache_in_lens else x
                     e.reconstruct(e.space.cached_to_sae(x, layer), layer, True, x_model)
-            if left is not None:
-                left -= n
             bar.update(n)
 
 
