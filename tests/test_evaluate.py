@@ -108,7 +108,7 @@ def test_cli_with_cache_matches_reference(setup, tmp_path):
     assert "mean" in res.stdout and "dead fraction" in res.stdout
     got = json.loads(out.read_text())
     assert set(got) == {"layers", "per_layer", "mean", "dead_fraction", "n_tokens", "sae", "model",
-                        "space"}  # fmt: skip
+                        "space", "exclude_sink", "norm_outliers"}  # fmt: skip
     assert got["space"] == "model"
     assert set(got["per_layer"]) == {"fvu", "mse", "l0", "delta_ce", "kl"}
     ref = _reference(root, model, root / "mlsae" / "sae", [0, 1, 2])

@@ -24,7 +24,8 @@ def _docs(n: int, seed: int = 0) -> list[str]:
 
 
 def _cfg(dataset: Path | str, **kw) -> DataConfig:
-    return DataConfig(dataset=str(dataset), **{"test_fraction": 0.0, **kw})
+    """Local data, no test split, and the plain EOS-joined stream (no BOS) unless asked."""
+    return DataConfig(dataset=str(dataset), **{"test_fraction": 0.0, "exclude_sink": False, **kw})
 
 
 def test_txt_folder_recursive_sorted(tmp_path: Path) -> None:
@@ -152,6 +153,37 @@ def test_contexts_exact_eos_joined(tmp_path: Path, tokenizer, ctx: int) -> None:
     assert torch.equal(torch.stack(got), want)
     assert (want == eos).sum() >= len(docs) - 1
     assert torch.equal(torch.stack(list(iter_contexts(tokenizer, cfg))), want)  # deterministic
+
+
+@pytest.mark.parametrize("ctx", [2, 7, 64])
+def test_contexts_start_with_bos_when_sinks_are_excluded(
+    tmp_path: Path, tokenizer, ctx: int
+) -> None:
+    """exclude_sink (the default): every context is BOS then ctx - 1 tokens of the same stream,
+    and position 0 is never counted; a tokenizer without BOS keeps the plain contexts."""
+    from mlsae.data.capture import special_ids_of, used_mask
+
+    docs = _docs(30, seed=2)
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    stream: list[int] = []
+    for d in docs:
+        stream += tokenizer.encode(d, add_special_tokens=False) + [eos]
+    n = len(stream) // (ctx - 1)
+    body = torch.tensor(stream[: n * (ctx - 1)]).view(n, ctx - 1)
+    want = torch.cat([torch.full((n, 1), bos), body], dim=1)
+    got = torch.stack(
+        list(
+            iter_contexts(
+                tokenizer, _cfg(tmp_path / "c.jsonl", context_length=ctx, exclude_sink=True)
+            )
+        )
+    )
+    assert torch.equal(got, want)
+    used = used_mask(got, special_ids_of(tokenizer), exclude_first=True)
+    assert not used[:, 0].any() and torch.equal(
+        used[:, 1:], ~torch.isin(got[:, 1:], torch.tensor(special_ids_of(tokenizer)))
+    )
 
 
 def test_many_documents_cross_tokenizer_batches(tmp_path: Path, tokenizer, monkeypatch) -> None:

@@ -24,6 +24,7 @@ from mlsae.activations.cache import (
 )
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def build_cache(
     settings = {
         **{k: live.info[k] for k in ("model", "model_dtype", "dataset", "split", "text_column",
                                      "hf_split", "test_fraction", "context_length", "layers",
-                                     "d_model", "dtype", "lens")},
+                                     "d_model", "dtype", "lens", "exclude_sink")},
         "requested_tokens": source.tokens, "target_tokens": live.n_contexts * ctx,
         "shard_tokens": per_shard * ctx,
     }  # fmt: skip
@@ -132,4 +133,19 @@ def build_cache(
             b = live.load_block(i)
             writer.add(b.activations, b.token_ids, b.mask)
             bar.update(len(b.token_ids))
-    return writer.close()
+    writer.close()
+    return record_norm_outliers(out)
+
+
+def record_norm_outliers(out: Path) -> dict[str, Any]:
+    """Add the per-layer norm-outlier report (mlsae.activations.norms) to a finished cache's
+    manifest; returns the manifest."""
+    from mlsae.activations.cache import ActivationCache
+    from mlsae.activations.norms import norm_outliers
+
+    cache = ActivationCache(out)
+    rep = norm_outliers(cache)
+    log.info(f"{out}: {rep.describe()}")
+    man = {**cache.manifest, "norm_outliers": rep.summary()}
+    write_json(out / MANIFEST, man)
+    return man

@@ -67,7 +67,7 @@ class LiveSource(ActivationSource):
             "split": data.split, "text_column": data.text_column, "hf_split": data.hf_split,
             "test_fraction": data.test_fraction, "context_length": self.context_length,
             "layers": self.layers, "d_model": self.d_model, "dtype": storage_dtype, "lens": lens,
-            "special_ids": list(lm.special_ids),
+            "special_ids": list(lm.special_ids), "exclude_sink": data.exclude_sink,
         }  # fmt: skip
 
     def describe(self) -> str:
@@ -97,7 +97,7 @@ class LiveSource(ActivationSource):
         """[..., T] bool: the positions whose vectors count (not special tokens)."""
         from mlsae.data.capture import used_mask
 
-        return used_mask(ids, self.lm.special_ids)
+        return used_mask(ids, self.lm.special_ids, exclude_first=self.data.exclude_sink)
 
     @property
     def n_blocks(self) -> int:

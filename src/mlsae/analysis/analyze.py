@@ -132,7 +132,10 @@ def analyze(
             "the activations are training-split tokens: held-out ones (--split test) are fairer"
         )
     layers = list(cfg.layers) if len(cfg.layers) > 1 else list(src.layers)
-    prompt_stats = analyze_prompts(prompts, model, sae, cfg, layers, chunk_vectors, space.lens)
+    prompt_stats = analyze_prompts(prompts, model, sae, cfg, layers, chunk_vectors, space.lens,
+                                   exclude_sink=data.exclude_sink)  # fmt: skip
+    if (msg := cfg.sink_mismatch(src.info.get("exclude_sink"))) is not None:
+        log.warning(msg)
     encoders = {"main": (sae_encoder(sae, _on_the_fly(space), layers), cfg.d_sae)}
     for i, ((_, _, c), sp) in enumerate(zip(cmps, spaces, strict=True)):
         encoders[f"compare_{i}"] = (sae_encoder(c, _on_the_fly(sp), layers), c.cfg.d_sae)

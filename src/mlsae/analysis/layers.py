@@ -321,23 +321,28 @@ def analyze_prompts(
     layers: list[int],
     chunk_vectors: int = 8192,
     lens: TunedLens | None = None,
+    exclude_sink: bool = True,
 ) -> list[LayerStatsResult]:
     """Per prompt: capture every layer's vector of its tokens, encode, and accumulate."""
     if not prompts:
         return []
     from mlsae.data.capture import capture, used_mask
     from mlsae.data.model import load_model
+    from mlsae.data.text import bos_id_of
 
     lm = load_model(model)
     if lm.d_model != cfg.d_in:
         raise MlsaeError(f"model {model.name!r} has d_model {lm.d_model}, the SAE d_in {cfg.d_in}")
     out = []
     for text in prompts:
-        ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]  # [1, T]
+        ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        bos = bos_id_of(lm.tokenizer) if exclude_sink else None
+        if bos is not None:  # as the contexts of the data: BOS first, position 0 not counted
+            ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)  # [1, T]
         if ids.shape[1] == 0:
             raise MlsaeError(f"prompt {text!r} has no tokens")
         x = capture(lm.model, ids, layers)[0].float()  # [T, L, d]
-        mask = used_mask(ids, lm.special_ids)[0]  # [T]
+        mask = used_mask(ids, lm.special_ids, exclude_first=exclude_sink)[0]  # [T]
         st = LayerStats(cfg.d_sae, layers)
         feed(st, sae_encoder(sae, lens, layers), x[mask], chunk_vectors)
         out.append(st.result())

@@ -58,9 +58,12 @@ def cache(
 ) -> None:
     """Capture residual-stream vectors of every chosen block into safetensors shards."""
     from mlsae.activations.extract import build_cache
+    from mlsae.activations.norms import NormOutliers
 
     man = build_cache(out, model, data, source, extract, lens)
     print(f"{out}: {man['n_tokens']} tokens of layers {man['layers'][0]}..{man['layers'][-1]}")
+    if isinstance(man.get("norm_outliers"), dict):
+        print(NormOutliers.from_summary(man["norm_outliers"]).describe())
 
 
 @config_command(app, defaults={"tokens": 50_000}, aliases={"k": ["-k"]})

@@ -46,6 +46,10 @@ class DataConfig:
     """Tokens per context (paper: 2048; 256 suits a CPU)."""
     test_fraction: float = 0.1
     """Fraction of documents (by a hash of their text) held out as the test split."""
+    exclude_sink: bool = True
+    """Keep attention sinks out of every number: each context starts with the tokenizer's BOS
+    token (where it has one) and its first position is excluded like a special token
+    (--no-exclude-sink: the earlier contexts, no BOS, every position counted)."""
 
     @property
     def name(self) -> str:
@@ -132,6 +136,9 @@ class SaeConfig:
     """Dataset the activations came from."""
     lens: str | None = None
     """Tuned-lens folder if the SAE was trained in lens space, else None."""
+    exclude_sink: bool | None = None
+    """Whether its training data left out attention-sink positions (None: made before the
+    option existed, i.e. not excluded)."""
 
     def __post_init__(self) -> None:
         check(self.d_in >= 2, f"d_in must be >= 2, not {self.d_in}")
@@ -148,6 +155,16 @@ class SaeConfig:
     @property
     def d_sae(self) -> int:
         return self.d_in * self.expansion_factor
+
+    def sink_mismatch(self, seen: bool | None) -> str | None:
+        """A warning when activations with(out) attention-sink positions (`seen`: a manifest's
+        exclude_sink; None = made before the option, i.e. included) meet this SAE, else None."""
+        trained, seen = bool(self.exclude_sink), bool(seen)
+        if trained == seen:
+            return None
+        how = lambda b: "without" if b else "with"  # noqa: E731
+        return (f"the SAE was trained {how(trained)} attention-sink positions, these activations "
+                f"are {how(seen)} them: numbers are not comparable to its training")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "d_sae": self.d_sae}
@@ -322,7 +339,7 @@ def _run_config_v1(d: dict[str, Any]) -> dict[str, Any]:
     if isinstance(train, dict):
         train = {k: v for k, v in train.items() if k in {f.name for f in fields(TrainConfig)}}
     return {
-        "data": {"dataset": d.get("dataset") or DEFAULT_DATASET},
+        "data": {"dataset": d.get("dataset") or DEFAULT_DATASET, "exclude_sink": False},
         "model": {"model": d.get("model") or DEFAULT_MODEL},
         "source": {"cache": d.get("cache")},
         "sae": {"expansion_factor": rs or [8], "k": ks or [32],

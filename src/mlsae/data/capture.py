@@ -85,11 +85,17 @@ def unembed(model: PreTrainedModel, h: Tensor) -> Tensor:
 
 
 def used_mask(
-    input_ids: Tensor, special_ids: Sequence[int], attention_mask: Tensor | None = None
+    input_ids: Tensor,
+    special_ids: Sequence[int],
+    attention_mask: Tensor | None = None,
+    exclude_first: bool = False,
 ) -> Tensor:
     """[B, T] bool: True at positions used for training/metrics/analysis, False at special
-    tokens (BOS, EOS, PAD and any the tokenizer marks special) and at padding."""
+    tokens (BOS, EOS, PAD and any the tokenizer marks special), at padding, and at position 0
+    of every context with exclude_first (the attention sink, SPEC 1)."""
     mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if exclude_first and mask.shape[-1]:
+        mask[..., 0] = False
     if len(special_ids):
         mask &= ~torch.isin(input_ids, torch.as_tensor(list(special_ids), device=input_ids.device))
     if attention_mask is not None:

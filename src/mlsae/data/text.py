@@ -215,22 +215,37 @@ def iter_token_chunks(tokenizer, cfg: DataConfig) -> Iterator[np.ndarray]:
         yield np.concatenate([np.asarray([*x, eos], dtype=np.int64) for x in ids])
 
 
+def bos_id_of(tokenizer) -> int | None:
+    """The tokenizer's BOS id, or None if it defines none."""
+    v = getattr(tokenizer, "bos_token_id", None)
+    return None if v is None else int(v)
+
+
 def iter_contexts(tokenizer, cfg: DataConfig) -> Iterator[Tensor]:
     """Fixed contexts: LongTensor[context_length] each, cut from the split's token stream; the
-    incomplete tail is dropped. Raises MlsaeError if the split holds less than one context."""
+    incomplete tail is dropped. With cfg.exclude_sink and a tokenizer that has a BOS token, each
+    context is BOS followed by context_length - 1 tokens of the stream. Raises MlsaeError if the
+    split holds less than one context."""
     ctx = int(cfg.context_length)
     if ctx < 1:
         raise MlsaeError(f"context_length must be >= 1, not {ctx}")
+    bos = bos_id_of(tokenizer) if cfg.exclude_sink else None
+    if bos is not None and ctx < 2:
+        raise MlsaeError("--context-length must be >= 2 to start each context with BOS")
+    take = ctx - (bos is not None)  # stream tokens per context
     rest = np.empty(0, dtype=np.int64)
     n_total = 0
     for chunk in iter_token_chunks(tokenizer, cfg):
         buf = np.concatenate([rest, chunk])
-        n = len(buf) // ctx
+        n = len(buf) // take
         if n:
-            block = torch.from_numpy(buf[: n * ctx].reshape(n, ctx).copy())  # [n, ctx]
+            body = buf[: n * take].reshape(n, take)
+            if bos is not None:
+                body = np.concatenate([np.full((n, 1), bos, dtype=np.int64), body], axis=1)
+            block = torch.from_numpy(np.ascontiguousarray(body))  # [n, ctx]
             yield from block
             n_total += n
-        rest = buf[n * ctx :]
+        rest = buf[n * take :]
     if n_total == 0:
         raise MlsaeError(
             f"dataset {cfg.name!r} (split {cfg.split!r}) holds {len(rest)} tokens, "

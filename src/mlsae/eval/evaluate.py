@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from mlsae.activations.cache import ActivationCache
 from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
@@ -236,6 +237,9 @@ def evaluate_entries(
         )  # fmt: skip
         e.reset_metrics()
     _check(entries, None, source.d_model)
+    for e in entries:
+        if (msg := e.sae.cfg.sink_mismatch(source.info.get("exclude_sink"))) is not None:
+            log.warning(f"SAE {e.path}: {msg}")
     others = sorted({str(e.sae.cfg.model) for e in entries} - {str(source.info.get("model"))})
     if others:
         log.warning(f"activations of model {source.info.get('model')!r}, SAE model(s) {others}")
@@ -293,6 +297,13 @@ def evaluate_command(
     name = evaluate_entries([entry], src, model=model if model.model else None, ev=ev,
                             tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
     result = entry.result(name)
+    result["exclude_sink"] = bool(src.info.get("exclude_sink", False))
+    if isinstance(src, ActivationCache):  # the model would have to run twice more otherwise
+        from mlsae.activations.norms import norm_outliers
+
+        result["norm_outliers"] = (
+            norm_outliers(src, max_tokens=source.tokens).select(entry.layers).summary()
+        )
     write_json(Path(out), result)
     return result
 
@@ -314,4 +325,15 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append(f"{layer:5d}" + "".join(" " + _fmt(per[k][i]) for k in keys))
     rows.append(" mean" + "".join(" " + _fmt(result["mean"][k]) for k in keys))
     rows.append(f"dead fraction {result['dead_fraction']:.4f}   tokens {result['n_tokens']}")
+    if isinstance(result.get("norm_outliers"), dict):
+        from mlsae.activations.norms import NormOutliers
+
+        rep = NormOutliers.from_summary(result["norm_outliers"])
+        rows.append(f"outliers: {rep.describe()}")
+        if rep.dominated():
+            rows.append(
+                "  the FVU of those layers mostly measures how well these few vectors are rebuilt"
+            )
+    if result.get("exclude_sink") is False:
+        rows.append("attention-sink positions are included (--no-exclude-sink or an older cache)")
     return "\n".join(rows)

@@ -155,7 +155,7 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
         sc = SaeConfig(
             d_in=run.d_in, expansion_factor=s.expansion_factor, k=s.k,
             normalize=run.sae.normalize, layers=list(s.layers), model=run.model.name,
-            dataset=run.data.name, lens=run.lens,
+            dataset=run.data.name, lens=run.lens, exclude_sink=run.data.exclude_sink,
         )  # fmt: skip
         sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype)
         since = torch.zeros(sc.d_sae, dtype=torch.float64)

@@ -72,6 +72,7 @@ def plan_run(
     data = replace(
         data, dataset=info.get("dataset") or data.dataset, split=info.get("split") or data.split,
         context_length=int(info.get("context_length") or data.context_length),
+        exclude_sink=bool(info.get("exclude_sink", False)),  # caches made before: not excluded
     )  # fmt: skip
 
     lens = lens_ref(sae.lens) if sae.lens is not None else None
