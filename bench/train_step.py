@@ -24,7 +24,7 @@ import torch
 
 from mlsae.core.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
 from mlsae.core.config import SaeConfig
-from mlsae.sae import kernels
+from mlsae.sae import kernels, native
 from mlsae.sae.autoencoder import SparseAutoencoder
 
 CLOCK = time.perf_counter
@@ -204,7 +204,8 @@ def main() -> None:
     # top-k methods on the same pre-activations
     pre = (x @ torch.randn(a.d, a.d * a.r) / a.d**0.5).to(dt)
     ref = pre.topk(a.k, dim=1).values
-    tk = {m: (lambda m=m: kernels.topk(pre, a.k, m)) for m in ("torch", "grouped")}
+    methods = ("torch", "grouped") + (("native",) if native.backend() == "native" else ())
+    tk = {m: (lambda m=m: kernels.topk(pre, a.k, m)) for m in methods}
     for m, f in tk.items():
         v, i = f()
         ok = torch.equal(v.sort(1, descending=True).values, ref) and torch.equal(

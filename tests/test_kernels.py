@@ -50,7 +50,7 @@ def test_segment_sum_equals_dense_transpose_product():
     w = torch.randn(n, k)
     table = torch.randn(n, d)
     dense = torch.zeros(n, m).scatter_(1, idx, w)  # [n, m]
-    got = segment_sum(latent_segments(idx, m), table, w)
+    got = segment_sum(latent_segments(idx, m), table, w)[0]
     torch.testing.assert_close(got, dense.t() @ table, rtol=1e-5, atol=1e-5)
 
 
