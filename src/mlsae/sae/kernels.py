@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mlsae.core.errors import MlsaeError
-
 from mlsae.sae import native
 
 TopkMethod = Literal["auto", "torch", "grouped", "native"]
@@ -45,7 +44,7 @@ the shape allows it (d_sae divisible by the group size, d_sae / g >= 2k, N >= 64
 torch.topk. bench/train_step.py compares them."""
 TOPK_GROUP = 16
 """Group size g of the grouped (torch) top-k."""
-TILE_BYTES = 4 << 20
+TILE_BYTES = 128 << 20
 """Native backend: bytes of one row tile of pre-activations (matmul, then top-k in cache)."""
 
 
@@ -84,7 +83,7 @@ def topk(pre: Tensor, k: int, method: TopkMethod | None = None) -> tuple[Tensor,
     particular order). Exact: the values equal `torch.topk`'s (indices differ only at ties)."""
     method = method or TOPK_METHOD
     if method in ("auto", "native"):
-        so = native.library()
+        so = native.active()
         if so is not None:
             vals, idx = native.topk(pre, k, so)
             return vals.to(pre.dtype), idx
@@ -135,7 +134,7 @@ def latent_segments(idx: Tensor, m: int) -> LatentSegments:
         return _SEG_MEMO[1]
     k = idx.shape[1]
     flat = idx.reshape(-1)
-    so = native.library()
+    so = native.active()
     if so is not None:
         offsets, order = native.segments(idx, m, so)
     else:
@@ -154,7 +153,7 @@ def segment_sum(
     its transpose [d, m] (contiguous) if `transposed`; and the per-latent sums of the weights
     [m]. table [N, d]; weights [N, k] (same layout as the index matrix). This is the transpose
     product sparse(weights)^T @ table over the active entries only."""
-    so = native.library()
+    so = native.active()
     if so is not None:
         return native.segment_sum(seg.offsets, seg.order, seg.k, weights, table, so, transposed)
     w = weights.reshape(-1).index_select(0, seg.order).to(table.dtype)
@@ -169,7 +168,7 @@ def segment_sum(
 
 def _row_dots(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """out[n, s] = grad[n] . weight[idx[n, s]]: [N, k], without materialising weight[idx]."""
-    so = native.library()
+    so = native.active()
     if so is not None:
         return native.row_dots(grad, idx, weight, so)
     n, k = idx.shape
@@ -196,7 +195,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
         ctx.save_for_backward(acts, idx, W_dec)
-        so = native.library()
+        so = native.active()
         if so is not None:
             return native.gather_sum(acts, idx, W_dec, so).to(W_dec.dtype)
         return F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
@@ -237,7 +236,7 @@ class _TopKEncode(torch.autograd.Function):
         v = u - b_dec  # [N, d] f32
         if dead is None:
             dead = torch.zeros(0, dtype=torch.int64)
-        so = native.library()
+        so = native.active()
         if so is not None:
             vals, idx, dead_pre = _encode_tiled(v, W_enc, b_enc, k, dtype, dead, so)
         else:

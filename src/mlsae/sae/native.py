@@ -127,13 +127,34 @@ def library() -> ctypes.CDLL | None:
             raise MlsaeError(f"native SAE kernels unavailable: {e}") from None
         log.warning(f"SAE kernels: torch (native kernels unavailable: {e})")
         return None
-    log.info(f"SAE kernels: native ({_compiler()} -march=native; {torch.get_num_threads()} threads)")
+    log.info(
+        f"SAE kernels: native ({_compiler()} -march=native; {torch.get_num_threads()} threads)"
+    )
     return so
 
 
+_FORCED_TORCH: list[bool] = [False]
+
+
+def active() -> ctypes.CDLL | None:
+    """The library the kernels use now: `library()`, or None inside `forced_torch()`."""
+    return None if _FORCED_TORCH[0] else library()
+
+
+class forced_torch:  # noqa: N801 - used like a function: `with forced_torch(): ...`
+    """Context in which the kernels use the pure-torch backend (tests, benchmarks)."""
+
+    def __enter__(self) -> None:
+        self._old = _FORCED_TORCH[0]
+        _FORCED_TORCH[0] = True
+
+    def __exit__(self, *exc) -> None:
+        _FORCED_TORCH[0] = self._old
+
+
 def backend() -> str:
-    """'native' or 'torch' (resolved and logged once)."""
-    return "native" if library() is not None else "torch"
+    """'native' or 'torch': the backend in use (resolved and logged once)."""
+    return "native" if active() is not None else "torch"
 
 
 def _self_test(so: ctypes.CDLL) -> None:
@@ -164,7 +185,9 @@ def topk(pre: Tensor, k: int, so: ctypes.CDLL, out: tuple[Tensor, Tensor] | None
     if pre.dtype not in (torch.float32, torch.bfloat16) or pre.stride(1) != 1:
         pre = pre.float().contiguous()
     n, m = pre.shape
-    vals, idx = out if out is not None else (torch.empty(n, k), torch.empty(n, k, dtype=torch.int64))
+    vals, idx = (
+        out if out is not None else (torch.empty(n, k), torch.empty(n, k, dtype=torch.int64))
+    )
     if n and k:
         dt = 1 if pre.dtype == torch.bfloat16 else 0
         so.mlsae_topk(_p(pre), dt, n, m, pre.stride(0), k, _p(vals), _p(idx), _threads())
@@ -219,7 +242,16 @@ def segment_sum(
     out = torch.empty((d, m) if transposed else (m, d))
     cs = torch.empty(m)
     so.mlsae_segment_sum(
-        _p(offsets), _p(order), k, _p(w), _p(table), m, d, _p(out), int(transposed), _p(cs),
+        _p(offsets),
+        _p(order),
+        k,
+        _p(w),
+        _p(table),
+        m,
+        d,
+        _p(out),
+        int(transposed),
+        _p(cs),
         _threads(),
     )
     return out, cs

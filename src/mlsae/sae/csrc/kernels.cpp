@@ -64,14 +64,6 @@ inline void prefetch_row(const float* p, i64 d) {
   for (i64 c = 0; c < d; c += 16) __builtin_prefetch(p + c, 0, 3);
 }
 
-// o[0..d) += w * t[0..d)
-inline void axpy(float* __restrict o, float w, const float* __restrict t, i64 d) {
-  i64 c = 0;
-  const v8 wv = {w, w, w, w, w, w, w, w};
-  for (; c + 8 <= d; c += 8) st8(o + c, ld8(o + c) + wv * ld8(t + c));
-  for (; c < d; ++c) o[c] += w * t[c];
-}
-
 inline float dot(const float* __restrict a, const float* __restrict b, i64 d) {
   v8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
   i64 c = 0;
@@ -225,6 +217,74 @@ void topk_row(const float* row, i64 m, int k, float* hv, i64* hi, TopkScratch& s
   }
 }
 
+constexpr i64 CB = 32;  // columns per block: rows x 128 bytes of the table per pass
+// out[j, :] = sum over p in [seg[j], seg[j+1]) of w[p] * table[rowoff[p] + (0..d)] for j < nseg;
+// out is [nseg, d], or [d, nseg] if transposed. Column-blocked: for each block of CB columns,
+// the table's slice (rows x CB floats) is what the gathers touch, so it stays in L2 while
+// every segment is summed into registers. Threads own contiguous segment ranges holding
+// about equal numbers of entries; each walks the column blocks in the same order.
+void seg_axpy(i64 nseg, const i64* seg, const i64* rowoff, const float* w, const float* table,
+              i64 d, float* out, bool transposed, int nthreads) {
+  constexpr i64 LB = 16;  // segments per transposed store: one 64-byte line per output row
+  const i64 total = seg[nseg];
+  int nt = (int)std::max<i64>(1, std::min<i64>(nthreads, (nseg + LB - 1) / LB));
+  std::vector<i64> bounds(nt + 1, nseg);
+  bounds[0] = 0;
+  for (int t = 1; t < nt; ++t) {  // split at a multiple of LB with ~t/nt of the entries
+    const i64 want = total * t / nt;
+    i64 j = std::lower_bound(seg, seg + nseg + 1, want) - seg;
+    bounds[t] = std::min(nseg, std::max(bounds[t - 1], (j / LB) * LB));
+  }
+  auto work = [&](int t) {
+    const i64 j0 = bounds[t], j1 = bounds[t + 1];
+    float buf[LB * CB];
+    for (i64 c0 = 0; c0 < d; c0 += CB) {
+      const i64 cw = std::min<i64>(CB, d - c0);
+      for (i64 jb = j0; jb < j1; jb += LB) {
+        const i64 je = std::min(j1, jb + LB);
+        for (i64 j = jb; j < je; ++j) {
+          float* __restrict o = transposed ? buf + (j - jb) * CB : out + j * d + c0;
+          const i64 p0 = seg[j], p1 = seg[j + 1];
+          if (cw == CB) {
+            v8 acc[CB / 8] = {};
+            for (i64 p = p0; p < p1; ++p) {
+              const float* __restrict tp = table + rowoff[p] + c0;
+              const float wp = w[p];
+              const v8 wv = {wp, wp, wp, wp, wp, wp, wp, wp};
+              for (int q = 0; q < CB / 8; ++q) acc[q] += wv * ld8(tp + 8 * q);
+            }
+            for (int q = 0; q < CB / 8; ++q) st8(o + 8 * q, acc[q]);
+          } else {
+            float acc[CB] = {};
+            for (i64 p = p0; p < p1; ++p) {
+              const float* __restrict tp = table + rowoff[p] + c0;
+              for (i64 c = 0; c < cw; ++c) acc[c] += w[p] * tp[c];
+            }
+            for (i64 c = 0; c < cw; ++c) o[c] = acc[c];
+          }
+        }
+        if (transposed) {
+          for (i64 c = 0; c < cw; ++c) {
+            float* __restrict dst = out + (c0 + c) * nseg + jb;
+            for (i64 jj = 0; jj < je - jb; ++jj) dst[jj] = buf[jj * CB + c];
+          }
+        }
+      }
+    }
+  };
+  std::vector<std::thread> ts;
+  for (int t = 1; t < nt; ++t) {
+    try {
+      ts.emplace_back(work, t);
+    } catch (...) {
+      for (int u = t; u < nt; ++u) work(u);  // no more threads: do the rest here
+      break;
+    }
+  }
+  work(0);
+  for (auto& th : ts) th.join();
+}
+
 }  // namespace
 
 extern "C" {
@@ -254,21 +314,10 @@ void mlsae_topk(const void* pre, int dtype, i64 rows, i64 m, i64 ld, int k, floa
 // out[r, :] = sum_s w[r, s] * table[idx[r, s], :]: w f32 [n, k], table f32 [m, d], out [n, d].
 void mlsae_gather_sum(const float* w, const i64* idx, i64 n, int k, const float* table, i64 d,
                       float* out, int nthreads) {
-  parallel_chunks(n, 32, nthreads, [&](i64 b, i64 e) {
-    for (i64 r = b; r < e; ++r) {
-      float* __restrict o = out + r * d;
-      if (k == 0) {
-        std::memset(o, 0, sizeof(float) * d);
-        continue;
-      }
-      const i64* ir = idx + r * k;
-      std::memset(o, 0, sizeof(float) * d);
-      for (int s = 0; s < k; ++s) {
-        if (s + 2 < k) prefetch_row(table + ir[s + 2] * d, d);
-        axpy(o, w[r * k + s], table + ir[s] * d, d);
-      }
-    }
-  });
+  std::vector<i64> seg(n + 1), rowoff(n * (i64)k);
+  for (i64 r = 0; r <= n; ++r) seg[r] = r * k;
+  for (i64 e = 0; e < n * (i64)k; ++e) rowoff[e] = idx[e] * d;
+  seg_axpy(n, seg.data(), rowoff.data(), w, table, d, out, false, nthreads);
 }
 
 // out[r, s] = g[r, :] . table[idx[r, s], :]: g f32 [n, d], table f32 [m, d], out f32 [n, k].
@@ -310,33 +359,22 @@ int mlsae_segments(const i64* idx, i64 n, int k, i64 m, i64* offsets, i64* order
 void mlsae_segment_sum(const i64* offsets, const i64* order, int k, const float* w,
                        const float* table, i64 m, i64 d, float* out, int transposed,
                        float* colsum, int nthreads) {
-  const i64 B = 16;  // latents per block: one 64-byte line per row of a transposed output
-  parallel_chunks((m + B - 1) / B, 1, nthreads, [&](i64 bb, i64 be) {
-    std::vector<float> buf(transposed ? B * d : 0);
-    for (i64 blk = bb; blk < be; ++blk) {
-      const i64 j0 = blk * B, j1 = std::min(m, j0 + B);
-      for (i64 j = j0; j < j1; ++j) {
-        float* __restrict acc = transposed ? buf.data() + (j - j0) * d : out + j * d;
-        std::memset(acc, 0, sizeof(float) * d);
-        float cs = 0.f;
-        const i64 p1 = offsets[j + 1];
-        for (i64 p = offsets[j]; p < p1; ++p) {
-          if (p + 2 < p1) prefetch_row(table + (order[p + 2] / k) * d, d);
-          const i64 e = order[p];
-          cs += w[e];
-          axpy(acc, w[e], table + (e / k) * d, d);
-        }
-        if (colsum) colsum[j] = cs;
-      }
-      if (transposed) {
-        const i64 nb = j1 - j0;
-        for (i64 c = 0; c < d; ++c) {
-          float* __restrict o = out + c * m + j0;
-          for (i64 jj = 0; jj < nb; ++jj) o[jj] = buf[jj * d + c];
-        }
-      }
+  const i64 nk = offsets[m];
+  std::vector<i64> rowoff(nk);
+  std::vector<float> we(nk);
+  for (i64 p = 0; p < nk; ++p) {
+    const i64 e = order[p];
+    rowoff[p] = (e / k) * d;
+    we[p] = w[e];
+  }
+  if (colsum) {
+    for (i64 j = 0; j < m; ++j) {
+      float cs = 0.f;
+      for (i64 p = offsets[j]; p < offsets[j + 1]; ++p) cs += we[p];
+      colsum[j] = cs;
     }
-  });
+  }
+  seg_axpy(m, offsets, rowoff.data(), we.data(), table, d, out, transposed != 0, nthreads);
 }
 
 }  // extern "C"
