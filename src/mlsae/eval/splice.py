@@ -332,9 +332,14 @@ def splice(model: nn.Module, cp: CleanPass, layer: int, x_hat: Tensor) -> Splice
     reproduces the clean numbers bit for bit). Memory: [chunk, vocab] at a time."""
     if cp.n_pred == 0:
         return SpliceStats(0.0, 0.0, 0)
+    return _stats(cp, _spliced_chunks(model, cp, layer, x_hat))
+
+
+def _stats(cp: CleanPass, chunks: Iterator[Tensor]) -> SpliceStats:
+    """Delta CE and KL sums from the spliced [c, V] log-probability chunks."""
     ce = kl = 0.0
     start = 0
-    for logq in _spliced_chunks(model, cp, layer, x_hat):
+    for logq in chunks:
         sl = slice(start, start + len(logq))
         ce_q = -logq.gather(1, cp.targets[sl, None]).squeeze(1)
         kl_c = cp.clean_negent[sl] - torch.einsum("pv,pv->p", cp.clean_p[sl], logq)

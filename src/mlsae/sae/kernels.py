@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import mlsae.sae.native as native
 from mlsae.core.errors import MlsaeError
-from mlsae.sae import native
 
 TopkMethod = Literal["auto", "torch", "grouped", "native"]
 TOPK_METHOD: TopkMethod = "auto"
