@@ -48,6 +48,11 @@ TILE_BYTES = 128 << 20
 """Native backend: bytes of one row tile of pre-activations (matmul, then top-k in cache)."""
 
 
+def kernel_backend() -> str:
+    """'native' or 'torch': the backend the kernels use (resolved and logged once)."""
+    return native.backend()
+
+
 # ----------------------------------------------------------------------------- memory
 
 

@@ -35,7 +35,7 @@ from mlsae.core.config import SaeConfig, TrainConfig
 from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.core.io import write_json
 from mlsae.sae.autoencoder import SparseAutoencoder
-from mlsae.sae.kernels import set_malloc_retain
+from mlsae.sae.kernels import kernel_backend, set_malloc_retain
 from mlsae.train.checkpoint import (
     RUN_CFG,
     StopSignals,
@@ -146,6 +146,7 @@ def run_training(out: Path, run: dict[str, Any], cfg: TrainConfig) -> list[Membe
     to_sae = sae_inputs(run, cache, layers)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     set_malloc_retain(True)  # no page faults for each step's large temporaries
+    kernel_backend()  # build/load the native kernels now; logs which backend runs
     members = []
     for s in run["members"]:
         sc = SaeConfig(
