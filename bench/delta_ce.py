@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="small random GPT-NeoX instead")
     p.add_argument("--contexts", type=int, default=4, help="contexts in the batch")
     p.add_argument("--context-length", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--no-eval", action="store_true", help="skip the run_model contender")
     a = p.parse_args()
