@@ -1,8 +1,10 @@
 """Time one full SAE training step (forward, backward, Adam, decoder renorm) on this CPU.
 
 Contenders, on the same inputs, repeats interleaved in one run:
-  mlsae      this project (sparse decoder/encoder gradients, fast top-k, compute dtype per CPU)
+  mlsae      this project (sparse decoder/encoder gradients, fast top-k, compute dtype per CPU),
+             with the kernel backend in use (native C++ where it builds)
   mlsae+aux  the same with AuxK on 5% dead latents
+  mlsae/torch  the same step with the pure-torch fallback kernels
   dense      a plain dense fp32 TopK SAE with autograd (same math)
   sparsify   EleutherAI sparsify's SparseCoder (pip eai-sparsify, CPU fallback path)
   roofline   the encoder forward matmul alone in this machine's fastest dtype
@@ -19,12 +21,13 @@ import io
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from mlsae.core.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
 from mlsae.core.config import SaeConfig
-from mlsae.sae import kernels
+from mlsae.sae import kernels, native
 from mlsae.sae.autoencoder import SparseAutoencoder
 
 CLOCK = time.perf_counter
@@ -40,7 +43,9 @@ def adam(params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10)
 
 
-def ours(x: torch.Tensor, d: int, r: int, k: int, dead_frac: float = 0.0) -> Callable[[], None]:
+def ours(
+    x: torch.Tensor, d: int, r: int, k: int, dead_frac: float = 0.0, torch_kernels: bool = False
+) -> Callable[[], None]:
     sae = SparseAutoencoder(SaeConfig(d_in=d, expansion_factor=r, k=k), seed=0)
     sae.init_b_dec(x)
     opt = adam(sae.parameters())
@@ -56,7 +61,11 @@ def ours(x: torch.Tensor, d: int, r: int, k: int, dead_frac: float = 0.0) -> Cal
         opt.step()
         sae.normalize_decoder_()
 
-    return step
+    def step_torch() -> None:
+        with native.forced_torch():
+            step()
+
+    return step_torch if torch_kernels else step
 
 
 def dense(x: torch.Tensor, d: int, r: int, k: int) -> Callable[[], None]:
@@ -168,6 +177,26 @@ def phases(x: torch.Tensor, d: int, r: int, k: int, repeats: int) -> dict[str, f
     return {n: min(v[1:]) for n, v in acc.items()}
 
 
+def cpu_model() -> str:
+    """CPU model name and its SIMD flags that matter here."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), "unknown CPU")  # fmt: skip
+    flags = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({' '.join(simd) or 'no AVX2'})"
+
+
+def ratio_line(name: str, times: dict[str, list[float]], num: str, den: str, goal: str) -> str:
+    """num/den time ratio from the best and from the median times."""
+    b = min(times[num]) / min(times[den])
+    m = statistics.median(times[num]) / statistics.median(times[den])
+    return f"  {name:28s} best {b:6.2f}   median {m:6.2f}   ({goal})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=4096, help="vectors per step")
@@ -193,8 +222,9 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(a.n, a.d) * (1 + torch.rand(a.d)) + torch.randn(a.d)  # [N, d]
     dt = resolve_compute_dtype("auto", verbose=False)
-    print(f"CPU capability {cpu_capability()}; fast bf16: {has_fast_bf16()}; threads "
-          f"{torch.get_num_threads()}; torch {torch.__version__}")  # fmt: skip
+    print(f"CPU {cpu_model()}; torch capability {cpu_capability()}; fast bf16: "
+          f"{has_fast_bf16()}; threads {torch.get_num_threads()}; torch {torch.__version__}")  # fmt: skip
+    print(f"SAE kernel backend: {native.backend()} (MLSAE_KERNELS=auto|native|torch)")
     print(f"shape: N={a.n} d={a.d} R={a.r} (d_sae={a.d * a.r}) k={a.k}; compute dtype {dt}")
     print(
         f"malloc: mlsae {'keeps freed memory (as `mlsae train` sets it)' if ours_retain else 'default'}"
@@ -204,7 +234,8 @@ def main() -> None:
     # top-k methods on the same pre-activations
     pre = (x @ torch.randn(a.d, a.d * a.r) / a.d**0.5).to(dt)
     ref = pre.topk(a.k, dim=1).values
-    tk = {m: (lambda m=m: kernels.topk(pre, a.k, m)) for m in ("torch", "grouped")}
+    methods = ("torch", "grouped") + (("native",) if native.backend() == "native" else ())
+    tk = {m: (lambda m=m: kernels.topk(pre, a.k, m)) for m in methods}
     for m, f in tk.items():
         v, i = f()
         ok = torch.equal(v.sort(1, descending=True).values, ref) and torch.equal(
@@ -221,13 +252,16 @@ def main() -> None:
         "mlsae+aux": ours(x, a.d, a.r, a.k, dead_frac=0.05),
         "dense": dense(x, a.d, a.r, a.k),
     }
+    if native.backend() == "native":
+        fns["mlsae/torch"] = ours(x, a.d, a.r, a.k, torch_kernels=True)
     sp = "skipped (--no-sparsify)" if a.no_sparsify else sparsify_step(x, a.d, a.r, a.k)
     if callable(sp):
         fns["sparsify"] = sp
     else:
         print(sp)
     fns["roofline"], rdt = roofline(x, a.d, a.r)
-    modes = {"mlsae": ours_retain, "mlsae+aux": ours_retain, "dense": False, "sparsify": False}
+    modes = {"mlsae": ours_retain, "mlsae+aux": ours_retain, "mlsae/torch": ours_retain,
+             "dense": False, "sparsify": False}  # fmt: skip
     times = interleaved(fns, a.repeats, {**modes, "roofline": True})
     best = {n: min(v) for n, v in times.items()}  # least disturbed by other processes
     clock = "thread CPU time" if a.cpu_time else "wall clock"
@@ -236,13 +270,15 @@ def main() -> None:
     for n, v in times.items():
         med = statistics.median(v)
         print(f"  {n:10s} {best[n]:8.1f}  [{med:.1f}]  {a.n / best[n] * 1e3:10.0f} vectors/s")
-    us = best["mlsae"]
-    print("\nratios (throughput of mlsae vs ..., from the best times):")
-    if "sparsify" in best:
-        print(f"  vs sparsify  {best['sparsify'] / us:5.2f}x   (goal >= 2x)")
-    print(f"  vs dense     {best['dense'] / us:5.2f}x")
-    print(f"  of roofline  {best['roofline'] / us:5.0%}    (goal >= 50%)")
-    print(f"  with AuxK (5% dead) {best['roofline'] / best['mlsae+aux']:5.0%} of roofline")
+    print("\nratios (throughput of mlsae vs ..., i.e. their time / ours; of roofline = roofline "
+          "time / ours), from the best and from the median times:")  # fmt: skip
+    if "sparsify" in times:
+        print(ratio_line("vs sparsify", times, "sparsify", "mlsae", "goal >= 3x"))
+    print(ratio_line("vs dense", times, "dense", "mlsae", "plain dense autograd"))
+    if "mlsae/torch" in times:
+        print(ratio_line("vs torch kernels", times, "mlsae/torch", "mlsae", "native vs fallback"))
+    print(ratio_line("of roofline", times, "roofline", "mlsae", "goal >= 0.70"))
+    print(ratio_line("of roofline with AuxK", times, "roofline", "mlsae+aux", "goal >= 0.60"))
 
     kernels.set_malloc_retain(ours_retain)
     ph = phases(x, a.d, a.r, a.k, a.repeats)

@@ -5,10 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlsae.sae import kernels
+from mlsae.sae import kernels, native
 from mlsae.sae.kernels import latent_segments, segment_sum, sparse_decode, topk, topk_encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request):
+    """Run a test with the native kernels and with the pure-torch fallback."""
+    if request.param == "torch":
+        with native.forced_torch():
+            yield "torch"
+        return
+    if native.library() is None:
+        pytest.skip("native kernels unavailable here (no compiler)")
+    kernels._SEG_MEMO[:] = [None, None]
+    yield "native"
 
 
 def _unique_idx(n: int, m: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -18,7 +31,7 @@ def _unique_idx(n: int, m: int, k: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", ["torch", "grouped", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_topk_exact(method, dtype):
+def test_topk_exact(method, dtype, backend):
     torch.manual_seed(0)
     pre = torch.randn(200, 512).to(dtype)
     pre[:5] = pre[:5].round()  # heavy ties in a few rows
@@ -44,17 +57,22 @@ def test_grouped_topk_really_groups():
     assert torch.equal(v.sort(1, descending=True).values, pre.topk(32).values)
 
 
-def test_segment_sum_equals_dense_transpose_product():
+def test_segment_sum_equals_dense_transpose_product(backend):
     n, m, k, d = 50, 40, 6, 7
     idx = _unique_idx(n, m, k)
     w = torch.randn(n, k)
     table = torch.randn(n, d)
     dense = torch.zeros(n, m).scatter_(1, idx, w)  # [n, m]
-    got = segment_sum(latent_segments(idx, m), table, w)
+    seg = latent_segments(idx, m)
+    got, cols = segment_sum(seg, table, w)
     torch.testing.assert_close(got, dense.t() @ table, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cols, dense.sum(0), rtol=1e-5, atol=1e-5)
+    got_t, _ = segment_sum(seg, table, w, transposed=True)
+    assert got_t.is_contiguous()
+    torch.testing.assert_close(got_t, table.t() @ dense, rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_decode_forward_backward_vs_dense():
+def test_sparse_decode_forward_backward_vs_dense(backend):
     n, m, k, d = 33, 60, 5, 9
     idx = _unique_idx(n, m, k, 1)
     acts = torch.rand(n, k, requires_grad=True)
@@ -74,17 +92,18 @@ def test_sparse_decode_forward_backward_vs_dense():
     assert inactive.any() and W.grad[inactive].abs().max() == 0
 
 
-@pytest.mark.parametrize("with_dead", [False, True])
-def test_topk_encode_vs_dense_autograd(with_dead):
+@pytest.mark.parametrize(("with_dead", "k"), [(False, 6), (True, 6), (False, 1), (True, 96)])
+def test_topk_encode_vs_dense_autograd(with_dead, k, backend):
     torch.manual_seed(3)
-    n, d, m, k = 40, 12, 96, 6
+    n, d, m = 40, 12, 96
     u = torch.randn(n, d, requires_grad=True)
     b_dec = torch.randn(d, requires_grad=True)
     W = torch.randn(d, m, requires_grad=True)  # noqa: N806
     b_enc = (torch.randn(m) - 6).requires_grad_()  # some selected pre-activations < 0
     dead = torch.tensor([3, 5, 17, 40, 41, 42, 60, 77, 90, 91, 92, 95])
     enc = topk_encode(u, b_dec, W, b_enc, k, torch.float32, dead if with_dead else None)
-    assert 0 < (enc.acts == 0).float().mean() < 0.5  # the ReLU after the top-k matters
+    if k == 6:
+        assert 0 < (enc.acts == 0).float().mean() < 0.5  # the ReLU after the top-k matters
     ga, gd = torch.randn(n, k), torch.randn(n, enc.dead_pre.shape[1])
     loss = (enc.acts * ga).sum() + (enc.dead_pre * gd).sum()
     loss.backward()
@@ -107,6 +126,56 @@ def test_topk_encode_vs_dense_autograd(with_dead):
     loss2.backward()
     for got, want in zip((u, b_dec, W, b_enc), leaves, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_dead_set_and_non_contiguous_inputs(backend):
+    """dead = [] gives no dead columns; strided views of u / W give the contiguous results."""
+    torch.manual_seed(4)
+    n, d, m, k = 30, 10, 64, 5
+    u_big, w_big = torch.randn(n, 2 * d), torch.randn(m, d)
+    u, W = u_big[:, ::2], w_big.t()  # noqa: N806 - non-contiguous [n, d] and [d, m]
+    b_dec, b_enc = torch.randn(d), torch.randn(m)
+    params = [t.clone().requires_grad_() for t in (b_dec, W, b_enc)]
+    enc = topk_encode(u, *params[:2], params[2], k, torch.float32, torch.zeros(0, dtype=torch.long))
+    assert enc.dead_pre.shape == (n, 0)
+    (enc.acts * torch.arange(k)).sum().backward()
+    ref_params = [t.clone().requires_grad_() for t in (b_dec, W.contiguous(), b_enc)]
+    ref = topk_encode(u.contiguous(), *ref_params[:2], ref_params[2], k)
+    perm = (enc.idx.unsqueeze(2) == ref.idx.unsqueeze(1)).float().argmax(2)
+    torch.testing.assert_close(enc.acts, ref.acts.gather(1, perm))
+    (ref.acts.gather(1, perm) * torch.arange(k)).sum().backward()
+    for got, want in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_native_equals_torch_backend():
+    """A whole training forward/backward (AuxK on) gives the same loss and gradients with
+    both backends."""
+    if native.library() is None:
+        pytest.skip("native kernels unavailable here")
+    from mlsae.core.config import SaeConfig
+    from mlsae.sae.autoencoder import SparseAutoencoder
+
+    torch.manual_seed(5)
+    x = torch.randn(300, 16) * 2 + 1
+    dead = torch.tensor([1, 5, 9, 30, 31, 60])
+    grads = []
+    for forced in (False, True):
+        sae = SparseAutoencoder(SaeConfig(d_in=16, expansion_factor=4, k=4), seed=0)
+        kernels._SEG_MEMO[:] = [None, None]
+        if forced:
+            with native.forced_torch():
+                out = sae.train_step_forward(x, dead, 3, 1 / 32)
+                out.loss.backward()
+        else:
+            out = sae.train_step_forward(x, dead, 3, 1 / 32)
+            out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (l1, g1), (l2, g2) = grads
+    torch.testing.assert_close(l1, l2)
+    for name in g1:
+        assert g1[name].is_contiguous() == g2[name].is_contiguous() or name == "W_enc"
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_compute_dtype_matches_bf16_reference():

@@ -171,16 +171,39 @@ def capture(
 
     input_ids: [B, T] -> returns [B, T, n_layers, d_model] in the model's dtype, layers in the
     order given by `sorted(layers)`. The forward pass stops right after block max(layers).
+    Each block's output is copied into its slot of the result as the block returns (no list
+    of kept outputs, no final stack), so the forward reuses its buffers as a bare one does.
     """
     layers = check_layers(layers, n_layers_of(model))
     blocks = get_blocks(model)
-    store: dict[int, Tensor] = {}
-    with _hooks(blocks, layers, store, stop_at=max(layers)), suppress(_StopForward):
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    missing = [i for i in layers if i not in store]
+    slot = {layer: i for i, layer in enumerate(layers)}
+    out: list[Tensor] = []  # the [B, T, L, d] result, allocated at the first kept block
+    done: set[int] = set()
+    stop_at = max(layers)
+
+    def make(i: int):
+        def hook(_mod, _inp, o):
+            h = block_output(o)  # [B, T, d]
+            if not out:
+                out.append(h.new_empty(*h.shape[:-1], len(layers), h.shape[-1]))
+            out[0][..., slot[i], :].copy_(h)
+            done.add(i)
+            if i == stop_at:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(make(i)) for i in layers]
+    try:
+        with suppress(_StopForward):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in layers if i not in done]
     if missing:
         raise MlsaeError(f"blocks {missing} did not run during the forward pass")
-    return torch.stack([store[i] for i in layers], dim=2)
+    return out[0]
 
 
 @torch.no_grad()

@@ -166,7 +166,8 @@ def run_model(
     model's vectors (if recon) and delta CE / KL by splicing (if ce)."""
     from tqdm import tqdm
 
-    from mlsae.eval.splice import clean_pass, splice
+    from mlsae.eval.batched import splice_layers
+    from mlsae.eval.splice import clean_pass
 
     layers = sorted({x for e in entries for x in e.layers})
     vocab = int(next(model.get_input_embeddings().parameters()).shape[0])
@@ -179,13 +180,15 @@ def run_model(
                 )
             cp = clean_pass(model, ids, layers, used=used)
             for e in entries:
+                recons = {}  # layer -> reconstruction in the model's space (for delta CE)
                 for layer in e.layers:
                     x_model = cp.vectors(layer)
                     x = e.space.to_sae(x_model, layer)
                     x_hat_model = e.reconstruct(x, layer, recon, x_model)
                     if ce:
-                        s = splice(model, cp, layer, x_hat_model)
-                        e.metrics.update_splice(layer, s.ce_sum, s.kl_sum, s.n)
+                        recons[layer] = x_hat_model
+                for layer, s in splice_layers(model, cp, recons).items():  # continuations batched
+                    e.metrics.update_splice(layer, s.ce_sum, s.kl_sum, s.n)
             bar.update(ids.numel())
 
 

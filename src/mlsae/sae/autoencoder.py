@@ -107,8 +107,12 @@ class SparseAutoencoder(nn.Module):
         x = x.float()
         if self.cfg.normalize == "none":
             return x, x.new_zeros(x.shape[0], 1), x.new_ones(x.shape[0], 1)
-        std, mean = torch.std_mean(x, dim=1, keepdim=True)  # [N, 1] each (Bessel-corrected std)
-        u = (x - mean) / (std + STD_EPS)
+        # two passes (mean, then the norm of the deviations): the Bessel-corrected std of
+        # torch.std, ~5x faster than torch.std_mean's Welford pass on CPU
+        mean = x.mean(dim=1, keepdim=True)  # [N, 1]
+        xc = x - mean
+        std = torch.linalg.vector_norm(xc, dim=1, keepdim=True) / math.sqrt(max(x.shape[1] - 1, 1))
+        u = xc / (std + STD_EPS)
         return u, mean, std if self.cfg.normalize == "layer_norm" else std + STD_EPS
 
     # ------------------------------------------------------------------ public API

@@ -16,6 +16,13 @@ one top-k pass over `pre`; everything after the top-k is sparse:
   sum too. AuxK reuses the same `pre`: only the dead columns are sliced out (no second encoder
   pass), and their gradient is a dense product over those columns only (dense beats gathers
   there: k_aux ~ d/2 entries per row over a few dead columns).
+
+Two backends with the same math (`mlsae.sae.native`, chosen by MLSAE_KERNELS and logged once):
+native C++ (compiled at first use: a group-max top-k that reads each pre-activation once,
+a counting sort, column-blocked segment sums written straight into the weights' layouts, a
+gather-sum decoder and row dots) and pure torch (the fallback, and the reference the tests
+compare the native kernels with). The native encoder runs the matmul in row tiles of at most
+TILE_BYTES and takes each tile's top-k right after it.
 """
 
 from __future__ import annotations
@@ -28,13 +35,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TopkMethod = Literal["auto", "torch", "grouped"]
+import mlsae.sae.native as native
+from mlsae.core.errors import MlsaeError
+
+TopkMethod = Literal["auto", "torch", "grouped", "native"]
 TOPK_METHOD: TopkMethod = "auto"
-"""Default top-k method: auto = grouped where the shape allows it (d_sae divisible by the group
-size, d_sae / g >= 2k, N >= 64), else torch.topk. bench/train_step.py compares them (grouped:
-~25% faster than torch.topk for d_sae = 4608, k = 32 on one or two quiet cores)."""
+"""Default top-k method: auto = native where the native backend is in use, else grouped where
+the shape allows it (d_sae divisible by the group size, d_sae / g >= 2k, N >= 64), else
+torch.topk. bench/train_step.py compares them."""
 TOPK_GROUP = 16
-"""Group size g of the grouped top-k."""
+"""Group size g of the grouped (torch) top-k."""
+TILE_BYTES = 128 << 20
+"""Native backend: most bytes of one row tile of pre-activations (bounds the memory). Small,
+cache-sized tiles did not pay on an AVX2 EPYC: MKL repacks W_enc for every tile, which cost
+more than the top-k saved (training step with 4 / 16 / 128 MiB tiles: 441 / 388 / 365 ms)."""
+
+
+def kernel_backend() -> str:
+    """'native' or 'torch': the backend the kernels use (resolved and logged once)."""
+    return native.backend()
 
 
 # ----------------------------------------------------------------------------- memory
@@ -71,6 +90,13 @@ def topk(pre: Tensor, k: int, method: TopkMethod | None = None) -> tuple[Tensor,
     """Row-wise k largest values of pre [N, m] and their column indices (both [N, k], in no
     particular order). Exact: the values equal `torch.topk`'s (indices differ only at ties)."""
     method = method or TOPK_METHOD
+    if method in ("auto", "native"):
+        so = native.active()
+        if so is not None:
+            vals, idx = native.topk(pre, k, so)
+            return vals.to(pre.dtype), idx
+        if method == "native":
+            raise MlsaeError("top-k method 'native' needs the native kernels (MLSAE_KERNELS)")
     n, m = pre.shape
     g = TOPK_GROUP
     if method == "torch" or not _grouped_ok(m, k, g) or (method == "auto" and n < 64):
@@ -89,12 +115,13 @@ def topk(pre: Tensor, k: int, method: TopkMethod | None = None) -> tuple[Tensor,
 
 
 class LatentSegments(NamedTuple):
-    """Entries of an index matrix [N, k] grouped by latent (CSR by latent)."""
+    """Entries of an index matrix [N, k] grouped by latent (CSR by latent). Entry e = n*k + s
+    is slot s of sample n."""
 
-    rows: Tensor  # [N*k] sample of each entry, in latent order
-    order: Tensor  # [N*k] flat entry index, in latent order
-    offsets: Tensor  # [m] first entry of each latent's segment
+    order: Tensor  # [N*k] entry ids, latent by latent (ascending within a latent)
+    offsets: Tensor  # [m + 1] segment bounds: latent j owns order[offsets[j]:offsets[j+1]]
     flat: Tensor  # [N*k] latent of each entry (original order)
+    k: int
 
 
 _SEG_MEMO: list = [None, None]  # [(idx, version, m), segments]: encoder and decoder share it
@@ -115,29 +142,43 @@ def latent_segments(idx: Tensor, m: int) -> LatentSegments:
         return _SEG_MEMO[1]
     k = idx.shape[1]
     flat = idx.reshape(-1)
-    order = torch.sort(flat, stable=True).indices  # [N*k]
-    counts = torch.bincount(flat, minlength=m)  # [m]
-    offsets = torch.zeros(m, dtype=torch.int64)
-    torch.cumsum(counts[:-1], 0, out=offsets[1:])
-    seg = LatentSegments(torch.div(order, k, rounding_mode="floor"), order, offsets, flat)
+    so = native.active()
+    if so is not None:
+        offsets, order = native.segments(idx, m, so)
+    else:
+        order = torch.sort(flat, stable=True).indices  # [N*k]
+        offsets = torch.zeros(m + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(flat, minlength=m), 0, out=offsets[1:])
+    seg = LatentSegments(order, offsets, flat, k)
     _SEG_MEMO[:] = [(idx, idx._version, m), seg]
     return seg
 
 
-def segment_sum(seg: LatentSegments, table: Tensor, weights: Tensor) -> Tensor:
-    """out[j] = sum over entries e of latent j of weights[e] * table[sample(e)]: [m, d].
-
-    table [N, d]; weights [N, k] (same layout as the index matrix). This is the transpose
-    product sparse(weights)^T @ table, done as one embedding_bag pass over the active entries.
-    """
+def segment_sum(
+    seg: LatentSegments, table: Tensor, weights: Tensor, transposed: bool = False
+) -> tuple[Tensor, Tensor]:
+    """out[j] = sum over entries e of latent j of weights[e] * table[sample(e)]: [m, d], or
+    its transpose [d, m] (contiguous) if `transposed`; and the per-latent sums of the weights
+    [m]. table [N, d]; weights [N, k] (same layout as the index matrix). This is the transpose
+    product sparse(weights)^T @ table over the active entries only."""
+    so = native.active()
+    if so is not None:
+        return native.segment_sum(seg.offsets, seg.order, seg.k, weights, table, so, transposed)
     w = weights.reshape(-1).index_select(0, seg.order).to(table.dtype)
-    return F.embedding_bag(
-        seg.rows, table.contiguous(), seg.offsets, mode="sum", per_sample_weights=w
+    rows = torch.div(seg.order, seg.k, rounding_mode="floor")
+    out = F.embedding_bag(
+        rows, table.contiguous(), seg.offsets[:-1], mode="sum", per_sample_weights=w
     )
+    m = seg.offsets.numel() - 1
+    cols = torch.zeros(m, dtype=w.dtype).index_add_(0, seg.flat, weights.reshape(-1).to(w.dtype))
+    return (out.t().contiguous() if transposed else out), cols
 
 
 def _row_dots(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """out[n, s] = grad[n] . weight[idx[n, s]]: [N, k], without materialising weight[idx]."""
+    so = native.active()
+    if so is not None:
+        return native.row_dots(grad, idx, weight, so)
     n, k = idx.shape
     flat = idx.reshape(-1)
     try:
@@ -162,6 +203,9 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
         ctx.save_for_backward(acts, idx, W_dec)
+        so = native.active()
+        if so is not None:
+            return native.gather_sum(acts, idx, W_dec, so).to(W_dec.dtype)
         return F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
 
     @staticmethod
@@ -172,7 +216,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_acts = _row_dots(grad, W_dec, idx).to(acts.dtype)
         if ctx.needs_input_grad[2]:
-            g_w = segment_sum(latent_segments(idx, W_dec.shape[0]), grad, acts)
+            g_w = segment_sum(latent_segments(idx, W_dec.shape[0]), grad, acts)[0]
         return g_acts, None, g_w
 
 
@@ -199,13 +243,17 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, b_dec, W_enc, b_enc, k, dtype, dead):  # noqa: N803
         v = u - b_dec  # [N, d] f32
-        pre = torch.addmm(b_enc.to(dtype), v.to(dtype), W_enc.to(dtype))  # [N, m]
-        vals, idx = topk(pre, k)
-        acts = vals.float().relu_()
         if dead is None:
-            dead = idx.new_zeros(0)
-        dead_pre = pre.index_select(1, dead).float()  # [N, n_dead]: only the dead columns
-        del pre
+            dead = torch.zeros(0, dtype=torch.int64)
+        so = native.active()
+        if so is not None:
+            vals, idx, dead_pre = _encode_tiled(v, W_enc, b_enc, k, dtype, dead, so)
+        else:
+            pre = torch.addmm(b_enc.to(dtype), v.to(dtype), W_enc.to(dtype))  # [N, m]
+            vals, idx = topk(pre, k)
+            dead_pre = pre.index_select(1, dead).float()  # [N, n_dead]: only the dead columns
+            del pre
+        acts = vals.float().relu_()
         ctx.save_for_backward(v, W_enc, idx, acts, dead)
         ctx.mark_non_differentiable(idx)
         return acts, idx, dead_pre
@@ -217,16 +265,17 @@ class _TopKEncode(torch.autograd.Function):
         d, m = W_enc.shape
         g = (g_acts if g_acts is not None else torch.zeros_like(acts)) * (acts > 0)  # ReLU
         seg = latent_segments(idx, m)
-        col = torch.zeros(m, dtype=g.dtype).index_add_(0, seg.flat, g.reshape(-1))  # [m]
         dense = g_dead is not None and dead.numel() > 0  # AuxK: dense over dead columns only
-        if g_dead is not None and dense:
-            col.index_add_(0, dead, g_dead.sum(0))
         g_u = g_bdec = g_w = None
         if ctx.needs_input_grad[2]:
-            g_wt = segment_sum(seg, v, g)  # [m, d]: only active latents' rows are non-zero
+            # [d, m] in W_enc's own layout: only active latents' columns are non-zero
+            g_w, col = segment_sum(seg, v, g, transposed=True)
             if g_dead is not None and dense:
-                g_wt.index_add_(0, dead, g_dead.t() @ v)  # [n_dead, d]
-            g_w = g_wt.t()  # [d, m]
+                g_w.index_add_(1, dead, v.t() @ g_dead)  # [d, n_dead]
+        else:
+            col = torch.zeros(m, dtype=g.dtype).index_add_(0, seg.flat, g.reshape(-1))  # [m]
+        if g_dead is not None and dense:
+            col.index_add_(0, dead, g_dead.sum(0))
         if ctx.needs_input_grad[1]:
             g_bdec = -(W_enc @ col)  # [d]: pre depends on -b_dec through every row
         if ctx.needs_input_grad[0]:
@@ -235,6 +284,24 @@ class _TopKEncode(torch.autograd.Function):
                 g_u = g_u + g_dead @ W_enc.index_select(1, dead).t()
         g_benc = col if ctx.needs_input_grad[3] else None
         return g_u, g_bdec, g_w, g_benc, None, None, None
+
+
+def _encode_tiled(v, W_enc, b_enc, k, dtype, dead, so):  # noqa: N803
+    """Native forward of the encoder: the matmul in row tiles, each tile's top-k (and dead
+    columns) taken while it is in cache -> (vals f32 [N, k], idx [N, k], dead_pre [N, n_dead])."""
+    n, m = v.shape[0], W_enc.shape[1]
+    vc, wc, bc = v.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
+    rows = max(1, min(n, TILE_BYTES // (m * wc.element_size())))
+    buf = torch.empty(rows, m, dtype=dtype)
+    vals, idx = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
+    dead_pre = torch.empty(n, dead.numel())
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        tile = torch.addmm(bc, vc[r0:r1], wc, out=buf[: r1 - r0])  # [rows, m]
+        native.topk(tile, k, so, out=(vals[r0:r1], idx[r0:r1]))
+        if dead.numel():
+            dead_pre[r0:r1] = tile.index_select(1, dead)
+    return vals, idx, dead_pre
 
 
 def topk_encode(

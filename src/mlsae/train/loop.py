@@ -45,7 +45,7 @@ from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.core.io import write_json
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
-from mlsae.sae.kernels import set_malloc_retain
+from mlsae.sae.kernels import kernel_backend, set_malloc_retain
 from mlsae.train.checkpoint import StopSignals, load_checkpoint, open_metrics, save_checkpoint
 from mlsae.train.run import check_new_run, plan_run, read_run
 
@@ -150,6 +150,7 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
     to_sae = sae_inputs(run, source, layers)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     set_malloc_retain(True)  # no page faults for each step's large temporaries
+    kernel_backend()  # build/load the native kernels now; logs which backend runs
     members = []
     for s in run.members:
         sc = SaeConfig(
