@@ -106,11 +106,13 @@ def analyze_command(
     chunk_vectors: int = 8192,
     evolution: Path | None = None,
     lens: Path | None = None,
+    paper_batch_tokens: int = 2048,
 ) -> dict[str, Any]:
     """The whole `mlsae analyze`; returns the analysis.json dict. `compare`: other SAE runs
     analysed on the same tokens and layers (e.g. a single-layer SAE, or the same MLSAE trained
     with(out) a tuned lens: a lens SAE reads T_l(x), applied on the fly to a plain cache).
-    `lens`: the main SAE's lens folder if it has moved. `evolution`: an `mlsae evolution`
+    `lens`: the main SAE's lens folder if it has moved. `paper_batch_tokens`: batch of the paper
+    code's variance ratios (paper_formula in analysis.json). `evolution`: an `mlsae evolution`
     output folder whose section (and graph.html link) joins the report."""
     from mlsae.activations.cache import ActivationCache
     from mlsae.activations.extract import build_cache
@@ -180,7 +182,9 @@ def analyze_command(
         encoders = {"main": (sae_encoder(sae, _on_the_fly(space), layers), cfg.d_sae)}
         for i, ((_, c_sae, c_cfg), sp) in enumerate(zip(cmps, spaces, strict=True)):
             encoders[f"compare_{i}"] = (sae_encoder(c_sae, _on_the_fly(sp), layers), c_cfg.d_sae)
-        results, geo = analyze_cache(ac, encoders, layers, chunk_vectors)
+        results, geo = analyze_cache(
+            ac, encoders, layers, chunk_vectors, paper_batch_tokens=paper_batch_tokens
+        )
         cache_info = {k: ac.manifest.get(k) for k in ("model", "dataset", "split", "lens")}
     finally:
         if tmp_cache is not None:
