@@ -45,14 +45,25 @@ def lens_train(
         float, typer.Option(help="Ridge of the regression (x Gram diagonal)")
     ] = _l.ridge,
     min_singular: Annotated[
-        float,
-        typer.Option(help="Floor on the singular values of I + A (bounds the inverse's gain)"),
+        float | None,
+        typer.Option(help="Floor on the singular values of I + A, e.g. 0.9 (default: none)"),
     ] = _l.min_singular,
     lr: Annotated[
-        float | None, typer.Option(help="Adam lr of the KL steps (default 1e-4; 1e-3 from zero)")
+        float | None, typer.Option(help="Adam lr of the KL steps (default 1e-3)")
     ] = _l.lr,
-    steps: Annotated[int, typer.Option(help="KL optimizer steps (0: regression only)")] = _l.steps,
+    steps: Annotated[
+        int, typer.Option(help="Maximum KL optimizer steps (0: regression only)")
+    ] = _l.steps,
     batch_size: Annotated[int, typer.Option(help="Contexts per KL step")] = _l.batch_size,
+    holdout_contexts: Annotated[
+        int, typer.Option(help="Training contexts held out for early stopping (0: none)")
+    ] = _l.holdout_contexts,
+    eval_every: Annotated[int, typer.Option(help="KL steps between held-out checks")] = (
+        _l.eval_every
+    ),
+    patience: Annotated[
+        int, typer.Option(help="Held-out checks without improvement before stopping")
+    ] = _l.patience,
     seed: Annotated[int, typer.Option(help="Data order seed")] = _l.seed,
     text_column: ColOpt = _d.text_column,
     hf_split: HfSplitOpt = _d.hf_split,
@@ -81,6 +92,9 @@ def lens_train(
             steps=steps,
             batch_size=batch_size,
             seed=seed,
+            holdout_contexts=holdout_contexts,
+            eval_every=eval_every,
+            patience=patience,
         ),
     )
 

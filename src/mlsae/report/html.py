@@ -248,12 +248,14 @@ def _ratio_table(s: dict[str, Any]) -> str:
 def lens_table(lens_eval: dict[str, Any]) -> str:
     """Per-layer KL and CE of the tuned lens vs the logit lens (`mlsae lens evaluate` JSON)."""
     t, lg = lens_eval.get("tuned") or {}, lens_eval.get("logit") or {}
+    cond = lens_eval.get("cond") or []
     rows = [
         [layer, *(d.get(k, [None] * (i + 1))[i] for d, k in ((t, "kl"), (lg, "kl"), (t, "ce"),
-                                                             (lg, "ce")))]
+                                                             (lg, "ce"))),
+         cond[i] if i < len(cond) else None]
         for i, layer in enumerate(lens_eval.get("layers") or [])
     ]  # fmt: skip
-    return _grid(["layer", "KL tuned", "KL logit", "CE tuned", "CE logit"], rows)
+    return _grid(["layer", "KL tuned", "KL logit", "CE tuned", "CE logit", "cond(I+A)"], rows)
 
 
 def _img(path: Path) -> str:
