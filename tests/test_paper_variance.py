@@ -51,7 +51,17 @@ def brute(a: torch.Tensor, mask: torch.Tensor, B: int) -> dict:
         e_f = sum(v([p[li, :, j].mean() for li in range(L)]) for j in range(n)) / n
         var_l = v([p[li].mean() for li in range(L)])
         active = sum(1 for t in range(m) for j in range(n) if p[:, t, j].sum() > 0)
-        rows.append((e_tf, e_f, var_l, e_f / var_l, e_tf / e_f, active, m))
+        # diagnostic: each latent's token mean normalised to a distribution r, f Var_r(L)
+        fn = 0.0
+        for j in range(n):
+            q = [p[li, :, j].mean() for li in range(L)]
+            f = sum(q)
+            if f > 0:
+                r = [x / f for x in q]
+                mu = sum(li * r[li] for li in range(L))
+                fn += f * sum(r[li] * (li - mu) ** 2 for li in range(L))
+        fn /= n
+        rows.append((e_tf, e_f, var_l, e_f / var_l, e_tf / e_f, active, m, fn, e_tf / fn))
     r = np.asarray(rows)
     return {
         "exp_var_token": r[:, 0].mean(),
@@ -61,6 +71,8 @@ def brute(a: torch.Tensor, mask: torch.Tensor, B: int) -> dict:
         "rel_var_token": r[:, 4].mean(),
         "active_pair_fraction": r[:, 5].sum() / (r[:, 6].sum() * n),
         "n_batches": len(rows),
+        "exp_var_latent_normalised": r[:, 7].mean(),
+        "rel_var_token_normalised": r[:, 8].mean(),
     }
 
 
@@ -77,7 +89,8 @@ def feed_chunks(st: LayerStats, a: torch.Tensor, mask: torch.Tensor, seed: int) 
 
 
 KEYS = ("exp_var_token", "exp_var_latent", "var_layer", "rel_var_latent", "rel_var_token",
-        "active_pair_fraction", "n_batches")  # fmt: skip
+        "active_pair_fraction", "n_batches", "exp_var_latent_normalised",
+        "rel_var_token_normalised")  # fmt: skip
 
 
 @pytest.mark.parametrize(("B", "seed"), [(16, 0), (23, 1), (7, 2), (500, 3)])

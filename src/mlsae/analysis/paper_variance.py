@@ -15,6 +15,12 @@ the SAE's layer list, as the paper's code uses `arange(n_layers)`, not the block
   rel_var_latent = e_var_f / var_l, rel_var_token = e_var_tf / e_var_f, per batch;
 then every quantity is the plain mean over batches (ratios of means are not taken).
 
+Why the ratios come out small: for a latent active on a fraction f of the batch's tokens, its
+token mean q = f r with r a distribution, and v(q) = f Var_r(L) + f (1 - f) E_r[L]^2: mostly the
+squared mean layer position, not a spread. As a diagnostic, `exp_var_latent_normalised` replaces
+v(q) by f Var_r(L) (each latent's token mean normalised before taking its variance) and
+`rel_var_token_normalised` = e_var_tf / that, per batch, averaged.
+
 Differences from the paper's run besides the formula: its batches are 1 sequence x 2,048
 tokens and special tokens (BOS/EOS/pad) keep their place with zeroed inputs (their codes count
 in every mean); here special tokens are excluded and a batch is B consecutive USED tokens of
@@ -52,7 +58,7 @@ class PaperVariance:
             raise MlsaeError("PaperVariance needs latents, layers and a batch size >= 1")
         self.n_latents, self.n_layers, self.batch_tokens = n_latents, n_layers, int(batch_tokens)
         self.values = torch.arange(n_layers, dtype=F64)  # [L] layer positions 0..L-1
-        self.batches: list[tuple[float, float, float]] = []  # (e_var_tf, e_var_f, var_l)
+        self.batches: list[tuple[float, ...]] = []  # (e_var_tf, e_var_f, var_l, e_var_f_norm)
         self.n_tokens = 0  # tokens fed, including an open batch
         self.pairs_closed = 0  # active (t, j) pairs in the closed batches
         self._reset()
@@ -105,14 +111,19 @@ class PaperVariance:
         self.pairs += key.numel()
         self.q_sum.view(-1).index_add_(0, pos * self.n_latents + j, p)
 
-    def _batch_stats(self) -> tuple[float, float, float]:
-        """(e_var_tf, e_var_f, var_l) of the open batch (its token count as its size)."""
+    def _batch_stats(self) -> tuple[float, ...]:
+        """(e_var_tf, e_var_f, var_l, e_var_f_norm) of the open batch (its token count as its
+        size)."""
         m = self.filled
         q = self.q_sum / m  # [L, n] mean_t p
         e_var_tf = self.v_sum / (m * self.n_latents)
         e_var_f = float(_v(q, self.values).mean())
         var_l = float(_v(q.mean(1), self.values))
-        return e_var_tf, e_var_f, var_l
+        f = q.sum(0)  # [n] active fraction of each latent in the batch
+        m1 = (self.values[:, None] * q).sum(0)  # [n] f E_r[L]
+        m2 = (self.values[:, None] ** 2 * q).sum(0)  # [n] f E_r[L^2]
+        norm = torch.where(f > 0, m2 - m1 * m1 / f.clamp_min(1e-300), 0.0)  # [n] f Var_r(L)
+        return e_var_tf, e_var_f, var_l, float(norm.mean())
 
     def result(self) -> dict[str, Any]:
         """The paper-code quantities (JSON-ready); does not modify the accumulator."""
@@ -124,8 +135,10 @@ class PaperVariance:
             else:
                 batches, last = [self._batch_stats()], f"used ({self.filled} tokens, no full batch)"
                 pairs, used = self.pairs, self.filled
-        rows = [(tf, f, vl, _div(f, vl), _div(tf, f)) for tf, f, vl in batches]
-        mean = [sum(col) / len(rows) for col in zip(*rows, strict=True)] or [math.nan] * 5
+        rows = [
+            (tf, f, vl, _div(f, vl), _div(tf, f), fn, _div(tf, fn)) for tf, f, vl, fn in batches
+        ]
+        mean = [sum(col) / len(rows) for col in zip(*rows, strict=True)] or [math.nan] * 7
         rel_t = mean[4]
         return {
             "formula": "paper code (tim-lawson/mlsae analysis/variances.py), see SPEC 4",
@@ -142,6 +155,8 @@ class PaperVariance:
             "rel_var_latent": mean[3],
             "rel_var_token": rel_t,
             "token_variance_factor": 1 / rel_t if rel_t > 0 and math.isfinite(rel_t) else None,
+            "exp_var_latent_normalised": mean[5],
+            "rel_var_token_normalised": mean[6],
         }
 
 
