@@ -23,8 +23,14 @@ loop autocasts to bfloat16, ~100x slower than float32 on CPUs without AMX). The 
 module only; its translator i acts on hidden_states[i], i.e. our block i - 1, and its saved
 lens is read back with mlsae.lens.tuned.load_tuned_lens_package.
 
-    python bench/lens_peer.py                     # defaults: ~4k training tokens, 1k test
-    python bench/lens_peer.py --steps 20 --test-tokens 512     # quicker
+Every KL step costs two [tokens, 576] x [576, 49152] matmuls per block, so the defaults are
+small enough for 2 shared CPU cores (about an hour there when the machine is loaded): 24
+training contexts of 64 tokens (+ 4 held out), at most 24 steps of one context (held-out check
+every 6, patience 2), 512 test tokens. `lens train`'s own defaults are larger (120 steps, 128-
+token contexts).
+
+    python bench/lens_peer.py
+    python bench/lens_peer.py --train-tokens 4096 --context-length 128 --steps 120 --eval-every 10 --patience 3
 """
 
 from __future__ import annotations
@@ -87,14 +93,14 @@ def main() -> None:
 
     d = LensTrainConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-tokens", type=int, default=4096, help="training contexts' tokens")
+    ap.add_argument("--train-tokens", type=int, default=1536, help="training contexts' tokens")
     ap.add_argument("--holdout-contexts", type=int, default=d.holdout_contexts)
-    ap.add_argument("--test-tokens", type=int, default=1024)
-    ap.add_argument("--context-length", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=d.steps, help="maximum KL steps (ours)")
+    ap.add_argument("--test-tokens", type=int, default=512)
+    ap.add_argument("--context-length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=24, help="maximum KL steps (ours)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--eval-every", type=int, default=d.eval_every)
-    ap.add_argument("--patience", type=int, default=d.patience)
+    ap.add_argument("--eval-every", type=int, default=6)
+    ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -120,8 +126,9 @@ def main() -> None:
         run = train_lens(
             lm.model, lens, train_ctx, lm.special_ids, steps=args.steps,
             batch_size=args.batch_size, lr=d.lr, seed=args.seed, holdout=holdout,
-            eval_every=args.eval_every, patience=args.patience, progress=False,
+            eval_every=args.eval_every, patience=args.patience, progress=True,
         )  # fmt: skip
+        print(f"trained (floor {min_singular}): {run.to_json()}", flush=True)
         return lens, run
 
     timing = {}
@@ -140,6 +147,7 @@ def main() -> None:
     their_hist = train_theirs(lm.model, theirs, train_ctx, lm.special_ids, n_steps,
                               args.batch_size, args.seed)  # fmt: skip
     timing["theirs"] = time.perf_counter() - t
+    print(f"trained theirs: train KL per step {[round(k, 4) for k in their_hist]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         theirs.save(tmp)
         their_lens = load_lens(tmp)  # re-indexed onto block outputs
