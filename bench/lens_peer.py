@@ -75,7 +75,7 @@ def train_theirs(model, their_lens, contexts, special_ids, steps, batch_size, se
             logits = their_lens(h[mask], idx=i)  # [N, V]
             loss = torch.sum(labels.exp() * (labels - logits.log_softmax(-1)), dim=-1).mean()
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(their_lens.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=False)
