@@ -49,10 +49,11 @@ format: venv
 	$(BIN)/ruff check --fix src tests bench
 
 bench: venv
-	$(BIN)/python -m pip install -q --no-deps eai-sparsify einops natsort simple-parsing docstring-parser schedulefree
+	$(BIN)/python -m pip install -q --no-deps eai-sparsify einops natsort simple-parsing docstring-parser schedulefree tuned-lens==0.2.0 flatten-dict
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/delta_ce.py
+	$(BIN)/python bench/lens_peer.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -268,10 +268,12 @@ def test_training_reduces_kl(tiny_model, tokenizer) -> None:
     train = torch.randint(0, 256, (12, 32), generator=g)
     test = torch.randint(0, 256, (4, 32), generator=g)
     lens = TunedLens(L, D)
-    hist = train_lens(
+    run = train_lens(
         tiny_model, lens, train, _special(tokenizer), steps=25, batch_size=4, lr=1e-2,
         progress=False,
     )  # fmt: skip
+    hist = run.history
+    assert len(hist) == 25 and run.stop_reason == "max steps (25)"  # no held-out: full budget
     assert hist[-1] < 0.7 * hist[0]
     assert all(p.grad is None for p in tiny_model.parameters())  # the model is not trained
     res = evaluate_lens(tiny_model, lens, [test], _special(tokenizer), progress=False)
@@ -284,6 +286,89 @@ def test_training_reduces_kl(tiny_model, tokenizer) -> None:
     res = evaluate_lens(tiny_model, warm, [test], _special(tokenizer), progress=False)
     for i in range(L - 1):
         assert res["tuned"]["kl"][i] < res["logit"]["kl"][i]
+
+
+def test_kl_training_beats_the_warm_start_on_held_out_tokens(tiny_model, tokenizer) -> None:
+    """The default: regression warm start, then KL steps stopped on held-out contexts; every
+    block keeps its best held-out translator (checked with evaluate_lens, another code path)."""
+    g = torch.Generator().manual_seed(1)
+    train = torch.randint(0, 256, (12, 32), generator=g)
+    hold = torch.randint(0, 256, (3, 32), generator=g)
+    sp = _special(tokenizer)
+    lens = TunedLens(L, D)  # warm start fitted on one context: room for the KL steps
+    regression_init(tiny_model, lens, [train[:1]], sp, progress=False)
+    warm = evaluate_lens(tiny_model, lens, [hold], sp, progress=False)["tuned"]["kl"]
+    run = train_lens(
+        tiny_model, lens, train, sp, steps=40, batch_size=4, lr=1e-2, holdout=hold,
+        eval_every=5, patience=2, progress=False,
+    )  # fmt: skip
+    after = evaluate_lens(tiny_model, lens, [hold], sp, progress=False)["tuned"]["kl"]
+    assert run.heldout_steps[0] == 0 and run.heldout_kl[0] == pytest.approx(
+        sum(warm[: L - 1]) / (L - 1), rel=1e-4
+    )
+    for i in range(L - 1):
+        assert after[i] == pytest.approx(run.best_kl[i], rel=1e-4)  # the kept translator
+        assert after[i] < 0.9 * warm[i]  # KL training lowered the held-out KL
+    js = run.to_json()
+    assert (
+        js["steps_run"] == len(run.history) and js["heldout_kl_best"] < js["heldout_kl_warm_start"]
+    )
+
+
+def test_early_stopping_keeps_the_warm_start_when_training_hurts(tiny_model, tokenizer) -> None:
+    g = torch.Generator().manual_seed(2)
+    train = torch.randint(0, 256, (8, 32), generator=g)
+    hold = torch.randint(0, 256, (2, 32), generator=g)
+    sp = _special(tokenizer)
+    lens = TunedLens(L, D)
+    regression_init(tiny_model, lens, [train], sp, progress=False)
+    warm_a = {i: lens.A(i).detach().clone() for i in range(L - 1)}
+    run = train_lens(
+        tiny_model,
+        lens,
+        train,
+        sp,
+        steps=100,
+        batch_size=2,
+        lr=3.0,
+        holdout=hold,
+        eval_every=2,
+        patience=2,
+        progress=False,
+    )  # fmt: skip  (lr 3 in standardised coordinates: every step makes the lens worse)
+    assert "no block improved in 2 evaluations" in run.stop_reason
+    assert len(run.history) == 4 and run.heldout_steps == [0, 2, 4]
+    assert all(s == 0 for s in run.best_step.values())
+    for i in range(L - 1):
+        assert torch.allclose(lens.A(i), warm_a[i], atol=1e-5)  # (up to the reparametrisation)
+
+
+def test_no_singular_value_floor_unless_asked(tiny_model, tokenizer) -> None:
+    from mlsae.core.stage_config import LensTrainConfig
+
+    assert LensTrainConfig().min_singular is None
+    ids = _ids(tokenizer, b=4, t=32, seed=4)
+    sp = _special(tokenizer)
+    default, zero, floored = TunedLens(L, D), TunedLens(L, D), TunedLens(L, D)
+    regression_init(tiny_model, default, [ids], sp, progress=False)
+    regression_init(tiny_model, zero, [ids], sp, min_singular=0.0, progress=False)
+    regression_init(tiny_model, floored, [ids], sp, min_singular=0.9, progress=False)
+    sv = lambda lens, i: np.linalg.svd(np.eye(D) + lens.A(i).detach().double().numpy(),
+                                       compute_uv=False)  # fmt: skip
+    assert min(sv(default, i).min() for i in range(L - 1)) < 0.9  # a floor would bind
+    for i in range(L - 1):
+        assert torch.equal(default.A(i), zero.A(i))
+        assert sv(floored, i).min() >= 0.9 * (1 - 1e-5)
+
+
+def test_condition_number_is_numpys() -> None:
+    lens = _random_lens(4, 16, scale=0.9, seed=3)
+    for layer in range(4):
+        m = np.eye(16) + lens.A(layer).detach().double().numpy()
+        assert lens.cond(layer) == pytest.approx(np.linalg.cond(m), rel=1e-10)
+    assert lens.cond(3) == 1.0  # identity block
+    lens._set(0, torch.diag(torch.linspace(-0.99, 3.0, 16)), None)  # known: 4 / 0.01
+    assert lens.cond(0) == pytest.approx(400.0, rel=1e-5)
 
 
 # ------------------------------------------------------------------ files
@@ -365,8 +450,11 @@ def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     training = load_lens(tmp_path / "lens").meta["training"]
-    assert training["steps"] == 4 and training["init"] == "regression"
-    assert training["regression_positions"] > 0
+    assert training["steps"] <= 4 and training["init"] == "regression"
+    assert training["regression_positions"] > 0 and training["min_singular"] is None
+    assert training["holdout"]["contexts"] == 4 and training["tokens"] == 4 * 32
+    assert training["heldout_curve"][0][0] == 0 and training["stop_reason"]
+    assert len(training["singular_values"]["cond"]) == 2
     out = tmp_path / "eval.json"
     r = runner.invoke(
         app, ["lens", "evaluate", str(tmp_path / "lens"), "--out", str(out), "--tokens", "64",
@@ -376,7 +464,10 @@ def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
     res = json.loads(out.read_text())
     assert res["layers"] == [0, 1, 2] and res["split"] == "test"
     assert set(res["tuned"]) == set(res["logit"]) == {"kl", "ce"}
-    assert "KL tuned" in r.output
+    lens = load_lens(tmp_path / "lens")
+    want = [np.linalg.cond(np.eye(D) + lens.A(x).detach().double().numpy()) for x in range(L)]
+    np.testing.assert_allclose(res["cond"], want, rtol=1e-9)
+    assert "KL tuned" in r.output and "cond(I+A)" in r.output
     r = runner.invoke(app, ["lens", "evaluate", str(tmp_path / "nope"), "--out", str(out)])
     assert isinstance(r.exception, MlsaeError)
 
@@ -384,10 +475,11 @@ def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
 def test_lens_train_config_defaults_and_bad_values() -> None:
     from mlsae.core.stage_config import LensTrainConfig
 
-    assert LensTrainConfig().lr == 1e-4  # after the regression warm start
+    assert LensTrainConfig().lr == 1e-3  # after the regression warm start
     assert LensTrainConfig(init="zero").lr == 1e-3
     assert LensTrainConfig(lr=5e-3).lr == 5e-3
     for bad in ({"init": "ones"}, {"steps": -1}, {"step_contexts": 0}, {"lr": 0.0},
-                {"ridge": -1.0}, {"min_singular": 1.0}, {"init": "zero", "steps": 0}):  # fmt: skip
+                {"ridge": -1.0}, {"min_singular": 1.0}, {"init": "zero", "steps": 0},
+                {"holdout_contexts": -1}, {"eval_every": 0}, {"patience": 0}):  # fmt: skip
         with pytest.raises(MlsaeError):
             LensTrainConfig(**bad)

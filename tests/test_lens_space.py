@@ -219,6 +219,9 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
             r["per_layer"]["delta_ce"], ref["delta_ce"], rtol=1e-3, atol=1e-5
         )
     assert results["cache_test"]["per_layer"]["fvu_model"] != ref["fvu"]  # two spaces differ
+    lens = load_lens(root / "lens")  # cond(I + A_l) per layer, checked with numpy
+    want = [np.linalg.cond(np.eye(D) + lens.A(x).detach().double().numpy()) for x in range(L)]
+    np.testing.assert_allclose(results["cache_test"]["per_layer"]["lens_cond"], want, rtol=1e-9)
     # the model path (no cache) agrees as well
     r = evaluate_command(tmp_path / "run", tmp_path / "m.json",
                          data=DataConfig(dataset=str(root / "docs.jsonl"), split="test", context_length=CTX),

@@ -278,6 +278,14 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
         assert z["expected_layer"][j] == pytest.approx(b["E"][j], rel=1e-6)
     text = (out / "report.html").read_text()
     assert text.count("data:image/png;base64,") == len(s["figures"]) == 7
+    # the paper code's ratios beside ours (one partial batch: fewer than 2048 used tokens)
+    from test_paper_variance import brute as paper_brute
+
+    pb, pf = paper_brute(dense, ones, 2048), s["paper_formula"]
+    assert pf["batch_tokens"] == 2048 and pf["n_batches"] == 1
+    for key in ("rel_var_latent", "rel_var_token", "active_pair_fraction"):
+        assert pf[key] == pytest.approx(pb[key], rel=1e-6), key
+    assert "paper code: rel_var_token" in text and "The gap is the formula" in text
     assert "train_cfg.json" in text and "eval.json" in text and not re.search(r"https?:", text)
     assert not list(out.glob("*.tmp*"))
 

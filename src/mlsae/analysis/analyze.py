@@ -20,6 +20,7 @@ from mlsae.analysis.layers import LayerStatsResult, analyze_prompts, analyze_sou
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import json_safe, read_json, write_json
+from mlsae.core.stage_config import AnalysisConfig
 from mlsae.lens.tuned import Space, TunedLens
 from mlsae.sae.folders import RUN_CFG, RunFolder, label
 
@@ -83,6 +84,7 @@ def analyze(
     prompts: list[str] | None = None,
     compare: list[Path] | None = None,
     lens: Path | None = None,
+    settings: AnalysisConfig | None = None,
     chunk_vectors: int = 8192,
 ) -> AnalysisResult:
     """Analyse the SAE of `run` (and `compare` SAEs) on `source` (a cache, else the model, by
@@ -139,7 +141,8 @@ def analyze(
     encoders = {"main": (sae_encoder(sae, _on_the_fly(space), layers), cfg.d_sae)}
     for i, ((_, _, c), sp) in enumerate(zip(cmps, spaces, strict=True)):
         encoders[f"compare_{i}"] = (sae_encoder(c, _on_the_fly(sp), layers), c.cfg.d_sae)
-    results, geo = analyze_source(src, encoders, layers, chunk_vectors)
+    pbt = (settings or AnalysisConfig()).paper_batch_tokens or None
+    results, geo = analyze_source(src, encoders, layers, chunk_vectors, paper_batch_tokens=pbt)
     stats = results["main"]
     summary = summarize(stats, geo)
     summary.update(

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from mlsae.activations.source import ActivationSource
 from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
+from mlsae.analysis.paper_variance import PAPER_BATCH_TOKENS, PaperVariance
 from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_with
@@ -78,6 +79,10 @@ class LayerStatsResult:
     multi_layer_fraction_token_per_latent: float
     active_layers_hist: list[int]
     """Number of active (token, latent) pairs active at exactly m layers, m = 0..L (m=0 is 0)."""
+    active_pair_fraction: float = math.nan
+    """Active (token, latent) pairs / (tokens x latents)."""
+    paper_formula: dict[str, Any] | None = None
+    """The paper code's ratios (paper_variance.PaperVariance.result), if it was accumulated."""
 
     @property
     def n_latents_dead(self) -> int:
@@ -108,6 +113,8 @@ class LayerStatsResult:
             "multi_layer_fraction_token_per_latent": self.multi_layer_fraction_token_per_latent,
             "p_layer": self.p_layer.tolist(),
             "active_layers_hist": self.active_layers_hist,
+            "active_pair_fraction": self.active_pair_fraction,
+            "paper_formula": self.paper_formula,
         }
 
 
@@ -116,10 +123,13 @@ class LayerStats:
 
     Feed it batches of tokens with `update(top_acts, top_indices, mask)` (sparse, [n, L, k]) or
     `update_dense(a, mask)` ([n, L, n_latents]); the result does not depend on batching or order
-    (up to float64 rounding).
+    (up to float64 rounding). With `paper_batch_tokens`, the paper code's ratios are accumulated
+    alongside (paper_variance.py); they depend on the order and batching of the used tokens.
     """
 
-    def __init__(self, n_latents: int, layers: Sequence[int]) -> None:
+    def __init__(
+        self, n_latents: int, layers: Sequence[int], paper_batch_tokens: int | None = None
+    ) -> None:
         if n_latents <= 0 or not len(layers):
             raise MlsaeError("LayerStats needs at least one latent and one layer")
         self.n_latents = int(n_latents)
@@ -132,6 +142,9 @@ class LayerStats:
         self.multi = torch.zeros(self.n_latents, dtype=F64)  # [n] #tokens active at >1 layer
         self.hist = torch.zeros(L + 1, dtype=torch.int64)  # [L+1] active-layer-count histogram
         self.n_tokens = 0
+        self.paper = (
+            PaperVariance(self.n_latents, L, paper_batch_tokens) if paper_batch_tokens else None
+        )
 
     @torch.no_grad()
     def update(self, top_acts: Tensor, top_indices: Tensor, mask: Tensor | None = None) -> None:
@@ -145,6 +158,8 @@ class LayerStats:
         if mask is not None:
             top_acts, top_indices = top_acts[mask], top_indices[mask]
             n = top_acts.shape[0]
+        if self.paper is not None:
+            self.paper.update(top_acts, top_indices)
         self.n_tokens += n
         if n == 0:
             return
@@ -185,6 +200,8 @@ class LayerStats:
         """Add another accumulator's sums (same latents and layers)."""
         if other.layers != self.layers or other.n_latents != self.n_latents:
             raise MlsaeError("cannot merge LayerStats of different shapes")
+        if self.paper is not None or other.paper is not None:
+            raise MlsaeError("the paper-formula ratios depend on token order: cannot merge")
         self.S += other.S
         self.tok_dev += other.tok_dev
         self.pairs += other.pairs
@@ -241,6 +258,8 @@ class LayerStats:
                 float(multi_per[alive].mean()) if n_alive else math.nan
             ),
             active_layers_hist=self.hist.tolist(),
+            active_pair_fraction=_ratio(n_pairs, float(self.n_tokens) * self.n_latents),
+            paper_formula=self.paper.result() if self.paper is not None else None,
         )
 
 
@@ -286,10 +305,12 @@ def analyze_source(
     layers: Sequence[int],
     chunk_vectors: int = 8192,
     geometry: bool = True,
+    paper_batch_tokens: int | None = PAPER_BATCH_TOKENS,
 ) -> tuple[dict[str, LayerStatsResult], GeometryResult | None]:
     """One pass over an activation source feeding every SAE in `encoders` (name -> (encode,
     n_latents)) with the vectors of `layers` of the used tokens, plus geometry pass 1; then
-    geometry pass 2 (no SAE) if `geometry`. Memory is per shard."""
+    geometry pass 2 (no SAE) if `geometry`. Memory is per shard. The paper code's ratios are
+    accumulated over batches of `paper_batch_tokens` used tokens in cache order (None: not)."""
     from tqdm import tqdm
 
     layers = [int(x) for x in layers]
@@ -297,7 +318,9 @@ def analyze_source(
     if missing:
         raise MlsaeError(f"layer(s) {missing} are not in the cache (it holds {cache.layers})")
     pos = [cache.layers.index(x) for x in layers]
-    stats = {name: LayerStats(n_lat, layers) for name, (_, n_lat) in encoders.items()}
+    stats = {
+        name: LayerStats(n_lat, layers, paper_batch_tokens) for name, (_, n_lat) in encoders.items()
+    }
     geo = ResidualGeometry(layers, cache.d_model) if geometry else None
     for shard in tqdm(cache.iter_ordered(), total=cache.n_blocks, desc="analyze", unit="block"):
         x = shard.activations[:, pos]  # [n, L, d]

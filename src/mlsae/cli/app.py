@@ -29,7 +29,7 @@ from mlsae.core.config import (
     TrainConfig,
 )
 from mlsae.core.errors import Interrupted, MlsaeError
-from mlsae.core.stage_config import EvalConfig, EvolutionConfig
+from mlsae.core.stage_config import AnalysisConfig, EvalConfig, EvolutionConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -152,6 +152,7 @@ def analyze(
     data: DataConfig,
     model: ModelConfig,
     source: SourceConfig,
+    cfg: AnalysisConfig,
     prompt: Annotated[
         list[str] | None, typer.Option(help="Prompt for a per-prompt heatmap (repeatable)")
     ] = None,
@@ -170,7 +171,7 @@ def analyze(
     from mlsae.report.analyze import analyze_command
 
     analyze_command(run, out, source=source, data=data, model=model, prompts=prompt,
-                    compare=compare, evolution=evolution, lens=lens)  # fmt: skip
+                    compare=compare, evolution=evolution, lens=lens, cfg=cfg)  # fmt: skip
     print(f"report: {out / 'report.html'}")
 
 

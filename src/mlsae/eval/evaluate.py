@@ -77,14 +77,17 @@ class Entry:
         return x_hat_model
 
     def result(self, model: str) -> dict[str, Any]:
-        """metrics.result() plus, for a lens SAE, fvu_model / mse_model (model space)."""
+        """metrics.result() plus, for a lens SAE, fvu_model / mse_model (model space) and
+        lens_cond: cond(I + A_l) per layer, the exact inverse's worst-case error gain."""
         r = self.metrics.result()
         r["space"] = "model" if self.space.lens is None else "tuned-lens"
-        if self.model_metrics is not None:
+        if self.model_metrics is not None and self.space.lens is not None:
             mr = self.model_metrics.result()
             for k in ("fvu", "mse"):
                 r["per_layer"][f"{k}_model"] = mr["per_layer"][k]
                 r["mean"][f"{k}_model"] = mr["mean"][k]
+            lens = self.space.lens
+            r["per_layer"]["lens_cond"] = [lens.cond(layer) for layer in self.layers]
             r["lens"] = self.sae.cfg.lens if self.lens_override is None else str(self.lens_override)
         return {**r, "sae": str(self.path), "model": model}
 
@@ -321,12 +324,12 @@ def format_table(result: dict[str, Any]) -> str:
     """Per-layer table with a mean row, then dead fraction and token count. A lens SAE's FVU is
     in lens space; its fvu_model column is the FVU in the model's space."""
     per = result["per_layer"]
-    keys = [*METRICS, *(k for k in ("fvu_model",) if k in per)]
+    keys = [*METRICS, *(k for k in ("fvu_model", "lens_cond") if k in per)]
     head = "layer" + "".join(k.rjust(10) for k in keys)
     rows = [head, "-" * len(head)]
     for i, layer in enumerate(result["layers"]):
         rows.append(f"{layer:5d}" + "".join(" " + _fmt(per[k][i]) for k in keys))
-    rows.append(" mean" + "".join(" " + _fmt(result["mean"][k]) for k in keys))
+    rows.append(" mean" + "".join(" " + _fmt(result["mean"].get(k)) for k in keys))
     rows.append(f"dead fraction {result['dead_fraction']:.4f}   tokens {result['n_tokens']}")
     if isinstance(result.get("norm_outliers"), dict):
         from mlsae.activations.norms import NormOutliers

@@ -3,7 +3,9 @@
 On held-out (test split) tokens, per block: KL(final || lens) averaged over used positions,
 and the next-token cross-entropy averaged over predicted positions (used positions with a
 next token in the context, as splice.py; the target may be EOS), for the tuned lens and the
-logit lens (identity translators). Sums are accumulated in float64.
+logit lens (identity translators). Sums are accumulated in float64. Also per block the
+condition number of I + A_l (float64, 2-norm): how much the exact inverse that lens-space SAEs
+use can amplify relative errors.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def evaluate_lens(
         "layers": layers,
         "tuned": {"kl": res("tk"), "ce": res("tc")},
         "logit": {"kl": res("lk"), "ce": res("lc")},
+        "cond": [lens.cond(layer) for layer in layers],
         "model_ce": model_ce / n_ce,
         "n_kl_positions": n_kl,
         "n_ce_positions": n_ce,
@@ -88,11 +91,16 @@ def evaluate_lens(
 
 def format_table(result: dict[str, Any]) -> str:
     """Aligned text table of an evaluation result."""
-    lines = [f"{'layer':>5} {'KL tuned':>9} {'KL logit':>9} {'CE tuned':>9} {'CE logit':>9}"]
+    lines = [
+        f"{'layer':>5} {'KL tuned':>9} {'KL logit':>9} {'CE tuned':>9} {'CE logit':>9} "
+        f"{'cond(I+A)':>10}"
+    ]
     t, g = result["tuned"], result["logit"]
+    cond = result.get("cond") or [float("nan")] * len(result["layers"])
     for i, layer in enumerate(result["layers"]):
         lines.append(
-            f"{layer:>5} {t['kl'][i]:>9.4f} {g['kl'][i]:>9.4f} {t['ce'][i]:>9.4f} {g['ce'][i]:>9.4f}"
+            f"{layer:>5} {t['kl'][i]:>9.4f} {g['kl'][i]:>9.4f} {t['ce'][i]:>9.4f} "
+            f"{g['ce'][i]:>9.4f} {cond[i]:>10.4g}"
         )
     lines.append(f"model CE {result['model_ce']:.4f} over {result['n_ce_positions']} positions")
     return "\n".join(lines)

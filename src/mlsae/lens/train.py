@@ -11,12 +11,15 @@ unembedding), so on a CPU only a few thousand token-layers per minute are afford
 two stages:
 1. warm start (`init="regression"`, default): each T_l is set to the weighted least-squares
    affine map from x_l to x_{L-1} (`regression_init`; Din et al. 2023). It needs only forward
-   passes, so it can use many tokens, and already beats the logit lens by far.
+   passes, so it can use many tokens, and already beats the logit lens by far. No floor on the
+   singular values of I + A_l unless asked (`min_singular`).
    `init="zero"` starts from the identity (A = 0, c = 0) as Belrose et al. do.
 2. KL training (`train_lens`): Adam on the KL loss in standardised coordinates
-   (`_Preconditioned`), short warmup, linear decay to 0.
+   (`_Preconditioned`), short warmup, linear decay to 0 over the maximum budget, stopped early
+   when the KL on held-out training-split contexts stops improving; each block keeps its
+   translator of lowest held-out KL (heldout.py).
 
-Evaluation against the logit lens: lens_eval.py.
+Evaluation against the logit lens: evaluate.py.
 """
 
 from __future__ import annotations
@@ -36,17 +39,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.stage_config import DEFAULT_MIN_SINGULAR, LensTrainConfig
-from mlsae.data.capture import capture, get_final_norm, unembed, used_mask
+from mlsae.core.stage_config import LensTrainConfig
+from mlsae.data.capture import get_final_norm, unembed
 from mlsae.data.model import LoadedModel
+from mlsae.lens.heldout import CHUNK, HeldOut, LensTrainLog, capture_lens_layers, final_logits
 from mlsae.lens.tuned import TunedLens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-log = logging.getLogger(__name__)
+__all__ = ["CHUNK", "capture_lens_layers", "final_logits", "regression_init", "train_lens"]
 
-CHUNK = 256  # positions per unembedding chunk (a [256, vocab] float32 block)
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -59,11 +63,6 @@ def _frozen(model: PreTrainedModel) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def final_logits(model: PreTrainedModel, x_last: Tensor) -> Tensor:
-    """The model's next-token logits from the last block's output. [..., d] -> [..., V] fp32."""
-    return unembed(model, get_final_norm(model)(x_last)).float()
 
 
 def _kl_backward(
@@ -129,7 +128,7 @@ def regression_init(
     batches: Iterable[Tensor],
     special_ids: Sequence[int],
     ridge: float = 0.01,
-    min_singular: float = DEFAULT_MIN_SINGULAR,
+    min_singular: float | None = None,
     progress: bool = True,
 ) -> int:
     """Warm start: set each trained translator to the weighted least-squares affine map from
@@ -139,9 +138,9 @@ def regression_init(
     steps. batches: [B, T] ids. Returns the number of positions used.
 
     The fit squashes directions the final output does not vary in (singular values of I + A
-    down to 1e-4), which the exact inverse would amplify ~1e4-fold; singular values below
-    `min_singular` are raised to it (then c is refit), which bounds ||(I + A)^-1|| by
-    1 / min_singular (see DEFAULT_MIN_SINGULAR)."""
+    down to 1e-4), which the exact inverse amplifies up to ~1e4-fold. With `min_singular`,
+    singular values below it are raised to it (then c is refit), which bounds ||(I + A)^-1|| by
+    1 / min_singular at a cost in lens KL (see core.stage_config.SUGGESTED_MIN_SINGULAR); None or 0: no floor."""
     trained = lens.trained_layers
     d = lens.d_model
     gram = {layer: torch.zeros(d + 1, d + 1, dtype=torch.float64) for layer in trained}
@@ -168,23 +167,12 @@ def regression_init(
         a, c = beta[:d].T, beta[d]  # A [d, d], c [d]
         eye = torch.eye(d, dtype=torch.float64)
         u, sv, vh = torch.linalg.svd(eye + a)
-        if float(sv.min()) < min_singular:
+        if min_singular and float(sv.min()) < min_singular:
             a = (u * sv.clamp_min(min_singular)) @ vh - eye
             sw, swx = gram[layer][d, d], gram[layer][d, :d]  # sum w, sum w x
             c = (rhs[layer][d] - a @ swx) / sw  # weighted mean of y - x - A x
         lens._set(layer, a, c)
     return n
-
-
-def capture_lens_layers(
-    model: PreTrainedModel, lens: TunedLens, ids: Tensor, special_ids: Sequence[int]
-):
-    """One pass: used block outputs x [N, Lc, d] of lens.layers + the last block, the mask
-    [B, T] and the captured layer list."""
-    layers = sorted(set(lens.layers) | {lens.last_layer})
-    xs = capture(model, ids, layers)  # [B, T, Lc, d]
-    mask = used_mask(ids, special_ids)  # [B, T]
-    return xs, mask, layers
 
 
 def train_lens(
@@ -200,9 +188,16 @@ def train_lens(
     seed: int = 0,
     stat_contexts: int = 8,
     progress: bool = True,
-) -> list[float]:
+    holdout: Tensor | None = None,
+    eval_every: int = 10,
+    patience: int = 3,
+) -> LensTrainLog:
     """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order), Adam with linear
-    warmup and linear decay to 0. Returns the mean KL per trained layer of every step."""
+    warmup and linear decay to 0 over `steps`. With `holdout` [m, T] contexts (never trained
+    on), the held-out KL is measured before the first step and every `eval_every` steps; each
+    block ends with its translator of lowest held-out KL (possibly the warm start) and training
+    stops after `patience` evaluations without any block improving. Without `holdout`, all
+    `steps` run and the last translators are kept."""
     trained = lens.trained_layers
     if not trained:
         raise MlsaeError("nothing to train: the lens only covers the last block (identity)")
@@ -222,7 +217,8 @@ def train_lens(
             idx += list(itertools.islice(order, batch_size - len(idx)))
         return contexts[idx]
 
-    history: list[float] = []
+    out = LensTrainLog(stop_reason=f"max steps ({steps})")
+    history = out.history
     with _frozen(model):
         first = [next_batch() for _ in range(max(1, math.ceil(stat_contexts / batch_size)))]
         stats = [capture_lens_layers(model, lens, ids, special_ids) for ids in first]
@@ -240,8 +236,12 @@ def train_lens(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.0, 1 - i / steps)
         )
-        bar = tqdm(range(steps), desc="lens train", disable=not progress, file=sys.stderr)
-        for _step in bar:
+        tracker = None
+        if holdout is not None and len(holdout):
+            tracker = HeldOut(model, lens, holdout, special_ids, patience)
+            tracker.evaluate(model, 0, pre, out)
+        bar = tqdm(range(1, steps + 1), desc="lens train", disable=not progress, file=sys.stderr)
+        for step in bar:
             xs, mask, _ = (
                 stats.pop(0)
                 if stats
@@ -265,10 +265,18 @@ def train_lens(
                 bar.set_postfix(kl=f"{history[-1]:.3f}")
             opt.zero_grad(set_to_none=True)
             sched.step()
+            check = step % eval_every == 0 or step == steps
+            if tracker is not None and check and tracker.evaluate(model, step, pre, out):
+                out.stop_reason = (
+                    f"held-out KL of no block improved in {patience} evaluations "
+                    f"({patience * eval_every} steps)"
+                )
+                break
     with torch.no_grad():
         for layer, m in pre.items():
-            lens._set(layer, *m.affine())
-    return history
+            a, c = m.affine() if tracker is None else tracker.best[layer][2:]
+            lens._set(layer, a, c)
+    return out
 
 
 # ---------------------------------------------------------------------------- CLI glue
@@ -289,22 +297,36 @@ class ContextSource(Protocol):
 
 
 def _singular_summary(lens: TunedLens) -> dict[str, list[int] | list[float]]:
-    """Per trained layer, the extreme singular values of I + A (conditioning of the inverse)."""
+    """Per trained layer, the extreme singular values and the condition number of I + A."""
     lo, hi = [], []
     for layer in lens.trained_layers:
         m = torch.eye(lens.d_model, dtype=torch.float64) + lens.A(layer).detach().double()
         sv = torch.linalg.svdvals(m)
         lo.append(round(float(sv.min()), 5))
         hi.append(round(float(sv.max()), 3))
-    return {"layers": lens.trained_layers, "min": lo, "max": hi}
+    cond = [round(lens.cond(layer), 2) for layer in lens.trained_layers]
+    return {"layers": lens.trained_layers, "min": lo, "max": hi, "cond": cond}
+
+
+def split_holdout(contexts: Tensor, n_holdout: int) -> tuple[Tensor, Tensor | None]:
+    """(training contexts, held-out contexts): the last `n_holdout` contexts are held out."""
+    if n_holdout <= 0:
+        return contexts, None
+    if len(contexts) <= n_holdout:
+        raise MlsaeError(
+            f"{len(contexts)} training contexts leave none to train on after holding out "
+            f"{n_holdout} (--holdout-contexts) for early stopping: raise --tokens"
+        )
+    return contexts[:-n_holdout], contexts[-n_holdout:]
 
 
 def train_lens_command(
     out: Path, source: ContextSource, cfg: LensTrainConfig | None = None
 ) -> TunedLens:
     """`mlsae lens train`: translators for `source.layers` of `source.lm`, warm start
-    (regression on all of the source's tokens, or zero), then `cfg.steps` KL steps of
-    `cfg.step_contexts` contexts; save to `out`."""
+    (regression, or zero) on the source's contexts but the last `cfg.holdout_contexts`, then up
+    to `cfg.steps` KL steps of `cfg.step_contexts` contexts, stopped early on the held-out
+    contexts' KL; save to `out`."""
     cfg = cfg or LensTrainConfig()
     if source.info.get("split") != "train":
         raise MlsaeError("the lens is trained on the train split")
@@ -315,43 +337,59 @@ def train_lens_command(
     if not lens.trained_layers:
         raise MlsaeError("nothing to train: the last block's lens is the identity")
     contexts = source.contexts()
+    train_ctx, holdout = split_holdout(contexts, cfg.holdout_contexts if cfg.steps else 0)
     n_regr = 0
     if cfg.init == "regression":
         bs = source.batch_size
-        batches = [contexts[i : i + bs] for i in range(0, len(contexts), bs)]
+        batches = [train_ctx[i : i + bs] for i in range(0, len(train_ctx), bs)]
         n_regr = regression_init(
             lm.model, lens, batches, lm.special_ids, ridge=cfg.ridge, min_singular=cfg.min_singular
         )
-    history: list[float] = []
+    run = LensTrainLog(stop_reason="no KL steps (--steps 0)")
     if cfg.steps:
-        history = train_lens(
-            lm.model, lens, contexts, lm.special_ids, steps=cfg.steps, batch_size=cfg.step_contexts,
-            lr=float(cfg.lr or 1e-4), seed=cfg.seed,
+        run = train_lens(
+            lm.model, lens, train_ctx, lm.special_ids, steps=cfg.steps,
+            batch_size=cfg.step_contexts, lr=float(cfg.lr or 1e-3), seed=cfg.seed, holdout=holdout,
+            eval_every=cfg.eval_every, patience=cfg.patience,
         )  # fmt: skip
+    history = run.history
     wall = time.perf_counter() - t0
     lens.meta["training"] = {
         "dataset": source.info.get("dataset"),
         "split": source.info.get("split"),
         "context_length": int(contexts.shape[1]),
-        "tokens": int(contexts.numel()),
+        "tokens": int(train_ctx.numel()),
+        "holdout": {
+            "contexts": 0 if holdout is None else len(holdout),
+            "tokens": 0 if holdout is None else int(holdout.numel()),
+            "source": "the last contexts of the training split's tokens (not the test split)",
+            "eval_every": cfg.eval_every,
+            "patience": cfg.patience,
+        },
         "init": cfg.init,
         "ridge": cfg.ridge if cfg.init == "regression" else None,
         "min_singular": cfg.min_singular if cfg.init == "regression" else None,
         "regression_positions": n_regr,
+        "max_steps": cfg.steps,
         "steps": len(history),
         "step_contexts": cfg.step_contexts,
         "lr": cfg.lr,
-        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0",
+        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0 at max_steps",
         "loss": "sum over layers of mean KL(final || lens)",
         "seed": cfg.seed,
         "model_dtype": source.info.get("model_dtype"),
         "kl_first_last": [history[0], history[-1]] if history else None,
+        **run.to_json(),
         "wall_seconds": round(wall, 1),
         "singular_values": _singular_summary(lens),
     }
     lens.save(out)
-    kl = (  # one context per step by default: a per-step trend would be noise
-        f", mean train-batch KL per layer {sum(history) / len(history):.3f}" if history else ""
+    js = run.to_json()
+    kl = (
+        f", held-out KL per layer {js['heldout_kl_warm_start']:.3f} (warm start) -> "
+        f"{js['heldout_kl_best']:.3f} (best per layer); {run.stop_reason}"
+        if run.heldout_kl
+        else ""
     )
     log.info(f"lens saved to {out} (init {cfg.init}, {len(history)} KL steps{kl}, {wall:.0f} s)")
     return lens

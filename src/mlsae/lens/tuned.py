@@ -118,6 +118,12 @@ class TunedLens(nn.Module):
         lin = self._linear(layer)
         return torch.zeros(self.d_model) if lin is None else lin.bias
 
+    def cond(self, layer: int) -> float:
+        """2-norm condition number of I + A_l in float64 (the worst-case factor by which the
+        exact inverse amplifies relative errors); 1 for the identity (last) block."""
+        m = torch.eye(self.d_model, dtype=torch.float64) + self.A(layer).detach().double()
+        return float(torch.linalg.cond(m))
+
     # ------------------------------------------------------------------ maps
     def forward(self, h: Tensor, layer: int) -> Tensor:
         """T_l(h) = h + A_l h + c_l. h: [..., d] -> [..., d] in h's dtype (computed in fp32)."""

@@ -13,6 +13,7 @@ from typing import Any
 from mlsae.analysis.analyze import AnalysisResult, analyze
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.io import write_json
+from mlsae.core.stage_config import AnalysisConfig
 from mlsae.report.figures import make_figures
 from mlsae.report.html import write_report
 
@@ -47,6 +48,7 @@ def analyze_command(
     compare: list[Path] | None = None,
     evolution: Path | None = None,
     lens: Path | None = None,
+    cfg: AnalysisConfig | None = None,
 ) -> dict[str, Any]:
     """The whole `mlsae analyze`; returns the analysis.json dict (see `analysis.analyze`)."""
     if evolution is not None:  # an unreadable evolution folder fails before the work
@@ -54,6 +56,6 @@ def analyze_command(
 
         evolution_section_html(Path(evolution))
     res = analyze(run, out, source=source, data=data, model=model, prompts=prompts,
-                  compare=compare, lens=lens)  # fmt: skip
+                  compare=compare, lens=lens, settings=cfg)  # fmt: skip
     write_analysis_report(out, res, evolution)
     return res.summary

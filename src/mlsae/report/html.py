@@ -48,6 +48,8 @@ def reading(s: dict[str, Any], eval_mean: dict[str, Any] | None = None) -> list[
         )
     elif s.get("rel_var_token") == 0:
         out.append("For a single token every latent is active at exactly one layer.")
+    if (pr := paper_reading(s)) is not None:
+        out.append(pr)
     if rl is not None:
         out.append(
             f"Aggregated over tokens, a latent's layer variance is {_f(rl)} of the total layer "
@@ -106,6 +108,38 @@ def reading(s: dict[str, Any], eval_mean: dict[str, Any] | None = None) -> list[
             "(paper, Pythia-70m with R=64, k=32: 0.097 and 0.565)."
         )
     return out
+
+
+def paper_reading(s: dict[str, Any]) -> str | None:
+    """The paper code's ratios beside ours, and why they differ (SPEC 4)."""
+    pf = s.get("paper_formula")
+    if not isinstance(pf, dict) or pf.get("rel_var_token") is None:
+        return None
+    fac, ours = pf.get("token_variance_factor"), s.get("token_variance_factor")
+    return (
+        f"The paper's code computes these ratios with another formula and gets "
+        f"rel_var_token = {_f(pf['rel_var_token'])} (single-token variance {_f(fac)}x smaller; "
+        f"ours: {_f(ours)}x) and rel_var_latent = {_f(pf.get('rel_var_latent'))} (ours "
+        f"{_f(s.get('rel_var_latent'))}), over {pf.get('n_batches')} batch(es) of "
+        f"{pf.get('batch_tokens')} tokens. The gap is the formula, not the data. It averages "
+        "over all (token, latent) pairs, of which only "
+        f"{_pct(pf.get('active_pair_fraction'))} are active (the inactive ones count as "
+        "variance 0), weighting every pair and every latent equally; and it applies "
+        "sum_l l^2 q - (sum_l l q)^2 to a latent's token-averaged distribution q, which sums "
+        "to the latent's active fraction f instead of 1. For such q the expression is "
+        "f Var(L) + f (1 - f) E[L]^2: mostly the squared mean layer position (0..L-1), which "
+        "measures how deep a latent sits rather than how widely it spreads, while the "
+        "per-token term is f times a true variance. Normalising each latent's q before taking "
+        "its variance gives rel_var_token = "
+        f"{_f(pf.get('rel_var_token_normalised'))}; the rest of the gap to ours is the "
+        "weighting (ours weights by activation mass, so the ratios are variances of one joint "
+        "law, each in [0, 1]). The paper also keeps special tokens (inputs zeroed) in its "
+        "batches; we exclude them."
+    )
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{100 * x:.2g}%"
 
 
 def lens_reading(s: dict[str, Any], c: dict[str, Any]) -> str:
@@ -192,13 +226,19 @@ def _ratio_table(s: dict[str, Any]) -> str:
     keys = ["n_tokens", "n_latents", "n_latents_alive", "var_layer", "mean_var_latent",
             "mean_var_token", "rel_var_latent", "rel_var_token", "token_variance_factor",
             "multi_layer_fraction_aggregate", "multi_layer_fraction_token",
-            "multi_layer_fraction_token_per_latent"]  # fmt: skip
+            "multi_layer_fraction_token_per_latent", "active_pair_fraction"]  # fmt: skip
     lens = any(c.get("space", "model") != s.get("space", "model") for c in s.get("compare") or [])
     tag = (lambda d: f" ({d.get('space', 'model')} space)") if lens else (lambda d: "")
     cols = [(f"this SAE{tag(s)}", s)]
     cols += [(f"compare: {c.get('label')}{tag(c)}", c) for c in s.get("compare") or []]
     cols += [(f"prompt {i + 1}", p) for i, p in enumerate(s.get("prompts") or [])]
     rows = [[k] + [d.get(k) for _, d in cols] for k in keys]
+    paper_keys = ("rel_var_latent", "rel_var_token", "token_variance_factor",
+                  "active_pair_fraction", "batch_tokens", "n_batches")  # fmt: skip
+    for k in paper_keys:  # the paper code's formula (SPEC 4), beside ours
+        vals = [(d.get("paper_formula") or {}).get(k) for _, d in cols]
+        if any(v is not None for v in vals):
+            rows.append([f"paper code: {k}", *vals])
     ev_keys = ("fvu", "fvu_model", "mse", "delta_ce", "kl", "l0")  # held-out, from eval.json
     for k in ev_keys:
         vals = [(d.get("eval_mean") or {}).get(k) for _, d in cols]
@@ -210,12 +250,14 @@ def _ratio_table(s: dict[str, Any]) -> str:
 def lens_table(lens_eval: dict[str, Any]) -> str:
     """Per-layer KL and CE of the tuned lens vs the logit lens (`mlsae lens evaluate` JSON)."""
     t, lg = lens_eval.get("tuned") or {}, lens_eval.get("logit") or {}
+    cond = lens_eval.get("cond") or []
     rows = [
         [layer, *(d.get(k, [None] * (i + 1))[i] for d, k in ((t, "kl"), (lg, "kl"), (t, "ce"),
-                                                             (lg, "ce")))]
+                                                             (lg, "ce"))),
+         cond[i] if i < len(cond) else None]
         for i, layer in enumerate(lens_eval.get("layers") or [])
     ]  # fmt: skip
-    return _grid(["layer", "KL tuned", "KL logit", "CE tuned", "CE logit"], rows)
+    return _grid(["layer", "KL tuned", "KL logit", "CE tuned", "CE logit", "cond(I+A)"], rows)
 
 
 def _img(path: Path) -> str:
@@ -280,6 +322,10 @@ def write_report(
         "multi_layer_fraction_aggregate: fraction of active latents with activity at more "
         "than one layer over the sample; multi_layer_fraction_token: fraction of active "
         "(token, latent) pairs active at more than one layer of that token. Special tokens "
-        "are excluded; never-active latents are excluded where undefined.</p></body></html>"
+        "are excluded; never-active latents are excluded where undefined. Rows 'paper code:' "
+        "are the ratios as the paper's code computes them (analysis.json paper_formula): per "
+        "batch of batch_tokens used tokens, p = a / sum over layers (0 where inactive), "
+        "unweighted means of sum_l l^2 p - (sum_l l p)^2 over all tokens and latents and over "
+        "the token-mean p, with l = 0..L-1; ratios averaged over batches.</p></body></html>"
     )
     return write_text(path, "\n".join(parts))
