@@ -38,7 +38,7 @@ from torch import Tensor
 
 from mlsae.activations.source import ActivationSource
 from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
-from mlsae.analysis.paper_variance import PAPER_BATCH_TOKENS, PaperVariance
+from mlsae.analysis.paper_variance import PAPER_BATCH_TOKENS, PaperVariance, active_entries
 from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_with
@@ -163,16 +163,10 @@ class LayerStats:
         self.n_tokens += n
         if n == 0:
             return
-        a = top_acts.to(F64).reshape(-1)  # [n*L*k]
-        j = top_indices.reshape(-1).long()
-        pos = torch.arange(L).view(1, L, 1).expand(n, L, k).reshape(-1)  # layer column
-        tok = torch.arange(n).view(n, 1, 1).expand(n, L, k).reshape(-1)
-        keep = a > 0
-        a, j, pos, tok = a[keep], j[keep], pos[keep], tok[keep]
-        if a.numel() == 0:
+        entries = active_entries(top_acts, top_indices, self.n_latents)
+        if entries is None:
             return
-        if int(j.min()) < 0 or int(j.max()) >= self.n_latents:
-            raise MlsaeError(f"latent index out of range 0..{self.n_latents - 1}")
+        a, j, pos, tok = entries
         v = self.values[pos]  # [E] block index of each entry
         self.S.view(-1).index_add_(0, pos * self.n_latents + j, a)
         # group entries by (token, latent): one group per active pair

@@ -91,16 +91,10 @@ class PaperVariance:
         n, L, k = top_acts.shape
         self.filled += n
         self.n_tokens += n
-        a = top_acts.to(F64).reshape(-1)  # [n*L*k]
-        j = top_indices.reshape(-1).long()
-        pos = torch.arange(L).view(1, L, 1).expand(n, L, k).reshape(-1)
-        tok = torch.arange(n).view(n, 1, 1).expand(n, L, k).reshape(-1)
-        keep = a > 0
-        a, j, pos, tok = a[keep], j[keep], pos[keep], tok[keep]
-        if a.numel() == 0:
+        entries = active_entries(top_acts, top_indices, self.n_latents)
+        if entries is None:
             return
-        if int(j.min()) < 0 or int(j.max()) >= self.n_latents:
-            raise MlsaeError(f"latent index out of range 0..{self.n_latents - 1}")
+        a, j, pos, tok = entries
         key, inv = torch.unique(tok * self.n_latents + j, return_inverse=True)  # active pairs
         s = torch.zeros(key.numel(), dtype=F64).index_add_(0, inv, a)  # [G] sum_l a
         p = a / s[inv]  # [E] p[l,t,j] of each active entry
@@ -165,3 +159,23 @@ def _div(a: float, b: float) -> float:
     if b == 0:
         return math.nan if a == 0 else math.copysign(math.inf, a)
     return a / b
+
+
+def active_entries(
+    top_acts: Tensor, top_indices: Tensor, n_latents: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The active entries (activation > 0) of sparse codes [n, L, k] as flat tensors: (a f64,
+    latent i64, layer column i64, token i64), each [E]; None when nothing is active. MlsaeError
+    for a latent index outside 0..n_latents-1."""
+    n, L, k = top_acts.shape
+    a = top_acts.to(F64).reshape(-1)  # [n*L*k]
+    j = top_indices.reshape(-1).long()
+    pos = torch.arange(L).view(1, L, 1).expand(n, L, k).reshape(-1)  # layer column
+    tok = torch.arange(n).view(n, 1, 1).expand(n, L, k).reshape(-1)
+    keep = a > 0
+    a, j, pos, tok = a[keep], j[keep], pos[keep], tok[keep]
+    if a.numel() == 0:
+        return None
+    if int(j.min()) < 0 or int(j.max()) >= n_latents:
+        raise MlsaeError(f"latent index out of range 0..{n_latents - 1}")
+    return a, j, pos, tok
