@@ -75,7 +75,7 @@ stage "5/6 analyze: where latents live across layers, residual geometry, report"
 stage "6/6 explorer index: top examples, frequencies, layer distributions, logit effects per latent"
 "$M" index "$OUT/mlsae" --cache "$OUT/cache_test"
 EXPLORE_PL=""
-if [[ "$EXTRA" == *" evolution "* ]]; then
+if [[ "$EXTRA" == *" index-per-layer "* ]]; then  # ~20 min for 30 SAEs on 2 cores: optional
   "$M" index "$OUT/per_layer" --cache "$OUT/cache_test"
   EXPLORE_PL="$M explore $OUT/per_layer --evolution $OUT/evolution --port 8766"
 fi

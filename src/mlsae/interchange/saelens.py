@@ -106,7 +106,8 @@ def saelens_config(
             "hook_head_index": None,
             "context_size": context.get("context_size"),
             "dataset_path": None if cfg.dataset == "default" else cfg.dataset,
-            "prepend_bos": False,  # contexts are cut from one token stream, no BOS added
+            # contexts start with BOS (and position 0 is left out) when sinks were excluded
+            "prepend_bos": bool(cfg.exclude_sink),
             "exclude_special_tokens": True,
             "neuronpedia_id": None,
             "mlsae": mlsae_meta,
