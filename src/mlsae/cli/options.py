@@ -68,6 +68,15 @@ def _field_default(f: dataclasses.Field[Any]) -> Any:
     return ...  # required
 
 
+_CTX = "mlsae_click_context"
+
+
+def _typed(ctx: Any, name: str) -> bool:
+    """Whether the user gave parameter `name` (on the command line or in the environment)."""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def config_command(
     app: typer.Typer,
     name: str | None = None,
@@ -123,8 +132,10 @@ def config_command(
                         f"{tp.__name__}.{f.name} has no docstring: it is an option's help"
                     )
                 decls = [opt, *aliases.get(f.name, [])]
-                info = typer.Option(*decls, help=help_text)
                 default = defaults.get(f.name, _field_default(f))
+                if types[f.name] is bool and default is True:  # on by default: --no-x turns it off
+                    decls[0] = f"{opt}/--no-{opt[2:]}"
+                info = typer.Option(*decls, help=help_text)
                 ann = Annotated[types[f.name], info]  # type: ignore[valid-type]
                 params.append(
                     inspect.Parameter(
@@ -137,14 +148,16 @@ def config_command(
                 ex.fields.append(f.name)
             expanded.append(ex)
         takes_given = "given" in sig.parameters
+        # typer passes its click context to a parameter annotated typer.Context (its own
+        # vendored click since typer 0.22: click.get_current_context() does not see it)
+        params.append(inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=typer.Context))  # fmt: skip
         # typer wants parameters without defaults first
         params.sort(key=lambda q: q.default is not inspect.Parameter.empty)
         params = [q.replace(kind=inspect.Parameter.KEYWORD_ONLY) for q in params]
 
         def wrapper(**kwargs: Any) -> Any:
-            import click
-
-            ctx = click.get_current_context(silent=True)
+            ctx = kwargs.pop(_CTX, None)
             given = Given()
             for ex in expanded:
                 values = {f: kwargs.pop(f"{ex.param}__{f}") for f in ex.fields}
@@ -152,14 +165,7 @@ def config_command(
                     if isinstance(v, tuple) and typing.get_origin(hints(ex.cls)[f]) is list:
                         values[f] = list(v)
                 given[ex.param] = {
-                    f
-                    for f in ex.fields
-                    if ctx is not None
-                    and ctx.get_parameter_source(f"{ex.param}__{f}")
-                    in (
-                        click.core.ParameterSource.COMMANDLINE,
-                        click.core.ParameterSource.ENVIRONMENT,
-                    )
+                    f for f in ex.fields if ctx is not None and _typed(ctx, f"{ex.param}__{f}")
                 }
                 kwargs[ex.param] = ex.cls(**values, **ex.fixed)
             if takes_given:

@@ -21,6 +21,7 @@ Split = Literal["train", "test"]
 Dtype = Literal["float32", "bfloat16"]
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
 Normalize = Literal["standardize", "none"]
+TxtDocuments = Literal["paragraph", "line", "file"]
 
 
 def check(ok: bool, message: str) -> None:
@@ -46,6 +47,9 @@ class DataConfig:
     """Tokens per context (paper: 2048; 256 suits a CPU)."""
     test_fraction: float = 0.1
     """Fraction of documents (by a hash of their text) held out as the test split."""
+    txt_documents: TxtDocuments = "paragraph"
+    """How a local .txt file splits into documents: 'paragraph' (blank-line separated),
+    'line' (one per line, like the datasets text loader) or 'file' (the whole file)."""
 
     @property
     def name(self) -> str:
@@ -56,6 +60,8 @@ class DataConfig:
         check(self.context_length >= 1, "--context-length must be >= 1")
         check(0.0 <= self.test_fraction <= 1.0, "--test-fraction must be in [0, 1]")
         check(self.split in ("train", "test"), f"--split must be train or test, not {self.split!r}")
+        check(self.txt_documents in ("paragraph", "line", "file"),
+              f"--txt-documents must be paragraph, line or file, not {self.txt_documents!r}")  # fmt: skip
 
 
 @dataclass
@@ -288,6 +294,8 @@ class RunConfig:
     """The SAEs trained together (each batch is read once for all of them)."""
     lens: str | None = None
     """Absolute tuned-lens folder of the SAEs' space, or None (the model's space)."""
+    fingerprint: str | None = None
+    """Digest of the cache's contents (its shards' sha256): `--resume` refuses other data."""
     version: int = RUN_CONFIG_VERSION
     """Format version of train_cfg.json."""
 

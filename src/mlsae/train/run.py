@@ -21,6 +21,7 @@ from mlsae.core.config import (
 )
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json, write_json
+from mlsae.core.lock import LOCK
 from mlsae.sae.folders import RUN_CFG
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def plan_run(
         data=data, model=model, source=src, sae=sae, train=train,
         cache=None if cache is None else str(Path(cache).resolve()), mode=mode, layers=layers,
         d_in=source.d_model, members=members, lens=lens,
+        fingerprint=getattr(source, "fingerprint", None),
     )  # fmt: skip
 
 
@@ -99,7 +101,7 @@ def check_new_run(out: Path) -> None:
         raise MlsaeError(f"{out} already holds a training run: continue it with --resume {out}")
     if out.exists() and not out.is_dir():
         raise MlsaeError(f"--out {out} is a file: choose a new --out")
-    if out.exists() and any(p.name != "cache" for p in out.iterdir()):
+    if out.exists() and any(p.name not in ("cache", LOCK) for p in out.iterdir()):
         raise MlsaeError(f"{out} exists and is not empty: choose a new --out")
 
 
@@ -107,7 +109,10 @@ def read_run(out: Path, train_given: dict[str, object] | None = None) -> RunConf
     """RUN/train_cfg.json, with `train_given` (max_steps, epochs) applied and saved."""
     path = out / RUN_CFG
     if not path.is_file():
-        raise MlsaeError(f"--resume {out}: no {RUN_CFG} there (not a training run)")
+        hint = ""
+        if (out / "cache").is_dir():  # a run that failed while caching or being planned
+            hint = ": its first `mlsae train --out` stopped before training; run it again"
+        raise MlsaeError(f"--resume {out}: no {RUN_CFG} there (not a training run){hint}")
     run = RunConfig.from_dict(read_json(path, "run config"), str(path))
     if train_given:
         other = sorted(set(train_given) - RESUMABLE)
