@@ -491,7 +491,7 @@ def probes() -> list[Probe]:
     add("cache of a model whose activations hold NaN", "finite",
         lambda w: mlsae("cache", "--model", w / "nanmodel", "--dataset", E.base / "corpus.jsonl",
                         "--tokens", "512", "--context-length", "64", "--out", w / "c"), "clean",
-        lambda w: nan_model(w))  # fmt: skip
+        lambda w: nan_model(w), check=no_nan_cache)  # fmt: skip
     for lr in ("inf", "nan", "-1"):
         add(f"train --lr {lr}", "finite",
             lambda w, lr=lr: mlsae("train", "--cache", E.base / "cache", "--expansion-factor", "2",
@@ -706,6 +706,21 @@ def probes() -> list[Probe]:
                         "--out", w / "c"), "interrupt", run=run_sigint_cache,
         intact=lambda w: [])  # fmt: skip
     return P
+
+
+def no_nan_cache(w: Path) -> str | None:
+    """A cache the command called complete holds no NaN among its used vectors."""
+    import torch
+    from safetensors.torch import load_file
+
+    man = w / "c" / "manifest.json"
+    if not man.exists() or not json.loads(man.read_text()).get("complete"):
+        return None
+    for p in sorted((w / "c").glob("shard_*.safetensors")):
+        t = load_file(str(p))
+        if not torch.isfinite(t["activations"][t["mask"]]).all():
+            return f"{p.name} holds NaN vectors in a complete cache"
+    return None
 
 
 def nan_model(w: Path) -> None:

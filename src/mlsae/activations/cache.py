@@ -41,7 +41,7 @@ _OURS = re.compile(
     r"^\.?(shard_\d{5}\.safetensors|manifest\.json)(\..*\.tmp|\.tmp)?$|^" + re.escape(LOCK) + "$"
 )
 """Our file names, the temporary names `mlsae.core.io` writes them under, and the lock file."""
-_VERIFIED: set[tuple[str, str, int, int]] = set()  # (path, sha256, size, mtime_ns) checked
+_VERIFIED: set[tuple[str, str, int, int]] = set()  # (path, manifest facts, size, mtime_ns) checked
 
 
 def _storage_dtype(name: str) -> torch.dtype:
@@ -158,6 +158,10 @@ class CacheWriter:
         self.flush()
         if self.manifest["n_tokens"] == 0:
             raise MlsaeError(f"{self.out}: no tokens were written")
+        if self.manifest["n_nonfinite"] == self.manifest["n_tokens"]:
+            raise MlsaeError(f"{self.out}: every vector held NaN or inf (the model's weights or "
+                             "dtype are broken: try --dtype float32); the cache is left "
+                             "incomplete")  # fmt: skip
         self.manifest["complete"] = True
         self._save_manifest()
         return dict(self.manifest)
@@ -233,7 +237,8 @@ class ActivationCache(ActivationSource):
         entry = self.manifest["shards"][i]
         path = self.path / entry["name"]
         st = path.stat()
-        key = (str(path.resolve()), entry["sha256"], st.st_size, st.st_mtime_ns)
+        facts = repr((sorted(entry.items()), self.layers, self.d_model, self.dtype))
+        key = (str(path.resolve()), facts, st.st_size, st.st_mtime_ns)
         verified = key in _VERIFIED
         where = f"shard {entry['name']} of {self.path}"
         if not verified and _sha256_file(path) != entry["sha256"]:

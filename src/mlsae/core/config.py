@@ -242,7 +242,9 @@ class TrainConfig:
         check(self.dead_tokens >= 1, "--dead-tokens must be >= 1")
         check(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
         check(self.k_aux is None or self.k_aux >= 1, "--k-aux must be >= 1")
-        check(self.aux_coef >= 0, "--aux-coef must be >= 0")
+        check(0 <= self.aux_coef < float("inf"), "--aux-coef must be a finite number >= 0")
+        check(0 < self.eps < float("inf"), "--eps must be a finite number > 0")
+        check(all(0 <= b < 1 for b in self.betas), "--betas must both be in [0, 1)")
         check(self.shuffle_buffer_shards >= 1, "--shuffle-buffer-shards must be >= 1")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 

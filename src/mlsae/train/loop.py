@@ -43,13 +43,13 @@ from mlsae.core.config import (
 from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.lock import folder_lock
-from mlsae.core.outputs import check_output
+from mlsae.core.outputs import check_output, check_writable
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import set_malloc_retain
 from mlsae.train.checkpoint import StopSignals, load_checkpoint, open_metrics, save_checkpoint
 from mlsae.train.member import Member, NonFinite, all_finite, make_adam, update_dead_counter
-from mlsae.train.memory import check_training_memory
+from mlsae.train.memory import check_training_memory, training_disk
 from mlsae.train.run import check_new_run, plan_run, read_run
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,7 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
         layer = s.layers[0] if run.mode == "per_layer" else None
         members.append(Member(s.name, sae, make_adam(sae.parameters(), cfg), layer, since))
-    per_read = len(layers) if run.mode == "per_layer" else 1
-    read_batch = cfg.batch_tokens * per_read
-    n_vec = source.n_vectors(layers)
-    if n_vec == 0:
-        raise MlsaeError(f"{source.describe()} holds no usable vectors (every token is special)")
-    per_epoch = n_vec // read_batch
-    if per_epoch == 0:
-        raise MlsaeError(
-            f"{source.describe()} holds {n_vec} vectors of layers {layers}, fewer than one batch "
-            f"of {read_batch}: lower --batch-tokens or use more tokens"
-        )
+    read_batch, per_epoch = batches_per_epoch(run, source)
     total = per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     have = getattr(source, "fingerprint", None)
@@ -212,6 +202,23 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
     if v_done:
         log.info(f"{step} steps; {v_done / el:.0f} vectors/s over this session")
     return members
+
+
+def batches_per_epoch(run: RunConfig, source: ActivationSource) -> tuple[int, int]:
+    """(vectors read per step, steps per epoch); MlsaeError if the source holds less than one
+    batch of usable vectors."""
+    per_read = len(run.layers) if run.mode == "per_layer" else 1
+    read_batch = run.train.batch_tokens * per_read
+    n_vec = source.n_vectors(run.layers)
+    if n_vec == 0:
+        raise MlsaeError(f"{source.describe()} holds no usable vectors (every token is special)")
+    per_epoch = n_vec // read_batch
+    if per_epoch == 0:
+        raise MlsaeError(
+            f"{source.describe()} holds {n_vec} vectors of layers {run.layers}, fewer than one "
+            f"batch of {read_batch}: lower --batch-tokens or use more tokens"
+        )
+    return read_batch, per_epoch
 
 
 def sae_inputs(run: RunConfig, source: ActivationSource, layers: list[int]) -> Any:
@@ -328,7 +335,9 @@ def train_command(
     if source.cache is not None:
         src = ActivationCache(source.cache)
         run = plan_run(src, data, model, source, sae, train)
+        batches_per_epoch(run, src)
         check_training_memory(run, src)
+        check_writable(out, f"--out {out}", training_disk(run))
         out.mkdir(parents=True, exist_ok=True)
         with folder_lock(out, "training run"):
             check_new_run(out)
@@ -340,7 +349,10 @@ def train_command(
     cache_src = replace(source, tokens=source.tokens or 50_000, layers=layers)
     cache_data = replace(data, split="train")
     live = open_cache_source(model, cache_data, cache_src)
-    check_training_memory(plan_run(live, data, model, source, sae, train), live)  # options
+    run = plan_run(live, data, model, source, sae, train)  # every option checked
+    batches_per_epoch(run, live)
+    check_training_memory(run, live)
+    check_writable(out, f"--out {out}", training_disk(run))
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "training run"):
         check_new_run(out)
