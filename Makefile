@@ -49,4 +49,4 @@ bench: venv
 	$(BIN)/python bench/delta_ce.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .hypothesis

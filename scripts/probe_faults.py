@@ -49,7 +49,8 @@ def tree_hash(*paths: Path) -> dict[str, str]:
     for p in paths:
         files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
         for f in files:
-            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+            if f.name != ".lock":  # a lock file's content is its last holder's pid
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 
 

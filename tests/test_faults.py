@@ -56,7 +56,7 @@ from mlsae.data.capture import iter_layers_arg
 from mlsae.data.text import doc_split, iter_documents, split_txt
 from mlsae.lens.tuned import LensInfo
 from mlsae.sae.autoencoder import SparseAutoencoder
-from mlsae.sae.folders import PerLayerListing, load_sae
+from mlsae.sae.folders import PerLayerListing, RunFolder, load_sae
 from mlsae.train.checkpoint import CheckpointInfo, MetricsRow
 from mlsae.train.loop import train_command
 from mlsae.train.memory import check_training_memory, training_memory
@@ -462,6 +462,22 @@ def test_resume_after_a_torn_metrics_line(cache, tmp_path):
     train_command(run, resume=True, train_given={"max_steps": 8})
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_a_failed_resume_changes_nothing(cache, tmp_path):
+    """A resume refused (broken checkpoint) leaves train_cfg.json as it was, though it was
+    given a new --max-steps; an evaluation file of odd types is ignored, not trusted."""
+    run = train(tmp_path / "r", cache)
+    state = run / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    before = files(run)
+    with pytest.raises(MlsaeError, match="unreadable checkpoint"):
+        train_command(run, resume=True, train_given={"max_steps": 9})
+    assert {k: v for k, v in files(run).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
+    (run / "eval.json").write_text('{"per_layer": 1, "mean": "x"}')
+    assert RunFolder(run).find_eval() is None
 
 
 def test_wrong_types_in_files_are_named(cache, tmp_path):

@@ -8,6 +8,7 @@ An SAE folder holds `cfg.json` + `sae.safetensors`. A training run folder holds 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from mlsae.sae.autoencoder import SAE_CFG, SAE_WEIGHTS, SparseAutoencoder
 
 if TYPE_CHECKING:
     from mlsae.core.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 RUN_CFG, PER_LAYER, METRICS = "train_cfg.json", "per_layer.json", "metrics.jsonl"
 SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -132,8 +135,10 @@ class RunFolder:
                 obj = read_json(p)
             except MlsaeError:
                 continue
-            if isinstance(obj, dict) and "per_layer" in obj:
+            if is_eval_result(obj):
                 return p, obj
+            if isinstance(obj, dict) and "per_layer" in obj:
+                log.warning(f"{p}: not a readable `mlsae evaluate` output: ignored")
         return None
 
 
@@ -157,6 +162,21 @@ class PerLayerListing:
 
     saes: list[PerLayerEntry]
     layers: list[int] | None = None
+
+
+def is_eval_result(obj: Any) -> bool:
+    """Whether a JSON value looks like an `mlsae evaluate` output: per_layer {metric: [number or
+    null per layer]} and mean {metric: number or null}."""
+    num = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    if not isinstance(obj, dict):
+        return False
+    per, mean = obj.get("per_layer"), obj.get("mean")
+    return (
+        isinstance(per, dict)
+        and isinstance(mean, dict)
+        and all(isinstance(v, list) and all(num(x) for x in v) for v in per.values())
+        and all(num(v) for v in mean.values())
+    )
 
 
 def sae_layers(folder: Path) -> list[int]:

@@ -50,7 +50,7 @@ from mlsae.sae.kernels import set_malloc_retain
 from mlsae.train.checkpoint import StopSignals, load_checkpoint, open_metrics, save_checkpoint
 from mlsae.train.member import Member, NonFinite, all_finite, make_adam, update_dead_counter
 from mlsae.train.memory import check_training_memory, training_disk
-from mlsae.train.run import check_new_run, plan_run, read_run
+from mlsae.train.run import check_new_run, plan_run, read_run, save_run
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
             m.load(ck["members"][m.name])
         log.info(f"resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
                  f"settings of {RUN_CFG}")  # fmt: skip
+    save_run(out, run)  # a resume's new --max-steps / --epochs hold from here on
     k_aux = cfg.resolved_k_aux(run.d_in)
 
     saved = [step]  # the step of the last checkpoint
@@ -316,7 +317,7 @@ def train_command(
         if not out.is_dir():
             raise MlsaeError(f"--resume {out}: no such run folder")
         with folder_lock(out, "training run"):
-            run = read_run(out, train_given)
+            run = read_run(out, train_given, save=False)  # saved once the checkpoint loads
             if run.cache is None:
                 raise MlsaeError(
                     f"{out}/{RUN_CFG} names no activation cache: the run cannot resume"

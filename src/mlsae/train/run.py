@@ -105,8 +105,11 @@ def check_new_run(out: Path) -> None:
         raise MlsaeError(f"{out} exists and is not empty: choose a new --out")
 
 
-def read_run(out: Path, train_given: dict[str, object] | None = None) -> RunConfig:
-    """RUN/train_cfg.json, with `train_given` (max_steps, epochs) applied and saved."""
+def read_run(
+    out: Path, train_given: dict[str, object] | None = None, save: bool = True
+) -> RunConfig:
+    """RUN/train_cfg.json, with `train_given` (max_steps, epochs) applied (and saved unless not
+    `save`: then `save_run` does it once the resume is known to work)."""
     path = out / RUN_CFG
     if not path.is_file():
         hint = ""
@@ -121,5 +124,17 @@ def read_run(out: Path, train_given: dict[str, object] | None = None) -> RunConf
             raise MlsaeError(f"{opts}: a resumed run keeps its settings (only --max-steps and "
                              "--epochs may change)")  # fmt: skip
         run.train = replace(run.train, **train_given)  # validated again
-        write_json(path, run.to_dict())
+        if save:
+            save_run(out, run)
     return run
+
+
+def save_run(out: Path, run: RunConfig) -> None:
+    """Write RUN/train_cfg.json if it does not already hold `run`."""
+    path = out / RUN_CFG
+    try:
+        same = RunConfig.from_dict(read_json(path, "run config"), str(path)) == run
+    except MlsaeError:
+        same = False
+    if not same:
+        write_json(path, run.to_dict())
