@@ -141,6 +141,27 @@ def test_usage_errors_are_one_line(capsys, args, says):
     assert code == 2 and says in one_error_line(lines)
 
 
+def test_error_lines_for_os_memory_and_decoding():
+    from mlsae.cli.errors import error_line
+
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                       "allocate memory: you tried to allocate 40960000000 bytes. Error code 12")  # fmt: skip
+    assert error_line(oom) == (
+        "out of memory (can't allocate memory: you tried to allocate 40960000000 bytes): lower "
+        "--batch-tokens, --expansion-factor or --tokens, or free memory"
+    )
+    assert error_line(MemoryError()).startswith("out of memory (MemoryError)")
+    full = OSError(errno.ENOSPC, "No space left on device", "/d/x.json")
+    assert error_line(full) == ("/d/x.json: No space left on device (the disk is full: free some "
+                                "space or write elsewhere)")  # fmt: skip
+    with pytest.raises(UnicodeDecodeError) as bad:
+        b"caf\xe9".decode("utf-8")
+    assert error_line(bad.value) == (
+        "a file is not UTF-8 text (unexpected end of data at byte 3); convert it to UTF-8"
+    )
+    assert error_line(RuntimeError("a bug")) is None  # bugs keep their traceback
+
+
 def test_reversed_layer_range_is_named():
     with pytest.raises(MlsaeError, match=r"range 5-2 is empty \(write 2-5\)"):
         iter_layers_arg("5-2", 10)
