@@ -56,4 +56,4 @@ bench: venv
 	$(BIN)/python bench/lens_peer.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .hypothesis

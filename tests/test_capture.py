@@ -202,7 +202,7 @@ def test_iter_layers_arg(spec, want):
         ("6", "out of range"),
         ("4-7", "out of range"),
         ("-1", "out of range"),
-        ("3-1", "out of range"),
+        ("3-1", "range 3-1 is empty"),
     ],
 )
 def test_iter_layers_arg_errors(spec, msg):

@@ -162,7 +162,7 @@ def test_run_config_round_trips_through_json() -> None:
     ("patch", "message"),
     [
         (lambda d: d["train"].update(lr="1e-3"), r"train: lr: expected a number"),
-        (lambda d: d["sae"].update(k="16"), r"sae: k: expected a list of an integer"),
+        (lambda d: d["sae"].update(k="16"), r"sae: k: expected a list of integers"),
         (lambda d: d["data"].update(split="dev"), r"data: split: expected one of 'train', 'test'"),
         (lambda d: d.pop("members"), r"missing field 'members'"),
         (lambda d: d["train"].update(lr=-1.0), r"--lr must be a finite number > 0"),

@@ -6,12 +6,17 @@ order; contexts are never split across shards. Every file is written to a temp n
 renamed; the manifest is rewritten after each shard with `complete: false` until the end, so a
 killed run never leaves a cache that `ActivationCache` accepts, and re-running the same
 `mlsae cache` command resumes from the last verified shard.
+
+A token whose vector (at any stored layer) holds NaN or inf is stored as zeros and masked out;
+the manifest counts them (`n_nonfinite`, per shard and in total). The reader checks the manifest
+against its schema (`manifest.Manifest`) on open, and each shard once per process: its sha256,
+its shapes, its mask against `n_used`, and that every used vector is finite.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -21,26 +26,22 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from mlsae.activations.manifest import FORMAT, Manifest, fingerprint, shard_name
 from mlsae.activations.source import ActivationSource, Batch, Block, Shard
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import read_json, write_bytes, write_json
+from mlsae.core.lock import LOCK
 
 __all__ = ["ActivationCache", "Batch", "Block", "CacheWriter", "Shard"]
-from mlsae.core.errors import MlsaeError
-from mlsae.core.io import write_bytes, write_json
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "mlsae-activation-cache"
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-REQUIRED_FIELDS = (
-    "model", "dataset", "split", "layers", "d_model", "dtype", "n_tokens", "context_length",
-    "lens", "shards", "complete",
-)  # fmt: skip
-_OURS = re.compile(r"^\.?(shard_\d{5}\.safetensors|manifest\.json)(\..*\.tmp|\.tmp)?$")
-"""Our file names, and the temporary names `mlsae.core.io` writes them under."""
-_VERIFIED: set[tuple[str, str, int, int]] = set()  # (path, sha256, size, mtime_ns) checked
-
-
-def shard_name(i: int) -> str:
-    return f"shard_{i:05d}.safetensors"
+_OURS = re.compile(
+    r"^\.?(shard_\d{5}\.safetensors|manifest\.json)(\..*\.tmp|\.tmp)?$|^" + re.escape(LOCK) + "$"
+)
+"""Our file names, the temporary names `mlsae.core.io` writes them under, and the lock file."""
+_VERIFIED: set[tuple[str, str, int, int]] = set()  # (path, manifest facts, size, mtime_ns) checked
 
 
 def _storage_dtype(name: str) -> torch.dtype:
@@ -97,9 +98,10 @@ class CacheWriter:
             "n_tokens": sum(int(s["n_tokens"]) for s in done),
             "shard_tokens": self.shard_tokens,
             "shards": done,
+            "n_nonfinite": sum(int(s.get("n_nonfinite", 0)) for s in done),
             "complete": False,
         }
-        self._buf: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._buf: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # acts, ids, mask, non-finite
         self._n_buf = 0
         self._save_manifest()
 
@@ -115,7 +117,13 @@ class CacheWriter:
                 f"mask [{n}], got {list(activations.shape)} and {list(mask.shape)}"
             )
         acts = activations.detach().to("cpu", self.dtype)
-        self._buf.append((acts, token_ids.detach().cpu().long(), mask.detach().cpu().bool()))
+        mask = mask.detach().cpu().bool()
+        bad = ~torch.isfinite(acts).flatten(1).all(1)  # [n] tokens with a NaN / inf vector
+        if bad.any():
+            acts = acts.clone()
+            acts[bad] = 0
+            mask = mask & ~bad
+        self._buf.append((acts, token_ids.detach().cpu().long(), mask, bad))
         self._n_buf += n
         while self._n_buf >= self.shard_tokens:
             self._flush(self.shard_tokens)
@@ -126,15 +134,22 @@ class CacheWriter:
             self._flush(self._n_buf)
 
     def _flush(self, n: int) -> None:
-        acts, ids, mask = (torch.cat([b[i] for b in self._buf]) for i in range(3))
-        self._buf = [(acts[n:], ids[n:], mask[n:])] if self._n_buf > n else []
+        acts, ids, mask, bad = (torch.cat([b[i] for b in self._buf]) for i in range(4))
+        self._buf = [(acts[n:], ids[n:], mask[n:], bad[n:])] if self._n_buf > n else []
         self._n_buf -= n
         tensors = {"activations": acts[:n], "token_ids": ids[:n], "mask": mask[:n]}
         data = st_save({k: v.contiguous() for k, v in tensors.items()})
         name = shard_name(len(self.manifest["shards"]))
         write_bytes(self.out / name, data, fsync=True)
-        entry = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "n_tokens": n}
-        self.manifest["shards"].append({**entry, "n_used": int(mask[:n].sum())})
+        entry = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "n_tokens": n,
+                 "n_used": int(mask[:n].sum())}  # fmt: skip
+        n_bad = int(bad[:n].sum())
+        if n_bad:
+            entry["n_nonfinite"] = n_bad
+            self.manifest["n_nonfinite"] += n_bad
+            log.warning(f"{self.out / name}: {n_bad} token(s) whose vectors held NaN or inf are "
+                        "stored as zeros and masked out")  # fmt: skip
+        self.manifest["shards"].append(entry)
         self.manifest["n_tokens"] += n
         self._save_manifest()
 
@@ -143,6 +158,10 @@ class CacheWriter:
         self.flush()
         if self.manifest["n_tokens"] == 0:
             raise MlsaeError(f"{self.out}: no tokens were written")
+        if self.manifest["n_nonfinite"] == self.manifest["n_tokens"]:
+            raise MlsaeError(f"{self.out}: every vector held NaN or inf (the model's weights or "
+                             "dtype are broken: try --dtype float32); the cache is left "
+                             "incomplete")  # fmt: skip
         self.manifest["complete"] = True
         self._save_manifest()
         return dict(self.manifest)
@@ -161,37 +180,30 @@ class ActivationCache(ActivationSource):
         if not man.is_file():
             what = "does not exist" if not self.path.exists() else "has no manifest.json"
             raise MlsaeError(f"activation cache {self.path} {what}")
-        try:
-            m = json.loads(man.read_text())
-        except (OSError, ValueError) as e:
-            raise MlsaeError(f"{man}: unreadable manifest ({e})") from None
-        missing = [k for k in REQUIRED_FIELDS if not isinstance(m, dict) or k not in m]
-        if missing:
-            raise MlsaeError(f"{man}: manifest lacks {missing}: not an mlsae activation cache")
-        if m["complete"] is not True:
+        m = read_json(man, "manifest")
+        if not isinstance(m, dict) or ("format" in m and m["format"] != FORMAT):
+            raise MlsaeError(f"{man}: not an mlsae activation cache manifest")
+        if m.get("complete") is False:
             raise MlsaeError(
                 f"activation cache {self.path} is incomplete (an interrupted `mlsae cache` run): "
                 "re-run the same command to resume it"
             )
-        try:
-            _storage_dtype(m["dtype"])
-            self.layers = [int(x) for x in m["layers"]]
-            sizes = [int(s["n_tokens"]) for s in m["shards"]]
-            names = [str(s["name"]) for s in m["shards"]]
-            if not all(isinstance(s["sha256"], str) for s in m["shards"]):
-                raise ValueError("sha256 must be a string")
-        except (KeyError, TypeError, ValueError, MlsaeError) as e:
-            raise MlsaeError(f"{man}: corrupt manifest ({e})") from None
-        if sum(sizes) != int(m["n_tokens"]) or not sizes:
-            raise MlsaeError(f"{man}: shard sizes add up to {sum(sizes)}, not n_tokens")
+        from mlsae.core.schema import from_dict
+
+        typed = from_dict(Manifest, m, str(man))
+        if not typed.shards:
+            raise MlsaeError(f"{man}: the cache lists no shards")
+        names = [s.name for s in typed.shards]
+        sizes = [s.n_tokens for s in typed.shards]
         absent = [n for n in names if not (self.path / n).is_file()]
         if absent:
             raise MlsaeError(f"activation cache {self.path}: missing shard file(s) {absent}")
         self.manifest: dict[str, Any] = m
         self.info = m
-        self.d_model = int(m["d_model"])
-        self.context_length = int(m["context_length"] or 0)  # 0: not recorded
-        self.dtype = STORAGE_DTYPES[m["dtype"]]
+        self.layers = list(typed.layers)
+        self.d_model = typed.d_model
+        self.context_length = typed.context_length or 0  # 0: not recorded
+        self.dtype = STORAGE_DTYPES[typed.dtype]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self._sizes = sizes
 
@@ -213,28 +225,29 @@ class ActivationCache(ActivationSource):
     def describe(self) -> str:
         return f"cache {self.path}"
 
-    def _verify(self, i: int) -> Path:
-        """Path of shard i after its sha256 check (done once per shard per process)."""
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the cache's contents (its shards' sha256): a run records it and refuses to
+        resume on other data."""
+        return fingerprint(self.manifest)
+
+    def _open(self, i: int) -> dict[str, Tensor]:
+        """Shard i's tensors (memory-mapped), checked once per process: sha256, shapes, mask
+        against the manifest's n_used, finite used vectors."""
         entry = self.manifest["shards"][i]
         path = self.path / entry["name"]
         st = path.stat()
-        key = (str(path.resolve()), entry["sha256"], st.st_size, st.st_mtime_ns)
-        if key not in _VERIFIED:
-            if _sha256_file(path) != entry["sha256"]:
-                raise MlsaeError(
-                    f"shard {entry['name']} of {self.path} is corrupt (sha256 mismatch): "
-                    "rebuild the cache with `mlsae cache`"
-                )
-            _VERIFIED.add(key)
-        return path
-
-    def _open(self, i: int) -> dict[str, Tensor]:
-        """Shard i's tensors (memory-mapped), verified and checked against the manifest."""
-        path, entry = self._verify(i), self.manifest["shards"][i]
+        facts = repr((sorted(entry.items()), self.layers, self.d_model, self.dtype))
+        key = (str(path.resolve()), facts, st.st_size, st.st_mtime_ns)
+        verified = key in _VERIFIED
+        where = f"shard {entry['name']} of {self.path}"
+        if not verified and _sha256_file(path) != entry["sha256"]:
+            raise MlsaeError(f"{where} is corrupt (sha256 mismatch): rebuild the cache by running "
+                             "the same `mlsae cache` command again")  # fmt: skip
         try:
             tensors = load_file(path)
         except Exception as e:  # safetensors' own errors
-            raise MlsaeError(f"shard {entry['name']} of {self.path} is unreadable: {e}") from None
+            raise MlsaeError(f"{where} is unreadable: {e}") from None
         n, L, d = int(entry["n_tokens"]), len(self.layers), self.d_model
         want = {
             "activations": ((n, L, d), self.dtype),
@@ -243,10 +256,20 @@ class ActivationCache(ActivationSource):
         }
         got = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
         if got != want:
-            raise MlsaeError(
-                f"shard {entry['name']} of {self.path} does not match the manifest: "
-                f"expected {want}, found {got}"
-            )
+            raise MlsaeError(f"{where} does not match the manifest: expected {want}, found {got}")
+        if not verified:
+            mask = tensors["mask"]
+            used = int(mask.sum())
+            if entry.get("n_used") is not None and used != entry["n_used"]:
+                raise MlsaeError(f"{where}: the manifest says {entry['n_used']} used tokens, "
+                                 f"the shard's mask {used}: the manifest was edited; rebuild "
+                                 "the cache")  # fmt: skip
+            ok = torch.isfinite(tensors["activations"]).flatten(1).all(1) | ~mask  # [n]
+            if not bool(ok.all()):
+                raise MlsaeError(f"{where} holds {int((~ok).sum())} used token(s) with NaN or "
+                                 "inf vectors: rebuild the cache with this mlsae (it masks "
+                                 "them out)")  # fmt: skip
+            _VERIFIED.add(key)
         return tensors
 
     def load_block(self, i: int) -> Block:
@@ -263,6 +286,6 @@ class ActivationCache(ActivationSource):
     def n_used(self, i: int) -> int:
         """Number of mask==True tokens in shard i (from the manifest when recorded)."""
         entry = self.manifest["shards"][i]
-        if "n_used" not in entry:
+        if entry.get("n_used") is None:
             entry["n_used"] = int(self._open(i)["mask"].sum())
         return int(entry["n_used"])

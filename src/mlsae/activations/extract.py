@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,24 +13,22 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from mlsae.activations.cache import (
-    _OURS,
-    FORMAT,
-    MANIFEST,
-    CacheWriter,
-    _sha256_file,
-    shard_name,
-)
+from mlsae.activations.cache import _OURS, MANIFEST, CacheWriter, _sha256_file
+from mlsae.activations.live import LiveSource
+from mlsae.activations.manifest import FORMAT, shard_name
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
-from mlsae.core.errors import MlsaeError
-from mlsae.core.io import write_json
+from mlsae.core.errors import Interrupted, MlsaeError
+from mlsae.core.io import read_json, write_json
+from mlsae.core.lock import LOCK, folder_lock
+from mlsae.core.outputs import check_output, check_writable
+from mlsae.data.text import txt_documents_of
 
 log = logging.getLogger(__name__)
 
 
-def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_shard: int) -> Any:
-    """Verified shards of an earlier run of the same command (list), the finished manifest
-    (dict) if it completed, or None for a fresh start. Never touches a foreign folder."""
+def _existing(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of an earlier run of the same command in `out` (None: `out` is absent or
+    holds only our files); MlsaeError for a foreign folder or other arguments. Reads only."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -40,17 +37,16 @@ def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_sha
     if not man.is_file():
         if any(not _OURS.match(p.name) for p in out.iterdir()):
             raise MlsaeError(f"{out} exists and is not an activation cache: choose a new --out")
-        for p in out.iterdir():
-            p.unlink()
         return None
     try:
-        m = json.loads(man.read_text())
-    except (OSError, ValueError):
+        m = read_json(man, "manifest")
+    except MlsaeError:
         m = None
     if (
         not isinstance(m, dict)
         or m.get("format") != FORMAT
         or not isinstance(m.get("shards"), list)
+        or not all(isinstance(s, dict) for s in m["shards"])
     ):
         raise MlsaeError(f"{out} holds an unreadable or foreign manifest: choose a new --out")
     diff = [f"{k}: {m.get(k)!r} -> {v!r}" for k, v in settings.items() if m.get(k) != v]
@@ -59,8 +55,24 @@ def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_sha
             f"{out} holds a cache made with other arguments ({'; '.join(diff)}): "
             "choose a new --out (the existing cache is left untouched)"
         )
+    return m
+
+
+def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_shard: int) -> Any:
+    """Verified shards of an earlier run of the same command (list), the finished manifest
+    (dict) if it completed with every shard intact, or None for a fresh start. Never touches a
+    foreign folder."""
+    m = _existing(out, settings)
+    if m is None:
+        for p in out.iterdir() if out.is_dir() else []:
+            if p.name != LOCK:
+                p.unlink()
+        return None
     if m.get("complete") is True:
-        return m
+        bad = [s.get("name") for s in m["shards"] if not _intact(out, s)]
+        if not bad:
+            return m
+        log.warning(f"{out} is complete but shard(s) {bad} are damaged: rewriting them")
     ctx, good = contexts.shape[1], []
     for i, s in enumerate(m["shards"]):
         path = out / str(s.get("name"))
@@ -76,11 +88,38 @@ def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_sha
         if not ok or want.numel() < per_shard * ctx:  # a short shard is only ever the last
             break
         good.append(s)
-    keep = {s["name"] for s in good} | {MANIFEST}
+    keep = {s["name"] for s in good} | {MANIFEST, LOCK}
     for p in out.iterdir():
         if _OURS.match(p.name) and p.name not in keep:
             p.unlink()
     return good
+
+
+def _intact(out: Path, entry: dict[str, Any]) -> bool:
+    """Whether a shard file exists and matches its manifest entry's sha256."""
+    try:
+        return isinstance(entry, dict) and _sha256_file(out / str(entry["name"])) == entry["sha256"]
+    except (OSError, KeyError):
+        return False
+
+
+def open_cache_source(
+    model: ModelConfig,
+    data: DataConfig,
+    source: SourceConfig,
+    extract: ExtractConfig | None = None,
+    lens: str | Path | None = None,
+) -> LiveSource:
+    """The model on the data, as `build_cache` reads it (a block is exactly one shard)."""
+    from mlsae.activations.open import open_live
+
+    extract = extract or ExtractConfig()
+    if source.tokens is None:
+        raise MlsaeError("give --tokens: how many tokens to cache")
+    per_shard = max(1, extract.shard_tokens // data.context_length)  # contexts per shard
+    return open_live(source, data, model, default_tokens=source.tokens, lens=lens,
+                     storage_dtype=extract.storage_dtype,
+                     block_tokens=per_shard * data.context_length)  # fmt: skip
 
 
 def build_cache(
@@ -90,32 +129,49 @@ def build_cache(
     source: SourceConfig,
     extract: ExtractConfig | None = None,
     lens: str | Path | None = None,
+    *,
+    live: LiveSource | None = None,
 ) -> dict[str, Any]:
     """`mlsae cache`: capture the chosen blocks' outputs for `source.tokens` tokens (rounded up
     to whole contexts) of `data` into `out`, through the tuned `lens` if given (the cache then
-    holds T_l(x)); resumes an interrupted run of the same command. Returns the manifest."""
-    from tqdm import tqdm
-
-    from mlsae.activations.open import open_live
-
+    holds T_l(x)); resumes an interrupted run of the same command, and rewrites the damaged
+    shards of a complete one. `live`: the model on the data, if already opened with these
+    settings (`open_cache_source`). The output location is checked (kind, writable, room for
+    the cache) before the model loads. Returns the manifest."""
     extract = extract or ExtractConfig()
     if source.tokens is None:
         raise MlsaeError("give --tokens: how many tokens to cache")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MlsaeError(f"--out {out} is a file: choose a new --out")
+    check_output(out, "cache", inputs=[lens])
     ctx = data.context_length
     per_shard = max(1, extract.shard_tokens // ctx)  # contexts per shard
-    live = open_live(source, data, model, default_tokens=source.tokens, lens=lens,
-                     storage_dtype=extract.storage_dtype, block_tokens=per_shard * ctx)  # fmt: skip
+    if live is None:
+        live = open_cache_source(model, data, source, extract, lens)
     contexts = live.contexts()  # [n_ctx, ctx]
     settings = {
         **{k: live.info[k] for k in ("model", "model_dtype", "dataset", "split", "text_column",
                                      "hf_split", "test_fraction", "context_length", "layers",
                                      "d_model", "dtype", "lens", "exclude_sink")},
+        "txt_documents": txt_documents_of(data),
         "requested_tokens": source.tokens, "target_tokens": live.n_contexts * ctx,
         "shard_tokens": per_shard * ctx,
     }  # fmt: skip
+    _existing(out, settings)  # a foreign folder or other arguments: refused before any write
+    itemsize = 2 if extract.storage_dtype == "bfloat16" else 4
+    size = live.n_contexts * ctx * (len(live.layers) * live.d_model * itemsize + 9)
+    have = sum(p.stat().st_size for p in out.glob("shard_*.safetensors")) if out.is_dir() else 0
+    check_writable(out, f"--out {out}", need_bytes=max(0, size - have))
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "activation cache"):
+        return _write(out, live, settings, contexts, per_shard, extract)
+
+
+def _write(out: Path, live: LiveSource, settings: dict[str, Any], contexts: Tensor,
+           per_shard: int, extract: ExtractConfig) -> dict[str, Any]:  # fmt: skip
+    """The writing part of `build_cache` (under the folder's lock)."""
+    from tqdm import tqdm
+
+    ctx = contexts.shape[1]
     done = _resume_point(out, settings, contexts, per_shard)
     if isinstance(done, dict):
         log.info(f"{out} is already complete ({done['n_tokens']} tokens)")
@@ -128,11 +184,16 @@ def build_cache(
         log.info(f"resuming {out} after {start * per_shard * ctx} tokens")
     bar = tqdm(total=live.n_tokens, initial=start * per_shard * ctx, unit="tok", unit_scale=True,
                desc="cache")  # fmt: skip
-    with bar:
-        for i in range(start, live.n_blocks):  # a block is exactly one shard
-            b = live.load_block(i)
-            writer.add(b.activations, b.token_ids, b.mask)
-            bar.update(len(b.token_ids))
+    try:
+        with bar:
+            for i in range(start, live.n_blocks):  # a block is exactly one shard
+                b = live.load_block(i)
+                writer.add(b.activations, b.token_ids, b.mask)
+                bar.update(len(b.token_ids))
+    except Interrupted as e:
+        raise Interrupted(e.signum, f"stopped by signal {e.signum}: {writer.manifest['n_tokens']} "
+                          f"tokens of {out} are saved; run the same command again to resume "
+                          "it") from None  # fmt: skip
     writer.close()
     return record_norm_outliers(out)
 

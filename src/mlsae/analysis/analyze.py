@@ -20,6 +20,7 @@ from mlsae.analysis.layers import LayerStatsResult, analyze_prompts, analyze_sou
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import json_safe, read_json, write_json
+from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import AnalysisConfig
 from mlsae.lens.tuned import Space, TunedLens
 from mlsae.sae.folders import RUN_CFG, RunFolder, label
@@ -100,8 +101,7 @@ def analyze(
     )
     run, out = Path(run), Path(out)
     prompts = list(prompts or [])
-    if out.exists() and not out.is_dir():
-        raise MlsaeError(f"--out {out} is a file: choose a folder")
+    check_output(out, "analysis", inputs=[run, *(compare or []), source.cache, lens])
     folder = RunFolder(run)
     sae_dir = folder.sae_dir()
     sae = folder.load(sae_dir)

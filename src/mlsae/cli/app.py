@@ -4,7 +4,8 @@ Each command is a thin shell over one stage; its options are the fields of the c
 dataclasses it takes (`mlsae.cli.options.config_command`), so every command that reads data has
 the same data, model and source options with the same defaults. Stage modules are imported
 lazily so `mlsae --help` is instant. The CLI alone prints results and decides exit codes: any
-MlsaeError becomes one `mlsae: error: ...` line and exit 2.
+MlsaeError, usage error, OS error or out-of-memory becomes one `mlsae: error: ...` line and exit
+2 (`mlsae.cli.errors`); every command checks its output location before any work.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mlsae.core.config import (
     SourceConfig,
     TrainConfig,
 )
-from mlsae.core.errors import Interrupted, MlsaeError
+from mlsae.core.errors import MlsaeError
 from mlsae.core.stage_config import AnalysisConfig, EvalConfig, EvolutionConfig
 
 app = typer.Typer(
@@ -207,17 +208,9 @@ def main() -> None:
     logging.captureWarnings(True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        app()
-    except Interrupted as e:
-        print(f"mlsae: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except MlsaeError as e:
-        print(f"mlsae: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("mlsae: interrupted", file=sys.stderr)
-        sys.exit(130)
+    from mlsae.cli.errors import run_app
+
+    sys.exit(run_app(app))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ def lens_train(
 ) -> None:
     """Train a tuned lens: minimise KL(final || lens) at every block but the last."""
     from mlsae.activations.open import open_live
+    from mlsae.core.outputs import check_output
     from mlsae.lens.train import train_lens_command
 
+    check_output(out, "lens")
     live = open_live(source, data, model, default_tokens=16384)
     lens = train_lens_command(out, live, cfg)
     print(f"lens saved to {out} ({len(lens.trained_layers)} translators)")
@@ -50,9 +52,11 @@ def lens_evaluate(
     """Per-layer KL and CE of the tuned lens vs the logit lens on held-out tokens."""
     from mlsae.activations.open import open_live
     from mlsae.core.errors import MlsaeError
+    from mlsae.core.outputs import check_output
     from mlsae.lens.evaluate import evaluate_lens_command, format_table
     from mlsae.lens.tuned import load_lens
 
+    check_output(out, "eval", file=True, inputs=[lens])
     tl = load_lens(lens)
     tl.meta["path"] = str(lens)
     if model.model is None and not tl.model_name:

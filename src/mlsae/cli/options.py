@@ -133,8 +133,10 @@ def config_command(
                         f"{tp.__name__}.{f.name} has no docstring: it is an option's help"
                     )
                 decls = [opt, *aliases.get(f.name, [])]
-                info = typer.Option(*decls, help=help_text)
                 default = defaults.get(f.name, _field_default(f))
+                if types[f.name] is bool and default is True:  # on by default: --no-x turns it off
+                    decls[0] = f"{opt}/--no-{opt[2:]}"
+                info = typer.Option(*decls, help=help_text)
                 ann = Annotated[types[f.name], info]  # type: ignore[valid-type]
                 params.append(
                     inspect.Parameter(
@@ -150,6 +152,8 @@ def config_command(
         # typer wants parameters without defaults first
         params.sort(key=lambda q: q.default is not inspect.Parameter.empty)
         params = [q.replace(kind=inspect.Parameter.KEYWORD_ONLY) for q in params]
+        # typer passes its click context to a parameter annotated typer.Context (its own
+        # vendored click since typer 0.22: click.get_current_context() does not see it)
         params.append(
             inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
         )
@@ -162,7 +166,9 @@ def config_command(
                 for f, v in values.items():
                     if isinstance(v, tuple) and typing.get_origin(hints(ex.cls)[f]) is list:
                         values[f] = list(v)
-                given[ex.param] = {f for f in ex.fields if _typed(ctx, f"{ex.param}__{f}")}
+                given[ex.param] = {
+                    f for f in ex.fields if ctx is not None and _typed(ctx, f"{ex.param}__{f}")
+                }
                 kwargs[ex.param] = ex.cls(**values, **ex.fixed)
             if takes_given:
                 kwargs["given"] = given

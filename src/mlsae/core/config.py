@@ -21,6 +21,7 @@ Split = Literal["train", "test"]
 Dtype = Literal["float32", "bfloat16"]
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
 Normalize = Literal["standardize", "layer_norm", "none"]
+TxtDocuments = Literal["paragraph", "line", "file"]
 
 
 def check(ok: bool, message: str) -> None:
@@ -50,6 +51,9 @@ class DataConfig:
     """Keep attention sinks out of every number: each context starts with the tokenizer's BOS
     token (where it has one) and its first position is excluded like a special token
     (--no-exclude-sink: the earlier contexts, no BOS, every position counted)."""
+    txt_documents: TxtDocuments = "paragraph"
+    """How a local .txt file splits into documents: 'paragraph' (blank-line separated),
+    'line' (one per line, like the datasets text loader) or 'file' (the whole file)."""
 
     @property
     def name(self) -> str:
@@ -60,6 +64,8 @@ class DataConfig:
         check(self.context_length >= 1, "--context-length must be >= 1")
         check(0.0 <= self.test_fraction <= 1.0, "--test-fraction must be in [0, 1]")
         check(self.split in ("train", "test"), f"--split must be train or test, not {self.split!r}")
+        check(self.txt_documents in ("paragraph", "line", "file"),
+              f"--txt-documents must be paragraph, line or file, not {self.txt_documents!r}")  # fmt: skip
 
 
 @dataclass
@@ -254,7 +260,9 @@ class TrainConfig:
         check(self.dead_tokens >= 1, "--dead-tokens must be >= 1")
         check(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
         check(self.k_aux is None or self.k_aux >= 1, "--k-aux must be >= 1")
-        check(self.aux_coef >= 0, "--aux-coef must be >= 0")
+        check(0 <= self.aux_coef < float("inf"), "--aux-coef must be a finite number >= 0")
+        check(0 < self.eps < float("inf"), "--eps must be a finite number > 0")
+        check(all(0 <= b < 1 for b in self.betas), "--betas must both be in [0, 1)")
         check(self.shuffle_buffer_shards >= 1, "--shuffle-buffer-shards must be >= 1")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 
@@ -306,6 +314,8 @@ class RunConfig:
     """The SAEs trained together (each batch is read once for all of them)."""
     lens: str | None = None
     """Absolute tuned-lens folder of the SAEs' space, or None (the model's space)."""
+    fingerprint: str | None = None
+    """Digest of the cache's contents (its shards' sha256): `--resume` refuses other data."""
     version: int = RUN_CONFIG_VERSION
     """Format version of train_cfg.json."""
 

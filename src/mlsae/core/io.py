@@ -1,9 +1,11 @@
 """Files written atomically and JSON read back with one error behaviour.
 
 Every file mlsae writes goes to a temporary name beside its target and is renamed over it, so a
-crash (or a full disk) leaves either the old file or the new one, never a torn one. Folders are
-swapped in with `replace_dir` / found again with `recover_dir`. `read_json` turns every way a
-file can be unreadable into one `MlsaeError` naming the file.
+crash (or a full disk) leaves either the old file or the new one, never a torn one; an OSError
+raised while writing names the target file (`mlsae.core.errors.os_error_message` turns it into
+one line). Folders are swapped in with `replace_dir` / found again with `recover_dir`.
+`read_json` turns every way a file can be unreadable into one `MlsaeError` naming the file;
+`read_jsonl` reads a log whose last line a crash may have cut short.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlsae.core.errors import MlsaeError
+from mlsae.core.errors import MlsaeError, os_error_in
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,23 +35,73 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is
     removed. `suffix` ends the temporary name (".tmp.png" keeps a type visible)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise _named(e, path) from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        err = os_error_in(e, path) if not isinstance(e, MlsaeError) else None
+        if err is not None and err is not e:
+            raise err from None
+        if isinstance(e, OSError):
+            raise _named(e, path) from None
         raise
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """`e` naming `path` (not our temporary name) as the file it failed on."""
+    if e.filename is None or str(e.filename).startswith(str(path.parent / f".{path.name}.")):
+        return type(e)(e.errno, e.strerror, str(path)) if e.errno is not None else e
+    return e
 
 
 def write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> Path:
     """Write bytes atomically (fsync: flush to disk before the rename)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+class _Recorder:
+    """A binary file that remembers the OSError of a failed write (torch.save reports a full disk
+    as an unhelpful RuntimeError)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, b: Any) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_stream(path: str | Path, writer: Callable[[Any], Any], fsync: bool = False) -> Path:
+    """Atomic write through a function that writes to a binary file object (torch.save, ...);
+    a failed write raises the OSError behind it, naming `path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        rec = _Recorder(f)
+        try:
+            writer(rec)
+        except Exception as e:
+            if rec.error is not None and rec.error is not e:
+                raise rec.error from None
+            raise
         if fsync:
             f.flush()
             os.fsync(f.fileno())
@@ -86,7 +138,7 @@ def write_safetensors(
     """Write a safetensors file atomically (tensors made contiguous)."""
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # a SafetensorError 'os error 28' becomes that OSError
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
 
@@ -121,6 +173,30 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise MlsaeError(f"{path}: unreadable {what} ({e})") from None
 
 
+def read_jsonl(path: str | Path, what: str = "log") -> list[Any]:
+    """The JSON values of a JSON-lines file, one per non-empty line. A last line that does not
+    parse (a write a crash cut short) is dropped; any other bad line is an MlsaeError naming the
+    file and line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise MlsaeError(f"{path}: unreadable {what} ({e.strerror or e})") from None
+    lines = raw.split(b"\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    out = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            out.append(json.loads(ln.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError) as e:
+            if i == last:
+                break  # torn by a crash
+            raise MlsaeError(f"{path}:{i + 1}: not a JSON line ({e})") from None
+    return out
+
+
 def read_json_object(path: str | Path, what: str = "file") -> dict[str, Any]:
     """`read_json` that also requires a JSON object at the top."""
     obj = read_json(path, what)
@@ -150,10 +226,20 @@ def recover_dir(dst: Path) -> Path:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` (`replace_dir`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise _named(e, path) from None
     try:
         yield tmp
         replace_dir(tmp, path)
+    except OSError as e:  # name the file as it will be called, not its temporary name
+        name = str(e.filename or "")
+        if name.startswith(str(tmp)):
+            e.filename = str(path / Path(name).relative_to(tmp))
+        elif not name:
+            e.filename = str(path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

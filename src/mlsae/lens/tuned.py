@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -219,6 +220,10 @@ class TunedLens(nn.Module):
             raise MlsaeError(
                 f"lens translator of layer {layer} has the wrong shape {tuple(a.shape)}"
             )
+        for t in (a, c) if c is not None else (a,):
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise MlsaeError(f"lens translator of layer {layer} holds NaN, inf or "
+                                 "non-float values")  # fmt: skip
         with torch.no_grad():
             lin.weight.copy_(a.float())
             lin.bias.copy_(c.float() if c is not None else torch.zeros(self.d_model))
@@ -249,17 +254,14 @@ def _load_ours(path: Path) -> TunedLens:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from mlsae.core.schema import from_dict
+
     cfg = read_json_object(path / LENS_JSON, "lens config")
-    try:
-        if cfg.get("format") != LENS_FORMAT:
-            raise KeyError("format")
-        n_layers, d_model, layers = int(cfg["n_layers"]), int(cfg["d_model"]), cfg["layers"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise MlsaeError(f"{path / LENS_JSON}: missing or invalid field {e}") from None
+    info = from_dict(LensInfo, cfg, str(path / LENS_JSON))
     meta = {k: v for k, v in cfg.items() if k not in _CORE_KEYS}
     lens = TunedLens(
-        n_layers, d_model, layers, model=str(cfg.get("model", "")), meta=meta,
-        max_cond=float(cfg.get("max_cond", DEFAULT_MAX_COND)),
+        info.n_layers, info.d_model, info.layers, model=info.model or "", meta=meta,
+        max_cond=info.max_cond,
     )  # fmt: skip
     try:
         tensors = load_file(str(path / LENS_WEIGHTS))
@@ -270,6 +272,26 @@ def _load_ours(path: Path) -> TunedLens:
             raise MlsaeError(f"{path / LENS_WEIGHTS}: no translator for layer {layer}")
         lens._set(layer, tensors[f"A.{layer}"], tensors[f"c.{layer}"])
     return lens.eval()
+
+
+@dataclass
+class LensInfo:
+    """lens.json's fields that loading relies on (the rest is kept as `meta`)."""
+
+    format: str
+    """Always mlsae-tuned-lens."""
+    n_layers: int
+    d_model: int
+    layers: list[int]
+    """Blocks the lens covers."""
+    model: str | None = ""
+    max_cond: float = DEFAULT_MAX_COND
+
+    def __post_init__(self) -> None:
+        if self.format != LENS_FORMAT:
+            raise MlsaeError(f"format is {self.format!r}, not {LENS_FORMAT!r}")
+        if self.n_layers < 1 or self.d_model < 1 or self.max_cond <= 0:
+            raise MlsaeError("n_layers and d_model must be >= 1, max_cond > 0")
 
 
 _CORE_KEYS = {"format", "model", "n_layers", "d_model", "layers", "identity_layer", "max_cond"}
@@ -296,8 +318,11 @@ def load_tuned_lens_package(path: str | Path) -> TunedLens:
             weights.setdefault(int(m.group(1)), {})[m.group(2)] = value
     if not weights or any("weight" not in w for w in weights.values()):
         raise MlsaeError(f"{path / 'params.pt'}: no tuned-lens translator weights found")
-    n_layers = int(cfg.get("num_hidden_layers") or len(weights))
-    d_model = int(cfg.get("d_model") or weights[min(weights)]["weight"].shape[0])
+    n_layers, d_model = cfg.get("num_hidden_layers") or len(weights), cfg.get("d_model")
+    d_model = d_model or weights[min(weights)]["weight"].shape[0]
+    if not isinstance(n_layers, int) or not isinstance(d_model, int) or min(n_layers, d_model) < 1:
+        raise MlsaeError(f"{path / 'config.json'}: num_hidden_layers and d_model must be "
+                         "integers >= 1")  # fmt: skip
     if sorted(weights) != list(range(n_layers)):
         raise MlsaeError(
             f"{path / 'params.pt'}: expected translators 0..{n_layers - 1} (one per "

@@ -13,6 +13,7 @@ from typing import Any
 from mlsae.analysis.analyze import AnalysisResult, analyze
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.io import write_json
+from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import AnalysisConfig
 from mlsae.report.figures import make_figures
 from mlsae.report.html import write_report
@@ -51,6 +52,8 @@ def analyze_command(
     cfg: AnalysisConfig | None = None,
 ) -> dict[str, Any]:
     """The whole `mlsae analyze`; returns the analysis.json dict (see `analysis.analyze`)."""
+    check_output(out, "analysis", inputs=[run, *(compare or []), evolution, lens,
+                                          source.cache if source is not None else None])  # fmt: skip
     if evolution is not None:  # an unreadable evolution folder fails before the work
         from mlsae.report.evolution import evolution_section_html
 

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mlsae.core.compute import resolve_compute_dtype
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_dir, write_json
+from mlsae.core.io import atomic_dir, write_json, write_safetensors
 from mlsae.sae.kernels import sparse_decode, topk_encode
 from mlsae.sae.metrics import fvu
 
@@ -211,5 +210,5 @@ class SparseAutoencoder(nn.Module):
     def save(self, path: str | Path) -> None:
         """Write the SAE folder (cfg.json + sae.safetensors) atomically: temp dir, then rename."""
         with atomic_dir(path) as tmp:
-            save_file(self.state_tensors(), str(tmp / SAE_WEIGHTS))
+            write_safetensors(tmp / SAE_WEIGHTS, self.state_tensors())
             write_json(tmp / SAE_CFG, self.cfg.to_dict())

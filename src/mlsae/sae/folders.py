@@ -8,6 +8,7 @@ An SAE folder holds `cfg.json` + `sae.safetensors`. A training run folder holds 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,13 +16,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import read_json, read_json_object, recover_dir
+from mlsae.core.io import read_json, recover_dir
 from mlsae.sae.autoencoder import SAE_CFG, SAE_WEIGHTS, SparseAutoencoder
 
 if TYPE_CHECKING:
     from mlsae.core.config import RunConfig
 
+log = logging.getLogger(__name__)
+
 RUN_CFG, PER_LAYER, METRICS = "train_cfg.json", "per_layer.json", "metrics.jsonl"
+SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def is_sae_dir(path: Path) -> bool:
@@ -70,22 +74,27 @@ class RunFolder:
     def per_layer_dirs(self) -> list[tuple[int, Path]]:
         """(layer, folder) of a per-layer set (from per_layer.json, else every sub-folder SAE),
         sorted by layer; each must be a single-layer SAE and each layer appear once."""
+        from mlsae.core.schema import from_dict
+
         listing = self.path / PER_LAYER
+        listed: list[int | None]
         if listing.is_file():
-            obj = read_json_object(listing, "per-layer listing")
-            entries = obj.get("saes")
-            if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries
-            ):
-                raise MlsaeError(f"{listing}: 'saes' must be a list of {{layer, path}} objects")
-            folders = [self.path / e["path"] for e in entries]
+            obj = from_dict(PerLayerListing, read_json(listing, "per-layer listing"), str(listing))
+            folders = [self.path / e.path for e in obj.saes]
+            listed = [e.layer for e in obj.saes]
         else:
             folders = self.sae_dirs()
+            listed = [None] * len(folders)
         out = []
-        for folder in folders:
+        for folder, want in zip(folders, listed, strict=True):
+            if not is_sae_dir(folder):
+                raise MlsaeError(f"{listing}: {folder} is not an SAE folder ({SAE_CFG} missing)")
             layers = sae_layers(folder)
             if len(layers) != 1:
                 raise MlsaeError(f"{folder} is not a single-layer SAE (layers {layers})")
+            if want is not None and layers[0] != want:
+                raise MlsaeError(f"{listing}: {folder} is listed for layer {want} but its "
+                                 f"{SAE_CFG} says layer {layers[0]}")  # fmt: skip
             out.append((layers[0], folder))
         out.sort(key=lambda t: t[0])
         got = [ly for ly, _ in out]
@@ -126,9 +135,48 @@ class RunFolder:
                 obj = read_json(p)
             except MlsaeError:
                 continue
-            if isinstance(obj, dict) and "per_layer" in obj:
+            if is_eval_result(obj):
                 return p, obj
+            if isinstance(obj, dict) and "per_layer" in obj:
+                log.warning(f"{p}: not a readable `mlsae evaluate` output: ignored")
         return None
+
+
+@dataclass
+class PerLayerEntry:
+    """One SAE of a per-layer set."""
+
+    layer: int
+    path: str
+    """Folder name inside the run (layer_05, ...)."""
+
+    def __post_init__(self) -> None:
+        p = Path(self.path)
+        if p.is_absolute() or ".." in p.parts or not self.path:
+            raise MlsaeError(f"path {self.path!r} must be a folder inside the run")
+
+
+@dataclass
+class PerLayerListing:
+    """RUN/per_layer.json: the SAEs of a per-layer set."""
+
+    saes: list[PerLayerEntry]
+    layers: list[int] | None = None
+
+
+def is_eval_result(obj: Any) -> bool:
+    """Whether a JSON value looks like an `mlsae evaluate` output: per_layer {metric: [number or
+    null per layer]} and mean {metric: number or null}."""
+    num = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    if not isinstance(obj, dict):
+        return False
+    per, mean = obj.get("per_layer"), obj.get("mean")
+    return (
+        isinstance(per, dict)
+        and isinstance(mean, dict)
+        and all(isinstance(v, list) and all(num(x) for x in v) for v in per.values())
+        and all(num(v) for v in mean.values())
+    )
 
 
 def sae_layers(folder: Path) -> list[int]:
@@ -166,11 +214,18 @@ def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> Spar
         tensors = load_file(str(w_path))
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         raise MlsaeError(f"{w_path}: unreadable weights ({e})") from None
-    sae = SparseAutoencoder(cfg, compute_dtype=compute_dtype)
-    want = {n: tuple(p.shape) for n, p in sae.named_parameters()}
+    want = {n: (cfg.d_in, cfg.d_sae) if n == "W_enc" else (cfg.d_sae, cfg.d_in) if n == "W_dec"
+            else (cfg.d_sae,) if n == "b_enc" else (cfg.d_in,) for n in SAE_TENSORS}  # fmt: skip
     got = {n: tuple(t.shape) for n, t in tensors.items()}
     if got != want:
         raise MlsaeError(f"{w_path} does not match {cfg_path}: expected {want}, found {got}")
+    for n, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise MlsaeError(f"{w_path}: {n} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                             "not a floating-point type: not SAE weights")  # fmt: skip
+        if not bool(torch.isfinite(t).all()):
+            raise MlsaeError(f"{w_path}: {n} holds NaN or inf values (a diverged training?)")
+    sae = SparseAutoencoder(cfg, compute_dtype=compute_dtype)
     with torch.no_grad():
         for n, p in sae.named_parameters():
             p.copy_(tensors[n].float())

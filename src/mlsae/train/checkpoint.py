@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_dir, recover_dir, write_json
+from mlsae.core.io import atomic_dir, read_jsonl, recover_dir, write_json, write_stream, write_text
+from mlsae.core.schema import from_dict
 
 CHECKPOINT = "checkpoint"
 STATE = "state.pt"
@@ -30,7 +32,7 @@ def save_checkpoint(run: Path, state: dict[str, Any]) -> Path:
     dst = run / CHECKPOINT
     with atomic_dir(dst) as tmp:
         payload = {**state, "version": VERSION, "rng": torch.get_rng_state()}
-        torch.save(payload, tmp / STATE)
+        write_stream(tmp / STATE, lambda f: torch.save(payload, f))
         summary = {k: state[k] for k in ("step", "epoch", "batch")}
         summary["members"] = sorted(state["members"])
         write_json(tmp / "checkpoint.json", summary)
@@ -48,8 +50,36 @@ def load_checkpoint(run: Path) -> dict[str, Any] | None:
         raise MlsaeError(f"{path}: unreadable checkpoint ({e})") from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise MlsaeError(f"{path}: not an mlsae checkpoint (version {VERSION})")
-    torch.set_rng_state(state["rng"])
+    from_dict(CheckpointInfo, {k: state.get(k) for k in ("step", "epoch", "batch")}, str(path))
+    rng, members = state.get("rng"), state.get("members")
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        raise MlsaeError(f"{path}: rng: expected a byte tensor")
+    if not isinstance(members, dict) or not all(isinstance(v, dict) for v in members.values()):
+        raise MlsaeError(f"{path}: members: expected an object of SAE states")
+    torch.set_rng_state(rng)
     return state
+
+
+@dataclass
+class CheckpointInfo:
+    """Where a checkpoint stands (the summary in checkpoint.json, and in state.pt)."""
+
+    step: int
+    epoch: int
+    batch: int
+
+    def __post_init__(self) -> None:
+        if min(self.step, self.epoch, self.batch) < 0:
+            raise MlsaeError("step, epoch and batch must be >= 0")
+
+
+@dataclass
+class MetricsRow:
+    """The fields of a metrics.jsonl row that resuming relies on (others are free)."""
+
+    step: int
+    epoch: int
+    sae: str
 
 
 class StopSignals:
@@ -74,10 +104,14 @@ class StopSignals:
 
 
 def open_metrics(out: Path, keep_step: int) -> TextIO:
-    """RUN/metrics.jsonl opened for appending, cut back to steps <= keep_step (resume)."""
+    """RUN/metrics.jsonl opened for appending, cut back to steps <= keep_step (resume); a last
+    line a crash cut short is dropped, any other malformed row is an MlsaeError."""
     path = out / "metrics.jsonl"
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        rows = read_jsonl(path, "metrics log")
+        kept = [
+            r for i, r in enumerate(rows)
+            if from_dict(MetricsRow, r, f"{path} row {i + 1}").step <= keep_step
+        ]  # fmt: skip
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return open(path, "a")  # noqa: SIM115 - closed by the caller

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,89 +43,21 @@ from mlsae.core.config import (
 )
 from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.core.io import write_json
+from mlsae.core.lock import folder_lock
+from mlsae.core.outputs import check_output, check_writable
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import kernel_backend, set_malloc_retain
 from mlsae.train.checkpoint import StopSignals, load_checkpoint, open_metrics, save_checkpoint
-from mlsae.train.run import check_new_run, plan_run, read_run
+from mlsae.train.member import Member, NonFinite, all_finite, make_adam, update_dead_counter
+from mlsae.train.memory import check_training_memory, training_disk
+from mlsae.train.run import check_new_run, plan_run, read_run, save_run
 
 log = logging.getLogger(__name__)
 
 EVAL_VECTORS = 65536
 """Vectors of the final per-layer FVU pass (train tokens; `mlsae evaluate` does held-out)."""
-
-
-def make_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam (SPEC 2), the fused CPU kernel where this torch has one."""
-    betas = (cfg.betas[0], cfg.betas[1])
-    try:
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
-    except (RuntimeError, TypeError):  # pragma: no cover - old torch
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps)
-
-
-@dataclass
-class Member:
-    """One SAE being trained, with its optimizer and dead-latent counter."""
-
-    name: str
-    sae: SparseAutoencoder
-    opt: torch.optim.Adam
-    layer: int | None  # per-layer set: the layer it takes from each batch; else None (all)
-    since: Tensor  # f64[d_sae] tokens since each latent last fired
-    initialized: bool = False  # b_dec set from the first batch
-
-    @property
-    def tokens_per_vector(self) -> float:
-        return 1.0 / len(self.sae.cfg.layers)
-
-    def step(self, x: Tensor, cfg: TrainConfig, k_aux: int) -> dict[str, float]:
-        """One optimizer step on raw vectors x [B, d]; returns the step's metrics."""
-        sae = self.sae
-        if not self.initialized:
-            sae.init_b_dec(x)
-            self.initialized = True
-        dead = (self.since >= cfg.dead_tokens).nonzero().view(-1)  # [n_dead]
-        self.opt.zero_grad(set_to_none=True)
-        out = sae.train_step_forward(x, dead, k_aux, cfg.aux_coef)
-        out.loss.backward()
-        sae.remove_parallel_grad_()
-        self.opt.step()
-        sae.normalize_decoder_()
-        fired = update_dead_counter(
-            self.since, out.top_acts, out.top_indices, len(x) * self.tokens_per_vector
-        )
-        return {
-            "loss": out.loss.item(),
-            "fvu": out.fvu.item(),
-            "auxk": out.auxk.item(),
-            "dead_frac": dead.numel() / sae.cfg.d_sae,
-            "l0": fired,
-        }
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()},
-            "opt": self.opt.state_dict(),
-            "since": self.since.clone(),
-            "initialized": self.initialized,
-        }
-
-    def load(self, st: dict[str, Any]) -> None:
-        self.sae.load_state_dict(st["sae"])
-        self.opt.load_state_dict(st["opt"])
-        self.since.copy_(st["since"])
-        self.initialized = bool(st["initialized"])
-
-
-@torch.no_grad()
-def update_dead_counter(since: Tensor, acts: Tensor, idx: Tensor, n_tokens: float) -> float:
-    """Add n_tokens to every latent's counter, reset the latents that fired (act > 0) to 0;
-    returns L0 (mean number of active latents per vector)."""
-    on = acts > 0  # [B, k]
-    since += n_tokens
-    since.index_fill_(0, idx[on], 0.0)
-    return float(on.sum()) / max(1, acts.shape[0])
+__all__ = ["Member", "make_adam", "run_training", "train_command", "update_dead_counter"]
 
 
 # ----------------------------------------------------------------------------- run setup
@@ -162,19 +94,16 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
         layer = s.layers[0] if run.mode == "per_layer" else None
         members.append(Member(s.name, sae, make_adam(sae.parameters(), cfg), layer, since))
-    per_read = len(layers) if run.mode == "per_layer" else 1
-    read_batch = cfg.batch_tokens * per_read
-    n_vec = source.n_vectors(layers)
-    if n_vec == 0:
-        raise MlsaeError(f"{source.describe()} holds no usable vectors (every token is special)")
-    per_epoch = n_vec // read_batch
-    if per_epoch == 0:
-        raise MlsaeError(
-            f"{source.describe()} holds {n_vec} vectors of layers {layers}, fewer than one batch "
-            f"of {read_batch}: lower --batch-tokens or use more tokens"
-        )
+    read_batch, per_epoch = batches_per_epoch(run, source)
     total = per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
+    have = getattr(source, "fingerprint", None)
+    if run.fingerprint is not None and have is not None and have != run.fingerprint:
+        raise MlsaeError(
+            f"{source.describe()} is not the data this run started on (its shards changed "
+            f"since: fingerprint {have[:12]}, the run's {run.fingerprint[:12]}): resume needs "
+            "that cache; train a new run with --out instead"
+        )
     step = epoch = batch_i = 0
     ck = load_checkpoint(out)
     if ck is not None:
@@ -185,9 +114,16 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
             m.load(ck["members"][m.name])
         log.info(f"resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
                  f"settings of {RUN_CFG}")  # fmt: skip
+    save_run(out, run)  # a resume's new --max-steps / --epochs hold from here on
     k_aux = cfg.resolved_k_aux(run.d_in)
 
+    saved = [step]  # the step of the last checkpoint
+
     def checkpoint() -> None:
+        bad = [m.name for m in members if not all_finite(m.sae.parameters())]
+        if bad:  # never reached: the step checks first; a non-finite SAE is never saved
+            raise MlsaeError(f"SAE(s) {bad} hold NaN or inf weights at step {step}: not saved")
+        saved[0] = step
         state = {"step": step, "epoch": epoch, "batch": batch_i}
         save_checkpoint(out, {**state, "members": {m.name: m.state() for m in members}})
         for m in members:
@@ -207,12 +143,22 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
                 t0 = time.perf_counter()
                 for batch in batches:
                     batch.x = to_sae(batch)
+                    if not all_finite([batch.x]):
+                        raise MlsaeError(f"the vectors of step {step + 1} from "
+                                         f"{source.describe()} hold NaN or inf")  # fmt: skip
                     rows, n_step = [], 0
                     for m in members:
                         x = _member_x(m, batch)
                         if len(x) < 2:
                             continue
-                        rows.append({"sae": m.name, **m.step(x, cfg, k_aux)})
+                        try:
+                            rows.append({"sae": m.name, **m.step(x, cfg, k_aux)})
+                        except NonFinite as e:
+                            raise MlsaeError(
+                                f"training diverged at step {step + 1}: {e}; lower --lr (lr "
+                                f"{cfg.lr:g}). Nothing of this step was saved; the run's last "
+                                f"checkpoint (step {saved[0]}) holds finite weights"
+                            ) from None
                         n_step += len(x)
                     step, batch_i = step + 1, batch_i + 1
                     t1 = time.perf_counter()
@@ -259,6 +205,23 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
     if v_done:
         log.info(f"{step} steps; {v_done / el:.0f} vectors/s over this session")
     return members
+
+
+def batches_per_epoch(run: RunConfig, source: ActivationSource) -> tuple[int, int]:
+    """(vectors read per step, steps per epoch); MlsaeError if the source holds less than one
+    batch of usable vectors."""
+    per_read = len(run.layers) if run.mode == "per_layer" else 1
+    read_batch = run.train.batch_tokens * per_read
+    n_vec = source.n_vectors(run.layers)
+    if n_vec == 0:
+        raise MlsaeError(f"{source.describe()} holds no usable vectors (every token is special)")
+    per_epoch = n_vec // read_batch
+    if per_epoch == 0:
+        raise MlsaeError(
+            f"{source.describe()} holds {n_vec} vectors of layers {run.layers}, fewer than one "
+            f"batch of {read_batch}: lower --batch-tokens or use more tokens"
+        )
+    return read_batch, per_epoch
 
 
 def sae_inputs(
@@ -349,46 +312,76 @@ def train_command(
     """`mlsae train`: a new run in `out`, or (resume) continue the run in `out` with its saved
     settings, except `train_given` (max_steps, epochs) which may be raised. Without
     `source.cache`, the activations of `source.tokens` tokens are cached into RUN/cache first
-    (resumable). Returns the run folder."""
+    (resumable). Every option, the output location and the memory needed are checked before the
+    run folder is made; the folder is locked while the run writes it. Returns the run folder."""
     from mlsae.activations.cache import ActivationCache
 
     out = Path(out)
     if resume:
-        run = read_run(out, train_given)
-        if run.cache is None:
-            raise MlsaeError(f"{out}/{RUN_CFG} names no activation cache: the run cannot resume")
-        src: ActivationSource = ActivationCache(run.cache)
-    else:
-        data, model = data or DataConfig(), model or ModelConfig()
-        source, sae, train = (
-            source or SourceConfig(),
-            sae or SaeGridConfig(),
-            train or TrainConfig(),
-        )
-        check_new_run(out)
-        if sae.lens is not None:  # a bad lens fails before any work
-            from mlsae.lens.tuned import load_lens
+        if not out.is_dir():
+            raise MlsaeError(f"--resume {out}: no such run folder")
+        with folder_lock(out, "training run"):
+            run = read_run(out, train_given, save=False)  # saved once the checkpoint loads
+            if run.cache is None:
+                raise MlsaeError(
+                    f"{out}/{RUN_CFG} names no activation cache: the run cannot resume"
+                )
+            src: ActivationSource = ActivationCache(run.cache)
+            check_training_memory(run, src)
+            return _train(out, run, src)
+    data, model = data or DataConfig(), model or ModelConfig()
+    source, sae, train = source or SourceConfig(), sae or SaeGridConfig(), train or TrainConfig()
+    check_new_run(out)
+    check_output(out, "run", inputs=[source.cache, sae.lens])
+    if sae.lens is not None:  # a bad lens fails before any work
+        from mlsae.lens.tuned import load_lens
 
-            load_lens(sae.lens)
-        if source.cache is not None:
-            src = ActivationCache(source.cache)
-        else:
-            from mlsae.activations.extract import build_cache
-
-            layers = str(sae.single_layer) if sae.single_layer is not None else source.layers
-            cache_src = replace(source, tokens=source.tokens or 50_000, layers=layers)
-            out.mkdir(parents=True, exist_ok=True)
-            build_cache(out / "cache", model, replace(data, split="train"), cache_src)
-            src = ActivationCache(out / "cache")
+        load_lens(sae.lens)
+    if source.cache is not None:
+        src = ActivationCache(source.cache)
         run = plan_run(src, data, model, source, sae, train)
+        batches_per_epoch(run, src)
+        check_training_memory(run, src)
+        check_writable(out, f"--out {out}", training_disk(run))
         out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out, "training run"):
+            check_new_run(out)
+            write_json(out / RUN_CFG, run.to_dict())
+            return _train(out, run, src)
+    from mlsae.activations.extract import build_cache, open_cache_source
+
+    layers = str(sae.single_layer) if sae.single_layer is not None else source.layers
+    cache_src = replace(source, tokens=source.tokens or 50_000, layers=layers)
+    cache_data = replace(data, split="train")
+    live = open_cache_source(model, cache_data, cache_src)
+    run = plan_run(live, data, model, source, sae, train)  # every option checked
+    batches_per_epoch(run, live)
+    check_training_memory(run, live)
+    check_writable(out, f"--out {out}", training_disk(run))
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "training run"):
+        check_new_run(out)
+        build_cache(out / "cache", model, cache_data, cache_src, live=live)
+        src = ActivationCache(out / "cache")
+        run = plan_run(src, data, model, source, sae, train)
         write_json(out / RUN_CFG, run.to_dict())
+        return _train(out, run, src)
+
+
+def _train(out: Path, run: RunConfig, src: ActivationSource) -> Path:
+    """Train, then write per_layer.json (a per-layer set) and final_fvu.json."""
     members = run_training(out, run, src)
     if run.mode == "per_layer":
         entries = [{"layer": m.layer, "path": m.name} for m in members]
         write_json(out / PER_LAYER, {"layers": [m.layer for m in members], "saes": entries})
     res = final_fvu(run, members, src)
     write_json(out / "final_fvu.json", res)
-    if not math.isfinite(sum(r["mean"]["fvu"] or 0.0 for r in res.values())):
-        raise MlsaeError("training diverged (non-finite FVU): lower --lr")
+    bad = [
+        name
+        for name, r in res.items()
+        if r["mean"]["fvu"] is None
+        or any(v is not None and not math.isfinite(v) for v in r["per_layer"]["fvu"])
+    ]
+    if bad:
+        raise MlsaeError(f"training diverged: SAE(s) {bad} have a non-finite FVU; lower --lr")
     return out

@@ -21,6 +21,7 @@ from mlsae.core.config import (
 )
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json, write_json
+from mlsae.core.lock import LOCK
 from mlsae.sae.folders import RUN_CFG
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def plan_run(
         data=data, model=model, source=src, sae=sae, train=train,
         cache=None if cache is None else str(Path(cache).resolve()), mode=mode, layers=layers,
         d_in=source.d_model, members=members, lens=lens,
+        fingerprint=getattr(source, "fingerprint", None),
     )  # fmt: skip
 
 
@@ -100,15 +102,21 @@ def check_new_run(out: Path) -> None:
         raise MlsaeError(f"{out} already holds a training run: continue it with --resume {out}")
     if out.exists() and not out.is_dir():
         raise MlsaeError(f"--out {out} is a file: choose a new --out")
-    if out.exists() and any(p.name != "cache" for p in out.iterdir()):
+    if out.exists() and any(p.name not in ("cache", LOCK) for p in out.iterdir()):
         raise MlsaeError(f"{out} exists and is not empty: choose a new --out")
 
 
-def read_run(out: Path, train_given: dict[str, object] | None = None) -> RunConfig:
-    """RUN/train_cfg.json, with `train_given` (max_steps, epochs) applied and saved."""
+def read_run(
+    out: Path, train_given: dict[str, object] | None = None, save: bool = True
+) -> RunConfig:
+    """RUN/train_cfg.json, with `train_given` (max_steps, epochs) applied (and saved unless not
+    `save`: then `save_run` does it once the resume is known to work)."""
     path = out / RUN_CFG
     if not path.is_file():
-        raise MlsaeError(f"--resume {out}: no {RUN_CFG} there (not a training run)")
+        hint = ""
+        if (out / "cache").is_dir():  # a run that failed while caching or being planned
+            hint = ": its first `mlsae train --out` stopped before training; run it again"
+        raise MlsaeError(f"--resume {out}: no {RUN_CFG} there (not a training run){hint}")
     run = RunConfig.from_dict(read_json(path, "run config"), str(path))
     if train_given:
         other = sorted(set(train_given) - RESUMABLE)
@@ -117,5 +125,17 @@ def read_run(out: Path, train_given: dict[str, object] | None = None) -> RunConf
             raise MlsaeError(f"{opts}: a resumed run keeps its settings (only --max-steps and "
                              "--epochs may change)")  # fmt: skip
         run.train = replace(run.train, **train_given)  # validated again
-        write_json(path, run.to_dict())
+        if save:
+            save_run(out, run)
     return run
+
+
+def save_run(out: Path, run: RunConfig) -> None:
+    """Write RUN/train_cfg.json if it does not already hold `run`."""
+    path = out / RUN_CFG
+    try:
+        same = RunConfig.from_dict(read_json(path, "run config"), str(path)) == run
+    except MlsaeError:
+        same = False
+    if not same:
+        write_json(path, run.to_dict())
