@@ -4,7 +4,7 @@
 # cores); every stage resumes or is skipped when its output exists, so re-running continues.
 # Usage: scripts/findings.sh BIN OUT [TRAIN_TOKENS] [TEST_TOKENS]
 set -euo pipefail
-BIN=${1:-.venv/bin}; OUT=${2:-findings_out}; TOK=${3:-240000}; TEST=${4:-8192}
+BIN=${1:-.venv/bin}; OUT=${2:-findings_out}; TOK=${3:-180000}; TEST=${4:-8192}
 M="$BIN/mlsae"
 CTX=256; BATCH=4096; LR=1e-3; DEAD=50000; K=32
 SHORT=$(( 60000 * 30 / BATCH ))              # steps of the demo's 60k training tokens (30 blocks)
@@ -56,18 +56,22 @@ for R in 8 16; do
     --out "$OUT/analysis_R$R" --compare "$OUT/single_12"
 done
 
+# Features across layers: per-layer SAEs with the single-layer baselines' settings and budget.
+run per_layer "$M" train --cache "$OUT/cache_train" --per-layer --expansion-factor 8 "${common[@]}" \
+  --epochs "$EPOCHS_SINGLE" --out "$OUT/per_layer"
+run evolution "$M" evolution "$OUT/per_layer" --cache "$OUT/cache_test" --out "$OUT/evolution"
 # The tuned lens (SPEC 5, the default KL training) and an MLSAE in lens space (60k tokens).
 run lens_train "$M" lens train --tokens 16384 --out "$OUT/lens"
 run lens_eval "$M" lens evaluate "$OUT/lens" --tokens 2048 --out "$OUT/lens/eval.json"
-run lens_mlsae "$M" train --cache "$OUT/cache_train" --lens "$OUT/lens" --expansion-factor 8 \
+# The unfloored lens's I + A_l can exceed the exact inverse's condition limit (1e6) at a block;
+# the lens-space MLSAE uses the floored lens (--min-singular 0.9, SUGGESTED_MIN_SINGULAR).
+run lens_floor "$M" lens train --tokens 16384 --min-singular 0.9 --out "$OUT/lens_floor"
+run lens_floor_eval "$M" lens evaluate "$OUT/lens_floor" --tokens 2048 --out "$OUT/lens_floor/eval.json"
+run lens_mlsae "$M" train --cache "$OUT/cache_train" --lens "$OUT/lens_floor" --expansion-factor 8 \
   "${common[@]}" --max-steps "$SHORT" --out "$OUT/mlsae_lens"
 run eval_lens_mlsae "$M" evaluate "$OUT/mlsae_lens" --cache "$OUT/cache_test" --tokens "$CE_TOKENS" \
   --out "$OUT/mlsae_lens/eval.json"
 run analyze_lens "$M" analyze "$OUT/short_R8" --cache "$OUT/cache_test" --out "$OUT/analysis_lens" \
   --compare "$OUT/mlsae_lens"
 
-# Features across layers: per-layer SAEs with the single-layer baselines' settings and budget.
-run per_layer "$M" train --cache "$OUT/cache_train" --per-layer --expansion-factor 8 "${common[@]}" \
-  --epochs "$EPOCHS_SINGLE" --out "$OUT/per_layer"
-run evolution "$M" evolution "$OUT/per_layer" --cache "$OUT/cache_test" --out "$OUT/evolution"
 echo; echo "done: $LOG"
