@@ -12,17 +12,22 @@ Dead latents are counted in tokens of text: a batch of B vectors drawn from L la
 tokens for an SAE trained on those L layers (a single-layer SAE: B vectors = B tokens). A latent
 is dead once it has not fired (activation > 0) for `dead_tokens` tokens.
 
-Exact resume: the data order is a pure function of (seed, epoch, batch index) (cache.shuffled
-with skip_batches), and checkpoints hold all weights, Adam states, counters and the position.
+Exact resume: the data order is a pure function of (seed, epoch, batch index) (source.shuffled
+with skip_batches; a cache or the live model stream, see mlsae.train.source), and checkpoints
+hold all weights, Adam states, counters and the position. Several processes (torchrun) train
+data-parallel with the same math as one (mlsae.train.parallel).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,10 @@ import torch
 from torch import Tensor
 
 from mlsae.activations.source import ActivationSource, Batch
-from mlsae.core.compute import resolve_compute_dtype
+from mlsae.core.compute import resolve_compute_dtype, resolve_device
 from mlsae.core.config import (
     DataConfig,
+    ExtractConfig,
     ModelConfig,
     RunConfig,
     SaeConfig,
@@ -40,16 +46,19 @@ from mlsae.core.config import (
     SourceConfig,
     TrainConfig,
 )
+from mlsae.core.dist import Comm
 from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.core.io import write_json
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import set_malloc_retain
 from mlsae.train.checkpoint import StopSignals, load_checkpoint, open_metrics, save_checkpoint
-from mlsae.train.run import check_new_run, plan_run, read_run
+from mlsae.train.parallel import plan_shares, sum_grads
 
 log = logging.getLogger(__name__)
 
+SINGLE = Comm()
+"""The Comm of a single-process run (every collective is the identity)."""
 EVAL_VECTORS = 65536
 """Vectors of the final per-layer FVU pass (train tokens; `mlsae evaluate` does held-out)."""
 
@@ -78,26 +87,45 @@ class Member:
     def tokens_per_vector(self) -> float:
         return 1.0 / len(self.sae.cfg.layers)
 
-    def step(self, x: Tensor, cfg: TrainConfig, k_aux: int) -> dict[str, float]:
-        """One optimizer step on raw vectors x [B, d]; returns the step's metrics."""
-        sae = self.sae
+    def step(
+        self, x: Tensor, cfg: TrainConfig, k_aux: int, comm: Comm = SINGLE, n: int | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on raw vectors x [B, d] (any device: moved to the SAE's); returns
+        the step's metrics. Data-parallel (`comm` of several processes): x is this process's
+        share of the global batch of n vectors, and the step is the global batch's (see
+        `mlsae.train.parallel`)."""
+        sae, dist = self.sae, comm.world > 1
+        n = len(x) if n is None else n
+        x = x.to(sae.device)
         if not self.initialized:
-            sae.init_b_dec(x)
+            if dist:  # rank 0: the geometric median of the whole first global batch
+                u = comm.gather_rows(sae.normalize(x)[0].cpu())
+                if comm.main:
+                    sae.init_b_dec_from(u.to(sae.device))
+                comm.broadcast_(sae.b_dec.data)
+            else:
+                sae.init_b_dec(x)
             self.initialized = True
         dead = (self.since >= cfg.dead_tokens).nonzero().view(-1)  # [n_dead]
         self.opt.zero_grad(set_to_none=True)
-        out = sae.train_step_forward(x, dead, k_aux, cfg.aux_coef)
+        reduce = comm.sum_ if dist else None
+        out = sae.train_step_forward(x, dead.to(sae.device), k_aux, cfg.aux_coef, reduce)
         out.loss.backward()
+        if dist:
+            sum_grads(sae, comm)
         sae.remove_parallel_grad_()
         self.opt.step()
         sae.normalize_decoder_()
         fired = update_dead_counter(
-            self.since, out.top_acts, out.top_indices, len(x) * self.tokens_per_vector
+            self.since, out.top_acts, out.top_indices, n * self.tokens_per_vector, reduce
         )
+        losses = torch.stack([out.loss, out.fvu, out.auxk]).detach().to("cpu", torch.float64)
+        if dist:
+            comm.sum_(losses)  # the shares of the global batch's losses
         return {
-            "loss": out.loss.item(),
-            "fvu": out.fvu.item(),
-            "auxk": out.auxk.item(),
+            "loss": float(losses[0]),
+            "fvu": float(losses[1]),
+            "auxk": float(losses[2]),
             "dead_frac": dead.numel() / sae.cfg.d_sae,
             "l0": fired,
         }
@@ -118,13 +146,30 @@ class Member:
 
 
 @torch.no_grad()
-def update_dead_counter(since: Tensor, acts: Tensor, idx: Tensor, n_tokens: float) -> float:
-    """Add n_tokens to every latent's counter, reset the latents that fired (act > 0) to 0;
-    returns L0 (mean number of active latents per vector)."""
-    on = acts > 0  # [B, k]
+def update_dead_counter(
+    since: Tensor,
+    acts: Tensor,
+    idx: Tensor,
+    n_tokens: float,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> float:
+    """Add n_tokens to every latent's counter (f64, on the CPU), reset the latents that fired
+    (act > 0) to 0; returns L0 (mean number of active latents per vector). reduce (data-parallel
+    training): acts/idx [B_r, k] are this process's share, n_tokens the global batch's; a latent
+    fired if it fired on any process, L0 is the global batch's."""
+    on = (acts > 0).cpu()  # [B, k]
+    idx = idx.cpu()
+    if reduce is None:
+        since += n_tokens
+        since.index_fill_(0, idx[on], 0.0)
+        return float(on.sum()) / max(1, acts.shape[0])
+    fired = torch.zeros(len(since) + 2, dtype=torch.float64)
+    fired.index_fill_(0, idx[on], 1.0)
+    fired[-2:] = torch.tensor([float(on.sum()), float(acts.shape[0])])
+    reduce(fired)  # [d_sae] processes on which each latent fired, then (active, vectors)
     since += n_tokens
-    since.index_fill_(0, idx[on], 0.0)
-    return float(on.sum()) / max(1, acts.shape[0])
+    since.masked_fill_(fired[:-2] > 0, 0.0)
+    return float(fired[-2]) / max(1.0, float(fired[-1]))
 
 
 # ----------------------------------------------------------------------------- run setup
@@ -133,9 +178,12 @@ def update_dead_counter(since: Tensor, acts: Tensor, idx: Tensor, n_tokens: floa
 # ----------------------------------------------------------------------------- the loop
 
 
-def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Member]:
+def run_training(
+    out: Path, run: RunConfig, source: ActivationSource, comm: Comm = SINGLE
+) -> list[Member]:
     """Train (or continue) the run in `out` on `source`; returns the members with their final
-    weights."""
+    weights. With a `comm` of several processes, each reads its share of every global batch
+    (`mlsae.train.parallel`) and rank 0 alone writes the checkpoints and metrics."""
     from tqdm import tqdm
 
     cfg = run.train
@@ -147,7 +195,8 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
     layers = list(run.layers)
     source.layer_positions(layers)  # every layer of the run must be in the source
     to_sae = sae_inputs(run, source, layers)
-    dtype = resolve_compute_dtype(cfg.compute_dtype)
+    device = resolve_device(run.model.device)
+    dtype = resolve_compute_dtype(cfg.compute_dtype, verbose=comm.main, device=device)
     set_malloc_retain(True)  # no page faults for each step's large temporaries
     members = []
     for s in run.members:
@@ -156,107 +205,120 @@ def run_training(out: Path, run: RunConfig, source: ActivationSource) -> list[Me
             normalize=run.sae.normalize, layers=list(s.layers), model=run.model.name,
             dataset=run.data.name, lens=run.lens,
         )  # fmt: skip
-        sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype)
+        sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype, device=device)
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
         layer = s.layers[0] if run.mode == "per_layer" else None
         members.append(Member(s.name, sae, make_adam(sae.parameters(), cfg), layer, since))
     per_read = len(layers) if run.mode == "per_layer" else 1
     read_batch = cfg.batch_tokens * per_read
-    n_vec = source.n_vectors(layers)
-    if n_vec == 0:
-        raise MlsaeError(f"{source.describe()} holds no usable vectors (every token is special)")
-    per_epoch = n_vec // read_batch
-    if per_epoch == 0:
-        raise MlsaeError(
-            f"{source.describe()} holds {n_vec} vectors of layers {layers}, fewer than one batch "
-            f"of {read_batch}: lower --batch-tokens or use more tokens"
-        )
+    share, local_batch, per_epoch = plan_shares(source, layers, read_batch, comm)
     total = per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     step = epoch = batch_i = 0
-    ck = load_checkpoint(out)
+    ck = comm.broadcast_object(load_checkpoint(out) if comm.main else None)
     if ck is not None:
         step, epoch, batch_i = ck["step"], ck["epoch"], ck["batch"]
+        if int(ck.get("world", 1)) != comm.world:
+            raise MlsaeError(f"{out} was trained on {ck.get('world', 1)} process(es): resume it "
+                             f"with --nproc {ck.get('world', 1)} (the data order depends on it)")  # fmt: skip
         for m in members:
             if m.name not in ck["members"]:
                 raise MlsaeError(f"checkpoint of {out} lacks SAE {m.name}: not this run's")
             m.load(ck["members"][m.name])
-        log.info(f"resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
-                 f"settings of {RUN_CFG}")  # fmt: skip
+        if comm.main:
+            log.info(f"resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
+                     f"settings of {RUN_CFG}")  # fmt: skip
+    else:
+        for m in members:  # one initialisation (the seeds already agree; as DDP does)
+            for prm in m.sae.parameters():
+                comm.broadcast_(prm.data)
     k_aux = cfg.resolved_k_aux(run.d_in)
 
     def checkpoint() -> None:
-        state = {"step": step, "epoch": epoch, "batch": batch_i}
-        save_checkpoint(out, {**state, "members": {m.name: m.state() for m in members}})
-        for m in members:
-            m.sae.save(out / m.name)
+        if comm.main:
+            state = {"step": step, "epoch": epoch, "batch": batch_i, "world": comm.world}
+            save_checkpoint(out, {**state, "members": {m.name: m.state() for m in members}})
+            for m in members:
+                m.sae.save(out / m.name)
 
-    metrics_log = open_metrics(out, step)
-    wb = _wandb_start(out, run) if cfg.wandb else None
-    bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    metrics_log = open_metrics(out, step) if comm.main else contextlib.nullcontext()
+    wb = _wandb_start(out, run) if cfg.wandb and comm.main else None
+    bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True,
+               disable=not comm.main)  # fmt: skip
     t_start, v_done = time.perf_counter(), 0
     try:
         with StopSignals() as sig, bar, metrics_log:
             while step < total and epoch < cfg.epochs:
-                batches = source.shuffled(
-                    read_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
+                if batch_i >= per_epoch:  # a checkpoint taken at the end of an epoch
+                    epoch, batch_i = epoch + 1, 0
+                    continue
+                batches = share.shuffled(
+                    local_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
                     buffer_shards=cfg.shuffle_buffer_shards, drop_last=True,
                 )  # fmt: skip
                 t0 = time.perf_counter()
+                epoch_done = True
                 for batch in batches:
                     batch.x = to_sae(batch)
                     rows, n_step = [], 0
                     for m in members:
                         x = _member_x(m, batch)
-                        if len(x) < 2:
+                        n = comm.count(len(x))
+                        if n < 2:
                             continue
-                        rows.append({"sae": m.name, **m.step(x, cfg, k_aux)})
-                        n_step += len(x)
+                        rows.append({"sae": m.name, **m.step(x, cfg, k_aux, comm, n)})
+                        n_step += n
                     step, batch_i = step + 1, batch_i + 1
                     t1 = time.perf_counter()
                     vps = n_step / max(t1 - t0, 1e-9)
                     v_done += n_step
-                    for r in rows:
-                        metrics_log.write(
-                            json.dumps({"step": step, "epoch": epoch, **r, "vectors_per_s": vps})
-                            + "\n"
-                        )
-                    metrics_log.flush()
-                    if wb is not None:
-                        wb.log(
-                            {
-                                f"{r['sae']}/{k}": v
-                                for r in rows
-                                for k, v in r.items()
-                                if k != "sae"
-                            },
-                            step=step,
-                        )
+                    if comm.main:
+                        _log_rows(metrics_log, wb, rows, step, epoch, vps)
                     bar.set_postfix(
                         fvu=f"{rows[0]['fvu']:.3f}" if rows else "-", vec_s=f"{vps:.0f}"
                     )
                     bar.update(1)
-                    if step % cfg.checkpoint_every == 0 or sig.signum is not None:
+                    stop = comm.any(sig.signum is not None)
+                    if step % cfg.checkpoint_every == 0 or stop:
                         checkpoint()
-                    if sig.signum is not None:
+                    if stop:
+                        comm.barrier()  # the others wait until rank 0 has written it
+                        signum = sig.signum or signal.SIGTERM
                         raise Interrupted(
-                            sig.signum,
-                            f"stopped by signal {sig.signum} at step {step}: checkpoint saved; "
+                            signum,
+                            f"stopped by signal {signum} at step {step}: checkpoint saved; "
                             f"continue with `mlsae train --resume {out}`",
                         )
+                    if batch_i >= per_epoch:  # every process's share of the epoch is read
+                        break
                     if step >= total:
+                        epoch_done = False
                         break
                     t0 = time.perf_counter()
-                else:
+                if epoch_done:
                     epoch, batch_i = epoch + 1, 0
             checkpoint()
+            comm.barrier()
     finally:
         if wb is not None:
             wb.finish()
     el = time.perf_counter() - t_start
-    if v_done:
+    if v_done and comm.main:
         log.info(f"{step} steps; {v_done / el:.0f} vectors/s over this session")
     return members
+
+
+def _log_rows(
+    metrics_log: Any, wb: Any, rows: list[dict[str, Any]], step: int, epoch: int, vps: float
+) -> None:
+    """One line per SAE of the step in RUN/metrics.jsonl (and W&B)."""
+    for r in rows:
+        metrics_log.write(
+            json.dumps({"step": step, "epoch": epoch, **r, "vectors_per_s": vps}) + "\n"
+        )
+    metrics_log.flush()
+    if wb is not None:
+        wb.log({f"{r['sae']}/{k}": v for r in rows for k, v in r.items() if k != "sae"}, step=step)
 
 
 def sae_inputs(run: RunConfig, source: ActivationSource, layers: list[int]) -> Any:
@@ -339,47 +401,37 @@ def train_command(
     source: SourceConfig | None = None,
     sae: SaeGridConfig | None = None,
     train: TrainConfig | None = None,
+    stream: ExtractConfig | None = None,
     resume: bool = False,
     train_given: dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> Path:
     """`mlsae train`: a new run in `out`, or (resume) continue the run in `out` with its saved
-    settings, except `train_given` (max_steps, epochs) which may be raised. Without
-    `source.cache`, the activations of `source.tokens` tokens are cached into RUN/cache first
-    (resumable). Returns the run folder."""
-    from mlsae.activations.cache import ActivationCache
+    settings, except `train_given` (max_steps, epochs) which may be raised and `device`.
+    Without `source.cache`, the model is run on `source.tokens` training tokens as the run goes
+    (the live stream, blocks and dtype from `stream`; nothing is written outside `out`).
+    Launched by torchrun with several processes, they train data-parallel
+    (`mlsae.train.parallel`). Returns the run folder."""
+    from mlsae.core.dist import first_line, session
 
     out = Path(out)
-    if resume:
-        run = read_run(out, train_given)
-        if run.cache is None:
-            raise MlsaeError(f"{out}/{RUN_CFG} names no activation cache: the run cannot resume")
-        src: ActivationSource = ActivationCache(run.cache)
-    else:
-        data, model = data or DataConfig(), model or ModelConfig()
-        source, sae, train = (
-            source or SourceConfig(),
-            sae or SaeGridConfig(),
-            train or TrainConfig(),
-        )
-        check_new_run(out)
-        if sae.lens is not None:  # a bad lens fails before any work
-            from mlsae.lens.tuned import load_lens
-
-            load_lens(sae.lens)
-        if source.cache is not None:
-            src = ActivationCache(source.cache)
-        else:
-            from mlsae.activations.extract import build_cache
-
-            layers = str(sae.single_layer) if sae.single_layer is not None else source.layers
-            cache_src = replace(source, tokens=source.tokens or 50_000, layers=layers)
-            out.mkdir(parents=True, exist_ok=True)
-            build_cache(out / "cache", model, replace(data, split="train"), cache_src)
-            src = ActivationCache(out / "cache")
-        run = plan_run(src, data, model, source, sae, train)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / RUN_CFG, run.to_dict())
-    members = run_training(out, run, src)
+    name = device or (model.device if model is not None and not resume else None)
+    with session(resolve_device(name) if name else None) as comm:
+        try:
+            run, src = _open_run(out, comm, data=data, model=model, source=source, sae=sae,
+                                 train=train, stream=stream, resume=resume,
+                                 train_given=train_given, device=device)  # fmt: skip
+            members = run_training(out, run, src, comm)
+        except RuntimeError as e:  # a collective failed: another process died or timed out
+            if comm.world == 1:
+                raise
+            raise MlsaeError(
+                f"rank {comm.rank} of {comm.world}: {first_line(e)} (another process of the "
+                f"job failed or timed out); continue with `mlsae train --resume {out} "
+                f"--nproc {comm.world}`"
+            ) from None
+    if not comm.main:
+        return out
     if run.mode == "per_layer":
         entries = [{"layer": m.layer, "path": m.name} for m in members]
         write_json(out / PER_LAYER, {"layers": [m.layer for m in members], "saes": entries})
@@ -388,3 +440,25 @@ def train_command(
     if not math.isfinite(sum(r["mean"]["fvu"] or 0.0 for r in res.values())):
         raise MlsaeError("training diverged (non-finite FVU): lower --lr")
     return out
+
+
+def _open_run(out: Path, comm: Comm, **kw: Any) -> tuple[RunConfig, ActivationSource]:
+    """Rank 0 prepares the run (`prepare_run`) and sends its RunConfig (or its error) to the
+    others, which open the same activations."""
+    from mlsae.train.source import open_run_source, prepare_run
+
+    if comm.world == 1:
+        return prepare_run(out, **kw)
+    if comm.main:
+        try:
+            run, src = prepare_run(out, **kw)
+        except MlsaeError as e:
+            comm.broadcast_object({"error": str(e)})
+            raise
+        comm.broadcast_object(run.to_dict())
+        return run, src
+    got = comm.broadcast_object(None)
+    if "error" in got:
+        raise MlsaeError(f"rank 0: {got['error']}")
+    run = RunConfig.from_dict(got, "rank 0's train_cfg.json")
+    return run, open_run_source(run)
