@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,10 +18,12 @@ import torch
 from safetensors.torch import load_file
 from test_train import LAYERS, make_cache
 
+from mlsae.activations import extract_parallel
 from mlsae.activations.cache import ActivationCache
 from mlsae.activations.subset import BlockSubset, rank_share
 from mlsae.cli.launch import torchrun_command, without_nproc
 from mlsae.core.config import SaeConfig, TrainConfig
+from mlsae.core.dist import Comm
 from mlsae.core.errors import MlsaeError
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.train.loop import Member, make_adam, train_command
@@ -56,6 +59,90 @@ def test_torchrun_command_line():
     cmd = torchrun_command(2, argv)
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=2" in cmd and cmd[-5:] == ["train", "--out", "r", "-k", "4"]
+
+
+def _spawn(args: list[str], world: int = 2) -> list[tuple[int, str, str]]:
+    """`python -m mlsae ARGS` as `world` processes started the way torchrun starts them (its
+    environment, without its agent); (returncode, stdout, stderr) of each."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "mlsae", *args],
+                         env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for r in range(world)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=240) for p in procs]
+    return [(p.returncode, o.decode(), e.decode()) for p, (o, e) in zip(procs, outs, strict=True)]
+
+
+class ThreadComm(Comm):
+    """The Comm of one of `world` threads (a test double of the process group: the same
+    collectives, exchanged through shared slots)."""
+
+    def __init__(self, rank: int, world: int, shared: dict) -> None:
+        self.rank, self.world, self.shared = rank, world, shared
+
+    def _all(self, obj):
+        slots, barrier = self.shared["slots"], self.shared["barrier"]
+        slots[self.rank] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()
+        return out
+
+    def gather_objects(self, obj):
+        return self._all(obj)
+
+    def broadcast_object(self, obj):
+        return self._all(obj)[0]
+
+    def barrier(self):
+        self._all(None)
+
+
+@pytest.mark.parametrize("arch", ["gpt2"])
+def test_cache_on_two_ranks_equals_one(tmp_path, tiny_model_dir, arch):
+    """`mlsae cache` by 2 ranks (threads standing for processes): the same shards and
+    manifest as one process, each rank writing every other shard."""
+    from mlsae.activations.extract import _build, build_cache
+    from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Doc {i}: a cache made by two processes." * 3 for i in range(80)))
+    args = (ModelConfig(model=str(tiny_model_dir)), DataConfig(dataset=str(text), context_length=32),
+            SourceConfig(tokens=1000, layers="0,2"), ExtractConfig(shard_tokens=128))  # fmt: skip
+    one = build_cache(tmp_path / "one", *args)
+    shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=120)}
+    written: dict[int, list[str]] = {0: [], 1: []}
+    real = extract_parallel.write_shard
+
+    def spy(out, index, *rest):
+        written[int(threading.current_thread().name[-1])].append(index)
+        return real(out, index, *rest)
+
+    res: dict[int, object] = {}
+
+    def rank(r: int) -> None:
+        try:
+            res[r] = _build(ThreadComm(r, 2, shared), tmp_path / "two", *args, None)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            res[r] = e
+            shared["barrier"].abort()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(extract_parallel, "write_shard", spy)
+        threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+    assert all(isinstance(res[r], dict) for r in range(2)), res
+    assert written == {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert two["complete"] and len(one["shards"]) == 8  # 32 contexts of 32, 4 per shard
+    assert two["shards"] == one["shards"] and two["n_tokens"] == one["n_tokens"] == 1024
+    assert res[1] == two
 
 
 def emulate(cache: Path, world: int, steps: int) -> tuple[Member, list[float]]:
@@ -143,17 +230,9 @@ def test_two_processes_equal_one_and_a_killed_rank_stops_the_job(tmp_path):
     with pytest.raises(MlsaeError, match="--nproc 2"):  # the data order depends on N
         train_command(out, resume=True)
     # resume: 2 processes started as torchrun starts them (its environment, no agent)
-    port = _free_port()
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "mlsae", "train", "--resume", str(out)],
-                         env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for r in range(2)
-    ]  # fmt: skip
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1].decode()[-2000:]
-    assert "final per-layer FVU" in outs[0][0].decode() and not outs[1][0]  # rank 0 prints
+    res = _spawn(["train", "--resume", str(out)])
+    assert [r[0] for r in res] == [0, 0], res[0][2][-2000:]
+    assert "final per-layer FVU" in res[0][1] and res[1][1] == ""  # rank 0 alone prints
 
     ref, losses = emulate(cache, 2, STEPS)
     got = load_file(str(out / "sae" / "sae.safetensors"))

@@ -23,6 +23,7 @@ from mlsae.activations.cache import (
     shard_name,
 )
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
+from mlsae.core.dist import Comm
 from mlsae.core.errors import MlsaeError
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,24 @@ def build_cache(
 ) -> dict[str, Any]:
     """`mlsae cache`: capture the chosen blocks' outputs for `source.tokens` tokens (rounded up
     to whole contexts) of `data` into `out`, through the tuned `lens` if given (the cache then
-    holds T_l(x)); resumes an interrupted run of the same command. Returns the manifest."""
+    holds T_l(x)); resumes an interrupted run of the same command. Launched by torchrun with
+    several processes, they share the shards (`extract_parallel`). Returns the manifest."""
+    from mlsae.core.compute import resolve_device
+    from mlsae.core.dist import session
+
+    with session(resolve_device(model.device)) as comm:
+        return _build(comm, out, model, data, source, extract, lens)
+
+
+def _build(
+    comm: Comm,
+    out: str | Path,
+    model: ModelConfig,
+    data: DataConfig,
+    source: SourceConfig,
+    extract: ExtractConfig | None,
+    lens: str | Path | None,
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     from mlsae.activations.open import open_live
@@ -107,7 +125,6 @@ def build_cache(
     per_shard = max(1, extract.shard_tokens // ctx)  # contexts per shard
     live = open_live(source, data, model, default_tokens=source.tokens, lens=lens,
                      storage_dtype=extract.storage_dtype, block_tokens=per_shard * ctx)  # fmt: skip
-    contexts = live.contexts()  # [n_ctx, ctx]
     settings = {
         **{k: live.info[k] for k in ("model", "model_dtype", "dataset", "split", "text_column",
                                      "hf_split", "test_fraction", "context_length", "layers",
@@ -115,12 +132,16 @@ def build_cache(
         "requested_tokens": source.tokens, "target_tokens": live.n_contexts * ctx,
         "shard_tokens": per_shard * ctx,
     }  # fmt: skip
-    done = _resume_point(out, settings, contexts, per_shard)
+    meta = {k: v for k, v in settings.items() if k not in ("dtype", "shard_tokens")}
+    meta["special_ids"] = list(live.lm.special_ids)
+    if comm.world > 1:
+        from mlsae.activations.extract_parallel import build_parallel
+
+        return build_parallel(comm, out, live, settings, meta, extract.storage_dtype, _resume_point)
+    done = _resume_point(out, settings, live.contexts(), per_shard)
     if isinstance(done, dict):
         log.info(f"{out} is already complete ({done['n_tokens']} tokens)")
         return done
-    meta = {k: v for k, v in settings.items() if k not in ("dtype", "shard_tokens")}
-    meta["special_ids"] = list(live.lm.special_ids)
     writer = CacheWriter(out, meta, per_shard * ctx, extract.storage_dtype, shards=done or [])
     start = len(done or [])
     if start:

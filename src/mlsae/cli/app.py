@@ -59,12 +59,16 @@ def cache(
     lens: Annotated[
         Path | None, typer.Option(help="Tuned lens folder: store T_l(x) (SPEC 5)")
     ] = None,
+    nproc: Nproc = 1,
 ) -> None:
     """Capture residual-stream vectors of every chosen block into safetensors shards."""
     from mlsae.activations.extract import build_cache
+    from mlsae.core.dist import is_main_process
 
+    relaunch(nproc)
     man = build_cache(out, model, data, source, extract, lens)
-    print(f"{out}: {man['n_tokens']} tokens of layers {man['layers'][0]}..{man['layers'][-1]}")
+    if is_main_process():
+        print(f"{out}: {man['n_tokens']} tokens of layers {man['layers'][0]}..{man['layers'][-1]}")
 
 
 @config_command(app, defaults={"tokens": 50_000}, aliases={"k": ["-k"]}, help_overrides=STREAM_HELP)

@@ -21,8 +21,8 @@ Nproc = Annotated[
     typer.Option(
         "--nproc",
         min=1,
-        help="Processes on this machine (launches torchrun; each process takes its share of "
-        "every batch; on GPUs one per GPU). Several machines: torchrun's own options.",
+        help="Processes on this machine (launches torchrun: training splits every batch, "
+        "caching the shards; on GPUs one per GPU). Several machines: torchrun's own options.",
     ),
 ]
 

@@ -74,6 +74,10 @@ class Comm:
         """Every process's rows of x [n_r, ...] in rank order: [sum_r n_r, ...] (n_r may differ)."""
         return x
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's obj (picklable), in rank order, on every process."""
+        return [obj]
+
     def barrier(self) -> None:
         """Wait for every process."""
 
@@ -122,6 +126,11 @@ class DistComm(Comm):
         parts = [torch.empty_like(pad) for _ in range(self.world)]
         self.dist.all_gather(parts, pad.contiguous())
         return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         self.dist.barrier()
