@@ -236,7 +236,8 @@ def evaluate_entries(
         )
     device = resolve_device(model.device if model is not None else "auto")
     for e in entries:  # the source holds x (lens applied on the fly) or T_l(x)
-        e.sae.to(device)
+        if isinstance(e.sae, torch.nn.Module):  # (duck-typed SAEs stay where they are)
+            e.sae.to(device)
         e.space = resolve_space(
             e.sae.cfg.lens, source.lens, override=e.lens_override, sae_dir=e.path,
             what=f"SAE {e.path}",
