@@ -157,7 +157,8 @@ def timeout_s() -> float:
 @contextlib.contextmanager
 def session(device: torch.device | None = None) -> Iterator[Comm]:
     """The job's Comm: a process group when WORLD_SIZE > 1 (torchrun), joined here and left on
-    exit; else the single-process Comm. `device`: this process's device (CUDA adds NCCL)."""
+    exit; else the single-process Comm. `device`: this process's device, if known (with CUDA,
+    NCCL serves CUDA tensors and gloo CPU ones)."""
     rank, world = env_world()
     if world <= 1:
         yield Comm()
@@ -167,9 +168,12 @@ def session(device: torch.device | None = None) -> Iterator[Comm]:
     if dist.is_initialized():  # an enclosing session (or the caller) owns the group
         yield DistComm()
         return
-    backend = "cpu:gloo,cuda:nccl" if device is not None and device.type == "cuda" else "gloo"
+    cuda = torch.cuda.is_available()  # NCCL joins lazily, on the first CUDA collective
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
+    elif cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
     except (RuntimeError, ValueError) as e:
