@@ -287,7 +287,8 @@ def run_training(
                         raise Interrupted(
                             signum,
                             f"stopped by signal {signum} at step {step}: checkpoint saved; "
-                            f"continue with `mlsae train --resume {out}`",
+                            f"continue with `mlsae train --resume {out}"
+                            + (f" --nproc {comm.world}`" if comm.world > 1 else "`"),
                         )
                     if batch_i >= per_epoch:  # every process's share of the epoch is read
                         break
