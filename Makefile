@@ -47,6 +47,7 @@ bench: venv
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/delta_ce.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -159,3 +159,25 @@ def test_sae_device_and_geometric_median_on_cpu():
     # Weiszfeld's fixed point: the unit vectors towards the points sum to ~0 at the median
     u = (pts - m.double().float()) / (pts - m).norm(dim=1, keepdim=True)
     assert u.sum(0).norm() < 1e-3 * len(pts)
+
+
+def test_run_records_its_device_and_resume_may_move_it(tmp_path):
+    import json
+
+    from test_train import make_cache
+
+    from mlsae.core.config import SaeGridConfig, SourceConfig, TrainConfig
+    from mlsae.train.loop import train_command
+
+    cache = make_cache(tmp_path / "c", n_tokens=512)
+    out = train_command(tmp_path / "r", model=ModelConfig(device="cpu"),
+                        source=SourceConfig(cache=cache), sae=SaeGridConfig(expansion_factor=[2], k=[2]),
+                        train=TrainConfig(batch_tokens=64, max_steps=2))  # fmt: skip
+    cfg = lambda: json.loads((out / "train_cfg.json").read_text())  # noqa: E731
+    assert cfg()["model"]["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(MlsaeError, match="--device cuda: no CUDA device"):
+            train_command(out, resume=True, device="cuda")
+        assert cfg()["model"]["device"] == "cpu"  # a refused device changes nothing
+    train_command(out, resume=True, train_given={"max_steps": 4}, device="auto")
+    assert cfg()["model"]["device"] == "auto" and cfg()["train"]["max_steps"] == 4
