@@ -7,9 +7,10 @@ Sections (all by default; each runs `mlsae` as subprocesses, repeats interleaved
   stream  training from the model's live stream vs `mlsae cache` + training on the cache, the
           same tokens, layers and seed: training vectors/s and wall time end to end.
   memory  peak RSS of streaming training at two token counts (flat is the goal: the live
-          stream keeps token ids, 8 bytes per token, and two shuffle buffers).
+          stream keeps token ids, 2 bytes per token, and two shuffle buffers).
+  evalmem peak RSS of `mlsae evaluate` on the live stream (no cache) at two token counts.
 
-Usage: .venv/bin/python bench/scale.py [--sections procs,stream,memory] [--model default]
+Usage: .venv/bin/python bench/scale.py [--sections procs,stream,memory,evalmem] [--model default]
        [--tokens 4096 --tokens-big 16384] [--steps 20 --repeats 2]
 """
 
@@ -145,9 +146,25 @@ def section_memory(tmp: Path, a: argparse.Namespace) -> None:
         shutil.rmtree(out)
 
 
+def section_evalmem(tmp: Path, a: argparse.Namespace) -> None:
+    run_dir = tmp / "sae"
+    run(["train", "--model", a.model, "--tokens", "2048", "--shard-tokens", str(a.shard),
+         "--batch-tokens", str(a.batch), "--expansion-factor", str(a.r), "-k", str(a.k),
+         "--max-steps", "3", "--out", str(run_dir)])  # fmt: skip
+    print(f"\nevalmem: peak RSS of `mlsae evaluate --no-ce` on the live stream ({a.model}, "
+          "test split, no cache)")  # fmt: skip
+    for n in (a.tokens, a.tokens_big):
+        out = tmp / f"eval{n}.json"
+        wall, rss = run(
+            ["evaluate", str(run_dir), "--tokens", str(n), "--no-ce", "--out", str(out)]
+        )
+        got = json.loads(out.read_text())["n_tokens"]
+        print(f"  {n:>9} tokens: peak RSS {rss:>6} MB   ({got} tokens evaluated, {wall:.0f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sections", default="procs,stream,memory")
+    ap.add_argument("--sections", default="procs,stream,memory,evalmem")
     ap.add_argument("--model", default="default")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--tokens-big", type=int, default=16384)
@@ -165,9 +182,9 @@ def main() -> None:
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mlsae-scale-") as t:
         for s in a.sections.split(","):
-            {"procs": section_procs, "stream": section_stream, "memory": section_memory}[s](
-                Path(t), a
-            )
+            sections = {"procs": section_procs, "stream": section_stream,
+                        "memory": section_memory, "evalmem": section_evalmem}  # fmt: skip
+            sections[s](Path(t), a)
 
 
 if __name__ == "__main__":
