@@ -8,7 +8,8 @@ Sections (all by default; each runs `mlsae` as subprocesses, repeats interleaved
           same tokens, layers and seed: training vectors/s and wall time end to end.
   memory  peak RSS of streaming training at two token counts (flat is the goal: the live
           stream keeps token ids, 2 bytes per token, and two shuffle buffers).
-  evalmem peak RSS of `mlsae evaluate` on the live stream (no cache) at two token counts.
+  evalmem peak RSS of `mlsae evaluate` on the live stream (no cache) at two token counts
+          (its --layers assume a model of 30 blocks: the default SmolLM2).
 
 Usage: .venv/bin/python bench/scale.py [--sections procs,stream,memory,evalmem] [--model default]
        [--tokens 4096 --tokens-big 16384] [--steps 20 --repeats 2]
@@ -151,13 +152,12 @@ def section_evalmem(tmp: Path, a: argparse.Namespace) -> None:
     run(["train", "--model", a.model, "--tokens", "2048", "--shard-tokens", str(a.shard),
          "--batch-tokens", str(a.batch), "--expansion-factor", str(a.r), "-k", str(a.k),
          "--max-steps", "3", "--out", str(run_dir)])  # fmt: skip
-    print(f"\nevalmem: peak RSS of `mlsae evaluate --no-ce` on the live stream ({a.model}, "
-          "test split, no cache)")  # fmt: skip
-    for n in (a.tokens, a.tokens_big):
+    print(f"\nevalmem: peak RSS of `mlsae evaluate --layers 0,15,29` (FVU, delta CE, KL) on the "
+          f"live stream ({a.model}, test split, no cache)")  # fmt: skip
+    for n in (a.eval_tokens, 4 * a.eval_tokens):
         out = tmp / f"eval{n}.json"
-        wall, rss = run(
-            ["evaluate", str(run_dir), "--tokens", str(n), "--no-ce", "--out", str(out)]
-        )
+        wall, rss = run(["evaluate", str(run_dir), "--tokens", str(n), "--layers", "0,15,29",
+                         "--out", str(out)])  # fmt: skip
         got = json.loads(out.read_text())["n_tokens"]
         print(f"  {n:>9} tokens: peak RSS {rss:>6} MB   ({got} tokens evaluated, {wall:.0f} s)")
 
@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--tokens-big", type=int, default=16384)
     ap.add_argument("--shard", type=int, default=1024)
+    ap.add_argument("--eval-tokens", type=int, default=2048, help="evalmem: this and 4x")
     ap.add_argument("--cache-tokens", type=int, default=8192)
     ap.add_argument("--cache-layers", type=int, default=8)
     ap.add_argument("--d", type=int, default=576)
