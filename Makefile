@@ -54,6 +54,7 @@ bench: venv
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/delta_ce.py
 	$(BIN)/python bench/lens_peer.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .hypothesis

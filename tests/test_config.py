@@ -44,6 +44,7 @@ NOT_SETTINGS = {
     "compare",
     "evolution",
     "help",
+    "nproc",
 }
 """Options that are not settings of a stage: paths of what to read or write, and mode flags."""
 

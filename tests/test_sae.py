@@ -160,7 +160,7 @@ def test_training_loss_gradients_equal_dense_autograd(k_aux):
 
 def test_decoder_rows_unit_norm_after_steps_and_parallel_grad_removed():
     from mlsae.core.config import TrainConfig
-    from mlsae.train.loop import make_adam
+    from mlsae.train.member import make_adam
 
     torch.manual_seed(0)
     sae = _sae(d=16, r=4, k=4)

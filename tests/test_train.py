@@ -28,7 +28,8 @@ from mlsae.core.config import (
 from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.metrics import fvu
-from mlsae.train.loop import Member, make_adam, train_command, update_dead_counter
+from mlsae.train.loop import train_command
+from mlsae.train.member import Member, make_adam, update_dead_counter
 
 LAYERS = [0, 2, 5]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -343,11 +344,12 @@ def test_cli_error_is_one_line(cache_dir, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("arch", ["gpt2"])
 def test_train_from_model_and_dataset(tiny_model_dir, tmp_path, arch):
-    """No --cache: RUN/cache is built from the model and a local text file, then trained."""
+    """No --cache: the model is run on a local text file as training goes (no cache written)."""
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps." * 3 for i in range(60)))
     out = _train(tmp_path / "r", model=ModelConfig(model=str(tiny_model_dir)),
                  data=DataConfig(dataset=str(text), context_length=64), tokens=512,
                  layers="0,2", cfg=_cfg(max_steps=3))  # fmt: skip
-    assert ActivationCache(out / "cache").layers == [0, 2]
+    assert not (out / "cache").exists()
+    assert json.loads((out / "train_cfg.json").read_text())["layers"] == [0, 2]
     assert json.loads((out / "sae" / "cfg.json").read_text())["layers"] == [0, 2]

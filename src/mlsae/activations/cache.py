@@ -61,6 +61,20 @@ def _sha256_file(path: Path) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
+def write_shard(
+    out: Path, index: int, acts: Tensor, ids: Tensor, mask: Tensor, dtype: torch.dtype
+) -> dict[str, Any]:
+    """Write shard `index` of a cache (activations [n, L, d] stored in `dtype`, token_ids [n],
+    mask [n]) atomically; returns its manifest entry."""
+    tensors = {"activations": acts.detach().to("cpu", dtype), "token_ids": ids.cpu().long(),
+               "mask": mask.cpu().bool()}  # fmt: skip
+    data = st_save({k: v.contiguous() for k, v in tensors.items()})
+    name = shard_name(index)
+    write_bytes(Path(out) / name, data, fsync=True)
+    return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "n_tokens": len(ids),
+            "n_used": int(tensors["mask"].sum())}  # fmt: skip
+
+
 class CacheWriter:
     """Writes a cache from [n, L, d] activation blocks; shards of exactly `shard_tokens` tokens
     (the last may be shorter). `meta` needs `layers` and `d_model` (plus model, dataset, split,
@@ -137,20 +151,24 @@ class CacheWriter:
         acts, ids, mask, bad = (torch.cat([b[i] for b in self._buf]) for i in range(4))
         self._buf = [(acts[n:], ids[n:], mask[n:], bad[n:])] if self._n_buf > n else []
         self._n_buf -= n
-        tensors = {"activations": acts[:n], "token_ids": ids[:n], "mask": mask[:n]}
-        data = st_save({k: v.contiguous() for k, v in tensors.items()})
-        name = shard_name(len(self.manifest["shards"]))
-        write_bytes(self.out / name, data, fsync=True)
-        entry = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "n_tokens": n,
-                 "n_used": int(mask[:n].sum())}  # fmt: skip
+        entry = write_shard(
+            self.out, len(self.manifest["shards"]), acts[:n], ids[:n], mask[:n], self.dtype
+        )
         n_bad = int(bad[:n].sum())
         if n_bad:
             entry["n_nonfinite"] = n_bad
-            self.manifest["n_nonfinite"] += n_bad
-            log.warning(f"{self.out / name}: {n_bad} token(s) whose vectors held NaN or inf are "
-                        "stored as zeros and masked out")  # fmt: skip
-        self.manifest["shards"].append(entry)
-        self.manifest["n_tokens"] += n
+            log.warning(f"{self.out / entry['name']}: {n_bad} token(s) whose vectors held NaN or "
+                        "inf are stored as zeros and masked out")  # fmt: skip
+        self.add_shard(entry)
+
+    def add_shard(self, entry: dict[str, Any]) -> None:
+        """Record a shard file written by `write_shard` as the next shard (several processes
+        writing one cache: each writes its shards, one writer keeps the manifest)."""
+        if entry["name"] != shard_name(len(self.manifest["shards"])):
+            raise MlsaeError(f"shard {entry['name']} is not the cache's next shard")
+        self.manifest["shards"].append(dict(entry))
+        self.manifest["n_tokens"] += int(entry["n_tokens"])
+        self.manifest["n_nonfinite"] += int(entry.get("n_nonfinite", 0))
         self._save_manifest()
 
     def close(self) -> dict[str, Any]:

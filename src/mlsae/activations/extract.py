@@ -17,6 +17,7 @@ from mlsae.activations.cache import _OURS, MANIFEST, CacheWriter, _sha256_file
 from mlsae.activations.live import LiveSource
 from mlsae.activations.manifest import FORMAT, shard_name
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
+from mlsae.core.dist import Comm
 from mlsae.core.errors import Interrupted, MlsaeError
 from mlsae.core.io import read_json, write_json
 from mlsae.core.lock import LOCK, folder_lock
@@ -129,15 +130,29 @@ def build_cache(
     source: SourceConfig,
     extract: ExtractConfig | None = None,
     lens: str | Path | None = None,
-    *,
-    live: LiveSource | None = None,
 ) -> dict[str, Any]:
     """`mlsae cache`: capture the chosen blocks' outputs for `source.tokens` tokens (rounded up
     to whole contexts) of `data` into `out`, through the tuned `lens` if given (the cache then
     holds T_l(x)); resumes an interrupted run of the same command, and rewrites the damaged
-    shards of a complete one. `live`: the model on the data, if already opened with these
-    settings (`open_cache_source`). The output location is checked (kind, writable, room for
-    the cache) before the model loads. Returns the manifest."""
+    shards of a complete one. The output location is checked (kind, writable, room for the
+    cache) before the model loads. Launched by torchrun with several processes, they share the
+    shards (`extract_parallel`). Returns the manifest."""
+    from mlsae.core.compute import resolve_device
+    from mlsae.core.dist import session
+
+    with session(resolve_device(model.device)) as comm:
+        return _build(comm, out, model, data, source, extract, lens)
+
+
+def _build(
+    comm: Comm,
+    out: str | Path,
+    model: ModelConfig,
+    data: DataConfig,
+    source: SourceConfig,
+    extract: ExtractConfig | None,
+    lens: str | Path | None,
+) -> dict[str, Any]:
     extract = extract or ExtractConfig()
     if source.tokens is None:
         raise MlsaeError("give --tokens: how many tokens to cache")
@@ -145,9 +160,8 @@ def build_cache(
     check_output(out, "cache", inputs=[lens])
     ctx = data.context_length
     per_shard = max(1, extract.shard_tokens // ctx)  # contexts per shard
-    if live is None:
-        live = open_cache_source(model, data, source, extract, lens)
-    contexts = live.contexts()  # [n_ctx, ctx]
+    live = open_cache_source(model, data, source, extract, lens)
+    contexts = live.contexts()  # [n_ctx, ctx]: too few tokens fails here, before any write
     settings = {
         **{k: live.info[k] for k in ("model", "model_dtype", "dataset", "split", "text_column",
                                      "hf_split", "test_fraction", "context_length", "layers",
@@ -156,28 +170,36 @@ def build_cache(
         "requested_tokens": source.tokens, "target_tokens": live.n_contexts * ctx,
         "shard_tokens": per_shard * ctx,
     }  # fmt: skip
+    meta = {k: v for k, v in settings.items() if k not in ("dtype", "shard_tokens")}
+    meta["special_ids"] = list(live.lm.special_ids)
     _existing(out, settings)  # a foreign folder or other arguments: refused before any write
     itemsize = 2 if extract.storage_dtype == "bfloat16" else 4
     size = live.n_contexts * ctx * (len(live.layers) * live.d_model * itemsize + 9)
     have = sum(p.stat().st_size for p in out.glob("shard_*.safetensors")) if out.is_dir() else 0
     check_writable(out, f"--out {out}", need_bytes=max(0, size - have))
+    if comm.world > 1:
+        from mlsae.activations.extract_parallel import build_parallel
+
+        man = build_parallel(comm, out, live, settings, meta, extract.storage_dtype, _resume_point)
+        if "norm_outliers" not in man:  # rank 0 adds it; every process returns one manifest
+            man = comm.broadcast_object(record_norm_outliers(out) if comm.main else None)
+        return man
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "activation cache"):
-        return _write(out, live, settings, contexts, per_shard, extract)
+        return _write(out, live, settings, meta, contexts, extract)
 
 
-def _write(out: Path, live: LiveSource, settings: dict[str, Any], contexts: Tensor,
-           per_shard: int, extract: ExtractConfig) -> dict[str, Any]:  # fmt: skip
+def _write(out: Path, live: LiveSource, settings: dict[str, Any], meta: dict[str, Any],
+           contexts: Tensor, extract: ExtractConfig) -> dict[str, Any]:  # fmt: skip
     """The writing part of `build_cache` (under the folder's lock)."""
     from tqdm import tqdm
 
     ctx = contexts.shape[1]
+    per_shard = int(settings["shard_tokens"]) // ctx
     done = _resume_point(out, settings, contexts, per_shard)
     if isinstance(done, dict):
         log.info(f"{out} is already complete ({done['n_tokens']} tokens)")
         return done
-    meta = {k: v for k, v in settings.items() if k not in ("dtype", "shard_tokens")}
-    meta["special_ids"] = list(live.lm.special_ids)
     writer = CacheWriter(out, meta, per_shard * ctx, extract.storage_dtype, shards=done or [])
     start = len(done or [])
     if start:

@@ -6,7 +6,7 @@ contexts with the blocks' outputs captured (`mlsae.data.capture.capture`), optio
 (a tuned lens), and rounded to the storage dtype, exactly as `mlsae cache` stores them: a live
 source and a cache of the same settings yield the same blocks. Reading in stream order holds one
 block at a time; random access (`shuffled`, `n_used`) tokenizes the requested tokens once and
-keeps their ids (8 bytes per token), never their vectors.
+keeps their ids (2 bytes per token for vocabularies up to 65,536, else 4), never their vectors.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class LiveSource(ActivationSource):
         self.transform = transform
         self.n_contexts = math.ceil(n_tokens / self.context_length)
         self.per_block = max(1, block_tokens // self.context_length)
-        self._ids: Tensor | None = None  # [n_contexts, T], tokenized on first random access
+        self._ids: Tensor | None = None  # [n_contexts, T] compact, tokenized on first random access
         self.info = {
             "model": lm.name, "model_dtype": model_dtype, "dataset": data.name,
             "split": data.split, "text_column": data.text_column, "hf_split": data.hf_split,
@@ -75,19 +75,37 @@ class LiveSource(ActivationSource):
 
     # ------------------------------------------------------------------ tokens
 
-    def contexts(self) -> Tensor:
-        """All contexts' token ids [n_contexts, T] (tokenized once); MlsaeError if the split
+    def _compact_ids(self) -> Tensor:
+        """All contexts' token ids [n_contexts, T], tokenized once and kept compact: uint16 (2
+        bytes per token) for vocabularies up to 65,536 ids, else int32; MlsaeError if the split
         holds fewer tokens than requested."""
         if self._ids is None:
-            from mlsae.data.text import take_contexts
+            from mlsae.data.text import iter_contexts, take_contexts
 
-            self._ids = take_contexts(self.lm.tokenizer, self.data, self.n_contexts)
+            vocab = len(self.lm.tokenizer)
+            dtype = torch.uint16 if vocab <= 1 << 16 else torch.int32
+            ids = torch.empty(self.n_contexts, self.context_length, dtype=dtype)
+            n = 0
+            for row in itertools.islice(iter_contexts(self.lm.tokenizer, self.data),
+                                        self.n_contexts):  # fmt: skip
+                if int(row.max()) >= vocab or int(row.min()) < 0:
+                    raise MlsaeError(f"token ids outside the vocabulary of {self.lm.name}")
+                ids[n] = row
+                n += 1
+            if n < self.n_contexts:  # the same error as a cache of this size
+                take_contexts(self.lm.tokenizer, self.data, self.n_contexts)
+            self._ids = ids
         return self._ids
 
+    def contexts(self) -> Tensor:
+        """All contexts' token ids [n_contexts, T] int64 (tokenized once, kept compact)."""
+        return self._compact_ids().long()
+
     def iter_contexts(self) -> Iterator[Tensor]:
-        """The contexts one by one ([T] each) without holding them all."""
+        """The contexts one by one ([T] int64 each) without holding them all."""
         if self._ids is not None:
-            yield from self._ids
+            for row in self._ids:
+                yield row.long()
             return
         from mlsae.data.text import iter_contexts
 
@@ -108,7 +126,7 @@ class LiveSource(ActivationSource):
         return (min(first + self.per_block, self.n_contexts) - first) * self.context_length
 
     def _block_contexts(self, i: int) -> Tensor:
-        return self.contexts()[i * self.per_block : (i + 1) * self.per_block]
+        return self._compact_ids()[i * self.per_block : (i + 1) * self.per_block].long()
 
     def n_used(self, i: int) -> int:
         return int(self.used(self._block_contexts(i)).sum())

@@ -87,17 +87,20 @@ def open_source(
 
 
 def source_model(source: ActivationSource, model: ModelConfig | None = None) -> LoadedModel:
-    """The LoadedModel of a source: a live source's own, else `model` or the cache's model
-    (in the dtype the cache was made with)."""
-    if isinstance(source, LiveSource) and model is None:
-        return source.lm
+    """The LoadedModel of a source: a live source's own, else `model.model` or the cache's
+    model (then in the dtype the cache was made with), on `model.device`."""
+    lm = source.lm if isinstance(source, LiveSource) else None
+    named = model is not None and model.model is not None
+    if lm is not None and not named:
+        return lm
     from mlsae.data.model import load_model
 
-    name = model.model if model is not None else source.info.get("model")
+    name = model.model if model is not None and named else source.info.get("model")
     if not name:
         raise MlsaeError(f"{source.describe()} does not name its model: pass --model")
-    dtype = model.dtype if model is not None else source.info.get("model_dtype") or "float32"
-    lm = load_model(ModelConfig(model=str(name), dtype=dtype))
+    dtype = model.dtype if model is not None and named else source.info.get("model_dtype")
+    device = model.device if model is not None else "auto"
+    lm = load_model(ModelConfig(model=str(name), dtype=dtype or "float32", device=device))
     if lm.d_model != source.d_model:
         raise MlsaeError(f"model {name!r} has width {lm.d_model}, the activations {source.d_model}")
     return lm

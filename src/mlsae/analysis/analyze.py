@@ -92,6 +92,7 @@ def analyze(
     default the SAE's, on 8,192 test tokens of the SAE's dataset); write analysis.json and
     latents.npz into `out`. `lens`: the main SAE's lens folder if it has moved."""
     from mlsae.activations.open import open_source
+    from mlsae.core.compute import resolve_device
     from mlsae.lens.tuned import resolve_space
 
     source, data, model = (
@@ -104,13 +105,14 @@ def analyze(
     check_output(out, "analysis", inputs=[run, *(compare or []), source.cache, lens])
     folder = RunFolder(run)
     sae_dir = folder.sae_dir()
-    sae = folder.load(sae_dir)
+    device = resolve_device(model.device)
+    sae = folder.load(sae_dir).to(device)
     cfg = sae.cfg
     resolve_space(cfg.lens, None, override=lens, sae_dir=sae_dir)  # lens errors before work
     cmps = []
     for c in compare or []:
         cdir = RunFolder(Path(c)).sae_dir()
-        csae = RunFolder(Path(c)).load(cdir)
+        csae = RunFolder(Path(c)).load(cdir).to(device)
         if csae.cfg.d_in != cfg.d_in:
             raise MlsaeError(
                 f"--compare SAE {cdir} has d_in {csae.cfg.d_in}, the run's SAE {cfg.d_in}"

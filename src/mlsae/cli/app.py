@@ -11,6 +11,7 @@ MlsaeError, usage error, OS error or out-of-memory becomes one `mlsae: error: ..
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +20,7 @@ import typer
 
 from mlsae.cli.explore import register as register_explore
 from mlsae.cli.interchange import register as register_interchange
+from mlsae.cli.launch import Nproc, relaunch
 from mlsae.cli.lens import lens_app
 from mlsae.cli.options import Given, config_command
 from mlsae.core.config import (
@@ -44,6 +46,12 @@ register_explore(app)  # mlsae index / mlsae explore
 
 Out = Annotated[Path, typer.Option(help="Output folder")]
 TEST = {"split": "test"}
+STREAM_HELP = {
+    "shard_tokens": "Tokens per block of the live stream (no --cache): the shuffle buffer's "
+    "unit; the same as a cache made with this --shard-tokens gives the same batches",
+    "storage_dtype": "Dtype the live stream's vectors are rounded to and buffered in (as a "
+    "cache stores them)",
+}
 
 
 @config_command(app, defaults={"tokens": 50_000}, exclude={"cache"})
@@ -56,50 +64,63 @@ def cache(
     lens: Annotated[
         Path | None, typer.Option(help="Tuned lens folder: store T_l(x) (SPEC 5)")
     ] = None,
+    nproc: Nproc = 1,
 ) -> None:
     """Capture residual-stream vectors of every chosen block into safetensors shards."""
     from mlsae.activations.extract import build_cache
     from mlsae.activations.norms import NormOutliers
+    from mlsae.core.dist import is_main_process
 
+    relaunch(nproc)
     man = build_cache(out, model, data, source, extract, lens)
-    print(f"{out}: {man['n_tokens']} tokens of layers {man['layers'][0]}..{man['layers'][-1]}")
-    if isinstance(man.get("norm_outliers"), dict):
-        print(NormOutliers.from_summary(man["norm_outliers"]).describe())
+    if is_main_process():
+        print(f"{out}: {man['n_tokens']} tokens of layers {man['layers'][0]}..{man['layers'][-1]}")
+        if isinstance(man.get("norm_outliers"), dict):
+            print(NormOutliers.from_summary(man["norm_outliers"]).describe())
 
 
-@config_command(app, defaults={"tokens": 50_000}, aliases={"k": ["-k"]})
+@config_command(app, defaults={"tokens": 50_000}, aliases={"k": ["-k"]}, help_overrides=STREAM_HELP)
 def train(
     data: DataConfig,
     model: ModelConfig,
     source: SourceConfig,
     sae: SaeGridConfig,
     train: TrainConfig,
+    stream: ExtractConfig,
     given: Given,
     out: Annotated[Path | None, typer.Option(help="New run folder")] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue this run exactly from its last checkpoint")
     ] = None,
+    nproc: Nproc = 1,
 ) -> None:
     """Train the multi-layer SAE, a single-layer baseline, a sweep or a per-layer set.
 
-    Without --cache, the activations of --tokens training tokens are cached into RUN/cache."""
+    Without --cache, the model runs on --tokens training tokens as training goes (the live
+    stream, through the same shuffle buffer as a cache: nothing is written outside the run)."""
+    from mlsae.core.dist import is_main_process
     from mlsae.core.io import read_json
     from mlsae.train.loop import format_fvu, train_command
 
     if (out is None) == (resume is None):
         raise MlsaeError("give exactly one of --out RUN (new run) or --resume RUN")
+    relaunch(nproc)
     if resume is not None:
-        others = {k for part in ("data", "model", "source", "sae") for k in given[part]}
+        others = {k for part in ("data", "model", "source", "sae", "stream") for k in given[part]}
+        others -= {"device"}
         if others:
             opts = ", ".join("--" + k.replace("_", "-") for k in sorted(others))
-            raise MlsaeError(f"{opts}: a resumed run keeps its settings (only --max-steps and "
-                             "--epochs may change)")  # fmt: skip
+            raise MlsaeError(f"{opts}: a resumed run keeps its settings (only --max-steps, "
+                             "--epochs and --device may change)")  # fmt: skip
         given_train = {k: getattr(train, k) for k in given["train"]}
-        run = train_command(resume, resume=True, train_given=given_train)
+        device = model.device if "device" in given["model"] else None
+        run = train_command(resume, resume=True, train_given=given_train, device=device)
     else:
         assert out is not None
-        run = train_command(out, data=data, model=model, source=source, sae=sae, train=train)
-    print(format_fvu(read_json(run / "final_fvu.json")))
+        run = train_command(out, data=data, model=model, source=source, sae=sae, train=train,
+                            stream=stream)  # fmt: skip
+    if is_main_process():
+        print(format_fvu(read_json(run / "final_fvu.json")))
 
 
 @config_command(app, defaults=TEST, help_overrides={
@@ -204,7 +225,12 @@ def info(model: ModelConfig) -> None:
 
 def main() -> None:
     """Console entry point."""
-    logging.basicConfig(level=logging.INFO, format="[mlsae] %(message)s", stream=sys.stderr)
+    rank = os.environ.get("RANK", "0")  # torchrun: the other processes log warnings only
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format="[mlsae] %(message)s" if rank == "0" else f"[mlsae rank {rank}] %(message)s",
+        stream=sys.stderr,
+    )
     logging.captureWarnings(True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -18,7 +18,7 @@ lens_app = typer.Typer(
 )
 
 
-@config_command(lens_app, "train", defaults={"tokens": 16384}, exclude={"cache"}, fixed={"split": "train"},
+@config_command(lens_app, "train", defaults={"tokens": 16384}, exclude={"cache"}, fixed={"split": "train", "device": "cpu"},
                 help_overrides={"tokens": "Training-split tokens (all used by the regression)"})  # fmt: skip
 def lens_train(
     out: Annotated[Path, typer.Option(help="Output lens folder (lens.safetensors + lens.json)")],
@@ -39,7 +39,7 @@ def lens_train(
 
 
 @config_command(lens_app, "evaluate", defaults={"tokens": 2048}, exclude={"cache", "layers"},
-                fixed={"split": "test"}, help_overrides={
+                fixed={"split": "test", "device": "cpu"}, help_overrides={
                     "model": "Model (default: the one named in the lens)",
                     "tokens": "Test-split tokens to evaluate"})  # fmt: skip
 def lens_evaluate(

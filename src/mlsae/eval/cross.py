@@ -55,7 +55,7 @@ def cross_command(
     mlsae.reset_metrics()
     rows = [*singles, mlsae]
     src = open_eval_source(rows, replace(source, layers=None), data, model)
-    name = evaluate_entries(rows, src, model=model if model.model else None, ev=ev,
+    name = evaluate_entries(rows, src, model=model, ev=ev,
                             tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
     cross: dict[str, Any] = {
         "rows": [e.label for e in rows],

@@ -224,6 +224,7 @@ def evaluate_entries(
     A cache gives the reconstruction metrics; delta CE / KL run the model (`model`, default the
     cache's) on its token ids. A live source serves both from one clean pass per batch."""
     from mlsae.activations.open import source_model
+    from mlsae.core.compute import resolve_device
     from mlsae.lens.tuned import resolve_space
 
     ev = ev or EvalConfig()
@@ -237,7 +238,10 @@ def evaluate_entries(
         raise MlsaeError(
             f"layer(s) {missing} are missing from {source.describe()} (it has {source.layers})"
         )
+    device = resolve_device(model.device if model is not None else "auto")
     for e in entries:  # the source holds x (lens applied on the fly) or T_l(x)
+        if isinstance(e.sae, torch.nn.Module):  # (duck-typed SAEs stay where they are)
+            e.sae.to(device)
         e.space = resolve_space(
             e.sae.cfg.lens, source.lens, override=e.lens_override, sae_dir=e.path,
             what=f"SAE {e.path}",
@@ -264,7 +268,7 @@ def evaluate_entries(
         run_model(entries, lm.model, source.token_batches(batch_size, tokens), recon=False,
                   ce=True, total_tokens=n)  # fmt: skip
         return str(lm.name)
-    return str(model.name if model is not None else source.info.get("model"))
+    return str(model.model if model is not None and model.model else source.info.get("model"))
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
@@ -302,7 +306,7 @@ def evaluate_command(
         RunFolder(Path(run)).sae_dir(), layers=parse_layers(source.layers), lens=lens
     )
     src = open_eval_source([entry], replace(source, layers=None), data, model)
-    name = evaluate_entries([entry], src, model=model if model.model else None, ev=ev,
+    name = evaluate_entries([entry], src, model=model, ev=ev,
                             tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
     result = entry.result(name)
     result["exclude_sink"] = bool(src.info.get("exclude_sink", False))

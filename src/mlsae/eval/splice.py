@@ -40,6 +40,7 @@ from mlsae.data.capture import (
     check_layers,
     get_blocks,
     get_final_norm,
+    model_device,
     n_layers_of,
     unembed,
     used_mask,
@@ -159,6 +160,10 @@ def clean_pass(
     once per model against the model's own logits; falls back to hook on any mismatch).
     """
     layers = check_layers(layers, n_layers_of(model))
+    dev = model_device(model)  # everything of the pass lives on the model's device
+    input_ids = input_ids.to(dev)
+    attention_mask = attention_mask.to(dev) if attention_mask is not None else None
+    used = used.to(dev) if used is not None else None
     if used is None:
         used = used_mask(input_ids, special_ids, attention_mask)
     pred = predicted_mask(used, attention_mask)
@@ -282,7 +287,7 @@ def _replaced(cp: CleanPass, layer: int, x_hat: Tensor) -> Tensor:
             f"expected [{n_used}, {h.shape[-1]}] (used positions x d_model)"
         )
     h = h.clone()
-    h[cp.used] = x_hat.to(h.dtype)
+    h[cp.used] = x_hat.to(h.device, h.dtype)
     return h
 
 
@@ -349,7 +354,7 @@ def _stats(cp: CleanPass, chunks: Iterator[Tensor]) -> SpliceStats:
         sl = slice(start, start + len(logq))
         ce_q = -logq.gather(1, cp.targets[sl, None]).squeeze(1)
         kl_c = cp.clean_negent[sl] - torch.einsum("pv,pv->p", cp.clean_p[sl], logq)
-        ce += float((ce_q - cp.clean_ce[sl]).double().sum())
-        kl += float(kl_c.double().sum())
+        ce += float((ce_q - cp.clean_ce[sl]).to("cpu", torch.float64).sum())  # no f64 on MPS
+        kl += float(kl_c.to("cpu", torch.float64).sum())
         start = sl.stop
     return SpliceStats(ce, kl, cp.n_pred)

@@ -88,7 +88,7 @@ def first_pass(
                 x = ch.acts[:, p][ch.mask].float()  # [n_used, d]
                 if spaces is not None:
                     x = spaces[p].cached_to_sae(x, ly)
-                enc = sae.encode(x)
+                enc = sae.encode(x).to("cpu")  # codes and statistics live on the CPU
                 store.add(p, enc.top_indices, enc.top_acts)
                 with one_thread():
                     stats[p].update(enc.top_indices, enc.top_acts, pos)
@@ -128,7 +128,7 @@ def second_pass(
         for p in group:
             (lu, su), (ld, sd) = saes[p], saes[p + 1]
             results.append(summarize_pair(stats[p], stats[p + 1], acc.pop(p), cfg,
-                                          su.W_dec, sd.W_dec, layers=(lu, ld)))  # fmt: skip
+                                          su.W_dec.cpu(), sd.W_dec.cpu(), layers=(lu, ld)))  # fmt: skip
     bar.close()
     return results
 
@@ -168,6 +168,7 @@ def evolution_command(
     `source` (a cache in stream order, else the model, by default the SAEs', on 8,192 test
     tokens of the SAEs' dataset)."""
     from mlsae.activations.open import open_source
+    from mlsae.core.compute import resolve_device
     from mlsae.lens.tuned import resolve_space
 
     t0 = time.perf_counter()
@@ -179,7 +180,8 @@ def evolution_command(
     )
     clock: dict[str, float] = {}  # phase -> end time
     check_output(out, "evolution", inputs=[run, source.cache])
-    saes = load_per_layer(run)
+    device = resolve_device(model.device)
+    saes = [(ly, sae.to(device)) for ly, sae in load_per_layer(run)]
     layers = [ly for ly, _ in saes]
     sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
     src = open_source(source, replace(data, dataset=data.dataset or sc.dataset),
@@ -194,7 +196,8 @@ def evolution_command(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pairs = list(zip(layers[:-1], layers[1:], strict=True))
-    perms = [match_permutation(saes[p][1].W_dec, saes[p + 1][1].W_dec) for p in range(len(pairs))]
+    perms = [match_permutation(saes[p][1].W_dec.cpu(), saes[p + 1][1].W_dec.cpu())
+             for p in range(len(pairs))]  # fmt: skip
     match = MatchScores(pairs, perms, saes[0][1].cfg.d_in, saes[0][1].cfg.d_sae)
     tmp = Path(tempfile.mkdtemp(prefix=".codes-", dir=out))
     try:
@@ -258,7 +261,7 @@ def _tokenizer_for(model: str | None) -> PreTrainedTokenizerBase | None:
     try:
         from mlsae.data.model import load_model
 
-        return load_model(ModelConfig(model=model)).tokenizer
+        return load_model(ModelConfig(model=model, device="cpu")).tokenizer
     except (MlsaeError, OSError, ValueError) as e:
         log.warning(f"contexts shown as token ids ({e})")
         return None

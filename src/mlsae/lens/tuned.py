@@ -74,6 +74,12 @@ class TunedLens(nn.Module):
 
     # ------------------------------------------------------------------ structure
     @property
+    def device(self) -> torch.device:
+        """Where the translators are (the CPU unless moved)."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
     def last_layer(self) -> int:
         return self.n_layers - 1
 
@@ -355,13 +361,19 @@ class Space:
 
     @torch.no_grad()
     def to_sae(self, x: Tensor, layer: int) -> Tensor:
-        """Model-space vectors [N, d] of block `layer` -> SAE inputs (no autograd)."""
-        return x if self.lens is None else self.lens.forward(x, layer)
+        """Model-space vectors [N, d] of block `layer` -> SAE inputs (no autograd), on x's
+        device (the lens itself stays on the CPU)."""
+        if self.lens is None:
+            return x
+        return self.lens.forward(x.to(self.lens.device), layer).to(x.device)
 
     @torch.no_grad()
     def to_model(self, z: Tensor, layer: int) -> Tensor:
-        """SAE-space vectors (inputs or reconstructions) -> model space (exact inverse)."""
-        return z if self.lens is None else self.lens.inverse(z, layer)
+        """SAE-space vectors (inputs or reconstructions) -> model space (exact inverse), on
+        z's device."""
+        if self.lens is None:
+            return z
+        return self.lens.inverse(z.to(self.lens.device), layer).to(z.device)
 
     def cached_to_sae(self, x: Tensor, layer: int) -> Tensor:
         """Vectors read from the cache -> SAE inputs."""

@@ -15,6 +15,7 @@ The heavy lifting is in `mlsae.sae.kernels` (sparse decoder, sparse encoder grad
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,6 +46,10 @@ class EncoderOutput(NamedTuple):
     std: Tensor  # f32[N, 1] the scale decode multiplies by: std + 1e-5 ("standardize"), std
     # ("layer_norm"), ones ("none")
 
+    def to(self, device: torch.device | str) -> EncoderOutput:
+        """The same code on another device (e.g. the CPU, for statistics and files)."""
+        return EncoderOutput(*(t.to(device) for t in self))
+
 
 class StepOutput(NamedTuple):
     """Training forward of one batch (normalized space)."""
@@ -59,7 +64,7 @@ class StepOutput(NamedTuple):
 def geometric_median(points: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows
     of points [N, d] (computed in float64) -> [d]."""
-    x = points.double()
+    x = points.detach().to("cpu", torch.float64)  # float64 on the CPU: any device, one result
     y = x.mean(0)
     for _ in range(iters):
         w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)  # [N]
@@ -68,20 +73,26 @@ def geometric_median(points: Tensor, iters: int = 200, tol: float = 1e-7) -> Ten
         y = y_new
         if done:
             break
-    return y.to(points.dtype)
+    return y.to(points.device, points.dtype)
 
 
 class SparseAutoencoder(nn.Module):
     """TopK SAE with input standardization and unit-norm decoder rows (SPEC section 2)."""
 
     def __init__(
-        self, cfg: SaeConfig, seed: int = 0, compute_dtype: torch.dtype | None = None
+        self,
+        cfg: SaeConfig,
+        seed: int = 0,
+        compute_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         d, m = cfg.d_in, cfg.d_sae
-        self.compute_dtype = compute_dtype or resolve_compute_dtype("auto", verbose=False)
-        gen = torch.Generator().manual_seed(int(seed))
+        self.compute_dtype = compute_dtype or resolve_compute_dtype(
+            "auto", verbose=False, device=device
+        )
+        gen = torch.Generator().manual_seed(int(seed))  # on the CPU: the same init everywhere
         bound = 1.0 / math.sqrt(d)
         w = torch.rand(d, m, generator=gen).mul_(2 * bound).sub_(bound)  # U(-1/sqrt d, 1/sqrt d)
         self.W_enc = nn.Parameter(w)  # [d, m]
@@ -89,6 +100,13 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(w.t().contiguous())  # [m, d], W_enc^T with unit rows
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.normalize_decoder_()
+        if device is not None:
+            self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (`encode` moves its input there)."""
+        return self.W_enc.device
 
     # ------------------------------------------------------------------ normalization
 
@@ -103,7 +121,7 @@ class SparseAutoencoder(nn.Module):
         """Raw x f32[N, d] -> (u [N, d], mean [N, 1], scale [N, 1]): u = (x - mean) / (std +
         1e-5); scale is what decode multiplies by (std + 1e-5, or std for "layer_norm")."""
         self._check(x)
-        x = x.float()
+        x = x.to(self.W_enc.device, torch.float32)
         if self.cfg.normalize == "none":
             return x, x.new_zeros(x.shape[0], 1), x.new_ones(x.shape[0], 1)
         # two passes (mean, then the norm of the deviations): the Bessel-corrected std of
@@ -117,7 +135,8 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ public API
 
     def encode(self, x: Tensor) -> EncoderOutput:
-        """Raw x f32[N, d_in] -> EncoderOutput (normalization inside)."""
+        """Raw x f32[N, d_in] (any device) -> EncoderOutput on the SAE's device (normalization
+        inside)."""
         u, mean, std = self.normalize(x)
         args = (self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype)
         if torch.is_grad_enabled() or len(u) <= ENCODE_CHUNK:
@@ -135,7 +154,9 @@ class SparseAutoencoder(nn.Module):
         return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
 
     def decode(self, enc: EncoderOutput) -> Tensor:
-        """Reconstruction in the raw space: f32[N, d_in]."""
+        """Reconstruction in the raw space: f32[N, d_in] on the SAE's device (the code may be
+        on any device)."""
+        enc = enc.to(self.W_dec.device)
         return self.decode_normalized(enc.top_acts, enc.top_indices) * enc.std + enc.mean
 
     def forward(self, x: Tensor) -> tuple[Tensor, EncoderOutput]:
@@ -155,14 +176,27 @@ class SparseAutoencoder(nn.Module):
         """b_dec = geometric median of the batch in the normalized space the encoder sees."""
         self.b_dec.copy_(geometric_median(self.normalize(x)[0]))
 
+    @torch.no_grad()
+    def init_b_dec_from(self, u: Tensor) -> None:
+        """b_dec = geometric median of already normalized vectors u [N, d_in] (distributed
+        training: the gathered first global batch)."""
+        self.b_dec.copy_(geometric_median(u))
+
     def train_step_forward(
-        self, x: Tensor, dead: Tensor | None = None, k_aux: int = 0, aux_coef: float = 0.0
+        self,
+        x: Tensor,
+        dead: Tensor | None = None,
+        k_aux: int = 0,
+        aux_coef: float = 0.0,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> StepOutput:
         """Loss of a raw batch x [N, d_in]: batch FVU of u plus aux_coef * AuxK.
 
         dead: i64 ids of dead latents (or None). AuxK = FVU(e, e_hat) with e = u - u_hat
         (detached: it is the target) and e_hat = the ReLU'd top min(k_aux, #dead) dead
-        pre-activations decoded without b_dec.
+        pre-activations decoded without b_dec. reduce: data-parallel training (see
+        `mlsae.sae.metrics.fvu`): x is this process's share of the batch, and the returned
+        losses are its shares of the global batch's (they sum over processes to it).
         """
         u, _, _ = self.normalize(x)
         use_aux = dead is not None and dead.numel() > 0 and k_aux > 0 and aux_coef != 0
@@ -171,7 +205,7 @@ class SparseAutoencoder(nn.Module):
             u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead
         )
         u_hat = self.decode_normalized(enc.acts, enc.idx)  # [N, d]
-        rec = fvu(u, u_hat)
+        rec = fvu(u, u_hat, reduce)
         if dead is not None:
             dpre = enc.dead_pre  # [N, n_dead]
             if k_aux < dpre.shape[1]:
@@ -180,7 +214,7 @@ class SparseAutoencoder(nn.Module):
             else:
                 a = dpre.relu()
             e_hat = a @ self.W_dec.index_select(0, dead)  # [N, d], no b_dec
-            auxk = fvu((u - u_hat).detach(), e_hat)
+            auxk = fvu((u - u_hat).detach(), e_hat, reduce)
         else:
             auxk = rec.new_zeros(())
         return StepOutput(rec + aux_coef * auxk, rec, auxk, enc.acts, enc.idx)
@@ -203,7 +237,7 @@ class SparseAutoencoder(nn.Module):
     def state_tensors(self) -> dict[str, Tensor]:
         """The four tensors of sae.safetensors (contiguous fp32 copies)."""
         return {
-            n: getattr(self, n).detach().float().contiguous().clone()
+            n: getattr(self, n).detach().to("cpu", torch.float32).contiguous().clone()
             for n in ("W_enc", "b_enc", "W_dec", "b_dec")
         }
 

@@ -56,6 +56,17 @@ def kernel_backend() -> str:
     return native.backend()
 
 
+CPU_KERNELS = True
+"""Use the custom kernels below for CPU tensors. Tensors on any other device (CUDA, MPS), or
+every tensor when False (tests compare the two), take `plain_encode` / `plain_decode`: the
+same math in plain differentiable torch ops."""
+
+
+def custom_path(t: Tensor) -> bool:
+    """Whether the custom CPU kernels handle tensors like t."""
+    return CPU_KERNELS and t.device.type == "cpu"
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -225,7 +236,18 @@ def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: 
     [N, d] (no bias). Backward: grad acts = row dots, grad W_dec touches active rows only."""
     if idx.shape[1] == 0:
         return acts.new_zeros(acts.shape[0], W_dec.shape[1])
+    if not custom_path(W_dec):
+        return plain_decode(acts, idx, W_dec)
     return _SparseDecode.apply(acts, idx, W_dec)
+
+
+def plain_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
+    """`sparse_decode` in plain differentiable torch ops: embedding_bag (its own backward) on
+    CUDA and the CPU, a dense scatter-matmul elsewhere (MPS)."""
+    if W_dec.device.type in ("cuda", "cpu"):
+        return F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
+    z = acts.new_zeros(acts.shape[0], W_dec.shape[0]).scatter(1, idx, acts)  # [N, m]
+    return z.to(W_dec.dtype) @ W_dec
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -318,4 +340,23 @@ def topk_encode(
     the dead latents' pre-activations [N, n_dead], sliced from the same matmul (for AuxK).
     Gradients flow to u, b_dec, W_enc and b_enc through the selected entries (and the dead
     columns) only."""
+    if not custom_path(W_enc):
+        return plain_encode(u, b_dec, W_enc, b_enc, k, dtype, dead)
     return Encoded(*_TopKEncode.apply(u, b_dec, W_enc, b_enc, k, dtype, dead))
+
+
+def plain_encode(
+    u: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,  # noqa: N803
+    b_enc: Tensor,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    dead: Tensor | None = None,
+) -> Encoded:
+    """`topk_encode` in plain differentiable torch ops (autograd does the backward: the top-k
+    scatters gradient to the selected entries only, as the custom kernel does)."""
+    pre = torch.addmm(b_enc.to(dtype), (u - b_dec).to(dtype), W_enc.to(dtype))  # [N, m]
+    vals, idx = pre.topk(k, dim=1, sorted=False)
+    dead_pre = pre.index_select(1, dead if dead is not None else idx.new_zeros(0))
+    return Encoded(vals.float().relu(), idx, dead_pre.float())

@@ -8,7 +8,7 @@ per layer, memory independent of the number of tokens, fed only with used (non-s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,13 +16,29 @@ from torch import Tensor
 from mlsae.core.errors import MlsaeError
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+def fvu(x: Tensor, x_hat: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Fraction of variance unexplained of a batch: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2.
 
     x, x_hat: [N, d]. The mean is per dimension over the N vectors (never one scalar grand mean).
+    reduce: data-parallel training, where the batch is split over processes and `reduce` sums a
+    tensor over them in place. The denominator is then the global batch's (its per-dimension
+    mean and total variance, summed over processes; it does not depend on the parameters) and
+    the numerator this process's share, so the values returned by the processes, and their
+    gradients, sum to the FVU of the global batch and its gradient: the same math as one
+    process on the whole batch, not a mean of per-process FVUs.
     """
     err = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+    if reduce is None:
+        total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+    else:
+        with torch.no_grad():
+            xd = x.detach()
+            s = torch.cat([xd.sum(0), xd.new_full((1,), xd.shape[0])]).to("cpu", torch.float64)
+            reduce(s)  # [sum x (d), N] of the global batch
+            mean = (s[:-1] / s[-1].clamp_min(1)).to(xd.device, xd.dtype)
+            total = (xd - mean).pow(2).sum().to("cpu", torch.float64).reshape(1)
+            reduce(total)
+            total = total[0].to(err.device, err.dtype)
     return err / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
@@ -98,11 +114,13 @@ class LayerMetrics:
         i = self._index(layer)
         if x.shape != x_hat.shape or x.ndim != 2 or x.shape[1] != self.d_in:
             raise MlsaeError(f"expected x and x_hat of shape [N, {self.d_in}], got {x.shape}")
+        x, x_hat = (t.detach().to("cpu", torch.float64) for t in (x, x_hat))  # any device
         self.moments[i].update(x)
-        self.sq_err[i] += float((x.double() - x_hat.double()).pow(2).sum())
+        self.sq_err[i] += float((x - x_hat).pow(2).sum())
         if top_indices is not None:
+            top_indices = top_indices.cpu()
             on = (
-                top_acts > 0
+                top_acts.cpu() > 0
                 if top_acts is not None
                 else torch.ones_like(top_indices, dtype=torch.bool)
             )

@@ -4,6 +4,7 @@ its non-finite checks), shared by every kind of training run (train/loop.py)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,12 @@ import torch
 from torch import Tensor
 
 from mlsae.core.config import TrainConfig
+from mlsae.core.dist import Comm
 from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.train.parallel import sum_grads
+
+SINGLE = Comm()
+"""The Comm of a single-process run (every collective is the identity)."""
 
 
 def make_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
@@ -38,31 +44,49 @@ class Member:
     def tokens_per_vector(self) -> float:
         return 1.0 / len(self.sae.cfg.layers)
 
-    def step(self, x: Tensor, cfg: TrainConfig, k_aux: int) -> dict[str, float]:
-        """One optimizer step on raw vectors x [B, d]; returns the step's metrics."""
-        sae = self.sae
+    def step(
+        self, x: Tensor, cfg: TrainConfig, k_aux: int, comm: Comm = SINGLE, n: int | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on raw vectors x [B, d] (any device: moved to the SAE's); returns
+        the step's metrics. Data-parallel (`comm` of several processes): x is this process's
+        share of the global batch of n vectors, and the step is the global batch's (see
+        `mlsae.train.parallel`). NonFinite if the loss or the updated weights are not finite."""
+        sae, dist = self.sae, comm.world > 1
+        n = len(x) if n is None else n
+        x = x.to(sae.device)
         if not self.initialized:
-            sae.init_b_dec(x)
+            if dist:  # rank 0: the geometric median of the whole first global batch
+                u = comm.gather_rows(sae.normalize(x)[0].cpu())
+                if comm.main:
+                    sae.init_b_dec_from(u.to(sae.device))
+                comm.broadcast_(sae.b_dec.data)
+            else:
+                sae.init_b_dec(x)
             self.initialized = True
         dead = (self.since >= cfg.dead_tokens).nonzero().view(-1)  # [n_dead]
         self.opt.zero_grad(set_to_none=True)
-        out = sae.train_step_forward(x, dead, k_aux, cfg.aux_coef)
-        loss = out.loss.item()
-        if not math.isfinite(loss):
-            raise NonFinite(f"the loss of SAE {self.name} is {loss}")
+        reduce = comm.sum_ if dist else None
+        out = sae.train_step_forward(x, dead.to(sae.device), k_aux, cfg.aux_coef, reduce)
+        losses = torch.stack([out.loss, out.fvu, out.auxk]).detach().to("cpu", torch.float64)
+        if not math.isfinite(float(losses[0])):
+            raise NonFinite(f"the loss of SAE {self.name} is {float(losses[0])}")
         out.loss.backward()
+        if dist:
+            sum_grads(sae, comm)
         sae.remove_parallel_grad_()
         self.opt.step()
         sae.normalize_decoder_()
         if not all_finite(sae.parameters()):
             raise NonFinite(f"the weights of SAE {self.name} became NaN or inf")
         fired = update_dead_counter(
-            self.since, out.top_acts, out.top_indices, len(x) * self.tokens_per_vector
+            self.since, out.top_acts, out.top_indices, n * self.tokens_per_vector, reduce
         )
+        if dist:
+            comm.sum_(losses)  # the shares of the global batch's losses
         return {
-            "loss": loss,
-            "fvu": out.fvu.item(),
-            "auxk": out.auxk.item(),
+            "loss": float(losses[0]),
+            "fvu": float(losses[1]),
+            "auxk": float(losses[2]),
             "dead_frac": dead.numel() / sae.cfg.d_sae,
             "l0": fired,
         }
@@ -95,10 +119,27 @@ def all_finite(tensors: Any) -> bool:
 
 
 @torch.no_grad()
-def update_dead_counter(since: Tensor, acts: Tensor, idx: Tensor, n_tokens: float) -> float:
-    """Add n_tokens to every latent's counter, reset the latents that fired (act > 0) to 0;
-    returns L0 (mean number of active latents per vector)."""
-    on = acts > 0  # [B, k]
+def update_dead_counter(
+    since: Tensor,
+    acts: Tensor,
+    idx: Tensor,
+    n_tokens: float,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> float:
+    """Add n_tokens to every latent's counter (f64, on the CPU), reset the latents that fired
+    (act > 0) to 0; returns L0 (mean number of active latents per vector). reduce (data-parallel
+    training): acts/idx [B_r, k] are this process's share, n_tokens the global batch's; a latent
+    fired if it fired on any process, L0 is the global batch's."""
+    on = (acts > 0).cpu()  # [B, k]
+    idx = idx.cpu()
+    if reduce is None:
+        since += n_tokens
+        since.index_fill_(0, idx[on], 0.0)
+        return float(on.sum()) / max(1, acts.shape[0])
+    fired = torch.zeros(len(since) + 2, dtype=torch.float64)
+    fired.index_fill_(0, idx[on], 1.0)
+    fired[-2:] = torch.tensor([float(on.sum()), float(acts.shape[0])])
+    reduce(fired)  # [d_sae] processes on which each latent fired, then (active, vectors)
     since += n_tokens
-    since.index_fill_(0, idx[on], 0.0)
-    return float(on.sum()) / max(1, acts.shape[0])
+    since.masked_fill_(fired[:-2] > 0, 0.0)
+    return float(fired[-2]) / max(1.0, float(fired[-1]))

@@ -1,0 +1,102 @@
+"""What a training run reports besides its checkpoints: the metrics log (RUN/metrics.jsonl,
+W&B), the SAE inputs of a batch (through the run's tuned lens if any), and the final per-layer
+FVU pass (final_fvu.json)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlsae.activations.source import ActivationSource
+from mlsae.core.config import RunConfig
+from mlsae.core.errors import MlsaeError
+
+log = logging.getLogger(__name__)
+
+EVAL_VECTORS = 65536
+"""Vectors of the final per-layer FVU pass (train tokens; `mlsae evaluate` does held-out)."""
+
+
+def log_rows(
+    metrics_log: Any, wb: Any, rows: list[dict[str, Any]], step: int, epoch: int, vps: float
+) -> None:
+    """One line per SAE of the step in RUN/metrics.jsonl (and W&B)."""
+    for r in rows:
+        metrics_log.write(
+            json.dumps({"step": step, "epoch": epoch, **r, "vectors_per_s": vps}) + "\n"
+        )
+    metrics_log.flush()
+    if wb is not None:
+        wb.log({f"{r['sae']}/{k}": v for r in rows for k, v in r.items() if k != "sae"}, step=step)
+
+
+def sae_inputs(run: RunConfig, source: ActivationSource, layers: list[int]) -> Any:
+    """Batch -> SAE inputs [B, d]: the stored vectors, or T_l of them when the run trains in
+    tuned-lens space on model-space activations (SPEC 5)."""
+    from mlsae.lens.tuned import resolve_space
+
+    space = resolve_space(run.lens, source.lens, what="the run")
+    lens = space.lens
+    if lens is None or space.cache_in_lens:
+        return lambda batch: batch.x
+    if lens.d_model != source.d_model:
+        raise MlsaeError(f"the lens has width {lens.d_model}, the activations {source.d_model}")
+    lens.check_layers(layers)
+    log.info(f"training in tuned-lens space: T_l applied on the fly ({run.lens})")
+    return lambda batch: lens.forward_rows(batch.x, batch.layer)
+
+
+def wandb_start(out: Path, run: RunConfig) -> Any:
+    try:
+        import wandb  # noqa: PLC0415
+    except ImportError:
+        raise MlsaeError("--wandb needs the wandb package (pip install wandb)") from None
+    return wandb.init(
+        project="mlsae", name=out.name, dir=str(out), config=run.to_dict(), resume="allow"
+    )
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+@torch.no_grad()
+def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> dict[str, Any]:
+    """Per-layer FVU (raw space) of each SAE on a pass over up to EVAL_VECTORS training vectors."""
+    from mlsae.sae.metrics import LayerMetrics
+
+    cfg, layers = run.train, list(run.layers)
+    to_sae = sae_inputs(run, source, layers)
+    acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
+    seen = 0
+    for batch in source.shuffled(
+        8192, layers, seed=cfg.seed + 1, buffer_shards=cfg.shuffle_buffer_shards
+    ):
+        batch.x = to_sae(batch)
+        for m in members:
+            for layer in m.sae.cfg.layers:
+                sel = batch.layer == layer
+                if sel.any():
+                    x = batch.x[sel]
+                    x_hat, enc = m.sae(x)
+                    acc[m.name].update(layer, x, x_hat, enc.top_indices, enc.top_acts)
+        seen += len(batch)
+        if seen >= EVAL_VECTORS:
+            break
+    return {name: a.result() for name, a in acc.items()}
+
+
+def format_fvu(res: dict[str, Any]) -> str:
+    """The final per-layer FVU of each SAE as text (final_fvu.json)."""
+    lines = ["final per-layer FVU (training tokens):"]
+    for name, r in res.items():
+        per = " ".join(
+            f"{ly}:{v:.3f}" if v is not None else f"{ly}:-"
+            for ly, v in zip(r["layers"], r["per_layer"]["fvu"], strict=True)
+        )  # fmt: skip
+        mean = r["mean"]["fvu"]
+        lines.append(f"  {name}: mean {mean:.4f} | {per}" if mean is not None else f"  {name}: -")
+    return "\n".join(lines)
