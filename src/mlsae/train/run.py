@@ -88,6 +88,8 @@ def plan_run(
             d_in=source.d_model, expansion_factor=m.expansion_factor, k=m.k, normalize=sae.normalize
         )
     cache = getattr(source, "path", None)
+    if cache is not None:  # a cache is read whole: no command-line token default in the record
+        src = replace(src, tokens=None)
     return RunConfig(
         data=data, model=model, source=src, sae=sae, train=train,
         cache=None if cache is None else str(Path(cache).resolve()), mode=mode, layers=layers,
