@@ -96,6 +96,11 @@ def test_metrics_exclude_the_sink_by_default(world, tokenizer, tmp_path, sink) -
             share = ((v[out] - v.mean(0)) ** 2).sum() / ((v - v.mean(0)) ** 2).sum()
             assert rep["variance_share"][i] == pytest.approx(share, rel=1e-5)
             assert share > 0.5
+            # fvu_typical: the FVU over the other tokens, equal to the plain computation on them
+            typ = _fvu(root / "sae", v[~out])
+            assert res["per_layer"]["fvu_typical"][i] == pytest.approx(typ, rel=1e-5)
+            assert res["per_layer"]["fvu"][i] != pytest.approx(typ, rel=1e-2)
+    assert ("fvu_typical" in res["per_layer"]) is (not sink)  # only when there are outliers
 
 
 def test_manifest_records_the_choice_and_the_outliers(world) -> None:

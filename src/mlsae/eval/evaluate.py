@@ -49,6 +49,10 @@ class Entry:
     metrics: LayerMetrics = field(init=False)  # in the SAE's space
     model_metrics: LayerMetrics | None = None  # in the model's space (lens SAEs only)
     lens_override: Path | None = None  # --lens: where the SAE's lens is now
+    # layer -> norm threshold of the stored vectors (factor x median): `typical` leaves out the
+    # tokens above it (norm outliers such as attention sinks); None: not measured
+    thresholds: dict[int, float] | None = None
+    typical: LayerMetrics | None = None
 
     def __post_init__(self) -> None:
         self.reset_metrics()
@@ -58,17 +62,27 @@ class Entry:
         self.metrics = LayerMetrics(self.layers, d_in, d_sae)
         lensed = self.space.lens is not None
         self.model_metrics = LayerMetrics(self.layers, d_in, d_sae) if lensed else None
+        self.typical = LayerMetrics(self.layers, d_in, d_sae) if self.thresholds else None
 
     def reconstruct(
-        self, x: Tensor, layer: int, record: bool, x_model: Tensor | None = None
+        self,
+        x: Tensor,
+        layer: int,
+        record: bool,
+        x_model: Tensor | None = None,
+        stored_norm: Tensor | None = None,
     ) -> Tensor:
         """x: [N, d] SAE inputs of block `layer` -> the reconstruction [N, d] in the MODEL's space
         (through the exact lens inverse for a lens SAE), optionally recording metrics in both
-        spaces. x_model: the model-space vectors (default: the inverse of x)."""
+        spaces. x_model: the model-space vectors (default: the inverse of x). stored_norm [N]:
+        the norms of the stored vectors, for the metrics without norm outliers."""
         enc = self.sae.encode(x)
         x_hat = self.sae.decode(enc)
         if record:
             self.metrics.update(layer, x, x_hat, enc.top_indices, enc.top_acts)
+            if self.typical is not None and self.thresholds and stored_norm is not None:
+                keep = (stored_norm <= self.thresholds[layer]).to(x_hat.device)
+                self.typical.update(layer, x.to(x_hat.device)[keep], x_hat[keep])
         if self.space.lens is None:
             return x_hat
         x_hat_model = self.space.to_model(x_hat, layer)
@@ -90,6 +104,10 @@ class Entry:
             lens = self.space.lens
             r["per_layer"]["lens_cond"] = [lens.cond(layer) for layer in self.layers]
             r["lens"] = self.sae.cfg.lens if self.lens_override is None else str(self.lens_override)
+        if self.typical is not None:  # the FVU without the tokens whose vector is a norm outlier
+            tr = self.typical.result()
+            r["per_layer"]["fvu_typical"] = tr["per_layer"]["fvu"]
+            r["mean"]["fvu_typical"] = tr["mean"]["fvu"]
         return {**r, "sae": str(self.path), "model": model}
 
 
@@ -152,7 +170,8 @@ def recon_from_source(
                 for layer in e.layers:
                     x = acts[:, pos[layer]].float()
                     x_model = None if e.space.cache_in_lens else x
-                    e.reconstruct(e.space.cached_to_sae(x, layer), layer, True, x_model)
+                    norm = x.norm(dim=-1) if e.thresholds else None
+                    e.reconstruct(e.space.cached_to_sae(x, layer), layer, True, x_model, norm)
             bar.update(n)
 
 
@@ -306,16 +325,22 @@ def evaluate_command(
         RunFolder(Path(run)).sae_dir(), layers=parse_layers(source.layers), lens=lens
     )
     src = open_eval_source([entry], replace(source, layers=None), data, model)
+    rep = None
+    if isinstance(src, ActivationCache) and set(entry.layers) <= set(src.layers):
+        # (a cache only: the model would have to run twice more otherwise)
+        from mlsae.activations.norms import norm_outliers
+
+        rep = norm_outliers(src, max_tokens=source.tokens).select(entry.layers)
+        if sum(rep.n_outliers):  # FVU without them too (fvu_typical)
+            entry.thresholds = {
+                ly: rep.factor * m for ly, m in zip(rep.layers, rep.median_norm, strict=True)
+            }
     name = evaluate_entries([entry], src, model=model, ev=ev,
                             tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
     result = entry.result(name)
     result["exclude_sink"] = bool(src.info.get("exclude_sink", False))
-    if isinstance(src, ActivationCache):  # the model would have to run twice more otherwise
-        from mlsae.activations.norms import norm_outliers
-
-        result["norm_outliers"] = (
-            norm_outliers(src, max_tokens=source.tokens).select(entry.layers).summary()
-        )
+    if rep is not None:
+        result["norm_outliers"] = rep.summary()
     write_json(Path(out), result)
     return result
 
@@ -326,12 +351,16 @@ def _fmt(v: float | None, width: int = 9) -> str:
     return f"{v:{width}.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:{width}.2e}"
 
 
+_SHORT = {"fvu_typical": "fvu_typ"}
+"""Column names of the table that are shorter than the JSON keys."""
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Per-layer table with a mean row, then dead fraction and token count. A lens SAE's FVU is
     in lens space; its fvu_model column is the FVU in the model's space."""
     per = result["per_layer"]
-    keys = [*METRICS, *(k for k in ("fvu_model", "lens_cond") if k in per)]
-    head = "layer" + "".join(k.rjust(10) for k in keys)
+    keys = [*METRICS, *(k for k in ("fvu_typical", "fvu_model", "lens_cond") if k in per)]
+    head = "layer" + "".join(_SHORT.get(k, k).rjust(10) for k in keys)
     rows = [head, "-" * len(head)]
     for i, layer in enumerate(result["layers"]):
         rows.append(f"{layer:5d}" + "".join(" " + _fmt(per[k][i]) for k in keys))
@@ -346,6 +375,9 @@ def format_table(result: dict[str, Any]) -> str:
             rows.append(
                 "  the FVU of those layers mostly measures how well these few vectors are rebuilt"
             )
+        if "fvu_typical" in per:
+            rows.append(f"  fvu_typ: the FVU without the tokens whose vector is above "
+                        f"{rep.factor:g}x its layer's median norm")  # fmt: skip
     if result.get("exclude_sink") is False:
         rows.append("attention-sink positions are included (--no-exclude-sink or an older cache)")
     return "\n".join(rows)
