@@ -3,12 +3,16 @@
 # the runs behind docs/findings.md. A longer study than `make demo` (several hours on 2 CPU
 # cores); every stage resumes or is skipped when its output exists, so re-running continues.
 # Usage: scripts/findings.sh BIN OUT [TRAIN_TOKENS] [TEST_TOKENS]
+# Another model (with a hub): MODEL_ARGS="--model EleutherAI/pythia-70m-deduped --dataset D
+#   --text-column text" N_LAYERS=6 SINGLES="1 3 5" scripts/findings.sh .venv/bin runs/pythia
 set -euo pipefail
 BIN=${1:-.venv/bin}; OUT=${2:-findings_out}; TOK=${3:-180000}; TEST=${4:-8192}
 M="$BIN/mlsae"
 CTX=256; BATCH=4096; LR=1e-3; DEAD=50000; K=32
-SHORT=$(( 60000 * 30 / BATCH ))              # steps of the demo's 60k training tokens (30 blocks)
-LONG=$(( TOK / CTX * (CTX - 1) * 30 / BATCH ))  # about one pass over TOK tokens (BOS excluded)
+N_LAYERS=${N_LAYERS:-30}                       # the model's blocks (SmolLM2: 30)
+read -r -a MA <<< "${MODEL_ARGS:-}"            # --model/--dataset/... for the commands that read text
+SHORT=$(( 60000 * N_LAYERS / BATCH ))          # steps of the demo's 60k training tokens
+LONG=$(( TOK / CTX * (CTX - 1) * N_LAYERS / BATCH ))  # about one pass over TOK tokens (BOS excluded)
 EPOCHS_SINGLE=${EPOCHS_SINGLE:-4}; SINGLES=${SINGLES:-"3 12 24"}
 CE_TOKENS=${CE_TOKENS:-2048}
 mkdir -p "$OUT"
@@ -24,8 +28,8 @@ run() {  # run NAME CMD...: time a command, skip it when NAME is already in the 
 }
 common=(--batch-tokens "$BATCH" --lr "$LR" --dead-tokens "$DEAD" -k "$K")
 
-run cache_train "$M" cache --split train --tokens "$TOK" --out "$OUT/cache_train"
-run cache_test "$M" cache --split test --tokens "$TEST" --out "$OUT/cache_test"
+run cache_train "$M" cache "${MA[@]}" --split train --tokens "$TOK" --out "$OUT/cache_train"
+run cache_test "$M" cache "${MA[@]}" --split test --tokens "$TEST" --out "$OUT/cache_test"
 
 # MLSAEs at two expansion factors (one sweep run: each batch read once), at two training
 # lengths: the demo's 60k tokens, then resumed exactly to one pass over all TOK tokens.
@@ -61,12 +65,12 @@ run per_layer "$M" train --cache "$OUT/cache_train" --per-layer --expansion-fact
   --epochs "$EPOCHS_SINGLE" --out "$OUT/per_layer"
 run evolution "$M" evolution "$OUT/per_layer" --cache "$OUT/cache_test" --out "$OUT/evolution"
 # The tuned lens (SPEC 5, the default KL training) and an MLSAE in lens space (60k tokens).
-run lens_train "$M" lens train --tokens 16384 --out "$OUT/lens"
-run lens_eval "$M" lens evaluate "$OUT/lens" --tokens 2048 --out "$OUT/lens/eval.json"
+run lens_train "$M" lens train "${MA[@]}" --tokens 16384 --out "$OUT/lens"
+run lens_eval "$M" lens evaluate "$OUT/lens" "${MA[@]}" --tokens 2048 --out "$OUT/lens/eval.json"
 # The unfloored lens's I + A_l can exceed the exact inverse's condition limit (1e6) at a block;
 # the lens-space MLSAE uses the floored lens (--min-singular 0.9, SUGGESTED_MIN_SINGULAR).
-run lens_floor "$M" lens train --tokens 16384 --min-singular 0.9 --out "$OUT/lens_floor"
-run lens_floor_eval "$M" lens evaluate "$OUT/lens_floor" --tokens 2048 --out "$OUT/lens_floor/eval.json"
+run lens_floor "$M" lens train "${MA[@]}" --tokens 16384 --min-singular 0.9 --out "$OUT/lens_floor"
+run lens_floor_eval "$M" lens evaluate "$OUT/lens_floor" "${MA[@]}" --tokens 2048 --out "$OUT/lens_floor/eval.json"
 run lens_mlsae "$M" train --cache "$OUT/cache_train" --lens "$OUT/lens_floor" --expansion-factor 8 \
   "${common[@]}" --max-steps "$SHORT" --out "$OUT/mlsae_lens"
 run eval_lens_mlsae "$M" evaluate "$OUT/mlsae_lens" --cache "$OUT/cache_test" --tokens "$CE_TOKENS" \

@@ -132,17 +132,26 @@ def s2_mlsae() -> None:
         m, no, layers = ev["mean"], ev.get("norm_outliers") or {}, ev["layers"]
         out = f"{sum(no['n_outliers'])} ({fmt(max(no['variance_share']))})" if no else "-"
         tok = round(steps * per_step) if steps and per_step else None
-        rows.append([name, steps, tok, ev["n_tokens"], m["fvu"], m["delta_ce"], m["kl"], m["l0"],
-                     ev["dead_fraction"], out])  # fmt: skip
+        # fvu_typical (FVU without norm-outlier tokens): in eval.json, or eval_typ.json (a
+        # reconstruction-only re-evaluation by a newer mlsae)
+        typ = ev if "fvu_typical" in ev["mean"] else (load(f"{d}/eval_typ.json") or ev)
+        tm = typ["mean"].get("fvu_typical")
+        rows.append([name, steps, tok, ev["n_tokens"], m["fvu"], tm, m["delta_ce"], m["kl"],
+                     m["l0"], ev["dead_fraction"], out])  # fmt: skip
         per += [[name, k, *(at(layers, ev["per_layer"][k], ly) for ly in pick(layers))]
                 for k in ("fvu", "delta_ce")]  # fmt: skip
+        if tm is not None:
+            per.append([name, "fvu_typical (eval tokens: " + str(typ["n_tokens"]) + ")",
+                        *(at(typ["layers"], typ["per_layer"]["fvu_typical"], ly)
+                          for ly in pick(layers))])  # fmt: skip
     if not rows:
         return
     source(*srcs, "sweep/metrics.jsonl", "sweep/train_cfg.json", "timings.tsv")
     emit("steps: short = sweep_short's --max-steps, long = last step of metrics.jsonl; text "
          "tokens = steps x batch_tokens / layers; outliers: vectors with a norm > 10x their "
          "layer's median (max variance share)", "")  # fmt: skip
-    table(["run", "steps", "text tokens", "eval tokens", "mean FVU", "mean dCE", "mean KL", "L0",
+    table(["run", "steps", "text tokens", "eval tokens", "mean FVU", "mean FVU w/o outliers",
+           "mean dCE", "mean KL", "L0",
            "dead frac", "norm outliers"], rows)  # fmt: skip
     table(["run", "metric", *(f"L{ly}" for ly in pick(layers))], per)
 
