@@ -35,18 +35,18 @@ demo: venv
 	bash scripts/demo.sh "$(BIN)" "$(DEMO_OUT)" "$(DEMO_TOKENS)" "$(DEMO_TEST_TOKENS)" $(DEMO_ARGS)
 
 test: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/pyright
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/pyright
 
 format: venv
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench scripts
+	$(BIN)/ruff check --fix src tests bench scripts
 
 bench: venv
 	$(BIN)/python -m pip install -q --no-deps eai-sparsify einops natsort simple-parsing docstring-parser schedulefree tuned-lens==0.2.0 flatten-dict
