@@ -104,3 +104,18 @@ def get(url: str, timeout: float = 300.0, **params) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+
+
+def indexed_world(root: Path) -> dict[str, Path]:
+    """`build_world` with the run's explorer index built (small top-n, window and samples)."""
+    from mlsae.core.config import SourceConfig
+    from mlsae.core.stage_config import IndexConfig
+    from mlsae.explore.index import build_index
+
+    w = build_world(root)
+    build_index(
+        w["run"],
+        source=SourceConfig(cache=w["cache"]),
+        cfg=IndexConfig(top_n=8, window=3, samples=12),
+    )
+    return w

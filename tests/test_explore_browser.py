@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from explore_fixtures import LAYERS, build_world, make_sae, serve
+from explore_fixtures import LAYERS, indexed_world, make_sae, serve
 
 from mlsae.core.config import SourceConfig
 from mlsae.core.stage_config import IndexConfig
@@ -28,14 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("explore_browser")
-    w = build_world(root)
-    build_index(
-        w["run"],
-        source=SourceConfig(cache=w["cache"]),
-        cfg=IndexConfig(top_n=8, window=3, samples=12),
-    )
-    return w
+    return indexed_world(tmp_path_factory.mktemp("explore_browser"))
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from explore_fixtures import LAYERS, build_world, dense_codes, get, serve
+from explore_fixtures import LAYERS, dense_codes, get, indexed_world, serve
 from safetensors.torch import load_file
 
-from mlsae.core.config import SourceConfig
-from mlsae.core.stage_config import IndexConfig
-from mlsae.explore.index import build_index
 from mlsae.explore.server import create_app
 
 TEXT = "river stone cloud seven alpha"
@@ -30,14 +27,7 @@ TEXT = "river stone cloud seven alpha"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("explore_server")
-    w = build_world(root)
-    build_index(
-        w["run"],
-        source=SourceConfig(cache=w["cache"]),
-        cfg=IndexConfig(top_n=8, window=3, samples=12),
-    )
-    return w
+    return indexed_world(tmp_path_factory.mktemp("explore_server"))
 
 
 @pytest.fixture(scope="module")
