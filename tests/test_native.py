@@ -68,6 +68,21 @@ def test_topk_bf16_and_non_contiguous(so):
         _check_topk(view, 7, *native.topk(view, 7, so))
 
 
+def test_topk_gathers_columns_in_the_same_pass(so):
+    """AuxK's dead columns come out of the top-k pass: cols_out = pre[:, cols] exactly, for
+    fp32, bf16 and strided rows, repeated and unsorted ids; bad ids raise."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(70, 600, generator=g)
+    cols = torch.tensor([499, 0, 17, 17, 300])
+    for pre in (base, base.bfloat16(), base[::2], base[:, 50:550]):
+        out = torch.full((pre.shape[0], cols.numel()), float("nan"))
+        vals, idx = native.topk(pre, 9, so, None, cols, out)
+        assert torch.equal(out, pre.float()[:, cols])
+        _check_topk(pre, 9, vals, idx)
+    with pytest.raises(IndexError):
+        native.topk(base, 3, so, None, torch.tensor([600]), torch.empty(70, 1))
+
+
 def test_segments_equal_stable_sort(so):
     g = torch.Generator().manual_seed(3)
     m, k = 50, 4

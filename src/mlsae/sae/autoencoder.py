@@ -26,7 +26,7 @@ from mlsae.core.compute import resolve_compute_dtype
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, write_json, write_safetensors
-from mlsae.sae.kernels import sparse_decode, topk_encode
+from mlsae.sae.kernels import sparse_decode, sparse_decode_aux, topk_encode
 from mlsae.sae.metrics import fvu
 
 STD_EPS = 1e-5
@@ -204,8 +204,7 @@ class SparseAutoencoder(nn.Module):
         enc = topk_encode(
             u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead
         )
-        u_hat = self.decode_normalized(enc.acts, enc.idx)  # [N, d]
-        rec = fvu(u, u_hat, reduce)
+        a = None
         if dead is not None:
             dpre = enc.dead_pre  # [N, n_dead]
             if k_aux < dpre.shape[1]:
@@ -213,10 +212,11 @@ class SparseAutoencoder(nn.Module):
                 a = torch.zeros_like(dpre).scatter(1, i, v.relu())
             else:
                 a = dpre.relu()
-            e_hat = a @ self.W_dec.index_select(0, dead)  # [N, d], no b_dec
-            auxk = fvu((u - u_hat).detach(), e_hat, reduce)
-        else:
-            auxk = rec.new_zeros(())
+        # one node decodes both (one W_dec gradient); e_hat [N, d] has no b_dec
+        dec, e_hat = sparse_decode_aux(enc.acts, enc.idx, self.W_dec, a, dead)
+        u_hat = dec + self.b_dec  # [N, d]
+        rec = fvu(u, u_hat, reduce)
+        auxk = rec.new_zeros(()) if a is None else fvu((u - u_hat).detach(), e_hat, reduce)
         return StepOutput(rec + aux_coef * auxk, rec, auxk, enc.acts, enc.idx)
 
     @torch.no_grad()

@@ -212,33 +212,59 @@ def _row_dots(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
-        ctx.save_for_backward(acts, idx, W_dec)
+    def forward(ctx, acts, idx, W_dec, aux_acts, aux_ids):  # noqa: N803
+        ctx.save_for_backward(acts, idx, W_dec, aux_acts, aux_ids)
         so = native.active()
         if so is not None:
-            return native.gather_sum(acts, idx, W_dec, so).to(W_dec.dtype)
-        return F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
+            out = native.gather_sum(acts, idx, W_dec, so).to(W_dec.dtype)
+        else:
+            out = F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
+        return out, aux_acts @ W_dec.index_select(0, aux_ids)
 
     @staticmethod
-    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
-        (grad,) = grads  # [N, d]
-        acts, idx, W_dec = ctx.saved_tensors
-        g_acts = g_w = None
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        grad, g_aux = grads  # [N, d] each (None where an output is unused)
+        acts, idx, W_dec, aux_acts, aux_ids = ctx.saved_tensors
+        grad = grad if grad is not None else acts.new_zeros(acts.shape[0], W_dec.shape[1])
+        g_acts = g_w = g_aux_acts = None
         if ctx.needs_input_grad[0]:
             g_acts = _row_dots(grad, W_dec, idx).to(acts.dtype)
         if ctx.needs_input_grad[2]:
             g_w = segment_sum(latent_segments(idx, W_dec.shape[0]), grad, acts)[0]
-        return g_acts, None, g_w
+            if g_aux is not None and aux_ids.numel():  # into the same tensor: no second [m, d]
+                g_w.index_add_(0, aux_ids, aux_acts.t() @ g_aux)
+        if ctx.needs_input_grad[3] and g_aux is not None:
+            g_aux_acts = g_aux @ W_dec.index_select(0, aux_ids).t()
+        return g_acts, None, g_w, g_aux_acts, None
 
 
 def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
     """sum_s acts[n, s] * W_dec[idx[n, s]]: acts f32[N, k], idx i64[N, k], W_dec [m, d] ->
     [N, d] (no bias). Backward: grad acts = row dots, grad W_dec touches active rows only."""
-    if idx.shape[1] == 0:
-        return acts.new_zeros(acts.shape[0], W_dec.shape[1])
-    if not custom_path(W_dec):
-        return plain_decode(acts, idx, W_dec)
-    return _SparseDecode.apply(acts, idx, W_dec)
+    return sparse_decode_aux(acts, idx, W_dec)[0]
+
+
+def sparse_decode_aux(
+    acts: Tensor,
+    idx: Tensor,
+    W_dec: Tensor,  # noqa: N803
+    aux_acts: Tensor | None = None,
+    aux_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(`sparse_decode(acts, idx, W_dec)`, aux_acts @ W_dec[aux_ids]): AuxK's dense decode of
+    the dead latents' activations aux_acts f32[N, n_dead] (aux_ids i64[n_dead], distinct) in
+    the same autograd node, so both add into one W_dec gradient tensor. Without aux: [N, 0]."""
+    if aux_acts is None or aux_ids is None:
+        aux_ids = idx.new_zeros(0)
+        aux_acts = acts.new_zeros(acts.shape[0], 0)
+    if idx.shape[1] == 0 or not custom_path(W_dec):
+        main = (
+            plain_decode(acts, idx, W_dec)
+            if idx.shape[1]
+            else acts.new_zeros(acts.shape[0], W_dec.shape[1])
+        )
+        return main, aux_acts @ W_dec.index_select(0, aux_ids)
+    return _SparseDecode.apply(acts, idx, W_dec, aux_acts, aux_ids)
 
 
 def plain_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
@@ -310,7 +336,7 @@ class _TopKEncode(torch.autograd.Function):
 
 def _encode_tiled(v, W_enc, b_enc, k, dtype, dead, so):  # noqa: N803
     """Native forward of the encoder: the matmul in row tiles, each tile's top-k (and dead
-    columns) taken while it is in cache -> (vals f32 [N, k], idx [N, k], dead_pre [N, n_dead])."""
+    columns, in the same pass over each row) -> (vals f32 [N, k], idx [N, k], dead_pre [N, n_dead])."""
     n, m = v.shape[0], W_enc.shape[1]
     vc, wc, bc = v.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
     rows = max(1, min(n, TILE_BYTES // (m * wc.element_size())))
@@ -320,9 +346,7 @@ def _encode_tiled(v, W_enc, b_enc, k, dtype, dead, so):  # noqa: N803
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         tile = torch.addmm(bc, vc[r0:r1], wc, out=buf[: r1 - r0])  # [rows, m]
-        native.topk(tile, k, so, out=(vals[r0:r1], idx[r0:r1]))
-        if dead.numel():
-            dead_pre[r0:r1] = tile.index_select(1, dead)
+        native.topk(tile, k, so, (vals[r0:r1], idx[r0:r1]), dead, dead_pre[r0:r1])
     return vals, idx, dead_pre
 
 

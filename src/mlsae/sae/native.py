@@ -30,14 +30,14 @@ from mlsae.core.errors import MlsaeError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 ENV = "MLSAE_KERNELS"
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "mlsae_abi_version": ([], _int),
-    "mlsae_topk": ([_ptr, _int, _i64, _i64, _i64, _int, _ptr, _ptr, _int], None),
+    "mlsae_topk": ([_ptr, _int, _i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _i64, _ptr, _int], None),
     "mlsae_gather_sum": ([_ptr, _ptr, _i64, _int, _ptr, _i64, _ptr, _int], None),
     "mlsae_row_dots": ([_ptr, _ptr, _i64, _int, _ptr, _i64, _ptr, _int], None),
     "mlsae_segments": ([_ptr, _i64, _int, _i64, _ptr, _ptr], _int),
@@ -179,18 +179,37 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def topk(pre: Tensor, k: int, so: ctypes.CDLL, out: tuple[Tensor, Tensor] | None = None):
+def topk(
+    pre: Tensor,
+    k: int,
+    so: ctypes.CDLL,
+    out: tuple[Tensor, Tensor] | None = None,
+    cols: Tensor | None = None,
+    cols_out: Tensor | None = None,
+):
     """Row-wise top-k of pre [N, m] (fp32 or bf16, unit column stride) -> (vals f32 [N, k],
-    idx i64 [N, k]) in no particular order; `out` (contiguous) receives them in place."""
+    idx i64 [N, k]) in no particular order; `out` (contiguous) receives them in place. With
+    `cols` (i64 [c], each < m): also cols_out f32 [N, c] (contiguous) = pre[:, cols], gathered
+    in the same pass."""
     if pre.dtype not in (torch.float32, torch.bfloat16) or pre.stride(1) != 1:
         pre = pre.float().contiguous()
     n, m = pre.shape
     vals, idx = (
         out if out is not None else (torch.empty(n, k), torch.empty(n, k, dtype=torch.int64))
     )
-    if n and k:
+    nc, cp, gp = 0, None, None
+    if cols is not None and cols.numel():
+        assert cols_out is not None and cols_out.is_contiguous()
+        assert cols_out.shape == (n, cols.numel()) and cols_out.dtype == torch.float32
+        cols = cols.to(torch.int64).contiguous()
+        if int(cols.min()) < 0 or int(cols.max()) >= m:
+            raise IndexError(f"column ids must be in [0, {m})")
+        nc, cp, gp = cols.numel(), _p(cols), _p(cols_out)
+    if n and (k or nc):
         dt = 1 if pre.dtype == torch.bfloat16 else 0
-        so.mlsae_topk(_p(pre), dt, n, m, pre.stride(0), k, _p(vals), _p(idx), _threads())
+        so.mlsae_topk(
+            _p(pre), dt, n, m, pre.stride(0), k, _p(vals), _p(idx), cp, nc, gp, _threads()
+        )
     return vals, idx
 
 

@@ -289,13 +289,15 @@ void seg_axpy(i64 nseg, const i64* seg, const i64* rowoff, const float* w, const
 
 extern "C" {
 
-int mlsae_abi_version() { return 1; }
+int mlsae_abi_version() { return 2; }
 
 // Row-wise top-k of pre [rows, m] (row stride ld elements; dtype 0 = fp32, 1 = bf16) into
-// vals f32 [rows, k] and idx i64 [rows, k] (contiguous), in no particular order.
+// vals f32 [rows, k] and idx i64 [rows, k] (contiguous), in no particular order. With ncols > 0
+// also gout f32 [rows, ncols] = pre[:, cols] (AuxK's dead columns), gathered while the row is in
+// cache instead of a second strided pass over pre.
 void mlsae_topk(const void* pre, int dtype, i64 rows, i64 m, i64 ld, int k, float* vals,
-                i64* idx, int nthreads) {
-  if (k <= 0) return;
+                i64* idx, const i64* cols, i64 ncols, float* gout, int nthreads) {
+  if (k <= 0 && ncols <= 0) return;
   parallel_chunks(rows, 16, nthreads, [&](i64 b, i64 e) {
     TopkScratch sc;
     std::vector<float> conv(dtype == 1 ? m : 0);
@@ -306,7 +308,9 @@ void mlsae_topk(const void* pre, int dtype, i64 rows, i64 m, i64 ld, int k, floa
         for (i64 j = 0; j < m; ++j) conv[j] = bf16_to_f(h[j]);
         row = conv.data();
       }
-      topk_row(row, m, k, vals + r * k, idx + r * k, sc);
+      if (k > 0) topk_row(row, m, k, vals + r * k, idx + r * k, sc);
+      float* __restrict go = gout + r * ncols;
+      for (i64 c = 0; c < ncols; ++c) go[c] = row[cols[c]];
     }
   });
 }
