@@ -64,6 +64,15 @@ done
 run per_layer "$M" train --cache "$OUT/cache_train" --per-layer --expansion-factor 8 "${common[@]}" \
   --epochs "$EPOCHS_SINGLE" --out "$OUT/per_layer"
 run evolution "$M" evolution "$OUT/per_layer" --cache "$OUT/cache_test" --out "$OUT/evolution"
+# Like for like: each per-layer SAE of a baseline's block and that baseline, on all test positions.
+mkdir -p "$OUT/lfl"
+for L in $SINGLES; do
+  LL=$(printf "%02d" "$L")
+  run "fvu_per_layer_$L" "$M" evaluate "$OUT/per_layer/layer_$LL" --cache "$OUT/cache_test" --no-ce \
+    --out "$OUT/lfl/per_layer_layer_$LL.json"
+  run "fvu_single_$L" "$M" evaluate "$OUT/single_$L" --cache "$OUT/cache_test" --no-ce \
+    --out "$OUT/lfl/single_$L.json"
+done
 # The tuned lens (SPEC 5, the default KL training) and an MLSAE in lens space (60k tokens).
 run lens_train "$M" lens train "${MA[@]}" --tokens 16384 --out "$OUT/lens"
 run lens_eval "$M" lens evaluate "$OUT/lens" "${MA[@]}" --tokens 2048 --out "$OUT/lens/eval.json"

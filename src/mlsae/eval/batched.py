@@ -25,8 +25,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_TOKENS = 16384
-"""splice_layers: most tokens in one batched block call (bounds the activations' memory)."""
+BATCH_TOKENS = 2048
+"""splice_layers: most tokens in one batched block call. Grouping layers pays while a batch is
+small (per-call overhead); beyond ~2k tokens a block call is compute-bound and larger groups
+only push activations out of cache (SmolLM2, 1,024-token batch, 30 layers, 2-core AVX2 EPYC:
+all layers' continuations 47.2 / 46.8 / 49.4 / 51.2 s with 1k / 2k / 4k / 16k tokens per call)."""
 _BATCHABLE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
