@@ -92,6 +92,31 @@ def test_sparse_decode_forward_backward_vs_dense(backend):
     assert inactive.any() and W.grad[inactive].abs().max() == 0
 
 
+def test_sparse_decode_aux_shares_one_weight_gradient(backend):
+    """The main sparse decode and AuxK's dense decode in one node: both outputs and every
+    gradient equal a dense autograd reference; without aux ids the second output is [N, 0]."""
+    from mlsae.sae.kernels import sparse_decode_aux
+
+    n, m, k, d = 40, 50, 4, 7
+    idx = _unique_idx(n, m, k, 2)
+    ids = torch.tensor([3, 17, 44, 8])
+    acts = torch.rand(n, k, requires_grad=True)
+    aux = torch.randn(n, ids.numel()).relu().requires_grad_()
+    W = torch.randn(m, d, requires_grad=True)  # noqa: N806
+    g1, g2 = torch.randn(n, d), torch.randn(n, d)
+    out, e_hat = sparse_decode_aux(acts, idx, W, aux, ids)
+    (out * g1 + e_hat * g2).sum().backward()
+    P = [t.detach().clone().requires_grad_() for t in (acts, aux, W)]  # noqa: N806
+    ref = torch.zeros(n, m).scatter(1, idx, P[0]) @ P[2]
+    ref_e = P[1] @ P[2][ids]
+    (ref * g1 + ref_e * g2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e_hat, ref_e, rtol=1e-5, atol=1e-5)
+    for got, want in zip((acts, aux, W), P, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+    assert sparse_decode_aux(acts, idx, W)[1].shape == (n, 0)
+
+
 @pytest.mark.parametrize(("with_dead", "k"), [(False, 6), (True, 6), (False, 1), (True, 96)])
 def test_topk_encode_vs_dense_autograd(with_dead, k, backend):
     torch.manual_seed(3)

@@ -219,7 +219,7 @@ class _SparseDecode(torch.autograd.Function):
             out = native.gather_sum(acts, idx, W_dec, so).to(W_dec.dtype)
         else:
             out = F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
-        return out, aux_acts @ W_dec.index_select(0, aux_ids)
+        return out, _aux_decode(aux_acts, aux_ids, W_dec)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -263,8 +263,15 @@ def sparse_decode_aux(
             if idx.shape[1]
             else acts.new_zeros(acts.shape[0], W_dec.shape[1])
         )
-        return main, aux_acts @ W_dec.index_select(0, aux_ids)
+        return main, _aux_decode(aux_acts, aux_ids, W_dec)
     return _SparseDecode.apply(acts, idx, W_dec, aux_acts, aux_ids)
+
+
+def _aux_decode(aux_acts: Tensor, aux_ids: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
+    """aux_acts @ W_dec[aux_ids]: [N, d], or [N, 0] without aux ids (nothing computed)."""
+    if aux_ids.numel() == 0:
+        return aux_acts.new_zeros(aux_acts.shape[0], 0)
+    return aux_acts @ W_dec.index_select(0, aux_ids)
 
 
 def plain_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N803
