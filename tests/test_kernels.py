@@ -210,3 +210,19 @@ def test_bf16_compute_dtype_matches_bf16_reference():
     pre = torch.addmm(b.bfloat16(), u.bfloat16(), W.bfloat16()).float()
     ref = pre.topk(4).values.relu()
     torch.testing.assert_close(enc.acts.sort(1, descending=True).values, ref)
+
+
+def test_kept_tile_buffer_across_modes_and_shapes(backend):
+    """The encoder's tile buffer is kept between calls: encodes in inference mode, then with
+    gradients, then of another width, each equal to the plain-torch encoder's."""
+    torch.manual_seed(6)
+    u, b_dec = torch.randn(40, 12), torch.randn(12)
+    for mode, m in ((torch.inference_mode, 48), (torch.enable_grad, 48), (torch.no_grad, 80)):
+        W, b_enc = torch.randn(12, m), torch.randn(m)  # noqa: N806
+        with mode():
+            enc = topk_encode(u, b_dec, W, b_enc, 5)
+            ref = kernels.plain_encode(u, b_dec, W, b_enc, 5)
+        got = enc.acts.gather(1, enc.idx.argsort(1))
+        want = ref.acts.gather(1, ref.idx.argsort(1))
+        assert torch.equal(enc.idx.sort(1).values, ref.idx.sort(1).values)
+        torch.testing.assert_close(got, want)

@@ -163,3 +163,32 @@ def test_forced_torch_switches_every_kernel():
         assert torch.equal(v.sort(1).values, pre.topk(8).values.sort(1).values)
     if shutil.which("g++") and native.library() is not None:
         assert native.backend() == "native"
+
+
+@pytest.mark.parametrize("openmp", [True, False])
+def test_thread_pools_equal_the_references(tmp_path, monkeypatch, openmp):
+    """Built with OpenMP (torch's runtime) and without (std::threads), on 2 and 3 threads:
+    many chunks per call, the same results as the references."""
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler")
+    if not openmp:
+        monkeypatch.setattr(native, "OPENMP", [])
+    so = native.load(native.build(tmp_path))
+    if openmp and not so.mlsae_openmp():
+        pytest.skip("this compiler builds without OpenMP: the std::thread case covers it")
+    assert so.mlsae_openmp() == int(openmp)
+    g = torch.Generator().manual_seed(9)
+    n, m, k, d = 300, 640, 12, 40
+    pre = torch.randn(n, m, generator=g)
+    w, table = torch.randn(n, k, generator=g), torch.randn(n, d, generator=g)
+    for threads in (2, 3):
+        monkeypatch.setattr(native, "_threads", lambda t=threads: t)
+        vals, idx = native.topk(pre, k, so)
+        _check_topk(pre, k, vals, idx)
+        dense = torch.zeros(n, m).scatter_(1, idx, w)
+        offsets, order = native.segments(idx, m, so)
+        out_t, _ = native.segment_sum(offsets, order, k, w, table, so, transposed=True)
+        torch.testing.assert_close(out_t, table.t() @ dense, rtol=1e-5, atol=1e-5)
+        table_m = torch.randn(m, d, generator=g)
+        torch.testing.assert_close(native.gather_sum(w, idx, table_m, so), dense @ table_m,
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip

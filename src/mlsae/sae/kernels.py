@@ -341,13 +341,25 @@ class _TopKEncode(torch.autograd.Function):
         return g_u, g_bdec, g_w, g_benc, None, None, None
 
 
+_TILE: list[Tensor] = []  # the last tile buffer, kept between training steps
+
+
+def _tile_buffer(rows: int, m: int, dtype: torch.dtype) -> Tensor:
+    """An uninitialised [rows, m] buffer, the same one from call to call while the shape holds:
+    a fresh ~75 MB allocation per step was page-faulted in again (up to 15 ms a step here)."""
+    if not _TILE or _TILE[0].shape != (rows, m) or _TILE[0].dtype != dtype:
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of that mode
+            _TILE[:] = [torch.empty(rows, m, dtype=dtype)]
+    return _TILE[0]
+
+
 def _encode_tiled(v, W_enc, b_enc, k, dtype, dead, so):  # noqa: N803
     """Native forward of the encoder: the matmul in row tiles, each tile's top-k (and dead
     columns, in the same pass over each row) -> (vals f32 [N, k], idx [N, k], dead_pre [N, n_dead])."""
     n, m = v.shape[0], W_enc.shape[1]
     vc, wc, bc = v.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
     rows = max(1, min(n, TILE_BYTES // (m * wc.element_size())))
-    buf = torch.empty(rows, m, dtype=dtype)
+    buf = _tile_buffer(rows, m, dtype)
     vals, idx = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
     dead_pre = torch.empty(n, dead.numel())
     for r0 in range(0, n, rows):

@@ -30,13 +30,17 @@ from mlsae.core.errors import MlsaeError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+OPENMP = ["-fopenmp"]
+"""Tried first: the kernels then share the OpenMP runtime torch has loaded (see kernels.cpp);
+without it (a compiler without OpenMP) they start std::threads."""
 ENV = "MLSAE_KERNELS"
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "mlsae_abi_version": ([], _int),
+    "mlsae_openmp": ([], _int),
     "mlsae_topk": ([_ptr, _int, _i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _i64, _ptr, _int], None),
     "mlsae_gather_sum": ([_ptr, _ptr, _i64, _int, _ptr, _i64, _ptr, _int], None),
     "mlsae_row_dots": ([_ptr, _ptr, _i64, _int, _ptr, _i64, _ptr, _int], None),
@@ -73,7 +77,9 @@ def build(cache_dir: Path | None = None) -> Path:
         raise MlsaeError(f"cannot run the C++ compiler {cxx}: {e}") from None
     src = SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([src, version.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()])
+        b"\0".join(
+            [src, version.encode(), _cpu_flags().encode(), " ".join(FLAGS + OPENMP).encode()]
+        )
     ).hexdigest()[:16]
     if cache_dir is None:
         from mlsae.data.model import cache_root
@@ -86,9 +92,12 @@ def build(cache_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        res = subprocess.run(
-            [cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600
-        )
+        for flags in ([*FLAGS, *OPENMP], FLAGS):
+            res = subprocess.run(
+                [cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600
+            )
+            if res.returncode == 0:
+                break
         if res.returncode != 0:
             msg = (res.stderr or res.stdout).strip().splitlines()
             raise MlsaeError(f"building the native kernels failed: {' | '.join(msg[:3])}")
@@ -127,8 +136,10 @@ def library() -> ctypes.CDLL | None:
             raise MlsaeError(f"native SAE kernels unavailable: {e}") from None
         log.warning(f"SAE kernels: torch (native kernels unavailable: {e})")
         return None
+    pool = "OpenMP" if so.mlsae_openmp() else "std::thread"
     log.info(
-        f"SAE kernels: native ({_compiler()} -march=native; {torch.get_num_threads()} threads)"
+        f"SAE kernels: native ({_compiler()} -march=native; {torch.get_num_threads()} threads, "
+        f"{pool})"
     )
     return so
 

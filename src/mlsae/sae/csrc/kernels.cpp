@@ -4,8 +4,10 @@
 //
 // Shapes: n rows (samples), k slots per row, d features, m latents. Index matrices are int64
 // [n, k]; an "entry" e = r * k + s is slot s of row r. All float data is fp32 except the
-// top-k input, which may be bf16 (dtype code 1). Threads: plain std::threads per call with
-// dynamic chunking (the calls take milliseconds; thread start-up is tens of microseconds).
+// top-k input, which may be bf16 (dtype code 1). Threads: built with -fopenmp, the OpenMP
+// runtime already loaded by torch (same soname, so the same pool: its workers, still spinning
+// after torch's last op, take the work at once instead of competing with new threads for the
+// cores); without OpenMP, plain std::threads per call. Work is split in dynamic chunks.
 
 #include <algorithm>
 #include <atomic>
@@ -16,35 +18,57 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef int64_t i64;
 
 namespace {
 
-// body(begin, end) over [0, n) in chunks, on up to nthreads threads (the caller is one).
+// body(t) for every t in [0, nt), on up to nt threads (the caller is one of them).
+template <class F>
+void run_threads(int nt, F&& body) {
+  if (nt <= 1) {
+    body(0);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    const int got = omp_get_num_threads();  // the runtime may grant fewer than asked
+    for (int t = omp_get_thread_num(); t < nt; t += got) body(t);
+  }
+#else
+  std::vector<std::thread> ts;
+  int t = 1;
+  for (; t < nt; ++t) {
+    try {
+      ts.emplace_back(body, t);
+    } catch (...) {
+      break;  // no more threads: the rest run here
+    }
+  }
+  for (int u = t; u < nt; ++u) body(u);
+  body(0);
+  for (auto& th : ts) th.join();
+#endif
+}
+
+// body(begin, end) over [0, n) in chunks, on up to nthreads threads.
 template <class F>
 void parallel_chunks(i64 n, i64 chunk, int nthreads, F&& body) {
   if (n <= 0) return;
   chunk = std::max<i64>(chunk, 1);
   std::atomic<i64> next(0);
-  auto worker = [&]() {
+  auto worker = [&](int) {
     for (;;) {
       i64 b = next.fetch_add(chunk);
       if (b >= n) break;
       body(b, std::min(n, b + chunk));
     }
   };
-  int nt = (int)std::min<i64>(std::max(nthreads, 1), (n + chunk - 1) / chunk);
-  std::vector<std::thread> ts;
-  for (int t = 1; t < nt; ++t) {
-    try {
-      ts.emplace_back(worker);
-    } catch (...) {
-      break;  // fewer threads: the chunks still all get done
-    }
-  }
-  worker();
-  for (auto& th : ts) th.join();
+  run_threads((int)std::min<i64>(std::max(nthreads, 1), (n + chunk - 1) / chunk), worker);
 }
 
 // Total order of torch.topk: NaN is larger than every number.
@@ -272,24 +296,23 @@ void seg_axpy(i64 nseg, const i64* seg, const i64* rowoff, const float* w, const
       }
     }
   };
-  std::vector<std::thread> ts;
-  for (int t = 1; t < nt; ++t) {
-    try {
-      ts.emplace_back(work, t);
-    } catch (...) {
-      for (int u = t; u < nt; ++u) work(u);  // no more threads: do the rest here
-      break;
-    }
-  }
-  work(0);
-  for (auto& th : ts) th.join();
+  run_threads(nt, work);
 }
 
 }  // namespace
 
 extern "C" {
 
-int mlsae_abi_version() { return 2; }
+int mlsae_abi_version() { return 3; }
+
+// 1 if the kernels run on the OpenMP runtime (built with -fopenmp), 0 with std::threads.
+int mlsae_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Row-wise top-k of pre [rows, m] (row stride ld elements; dtype 0 = fp32, 1 = bf16) into
 // vals f32 [rows, k] and idx i64 [rows, k] (contiguous), in no particular order. With ncols > 0
