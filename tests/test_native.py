@@ -96,7 +96,7 @@ def test_segments_equal_stable_sort(so):
 
 
 @pytest.mark.parametrize("d", [7, 32, 77])  # below, at and not a multiple of the column block
-def test_segment_sum_gather_sum_row_dots_vs_dense(so, d):
+def test_segment_sum_row_dots_vs_dense(so, d):
     g = torch.Generator().manual_seed(d)
     n, m, k = 45, 300, 6
     idx = torch.rand(n, m, generator=g).argsort(1)[:, :k]  # distinct per row
@@ -114,20 +114,18 @@ def test_segment_sum_gather_sum_row_dots_vs_dense(so, d):
     inactive = torch.ones(m, dtype=torch.bool)
     inactive[idx.unique()] = False
     assert inactive.any() and out[inactive].abs().max() == 0
-    torch.testing.assert_close(native.gather_sum(w, idx, table_m, so), dense @ table_m,
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
     go = torch.randn(n, d, generator=g)
     torch.testing.assert_close(native.row_dots(go, idx, table_m, so), (go @ table_m.t()).gather(1, idx),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-def test_gather_sum_non_contiguous_inputs(so):
+def test_row_dots_non_contiguous_inputs(so):
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(10, 8, generator=g)[:, ::2]  # [10, 4] strided
+    grad = torch.randn(10, 18, generator=g)[:, ::2]  # [10, 9] strided
     idx = torch.randint(0, 30, (4, 10), generator=g).t()  # [10, 4] transposed view
     table = torch.randn(9, 30, generator=g).t()  # [30, 9] transposed view
-    ref = (w.unsqueeze(2) * table[idx]).sum(1)
-    torch.testing.assert_close(native.gather_sum(w, idx, table, so), ref, rtol=1e-5, atol=1e-5)
+    ref = (grad.unsqueeze(1) * table[idx]).sum(2)
+    torch.testing.assert_close(native.row_dots(grad, idx, table, so), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_build_is_cached_and_backend_choice(tmp_path, monkeypatch):
@@ -167,12 +165,13 @@ def test_forced_torch_switches_every_kernel():
 
 @pytest.mark.parametrize("openmp", [True, False])
 def test_thread_pools_equal_the_references(tmp_path, monkeypatch, openmp):
-    """Built with OpenMP (torch's runtime) and without (std::threads), on 2 and 3 threads:
-    many chunks per call, the same results as the references."""
+    """Built with OpenMP (torch's libgomp) and without (std::threads: what a process whose torch
+    runs on another OpenMP runtime gets), on 2 and 3 threads: many chunks per call, the same
+    results as the references."""
     if native._compiler() is None:
         pytest.skip("no C++ compiler")
     if not openmp:
-        monkeypatch.setattr(native, "OPENMP", [])
+        monkeypatch.setattr(native, "torch_libgomp", lambda: False)
     so = native.load(native.build(tmp_path))
     if openmp and not so.mlsae_openmp():
         pytest.skip("this compiler builds without OpenMP: the std::thread case covers it")
@@ -189,6 +188,22 @@ def test_thread_pools_equal_the_references(tmp_path, monkeypatch, openmp):
         offsets, order = native.segments(idx, m, so)
         out_t, _ = native.segment_sum(offsets, order, k, w, table, so, transposed=True)
         torch.testing.assert_close(out_t, table.t() @ dense, rtol=1e-5, atol=1e-5)
-        table_m = torch.randn(m, d, generator=g)
-        torch.testing.assert_close(native.gather_sum(w, idx, table_m, so), dense @ table_m,
+        table_m, go = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g)
+        torch.testing.assert_close(native.row_dots(go, idx, table_m, so), (go @ table_m.t()).gather(1, idx),
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_build_falls_back_without_openmp_and_reports_failures(tmp_path, monkeypatch):
+    """A compiler that rejects the OpenMP flag still builds (std::threads); a source that does
+    not compile is one clear error, and no temp file is left."""
+    if native._compiler() is None or not native.torch_libgomp():
+        pytest.skip("needs g++ and torch on libgomp")
+    monkeypatch.setattr(native, "OPENMP", ["-fno-such-openmp-flag"])
+    so = native.load(native.build(tmp_path / "a"))
+    assert so.mlsae_openmp() == 0
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    with pytest.raises(MlsaeError, match="building the native kernels failed"):
+        native.build(tmp_path / "b")
+    assert not list((tmp_path / "b").glob("*"))

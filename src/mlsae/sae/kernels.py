@@ -19,9 +19,10 @@ one top-k pass over `pre`; everything after the top-k is sparse:
 
 Two backends with the same math (`mlsae.sae.native`, chosen by MLSAE_KERNELS and logged once):
 native C++ (compiled at first use: a group-max top-k that reads each pre-activation once,
-a counting sort, column-blocked segment sums written straight into the weights' layouts, a
-gather-sum decoder and row dots) and pure torch (the fallback, and the reference the tests
-compare the native kernels with). The native encoder runs the matmul in row tiles of at most
+a counting sort, column-blocked segment sums written straight into W_enc's [d, m] layout, and
+row dots) and pure torch (the fallback, and the reference the tests compare the native kernels
+with). Where torch's own kernel is faster (embedding_bag: the decoder and W_dec's gradient),
+both backends use it. The native encoder runs the matmul in row tiles of at most
 TILE_BYTES and takes each tile's top-k right after it.
 """
 
@@ -171,9 +172,14 @@ def segment_sum(
     """out[j] = sum over entries e of latent j of weights[e] * table[sample(e)]: [m, d], or
     its transpose [d, m] (contiguous) if `transposed`; and the per-latent sums of the weights
     [m]. table [N, d]; weights [N, k] (same layout as the index matrix). This is the transpose
-    product sparse(weights)^T @ table over the active entries only."""
+    product sparse(weights)^T @ table over the active entries only.
+
+    [m, d] is torch's embedding_bag over the latents' entries on every backend; [d, m] is the
+    native kernel's where it is built (it writes that layout directly, where embedding_bag would
+    need a transposing copy). Measured in the training step on a 2-core AVX2 EPYC (N 4,096,
+    d 576, m 4,608, k 32): native [m, d] and gather-sum decoder 27.6 ms vs embedding_bag 15 ms."""
     so = native.active()
-    if so is not None:
+    if so is not None and transposed:
         return native.segment_sum(seg.offsets, seg.order, seg.k, weights, table, so, transposed)
     w = weights.reshape(-1).index_select(0, seg.order).to(table.dtype)
     rows = torch.div(seg.order, seg.k, rounding_mode="floor")
@@ -214,11 +220,8 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts, idx, W_dec, aux_acts, aux_ids):  # noqa: N803
         ctx.save_for_backward(acts, idx, W_dec, aux_acts, aux_ids)
-        so = native.active()
-        if so is not None:
-            out = native.gather_sum(acts, idx, W_dec, so).to(W_dec.dtype)
-        else:
-            out = F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
+        # torch's embedding_bag on every backend: faster than a native gather-sum (see segment_sum)
+        out = F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
         return out, _aux_decode(aux_acts, aux_ids, W_dec)
 
     @staticmethod

@@ -30,11 +30,12 @@ from mlsae.core.errors import MlsaeError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 OPENMP = ["-fopenmp"]
-"""Tried first: the kernels then share the OpenMP runtime torch has loaded (see kernels.cpp);
-without it (a compiler without OpenMP) they start std::threads."""
+"""Tried first where torch runs on GNU OpenMP (`torch_libgomp`): the kernels then join the pool
+of the libgomp torch has loaded (see kernels.cpp). Elsewhere (another OpenMP runtime, macOS, a
+compiler without OpenMP) they start std::threads rather than load a second runtime."""
 ENV = "MLSAE_KERNELS"
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -42,7 +43,6 @@ _SIGNATURES = {
     "mlsae_abi_version": ([], _int),
     "mlsae_openmp": ([], _int),
     "mlsae_topk": ([_ptr, _int, _i64, _i64, _i64, _int, _ptr, _ptr, _ptr, _i64, _ptr, _int], None),
-    "mlsae_gather_sum": ([_ptr, _ptr, _i64, _int, _ptr, _i64, _ptr, _int], None),
     "mlsae_row_dots": ([_ptr, _ptr, _i64, _int, _ptr, _i64, _ptr, _int], None),
     "mlsae_segments": ([_ptr, _i64, _int, _i64, _ptr, _ptr], _int),
     "mlsae_segment_sum": (
@@ -64,6 +64,14 @@ def _cpu_flags() -> str:
         return ""
 
 
+def torch_libgomp() -> bool:
+    """Whether GNU OpenMP (libgomp) is loaded in this process, as torch's Linux wheels load it."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 def build(cache_dir: Path | None = None) -> Path:
     """Compile the kernels (if not cached) and return the shared library's path."""
     cxx = _compiler()
@@ -76,10 +84,9 @@ def build(cache_dir: Path | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise MlsaeError(f"cannot run the C++ compiler {cxx}: {e}") from None
     src = SOURCE.read_bytes()
+    tries = [[*FLAGS, *OPENMP], FLAGS] if torch_libgomp() else [FLAGS]
     key = hashlib.sha256(
-        b"\0".join(
-            [src, version.encode(), _cpu_flags().encode(), " ".join(FLAGS + OPENMP).encode()]
-        )
+        b"\0".join([src, version.encode(), _cpu_flags().encode(), repr(tries).encode()])
     ).hexdigest()[:16]
     if cache_dir is None:
         from mlsae.data.model import cache_root
@@ -92,14 +99,16 @@ def build(cache_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        for flags in ([*FLAGS, *OPENMP], FLAGS):
+        failures = []  # the last one is reported
+        for flags in tries:
             res = subprocess.run(
                 [cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600
             )
             if res.returncode == 0:
                 break
-        if res.returncode != 0:
-            msg = (res.stderr or res.stdout).strip().splitlines()
+            failures.append(res.stderr or res.stdout)
+        else:
+            msg = failures[-1].strip().splitlines()
             raise MlsaeError(f"building the native kernels failed: {' | '.join(msg[:3])}")
         os.replace(tmp, lib)
     finally:
@@ -169,14 +178,14 @@ def backend() -> str:
 
 
 def _self_test(so: ctypes.CDLL) -> None:
-    """A tiny top-k and gather-sum against torch, so a miscompiled library is never used."""
+    """A tiny top-k and row-dots against torch, so a miscompiled library is never used."""
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(4, 40, generator=g)
     v, i = topk(pre, 5, so)
     assert torch.equal(v.sort(1).values, pre.topk(5).values.sort(1).values), "top-k self-test"
-    w, table = torch.rand(4, 5, generator=g), torch.randn(40, 3, generator=g)
-    ref = (w.unsqueeze(2) * table[i]).sum(1)
-    assert torch.allclose(gather_sum(w, i, table, so), ref, atol=1e-5), "gather-sum self-test"
+    grad, table = torch.randn(4, 3, generator=g), torch.randn(40, 3, generator=g)
+    ref = (grad.unsqueeze(1) * table[i]).sum(2)
+    assert torch.allclose(row_dots(grad, i, table, so), ref, atol=1e-5), "row-dots self-test"
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -226,15 +235,6 @@ def topk(
 
 def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
-
-
-def gather_sum(w: Tensor, idx: Tensor, table: Tensor, so: ctypes.CDLL) -> Tensor:
-    """out[n] = sum_s w[n, s] * table[idx[n, s]]: [N, d] float32."""
-    w, idx, table = _f32(w), idx.to(torch.int64).contiguous(), _f32(table)
-    n, k = idx.shape
-    out = torch.empty(n, table.shape[1])
-    so.mlsae_gather_sum(_p(w), _p(idx), n, k, _p(table), table.shape[1], _p(out), _threads())
-    return out
 
 
 def row_dots(g: Tensor, idx: Tensor, table: Tensor, so: ctypes.CDLL) -> Tensor:

@@ -303,7 +303,7 @@ void seg_axpy(i64 nseg, const i64* seg, const i64* rowoff, const float* w, const
 
 extern "C" {
 
-int mlsae_abi_version() { return 3; }
+int mlsae_abi_version() { return 4; }
 
 // 1 if the kernels run on the OpenMP runtime (built with -fopenmp), 0 with std::threads.
 int mlsae_openmp() {
@@ -336,15 +336,6 @@ void mlsae_topk(const void* pre, int dtype, i64 rows, i64 m, i64 ld, int k, floa
       for (i64 c = 0; c < ncols; ++c) go[c] = row[cols[c]];
     }
   });
-}
-
-// out[r, :] = sum_s w[r, s] * table[idx[r, s], :]: w f32 [n, k], table f32 [m, d], out [n, d].
-void mlsae_gather_sum(const float* w, const i64* idx, i64 n, int k, const float* table, i64 d,
-                      float* out, int nthreads) {
-  std::vector<i64> seg(n + 1), rowoff(n * (i64)k);
-  for (i64 r = 0; r <= n; ++r) seg[r] = r * k;
-  for (i64 e = 0; e < n * (i64)k; ++e) rowoff[e] = idx[e] * d;
-  seg_axpy(n, seg.data(), rowoff.data(), w, table, d, out, false, nthreads);
 }
 
 // out[r, s] = g[r, :] . table[idx[r, s], :]: g f32 [n, d], table f32 [m, d], out f32 [n, k].
