@@ -99,3 +99,27 @@ def test_splice_sums_and_missing_values():
     assert per["fvu"] == [None, None]
     assert mean_or_none(per["delta_ce"]) == pytest.approx(0.2)
     assert mean_or_none([None, float("nan")]) is None
+
+
+@pytest.mark.parametrize("x_needs_grad", [False, True])
+def test_batch_fvu_gradients_equal_the_plain_formula(x_needs_grad):
+    """The training loss's fused ops: the same value and gradients (to x_hat, and to x when it
+    needs them) as autograd through the squares summed."""
+    x0, xh0, _, _ = _data(seed=3)
+    grads = []
+    for fused in (True, False):
+        x = torch.tensor(x0).requires_grad_(x_needs_grad)
+        x_hat = torch.tensor(xh0, requires_grad=True)
+        if fused:
+            loss = fvu(x, x_hat)
+        else:
+            loss = ((x - x_hat) ** 2).sum() / ((x - x.mean(0, keepdim=True)) ** 2).sum()
+        loss.backward()
+        grads.append((loss.detach(), x_hat.grad, x.grad))
+    (l1, gh1, gx1), (l2, gh2, gx2) = grads
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gh1, gh2, rtol=1e-10, atol=1e-14)
+    if x_needs_grad:
+        torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-14)
+    else:
+        assert gx1 is None and gx2 is None

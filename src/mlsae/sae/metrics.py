@@ -28,17 +28,18 @@ def fvu(x: Tensor, x_hat: Tensor, reduce: Callable[[Tensor], Tensor] | None = No
     gradients, sum to the FVU of the global batch and its gradient: the same math as one
     process on the whole batch, not a mean of per-process FVUs.
     """
-    # one fused op and a one-pass backward (the same value and gradient as (x - x_hat)^2 summed)
+    # fused ops (the same values and gradients as the squares summed, without temporaries)
     err = F.mse_loss(x_hat, x, reduction="sum")
     if reduce is None:
-        total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+        total = F.mse_loss(x, x.mean(dim=0, keepdim=True).expand_as(x), reduction="sum")
     else:
         with torch.no_grad():
             xd = x.detach()
             s = torch.cat([xd.sum(0), xd.new_full((1,), xd.shape[0])]).to("cpu", torch.float64)
             reduce(s)  # [sum x (d), N] of the global batch
             mean = (s[:-1] / s[-1].clamp_min(1)).to(xd.device, xd.dtype)
-            total = (xd - mean).pow(2).sum().to("cpu", torch.float64).reshape(1)
+            total = F.mse_loss(xd, mean.expand_as(xd), reduction="sum")
+            total = total.to("cpu", torch.float64).reshape(1)
             reduce(total)
             total = total[0].to(err.device, err.dtype)
     return err / total.clamp_min(torch.finfo(total.dtype).tiny)
