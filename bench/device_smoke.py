@@ -5,7 +5,7 @@ and how fast is it?
 2. Equality: one SAE trained for --steps steps on the same batches on the device and on the CPU
    (both float32 compute, TF32 off): per-step losses and final weights must agree within
    tolerance (summation order differs between devices, so not bit for bit). The device run
-   takes the plain-torch path (`mlsae.sae.kernels.plain_encode/plain_decode`), the CPU run the
+   takes the plain-torch path (`mlsae.sae.encoder.plain_encode`, `mlsae.sae.kernels.plain_decode`), the CPU run the
    custom CPU kernels: this also checks the two paths against each other.
 3. The model on the device: block outputs of a few contexts of --model on the device vs the CPU.
 4. Throughput: training steps on the device (compute dtype auto: bf16 + TF32 on Ampere and

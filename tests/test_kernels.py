@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mlsae.sae import kernels, native
-from mlsae.sae.kernels import latent_segments, segment_sum, sparse_decode, topk, topk_encode
+from mlsae.sae.encoder import plain_encode, topk_encode
+from mlsae.sae.kernels import latent_segments, segment_sum, sparse_decode, topk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,8 +222,36 @@ def test_kept_tile_buffer_across_modes_and_shapes(backend):
         W, b_enc = torch.randn(12, m), torch.randn(m)  # noqa: N806
         with mode():
             enc = topk_encode(u, b_dec, W, b_enc, 5)
-            ref = kernels.plain_encode(u, b_dec, W, b_enc, 5)
+            ref = plain_encode(u, b_dec, W, b_enc, 5)
         got = enc.acts.gather(1, enc.idx.argsort(1))
         want = ref.acts.gather(1, ref.idx.argsort(1))
         assert torch.equal(enc.idx.sort(1).values, ref.idx.sort(1).values)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("k_aux", [3, 40])
+def test_sparse_auxk_equals_dense_auxk(backend, monkeypatch, k_aux):
+    """Many dead latents: AuxK as sparse entries gives the dense path's loss and gradients
+    (dead latents that are also in the main top-k included; k_aux >= #dead takes them all)."""
+    from mlsae.core.config import SaeConfig
+    from mlsae.sae import autoencoder
+    from mlsae.sae.autoencoder import SparseAutoencoder
+
+    torch.manual_seed(7)
+    x = torch.randn(200, 16) * 2 + 1
+    dead = torch.arange(0, 64, 2)[:30]  # 30 of 64 latents, half of every row's candidates
+    res = []
+    for ratio in (0, 10**9):  # sparse, then dense
+        monkeypatch.setattr(autoencoder, "AUX_SPARSE_RATIO", ratio)
+        sae = SparseAutoencoder(SaeConfig(d_in=16, expansion_factor=4, k=4), seed=0)
+        kernels._SEG_MEMO[:] = [None, None]
+        out = sae.train_step_forward(x, dead, k_aux, 1 / 32)
+        out.loss.backward()
+        assert float(out.auxk.detach()) > 0
+        res.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (o1, g1), (o2, g2) = res
+    assert bool(torch.isin(o1.top_indices, dead).any())  # some dead latents also fired
+    for a, b in ((o1.loss, o2.loss), (o1.fvu, o2.fvu), (o1.auxk, o2.auxk)):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-7)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6)

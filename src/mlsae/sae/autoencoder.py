@@ -26,7 +26,8 @@ from mlsae.core.compute import resolve_compute_dtype
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, write_json, write_safetensors
-from mlsae.sae.kernels import sparse_decode, sparse_decode_aux, topk_encode
+from mlsae.sae.encoder import AUX_SPARSE_RATIO, topk_encode
+from mlsae.sae.kernels import sparse_decode, sparse_decode_aux
 from mlsae.sae.metrics import fvu
 
 STD_EPS = 1e-5
@@ -194,29 +195,38 @@ class SparseAutoencoder(nn.Module):
 
         dead: i64 ids of dead latents (or None). AuxK = FVU(e, e_hat) with e = u - u_hat
         (detached: it is the target) and e_hat = the ReLU'd top min(k_aux, #dead) dead
-        pre-activations decoded without b_dec. reduce: data-parallel training (see
-        `mlsae.sae.metrics.fvu`): x is this process's share of the batch, and the returned
-        losses are its shares of the global batch's (they sum over processes to it).
+        pre-activations decoded without b_dec (a dense product over the dead columns, or sparse
+        entries beyond AUX_SPARSE_RATIO dead latents per k_aux: the same math). reduce:
+        data-parallel training (see `mlsae.sae.metrics.fvu`): x is this process's share of the
+        batch, and the returned losses are its shares of the global batch's (they sum over
+        processes to it).
         """
         u, _, _ = self.normalize(x)
         use_aux = dead is not None and dead.numel() > 0 and k_aux > 0 and aux_coef != 0
         dead = dead if use_aux else None
+        # many dead latents: AuxK's k_aux per row as sparse entries (cost independent of n_dead)
+        sparse_aux = dead is not None and dead.numel() > AUX_SPARSE_RATIO * k_aux
         enc = topk_encode(
-            u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead
-        )
-        a = None
-        if dead is not None:
-            dpre = enc.dead_pre  # [N, n_dead]
-            if k_aux < dpre.shape[1]:
-                v, i = dpre.topk(k_aux, dim=1, sorted=False)
-                a = torch.zeros_like(dpre).scatter(1, i, v.relu())
-            else:
-                a = dpre.relu()
-        # one node decodes both (one W_dec gradient); e_hat [N, d] has no b_dec
-        dec, e_hat = sparse_decode_aux(enc.acts, enc.idx, self.W_dec, a, dead)
+            u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead,
+            k_aux if sparse_aux else 0,
+        )  # fmt: skip
+        if sparse_aux:  # e_hat [N, d] has no b_dec
+            dec = sparse_decode(enc.acts, enc.idx, self.W_dec)
+            e_hat = sparse_decode(enc.dead_pre.relu(), enc.dead_idx, self.W_dec)
+        else:
+            a = None
+            if dead is not None:
+                dpre = enc.dead_pre  # [N, n_dead]
+                if k_aux < dpre.shape[1]:
+                    v, i = dpre.topk(k_aux, dim=1, sorted=False)
+                    a = torch.zeros_like(dpre).scatter(1, i, v.relu())
+                else:
+                    a = dpre.relu()
+            # one node decodes both (one W_dec gradient)
+            dec, e_hat = sparse_decode_aux(enc.acts, enc.idx, self.W_dec, a, dead)
         u_hat = dec + self.b_dec  # [N, d]
         rec = fvu(u, u_hat, reduce)
-        auxk = rec.new_zeros(()) if a is None else fvu((u - u_hat).detach(), e_hat, reduce)
+        auxk = rec.new_zeros(()) if dead is None else fvu((u - u_hat).detach(), e_hat, reduce)
         return StepOutput(rec + aux_coef * auxk, rec, auxk, enc.acts, enc.idx)
 
     @torch.no_grad()

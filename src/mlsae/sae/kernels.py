@@ -11,19 +11,15 @@ one top-k pass over `pre`; everything after the top-k is sparse:
   and are never touched): grad_W[j] = sum_{entries e of latent j} w_e * table[sample(e)].
 - `sparse_decode`: x_hat[n] = sum_s acts[n, s] * W_dec[idx[n, s]] via `embedding_bag`, with a
   custom backward (grad acts = row dot products, grad W_dec = segment sums).
-- `topk_encode`: encoder + top-k + ReLU with a sparse backward: only the k selected
-  pre-activations per row carry gradient, so grad W_enc = v^T @ sparse(grad_pre) is a segment
-  sum too. AuxK reuses the same `pre`: only the dead columns are sliced out (no second encoder
-  pass), and their gradient is a dense product over those columns only (dense beats gathers
-  there: k_aux ~ d/2 entries per row over a few dead columns).
+- `mlsae.sae.encoder.topk_encode` (its own module, built on these): encoder + top-k + ReLU
+  with a sparse backward.
 
 Two backends with the same math (`mlsae.sae.native`, chosen by MLSAE_KERNELS and logged once):
 native C++ (compiled at first use: a group-max top-k that reads each pre-activation once,
 a counting sort, column-blocked segment sums written straight into W_enc's [d, m] layout, and
 row dots) and pure torch (the fallback, and the reference the tests compare the native kernels
 with). Where torch's own kernel is faster (embedding_bag: the decoder and W_dec's gradient),
-both backends use it. The native encoder runs the matmul in row tiles of at most
-TILE_BYTES and takes each tile's top-k right after it.
+both backends use it.
 """
 
 from __future__ import annotations
@@ -46,10 +42,6 @@ the shape allows it (d_sae divisible by the group size, d_sae / g >= 2k, N >= 64
 torch.topk. bench/train_step.py compares them."""
 TOPK_GROUP = 16
 """Group size g of the grouped (torch) top-k."""
-TILE_BYTES = 128 << 20
-"""Native backend: most bytes of one row tile of pre-activations (bounds the memory). Small,
-cache-sized tiles did not pay on an AVX2 EPYC: MKL repacks W_enc for every tile, which cost
-more than the top-k saved (training step with 4 / 16 / 128 MiB tiles: 441 / 388 / 365 ms)."""
 
 
 def kernel_backend() -> str:
@@ -59,7 +51,7 @@ def kernel_backend() -> str:
 
 CPU_KERNELS = True
 """Use the custom kernels below for CPU tensors. Tensors on any other device (CUDA, MPS), or
-every tensor when False (tests compare the two), take `plain_encode` / `plain_decode`: the
+every tensor when False (tests compare the two), take `encoder.plain_encode` / `plain_decode`: the
 same math in plain differentiable torch ops."""
 
 
@@ -284,125 +276,3 @@ def plain_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:  # noqa: N
         return F.embedding_bag(idx, W_dec, mode="sum", per_sample_weights=acts.to(W_dec.dtype))
     z = acts.new_zeros(acts.shape[0], W_dec.shape[0]).scatter(1, idx, acts)  # [N, m]
     return z.to(W_dec.dtype) @ W_dec
-
-
-# ----------------------------------------------------------------------------- encoder
-
-
-class Encoded(NamedTuple):
-    """Output of `topk_encode` (acts are post-ReLU, >= 0)."""
-
-    acts: Tensor  # f32[N, k]
-    idx: Tensor  # i64[N, k]
-    dead_pre: Tensor  # f32[N, n_dead] pre-activations of the dead latents (AuxK), or [N, 0]
-
-
-class _TopKEncode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, b_dec, W_enc, b_enc, k, dtype, dead):  # noqa: N803
-        v = u - b_dec  # [N, d] f32
-        if dead is None:
-            dead = torch.zeros(0, dtype=torch.int64)
-        so = native.active()
-        if so is not None:
-            vals, idx, dead_pre = _encode_tiled(v, W_enc, b_enc, k, dtype, dead, so)
-        else:
-            pre = torch.addmm(b_enc.to(dtype), v.to(dtype), W_enc.to(dtype))  # [N, m]
-            vals, idx = topk(pre, k)
-            dead_pre = pre.index_select(1, dead).float()  # [N, n_dead]: only the dead columns
-            del pre
-        acts = vals.float().relu_()
-        ctx.save_for_backward(v, W_enc, idx, acts, dead)
-        ctx.mark_non_differentiable(idx)
-        return acts, idx, dead_pre
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        g_acts, _g_idx, g_dead = grads
-        v, W_enc, idx, acts, dead = ctx.saved_tensors
-        d, m = W_enc.shape
-        g = (g_acts if g_acts is not None else torch.zeros_like(acts)) * (acts > 0)  # ReLU
-        seg = latent_segments(idx, m)
-        dense = g_dead is not None and dead.numel() > 0  # AuxK: dense over dead columns only
-        g_u = g_bdec = g_w = None
-        if ctx.needs_input_grad[2]:
-            # [d, m] in W_enc's own layout: only active latents' columns are non-zero
-            g_w, col = segment_sum(seg, v, g, transposed=True)
-            if g_dead is not None and dense:
-                g_w.index_add_(1, dead, v.t() @ g_dead)  # [d, n_dead]
-        else:
-            col = torch.zeros(m, dtype=g.dtype).index_add_(0, seg.flat, g.reshape(-1))  # [m]
-        if g_dead is not None and dense:
-            col.index_add_(0, dead, g_dead.sum(0))
-        if ctx.needs_input_grad[1]:
-            g_bdec = -(W_enc @ col)  # [d]: pre depends on -b_dec through every row
-        if ctx.needs_input_grad[0]:
-            g_u = F.embedding_bag(idx, W_enc.t().contiguous(), mode="sum", per_sample_weights=g)
-            if g_dead is not None and dense:
-                g_u = g_u + g_dead @ W_enc.index_select(1, dead).t()
-        g_benc = col if ctx.needs_input_grad[3] else None
-        return g_u, g_bdec, g_w, g_benc, None, None, None
-
-
-_TILE: list[Tensor] = []  # the last tile buffer, kept between training steps
-
-
-def _tile_buffer(rows: int, m: int, dtype: torch.dtype) -> Tensor:
-    """An uninitialised [rows, m] buffer, the same one from call to call while the shape holds:
-    a fresh ~75 MB allocation per step was page-faulted in again (up to 15 ms a step here)."""
-    if not _TILE or _TILE[0].shape != (rows, m) or _TILE[0].dtype != dtype:
-        with torch.inference_mode(False):  # a normal tensor: writable in and out of that mode
-            _TILE[:] = [torch.empty(rows, m, dtype=dtype)]
-    return _TILE[0]
-
-
-def _encode_tiled(v, W_enc, b_enc, k, dtype, dead, so):  # noqa: N803
-    """Native forward of the encoder: the matmul in row tiles, each tile's top-k (and dead
-    columns, in the same pass over each row) -> (vals f32 [N, k], idx [N, k], dead_pre [N, n_dead])."""
-    n, m = v.shape[0], W_enc.shape[1]
-    vc, wc, bc = v.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
-    rows = max(1, min(n, TILE_BYTES // (m * wc.element_size())))
-    buf = _tile_buffer(rows, m, dtype)
-    vals, idx = torch.empty(n, k), torch.empty(n, k, dtype=torch.int64)
-    dead_pre = torch.empty(n, dead.numel())
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        tile = torch.addmm(bc, vc[r0:r1], wc, out=buf[: r1 - r0])  # [rows, m]
-        native.topk(tile, k, so, (vals[r0:r1], idx[r0:r1]), dead, dead_pre[r0:r1])
-    return vals, idx, dead_pre
-
-
-def topk_encode(
-    u: Tensor,
-    b_dec: Tensor,
-    W_enc: Tensor,  # noqa: N803
-    b_enc: Tensor,
-    k: int,
-    dtype: torch.dtype = torch.float32,
-    dead: Tensor | None = None,
-) -> Encoded:
-    """z = ReLU(TopK_k((u - b_dec) @ W_enc + b_enc)) as (acts, idx), the matmul in `dtype`
-    (master weights stay f32). u f32[N, d], W_enc [d, m]. With `dead` (i64 latent ids), also
-    the dead latents' pre-activations [N, n_dead], sliced from the same matmul (for AuxK).
-    Gradients flow to u, b_dec, W_enc and b_enc through the selected entries (and the dead
-    columns) only."""
-    if not custom_path(W_enc):
-        return plain_encode(u, b_dec, W_enc, b_enc, k, dtype, dead)
-    return Encoded(*_TopKEncode.apply(u, b_dec, W_enc, b_enc, k, dtype, dead))
-
-
-def plain_encode(
-    u: Tensor,
-    b_dec: Tensor,
-    W_enc: Tensor,  # noqa: N803
-    b_enc: Tensor,
-    k: int,
-    dtype: torch.dtype = torch.float32,
-    dead: Tensor | None = None,
-) -> Encoded:
-    """`topk_encode` in plain differentiable torch ops (autograd does the backward: the top-k
-    scatters gradient to the selected entries only, as the custom kernel does)."""
-    pre = torch.addmm(b_enc.to(dtype), (u - b_dec).to(dtype), W_enc.to(dtype))  # [N, m]
-    vals, idx = pre.topk(k, dim=1, sorted=False)
-    dead_pre = pre.index_select(1, dead if dead is not None else idx.new_zeros(0))
-    return Encoded(vals.float().relu(), idx, dead_pre.float())
