@@ -8,9 +8,11 @@ Contenders, on the same inputs, repeats interleaved in one run:
   dense      a plain dense fp32 TopK SAE with autograd (same math)
   sparsify   EleutherAI sparsify's SparseCoder (pip eai-sparsify, CPU fallback path)
   roofline   the encoder forward matmul alone in this machine's fastest dtype
-Also compares the top-k methods on the same pre-activations and breaks our step into phases.
+Also compares the top-k methods on the same pre-activations and breaks our step into phases;
+--aux-sweep F,F,... times AuxK's dense and sparse paths at those dead fractions.
 
 Usage: .venv/bin/python bench/train_step.py [--n 4096 --d 576 --r 8 --k 32 --repeats 5]
+       [--aux-sweep 0.05,0.2,0.4]
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import torch
 
 from mlsae.core.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
 from mlsae.core.config import SaeConfig
-from mlsae.sae import kernels, native
+from mlsae.sae import autoencoder, kernels, native
 from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.encoder import AUX_SPARSE_RATIO
 
 CLOCK = time.perf_counter
 """Wall clock; --cpu-time switches to this thread's CPU time (with --threads 1: the compute
@@ -44,8 +47,15 @@ def adam(params) -> torch.optim.Optimizer:
 
 
 def ours(
-    x: torch.Tensor, d: int, r: int, k: int, dead_frac: float = 0.0, torch_kernels: bool = False
+    x: torch.Tensor,
+    d: int,
+    r: int,
+    k: int,
+    dead_frac: float = 0.0,
+    torch_kernels: bool = False,
+    aux_sparse: bool | None = None,
 ) -> Callable[[], None]:
+    """Our step; aux_sparse forces AuxK's sparse (True) or dense (False) path."""
     sae = SparseAutoencoder(SaeConfig(d_in=d, expansion_factor=r, k=k), seed=0)
     sae.init_b_dec(x)
     opt = adam(sae.parameters())
@@ -55,7 +65,10 @@ def ours(
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
+        if aux_sparse is not None:
+            autoencoder.AUX_SPARSE_RATIO = 0 if aux_sparse else 1 << 62
         out = sae.train_step_forward(x, dead if dead_frac else None, k_aux, 1 / 32)
+        autoencoder.AUX_SPARSE_RATIO = AUX_SPARSE_RATIO
         out.loss.backward()
         sae.remove_parallel_grad_()
         opt.step()
@@ -209,6 +222,7 @@ def main() -> None:
         "--no-retain", action="store_true", help="run mlsae with glibc's default malloc too"
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--aux-sweep", default="", help="dead fractions, e.g. 0.05,0.2,0.4")
     p.add_argument(
         "--cpu-time", action="store_true", help="time with thread CPU time (use with --threads 1)"
     )
@@ -283,6 +297,22 @@ def main() -> None:
     kernels.set_malloc_retain(ours_retain)
     ph = phases(x, a.d, a.r, a.k, a.repeats)
     print("\nour step by phase (best ms): " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items()))
+    if a.aux_sweep:
+        aux_sweep(x, a, [float(f) for f in a.aux_sweep.split(",")])
+
+
+def aux_sweep(x: torch.Tensor, a: argparse.Namespace, fracs: list[float]) -> None:
+    """Our step with AuxK's dense and sparse paths forced, at several dead fractions."""
+    m = a.d * a.r
+    fns = {(f, sp): ours(x, a.d, a.r, a.k, dead_frac=f, aux_sparse=sp)
+           for f in fracs for sp in (False, True)}  # fmt: skip
+    times = interleaved({f"{f}/{sp}": fn for (f, sp), fn in fns.items()}, a.repeats)
+    print(f"\nAuxK by dead fraction (k_aux 256; sparse beyond {AUX_SPARSE_RATIO} x k_aux dead), "
+          "ms best [median]:")  # fmt: skip
+    for f in fracs:
+        dn, sp = times[f"{f}/False"], times[f"{f}/True"]
+        print(f"  {f:5.2f} ({int(f * m):5d} dead): dense {min(dn):7.1f} [{statistics.median(dn):.1f}]"
+              f"  sparse {min(sp):7.1f} [{statistics.median(sp):.1f}]")  # fmt: skip
 
 
 if __name__ == "__main__":
