@@ -38,9 +38,9 @@ class Encoded(NamedTuple):
 AUX_SPARSE_RATIO = 5
 """AuxK goes sparse (each row's k_aux largest dead pre-activations as extra sparse entries)
 beyond this many dead latents per k_aux; below, a dense product over the dead columns is
-faster. Training step on a 2-core AVX2 EPYC (N 4,096, d 576, m 4,608, k_aux 256), best ms
-dense / sparse: 230 dead 251 / 377, 460 dead 326 / 414, 921 dead 369 / 448, 1,843 dead 522 /
-393 (the dense cost grows with the dead latents, the sparse one with k_aux)."""
+faster. `bench/train_step.py --aux-sweep` on a 2-core AVX2 EPYC (N 4,096, d 576, m 4,608,
+k_aux 256), best ms dense / sparse: 230 dead 234 / 333, 460 dead 276 / 437, 921 dead 402 / 462,
+1,843 dead 578 / 406 (the dense cost grows with the dead latents, the sparse one with k_aux)."""
 
 
 class _TopKEncode(torch.autograd.Function):
