@@ -29,7 +29,7 @@ import torch
 
 from mlsae.core.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
 from mlsae.core.config import SaeConfig
-from mlsae.sae import autoencoder, kernels, native
+from mlsae.sae import kernels, native, topk
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.encoder import AUX_SPARSE_RATIO
 
@@ -66,9 +66,9 @@ def ours(
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         if aux_sparse is not None:
-            autoencoder.AUX_SPARSE_RATIO = 0 if aux_sparse else 1 << 62
+            topk.AUX_SPARSE_RATIO = 0 if aux_sparse else 1 << 62
         out = sae.train_step_forward(x, dead if dead_frac else None, k_aux, 1 / 32)
-        autoencoder.AUX_SPARSE_RATIO = AUX_SPARSE_RATIO
+        topk.AUX_SPARSE_RATIO = AUX_SPARSE_RATIO
         out.loss.backward()
         sae.remove_parallel_grad_()
         opt.step()

@@ -234,7 +234,7 @@ def test_sparse_auxk_equals_dense_auxk(backend, monkeypatch, k_aux):
     """Many dead latents: AuxK as sparse entries gives the dense path's loss and gradients
     (dead latents that are also in the main top-k included; k_aux >= #dead takes them all)."""
     from mlsae.core.config import SaeConfig
-    from mlsae.sae import autoencoder
+    from mlsae.sae import topk
     from mlsae.sae.autoencoder import SparseAutoencoder
 
     torch.manual_seed(7)
@@ -242,7 +242,7 @@ def test_sparse_auxk_equals_dense_auxk(backend, monkeypatch, k_aux):
     dead = torch.arange(0, 64, 2)[:30]  # 30 of 64 latents, half of every row's candidates
     res = []
     for ratio in (0, 10**9):  # sparse, then dense
-        monkeypatch.setattr(autoencoder, "AUX_SPARSE_RATIO", ratio)
+        monkeypatch.setattr(topk, "AUX_SPARSE_RATIO", ratio)
         sae = SparseAutoencoder(SaeConfig(d_in=16, expansion_factor=4, k=4), seed=0)
         kernels._SEG_MEMO[:] = [None, None]
         out = sae.train_step_forward(x, dead, k_aux, 1 / 32)

@@ -218,6 +218,7 @@ class ActivationSource(ABC):
         skip_batches: int = 0,
         buffer_shards: int = 8,
         drop_last: bool = False,
+        group_tokens: bool = False,
     ) -> Iterator[Batch]:
         """Batches mixing layers and tokens across buffers of `buffer_shards` blocks.
 
@@ -226,6 +227,8 @@ class ActivationSource(ABC):
         batches are consecutive slices of it, so `skip_batches` jumps straight to the buffer
         holding batch `skip_batches` without reading the ones before. Only mask==True tokens.
         The next buffer is read in a background thread (memory: 2 x buffer_shards blocks).
+        group_tokens: the permutation moves whole tokens (each token's layers stay consecutive,
+        in `layers` order), so batches of a multiple of len(layers) vectors hold whole tokens.
         """
         if batch_size < 1 or buffer_shards < 1 or skip_batches < 0:
             raise MlsaeError("batch_size and buffer_shards must be >= 1, skip_batches >= 0")
@@ -254,7 +257,10 @@ class ActivationSource(ABC):
                 if t + 1 < len(todo):  # the other buffer is free: its batches were all yielded
                     fut = pool.submit(self._fill, groups[todo[t + 1]], lpos, bufs[(t + 1) % 2])
                 take = _Gather(bufs[t % 2].view(-1, self.d_model), layer_ids, rows, pos)
-                perm = torch.randperm(sizes[j], generator=_gen(seed, epoch, j))
+                perm = torch.randperm(sizes[j] // (n_l if group_tokens else 1),
+                                      generator=_gen(seed, epoch, j))  # fmt: skip
+                if group_tokens:  # token t -> its vectors t * n_l + [0, n_l)
+                    perm = (perm.unsqueeze(1) * n_l + torch.arange(n_l)).reshape(-1)
                 o = start - begin if j == first else 0
                 if n_pending:
                     piece = take(perm[o : o + batch_size - n_pending])

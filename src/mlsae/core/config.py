@@ -26,6 +26,9 @@ Dtype = Literal["float32", "bfloat16"]
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
 Normalize = Literal["standardize", "layer_norm", "none"]
 TxtDocuments = Literal["paragraph", "line", "file"]
+Architecture = Literal["topk", "batchtopk", "matryoshka", "token_topk"]
+"""The SAE architectures: the names of `mlsae.sae.registry.ARCHITECTURES` (a test checks they
+agree; docs/architectures.md describes each)."""
 
 
 def check(ok: bool, message: str) -> None:
@@ -132,9 +135,25 @@ class ExtractConfig:
         check(self.shard_tokens >= 1, "--shard-tokens must be >= 1")
 
 
+ARCHITECTURE_FIELDS = ("architecture", "matryoshka_prefixes")
+"""Fields SaeGridConfig hands to every SaeConfig of a run (its architecture and settings)."""
+
+
+def check_architecture(architecture: str, matryoshka_prefixes: int) -> None:
+    """Validate --architecture and its settings (shared by SaeConfig and SaeGridConfig)."""
+    from typing import get_args
+
+    names = get_args(Architecture)
+    check(architecture in names,
+          f"--architecture must be one of {', '.join(names)}, not {architecture!r}")  # fmt: skip
+    check(1 <= matryoshka_prefixes <= 16,
+          f"--matryoshka-prefixes must be between 1 and 16, not {matryoshka_prefixes}")  # fmt: skip
+
+
 @dataclass
 class SaeConfig:
-    """One TopK SAE's shape and provenance (SPEC section 2); saved as the SAE folder's cfg.json."""
+    """One SAE's shape, architecture and provenance (SPEC section 2); saved as the SAE folder's
+    cfg.json."""
 
     d_in: int
     """Width of the input vectors (the model's d_model)."""
@@ -156,9 +175,17 @@ class SaeConfig:
     exclude_sink: bool | None = None
     """Whether its training data left out attention-sink positions (None: made before the
     option existed, i.e. not excluded)."""
+    architecture: Architecture = "topk"
+    """How the sparse code is chosen and trained (docs/architectures.md): topk (k per vector),
+    batchtopk (k x N over a batch of N vectors), matryoshka (TopK, nested prefixes each
+    reconstructing on their own), token_topk (k x L over one token's L layer vectors)."""
+    matryoshka_prefixes: int = 4
+    """Matryoshka: nested prefixes of the dictionary, of d_sae / 2^(n-1), ..., d_sae / 2, d_sae
+    latents (ignored by the other architectures)."""
 
     def __post_init__(self) -> None:
         check(self.d_in >= 2, f"d_in must be >= 2, not {self.d_in}")
+        check_architecture(self.architecture, self.matryoshka_prefixes)
         check(
             self.expansion_factor >= 1,
             f"--expansion-factor must be >= 1, not {self.expansion_factor}",
@@ -216,8 +243,20 @@ class SaeGridConfig:
     """One SAE per chosen block (layer_XX/ folders), e.g. for `mlsae evolution`."""
     lens: Path | None = None
     """Tuned-lens folder: train on T_l(x) instead of x (SPEC 5)."""
+    architecture: Architecture = "topk"
+    """How the sparse code is chosen and trained (docs/architectures.md): topk (k per vector),
+    batchtopk (k x N over a batch of N vectors), matryoshka (TopK, nested prefixes each
+    reconstructing on their own), token_topk (k x L over one token's L layer vectors)."""
+    matryoshka_prefixes: int = 4
+    """Matryoshka: nested prefixes of the dictionary, of d_sae / 2^(n-1), ..., d_sae / 2, d_sae
+    latents (ignored by the other architectures)."""
+
+    def architecture_settings(self) -> dict[str, Any]:
+        """The SaeConfig fields every SAE of the run takes from this grid (ARCHITECTURE_FIELDS)."""
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
 
     def __post_init__(self) -> None:
+        check_architecture(self.architecture, self.matryoshka_prefixes)
         check(
             bool(self.expansion_factor) and bool(self.k),
             "give at least one --expansion-factor and -k",

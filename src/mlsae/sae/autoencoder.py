@@ -1,4 +1,20 @@
-"""The TopK sparse autoencoder (SPEC section 2): one implementation used everywhere.
+"""The SAE base class (SPEC section 2): what every architecture shares, and the contract that
+every later stage relies on. An architecture (`mlsae.sae.registry`) is a subclass that says how
+the sparse code is chosen and trained; `SparseAutoencoder(cfg)` builds `cfg.architecture`'s class.
+
+The contract (docs/architectures.md; tests/test_architectures.py checks it for each one):
+- `encode(x [N, d_in])` -> EncoderOutput: the sparse code of each row as (top_acts f32[N, w] >= 0,
+  top_indices i64[N, w]), an activation of 0 meaning "inactive" (w is k for TopK; for a
+  threshold code, the most latents active in one row; padding entries have activation 0). It
+  depends on each row alone (no batch statistics at inference).
+- `decode(enc)` = sum of top_acts x W_dec rows + b_dec, mapped back to the raw space: the
+  reconstruction is linear in the code, with unit-norm decoder rows.
+- `train_step_forward(x, dead, k_aux, aux_coef, reduce)` -> StepOutput: the training loss owns
+  its auxiliary terms (AuxK, Matryoshka prefixes, ...) and may update buffers (thresholds).
+- `tensor_shapes()`: the tensors of sae.safetensors (W_enc, b_enc, W_dec, b_dec, then the
+  architecture's own buffers); `state_tensors()` / `save` write them, `load_sae` checks them.
+
+The TopK SAE (mlsae.sae.topk) computes:
 
 Shapes: d = d_in, m = d_sae = R * d. Parameters (fp32 master weights): W_enc [d, m], b_enc [m],
 W_dec [m, d] (unit-norm rows), b_dec [d]. For a raw vector x:
@@ -20,13 +36,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlsae.core.compute import resolve_compute_dtype
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, write_json, write_safetensors
-from mlsae.sae.encoder import AUX_SPARSE_RATIO, topk_encode
+from mlsae.sae.encoder import Encoded
 from mlsae.sae.kernels import sparse_decode, sparse_decode_aux
 from mlsae.sae.metrics import fvu
 
@@ -78,7 +95,21 @@ def geometric_median(points: Tensor, iters: int = 200, tol: float = 1e-7) -> Ten
 
 
 class SparseAutoencoder(nn.Module):
-    """TopK SAE with input standardization and unit-norm decoder rows (SPEC section 2)."""
+    """The SAE base class: input standardization, unit-norm decoder rows, the sparse decoder,
+    files. Subclasses (one per architecture, `mlsae.sae.registry`) implement `encode_normalized`
+    and `train_step_forward`, and may declare buffers saved with the weights (`extra_tensors`).
+    `SparseAutoencoder(cfg, ...)` builds the class of `cfg.architecture`."""
+
+    token_grouped = False
+    """Whether training needs batches holding all layers of each token, consecutive
+    (`ActivationSource.shuffled(group_tokens=True)`)."""
+
+    def __new__(cls, cfg: SaeConfig, *args: object, **kwargs: object) -> SparseAutoencoder:
+        if cls is not SparseAutoencoder:  # a subclass named directly
+            return super().__new__(cls)
+        from mlsae.sae.registry import sae_class
+
+        return nn.Module.__new__(sae_class(cfg.architecture))
 
     def __init__(
         self,
@@ -101,6 +132,8 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(w.t().contiguous())  # [m, d], W_enc^T with unit rows
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.normalize_decoder_()
+        for name, value in self.extra_tensors().items():
+            self.register_buffer(name, value)
         if device is not None:
             self.to(device)
 
@@ -139,16 +172,22 @@ class SparseAutoencoder(nn.Module):
         """Raw x f32[N, d_in] (any device) -> EncoderOutput on the SAE's device (normalization
         inside)."""
         u, mean, std = self.normalize(x)
-        args = (self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype)
         if torch.is_grad_enabled() or len(u) <= ENCODE_CHUNK:
-            enc = topk_encode(u, *args)
-            return EncoderOutput(enc.acts, enc.idx, mean, std)
+            acts, idx = self.encode_normalized(u)
+            return EncoderOutput(acts, idx, mean, std)
         # no autograd: chunks bound the memory of the dense [rows, d_sae] pre-activations
         parts = [
-            topk_encode(u[i : i + ENCODE_CHUNK], *args) for i in range(0, len(u), ENCODE_CHUNK)
+            self.encode_normalized(u[i : i + ENCODE_CHUNK]) for i in range(0, len(u), ENCODE_CHUNK)
         ]
-        acts, idx = torch.cat([p.acts for p in parts]), torch.cat([p.idx for p in parts])
+        width = max(a.shape[1] for a, _ in parts)  # threshold codes: widths differ by chunk
+        acts = torch.cat([F.pad(a, (0, width - a.shape[1])) for a, _ in parts])
+        idx = torch.cat([F.pad(i, (0, width - i.shape[1])) for _, i in parts])
         return EncoderOutput(acts, idx, mean, std)
+
+    def encode_normalized(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """The architecture's inference code of normalized rows u [N, d_in]: (acts f32[N, w] >= 0,
+        idx i64[N, w]), each row's from that row alone."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement encode_normalized")
 
     def decode_normalized(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """u_hat = z @ W_dec + b_dec in the normalized space: [N, d_in]."""
@@ -191,26 +230,28 @@ class SparseAutoencoder(nn.Module):
         aux_coef: float = 0.0,
         reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> StepOutput:
-        """Loss of a raw batch x [N, d_in]: batch FVU of u plus aux_coef * AuxK.
-
-        dead: i64 ids of dead latents (or None). AuxK = FVU(e, e_hat) with e = u - u_hat
-        (detached: it is the target) and e_hat = the ReLU'd top min(k_aux, #dead) dead
-        pre-activations decoded without b_dec (a dense product over the dead columns, or sparse
-        entries beyond AUX_SPARSE_RATIO dead latents per k_aux: the same math). reduce:
+        """The training loss of a raw batch x [N, d_in], with its auxiliary terms. dead: i64 ids
+        of dead latents (or None) for AuxK with k_aux latents weighted aux_coef. reduce:
         data-parallel training (see `mlsae.sae.metrics.fvu`): x is this process's share of the
-        batch, and the returned losses are its shares of the global batch's (they sum over
-        processes to it).
-        """
-        u, _, _ = self.normalize(x)
-        use_aux = dead is not None and dead.numel() > 0 and k_aux > 0 and aux_coef != 0
-        dead = dead if use_aux else None
-        # many dead latents: AuxK's k_aux per row as sparse entries (cost independent of n_dead)
-        sparse_aux = dead is not None and dead.numel() > AUX_SPARSE_RATIO * k_aux
-        enc = topk_encode(
-            u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead,
-            k_aux if sparse_aux else 0,
-        )  # fmt: skip
-        if sparse_aux:  # e_hat [N, d] has no b_dec
+        batch, and the returned losses are its shares of the global batch's."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement train_step_forward")
+
+    def reconstruction_loss(
+        self,
+        u: Tensor,
+        enc: Encoded,
+        dead: Tensor | None,
+        k_aux: int,
+        aux_coef: float,
+        reduce: Callable[[Tensor], Tensor] | None,
+    ) -> StepOutput:
+        """Batch FVU of u plus aux_coef * AuxK for the code `enc` of u (SPEC 2).
+
+        AuxK = FVU(e, e_hat) with e = u - u_hat (detached: it is the target) and e_hat = the
+        ReLU'd top min(k_aux, #dead) dead pre-activations decoded without b_dec: from
+        enc.dead_pre [N, n_dead] (a dense product over the dead columns), or enc.dead_idx's
+        sparse entries (each row's k_aux largest; the same math). dead None: no AuxK."""
+        if dead is not None and enc.dead_idx.shape[1]:  # e_hat [N, d] has no b_dec
             dec = sparse_decode(enc.acts, enc.idx, self.W_dec)
             e_hat = sparse_decode(enc.dead_pre.relu(), enc.dead_idx, self.W_dec)
         else:
@@ -244,11 +285,21 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ files
 
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """The architecture's own buffers (name -> initial value), saved with the weights."""
+        return {}
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every tensor of sae.safetensors: the four weights, then the buffers."""
+        d, m = self.cfg.d_in, self.cfg.d_sae
+        base = {"W_enc": (d, m), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,)}
+        return {**base, **{n: tuple(t.shape) for n, t in self.extra_tensors().items()}}
+
     def state_tensors(self) -> dict[str, Tensor]:
-        """The four tensors of sae.safetensors (contiguous fp32 copies)."""
+        """The tensors of sae.safetensors (contiguous fp32 copies)."""
         return {
             n: getattr(self, n).detach().to("cpu", torch.float32).contiguous().clone()
-            for n in ("W_enc", "b_enc", "W_dec", "b_dec")
+            for n in self.tensor_shapes()
         }
 
     def save(self, path: str | Path) -> None:

@@ -11,6 +11,7 @@ plain torch ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -68,32 +69,38 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        g_acts, _g_idx, g_dead, _g_dead_idx = grads
-        v, W_enc, idx, acts, dead, dead_idx = ctx.saved_tensors
-        d, m = W_enc.shape
-        g = (g_acts if g_acts is not None else torch.zeros_like(acts)) * (acts > 0)  # ReLU
-        if g_dead is not None and dead_idx.shape[1]:  # sparse AuxK: more entries, same sums
-            idx, g = torch.cat([idx, dead_idx], 1), torch.cat([g, g_dead.to(g.dtype)], 1)
-        seg = latent_segments(idx, m)
-        dense = g_dead is not None and dead.numel() > 0 and not dead_idx.shape[1]
-        g_u = g_bdec = g_w = None
-        if ctx.needs_input_grad[2]:
-            # [d, m] in W_enc's own layout: only active latents' columns are non-zero
-            g_w, col = segment_sum(seg, v, g, transposed=True)
-            if g_dead is not None and dense:
-                g_w.index_add_(1, dead, v.t() @ g_dead)  # [d, n_dead]
-        else:
-            col = torch.zeros(m, dtype=g.dtype).index_add_(0, seg.flat, g.reshape(-1))  # [m]
+        return (*_sparse_backward(ctx, *grads), None, None, None, None)
+
+
+def _sparse_backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Gradients (u, b_dec, W_enc, b_enc) of an encoder whose forward saved (v, W_enc, idx, acts,
+    dead, dead_idx): only the selected entries of each row (any width; padding has act 0)."""
+    g_acts, _g_idx, g_dead, _g_dead_idx = grads
+    v, W_enc, idx, acts, dead, dead_idx = ctx.saved_tensors  # noqa: N806
+    d, m = W_enc.shape
+    g = (g_acts if g_acts is not None else torch.zeros_like(acts)) * (acts > 0)  # ReLU
+    if g_dead is not None and dead_idx.shape[1]:  # sparse AuxK: more entries, same sums
+        idx, g = torch.cat([idx, dead_idx], 1), torch.cat([g, g_dead.to(g.dtype)], 1)
+    seg = latent_segments(idx, m)
+    dense = g_dead is not None and dead.numel() > 0 and not dead_idx.shape[1]
+    g_u = g_bdec = g_w = None
+    if ctx.needs_input_grad[2]:
+        # [d, m] in W_enc's own layout: only active latents' columns are non-zero
+        g_w, col = segment_sum(seg, v, g, transposed=True)
         if g_dead is not None and dense:
-            col.index_add_(0, dead, g_dead.sum(0))
-        if ctx.needs_input_grad[1]:
-            g_bdec = -(W_enc @ col)  # [d]: pre depends on -b_dec through every row
-        if ctx.needs_input_grad[0]:
-            g_u = F.embedding_bag(idx, W_enc.t().contiguous(), mode="sum", per_sample_weights=g)
-            if g_dead is not None and dense:
-                g_u = g_u + g_dead @ W_enc.index_select(1, dead).t()
-        g_benc = col if ctx.needs_input_grad[3] else None
-        return g_u, g_bdec, g_w, g_benc, None, None, None, None
+            g_w.index_add_(1, dead, v.t() @ g_dead)  # [d, n_dead]
+    else:
+        col = torch.zeros(m, dtype=g.dtype).index_add_(0, seg.flat, g.reshape(-1))  # [m]
+    if g_dead is not None and dense:
+        col.index_add_(0, dead, g_dead.sum(0))
+    if ctx.needs_input_grad[1]:
+        g_bdec = -(W_enc @ col)  # [d]: pre depends on -b_dec through every row
+    if ctx.needs_input_grad[0]:
+        g_u = F.embedding_bag(idx, W_enc.t().contiguous(), mode="sum", per_sample_weights=g)
+        if g_dead is not None and dense:
+            g_u = g_u + g_dead @ W_enc.index_select(1, dead).t()
+    g_benc = col if ctx.needs_input_grad[3] else None
+    return g_u, g_bdec, g_w, g_benc
 
 
 _TILE: list[Tensor] = []  # the last tile buffer, kept between training steps
@@ -165,3 +172,63 @@ def plain_encode(
         dead_pre, j = dead_pre.topk(min(k_aux, dead.numel()), dim=1, sorted=False)
         dead_idx = dead[j]
     return Encoded(vals.float().relu(), idx, dead_pre.float(), dead_idx)
+
+
+Select = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""A selection rule: pre-activations [N, m] -> (idx i64[N, w], keep bool[N, w]), the latents each
+row keeps (padding: any latent with keep False). w may differ from call to call."""
+
+
+class _SelectEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, b_dec, W_enc, b_enc, select, dtype, dead):  # noqa: N803
+        v = u - b_dec  # [N, d] f32
+        pre = torch.addmm(b_enc.to(dtype), v.to(dtype), W_enc.to(dtype))  # [N, m]
+        idx, keep = select(pre)
+        acts = pre.gather(1, idx).float().mul_(keep).relu_()
+        dead_pre = pre.index_select(1, dead).float()  # [N, n_dead]
+        del pre
+        dead_idx = idx.new_zeros(idx.shape[0], 0)
+        ctx.save_for_backward(v, W_enc, idx, acts, dead, dead_idx)
+        ctx.mark_non_differentiable(idx, dead_idx)
+        return acts, idx, dead_pre, dead_idx
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        return (*_sparse_backward(ctx, *grads), None, None, None)
+
+
+def select_encode(
+    u: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,  # noqa: N803
+    b_enc: Tensor,
+    select: Select,
+    dtype: torch.dtype = torch.float32,
+    dead: Tensor | None = None,
+) -> Encoded:
+    """`topk_encode` with another selection rule (BatchTopK, per-token TopK, a threshold):
+    z = ReLU(pre) at the entries `select` keeps, as (acts [N, w], idx [N, w]); with `dead`, the
+    dead latents' pre-activations [N, n_dead] (dense AuxK). The same sparse backward."""
+    dead = dead if dead is not None else torch.zeros(0, dtype=torch.int64, device=u.device)
+    if not custom_path(W_enc):  # plain torch ops, autograd
+        pre = torch.addmm(b_enc.to(dtype), (u - b_dec).to(dtype), W_enc.to(dtype))
+        idx, keep = select(pre.detach())
+        acts = (pre.gather(1, idx).float() * keep).relu()
+        return Encoded(acts, idx, pre.index_select(1, dead).float(), idx.new_zeros(len(idx), 0))
+    return Encoded(*_SelectEncode.apply(u, b_dec, W_enc, b_enc, select, dtype, dead))
+
+
+def padded_code(row: Tensor, col: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Entries (row, col) of a sparse code -> (idx i64[n_rows, w], keep bool[n_rows, w]) with w the
+    most entries of one row (at least 1): each row's latents, in the order given, then padding."""
+    counts = torch.bincount(row, minlength=n_rows)  # [n_rows]
+    w = max(1, int(counts.max())) if len(row) else 1
+    order = torch.argsort(row, stable=True)
+    row, col = row[order], col[order]
+    slot = torch.arange(len(row), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
+    idx = torch.zeros(n_rows, w, dtype=torch.int64, device=row.device)
+    keep = torch.zeros(n_rows, w, dtype=torch.bool, device=row.device)
+    idx[row, slot] = col
+    keep[row, slot] = True
+    return idx, keep

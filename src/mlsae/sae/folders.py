@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_CFG, PER_LAYER, METRICS = "train_cfg.json", "per_layer.json", "metrics.jsonl"
-SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def is_sae_dir(path: Path) -> bool:
@@ -214,8 +213,8 @@ def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> Spar
         tensors = load_file(str(w_path))
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         raise MlsaeError(f"{w_path}: unreadable weights ({e})") from None
-    want = {n: (cfg.d_in, cfg.d_sae) if n == "W_enc" else (cfg.d_sae, cfg.d_in) if n == "W_dec"
-            else (cfg.d_sae,) if n == "b_enc" else (cfg.d_in,) for n in SAE_TENSORS}  # fmt: skip
+    sae = SparseAutoencoder(cfg, compute_dtype=compute_dtype)  # cfg.architecture's class
+    want = sae.tensor_shapes()
     got = {n: tuple(t.shape) for n, t in tensors.items()}
     if got != want:
         raise MlsaeError(f"{w_path} does not match {cfg_path}: expected {want}, found {got}")
@@ -225,8 +224,7 @@ def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> Spar
                              "not a floating-point type: not SAE weights")  # fmt: skip
         if not bool(torch.isfinite(t).all()):
             raise MlsaeError(f"{w_path}: {n} holds NaN or inf values (a diverged training?)")
-    sae = SparseAutoencoder(cfg, compute_dtype=compute_dtype)
     with torch.no_grad():
-        for n, p in sae.named_parameters():
-            p.copy_(tensors[n].float())
+        for n in want:
+            getattr(sae, n).copy_(tensors[n].float())
     return sae.eval()

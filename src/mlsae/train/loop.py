@@ -92,6 +92,7 @@ def run_training(
             d_in=run.d_in, expansion_factor=s.expansion_factor, k=s.k,
             normalize=run.sae.normalize, layers=list(s.layers), model=run.model.name,
             dataset=run.data.name, lens=run.lens, exclude_sink=run.data.exclude_sink,
+            **run.sae.architecture_settings(),
         )  # fmt: skip
         sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype, device=device)
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
@@ -157,6 +158,7 @@ def run_training(
                 batches = share.shuffled(
                     local_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
                     buffer_shards=cfg.shuffle_buffer_shards, drop_last=True,
+                    group_tokens=any(m.sae.token_grouped for m in members),
                 )  # fmt: skip
                 t0 = time.perf_counter()
                 epoch_done = True
