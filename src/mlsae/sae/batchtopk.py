@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mlsae.sae.autoencoder import SparseAutoencoder, StepOutput
-from mlsae.sae.encoder import padded_code, select_encode
+from mlsae.sae.encoder import masked_code, select_encode
 from mlsae.sae.kernels import topk
 
 THRESHOLD_RATE = 0.01
@@ -37,8 +37,7 @@ class ThresholdSAE(SparseAutoencoder):
 
     def threshold_select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Inference: each row's latents whose pre-activation exceeds the threshold (and 0)."""
-        row, col = (pre > float(self.threshold.clamp_min(0))).nonzero().unbind(1)
-        return padded_code(row, col, pre.shape[0])
+        return masked_code(pre, pre > float(self.threshold.clamp_min(0)))
 
     def encode_normalized(self, u: Tensor) -> tuple[Tensor, Tensor]:
         enc = select_encode(
@@ -92,5 +91,5 @@ class BatchTopKSAE(ThresholdSAE):
     def train_select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         n, m = pre.shape
         _, flat = topk(pre.reshape(1, n * m), min(self.cfg.k * n, n * m))
-        flat = flat.view(-1)
-        return padded_code(flat // m, flat % m, n)
+        mask = torch.zeros(n * m, dtype=torch.bool, device=pre.device)
+        return masked_code(pre, mask.index_fill_(0, flat.view(-1), True).view(n, m))

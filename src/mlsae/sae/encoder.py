@@ -219,16 +219,10 @@ def select_encode(
     return Encoded(*_SelectEncode.apply(u, b_dec, W_enc, b_enc, select, dtype, dead))
 
 
-def padded_code(row: Tensor, col: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """Entries (row, col) of a sparse code -> (idx i64[n_rows, w], keep bool[n_rows, w]) with w the
-    most entries of one row (at least 1): each row's latents, in the order given, then padding."""
-    counts = torch.bincount(row, minlength=n_rows)  # [n_rows]
-    w = max(1, int(counts.max())) if len(row) else 1
-    order = torch.argsort(row, stable=True)
-    row, col = row[order], col[order]
-    slot = torch.arange(len(row), device=row.device) - (torch.cumsum(counts, 0) - counts)[row]
-    idx = torch.zeros(n_rows, w, dtype=torch.int64, device=row.device)
-    keep = torch.zeros(n_rows, w, dtype=torch.bool, device=row.device)
-    idx[row, slot] = col
-    keep[row, slot] = True
-    return idx, keep
+def masked_code(pre: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The entries `mask` [N, m] keeps of pre [N, m] as a code (idx i64[N, w], keep bool[N, w]),
+    w the most entries of one row (at least 1): each row's kept latents, then other latents of
+    the row with keep False (the indices of a row stay distinct, as TopK's)."""
+    w = max(1, int(mask.sum(1).max())) if mask.numel() else 1
+    _, idx = topk(pre.masked_fill(~mask, float("-inf")), w)
+    return idx, mask.gather(1, idx)

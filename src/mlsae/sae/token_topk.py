@@ -16,7 +16,7 @@ from torch import Tensor
 from mlsae.core.errors import MlsaeError
 from mlsae.sae.autoencoder import EncoderOutput
 from mlsae.sae.batchtopk import ThresholdSAE
-from mlsae.sae.encoder import padded_code, select_encode
+from mlsae.sae.encoder import masked_code, select_encode
 from mlsae.sae.kernels import topk
 
 
@@ -38,10 +38,9 @@ class TokenTopKSAE(ThresholdSAE):
                 f"{n} vectors is not a multiple of {n_l} (choose --batch-tokens accordingly)"
             )
         t = n // n_l
-        _, flat = topk(pre.reshape(t, n_l * m), self.cfg.k * n_l)  # [T, k L]
-        token = torch.arange(t, device=pre.device).unsqueeze(1)
-        row = token * n_l + torch.div(flat, m, rounding_mode="floor")
-        return padded_code(row.reshape(-1), (flat % m).reshape(-1), n)
+        _, flat = topk(pre.reshape(t, n_l * m), self.cfg.k * n_l)  # [T, k L] of (layer, latent)
+        mask = torch.zeros(t, n_l * m, dtype=torch.bool, device=pre.device)
+        return masked_code(pre, mask.scatter_(1, flat, True).view(n, m))
 
     def encode_grouped(self, x: Tensor) -> EncoderOutput:
         """The training selection at inference: x [T * L, d_in], each token's L layer vectors
