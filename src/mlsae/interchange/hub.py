@@ -57,6 +57,10 @@ def eval_table(ev: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n\n" + tail + "."
 
 
+_ARCH_NAME = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "Matryoshka TopK",
+              "token_topk": "per-token TopK (over layers)"}  # fmt: skip
+
+
 def model_card(
     sae: SparseAutoencoder, repo_id: str, context: dict[str, Any], ev: dict[str, Any] | None,
     saelens_hooks: list[str], sub: str = "",
@@ -74,7 +78,7 @@ def model_card(
     front.append("---")
     lines = [*front, "", f"# {repo_id}{'/' + sub if sub else ''}", ""]
     lines += [
-        f"A TopK {kind} trained with mlsae on the residual stream "
+        f"A {_ARCH_NAME.get(cfg.architecture, cfg.architecture)} {kind} trained with mlsae on the residual stream "
         f"(the output of each transformer block, before the final norm) of `{hf}`.",
         "",
         "## Model",

@@ -75,6 +75,11 @@ def saelens_config(
 ) -> dict[str, Any]:
     """The 6.x cfg.json of `sae` read at block `layer` through module `hook`."""
     cfg = sae.cfg
+    if cfg.architecture not in ("topk", "matryoshka"):  # matryoshka encodes as TopK does
+        raise MlsaeError(
+            f"a {cfg.architecture} SAE cannot be exported to SAELens: its inference code is a "
+            "threshold learned in training, not SAELens's topk (mlsae exports TopK codes only)"
+        )
     if cfg.lens is not None:
         raise MlsaeError(
             f"the SAE was trained in tuned-lens space ({cfg.lens}): SAELens has no lens, so it "
