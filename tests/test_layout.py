@@ -27,6 +27,7 @@ RANK = {
     "evolution": 5,
     "report": 6,
     "explore": 6,
+    "api": 8,
     "cli": 9,
 }
 """Stage of each subpackage: a module may import its own package and lower stages only."""

@@ -340,27 +340,17 @@ def analyze_prompts(
     lens: TunedLens | None = None,
     exclude_sink: bool = True,
 ) -> list[LayerStatsResult]:
-    """Per prompt: capture every layer's vector of its tokens, encode, and accumulate."""
+    """Per prompt: capture every layer's vector of its tokens, encode, and accumulate (the
+    layer distribution of `mlsae.analysis.prompt.encode_prompt`)."""
     if not prompts:
         return []
-    from mlsae.data.capture import capture, used_mask
+    from mlsae.analysis.prompt import encode_prompt
     from mlsae.data.model import load_model
-    from mlsae.data.text import bos_id_of
 
     lm = load_model(model)
     if lm.d_model != cfg.d_in:
         raise MlsaeError(f"model {model.name!r} has d_model {lm.d_model}, the SAE d_in {cfg.d_in}")
-    out = []
-    for text in prompts:
-        ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        bos = bos_id_of(lm.tokenizer) if exclude_sink else None
-        if bos is not None:  # as the contexts of the data: BOS first, position 0 not counted
-            ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)  # [1, T]
-        if ids.shape[1] == 0:
-            raise MlsaeError(f"prompt {text!r} has no tokens")
-        x = capture(lm.model, ids, layers)[0].float()  # [T, L, d]
-        mask = used_mask(ids, lm.special_ids, exclude_first=exclude_sink)[0]  # [T]
-        st = LayerStats(cfg.d_sae, layers)
-        feed(st, sae_encoder(sae, lens, layers), x[mask], chunk_vectors)
-        out.append(st.result())
-    return out
+    return [
+        encode_prompt(lm, text, sae, layers, lens, exclude_sink, chunk_vectors).stats()
+        for text in prompts
+    ]

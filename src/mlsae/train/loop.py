@@ -24,12 +24,12 @@ import contextlib
 import logging
 import math
 import signal
-import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import Tensor
 
 from mlsae.activations.source import ActivationSource, Batch
 from mlsae.core.compute import resolve_compute_dtype, resolve_device
@@ -49,20 +49,16 @@ from mlsae.core.io import write_json
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import kernel_backend, set_malloc_retain
-from mlsae.train.checkpoint import StopSignals, load_checkpoint, open_metrics, save_checkpoint
+from mlsae.sae.registry import sae_class
+from mlsae.train.checkpoint import Plan, StopSignals, TrainState
 from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam
-from mlsae.train.outputs import final_fvu, format_fvu, log_rows, sae_inputs, wandb_start
+from mlsae.train.outputs import Progress, final_fvu, format_fvu, sae_inputs
 from mlsae.train.parallel import plan_shares
 from mlsae.train.run import save_run
 
 __all__ = ["final_fvu", "format_fvu", "run_training", "train_command"]
 
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------- run setup
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def run_training(
@@ -71,19 +67,135 @@ def run_training(
     """Train (or continue) the run in `out` on `source`; returns the members with their final
     weights. With a `comm` of several processes, each reads its share of every global batch
     (`mlsae.train.parallel`) and rank 0 alone writes the checkpoints and metrics."""
-    from tqdm import tqdm
-
     cfg = run.train
+    check_source(run, source)
+    to_sae = sae_inputs(run, source, list(run.layers))
+    batches = Batches.of(run, source, comm)
+    state = TrainState(new_members(run, comm), world=comm.world)
+    if state.load(out, comm, batches.plan):
+        if comm.main:
+            log.info(f"resuming {out} at step {state.step} (epoch {state.epoch}, batch "
+                     f"{state.batch}) with the settings of {RUN_CFG}")  # fmt: skip
+    else:
+        for prm in (p for m in state.members for p in m.sae.parameters()):
+            comm.broadcast_(prm.data)  # one initialisation (the seeds already agree; as DDP)
+    if comm.main:
+        save_run(out, run)  # a resume's new --max-steps / --epochs / device hold from here on
+    k_aux = cfg.resolved_k_aux(run.d_in)
+    with StopSignals() as sig, Progress(out, run, state.step, batches.plan.total, comm) as progress:
+        for batch in batches.iterate(state):
+            batch.x = to_sae(batch)
+            rows, n_vectors = train_step(state, batch, cfg, k_aux, comm, source)
+            state.advance()
+            progress.step(rows, n_vectors, state.step, state.epoch)
+            stop = comm.any(sig.signum is not None)
+            if state.step % cfg.checkpoint_every == 0 or stop:
+                state.save(out, comm)
+            if stop:
+                comm.barrier()  # the others wait until rank 0 has written it
+                raise interrupted(out, state.step, sig.signum or signal.SIGTERM, comm.world)
+        state.save(out, comm)
+        comm.barrier()
+        progress.summary(state.step)
+    return state.members
+
+
+def train_step(
+    state: TrainState, batch: Batch, cfg: TrainConfig, k_aux: int, comm: Comm,
+    source: ActivationSource,
+) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """One optimizer step of every member on its vectors of `batch` (SAE inputs); returns one
+    metrics row per member that trained and the number of vectors (all processes) trained on."""
+    step = state.step + 1
+    if not all_finite([batch.x]):
+        raise MlsaeError(f"the vectors of step {step} from {source.describe()} hold NaN or inf")
+    rows: list[dict[str, Any]] = []
+    n_vectors = 0
+    for m in state.members:
+        x = batch.x if m.layer is None else batch.x[batch.layer == m.layer]
+        n = comm.count(len(x))
+        if n < 2:
+            continue
+        try:
+            rows.append({"sae": m.name, **m.step(x, cfg, k_aux, comm, n)})
+        except NonFinite as e:
+            raise MlsaeError(
+                f"training diverged at step {step}: {e}; lower --lr (lr {cfg.lr:g}). Nothing of "
+                f"this step was saved; the run's last checkpoint (step {state.saved_step}) holds "
+                "finite weights"
+            ) from None
+        n_vectors += n
+    return rows, n_vectors
+
+
+@dataclass
+class Batches:
+    """The run's global batches in their fixed order, from any position: this process's share
+    of the source, `local_batch` vectors of it per step (`mlsae.train.parallel`)."""
+
+    share: ActivationSource
+    layers: list[int]
+    local_batch: int
+    plan: Plan
+    seed: int
+    buffer_shards: int
+    group_tokens: bool
+    """Whole tokens per batch (all their layers together): architectures that select over a
+    token's layers (`SparseAutoencoder.token_grouped`)."""
+
+    @classmethod
+    def of(cls, run: RunConfig, source: ActivationSource, comm: Comm) -> Batches:
+        cfg, layers = run.train, list(run.layers)
+        per_read = len(layers) if run.mode == "per_layer" else 1
+        share, local, per_epoch = plan_shares(source, layers, cfg.batch_tokens * per_read, comm)
+        total = per_epoch * cfg.epochs
+        total = min(total, cfg.max_steps) if cfg.max_steps else total
+        plan = Plan(per_epoch=per_epoch, epochs=cfg.epochs, total=total)
+        grouped = bool(sae_class(run.sae.architecture).token_grouped)
+        return cls(share, layers, local, plan, cfg.seed, cfg.shuffle_buffer_shards, grouped)
+
+    def iterate(self, state: TrainState) -> Iterator[Batch]:
+        """The batches from `state`'s position to the end of the plan; the caller advances
+        `state` after each (`TrainState.advance`), this moves it from epoch to epoch."""
+        while state.step < self.plan.total:
+            if state.batch >= self.plan.per_epoch:
+                state.next_epoch()
+            stream = self.share.shuffled(  # a generator: closed (its reader thread ended) below
+                self.local_batch, self.layers, seed=self.seed, epoch=state.epoch,
+                skip_batches=state.batch, buffer_shards=self.buffer_shards, drop_last=True,
+                group_tokens=self.group_tokens,
+            )  # fmt: skip
+            with contextlib.closing(cast(Generator[Batch, None, None], stream)):
+                for batch in stream:
+                    yield batch
+                    if state.batch >= self.plan.per_epoch or state.step >= self.plan.total:
+                        break
+                else:
+                    raise MlsaeError(f"{self.share.describe()} ended after {state.batch} of "
+                                     f"epoch {state.epoch}'s {self.plan.per_epoch} batches")  # fmt: skip
+
+
+def check_source(run: RunConfig, source: ActivationSource) -> None:
+    """MlsaeError unless `source` holds the run's layers, width and (resume) data."""
     if source.d_model != run.d_in:
         raise MlsaeError(
             f"mismatched d_in: the run's SAEs take d_in = {run.d_in} but {source.describe()} "
             f"holds d_model = {source.d_model}"
         )
-    layers = list(run.layers)
-    source.layer_positions(layers)  # every layer of the run must be in the source
-    to_sae = sae_inputs(run, source, layers)
+    source.layer_positions(list(run.layers))  # every layer of the run must be in the source
+    have = getattr(source, "fingerprint", None)
+    if run.fingerprint is not None and have is not None and have != run.fingerprint:
+        raise MlsaeError(
+            f"{source.describe()} is not the data this run started on (its shards changed "
+            f"since: fingerprint {have[:12]}, the run's {run.fingerprint[:12]}): resume needs "
+            "that cache; train a new run with --out instead"
+        )
+
+
+def new_members(run: RunConfig, comm: Comm) -> list[Member]:
+    """The run's SAEs freshly initialised from their seeds, each with Adam and a zero counter."""
     device = resolve_device(run.model.device)
-    dtype = resolve_compute_dtype(cfg.compute_dtype, verbose=comm.main, device=device)
+    dtype = resolve_compute_dtype(run.train.compute_dtype, verbose=comm.main, device=device)
     set_malloc_retain(True)  # no page faults for each step's large temporaries
     kernel_backend()  # build/load the native kernels now; logs which backend runs
     members = []
@@ -97,134 +209,14 @@ def run_training(
         sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype, device=device)
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
         layer = s.layers[0] if run.mode == "per_layer" else None
-        members.append(Member(s.name, sae, make_adam(sae.parameters(), cfg), layer, since))
-    per_read = len(layers) if run.mode == "per_layer" else 1
-    read_batch = cfg.batch_tokens * per_read
-    share, local_batch, per_epoch = plan_shares(source, layers, read_batch, comm)
-    total = per_epoch * cfg.epochs
-    total = min(total, cfg.max_steps) if cfg.max_steps else total
-    have = getattr(source, "fingerprint", None)
-    if run.fingerprint is not None and have is not None and have != run.fingerprint:
-        raise MlsaeError(
-            f"{source.describe()} is not the data this run started on (its shards changed "
-            f"since: fingerprint {have[:12]}, the run's {run.fingerprint[:12]}): resume needs "
-            "that cache; train a new run with --out instead"
-        )
-    step = epoch = batch_i = 0
-    ck = comm.broadcast_object(load_checkpoint(out) if comm.main else None)
-    if ck is not None:
-        step, epoch, batch_i = ck["step"], ck["epoch"], ck["batch"]
-        if int(ck.get("world", 1)) != comm.world:
-            raise MlsaeError(f"{out} was trained on {ck.get('world', 1)} process(es): resume it "
-                             f"with --nproc {ck.get('world', 1)} (the data order depends on it)")  # fmt: skip
-        for m in members:
-            if m.name not in ck["members"]:
-                raise MlsaeError(f"checkpoint of {out} lacks SAE {m.name}: not this run's")
-            m.load(ck["members"][m.name])
-        if comm.main:
-            log.info(f"resuming {out} at step {step} (epoch {epoch}, batch {batch_i}) with the "
-                     f"settings of {RUN_CFG}")  # fmt: skip
-    else:
-        for m in members:  # one initialisation (the seeds already agree; as DDP does)
-            for prm in m.sae.parameters():
-                comm.broadcast_(prm.data)
-    if comm.main:
-        save_run(out, run)  # a resume's new --max-steps / --epochs / device hold from here on
-    k_aux = cfg.resolved_k_aux(run.d_in)
-    saved = [step]  # the step of the last checkpoint
-
-    def checkpoint() -> None:
-        bad = [m.name for m in members if not all_finite(m.sae.parameters())]
-        if bad:  # never reached: the step checks first; a non-finite SAE is never saved
-            raise MlsaeError(f"SAE(s) {bad} hold NaN or inf weights at step {step}: not saved")
-        saved[0] = step
-        if comm.main:
-            state = {"step": step, "epoch": epoch, "batch": batch_i, "world": comm.world}
-            save_checkpoint(out, {**state, "members": {m.name: m.state() for m in members}})
-            for m in members:
-                m.sae.save(out / m.name)
-
-    metrics_log = open_metrics(out, step) if comm.main else contextlib.nullcontext()
-    wb = wandb_start(out, run) if cfg.wandb and comm.main else None
-    bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True,
-               disable=not comm.main)  # fmt: skip
-    t_start, v_done = time.perf_counter(), 0
-    try:
-        with StopSignals() as sig, bar, metrics_log:
-            while step < total and epoch < cfg.epochs:
-                if batch_i >= per_epoch:  # a checkpoint taken at the end of an epoch
-                    epoch, batch_i = epoch + 1, 0
-                    continue
-                batches = share.shuffled(
-                    local_batch, layers, seed=cfg.seed, epoch=epoch, skip_batches=batch_i,
-                    buffer_shards=cfg.shuffle_buffer_shards, drop_last=True,
-                    group_tokens=any(m.sae.token_grouped for m in members),
-                )  # fmt: skip
-                t0 = time.perf_counter()
-                epoch_done = True
-                for batch in batches:
-                    batch.x = to_sae(batch)
-                    if not all_finite([batch.x]):
-                        raise MlsaeError(f"the vectors of step {step + 1} from "
-                                         f"{source.describe()} hold NaN or inf")  # fmt: skip
-                    rows, n_step = [], 0
-                    for m in members:
-                        x = _member_x(m, batch)
-                        n = comm.count(len(x))
-                        if n < 2:
-                            continue
-                        try:
-                            rows.append({"sae": m.name, **m.step(x, cfg, k_aux, comm, n)})
-                        except NonFinite as e:
-                            raise MlsaeError(
-                                f"training diverged at step {step + 1}: {e}; lower --lr (lr "
-                                f"{cfg.lr:g}). Nothing of this step was saved; the run's last "
-                                f"checkpoint (step {saved[0]}) holds finite weights"
-                            ) from None
-                        n_step += n
-                    step, batch_i = step + 1, batch_i + 1
-                    t1 = time.perf_counter()
-                    vps = n_step / max(t1 - t0, 1e-9)
-                    v_done += n_step
-                    if comm.main:
-                        log_rows(metrics_log, wb, rows, step, epoch, vps)
-                    bar.set_postfix(
-                        fvu=f"{rows[0]['fvu']:.3f}" if rows else "-", vec_s=f"{vps:.0f}"
-                    )
-                    bar.update(1)
-                    stop = comm.any(sig.signum is not None)
-                    if step % cfg.checkpoint_every == 0 or stop:
-                        checkpoint()
-                    if stop:
-                        comm.barrier()  # the others wait until rank 0 has written it
-                        signum = sig.signum or signal.SIGTERM
-                        raise Interrupted(
-                            signum,
-                            f"stopped by signal {signum} at step {step}: checkpoint saved; "
-                            f"continue with `mlsae train --resume {out}"
-                            + (f" --nproc {comm.world}`" if comm.world > 1 else "`"),
-                        )
-                    if batch_i >= per_epoch:  # every process's share of the epoch is read
-                        break
-                    if step >= total:
-                        epoch_done = False
-                        break
-                    t0 = time.perf_counter()
-                if epoch_done:
-                    epoch, batch_i = epoch + 1, 0
-            checkpoint()
-            comm.barrier()
-    finally:
-        if wb is not None:
-            wb.finish()
-    el = time.perf_counter() - t_start
-    if v_done and comm.main:
-        log.info(f"{step} steps; {v_done / el:.0f} vectors/s over this session")
+        members.append(Member(s.name, sae, make_adam(sae.parameters(), run.train), layer, since))
     return members
 
 
-def _member_x(m: Member, batch: Batch) -> Tensor:
-    return batch.x if m.layer is None else batch.x[batch.layer == m.layer]
+def interrupted(out: Path, step: int, signum: int, world: int) -> Interrupted:
+    nproc = f" --nproc {world}`" if world > 1 else "`"
+    return Interrupted(signum, f"stopped by signal {signum} at step {step}: checkpoint saved; "
+                               f"continue with `mlsae train --resume {out}{nproc}")  # fmt: skip
 
 
 def train_command(

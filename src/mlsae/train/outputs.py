@@ -4,16 +4,20 @@ FVU pass (final_fvu.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
 from mlsae.activations.source import ActivationSource
 from mlsae.core.config import RunConfig
+from mlsae.core.dist import Comm
 from mlsae.core.errors import MlsaeError
+from mlsae.train.checkpoint import open_metrics
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +25,62 @@ EVAL_VECTORS = 65536
 """Vectors of the final per-layer FVU pass (train tokens; `mlsae evaluate` does held-out)."""
 
 
-def log_rows(
-    metrics_log: Any, wb: Any, rows: list[dict[str, Any]], step: int, epoch: int, vps: float
-) -> None:
-    """One line per SAE of the step in RUN/metrics.jsonl (and W&B)."""
-    for r in rows:
-        metrics_log.write(
-            json.dumps({"step": step, "epoch": epoch, **r, "vectors_per_s": vps}) + "\n"
+class Progress:
+    """What a run reports as it goes: one metrics.jsonl row per SAE and step (and W&B), rank 0
+    only; the progress bar; vectors per second. A context manager (closes the log and W&B)."""
+
+    def __init__(self, out: Path, run: RunConfig, start: int, total: int, comm: Comm) -> None:
+        from tqdm import tqdm
+
+        self.stack = contextlib.ExitStack()
+        self.log: TextIO | None = None
+        self.wb: Any = None
+        if comm.main:
+            self.log = self.stack.enter_context(open_metrics(out, start))
+            if run.train.wandb:
+                self.wb = wandb_start(out, run)
+                self.stack.callback(self.wb.finish)
+        self.bar = self.stack.enter_context(
+            tqdm(
+                total=total,
+                initial=start,
+                unit="step",
+                desc="train",
+                dynamic_ncols=True,
+                disable=not comm.main,
+            )  # fmt: skip
         )
-    metrics_log.flush()
-    if wb is not None:
-        wb.log({f"{r['sae']}/{k}": v for r in rows for k, v in r.items() if k != "sae"}, step=step)
+        self.main, self.start_step = comm.main, start
+        self.t_start = self.t_last = time.perf_counter()
+        self.vectors = 0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+
+    def step(self, rows: list[dict[str, Any]], n_vectors: int, step: int, epoch: int) -> None:
+        """Report step `step` (its rows: one per SAE that trained on it)."""
+        now = time.perf_counter()
+        vps = n_vectors / max(now - self.t_last, 1e-9)
+        self.t_last, self.vectors = now, self.vectors + n_vectors
+        if self.log is not None:
+            for r in rows:
+                row = {"step": step, "epoch": epoch, **r, "vectors_per_s": vps}
+                self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
+        if self.wb is not None:
+            self.wb.log({f"{r['sae']}/{k}": v for r in rows for k, v in r.items() if k != "sae"},
+                        step=step)  # fmt: skip
+        self.bar.set_postfix(fvu=f"{rows[0]['fvu']:.3f}" if rows else "-", vec_s=f"{vps:.0f}")
+        self.bar.update(1)
+
+    def summary(self, step: int) -> None:
+        """Log the session's throughput (rank 0)."""
+        if self.vectors and self.main:
+            rate = self.vectors / (time.perf_counter() - self.t_start)
+            log.info(f"{step} steps; {rate:.0f} vectors/s over this session")
 
 
 def sae_inputs(run: RunConfig, source: ActivationSource, layers: list[int]) -> Any:
