@@ -50,7 +50,7 @@ from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import kernel_backend, set_malloc_retain
 from mlsae.train.checkpoint import StopSignals, load_checkpoint, open_metrics, save_checkpoint
-from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam
+from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam, step_probe
 from mlsae.train.outputs import final_fvu, format_fvu, log_rows, sae_inputs, wandb_start
 from mlsae.train.parallel import plan_shares
 from mlsae.train.run import save_run
@@ -63,6 +63,18 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def _compute_dtype(run: RunConfig, device: torch.device, comm: Comm) -> torch.dtype | None:
+    """The run's compute dtype; `auto` on a CPU is measured by rank 0 alone (None elsewhere),
+    timing the step of the run's largest SAE."""
+    name = run.train.compute_dtype
+    if not comm.main and name == "auto" and device.type == "cpu":
+        return None
+    big = max(run.members, key=lambda s: s.expansion_factor)
+    shape = (run.d_in, run.d_in * big.expansion_factor)
+    probe = step_probe(run.d_in, big.expansion_factor, big.k)
+    return resolve_compute_dtype(name, verbose=comm.main, device=device, shape=shape, probe=probe)
 
 
 def run_training(
@@ -83,7 +95,7 @@ def run_training(
     source.layer_positions(layers)  # every layer of the run must be in the source
     to_sae = sae_inputs(run, source, layers)
     device = resolve_device(run.model.device)
-    dtype = resolve_compute_dtype(cfg.compute_dtype, verbose=comm.main, device=device)
+    dtype = comm.broadcast_object(_compute_dtype(run, device, comm))  # every process alike
     set_malloc_retain(True)  # no page faults for each step's large temporaries
     kernel_backend()  # build/load the native kernels now; logs which backend runs
     members = []
@@ -96,7 +108,14 @@ def run_training(
         sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype, device=device)
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
         layer = s.layers[0] if run.mode == "per_layer" else None
-        members.append(Member(s.name, sae, make_adam(sae.parameters(), cfg), layer, since))
+        members.append(
+            Member(s.name, sae, make_adam(sae.parameters(), cfg, sc.d_sae), layer, since)
+        )
+        if comm.main:
+            how = "--lr" if cfg.lr is not None else "default: 2e-4 / sqrt(d_sae / 2^14)"
+            log.info(
+                f"{s.name}: learning rate {cfg.resolved_lr(sc.d_sae):.3g} ({how}, d_sae {sc.d_sae})"
+            )
     per_read = len(layers) if run.mode == "per_layer" else 1
     read_batch = cfg.batch_tokens * per_read
     share, local_batch, per_epoch = plan_shares(source, layers, read_batch, comm)
@@ -176,7 +195,7 @@ def run_training(
                         except NonFinite as e:
                             raise MlsaeError(
                                 f"training diverged at step {step + 1}: {e}; lower --lr (lr "
-                                f"{cfg.lr:g}). Nothing of this step was saved; the run's last "
+                                f"{m.opt.param_groups[0]['lr']:g}). Nothing of this step was saved; the run's last "
                                 f"checkpoint (step {saved[0]}) holds finite weights"
                             ) from None
                         n_step += n
