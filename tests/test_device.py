@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mlsae.core import compute
+from mlsae.core.calibrate import Calibration
 from mlsae.core.compute import resolve_compute_dtype, resolve_device
 from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
@@ -57,8 +58,14 @@ def test_device_resolution_with_gpus(gpus, monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+def _verdict(bf16: bool) -> Calibration:
+    return Calibration("cpu", torch.__version__, 1, [8, 16], "bfloat16" if bf16 else "float32",
+                       "steps", [1.0, 1.0])  # fmt: skip
+
+
 def test_compute_dtype_is_decided_per_device(gpus, monkeypatch):
-    monkeypatch.setattr(compute, "_cpu_has_amx", lambda: False)
+    fast = [False]  # the CPU calibration's verdict (tests/test_compute.py tests the measurement)
+    monkeypatch.setattr(compute, "cpu_calibration", lambda *a, **k: _verdict(fast[0]))
     # a GPU merely present does not make the CPU's matmuls bf16 (the old rule did)
     assert resolve_compute_dtype("auto", verbose=False, device="cpu") == torch.float32
     assert resolve_compute_dtype("auto", verbose=False) == torch.float32
@@ -71,7 +78,7 @@ def test_compute_dtype_is_decided_per_device(gpus, monkeypatch):
     assert resolve_compute_dtype("auto", verbose=False, device="cuda:0") == torch.float32
     assert not torch.backends.cuda.matmul.allow_tf32
     assert resolve_compute_dtype("auto", verbose=False, device="mps") == torch.float32
-    monkeypatch.setattr(compute, "_cpu_has_amx", lambda: True)
+    fast[0] = True
     assert resolve_compute_dtype("auto", verbose=False, device="cpu") == torch.bfloat16
     assert resolve_compute_dtype("bfloat16", verbose=False, device="mps") == torch.bfloat16
     with pytest.raises(MlsaeError, match="unknown compute dtype"):

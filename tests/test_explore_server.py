@@ -91,7 +91,7 @@ def test_prompt_heatmap_equals_direct_encode(url, world, ref) -> None:
     row = dense_codes(world["run"] / "sae", hs[2][0].double().numpy())[3]
     want = [int(j) for j in np.argsort(-row) if row[j] > 0]
     assert [j for j, _ in d["top_at"]] == want
-    np.testing.assert_allclose([a for _, a in d["top_at"]], row[want], rtol=1e-3)
+    np.testing.assert_allclose([a for _, a in d["top_at"]], row[want], rtol=1e-3, atol=1e-4)
 
 
 def test_spliced_distribution_equals_hooked_reconstruction(url, world, ref) -> None:

@@ -213,8 +213,10 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
             source=SourceConfig(cache=root / cache, batch_size=4),
         )
         assert r["space"] == "tuned-lens" and r["lens"] == lens_ref(root / "lens")
-        np.testing.assert_allclose(r["per_layer"]["fvu"], ref["fvu"], rtol=1e-4)
-        np.testing.assert_allclose(r["per_layer"]["fvu_model"], ref["fvu_model"], rtol=1e-4)
+        np.testing.assert_allclose(r["per_layer"]["fvu"], ref["fvu"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            r["per_layer"]["fvu_model"], ref["fvu_model"], rtol=1e-4, atol=1e-6
+        )
         np.testing.assert_allclose(
             r["per_layer"]["delta_ce"], ref["delta_ce"], rtol=1e-3, atol=1e-5
         )
@@ -226,7 +228,7 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
     r = evaluate_command(tmp_path / "run", tmp_path / "m.json",
                          data=DataConfig(dataset=str(root / "docs.jsonl"), split="test", context_length=CTX),
                          source=SourceConfig(tokens=8 * CTX, batch_size=4))  # fmt: skip
-    np.testing.assert_allclose(r["per_layer"]["fvu_model"], ref["fvu_model"], rtol=1e-4)
+    np.testing.assert_allclose(r["per_layer"]["fvu_model"], ref["fvu_model"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(r["per_layer"]["delta_ce"], ref["delta_ce"], rtol=1e-3, atol=1e-5)
 
 
@@ -319,7 +321,7 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
         for k in ("pass_through", "appear", "disappear"):
             assert p[k] == pytest.approx(q[k], abs=1e-6), k
     for p, q in zip(fly["match"], stored["match"], strict=True):
-        assert p == pytest.approx(q, rel=1e-4)
+        assert p == pytest.approx(q, rel=1e-4, abs=1e-6)
     # a model-space per-layer set refuses the lens cache
     _train(root, tmp_path / "pp", "cache_train", "--per-layer")
     with pytest.raises(MlsaeError, match="cache holds tuned-lens vectors"):

@@ -245,7 +245,7 @@ def test_two_processes_equal_one_and_a_killed_rank_stops_the_job(tmp_path):
     assert (ref.since >= 22).any()  # some latents are dead: AuxK ran
     rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-4)
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-4, abs=1e-6)
     # the one-process math on other batches (1 process' own order) differs: the test can fail
     one, _ = emulate(cache, 1, STEPS)
     assert not torch.allclose(one.sae.W_enc, ref.sae.W_enc, atol=1e-4)

@@ -244,16 +244,20 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     for key, want in [("rel_var_latent", b["rel_var_latent"]), ("rel_var_token",
                       b["rel_var_token"]), ("multi_layer_fraction_aggregate", b["agg"]),
                       ("multi_layer_fraction_token", b["tok"])]:  # fmt: skip
-        assert s[key] == pytest.approx(want, rel=1e-6), key
+        assert s[key] == pytest.approx(want, rel=1e-6, abs=1e-6), key
     xc = x - x.mean(0)
     cos = torch.nn.functional.cosine_similarity(xc[:, :-1], xc[:, 1:], dim=-1).mean(0)
-    np.testing.assert_allclose(s["adjacent_cosine"], cos.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(s["norm_mean"], x.norm(dim=-1).mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(s["adjacent_cosine"], cos.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s["norm_mean"], x.norm(dim=-1).mean(0).numpy(), rtol=1e-6, atol=1e-6)
     # the single-layer SAE is applied to every layer of the same tokens
     dl1, _ = _dense_reference(root, root / "l1" / "sae", [0, 1, 2])
     b1 = brute(dl1, ones, [0, 1, 2])
-    assert s["compare"][0]["rel_var_token"] == pytest.approx(b1["rel_var_token"], rel=1e-6)
-    assert s["compare"][0]["rel_var_latent"] == pytest.approx(b1["rel_var_latent"], rel=1e-6)
+    assert s["compare"][0]["rel_var_token"] == pytest.approx(
+        b1["rel_var_token"], rel=1e-6, abs=1e-6
+    )
+    assert s["compare"][0]["rel_var_latent"] == pytest.approx(
+        b1["rel_var_latent"], rel=1e-6, abs=1e-6
+    )
     # the prompt: its own tokens through the model at every layer
     from mlsae.data.capture import capture
     from mlsae.sae.folders import load_sae
@@ -271,11 +275,13 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     counted[0] = False  # position 0 (BOS) is never counted
     bp = brute(dp[counted], torch.ones(int(counted.sum()), dtype=torch.bool), [0, 1, 2])
     assert s["prompts"][0]["n_tokens"] == ids.shape[1] - 1
-    assert s["prompts"][0]["rel_var_token"] == pytest.approx(bp["rel_var_token"], rel=1e-5)
+    assert s["prompts"][0]["rel_var_token"] == pytest.approx(
+        bp["rel_var_token"], rel=1e-5, abs=1e-6
+    )
     # outputs: per-latent arrays, every figure, eval table and configs in the report
     z = np.load(out / "latents.npz")
     for j in b["alive"][:5]:
-        assert z["expected_layer"][j] == pytest.approx(b["E"][j], rel=1e-6)
+        assert z["expected_layer"][j] == pytest.approx(b["E"][j], rel=1e-6, abs=1e-6)
     text = (out / "report.html").read_text()
     assert text.count("data:image/png;base64,") == len(s["figures"]) == 7
     # the paper code's ratios beside ours (one partial batch: fewer than 2048 used tokens)
@@ -284,7 +290,7 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     pb, pf = paper_brute(dense, ones, 2048), s["paper_formula"]
     assert pf["batch_tokens"] == 2048 and pf["n_batches"] == 1
     for key in ("rel_var_latent", "rel_var_token", "active_pair_fraction"):
-        assert pf[key] == pytest.approx(pb[key], rel=1e-6), key
+        assert pf[key] == pytest.approx(pb[key], rel=1e-6, abs=1e-6), key
     assert "paper code: rel_var_token" in text and "The gap is the formula" in text
     assert "train_cfg.json" in text and "eval.json" in text and not re.search(r"https?:", text)
     assert not list(out.glob("*.tmp*"))

@@ -8,8 +8,9 @@ Compute dtype (`--compute-dtype`, the SAE encoder's matmul): never hard-coded, d
 device by `auto`:
 - CUDA: bf16 where the GPU supports it (compute capability >= 8.0: Ampere and later, where
   float32 matmuls also run as TF32), else float32.
-- CPU: bf16 only where the CPU reports AMX (bf16 matmul 5-7x faster than fp32 there, ~100x
-  slower on AVX2-only CPUs), else float32.
+- CPU: measured, not read from CPU flags (bf16 matmuls are 5-7x fp32 with AMX, 2-2.7x on Zen 4,
+  ~100x slower on AVX2-only CPUs): a short calibration at first use, cached per CPU model and
+  torch version (`mlsae.core.calibrate`); bf16 only where clearly faster.
 - MPS: float32.
 The choice is logged once.
 """
@@ -23,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from mlsae.core.calibrate import StepProbe, cpu_calibration
 from mlsae.core.errors import MlsaeError
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,6 @@ def cpu_capability() -> str:
         return str(torch.backends.cpu.get_cpu_capability())
     except Exception:  # pragma: no cover - very old torch
         return "unknown"
-
-
-def _cpu_has_amx() -> bool:
-    if "AMX" in cpu_capability().upper():
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
 
 
 def _mps_available() -> bool:
@@ -90,13 +82,19 @@ def cuda_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def has_fast_bf16(device: torch.device | str | None = None) -> bool:
-    """True where bf16 matmul is native on `device` (default cpu): recent GPUs, AMX CPUs."""
+def has_fast_bf16(
+    device: torch.device | str | None = None,
+    shape: tuple[int, int] = (576, 4608),
+    probe: StepProbe | None = None,
+) -> bool:
+    """True where bf16 is clearly faster on `device` (default cpu): CUDA GPUs of capability
+    >= 8.0; CPUs where the calibration (for SAE inputs of width d and d_sae m = `shape`, with
+    SAE steps timed by `probe` where given) measured it so."""
     dev = torch.device(device or "cpu")
     if dev.type == "cuda":
         return cuda_bf16(dev)
     if dev.type == "cpu":
-        return _cpu_has_amx()
+        return cpu_calibration(*shape, probe=probe).choice == "bfloat16"
     return False
 
 
@@ -104,16 +102,19 @@ def resolve_compute_dtype(
     name: DtypeName | str = "auto",
     verbose: bool = True,
     device: torch.device | str | None = None,
+    shape: tuple[int, int] = (576, 4608),
+    probe: StepProbe | None = None,
 ) -> torch.dtype:
     """Map a user setting to a torch dtype for `device` (default cpu): `auto` = bf16 where it
-    is fast there, else fp32. On CUDA GPUs with TF32, float32 matmuls are allowed to use it."""
+    is clearly faster there (`has_fast_bf16`), else fp32. On CUDA GPUs with TF32, float32
+    matmuls are allowed to use it."""
     dev = torch.device(device or "cpu")
     if name == "float32":
         dtype = torch.float32
     elif name == "bfloat16":
         dtype = torch.bfloat16
     elif name == "auto":
-        dtype = torch.bfloat16 if has_fast_bf16(dev) else torch.float32
+        dtype = torch.bfloat16 if has_fast_bf16(dev, shape, probe) else torch.float32
     else:
         raise MlsaeError(f"unknown compute dtype {name!r} (auto, float32, bfloat16)")
     if cuda_bf16(dev):
@@ -137,5 +138,7 @@ def describe_device(device: torch.device) -> str:
 
 @functools.cache
 def _announce(name: str, dtype: torch.dtype, device: str) -> None:
-    log.info(f"device {describe_device(torch.device(device))}; compute dtype {dtype} "
-             f"(setting: {name})")  # fmt: skip
+    how = f"setting: {name}"
+    if name == "auto" and device == "cpu":
+        how = f"auto: {cpu_calibration().summary()}; override with --compute-dtype"
+    log.info(f"device {describe_device(torch.device(device))}; compute dtype {dtype} ({how})")

@@ -6,6 +6,7 @@ with messages that name the command-line option. The CLI options are derived fro
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -269,14 +270,22 @@ class SaeGridConfig:
               "--per-layer takes one --expansion-factor and one -k")  # fmt: skip
 
 
+LR_BASE = 2e-4
+"""The default learning rate at LR_BASE_LATENTS latents (TrainConfig.lr)."""
+LR_BASE_LATENTS = 2**14
+
+
 @dataclass
 class TrainConfig:
     """How the SAE is optimised (SPEC section 2)."""
 
     batch_tokens: int = 4096
     """Vectors per optimizer step, per SAE (paper: 131072; a setting on a small machine)."""
-    lr: float = 1e-4
-    """Adam learning rate (constant; paper 1e-4)."""
+    lr: float | None = None
+    """Adam learning rate (constant). Default: scaled with the dictionary, 2e-4 / sqrt(d_sae /
+    2^14) (sparsify's rule: 1.4e-4 at the paper's R=64 on Pythia-70m, 3.8e-4 at R=8 on
+    SmolLM2's d_model 576); the training log prints it. The paper's fixed 1e-4 leaves small
+    dictionaries untrained at CPU budgets (docs/performance.md: the sweep)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     eps: float = 6.25e-10
@@ -307,7 +316,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.batch_tokens >= 2, "--batch-tokens must be >= 2")
-        check(self.lr > 0 and self.lr < float("inf"), "--lr must be a finite number > 0")
+        check(self.lr is None or 0 < self.lr < float("inf"), "--lr must be a finite number > 0")
         check(self.epochs >= 1, "--epochs must be >= 1")
         check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
         check(self.dead_tokens >= 1, "--dead-tokens must be >= 1")
@@ -318,6 +327,10 @@ class TrainConfig:
         check(all(0 <= b < 1 for b in self.betas), "--betas must both be in [0, 1)")
         check(self.shuffle_buffer_shards >= 1, "--shuffle-buffer-shards must be >= 1")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+    def resolved_lr(self, d_sae: int) -> float:
+        """--lr, else the default rule for a dictionary of d_sae latents (see `lr`)."""
+        return self.lr if self.lr is not None else LR_BASE / math.sqrt(d_sae / LR_BASE_LATENTS)
 
     def resolved_k_aux(self, d_in: int) -> int:
         if self.k_aux is not None:

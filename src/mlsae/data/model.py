@@ -59,8 +59,10 @@ class LoadedModel:
 
 
 def cache_root() -> Path:
-    """`$MLSAE_CACHE` or `~/.cache/mlsae`."""
-    return Path(os.environ.get("MLSAE_CACHE") or Path.home() / ".cache" / "mlsae").expanduser()
+    """`$MLSAE_CACHE` or `~/.cache/mlsae` (`mlsae.core.calibrate.cache_root`)."""
+    from mlsae.core.calibrate import cache_root as root
+
+    return root()
 
 
 def default_gguf_path() -> Path:

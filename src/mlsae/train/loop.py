@@ -51,7 +51,7 @@ from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import kernel_backend, set_malloc_retain
 from mlsae.sae.registry import sae_class
 from mlsae.train.checkpoint import Plan, StopSignals, TrainState
-from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam
+from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam, step_probe
 from mlsae.train.outputs import Progress, final_fvu, format_fvu, sae_inputs
 from mlsae.train.parallel import plan_shares
 from mlsae.train.run import save_run
@@ -120,8 +120,8 @@ def train_step(
             rows.append({"sae": m.name, **m.step(x, cfg, k_aux, comm, n)})
         except NonFinite as e:
             raise MlsaeError(
-                f"training diverged at step {step}: {e}; lower --lr (lr {cfg.lr:g}). Nothing of "
-                f"this step was saved; the run's last checkpoint (step {state.saved_step}) holds "
+                f"training diverged at step {step}: {e}; lower --lr (lr "
+                f"{m.opt.param_groups[0]['lr']:g}). Nothing of this step was saved; the run's last checkpoint (step {state.saved_step}) holds "
                 "finite weights"
             ) from None
         n_vectors += n
@@ -192,10 +192,22 @@ def check_source(run: RunConfig, source: ActivationSource) -> None:
         )
 
 
+def _compute_dtype(run: RunConfig, device: torch.device, comm: Comm) -> torch.dtype | None:
+    """The run's compute dtype; `auto` on a CPU is measured by rank 0 alone (None elsewhere),
+    timing the step of the run's largest SAE."""
+    name = run.train.compute_dtype
+    if not comm.main and name == "auto" and device.type == "cpu":
+        return None
+    big = max(run.members, key=lambda s: s.expansion_factor)
+    shape = (run.d_in, run.d_in * big.expansion_factor)
+    probe = step_probe(run.d_in, big.expansion_factor, big.k)
+    return resolve_compute_dtype(name, verbose=comm.main, device=device, shape=shape, probe=probe)
+
+
 def new_members(run: RunConfig, comm: Comm) -> list[Member]:
     """The run's SAEs freshly initialised from their seeds, each with Adam and a zero counter."""
     device = resolve_device(run.model.device)
-    dtype = resolve_compute_dtype(run.train.compute_dtype, verbose=comm.main, device=device)
+    dtype = comm.broadcast_object(_compute_dtype(run, device, comm))  # every process alike
     set_malloc_retain(True)  # no page faults for each step's large temporaries
     kernel_backend()  # build/load the native kernels now; logs which backend runs
     members = []
@@ -209,7 +221,12 @@ def new_members(run: RunConfig, comm: Comm) -> list[Member]:
         sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype, device=device)
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
         layer = s.layers[0] if run.mode == "per_layer" else None
-        members.append(Member(s.name, sae, make_adam(sae.parameters(), run.train), layer, since))
+        adam = make_adam(sae.parameters(), run.train, sc.d_sae)
+        members.append(Member(s.name, sae, adam, layer, since))
+        if comm.main:
+            how = "--lr" if run.train.lr is not None else "default: 2e-4 / sqrt(d_sae / 2^14)"
+            lr = run.train.resolved_lr(sc.d_sae)
+            log.info(f"{s.name}: learning rate {lr:.3g} ({how}, d_sae {sc.d_sae})")
     return members
 
 

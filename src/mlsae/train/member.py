@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mlsae.core.config import TrainConfig
+from mlsae.core.config import SaeConfig, TrainConfig
 from mlsae.core.dist import Comm
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.train.parallel import sum_grads
@@ -20,13 +20,42 @@ SINGLE = Comm()
 """The Comm of a single-process run (every collective is the identity)."""
 
 
-def make_adam(params, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam (SPEC 2), the fused CPU kernel where this torch has one."""
+def make_adam(params, cfg: TrainConfig, d_sae: int | None = None) -> torch.optim.Adam:
+    """Adam (SPEC 2), the fused CPU kernel where this torch has one; the learning rate is
+    cfg.resolved_lr(d_sae) (d_sae may be left out when cfg.lr is set)."""
     betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.lr is None and d_sae is None:
+        raise ValueError("make_adam: the default learning rate needs d_sae")
+    lr = cfg.resolved_lr(d_sae or 0)
     try:
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=cfg.eps, fused=True)
     except (RuntimeError, TypeError):  # pragma: no cover - old torch
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.eps)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=cfg.eps)
+
+
+def step_probe(
+    d_in: int, expansion_factor: int, k: int
+) -> Callable[[torch.dtype, int], Callable[[], object]]:
+    """For `--compute-dtype auto`'s calibration (`mlsae.core.calibrate`): (dtype, rows) -> one
+    training step (forward, backward, Adam, decoder renorm) of an SAE of this shape on `rows`
+    random vectors in that compute dtype."""
+
+    def make(dtype: torch.dtype, rows: int) -> Callable[[], object]:
+        cfg = SaeConfig(d_in=d_in, expansion_factor=expansion_factor, k=k)
+        sae = SparseAutoencoder(cfg, compute_dtype=dtype)
+        opt = make_adam(sae.parameters(), TrainConfig(), cfg.d_sae)
+        x = torch.randn(rows, d_in, generator=torch.Generator().manual_seed(0))
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            sae.train_step_forward(x).loss.backward()
+            sae.remove_parallel_grad_()
+            opt.step()
+            sae.normalize_decoder_()
+
+        return step
+
+    return make
 
 
 @dataclass
