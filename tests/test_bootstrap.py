@@ -99,3 +99,36 @@ def test_interval_covers_the_truth_statistically() -> None:
         assert iv is not None
         hits += iv.low <= 1.0 <= iv.high
     assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_layer_stats_resamples_match_recomputing_on_the_resampled_contexts() -> None:
+    """Every analysis statistic of a resample (vectorised, from per-context sums) equals
+    LayerStats run from scratch on the resampled contexts' tokens."""
+    from mlsae.analysis.layers import LayerStats
+    from mlsae.core.stage_config import BootstrapConfig
+
+    g = torch.Generator().manual_seed(3)
+    C, T, layers, n_lat = 6, 5, [2, 5, 9], 7
+    a = torch.rand(C, T, len(layers), n_lat, generator=g)
+    a = a * (torch.rand(a.shape, generator=g) < 0.3)  # sparse, some latents dead in contexts
+    a[2, :, :, 0] = 0  # latent 0 only outside context 2
+    acc = LayerStats(n_lat, layers, boot=BootstrapConfig(bootstrap=25, bootstrap_seed=4))
+    ids = torch.arange(C).repeat_interleave(T)
+    acc.update_dense(a.reshape(C * T, len(layers), n_lat))  # without contexts: not kept
+    assert acc.contexts is not None and not acc.contexts.row
+    acc = LayerStats(n_lat, layers, boot=BootstrapConfig(bootstrap=25, bootstrap_seed=4))
+    idx = torch.arange(n_lat).expand(C * T, len(layers), n_lat)
+    acc.update(a.reshape(C * T, len(layers), n_lat), idx, contexts=ids)
+    assert acc.contexts is not None
+    bs = Bootstrap(C, 25, seed=4)
+    got = acc.contexts._resampled(bs.counts)
+    for b, draw in enumerate(resample_indices(C, 25, 4)):
+        ref = LayerStats(n_lat, layers)
+        for c in draw:
+            ref.update_dense(a[c])
+        r = ref.result()
+        for key, val in got.items():
+            assert float(val[b]) == pytest.approx(getattr(r, key), rel=1e-9, abs=1e-12), key
+    res = acc.result()
+    assert res.intervals is not None and res.intervals.bootstrap.n_contexts == C
+    assert res.intervals.rel_var_latent is not None

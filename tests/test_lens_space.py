@@ -295,7 +295,7 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     text = (tmp_path / "a" / "report.html").read_text()
     assert "With the tuned lens vs without" in text and "tuned-lens space" in text
     assert "<h2>Tuned lens</h2>" in text and "eval: fvu_model" in text
-    assert f"held-out FVU is {ev['mean']['fvu_model']:.3g} vs {pev['mean']['fvu']:.3g}" in text
+    assert f"held-out FVU is {ev.mean.fvu_model:.3g} vs {pev.mean.fvu:.3g}" in text
     assert c["eval_mean"]["fvu_model"] == pytest.approx(ev.mean.fvu_model)
     assert s["lens_eval"]["tuned"]["kl"] == lens_eval["tuned"]["kl"]
     saved = json.loads((tmp_path / "a" / "analysis.json").read_text())

@@ -176,6 +176,7 @@ def analyze(
     model: ModelConfig,
     source: SourceConfig,
     cfg: AnalysisConfig,
+    boot: BootstrapConfig,
     prompt: Annotated[
         list[str] | None, typer.Option(help="Prompt for a per-prompt heatmap (repeatable)")
     ] = None,
@@ -194,7 +195,7 @@ def analyze(
     from mlsae.report.analyze import analyze_command
 
     analyze_command(run, out, source=source, data=data, model=model, prompts=prompt,
-                    compare=compare, evolution=evolution, lens=lens, cfg=cfg)  # fmt: skip
+                    compare=compare, evolution=evolution, lens=lens, cfg=cfg, boot=boot)  # fmt: skip
     print(f"report: {out / 'report.html'}")
 
 
