@@ -18,6 +18,7 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.stage_config import EvalConfig
 from mlsae.eval.cross import cross_command
 from mlsae.eval.evaluate import evaluate_command
+from mlsae.eval.result import EvalResult
 from mlsae.report.figures import cross_figures
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import load_sae
@@ -108,15 +109,24 @@ def test_cli_with_cache_matches_reference(setup, tmp_path):
     assert "mean" in res.stdout and "dead fraction" in res.stdout
     got = json.loads(out.read_text())
     assert set(got) == {"layers", "per_layer", "mean", "dead_fraction", "n_tokens", "sae", "model",
-                        "space", "exclude_sink", "norm_outliers"}  # fmt: skip
+                        "space", "exclude_sink", "norm_outliers", "intervals"}  # fmt: skip
+    iv = got["intervals"]  # the context bootstrap (default 1,000 resamples)
+    assert iv["bootstrap"]["n_contexts"] == 6 and iv["bootstrap"]["n_resamples"] == 1000
+    for key in ("fvu", "delta_ce", "kl"):
+        assert len(iv[key]["per_layer"]) == 3
+        for low_high in iv[key]["per_layer"]:
+            assert low_high["low"] <= low_high["high"]
+            assert key == "delta_ce" or low_high["low"] > 0
+    assert "95% CI" in res.stdout and "6 contexts" in res.stdout
+    assert EvalResult.from_json(got).to_json() == got  # the typed result round-trips
     assert got["space"] == "model"
     assert set(got["per_layer"]) == {"fvu", "mse", "l0", "delta_ce", "kl"}
     ref = _reference(root, model, root / "mlsae" / "sae", [0, 1, 2])
     assert got["layers"] == [0, 1, 2]
     assert got["n_tokens"] == ref["n_tokens"] < 6 * CTX  # special tokens are not counted
-    np.testing.assert_allclose(got["per_layer"]["fvu"], ref["fvu"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["per_layer"]["fvu"], ref["fvu"], rtol=1e-5)
     np.testing.assert_allclose(got["per_layer"]["delta_ce"], ref["delta_ce"], atol=1e-5)
-    assert got["mean"]["fvu"] == pytest.approx(np.mean(ref["fvu"]), rel=1e-5, abs=1e-6)
+    assert got["mean"]["fvu"] == pytest.approx(np.mean(ref["fvu"]), rel=1e-5)
     assert got["dead_fraction"] == pytest.approx(ref["dead_fraction"])
     assert all(v > 0 for v in got["per_layer"]["kl"])
     assert all(0 < v <= 4 for v in got["per_layer"]["l0"])
@@ -126,11 +136,11 @@ def test_model_path_and_single_layer_on_any_layer(setup, tmp_path):
     root, model, mdir, data = setup
     res = evaluate_command(
         root / "l0", tmp_path / "a.json", **_opts(layers=[1, 2], model=mdir, dataset=data, tokens=6 * CTX, ce=False))  # fmt: skip
-    assert res["layers"] == [1, 2] and res["per_layer"]["delta_ce"] == [None, None]
+    assert res.layers == [1, 2] and res.per_layer.delta_ce == [None, None]
     # the model path on the test split sees the same tokens as the test cache
     ref = _reference(root, model, root / "l0" / "sae", [1, 2])
-    assert res["n_tokens"] == ref["n_tokens"]
-    np.testing.assert_allclose(res["per_layer"]["fvu"], ref["fvu"], rtol=1e-4, atol=1e-6)
+    assert res.n_tokens == ref["n_tokens"]
+    np.testing.assert_allclose(res.per_layer.fvu, ref["fvu"], rtol=1e-4, atol=1e-6)
 
 
 def test_cross_matrix(setup, tmp_path):
@@ -148,12 +158,12 @@ def test_cross_matrix(setup, tmp_path):
     one = evaluate_command(
         root / "l2", tmp_path / "b.json", **_opts(layers=[0], cache=root / "cache_test")
     )
-    assert cross["fvu"][1][0] == pytest.approx(one["per_layer"]["fvu"][0], rel=1e-5, abs=1e-6)
-    assert cross["delta_ce"][1][0] == pytest.approx(one["per_layer"]["delta_ce"][0], abs=1e-6)
+    assert cross["fvu"][1][0] == pytest.approx(one.per_layer.fvu[0], rel=1e-5, abs=1e-6)
+    assert cross["delta_ce"][1][0] == pytest.approx(one.per_layer.delta_ce[0], abs=1e-6)
     ml = evaluate_command(
         root / "mlsae", tmp_path / "c.json", **_opts(cache=root / "cache_test", ce=False)
     )
-    np.testing.assert_allclose(cross["fvu"][2], ml["per_layer"]["fvu"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cross["fvu"][2], ml.per_layer.fvu, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs(setup, tmp_path):

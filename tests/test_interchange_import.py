@@ -187,8 +187,8 @@ def test_paper_transformer_checkpoint_and_evaluate(setup, tmp_path):
     ev = evaluate_command(tmp_path / "ours", tmp_path / "eval.json",
                           data=DataConfig(dataset=data, split="test", context_length=CTX),
                           source=SourceConfig(tokens=4 * CTX))  # fmt: skip
-    assert ev["layers"] == [1] and 0 < ev["per_layer"]["fvu"][0] < 10
-    assert ev["per_layer"]["delta_ce"][0] is not None
+    assert ev.layers == [1] and 0 < ev.per_layer.fvu[0] < 10
+    assert ev.per_layer.delta_ce[0] is not None
     # a tuned-lens checkpoint cannot be represented: one clear line
     (src / "config.json").write_text(json.dumps({**cfg, "tuned_lens": True}))
     with pytest.raises(MlsaeError, match="tuned-lens"):

@@ -157,14 +157,14 @@ def test_perfect_reconstruction_through_the_lens_has_zero_delta_ce(root, monkeyp
         return e.result("m")
 
     r = run()
-    assert r["space"] == "tuned-lens"
-    assert max(r["per_layer"]["fvu_model"]) < 1e-9 and max(r["per_layer"]["fvu"]) < 1e-12
-    assert max(abs(v) for v in r["per_layer"]["delta_ce"]) < 1e-4
-    assert max(r["per_layer"]["kl"]) < 1e-4
+    assert r.space == "tuned-lens"
+    assert max(r.per_layer.fvu_model) < 1e-9 and max(r.per_layer.fvu) < 1e-12
+    assert max(abs(v) for v in r.per_layer.delta_ce) < 1e-4
+    assert max(r.per_layer.kl) < 1e-4
     monkeypatch.setattr(TunedLens, "inverse", _diagonal_inverse)
     bad = run()  # the known fault is caught: the model sees wrong vectors
-    assert min(bad["per_layer"]["fvu_model"][: L - 1]) > 1e-2
-    assert min(bad["per_layer"]["kl"][: L - 1]) > 1e-3
+    assert min(bad.per_layer.fvu_model[: L - 1]) > 1e-2
+    assert min(bad.per_layer.kl[: L - 1]) > 1e-3
 
 
 @torch.no_grad()
@@ -212,24 +212,20 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
             tmp_path / f"{cache}.json",
             source=SourceConfig(cache=root / cache, batch_size=4),
         )
-        assert r["space"] == "tuned-lens" and r["lens"] == lens_ref(root / "lens")
-        np.testing.assert_allclose(r["per_layer"]["fvu"], ref["fvu"], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(
-            r["per_layer"]["fvu_model"], ref["fvu_model"], rtol=1e-4, atol=1e-6
-        )
-        np.testing.assert_allclose(
-            r["per_layer"]["delta_ce"], ref["delta_ce"], rtol=1e-3, atol=1e-5
-        )
-    assert results["cache_test"]["per_layer"]["fvu_model"] != ref["fvu"]  # two spaces differ
+        assert r.space == "tuned-lens" and r.lens == lens_ref(root / "lens")
+        np.testing.assert_allclose(r.per_layer.fvu, ref["fvu"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r.per_layer.fvu_model, ref["fvu_model"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r.per_layer.delta_ce, ref["delta_ce"], rtol=1e-3, atol=1e-5)
+    assert results["cache_test"].per_layer.fvu_model != ref["fvu"]  # two spaces differ
     lens = load_lens(root / "lens")  # cond(I + A_l) per layer, checked with numpy
     want = [np.linalg.cond(np.eye(D) + lens.A(x).detach().double().numpy()) for x in range(L)]
-    np.testing.assert_allclose(results["cache_test"]["per_layer"]["lens_cond"], want, rtol=1e-9)
+    np.testing.assert_allclose(results["cache_test"].per_layer.lens_cond, want, rtol=1e-9)
     # the model path (no cache) agrees as well
     r = evaluate_command(tmp_path / "run", tmp_path / "m.json",
                          data=DataConfig(dataset=str(root / "docs.jsonl"), split="test", context_length=CTX),
                          source=SourceConfig(tokens=8 * CTX, batch_size=4))  # fmt: skip
-    np.testing.assert_allclose(r["per_layer"]["fvu_model"], ref["fvu_model"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(r["per_layer"]["delta_ce"], ref["delta_ce"], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(r.per_layer.fvu_model, ref["fvu_model"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(r.per_layer.delta_ce, ref["delta_ce"], rtol=1e-3, atol=1e-5)
 
 
 def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -299,8 +295,8 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     text = (tmp_path / "a" / "report.html").read_text()
     assert "With the tuned lens vs without" in text and "tuned-lens space" in text
     assert "<h2>Tuned lens</h2>" in text and "eval: fvu_model" in text
-    assert f"held-out FVU is {ev['mean']['fvu_model']:.3g} vs {pev['mean']['fvu']:.3g}" in text
-    assert c["eval_mean"]["fvu_model"] == pytest.approx(ev["mean"]["fvu_model"])
+    assert f"held-out FVU is {ev.mean.fvu_model:.3g} vs {pev.mean.fvu:.3g}" in text
+    assert c["eval_mean"]["fvu_model"] == pytest.approx(ev.mean.fvu_model)
     assert s["lens_eval"]["tuned"]["kl"] == lens_eval["tuned"]["kl"]
     saved = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert saved["compare"][0]["space"] == "tuned-lens" and direct["lens_eval"] is None
@@ -321,7 +317,7 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
         for k in ("pass_through", "appear", "disappear"):
             assert p[k] == pytest.approx(q[k], abs=1e-6), k
     for p, q in zip(fly["match"], stored["match"], strict=True):
-        assert p == pytest.approx(q, rel=1e-4, abs=1e-6)
+        assert p == pytest.approx(q, rel=1e-4)
     # a model-space per-layer set refuses the lens cache
     _train(root, tmp_path / "pp", "cache_train", "--per-layer")
     with pytest.raises(MlsaeError, match="cache holds tuned-lens vectors"):

@@ -80,29 +80,31 @@ def test_metrics_exclude_the_sink_by_default(world, tokenizer, tmp_path, sink) -
                            source=SourceConfig(cache=root / f"cache_{name}"), ev=EvalConfig(ce=False))  # fmt: skip
     x, keep = _vectors(model, tokenizer, corpus, sink)
     for i in range(len(LAYERS)):
-        assert res["per_layer"]["fvu"][i] == pytest.approx(
+        assert res.per_layer.fvu[i] == pytest.approx(
             _fvu(root / "sae", x[keep, i]), rel=1e-5, abs=1e-6
         )
-    assert res["n_tokens"] == int(keep.sum()) and res["exclude_sink"] is sink
+    assert res.n_tokens == int(keep.sum()) and res.exclude_sink is sink
     # the sink dominates the "off" numbers: its vectors carry most of every layer's variance
-    rep = res["norm_outliers"]
+    rep = res.norm_outliers
+    assert rep is not None
     if sink:
-        assert sum(rep["n_outliers"]) == 0
+        assert sum(rep.n_outliers) == 0
     else:
-        assert rep["n_outliers"] == [8] * len(LAYERS)  # one position 0 per context
+        assert rep.n_outliers == [8] * len(LAYERS)  # one position 0 per context
         xs = x[keep]
         for i in range(len(LAYERS)):
             v = xs[:, i]
             n = np.linalg.norm(v, axis=1)
             out = n > 10 * np.median(n)
             share = ((v[out] - v.mean(0)) ** 2).sum() / ((v - v.mean(0)) ** 2).sum()
-            assert rep["variance_share"][i] == pytest.approx(share, rel=1e-5, abs=1e-6)
+            assert rep.variance_share[i] == pytest.approx(share, rel=1e-5, abs=1e-6)
             assert share > 0.5
             # fvu_typical: the FVU over the other tokens, equal to the plain computation on them
             typ = _fvu(root / "sae", v[~out])
-            assert res["per_layer"]["fvu_typical"][i] == pytest.approx(typ, rel=1e-5, abs=1e-6)
-            assert res["per_layer"]["fvu"][i] != pytest.approx(typ, rel=1e-2)
-    assert ("fvu_typical" in res["per_layer"]) is (not sink)  # only when there are outliers
+            assert res.per_layer.fvu_typical is not None
+            assert res.per_layer.fvu_typical[i] == pytest.approx(typ, rel=1e-5, abs=1e-6)
+            assert res.per_layer.fvu[i] != pytest.approx(typ, rel=1e-2)
+    assert (res.per_layer.fvu_typical is not None) is (not sink)  # only when there are outliers
 
 
 def test_manifest_records_the_choice_and_the_outliers(world) -> None:

@@ -21,7 +21,8 @@ from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import json_safe, read_json, write_json
 from mlsae.core.outputs import check_output
-from mlsae.core.stage_config import AnalysisConfig
+from mlsae.core.stage_config import AnalysisConfig, BootstrapConfig
+from mlsae.eval.result import EvalResult
 from mlsae.lens.tuned import Space, TunedLens
 from mlsae.sae.folders import RUN_CFG, RunFolder, label
 
@@ -39,7 +40,7 @@ class AnalysisResult:
     compare: list[tuple[str, LayerStatsResult]] = field(default_factory=list)
     configs: dict[str, Any] = field(default_factory=dict)
     """The SAE's cfg.json and the run's train_cfg.json, for the report."""
-    eval: tuple[Path, dict[str, Any]] | None = None
+    eval: tuple[Path, EvalResult] | None = None
     """The run's `mlsae evaluate` output, if any."""
 
 
@@ -51,6 +52,18 @@ def summarize(stats: LayerStatsResult, geo: GeometryResult | None) -> dict[str, 
     if geo is not None:
         s.update(geo.summary())
     return s
+
+
+def _read_eval(found: tuple[Path, dict[str, Any]] | None) -> tuple[Path, EvalResult] | None:
+    """The typed evaluation of `RunFolder.find_eval`'s file (None, with a warning, if it does
+    not read as one)."""
+    if found is None:
+        return None
+    try:
+        return found[0], EvalResult.from_json(found[1], str(found[0]))
+    except MlsaeError as e:
+        log.warning(f"{e}: the evaluation is left out of the report")
+        return None
 
 
 def _space_name(cfg: SaeConfig) -> str:
@@ -87,6 +100,7 @@ def analyze(
     lens: Path | None = None,
     settings: AnalysisConfig | None = None,
     chunk_vectors: int = 8192,
+    boot: BootstrapConfig | None = None,
 ) -> AnalysisResult:
     """Analyse the SAE of `run` (and `compare` SAEs) on `source` (a cache, else the model, by
     default the SAE's, on 8,192 test tokens of the SAE's dataset); write analysis.json and
@@ -144,7 +158,8 @@ def analyze(
     for i, ((_, _, c), sp) in enumerate(zip(cmps, spaces, strict=True)):
         encoders[f"compare_{i}"] = (sae_encoder(c, _on_the_fly(sp), layers), c.cfg.d_sae)
     pbt = (settings or AnalysisConfig()).paper_batch_tokens or None
-    results, geo = analyze_source(src, encoders, layers, chunk_vectors, paper_batch_tokens=pbt)
+    results, geo = analyze_source(src, encoders, layers, chunk_vectors, paper_batch_tokens=pbt,
+                                  boot=boot or BootstrapConfig())  # fmt: skip
     stats = results["main"]
     summary = summarize(stats, geo)
     summary.update(
@@ -159,8 +174,8 @@ def analyze(
             for i, (_, d, c) in enumerate(cmps)
         ],
     )  # fmt: skip
-    ev = folder.find_eval(sae_dir)
-    summary["eval_mean"] = ev[1].get("mean") if ev else None
+    ev = _read_eval(folder.find_eval(sae_dir))
+    summary["eval_mean"] = ev[1].to_json()["mean"] if ev else None
     for c, (crun, cdir, _) in zip(summary["compare"], cmps, strict=True):
         c_ev = RunFolder(crun).find_eval(cdir)
         c["eval_mean"] = c_ev[1].get("mean") if c_ev else None

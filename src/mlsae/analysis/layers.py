@@ -37,11 +37,14 @@ import torch
 from torch import Tensor
 
 from mlsae.activations.source import ActivationSource
+from mlsae.analysis.contexts import AnalysisIntervals, ContextLayerStats
 from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
 from mlsae.analysis.paper_variance import PAPER_BATCH_TOKENS, PaperVariance, active_entries
 from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_with
+from mlsae.core.schema import to_dict
+from mlsae.core.stage_config import BootstrapConfig
 from mlsae.lens.tuned import TunedLens
 from mlsae.sae.autoencoder import SparseAutoencoder
 
@@ -83,6 +86,8 @@ class LayerStatsResult:
     """Active (token, latent) pairs / (tokens x latents)."""
     paper_formula: dict[str, Any] | None = None
     """The paper code's ratios (paper_variance.PaperVariance.result), if it was accumulated."""
+    intervals: AnalysisIntervals | None = None
+    """Bootstrap intervals over contexts (SPEC 7), if per-context sums were kept."""
 
     @property
     def n_latents_dead(self) -> int:
@@ -115,6 +120,7 @@ class LayerStatsResult:
             "active_layers_hist": self.active_layers_hist,
             "active_pair_fraction": self.active_pair_fraction,
             "paper_formula": self.paper_formula,
+            "intervals": None if self.intervals is None else to_dict(self.intervals),
         }
 
 
@@ -128,7 +134,11 @@ class LayerStats:
     """
 
     def __init__(
-        self, n_latents: int, layers: Sequence[int], paper_batch_tokens: int | None = None
+        self,
+        n_latents: int,
+        layers: Sequence[int],
+        paper_batch_tokens: int | None = None,
+        boot: BootstrapConfig | None = None,
     ) -> None:
         if n_latents <= 0 or not len(layers):
             raise MlsaeError("LayerStats needs at least one latent and one layer")
@@ -145,11 +155,20 @@ class LayerStats:
         self.paper = (
             PaperVariance(self.n_latents, L, paper_batch_tokens) if paper_batch_tokens else None
         )
+        self.boot = boot if boot is not None and boot.bootstrap > 0 else None
+        self.contexts = ContextLayerStats(self.n_latents, self.layers) if self.boot else None
 
     @torch.no_grad()
-    def update(self, top_acts: Tensor, top_indices: Tensor, mask: Tensor | None = None) -> None:
+    def update(
+        self,
+        top_acts: Tensor,
+        top_indices: Tensor,
+        mask: Tensor | None = None,
+        contexts: Tensor | None = None,
+    ) -> None:
         """Add a batch: top_acts f[n, L, k] >= 0, top_indices i64[n, L, k], mask bool[n]
-        (False at special tokens, which are skipped). Indices within a row must be distinct."""
+        (False at special tokens, which are skipped), contexts i64[n] the context of each token
+        (for the bootstrap). Indices within a row must be distinct."""
         if top_acts.shape != top_indices.shape or top_acts.dim() != 3:
             raise MlsaeError(f"expected [n, L, k] acts/indices, got {tuple(top_acts.shape)}")
         n, L, k = top_acts.shape
@@ -157,6 +176,7 @@ class LayerStats:
             raise MlsaeError(f"batch has {L} layers, the accumulator {len(self.layers)}")
         if mask is not None:
             top_acts, top_indices = top_acts[mask], top_indices[mask]
+            contexts = contexts[mask] if contexts is not None else None
             n = top_acts.shape[0]
         if self.paper is not None:
             self.paper.update(top_acts, top_indices)
@@ -182,6 +202,8 @@ class LayerStats:
         self.pairs.index_add_(0, jg, torch.ones(G, dtype=F64))
         self.multi.index_add_(0, jg, (cnt > 1).to(F64))
         self.hist += torch.bincount(cnt, minlength=L + 1)
+        if self.contexts is not None and contexts is not None:
+            self.contexts.update(contexts, entries, key, dev, cnt)
 
     def update_dense(self, a: Tensor, mask: Tensor | None = None) -> None:
         """Add a batch of dense activations a[n, L, n_latents] >= 0 (tests, small SAEs)."""
@@ -254,7 +276,15 @@ class LayerStats:
             active_layers_hist=self.hist.tolist(),
             active_pair_fraction=_ratio(n_pairs, float(self.n_tokens) * self.n_latents),
             paper_formula=self.paper.result() if self.paper is not None else None,
+            intervals=self._intervals(),
         )
+
+    def _intervals(self) -> AnalysisIntervals | None:
+        if self.contexts is None or self.boot is None or not self.contexts.row:
+            return None
+        batches = self.paper.batches if self.paper is not None else []
+        paper = list(batches) if len(batches) > 1 else None
+        return self.contexts.intervals(self.boot.bootstrap, self.boot.bootstrap_seed, paper)
 
 
 # ---------------------------------------------------------------- running an SAE over vectors
@@ -282,15 +312,23 @@ def sae_encoder(
 
 
 @torch.no_grad()
-def feed(stats: LayerStats, encode: EncodeFn, x: Tensor, chunk_vectors: int = 8192) -> None:
-    """Encode every layer's vector of the used tokens x[n, L, d] and add them to `stats`."""
+def feed(
+    stats: LayerStats,
+    encode: EncodeFn,
+    x: Tensor,
+    chunk_vectors: int = 8192,
+    contexts: Tensor | None = None,
+) -> None:
+    """Encode every layer's vector of the used tokens x[n, L, d] (from contexts [n]) and add
+    them to `stats`."""
     n, L, d = x.shape
     step = max(1, chunk_vectors // L)
     for s in range(0, n, step):
         xs = x[s : s + step].float()  # [m, L, d]
         m = xs.shape[0]
         acts, idx = encode(xs.reshape(m * L, d))  # [m*L, k]
-        stats.update(acts.reshape(m, L, -1), idx.reshape(m, L, -1))
+        ctx = contexts[s : s + step] if contexts is not None else None
+        stats.update(acts.reshape(m, L, -1), idx.reshape(m, L, -1), contexts=ctx)
 
 
 def analyze_source(
@@ -300,6 +338,7 @@ def analyze_source(
     chunk_vectors: int = 8192,
     geometry: bool = True,
     paper_batch_tokens: int | None = PAPER_BATCH_TOKENS,
+    boot: BootstrapConfig | None = None,
 ) -> tuple[dict[str, LayerStatsResult], GeometryResult | None]:
     """One pass over an activation source feeding every SAE in `encoders` (name -> (encode,
     n_latents)) with the vectors of `layers` of the used tokens, plus geometry pass 1; then
@@ -313,16 +352,19 @@ def analyze_source(
         raise MlsaeError(f"layer(s) {missing} are not in the cache (it holds {cache.layers})")
     pos = [cache.layers.index(x) for x in layers]
     stats = {
-        name: LayerStats(n_lat, layers, paper_batch_tokens) for name, (_, n_lat) in encoders.items()
+        name: LayerStats(n_lat, layers, paper_batch_tokens, boot)
+        for name, (_, n_lat) in encoders.items()
     }
+    ctx_len = max(1, cache.context_length)
     geo = ResidualGeometry(layers, cache.d_model) if geometry else None
     for shard in tqdm(cache.iter_ordered(), total=cache.n_blocks, desc="analyze", unit="block"):
         x = shard.activations[:, pos]  # [n, L, d]
         if geo is not None:
             geo.update_pass1(x, shard.mask)
         xm = x[shard.mask]
+        ctx = ((shard.offset + torch.arange(len(shard.mask))) // ctx_len)[shard.mask.cpu()]
         for name, (encode, _) in encoders.items():
-            feed(stats[name], encode, xm, chunk_vectors)
+            feed(stats[name], encode, xm, chunk_vectors, contexts=ctx)
     if geo is None:
         return {k: v.result() for k, v in stats.items()}, None
     for shard in tqdm(cache.iter_ordered(), total=cache.n_blocks, desc="geometry", unit="block"):

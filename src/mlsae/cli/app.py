@@ -32,7 +32,7 @@ from mlsae.core.config import (
     TrainConfig,
 )
 from mlsae.core.errors import MlsaeError
-from mlsae.core.stage_config import AnalysisConfig, EvalConfig, EvolutionConfig
+from mlsae.core.stage_config import AnalysisConfig, BootstrapConfig, EvalConfig, EvolutionConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -135,6 +135,7 @@ def evaluate(
     model: ModelConfig,
     source: SourceConfig,
     ev: EvalConfig,
+    boot: BootstrapConfig,
     cross: Annotated[
         bool, typer.Option("--cross", help="Cross-layer matrix: MLSAE vs single-layer SAEs")
     ] = False,
@@ -162,7 +163,7 @@ def evaluate(
         if len(runs) != 1:
             raise MlsaeError("evaluate takes one RUN (use --cross for several)")
         res = evaluate_command(
-            runs[0], out, source=source, data=data, model=model, ev=ev, lens=lens
+            runs[0], out, source=source, data=data, model=model, ev=ev, lens=lens, boot=boot
         )
         print(format_table(res))
 
@@ -175,6 +176,7 @@ def analyze(
     model: ModelConfig,
     source: SourceConfig,
     cfg: AnalysisConfig,
+    boot: BootstrapConfig,
     prompt: Annotated[
         list[str] | None, typer.Option(help="Prompt for a per-prompt heatmap (repeatable)")
     ] = None,
@@ -193,7 +195,7 @@ def analyze(
     from mlsae.report.analyze import analyze_command
 
     analyze_command(run, out, source=source, data=data, model=model, prompts=prompt,
-                    compare=compare, evolution=evolution, lens=lens, cfg=cfg)  # fmt: skip
+                    compare=compare, evolution=evolution, lens=lens, cfg=cfg, boot=boot)  # fmt: skip
     print(f"report: {out / 'report.html'}")
 
 

@@ -38,6 +38,20 @@ class EvalConfig:
 
 
 @dataclass
+class BootstrapConfig:
+    """Confidence intervals by resampling the evaluated contexts (SPEC 7)."""
+
+    bootstrap: int = 1000
+    """Resamples of the percentile bootstrap over contexts behind every interval (0: no
+    intervals). Costs memory per context: for `evaluate`, contexts x layers x width floats."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap's resampling."""
+
+    def __post_init__(self) -> None:
+        check(self.bootstrap >= 0, "--bootstrap must be >= 0")
+
+
+@dataclass
 class AnalysisConfig:
     """What `mlsae analyze` computes besides the SPEC 4 statistics."""
 

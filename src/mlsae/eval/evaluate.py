@@ -9,11 +9,9 @@ pass per batch of contexts serves every SAE and every layer (splice.py).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,19 +20,28 @@ from transformers import PreTrainedModel
 from mlsae.activations.cache import ActivationCache
 from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
+from mlsae.core.bootstrap import Bootstrap
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
-from mlsae.core.stage_config import EvalConfig
+from mlsae.core.stage_config import BootstrapConfig, EvalConfig
+from mlsae.eval.contexts import ContextSums, metric_intervals
+from mlsae.eval.result import (
+    METRICS,
+    EvalIntervals,
+    EvalResult,
+    MeanRow,
+    MetricIntervals,
+    PerLayer,
+    fmt_value,
+)
 from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import RunFolder
-from mlsae.sae.metrics import LayerMetrics
+from mlsae.sae.metrics import LayerMetrics, mean_or_none
 
 log = logging.getLogger(__name__)
-
-METRICS = ("fvu", "mse", "l0", "delta_ce", "kl")
 
 
 @dataclass
@@ -53,6 +60,10 @@ class Entry:
     # tokens above it (norm outliers such as attention sinks); None: not measured
     thresholds: dict[int, float] | None = None
     typical: LayerMetrics | None = None
+    bootstrap: bool = False
+    """Keep per-context sums (ContextSums) for the bootstrap intervals."""
+    contexts: ContextSums | None = None
+    typical_contexts: ContextSums | None = None
 
     def __post_init__(self) -> None:
         self.reset_metrics()
@@ -63,6 +74,9 @@ class Entry:
         lensed = self.space.lens is not None
         self.model_metrics = LayerMetrics(self.layers, d_in, d_sae) if lensed else None
         self.typical = LayerMetrics(self.layers, d_in, d_sae) if self.thresholds else None
+        self.contexts = ContextSums(self.layers, d_in) if self.bootstrap else None
+        typ = self.bootstrap and self.thresholds
+        self.typical_contexts = ContextSums(self.layers, d_in) if typ else None
 
     def reconstruct(
         self,
@@ -71,18 +85,25 @@ class Entry:
         record: bool,
         x_model: Tensor | None = None,
         stored_norm: Tensor | None = None,
+        contexts: Tensor | None = None,
     ) -> Tensor:
         """x: [N, d] SAE inputs of block `layer` -> the reconstruction [N, d] in the MODEL's space
         (through the exact lens inverse for a lens SAE), optionally recording metrics in both
         spaces. x_model: the model-space vectors (default: the inverse of x). stored_norm [N]:
-        the norms of the stored vectors, for the metrics without norm outliers."""
+        the norms of the stored vectors, for the metrics without norm outliers. contexts [N]:
+        the context of each vector (for the bootstrap)."""
         enc = self.sae.encode(x)
         x_hat = self.sae.decode(enc)
         if record:
             self.metrics.update(layer, x, x_hat, enc.top_indices, enc.top_acts)
+            if self.contexts is not None and contexts is not None:
+                self.contexts.update(layer, contexts, x, x_hat)
             if self.typical is not None and self.thresholds and stored_norm is not None:
                 keep = (stored_norm <= self.thresholds[layer]).to(x_hat.device)
                 self.typical.update(layer, x.to(x_hat.device)[keep], x_hat[keep])
+                if self.typical_contexts is not None and contexts is not None:
+                    kept = contexts[keep.to(contexts.device)]
+                    self.typical_contexts.update(layer, kept, x.to(x_hat.device)[keep], x_hat[keep])
         if self.space.lens is None:
             return x_hat
         x_hat_model = self.space.to_model(x_hat, layer)
@@ -91,24 +112,49 @@ class Entry:
             self.model_metrics.update(layer, x_model, x_hat_model)
         return x_hat_model
 
-    def result(self, model: str) -> dict[str, Any]:
-        """metrics.result() plus, for a lens SAE, fvu_model / mse_model (model space) and
-        lens_cond: cond(I + A_l) per layer, the exact inverse's worst-case error gain."""
-        r = self.metrics.result()
-        r["space"] = "model" if self.space.lens is None else "tuned-lens"
+    def result(self, model: str, boot: BootstrapConfig | None = None) -> EvalResult:
+        """The metrics, plus for a lens SAE fvu_model / mse_model (model space) and lens_cond:
+        cond(I + A_l) per layer, the exact inverse's worst-case error gain; the bootstrap
+        intervals when per-context sums were kept."""
+        per = self.metrics.per_layer()
+        cols = PerLayer(**{k: per[k] for k in METRICS})
+        mean = MeanRow(**{k: mean_or_none(per[k]) for k in METRICS})
+        res = EvalResult(
+            self.layers, cols, mean, self.metrics.dead_fraction(), self.metrics.n_tokens,
+            sae=str(self.path), model=model,
+            space="model" if self.space.lens is None else "tuned-lens",
+        )  # fmt: skip
         if self.model_metrics is not None and self.space.lens is not None:
-            mr = self.model_metrics.result()
-            for k in ("fvu", "mse"):
-                r["per_layer"][f"{k}_model"] = mr["per_layer"][k]
-                r["mean"][f"{k}_model"] = mr["mean"][k]
+            mr = self.model_metrics.per_layer()
+            cols.fvu_model, cols.mse_model = mr["fvu"], mr["mse"]
+            mean.fvu_model, mean.mse_model = mean_or_none(mr["fvu"]), mean_or_none(mr["mse"])
             lens = self.space.lens
-            r["per_layer"]["lens_cond"] = [lens.cond(layer) for layer in self.layers]
-            r["lens"] = self.sae.cfg.lens if self.lens_override is None else str(self.lens_override)
+            cols.lens_cond = [lens.cond(layer) for layer in self.layers]
+            res.lens = self.sae.cfg.lens if self.lens_override is None else str(self.lens_override)
         if self.typical is not None:  # the FVU without the tokens whose vector is a norm outlier
-            tr = self.typical.result()
-            r["per_layer"]["fvu_typical"] = tr["per_layer"]["fvu"]
-            r["mean"]["fvu_typical"] = tr["mean"]["fvu"]
-        return {**r, "sae": str(self.path), "model": model}
+            cols.fvu_typical = self.typical.per_layer()["fvu"]
+            mean.fvu_typical = mean_or_none(cols.fvu_typical)
+        boot = boot or BootstrapConfig()
+        if self.contexts is not None and self.contexts.n_contexts and boot.bootstrap > 0:
+            res.intervals = self.intervals(boot)
+        return res
+
+    def intervals(self, boot: BootstrapConfig) -> EvalIntervals:
+        """FVU, fvu_typical, delta CE and KL intervals from one set of context resamples."""
+        assert self.contexts is not None
+        order = dict(self.contexts.row)
+        typ = self.typical_contexts
+        for c in typ.row if typ is not None else {}:
+            order.setdefault(c, len(order))
+        bs = Bootstrap(len(order), boot.bootstrap, boot.bootstrap_seed)
+        main = self.contexts.aligned(order)
+        mi = lambda v: MetricIntervals(*metric_intervals(v, bs))  # noqa: E731
+        out = EvalIntervals(bs.info, fvu=mi(main.fvu(bs)))
+        if typ is not None:
+            out.fvu_typical = mi(typ.aligned(order).fvu(bs))
+        if float(main.n_pred.sum()) > 0:
+            out.delta_ce, out.kl = mi(main.per_position(bs, "ce")), mi(main.per_position(bs, "kl"))
+        return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -162,16 +208,19 @@ def recon_from_source(
 
     pos = {layer: i for i, layer in enumerate(source.layers)}
     total = source.n_tokens if max_tokens is None else min(source.n_tokens, max_tokens)
+    ctx_len = max(1, source.context_length)
     with tqdm(total=total, unit="tok", unit_scale=True, desc="reconstruct") as bar:
         for block in source.iter_ordered(max_tokens):
             n = len(block.token_ids)
             acts = block.activations[block.mask]  # [N_used, L_source, d]
+            ctx = ((block.offset + torch.arange(n)) // ctx_len)[block.mask.cpu()]  # [N_used]
             for e in entries:
                 for layer in e.layers:
                     x = acts[:, pos[layer]].float()
                     x_model = None if e.space.cache_in_lens else x
                     norm = x.norm(dim=-1) if e.thresholds else None
-                    e.reconstruct(e.space.cached_to_sae(x, layer), layer, True, x_model, norm)
+                    x_sae = e.space.cached_to_sae(x, layer)
+                    e.reconstruct(x_sae, layer, True, x_model, norm, contexts=ctx)
             bar.update(n)
 
 
@@ -195,6 +244,7 @@ def run_model(
     layers = sorted({x for e in entries for x in e.layers})
     vocab = int(next(model.get_input_embeddings().parameters()).shape[0])
     desc = "delta CE" if ce else "reconstruct"
+    first = 0  # context index of the batch's first row (batches are whole contexts in order)
     with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc) as bar:
         for ids, used in batches:
             if ids.numel() and int(ids.max()) >= vocab:
@@ -202,16 +252,22 @@ def run_model(
                     f"token ids beyond the model's vocabulary ({vocab}): not its tokens"
                 )
             cp = clean_pass(model, ids, layers, used=used)
+            rows = torch.arange(first, first + ids.shape[0])  # [B] context of each row
+            ctx = rows[:, None].expand(ids.shape)[cp.used.cpu()]  # [N_used], as cp.vectors
+            first += ids.shape[0]
             for e in entries:
                 recons = {}  # layer -> reconstruction in the model's space (for delta CE)
                 for layer in e.layers:
                     x_model = cp.vectors(layer)
                     x = e.space.to_sae(x_model, layer)
-                    x_hat_model = e.reconstruct(x, layer, recon, x_model)
+                    x_hat_model = e.reconstruct(x, layer, recon, x_model, contexts=ctx)
                     if ce:
                         recons[layer] = x_hat_model
                 for layer, s in splice_layers(model, cp, recons).items():  # continuations batched
                     e.metrics.update_splice(layer, s.ce_sum, s.kl_sum, s.n)
+                    if e.contexts is not None and s.rows is not None:
+                        r = s.rows
+                        e.contexts.update_splice(layer, rows, r[:, 0], r[:, 1], r[:, 2])
             bar.update(ids.numel())
 
 
@@ -313,17 +369,20 @@ def evaluate_command(
     model: ModelConfig | None = None,
     ev: EvalConfig | None = None,
     lens: Path | None = None,
-) -> dict[str, Any]:
+    boot: BootstrapConfig | None = None,
+) -> EvalResult:
     """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens (`source`:
-    a cache, else the model on the test split). `source.layers` evaluates the SAE on other
-    layers than it was trained on (e.g. a single-layer SAE on any layer). `lens`: where a lens
-    SAE's lens folder is now. Writes and returns the JSON dict."""
-    source, ev = source or SourceConfig(), ev or EvalConfig()
+    a cache, else the model on the test split), with bootstrap intervals over the contexts
+    (`boot`). `source.layers` evaluates the SAE on other layers than it was trained on (e.g. a
+    single-layer SAE on any layer). `lens`: where a lens SAE's lens folder is now. Writes the
+    JSON and returns the result."""
+    source, ev, boot = source or SourceConfig(), ev or EvalConfig(), boot or BootstrapConfig()
     data, model = data or DataConfig(split="test"), model or ModelConfig()
     check_output(out, "eval", file=True, inputs=[run, source.cache, lens])
     entry = load_entry(
         RunFolder(Path(run)).sae_dir(), layers=parse_layers(source.layers), lens=lens
     )
+    entry.bootstrap = boot.bootstrap > 0
     src = open_eval_source([entry], replace(source, layers=None), data, model)
     rep = None
     if isinstance(src, ActivationCache) and set(entry.layers) <= set(src.layers):
@@ -337,47 +396,17 @@ def evaluate_command(
             }
     name = evaluate_entries([entry], src, model=model, ev=ev,
                             tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
-    result = entry.result(name)
-    result["exclude_sink"] = bool(src.info.get("exclude_sink", False))
-    if rep is not None:
-        result["norm_outliers"] = rep.summary()
-    write_json(Path(out), result)
+    result = entry.result(name, boot)
+    result.exclude_sink = bool(src.info.get("exclude_sink", False))
+    result.norm_outliers = rep
+    write_json(Path(out), result.to_json())
     return result
 
 
 def _fmt(v: float | None, width: int = 9) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-".rjust(width)
-    return f"{v:{width}.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:{width}.2e}"
+    return fmt_value(v, width)
 
 
-_SHORT = {"fvu_typical": "fvu_typ"}
-"""Column names of the table that are shorter than the JSON keys."""
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """Per-layer table with a mean row, then dead fraction and token count. A lens SAE's FVU is
-    in lens space; its fvu_model column is the FVU in the model's space."""
-    per = result["per_layer"]
-    keys = [*METRICS, *(k for k in ("fvu_typical", "fvu_model", "lens_cond") if k in per)]
-    head = "layer" + "".join(_SHORT.get(k, k).rjust(10) for k in keys)
-    rows = [head, "-" * len(head)]
-    for i, layer in enumerate(result["layers"]):
-        rows.append(f"{layer:5d}" + "".join(" " + _fmt(per[k][i]) for k in keys))
-    rows.append(" mean" + "".join(" " + _fmt(result["mean"].get(k)) for k in keys))
-    rows.append(f"dead fraction {result['dead_fraction']:.4f}   tokens {result['n_tokens']}")
-    if isinstance(result.get("norm_outliers"), dict):
-        from mlsae.activations.norms import NormOutliers
-
-        rep = NormOutliers.from_summary(result["norm_outliers"])
-        rows.append(f"outliers: {rep.describe()}")
-        if rep.dominated():
-            rows.append(
-                "  the FVU of those layers mostly measures how well these few vectors are rebuilt"
-            )
-        if "fvu_typical" in per:
-            rows.append(f"  fvu_typ: the FVU without the tokens whose vector is above "
-                        f"{rep.factor:g}x its layer's median norm")  # fmt: skip
-    if result.get("exclude_sink") is False:
-        rows.append("attention-sink positions are included (--no-exclude-sink or an older cache)")
-    return "\n".join(rows)
+def format_table(result: EvalResult) -> str:
+    """The per-layer table of an evaluation (EvalResult.table)."""
+    return result.table()

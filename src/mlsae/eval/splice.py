@@ -93,6 +93,7 @@ class SpliceStats:
     ce_sum: float  # sum of CE(spliced) - CE(clean)
     kl_sum: float  # sum of KL(clean || spliced)
     n: int
+    rows: Tensor | None = None  # [B, 3] float64 per context row: ce_sum, kl_sum, n (bootstrap)
 
 
 def predicted_mask(used: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -350,11 +351,17 @@ def _stats(cp: CleanPass, chunks: Iterator[Tensor]) -> SpliceStats:
     """Delta CE and KL sums from the spliced [c, V] log-probability chunks."""
     ce = kl = 0.0
     start = 0
+    row = cp.pred.nonzero()[:, 0].cpu()  # [P] context row of each predicted position
+    rows = torch.zeros(cp.pred.shape[0], 3, dtype=torch.float64)
     for logq in chunks:
         sl = slice(start, start + len(logq))
         ce_q = -logq.gather(1, cp.targets[sl, None]).squeeze(1)
         kl_c = cp.clean_negent[sl] - torch.einsum("pv,pv->p", cp.clean_p[sl], logq)
-        ce += float((ce_q - cp.clean_ce[sl]).to("cpu", torch.float64).sum())  # no f64 on MPS
-        kl += float(kl_c.to("cpu", torch.float64).sum())
+        ce_d = (ce_q - cp.clean_ce[sl]).to("cpu", torch.float64)  # no f64 on MPS
+        kl_d = kl_c.to("cpu", torch.float64)
+        ce += float(ce_d.sum())
+        kl += float(kl_d.sum())
+        vals = torch.stack([ce_d, kl_d, torch.ones_like(ce_d)], dim=1)
+        rows.index_add_(0, row[sl], vals)
         start = sl.stop
-    return SpliceStats(ce, kl, cp.n_pred)
+    return SpliceStats(ce, kl, cp.n_pred, rows)

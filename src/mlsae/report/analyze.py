@@ -14,7 +14,7 @@ from mlsae.analysis.analyze import AnalysisResult, analyze
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
-from mlsae.core.stage_config import AnalysisConfig
+from mlsae.core.stage_config import AnalysisConfig, BootstrapConfig
 from mlsae.report.figures import make_figures
 from mlsae.report.html import write_report
 
@@ -50,6 +50,7 @@ def analyze_command(
     evolution: Path | None = None,
     lens: Path | None = None,
     cfg: AnalysisConfig | None = None,
+    boot: BootstrapConfig | None = None,
 ) -> dict[str, Any]:
     """The whole `mlsae analyze`; returns the analysis.json dict (see `analysis.analyze`)."""
     check_output(out, "analysis", inputs=[run, *(compare or []), evolution, lens,
@@ -59,6 +60,6 @@ def analyze_command(
 
         evolution_section_html(Path(evolution))
     res = analyze(run, out, source=source, data=data, model=model, prompts=prompts,
-                  compare=compare, lens=lens, settings=cfg)  # fmt: skip
+                  compare=compare, lens=lens, settings=cfg, boot=boot)  # fmt: skip
     write_analysis_report(out, res, evolution)
     return res.summary

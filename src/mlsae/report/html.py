@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from mlsae.core.bootstrap import Interval
 from mlsae.core.io import write_text
+from mlsae.eval.result import EvalResult
 
 PAPER_TOKEN_FACTOR = (10.0, 100.0)  # "one to two orders of magnitude smaller"
 
@@ -200,26 +202,33 @@ def _grid(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def eval_table(ev: dict[str, Any]) -> str:
-    """The evaluation JSON's per-layer metrics (dict of lists or list of dicts) and means."""
-    per, layers = ev.get("per_layer"), ev.get("layers")
-    if isinstance(per, dict):
-        keys = [k for k, v in per.items() if isinstance(v, list)]
-        n = max((len(per[k]) for k in keys), default=0)
-        layers = layers if isinstance(layers, list) and len(layers) == n else list(range(n))
-        rows = [[layers[i]] + [per[k][i] if i < len(per[k]) else "" for k in keys]
-                for i in range(n)]  # fmt: skip
-    elif isinstance(per, list) and per and all(isinstance(r, dict) for r in per):
-        keys = [k for k in per[0] if k != "layer"]
-        layers = layers if isinstance(layers, list) and len(layers) == len(per) else None
-        rows = [[r.get("layer", layers[i] if layers else i)] + [r.get(k, "") for k in keys]
-                for i, r in enumerate(per)]  # fmt: skip
-    else:
-        return f"<pre>{html.escape(json.dumps(ev, indent=1)[:20000])}</pre>"
-    mean = ev.get("mean")
-    if isinstance(mean, dict):
-        rows.append(["mean"] + [mean.get(k, "") for k in keys])
-    return _grid(["layer", *keys], rows)
+def _interval(iv: Interval | None) -> str:
+    return "-" if iv is None else f"[{_f(iv.low, 3)}, {_f(iv.high, 3)}]"
+
+
+def eval_table(ev: EvalResult) -> str:
+    """The evaluation's per-layer metrics and means, each metric that has a bootstrap interval
+    followed by its 95% interval column."""
+    cols = ev.per_layer.columns()
+    header: list[str] = ["layer"]
+    for k in cols:
+        header += [k, f"{k} 95% CI"] if ev.interval(k) is not None else [k]
+
+    def row(label: Any, i: int | None) -> list[Any]:
+        out = [label]
+        for k, v in cols.items():
+            out.append(v[i] if i is not None else ev.mean.get(k))
+            if ev.interval(k) is not None:
+                out.append(_interval(ev.interval(k, i)))
+        return out
+
+    rows = [row(layer, i) for i, layer in enumerate(ev.layers)] + [row("mean", None)]
+    note = ""
+    if ev.intervals is not None:
+        b = ev.intervals.bootstrap
+        note = (f"<p>95% intervals: percentile bootstrap over the {b.n_contexts} evaluated "
+                f"contexts ({b.n_resamples} resamples, seed {b.seed}; SPEC 7).</p>")  # fmt: skip
+    return _grid(header, rows) + note
 
 
 def _ratio_table(s: dict[str, Any]) -> str:
@@ -270,11 +279,11 @@ def write_report(
     s: dict[str, Any],
     figs: list[tuple[str, Path]],
     configs: dict[str, Any],
-    ev: tuple[Path, dict[str, Any]] | None,
+    ev: tuple[Path, EvalResult] | None,
     extra_sections: list[str] | None = None,
 ) -> Path:
     """Write the self-contained report.html atomically."""
-    mean = ev[1].get("mean") if ev and isinstance(ev[1].get("mean"), dict) else None
+    mean = ev[1].to_json()["mean"] if ev else None
     parts = [
         "<!doctype html><html><head><meta charset=utf-8>",
         f"<title>mlsae analysis: {html.escape(Path(s['run']).name)}</title>",
