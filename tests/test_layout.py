@@ -27,6 +27,7 @@ RANK = {
     "evolution": 5,
     "report": 6,
     "explore": 6,
+    "synth": 6,
     "cli": 9,
 }
 """Stage of each subpackage: a module may import its own package and lower stages only."""
