@@ -10,7 +10,7 @@ For token t, feature f and layer l (float64 until the cache's storage dtype):
               (uniform) is on for that (t, f)
   a[t,l,f]    = fire * mag * on * schedule[f,l]                 (the true code)
   x[t,l]      = layer_scale[l] * (sum_f a[t,l,f] directions[f,l] + noise * N(0, I))
-              + for outlier tokens: c_t * median_t ||x[.,l]|| * sink, c_t ~ Uniform(10, 100)
+              + for outlier tokens: c_t * median ||x[.,l]|| (non-zero ones) * sink, c_t ~ Uniform(10, 100)
 The true layer statistics (SPEC 4, both variance-ratio pairs, multi-layer fractions) are the
 `analysis.layers.LayerStats` of the true codes a (without layer_scale: the scale an SAE's
 per-vector standardisation removes), computed per split and saved in truth.json.
@@ -86,6 +86,17 @@ def _layer_on(truth: Truth, n: int, g: torch.Generator) -> Tensor:
     return on
 
 
+def _median_norms(x: Tensor) -> Tensor:
+    """[L] each layer's median norm over its non-zero vectors of x [n, L, d] (1 if none)."""
+    norms = x.norm(dim=-1)  # [n, L]
+    out = torch.ones(x.shape[1], dtype=x.dtype)
+    for ly in range(x.shape[1]):
+        nz = norms[:, ly][norms[:, ly] > 0]
+        if len(nz):
+            out[ly] = nz.median()
+    return out
+
+
 def sample(truth: Truth, n: int, g: torch.Generator) -> Sample:
     """n consecutive tokens (the generator's state advances)."""
     cfg = truth.cfg
@@ -102,8 +113,7 @@ def sample(truth: Truth, n: int, g: torch.Generator) -> Sample:
     outlier = torch.rand(n, generator=g) < cfg.outlier_fraction
     factor = 10 + 90 * torch.rand(n, generator=g, dtype=torch.float64)
     if outlier.any():
-        median = x[~outlier].norm(dim=-1).median(0).values if (~outlier).any() else 1.0
-        x[outlier] += (factor[outlier, None] * median)[..., None] * truth.sink
+        x[outlier] += (factor[outlier, None] * _median_norms(x[~outlier]))[..., None] * truth.sink
     ids = torch.randint(1, VOCAB, (n,), generator=g)
     return Sample(x=x, codes=codes, fire=fire, outlier=outlier, token_ids=ids)
 
