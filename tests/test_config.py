@@ -45,6 +45,7 @@ NOT_SETTINGS = {
     "evolution",
     "help",
     "nproc",
+    "truth",
 }
 """Options that are not settings of a stage: paths of what to read or write, and mode flags."""
 

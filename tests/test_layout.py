@@ -27,6 +27,7 @@ RANK = {
     "evolution": 5,
     "report": 6,
     "explore": 6,
+    "synth": 6,
     "api": 8,
     "cli": 9,
 }

@@ -147,3 +147,37 @@ def test_no_tokens_is_nan():
     r = PaperVariance(3, 2).result()
     assert r["n_batches"] == 0 and math.isnan(r["rel_var_token"])
     assert r["token_variance_factor"] is None
+
+
+@pytest.mark.parametrize("centre", [15, 2])
+def test_identical_distribution_on_every_token(centre: int) -> None:
+    """A latent whose per-token layer distribution is the SAME on every token where it is
+    active (weights 1,2,3,2,1 over blocks centre-2..centre+2, active on 1 token in 64): the
+    single-token variance equals the aggregated one, so SPEC's rel_var_token is exactly 1.
+    The paper's formula counts the inactive tokens as zero-variance pairs and takes v() of the
+    un-normalised token mean, so its ratio is Var_r / (Var_r + (1 - f) E_r[L]^2) (closed form
+    below): 167x smaller centred at block 15, 3.95x at block 2, set by where the index starts."""
+    L, B, every = 30, 2048, 64
+    r = torch.zeros(L, dtype=torch.float64)
+    r[centre - 2 : centre + 3] = torch.tensor([1.0, 2, 3, 2, 1]) / 9
+    n = 2 * B
+    g = torch.Generator().manual_seed(0)
+    a = torch.zeros(n, L, 1, dtype=torch.float64)
+    active = torch.arange(n) % every == 0
+    a[active, :, 0] = r[None, :] * (0.5 + torch.rand(int(active.sum()), 1, generator=g,
+                                                     dtype=torch.float64))  # fmt: skip
+    st = LayerStats(1, list(range(L)), paper_batch_tokens=B)
+    st.update_dense(a)
+    res = st.result()
+    assert res.rel_var_token == pytest.approx(1.0, abs=1e-9)
+    assert res.rel_var_latent == pytest.approx(1.0, abs=1e-9)  # one latent: Var(L|J) = Var(L)
+    values = torch.arange(L, dtype=torch.float64)
+    mu = float((r * values).sum())
+    var = float((r * (values - mu) ** 2).sum())
+    f = 1 / every
+    paper = res.paper_formula
+    assert paper is not None
+    want = var / (var + (1 - f) * mu * mu)
+    assert paper["rel_var_token"] == pytest.approx(want, rel=1e-6)
+    assert paper["token_variance_factor"] == pytest.approx(1 + (1 - f) * mu * mu / var, rel=1e-6)
+    assert paper["token_variance_factor"] > (100 if centre == 15 else 3)

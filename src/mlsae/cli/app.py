@@ -23,6 +23,7 @@ from mlsae.cli.interchange import register as register_interchange
 from mlsae.cli.launch import Nproc, relaunch
 from mlsae.cli.lens import lens_app
 from mlsae.cli.options import Given, config_command
+from mlsae.cli.synth import synth_app
 from mlsae.core.config import (
     DataConfig,
     ExtractConfig,
@@ -41,6 +42,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(lens_app, name="lens")
+app.add_typer(synth_app, name="synth")
 register_interchange(app)  # mlsae export / mlsae import
 register_explore(app)  # mlsae index / mlsae explore
 

@@ -29,6 +29,7 @@ MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("evolution", ("evolution.json",)),
     ("cross", ("cross.json",)),
     ("checkpoint", ("state.pt",)),
+    ("synth", ("truth.json", "truth.safetensors")),
 )
 """(kind, marker files that must all exist), in the order they are tried."""
 
@@ -41,6 +42,7 @@ OWNED = {
     "evolution": ("evolution.json", "graph.json", "graph.html"),
     "cross": ("cross.json",),
     "checkpoint": ("state.pt", "checkpoint.json"),
+    "synth": ("truth.json", "truth.safetensors"),
 }
 """The files each kind of folder is made of (another command must not write them)."""
 
@@ -54,6 +56,7 @@ NAMES = {
     "cross": "an `mlsae evaluate --cross` output",
     "checkpoint": "a training checkpoint",
     "eval": "an evaluation file",
+    "synth": "a `mlsae synth generate` output",
 }
 CLOSED = frozenset({"cache", "checkpoint"})
 """Kinds whose folders hold only their own files."""

@@ -151,6 +151,11 @@ class EvolutionConfig:
     """Community detection: auto (Leiden, else Louvain), leiden or louvain."""
     max_nodes_html: int = 1500
     """graph.html draws at most this many nodes (the most connected)."""
+    rescale: bool = True
+    """Multiply each latent's activation by its vector's scale (the std of per-vector
+    standardisation) before any cross-layer statistic, so the same feature's activations are
+    comparable across layers (--no-rescale: the SAEs' own standardised activations, which divide
+    by a std that changes from layer to layer with the other features; issue 24, 3d)."""
 
     def __post_init__(self) -> None:
         check(self.top_m > 0 or self.edge_threshold is not None,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mlsae.activations.source import ActivationSource
 from mlsae.core.errors import MlsaeError
-from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.autoencoder import EncoderOutput, SparseAutoencoder
 from mlsae.sae.folders import RunFolder
 
 
@@ -30,6 +30,14 @@ class Chunk:
     token_ids: Tensor  # [n]
     mask: Tensor  # [n] bool, False at special tokens
     offset: int  # stream position of token 0
+
+
+def comparable_acts(enc: EncoderOutput, rescale: bool = True) -> Tensor:
+    """The activations [n, k] the cross-layer statistics use: with `rescale`, each latent's
+    activation times its vector's scale (`enc.std`, ones without per-vector normalisation), so
+    it is the latent's contribution in the raw space, comparable across layers; otherwise the
+    SAE's own (per-vector standardised) activations, which move with the vector's std."""
+    return enc.top_acts * enc.std if rescale else enc.top_acts
 
 
 def load_per_layer(run: Path) -> list[tuple[int, SparseAutoencoder]]:

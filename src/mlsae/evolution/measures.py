@@ -270,6 +270,7 @@ def _pair_summary(r: PairResult, alive_up: Tensor, alive_dn: Tensor, cfg: Evolut
         "n_edges": len(r.edges["up"]),
         "and_features": [list(x) for x in r.and_features],
         "or_features": [list(x) for x in r.or_features],
+        "specialised_features": [list(x) for x in r.specialised],
     }
 
 

@@ -33,7 +33,7 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import EvolutionConfig
-from mlsae.evolution.codes import Chunk, CodeStore, load_per_layer, source_chunks
+from mlsae.evolution.codes import Chunk, CodeStore, comparable_acts, load_per_layer, source_chunks
 from mlsae.evolution.graph import (
     build_graph,
     communities,
@@ -89,9 +89,10 @@ def first_pass(
                 if spaces is not None:
                     x = spaces[p].cached_to_sae(x, ly)
                 enc = sae.encode(x).to("cpu")  # codes and statistics live on the CPU
-                store.add(p, enc.top_indices, enc.top_acts)
+                acts = comparable_acts(enc, cfg.rescale)
+                store.add(p, enc.top_indices, acts)
                 with one_thread():
-                    stats[p].update(enc.top_indices, enc.top_acts, pos)
+                    stats[p].update(enc.top_indices, acts, pos)
                 if prev is not None:
                     match.update(p - 1, sae, prev, enc, x)
                 prev = enc
