@@ -22,7 +22,7 @@ from torch import Tensor
 from mlsae.activations.source import ActivationSource, Block
 from mlsae.core.config import DataConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.data.model import LoadedModel
+from mlsae.data.model import LoadedModel, check_context_length
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class LiveSource(ActivationSource):
         self.layers = [int(x) for x in layers]
         self.d_model = int(lm.d_model)
         self.context_length = int(data.context_length)
+        check_context_length(lm.model, self.context_length, lm.name)
         self.dtype = STORAGE_DTYPES[storage_dtype]
         self.batch_size = int(batch_size)
         self.transform = transform

@@ -32,8 +32,9 @@ FIGURE_DPI = 110
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is
-    removed. `suffix` ends the temporary name (".tmp.png" keeps a type visible)."""
+    """Yield a temporary path beside `path`; on success it is flushed to disk and replaces
+    `path`, on error it is removed. `suffix` ends the temporary name (".tmp.png" keeps a type
+    visible)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +45,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        if tmp.is_file():
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -54,6 +57,15 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         if isinstance(e, OSError):
             raise _named(e, path) from None
         raise
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file to disk (a rename after this never exposes a torn file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _named(e: OSError, path: Path) -> OSError:

@@ -30,6 +30,7 @@ MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cross", ("cross.json",)),
     ("checkpoint", ("state.pt",)),
     ("synth", ("truth.json", "truth.safetensors")),
+    ("saelens", ("cfg.json", "sae_weights.safetensors")),
 )
 """(kind, marker files that must all exist), in the order they are tried."""
 
@@ -43,6 +44,9 @@ OWNED = {
     "cross": ("cross.json",),
     "checkpoint": ("state.pt", "checkpoint.json"),
     "synth": ("truth.json", "truth.safetensors"),
+    "saelens": ("cfg.json", "sae_weights.safetensors"),
+    "index": (),
+    "eval": (),
 }
 """The files each kind of folder is made of (another command must not write them)."""
 
@@ -57,6 +61,9 @@ NAMES = {
     "checkpoint": "a training checkpoint",
     "eval": "an evaluation file",
     "synth": "a `mlsae synth generate` output",
+    "saelens": "a SAELens folder",
+    "index": "an explorer index",
+    "export": "an `mlsae export` output",
 }
 CLOSED = frozenset({"cache", "checkpoint"})
 """Kinds whose folders hold only their own files."""
@@ -91,16 +98,26 @@ def check_output(
     file: bool = False,
     option: str = "--out",
     need_bytes: int = 0,
+    apart: bool = False,
 ) -> Path:
     """MlsaeError unless a command that makes `kind` (a key of NAMES) may write `out` (a folder,
-    or a file if `file`): not one of `inputs`, not inside a cache or checkpoint, not a folder or
-    file of another kind, and in a location that is writable and has at least `need_bytes`
-    (and 1 MB) free. Returns `out`. Creates nothing."""
+    or a file if `file`): not one of `inputs` (nor inside or around one if `apart`), not inside
+    a cache or checkpoint, not a folder or file of another kind, not a device, FIFO, socket or
+    symbolic link, and in a location that is writable and has at least `need_bytes` (and 1 MB)
+    free. Returns `out`. Creates nothing."""
     out = Path(out)
     res = _resolved(out)
     for inp in inputs:
-        if inp is not None and _resolved(Path(inp)) == res:
+        if inp is None:
+            continue
+        r_inp = _resolved(Path(inp))
+        if r_inp == res:
             raise MlsaeError(f"{option} {out} is also an input of this command: choose another")
+        if apart and (r_inp in res.parents or res in r_inp.parents):
+            where = "inside" if r_inp in res.parents else "around"
+            raise MlsaeError(f"{option} {out} is {where} this command's input {inp}: choose a "
+                             "location apart from it")  # fmt: skip
+    check_kind_of_file(out, option, file)
     for parent in res.parents:
         k = folder_kind(parent)
         if k in CLOSED:
@@ -124,6 +141,31 @@ def check_output(
                              "another file name")  # fmt: skip
     check_writable(res.parent if file else res, f"{option} {out}", need_bytes)
     return out
+
+
+def check_kind_of_file(out: Path, option: str = "--out", file: bool = True) -> None:
+    """MlsaeError if `out` is a device, a FIFO or a socket, or (a file output) a symbolic link:
+    writing there would write into the device or replace the link, never what an output means.
+    A folder reached through a link is checked where it resolves to."""
+    if file and out.is_symlink():
+        raise MlsaeError(f"{option} {out} is a symbolic link: give the path it points to, or a "
+                         "new name")  # fmt: skip
+    if out.exists() and not out.is_dir() and not out.is_file():
+        raise MlsaeError(f"{option} {out} is not a regular file (a device, FIFO or socket): "
+                         "give a file name")  # fmt: skip
+
+
+def confined(base: Path, rel: str, what: str) -> Path:
+    """`base / rel` for a path built from a pattern (a hook name, ...): MlsaeError unless it is
+    relative, has no '..' and stays strictly inside `base` once symbolic links are resolved."""
+    parts = Path(rel).parts
+    if not rel.strip() or Path(rel).is_absolute() or ".." in parts or "\x00" in rel:
+        raise MlsaeError(f"{what} {rel!r} is not a plain relative name: it must stay inside "
+                         f"{base}")  # fmt: skip
+    path = base / rel
+    if _resolved(base) not in _resolved(path).parents:
+        raise MlsaeError(f"{what} {rel!r} leads outside {base}")
+    return path
 
 
 def check_writable(folder: Path, what: str, need_bytes: int = 0) -> None:

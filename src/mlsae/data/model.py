@@ -107,6 +107,7 @@ def _finish(model: PreTrainedModel, tok: Tokenizer, name: str) -> LoadedModel:
     """Eval mode, no grads, eos/pad on the tokenizer, and the LoadedModel record."""
     model.eval()
     model.requires_grad_(False)
+    check_tokenizer(model, tok, name)
     if tok.eos_token is None:
         eos_id = getattr(model.config, "eos_token_id", None)
         if isinstance(eos_id, list):
@@ -167,10 +168,11 @@ def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Tokenizer]
     """A local directory, else an HF id from the local cache (then the hub, unless offline)."""
     path = Path(name).expanduser()
     if path.is_dir():
+        check_model_folder(path)
         try:
             return _from_pretrained(str(path), dtype)
-        except (OSError, ValueError, KeyError) as e:
-            raise MlsaeError(f"cannot load model from {name!r}: {_first_line(e)}") from None
+        except Exception as e:  # a damaged folder: truncated weights, wrongly typed config
+            raise MlsaeError(f"cannot load model from {name!r}: {_first_line(e)[:160]}") from None
     if path.exists():
         raise MlsaeError(f"unknown model {name!r}: not a model directory or .gguf file")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -305,3 +307,79 @@ def _build_gguf_cache(path: Path, cdir: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(f"cached {cdir} ({time.perf_counter() - t0:.0f} s)")
+
+
+# ---------------------------------------------------------------- checks of a model folder
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+"""Any of these makes a folder's tokenizer loadable by AutoTokenizer."""
+
+
+def check_model_folder(path: Path) -> None:
+    """MlsaeError unless a local model folder has a config and tokenizer files (without them
+    transformers may load something that tokenizes every text to nothing)."""
+    if not (path / "config.json").is_file():
+        raise MlsaeError(f"{path}: not a model folder (no config.json)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise MlsaeError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the "
+                         "tokenizer with the model (tokenizer.save_pretrained)")  # fmt: skip
+
+
+def check_tokenizer(model: PreTrainedModel, tok: Tokenizer, name: str) -> None:
+    """MlsaeError unless the tokenizer turns a sample text into ids the model embeds (not all
+    one id, e.g. an unknown token)."""
+    rows = int(next(model.get_input_embeddings().parameters()).shape[0])
+    try:
+        ids = list(tok("The river runs past seven stones.", add_special_tokens=False)["input_ids"])
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign tokenizer
+        raise MlsaeError(f"model {name!r}: its tokenizer fails ({_first_line(e)[:120]})") from None
+    if not ids or len(set(ids)) < 2:
+        raise MlsaeError(f"model {name!r}: its tokenizer turns text into {ids[:8]}: missing or "
+                         "wrong tokenizer files")  # fmt: skip
+    if max(ids) >= rows or min(ids) < 0:
+        raise MlsaeError(f"model {name!r}: the tokenizer gives id {max(ids)}, the model embeds "
+                         f"only {rows} ids: a tokenizer of another model?")  # fmt: skip
+
+
+def positions_of(config: Any) -> int | None:
+    """How many positions a model's config says it can attend to (None: no limit stated)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_context_length(model: PreTrainedModel, context_length: int, name: str) -> None:
+    """MlsaeError if contexts of `context_length` tokens do not fit the model's positions."""
+    n = positions_of(model.config)
+    if n is not None and context_length > n:
+        raise MlsaeError(f"--context-length {context_length} is more than model {name!r}'s "
+                         f"{n} positions: use --context-length {n} or less")  # fmt: skip
+
+
+def model_positions(name: str) -> int | None:
+    """The positions of model `name` from its config alone (a folder, a cached id or a .gguf
+    file: None when it cannot be told without loading); MlsaeError if no such model exists."""
+    path = Path(name).expanduser()
+    if name == DEFAULT_MODEL or name.lower().endswith(".gguf"):
+        if name != DEFAULT_MODEL and not path.is_file():
+            raise MlsaeError(f"unknown model {name!r}: no such .gguf file")
+        return None
+    if path.is_dir():
+        check_model_folder(path)
+    elif path.exists():
+        raise MlsaeError(f"unknown model {name!r}: not a model directory or .gguf file")
+    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise MlsaeError(f"unknown model {name!r}: no such folder")
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(
+            str(path) if path.is_dir() else name, local_files_only=True
+        )
+    except Exception as e:  # noqa: BLE001 - a missing or damaged config
+        if path.is_dir():
+            raise MlsaeError(f"cannot load model {name!r}: {_first_line(e)[:160]}") from None
+        return None  # a hub id not cached yet: the prompt page will fetch it
+    return positions_of(cfg)

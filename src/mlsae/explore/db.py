@@ -10,7 +10,11 @@ token, latent, n, max_act); vocab(id, text); stream(start, ids int32[]) the toke
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -19,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_path
+from mlsae.core.io import atomic_path, fsync_file
+from mlsae.core.outputs import check_output
 
 FORMAT = "mlsae-explore-index-1"
 STREAM_ROW = 65536  # tokens per stream row
@@ -44,9 +49,43 @@ CREATE INDEX token_latents_tok ON token_latents(sae, token);
 """
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_index_output(path: Path, inputs: list[Any]) -> None:
+    """MlsaeError unless `mlsae index` may write its database at `path` (the output checks of
+    every command, and an existing file there must be an SQLite database it can replace)."""
+    check_output(path, "index", file=True, inputs=inputs)
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as e:
+            raise MlsaeError(f"--out {path}: unreadable ({e.strerror})") from None
+        if head != SQLITE_HEADER:
+            raise MlsaeError(f"--out {path} exists and is not an explorer index: choose a new "
+                             "file name (it is left untouched)")  # fmt: skip
+
+
+def sqlite_os_error(e: BaseException, path: Path) -> OSError | None:
+    """The OSError behind an sqlite3 error about the disk ('database or disk is full', 'disk
+    I/O error'), naming `path`; None for any other error."""
+    if not isinstance(e, sqlite3.Error):
+        return None
+    text = str(e).lower()
+    if "full" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if "disk i/o" in text:
+        return OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+    if "readonly" in text or "read-only" in text:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    return None
+
+
 class Writer:
     """`with Writer(path) as w: ...` builds the database in a temporary file beside `path` and
-    renames it over `path` on success (removed on error)."""
+    renames it over `path` once every write, the indexes and the commit are done and on disk
+    (removed on error: a full disk leaves the old database as it was)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -55,18 +94,33 @@ class Writer:
         self._ctx = atomic_path(self.path, suffix=".tmp.sqlite")
         self.tmp = self._ctx.__enter__()
         self.tmp.unlink()
-        self.con = sqlite3.connect(self.tmp)
-        self.con.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
+        try:
+            self.con = sqlite3.connect(self.tmp)
+            self.con.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
+        except BaseException as e:
+            self._fail(e)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, _type: Any, exc: BaseException | None, _tb: Any) -> None:
+        if exc is not None:
+            self._fail(exc)
         try:
-            if exc[0] is None:
-                self.con.executescript(INDEXES)
-                self.con.commit()
-        finally:
+            self.con.executescript(INDEXES)
+            self.con.commit()
             self.con.close()
-            self._ctx.__exit__(*exc)
+            fsync_file(self.tmp)
+        except BaseException as e:
+            self._fail(e)
+        self._ctx.__exit__(None, None, None)  # the rename
+
+    def _fail(self, exc: BaseException) -> None:
+        """Close, remove the temporary file and raise `exc` (an SQLite error of the disk as the
+        OSError it stands for, naming `path`)."""
+        with contextlib.suppress(Exception):
+            self.con.close()
+        err = sqlite_os_error(exc, self.path) or exc
+        self._ctx.__exit__(type(err), err, err.__traceback__)
+        raise err
 
     def meta(self, meta: dict[str, Any]) -> None:
         rows = [(k, json.dumps(v)) for k, v in meta.items()]
@@ -108,37 +162,40 @@ class IndexDB:
         self.path = Path(path)
         if not self.path.is_file():
             raise MlsaeError(f"index {self.path} does not exist: run `mlsae index RUN` first")
-        self._local = threading.local()
-        try:
-            meta = {k: json.loads(v) for k, v in self.q("SELECT key, value FROM meta")}
+        self._lock = threading.Lock()
+        try:  # one connection for the process: one generation of the file, even if replaced
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self._load()
         except sqlite3.DatabaseError as e:
             raise MlsaeError(f"{self.path} is not an explorer index ({e})") from None
-        if meta.get("format") != FORMAT:
-            raise MlsaeError(f"{self.path}: unknown index format {meta.get('format')!r}")
-        self.meta = meta
-        self.vocab = [t for _, t in self.q("SELECT id, text FROM vocab ORDER BY id")]
-        parts = [
-            np.frombuffer(b, np.int32) for _, b in self.q("SELECT * FROM stream ORDER BY start")
-        ]
-        self.stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-        self.saes = [
-            {"sae": r[0], "label": r[1], "path": r[2], "layers": json.loads(r[3]), "d_sae": r[4],
-             "k": r[5], "lens": r[6], "n_tokens": r[7]}
-            for r in self.q("SELECT * FROM saes ORDER BY sae")
-        ]  # fmt: skip
-        self.ctx = int(meta["context_length"])
-        self.w = int(meta["window"])
+        except MemoryError:
+            raise MlsaeError(f"{self.path}: too large to hold its token stream in memory") from None
+
+    def _load(self) -> None:
+        from mlsae.explore import validate as v
+
+        con, path = self._con, self.path
+        v.check_tables(con, path)
+        self.meta, m = v.read_meta(con, path)
+        self.vocab = v.read_vocab(con, path)
+        self.stream = v.read_stream(con, path, m, len(self.vocab))
+        rows = v.read_saes(con, path)
+        v.check_rows(con, path, m, rows)
+        self.saes = [dataclasses.asdict(r) for r in rows]
+        self.sae_sha256 = m.sae_sha256
+        self.ctx, self.w = m.context_length, m.window
 
     def con(self) -> sqlite3.Connection:
-        c = getattr(self._local, "con", None)
-        if c is None:
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            c = sqlite3.connect(uri, uri=True, check_same_thread=False)
-            self._local.con = c
-        return c
+        return self._con
 
     def q(self, sql: str, args: tuple = ()) -> list[tuple]:
-        return self.con().execute(sql, args).fetchall()
+        """Rows of a read query (one at a time: the connection is shared by the threads)."""
+        try:
+            with self._lock:
+                return self._con.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise MlsaeError(f"{self.path}: a damaged explorer index ({e})") from None
 
     def token(self, i: int) -> str:
         return self.vocab[i] if 0 <= i < len(self.vocab) else f"<{i}>"
@@ -161,7 +218,13 @@ class IndexDB:
         if not rows:
             return None
         r = rows[0]
-        info = json.loads(r[8])
+        from mlsae.explore.validate import check_info
+
+        where = f"{self.path}: SAE {sae} latent {j}"
+        try:
+            info = check_info(json.loads(r[8]), where)
+        except (TypeError, ValueError):
+            raise MlsaeError(f"{where}: the latent's info is not JSON") from None
         tok = lambda pairs: [{"id": i, "token": self.token(i), "value": v} for i, v in pairs]
         info["logit_pos"], info["logit_neg"] = tok(info["logit_pos"]), tok(info["logit_neg"])
         info["top_tokens"] = [
@@ -176,6 +239,8 @@ class IndexDB:
         """Examples of a latent: kind 'top' (at `layer`, or the best over all layers, largest
         first) or 'quantile'; at most `limit`, each with its window, activation, layer and
         (quantile) band."""
+        from mlsae.explore.validate import check_example
+
         sql = "SELECT layer, pos, act, win, lay, band FROM examples WHERE sae=? AND latent=? AND kind=?"
         args: tuple = (sae, j, kind)
         if layer is not None:
@@ -184,6 +249,7 @@ class IndexDB:
         rows = []  # (act, pos, layer, band, window activations)
         for ly, pos, act, win, lay, band in self.q(sql, args):
             p, a = np.frombuffer(pos, np.int32), np.frombuffer(act, np.float32)
+            check_example(p, len(self.stream), f"{self.path}: SAE {sae} latent {j}")
             wn = np.frombuffer(win, np.float16).reshape(-1, W)
             lays = np.frombuffer(lay, np.int16) if lay is not None else np.full(len(p), ly)
             bands = np.frombuffer(band, np.int8) if band is not None else [None] * len(p)

@@ -189,7 +189,7 @@ def build_index(
     RUN/explore.sqlite). Returns a summary: path, size, time, tokens."""
     from mlsae.activations.open import open_source, source_model
     from mlsae.explore import db
-    from mlsae.explore.source import run_saes, source_chunks
+    from mlsae.explore.source import run_saes, source_chunks, weights_sha256
     from mlsae.lens.tuned import resolve_space
 
     source, data, model = (
@@ -201,6 +201,8 @@ def build_index(
     top_n, window, samples = cfg.top_n, cfg.window, cfg.samples
     t0 = time.perf_counter()
     run = Path(run)
+    path = Path(out) if out is not None else (run if run.is_dir() else run.parent) / DB_NAME
+    db.check_index_output(path, inputs=[run, source.cache, model.model, data.dataset])
     saes = run_saes(run)
     layers = sorted({ly for s in saes for ly in s.layers})
     cfg0 = saes[0].sae.cfg
@@ -223,17 +225,20 @@ def build_index(
                                     what=f"SAE {s.path}"), top_n, window, samples, cfg.seed + i)
         for i, s in enumerate(saes)
     ]  # fmt: skip
+    vocab_size = int(next(lm.model.get_input_embeddings().parameters()).shape[0])
+    if not 1 <= cfg.n_logits <= vocab_size:
+        raise MlsaeError(f"--n-logits {cfg.n_logits} must be between 1 and the model's "
+                         f"vocabulary size {vocab_size}")  # fmt: skip
     stream = index_pass(chunks, idx, layers, ctx, total)
     t_pass = time.perf_counter() - t0
-    vocab_size = int(next(lm.model.get_input_embeddings().parameters()).shape[0])
     vocab = decode_vocab(lm.tokenizer, vocab_size)
     meta = {
         "format": db.FORMAT, "run": str(run.resolve()), "model": name, "source": src_info,
         "context_length": ctx, "n_stream_tokens": len(stream), "top_n": top_n,
         "window": window, "samples": samples, "hist_edges": HIST_EDGES.tolist(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sae_sha256": {s.label: weights_sha256(s.path) for s in saes},
     }  # fmt: skip
-    path = Path(out) if out is not None else (run if run.is_dir() else run.parent) / DB_NAME
     with db.Writer(path) as w:
         w.meta(meta)
         w.stream(stream)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -109,13 +111,13 @@ class Explorer:
 
     def info(self, req: Request) -> dict[str, Any]:
         m = self.db.meta
-        return {
+        return names_not_paths({
             "run": Path(m["run"]).name, "model": m["model"], "source": m["source"],
             "n_tokens": m["n_stream_tokens"], "context_length": m["context_length"],
             "top_n": m["top_n"], "window": m["window"], "saes": self.db.saes,
             "hist_edges": m["hist_edges"], "max_tokens": self.live.max_tokens,
             "graph": self.graph.summary() if self.graph is not None else None,
-        }  # fmt: skip
+        })  # fmt: skip
 
     def latent(self, req: Request) -> dict[str, Any]:
         s = self.sae_arg(req)
@@ -196,13 +198,16 @@ class Explorer:
 def create_app(
     run: str | Path, db: str | Path | None = None, model: str | None = None,
     evolution: str | Path | None = None, max_tokens: int = 128, dtype: str = "float32",
+    host: str = "127.0.0.1",
 ) -> Starlette:  # fmt: skip
-    """The ASGI app of `mlsae explore` (the index defaults to RUN/explore.sqlite)."""
+    """The ASGI app of `mlsae explore` (the index defaults to RUN/explore.sqlite). `host`: the
+    address it is bound to; requests naming another host are refused (DNS rebinding)."""
     from mlsae.explore.index import DB_NAME
 
     run = Path(run)
     path = Path(db) if db is not None else (run if run.is_dir() else run.parent) / DB_NAME
     ex = Explorer(run, path, model, Path(evolution) if evolution else None, max_tokens, dtype)
+    check_startup(ex, run, path, model)
     page = _asset("explore/static", "index.html")
 
     def api(fn):
@@ -238,6 +243,55 @@ def create_app(
         Route("/api/prompt", api(ex.prompt)),
         Route("/api/graph", api(ex.graph_feature)),
     ]
-    app = Starlette(routes=routes)
+    guard = Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))
+    app = Starlette(routes=routes, middleware=[guard])
     app.state.explorer = ex
     return app
+
+
+# ----------------------------------------------------------------------------- safety
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """The Host header values the server answers: the loopback names and the bound address
+    (any, when bound to every interface: the user chose to expose it)."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    bound = f"[{host}]" if ":" in host else host
+    return sorted({*LOOPBACK, bound.lower()})
+
+
+def names_not_paths(info: dict[str, Any]) -> dict[str, Any]:
+    """/api/info without absolute paths (a page on another site must not learn the folder
+    layout): the model, cache and SAE folders by their last names."""
+    name = lambda v: Path(str(v)).name if isinstance(v, str) and ("/" in v or "\\" in v) else v  # noqa: E731
+    out = dict(info)
+    out["model"] = name(info.get("model"))
+    src = info.get("source")
+    out["source"] = {k: name(v) for k, v in src.items()} if isinstance(src, dict) else src
+    out["saes"] = [{**s, "path": Path(str(s.get("path", ""))).name} for s in info.get("saes", [])]
+    return out
+
+
+def check_startup(ex: Explorer, run: Path, index: Path, model: str | None) -> None:
+    """Before serving: the SAEs in RUN are the ones indexed, the model is there, and
+    --max-tokens fits its positions."""
+    from mlsae.explore.source import check_served_saes, run_saes
+
+    check_served_saes(run_saes(run), ex.db.sae_sha256, index)
+    n_pos = model_positions(model or ex.db.meta["model"])
+    if n_pos is not None and ex.live.max_tokens > n_pos:
+        log.warning(f"--max-tokens {ex.live.max_tokens} is more than the model's {n_pos} "
+                    f"positions: prompts are capped at {n_pos} tokens")  # fmt: skip
+        ex.live.max_tokens = n_pos
+
+
+def model_positions(model: str) -> int | None:
+    """The model's number of positions (None when its config does not say); MlsaeError if
+    the model cannot be found."""
+    from mlsae.data.model import model_positions as positions
+
+    return positions(model)

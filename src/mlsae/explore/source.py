@@ -51,6 +51,8 @@ def run_saes(run: str | Path) -> list[RunSae]:
         layers = sorted(int(x) for x in sae.cfg.layers)
         if not layers:
             raise MlsaeError(f"{d}: the SAE lists no layers")
+        if len(set(layers)) != len(layers):
+            raise MlsaeError(f"{d}: the SAE's cfg.json lists a layer twice ({sae.cfg.layers})")
         label = d.name if d.name != "sae" else ("MLSAE" if len(layers) > 1 else f"L{layers[0]}")
         out.append(RunSae(label, d, sae, layers))
     return out
@@ -67,3 +69,34 @@ def source_chunks(
     cols = [source.layers.index(ly) for ly in layers]
     for b in source.iter_ordered(max_tokens):
         yield Chunk(b.activations[:, cols], b.token_ids, b.mask, b.offset)
+
+
+def weights_sha256(sae_dir: Path) -> str:
+    """sha256 of an SAE folder's weights file (what the explorer checks it serves)."""
+    import hashlib
+
+    from mlsae.sae.autoencoder import SAE_WEIGHTS
+
+    h = hashlib.sha256()
+    try:
+        with open(Path(sae_dir) / SAE_WEIGHTS, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise MlsaeError(f"{sae_dir}: unreadable SAE weights ({e.strerror})") from None
+    return h.hexdigest()
+
+
+def check_served_saes(saes: list[RunSae], indexed: dict | None, index: Path) -> None:
+    """MlsaeError unless every SAE about to be served has the weights it had when indexed
+    (`indexed`: label -> sha256 from the index; None for an index older than this check)."""
+    if indexed is None:
+        return
+    labels = [s.label for s in saes]
+    if sorted(labels) != sorted(indexed):
+        raise MlsaeError(f"{index} indexed the SAEs {sorted(indexed)}, the run now holds "
+                         f"{sorted(labels)}: run `mlsae index` again")  # fmt: skip
+    for s in saes:
+        if weights_sha256(s.path) != indexed[s.label]:
+            raise MlsaeError(f"{s.path}: the SAE changed since {index} was made: run "
+                             "`mlsae index` again")  # fmt: skip

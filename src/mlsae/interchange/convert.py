@@ -19,6 +19,7 @@ from torch import Tensor
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json_object, write_json
+from mlsae.core.outputs import check_output
 from mlsae.interchange.foreign import PAPER_CFG, read_paper, read_sparsify
 from mlsae.interchange.meta import build_sae
 from mlsae.interchange.saelens import SL_WEIGHTS, read_saelens
@@ -75,14 +76,34 @@ def _members(src: Path, fmt: str) -> list[Path]:
 def read_one(
     folder: Path, fmt: str, model: str | None, layers: list[int] | None, name: str | None = None
 ) -> tuple[SaeConfig, dict[str, Tensor]]:
-    """One foreign SAE folder as an mlsae config + weights."""
-    if fmt == "sparsify":
-        return read_sparsify(folder, model, layers)
-    if fmt == "saelens":
-        return read_saelens(folder, model, layers)
-    if fmt == "mlsae-hub":
-        return read_paper(folder, name, model, layers)
-    raise MlsaeError(f"unknown --format {fmt!r}: {', '.join(FORMATS)}")
+    """One foreign SAE folder as an mlsae config + weights, checked as `load_sae` checks an
+    SAE folder (so what is imported loads): a wrongly typed config value is one MlsaeError
+    naming the folder, never a traceback."""
+    readers = {"sparsify": lambda: read_sparsify(folder, model, layers),
+               "saelens": lambda: read_saelens(folder, model, layers),
+               "mlsae-hub": lambda: read_paper(folder, name, model, layers)}  # fmt: skip
+    if fmt not in readers:
+        raise MlsaeError(f"unknown --format {fmt!r}: {', '.join(FORMATS)}")
+    try:
+        cfg, t = readers[fmt]()
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise MlsaeError(f"{folder}: not a readable {fmt} SAE: a config value has the wrong "
+                         f"type ({type(e).__name__}: {str(e)[:100]})") from None  # fmt: skip
+    return checked_import(cfg, t, folder)
+
+
+def checked_import(
+    cfg: SaeConfig, t: dict[str, Tensor], folder: Path
+) -> tuple[SaeConfig, dict[str, Tensor]]:
+    """The config re-read through SaeConfig's own type checks (as `load_sae` will) and the
+    weights required to be finite floating-point tensors."""
+    cfg = SaeConfig.from_dict(cfg.to_dict(), f"{folder} (the imported config)")
+    for n, v in t.items():
+        if not v.is_floating_point():
+            raise MlsaeError(f"{folder}: {n} has dtype {v.dtype}, not floating point")
+        if not bool(torch.isfinite(v).all()):
+            raise MlsaeError(f"{folder}: {n} holds NaN or inf values: not importable")
+    return cfg, t
 
 
 def _same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
@@ -129,6 +150,7 @@ def import_command(
         name, src = name or str(src), fetch_hub(str(src))
     if not src.is_dir():
         raise MlsaeError(f"{src} is not a folder")
+    check_output(out, "sae", inputs=[src], apart=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MlsaeError(f"--out {out} exists and is not empty: choose a new folder")
     if fmt == "auto":

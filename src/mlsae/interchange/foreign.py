@@ -24,7 +24,9 @@ embeddings are not a layer), as in mlsae.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -49,12 +51,42 @@ _PAPER_NAME = re.compile(
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors or (weights-only) PyTorch file; MlsaeError naming it for
+    anything else (a pickle payload, a truncated file, a non-tensor value)."""
     try:
         if path.suffix == ".bin":
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        return load_file(str(path))
-    except (OSError, SafetensorError, ValueError, RuntimeError, EOFError) as e:
-        raise MlsaeError(f"{path}: unreadable weights ({str(e).splitlines()[0][:120]})") from None
+            w = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            w = load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError, EOFError, pickle.PickleError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise MlsaeError(f"{path}: unreadable weights ({first})") from None
+    if not isinstance(w, dict) or not all(isinstance(v, Tensor) for v in w.values()):
+        raise MlsaeError(f"{path}: not a mapping of names to tensors")
+    return w
+
+
+def strict_int(value: Any, what: str) -> int:
+    """An integer read from a foreign config: an int, or a float with no fractional part;
+    MlsaeError naming `what` for anything else (4.7 is not silently 4, "4" not read as 4)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MlsaeError(f"{what} must be an integer, not {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise MlsaeError(f"{what} must be an integer, not {value!r}")
+    return int(value)
+
+
+def strict_layers(value: Any, what: str) -> list[int] | None:
+    """Block indices read from a foreign config: None, or a list of integers >= 0 (a string
+    such as "012" is not read as [0, 1, 2])."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise MlsaeError(f"{what} must be a list of block indices, not {value!r}")
+    out = [strict_int(x, what) for x in value]
+    if any(x < 0 for x in out):
+        raise MlsaeError(f"{what} holds a negative block index: {value!r}")
+    return out
 
 
 def _shape(d: int, m: int, k: int, what: str) -> int:
@@ -85,7 +117,7 @@ def read_sparsify(
     if missing:
         raise MlsaeError(f"{folder / SPARSIFY_WEIGHTS}: no {sorted(missing)}")
     m, d = w["encoder.weight"].shape
-    k = int(raw.get("k", 0))
+    k = strict_int(raw.get("k", 0), f"{folder / SPARSIFY_CFG}: k")
     r = _shape(int(d), int(m), k, str(folder))
     layer = layer_of_hook(folder.name)
     cfg = SaeConfig(
@@ -177,7 +209,7 @@ def read_paper(
             "applied to block l's output, one at the last block too): mlsae's lens cannot "
             "represent that; import the plain MLSAE instead"
         )
-    k = int(raw.get("k") or hint.get("k") or 0)
+    k = strict_int(raw.get("k") or hint.get("k") or 0, f"{folder / PAPER_CFG}: k")
     r = _shape(int(d), int(m), k, str(folder))
     if hint and (hint["expansion_factor"], hint["k"]) != (r, k):
         log.warning(f"{name or folder.name}: its name says x{hint['expansion_factor']}-k"
@@ -185,10 +217,13 @@ def read_paper(
     model = model or raw.get("model_name") or hint.get("model")
     if not model:
         raise MlsaeError(f"{folder}: the checkpoint does not name its model: pass --model")
-    chosen: list[int] = list(
-        layers or raw.get("layers") or hint.get("layers") or _model_layers(model)
-    )
+    if not isinstance(model, str):
+        raise MlsaeError(f"{folder / PAPER_CFG}: model_name must be a string, not {model!r}")
+    given = strict_layers(raw.get("layers"), f"{folder / PAPER_CFG}: layers")
+    chosen: list[int] = list(layers or given or hint.get("layers") or _model_layers(model))
     standardize = raw.get("standardize", True)
+    if not isinstance(standardize, bool):
+        raise MlsaeError(f"{folder / PAPER_CFG}: standardize must be true or false")
     cfg = SaeConfig(
         d_in=int(d),
         expansion_factor=r,

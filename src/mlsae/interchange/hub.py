@@ -16,6 +16,7 @@ from typing import Any
 
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, read_json_object, write_json, write_text
+from mlsae.core.outputs import check_output
 from mlsae.interchange.meta import hf_model_name, run_context, run_saes
 from mlsae.interchange.saelens import APPROX_NOTE, export_saelens
 from mlsae.sae.autoencoder import SparseAutoencoder
@@ -153,6 +154,7 @@ def export_hub(
 ) -> Path:  # fmt: skip
     """Write the hub folder for every SAE of RUN; returns OUT."""
     run, out = Path(run), Path(out)
+    check_output(out, "export", inputs=[run, eval_json], apart=True)
     if out.exists() and any(out.iterdir()):
         raise MlsaeError(f"--out {out} exists and is not empty: choose a new folder")
     saes = run_saes(run)

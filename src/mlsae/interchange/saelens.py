@@ -18,6 +18,8 @@ pre-6 keys. We write the 6.x layout and read both.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,15 @@ from torch import Tensor
 
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import atomic_dir, read_json_object, write_json
+from mlsae.core.io import (
+    atomic_dir,
+    read_json_object,
+    replace_dir,
+    write_json,
+    write_safetensors,
+)
+from mlsae.core.outputs import check_output, confined, folder_kind
+from mlsae.interchange.foreign import strict_int, strict_layers
 from mlsae.interchange.meta import (
     block_hook_names,
     hf_model_name,
@@ -122,12 +132,23 @@ def saelens_config(
 
 def write_saelens_folder(path: Path, sae: SparseAutoencoder, cfg_json: dict[str, Any]) -> Path:
     """cfg.json + sae_weights.safetensors, atomically."""
-    from safetensors.torch import save_file
-
     with atomic_dir(path) as tmp:
-        save_file(sae.state_tensors(), str(tmp / SL_WEIGHTS))
-        write_json(tmp / SL_CFG, cfg_json)
+        _write_saelens_files(tmp, sae, cfg_json)
     return path
+
+
+def _write_saelens_files(folder: Path, sae: SparseAutoencoder, cfg_json: dict[str, Any]) -> None:
+    write_safetensors(folder / SL_WEIGHTS, sae.state_tensors())
+    write_json(folder / SL_CFG, cfg_json)
+
+
+def _check_hook_folder(dest: Path, run: Path) -> None:
+    """MlsaeError unless the hook folder `dest` may be replaced: new, empty or a SAELens folder,
+    and apart from the SAE being exported."""
+    check_output(dest, "saelens", inputs=[run], apart=True)
+    if dest.is_dir() and any(dest.iterdir()) and folder_kind(dest) != "saelens":
+        raise MlsaeError(f"--out: {dest} exists and is not a SAELens folder: it would be "
+                         "replaced; choose a new --out (it is left untouched)")  # fmt: skip
 
 
 def export_saelens(
@@ -137,14 +158,16 @@ def export_saelens(
 
     An MLSAE gives the same dictionary at every block's hook, DIR/<hook>/ each; a single-layer
     SAE or a per-layer set gives DIR/<hook>/ per SAE; SAEs whose layers overlap (a sweep) go to
-    DIR/<sae folder>/<hook>/. Returns the folders written."""
+    DIR/<sae folder>/<hook>/. Every folder is written in a staging folder inside DIR first, then
+    each is renamed into place (a full disk leaves DIR as it was). Returns the folders written."""
     run, out = Path(run), Path(out)
+    check_output(out, "export", inputs=[run], apart=True)
     saes = run_saes(run)
     loaded = [(name, d, load_sae(d)) for name, d in saes]
     layers_seen: list[int] = [x for _, _, s in loaded for x in s.cfg.layers]
     nested = len(layers_seen) != len(set(layers_seen))
     names_by_model: dict[str, list[str]] = {}
-    written = []
+    plan: list[tuple[Path, SparseAutoencoder, dict[str, Any]]] = []
     for name, d, sae in loaded:
         if not sae.cfg.layers:
             raise MlsaeError(f"{d}: the SAE's cfg.json lists no layers")
@@ -153,16 +176,40 @@ def export_saelens(
             names_by_model[model] = block_hook_names(model, hook_format)
         hooks = names_by_model[model]
         context = run_context(d)
-        base = out / name if nested and name else out
+        base = confined(out, name, "the SAE folder name") if nested and name else out
         for layer in sae.cfg.layers:
             if not 0 <= layer < len(hooks):
                 raise MlsaeError(f"layer {layer} is not a block of {model!r} ({len(hooks)} blocks)")
-            cfg_json = saelens_config(sae, hooks[layer], layer, context, approximate)
-            written.append(write_saelens_folder(base / hooks[layer], sae, cfg_json))
+            dest = confined(base, hooks[layer], "--hook-format gives the folder")
+            _check_hook_folder(dest, d)
+            plan.append((dest, sae, saelens_config(sae, hooks[layer], layer, context, approximate)))
+    _write_planned(out, plan)
     if any(s.cfg.normalize == "standardize" for _, _, s in loaded):
         log.warning(APPROX_NOTE)
-    log.info(f"wrote {len(written)} SAELens folder(s) under {out}")
-    return written
+    log.info(f"wrote {len(plan)} SAELens folder(s) under {out}")
+    return [dest for dest, _, _ in plan]
+
+
+def _write_planned(out: Path, plan: list[tuple[Path, SparseAutoencoder, dict[str, Any]]]) -> None:
+    """Write every planned folder into a staging folder in `out`, then rename each into place."""
+    dests = [d.resolve() for d, _, _ in plan]
+    if len(set(dests)) != len(dests):
+        raise MlsaeError("--hook-format gives two SAEs the same folder: include '{layer}' once")
+    need = sum(
+        sum(t.numel() * t.element_size() for t in s.state_tensors().values()) for _, s, _ in plan
+    )
+    check_output(out, "export", need_bytes=need)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".mlsae-export.", dir=out))
+    try:
+        for i, (_, sae, cfg_json) in enumerate(plan):
+            (stage / str(i)).mkdir()
+            _write_saelens_files(stage / str(i), sae, cfg_json)
+        for i, (dest, _, _) in enumerate(plan):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            replace_dir(stage / str(i), dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- import
@@ -241,9 +288,11 @@ def read_saelens(
     cfg = SaeConfig(
         d_in=d_in,
         expansion_factor=d_sae // d_in,
-        k=int(c.get("k") or 0),
+        k=strict_int(c.get("k") or 0, f"{folder / SL_CFG}: k"),
         normalize=normalize,
-        layers=layers or mine.get("layers") or ([hook_layer] if hook_layer is not None else []),
+        layers=layers
+        or strict_layers(mine.get("layers"), f"{folder / SL_CFG}: mlsae.layers")
+        or ([hook_layer] if hook_layer is not None else []),
         model=model or mine.get("model") or c.get("model_name") or "",
         dataset=mine.get("dataset") or c.get("dataset_path") or "",
     )
