@@ -294,3 +294,17 @@ def test_run_trains_saves_and_resumes_bit_identically(arch, cache, tmp_path):
 def test_token_topk_refuses_batches_of_partial_tokens(cache, tmp_path):
     with pytest.raises(MlsaeError, match="multiple of the 3 layers"):
         _train(tmp_path / "r", cache, "token_topk", batch_tokens=50)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saelens_export_takes_topk_codes_and_refuses_threshold_codes_in_one_line(arch):
+    from mlsae.interchange.saelens import saelens_config
+
+    sae = _sae(arch)
+    if arch in ("topk", "matryoshka"):  # Matryoshka's inference code is TopK's
+        cfg = saelens_config(sae, "blocks.0.hook_resid_post", 0, {}, approximate=True)
+        assert cfg["architecture"] == "topk" and cfg["k"] == sae.cfg.k
+        return
+    with pytest.raises(MlsaeError, match="cannot be exported to SAELens") as e:
+        saelens_config(sae, "blocks.0.hook_resid_post", 0, {}, approximate=True)
+    assert "\n" not in str(e.value)
