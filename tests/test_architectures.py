@@ -135,7 +135,9 @@ def test_contract(arch, tmp_path):
     with torch.no_grad():
         enc = sae.encode(x)
         n, w = enc.top_acts.shape
-        assert n == len(x) and enc.top_indices.shape == (n, w) and w >= 1
+        assert n == len(x) and enc.top_indices.shape == (n, w) and w == sae.code_width
+        assert sae.encode(x[:1]).top_acts.shape == (1, w)  # one width in every call
+        assert all(len(set(row.tolist())) == w for row in enc.top_indices)  # distinct per row
         assert enc.top_acts.dtype == torch.float32 and enc.top_indices.dtype == torch.int64
         assert (enc.top_acts >= 0).all()
         assert ((enc.top_indices >= 0) & (enc.top_indices < sae.cfg.d_sae)).all()
@@ -208,7 +210,10 @@ def test_threshold_is_the_running_smallest_kept_activation_and_used_at_inference
     with torch.no_grad():
         x = torch.randn(20, 12)
         pre = (_normalize(x) - sae.b_dec) @ sae.W_enc + sae.b_enc
-        want_code = pre * (pre > float(sae.threshold))
+        above = pre * (pre > float(sae.threshold))  # at most code_width per row: the largest
+        v, i = above.topk(sae.code_width, dim=1)
+        want_code = torch.zeros_like(pre).scatter(1, i, v)
+        assert (above > 0).sum(1).max() > 0
         torch.testing.assert_close(sae.dense_acts(sae.encode(x)), want_code, **TOL)
 
 
@@ -289,3 +294,17 @@ def test_run_trains_saves_and_resumes_bit_identically(arch, cache, tmp_path):
 def test_token_topk_refuses_batches_of_partial_tokens(cache, tmp_path):
     with pytest.raises(MlsaeError, match="multiple of the 3 layers"):
         _train(tmp_path / "r", cache, "token_topk", batch_tokens=50)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saelens_export_takes_topk_codes_and_refuses_threshold_codes_in_one_line(arch):
+    from mlsae.interchange.saelens import saelens_config
+
+    sae = _sae(arch)
+    if arch in ("topk", "matryoshka"):  # Matryoshka's inference code is TopK's
+        cfg = saelens_config(sae, "blocks.0.hook_resid_post", 0, {}, approximate=True)
+        assert cfg["architecture"] == "topk" and cfg["k"] == sae.cfg.k
+        return
+    with pytest.raises(MlsaeError, match="cannot be exported to SAELens") as e:
+        saelens_config(sae, "blocks.0.hook_resid_post", 0, {}, approximate=True)
+    assert "\n" not in str(e.value)

@@ -4,9 +4,9 @@ the sparse code is chosen and trained; `SparseAutoencoder(cfg)` builds `cfg.arch
 
 The contract (docs/architectures.md; tests/test_architectures.py checks it for each one):
 - `encode(x [N, d_in])` -> EncoderOutput: the sparse code of each row as (top_acts f32[N, w] >= 0,
-  top_indices i64[N, w]), an activation of 0 meaning "inactive" (w is k for TopK; for a
-  threshold code, the most latents active in one row; padding entries have activation 0). It
-  depends on each row alone (no batch statistics at inference).
+  top_indices i64[N, w]) with w = `code_width` in every call (k for TopK, a cap for a threshold
+  code), an activation of 0 meaning "inactive", distinct indices within a row. It depends on
+  each row alone (no batch statistics at inference).
 - `decode(enc)` = sum of top_acts x W_dec rows + b_dec, mapped back to the raw space: the
   reconstruction is linear in the code, with unit-norm decoder rows.
 - `train_step_forward(x, dead, k_aux, aux_coef, reduce)` -> StepOutput: the training loss owns
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlsae.core.compute import resolve_compute_dtype
@@ -179,14 +178,17 @@ class SparseAutoencoder(nn.Module):
         parts = [
             self.encode_normalized(u[i : i + ENCODE_CHUNK]) for i in range(0, len(u), ENCODE_CHUNK)
         ]
-        width = max(a.shape[1] for a, _ in parts)  # threshold codes: widths differ by chunk
-        acts = torch.cat([F.pad(a, (0, width - a.shape[1])) for a, _ in parts])
-        idx = torch.cat([F.pad(i, (0, width - i.shape[1])) for _, i in parts])
+        acts, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return EncoderOutput(acts, idx, mean, std)
+
+    @property
+    def code_width(self) -> int:
+        """w, the columns of every code `encode` returns (k for TopK)."""
+        return self.cfg.k
 
     def encode_normalized(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """The architecture's inference code of normalized rows u [N, d_in]: (acts f32[N, w] >= 0,
-        idx i64[N, w]), each row's from that row alone."""
+        idx i64[N, w]) with w = `code_width`, each row's from that row alone."""
         raise NotImplementedError(f"{type(self).__name__} does not implement encode_normalized")
 
     def decode_normalized(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:

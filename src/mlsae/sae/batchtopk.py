@@ -1,7 +1,8 @@
 """BatchTopK (Bussmann et al. 2024): training keeps the k x N largest pre-activations of a batch
 of N vectors together, so one vector may get more than k latents and another fewer (k per vector
 on average); inference keeps, in each vector alone, the pre-activations above a threshold
-learned during training (the running average of the smallest kept activation, as SAELens does).
+learned during training (the running average of the smallest kept activation, as SAELens does),
+at most CODE_WIDTH x k of them.
 
 `ThresholdSAE` is the shared part: a selection over a group of vectors in training, the
 threshold at inference. `mlsae.sae.token_topk` selects over one token's layers instead.
@@ -18,6 +19,9 @@ from mlsae.sae.autoencoder import SparseAutoencoder, StepOutput
 from mlsae.sae.encoder import masked_code, select_encode
 from mlsae.sae.kernels import topk
 
+CODE_WIDTH = 4
+"""Inference keeps at most CODE_WIDTH x k latents per vector (its largest above the threshold), so
+every `encode` returns codes of one width (`code_width`) that later stages can stack."""
 THRESHOLD_RATE = 0.01
 """Weight of each training batch's smallest kept activation in the threshold's running average."""
 
@@ -35,9 +39,14 @@ class ThresholdSAE(SparseAutoencoder):
         """The training selection of pre-activations [N, m] -> (idx [N, w], keep [N, w])."""
         raise NotImplementedError
 
+    @property
+    def code_width(self) -> int:
+        return min(self.cfg.d_sae, CODE_WIDTH * self.cfg.k)
+
     def threshold_select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference: each row's latents whose pre-activation exceeds the threshold (and 0)."""
-        return masked_code(pre, pre > float(self.threshold.clamp_min(0)))
+        """Inference: each row's latents whose pre-activation exceeds the threshold (and 0), at
+        most `code_width` of them (the largest)."""
+        return masked_code(pre, pre > float(self.threshold.clamp_min(0)), self.code_width)
 
     def encode_normalized(self, u: Tensor) -> tuple[Tensor, Tensor]:
         enc = select_encode(

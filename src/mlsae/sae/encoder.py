@@ -219,10 +219,11 @@ def select_encode(
     return Encoded(*_SelectEncode.apply(u, b_dec, W_enc, b_enc, select, dtype, dead))
 
 
-def masked_code(pre: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The entries `mask` [N, m] keeps of pre [N, m] as a code (idx i64[N, w], keep bool[N, w]),
-    w the most entries of one row (at least 1): each row's kept latents, then other latents of
-    the row with keep False (the indices of a row stay distinct, as TopK's)."""
-    w = max(1, int(mask.sum(1).max())) if mask.numel() else 1
+def masked_code(pre: Tensor, mask: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """The entries `mask` [N, m] keeps of pre [N, m] as a code (idx i64[N, w], keep bool[N, w]):
+    each row's kept latents, then other latents of the row with keep False (the indices of a row
+    stay distinct, as TopK's). w: `width` (a row keeps its `width` largest kept entries), else the
+    most entries of one row (at least 1)."""
+    w = width or (max(1, int(mask.sum(1).max())) if mask.numel() else 1)
     _, idx = topk(pre.masked_fill(~mask, float("-inf")), w)
     return idx, mask.gather(1, idx)
