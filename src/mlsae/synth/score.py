@@ -82,6 +82,8 @@ class MatchScore:
     accuracy: float | None
     n_true: int
     median_matched_cos: list[float]
+    median_matched_cos_alive: list[float] = field(default_factory=list)
+    """The same over pairs of alive latents (nodes of evolution's graph), per pair."""
 
 
 def unit(w: Tensor, centre: bool = False) -> Tensor:
