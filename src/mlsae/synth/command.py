@@ -85,7 +85,7 @@ def score_command(
     by_layer = {r.layer: r for r in rec}
     from mlsae.synth.score import match_score
 
-    out.match = match_score([saes[ly].W_dec.cpu() for ly in range(L)], truth, by_layer)
+    out.match = ms = match_score([saes[ly].W_dec.cpu() for ly in range(L)], truth, by_layer)
     if evolution is not None:
         from mlsae.core.io import read_json_object
 
@@ -94,7 +94,22 @@ def score_command(
         if evo.get("layers") != list(range(L)):
             raise MlsaeError(f"{evolution}: layers {evo.get('layers')}, the truth has 0..{L - 1}")
         out.edges = edge_scores(true_edges(truth, by_layer), reported_edges(evo, graph))
+        ms.median_matched_cos_alive = _alive_cos(saes, graph)
         out.evolution = str(evolution)
+    return out
+
+
+def _alive_cos(saes: dict[int, Any], graph: dict[str, Any]) -> list[float]:
+    """Per adjacent pair: the median decoder cosine of SAE Match's pairs of alive latents."""
+    from mlsae.synth.score import alive_from_graph, matched_cosines
+
+    out = []
+    for ly in sorted(saes)[:-1]:
+        up, down = saes[ly], saes[ly + 1]
+        cos = matched_cosines(up.W_dec.cpu(), down.W_dec.cpu(),
+                              alive_from_graph(graph, ly, up.cfg.d_sae),
+                              alive_from_graph(graph, ly + 1, down.cfg.d_sae))  # fmt: skip
+        out.append(float(cos.median()) if len(cos) else math.nan)
     return out
 
 
@@ -137,5 +152,6 @@ def format_score(s: SynthScore) -> str:
     if s.match is not None:
         lines.append(f"SAE Match: accuracy on true pass-through pairs {f(s.match.accuracy)}, "
                      "median matched decoder cosine "
-                     + " ".join(f(x) for x in s.match.median_matched_cos))  # fmt: skip
+                     + " ".join(f(x) for x in s.match.median_matched_cos)
+                     + "; alive latents " + " ".join(f(x) for x in s.match.median_matched_cos_alive))  # fmt: skip
     return "\n".join(lines)

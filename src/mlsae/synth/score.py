@@ -82,6 +82,8 @@ class MatchScore:
     accuracy: float | None
     n_true: int
     median_matched_cos: list[float]
+    median_matched_cos_alive: list[float] = field(default_factory=list)
+    """The same over pairs of alive latents (nodes of evolution's graph), per pair."""
 
 
 def unit(w: Tensor, centre: bool = False) -> Tensor:
@@ -210,6 +212,31 @@ def reported_edges(evo: dict[str, Any], graph: dict[str, Any]) -> dict[str, set]
 
 def edge_scores(true: dict[str, set], reported: dict[str, set]) -> list[EdgeScore]:
     return [_pr(k, true[k], reported[k]) for k in ("pass_through", "and", "or", "specialised")]
+
+
+def matched_cosines(
+    w_up: Tensor, w_down: Tensor, alive_up: Tensor | None = None, alive_down: Tensor | None = None
+) -> Tensor:
+    """Decoder cosines of SAE Match's matched pairs (evolution.match) between two SAEs, only
+    pairs whose both latents are alive (bool [d_sae] masks; None: all): the drift it sees."""
+    from mlsae.evolution.match import folded_decoder, match_permutation
+
+    perm = match_permutation(w_up, w_down)
+    ok = perm >= 0
+    if alive_up is not None and alive_down is not None:
+        ok &= alive_up & alive_down[perm.clamp_min(0)]
+    u, v = folded_decoder(w_up), folded_decoder(w_down)
+    return (u[ok] * v[perm[ok]]).sum(-1)
+
+
+def alive_from_graph(graph: dict[str, Any], layer: int, d_sae: int) -> Tensor:
+    """bool [d_sae]: the latents of `layer` that are nodes of an evolution graph.json (alive)."""
+    out = torch.zeros(d_sae, dtype=torch.bool)
+    nodes = graph["nodes"]
+    for ly, f in zip(nodes["layer"], nodes["feature"], strict=True):
+        if ly == layer:
+            out[f] = True
+    return out
 
 
 def match_score(w_decs: list[Tensor], truth: Truth, rec: dict[int, Recovery]) -> MatchScore:
