@@ -129,6 +129,7 @@ def build_fixtures(base: Path) -> None:
     sh(mlsae("lens", "train", "--model", m, "--dataset", c, "--context-length", "64",
              "--tokens", "512", "--steps", "1", "--out", base / "lens"))  # fmt: skip
     sh(mlsae("analyze", base / "run", "--cache", base / "cache_test", "--out", base / "analysis"))
+    sh(mlsae("index", base / "run", "--cache", base / "cache_test"))  # RUN/explore.sqlite
 
 
 def setup_mounts(env: Env) -> None:
@@ -706,6 +707,7 @@ def probes() -> list[Probe]:
                         "--tokens", "16384", "--context-length", "64", "--shard-tokens", "512",
                         "--out", w / "c"), "interrupt", run=run_sigint_cache,
         intact=lambda w: [])  # fmt: skip
+    surface_probes(add)
     return P
 
 
@@ -734,6 +736,377 @@ def nan_model(w: Path) -> None:
         m.transformer.h[1].mlp.c_proj.bias.fill_(float("nan"))
     m.save_pretrained(w / "nanmodel")
     AutoTokenizer.from_pretrained(E.model).save_pretrained(w / "nanmodel")
+
+
+# ----------------------------------------------------------------------------- issue 29 surfaces
+
+
+def mount_tmpfs(d: Path, size: str) -> bool:
+    """A private tmpfs at d (root only); unmounted at teardown."""
+    d.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                       capture_output=True)  # fmt: skip
+    if r.returncode == 0:
+        E.mounts.append(d)
+    return r.returncode == 0
+
+
+def fill_to(d: Path, leave: int) -> None:
+    """Fill the file system of d until `leave` bytes are free."""
+    free = shutil.disk_usage(d).free
+    with contextlib.suppress(OSError), open(d / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def write_sparsify(d: Path, k: object = 4, weights: Callable[[dict], dict] | None = None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    m, dm = 64, 32
+    t = {"encoder.weight": torch.randn(m, dm, generator=g), "encoder.bias": torch.zeros(m),
+         "W_dec": torch.randn(m, dm, generator=g), "b_dec": torch.zeros(dm)}  # fmt: skip
+    save_file(weights(t) if weights else t, str(d / "sae.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"k": k, "activation": "topk", "d_in": dm}))
+
+
+def write_paper(d: Path, **cfg: object) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    m, dm = 64, 32
+    save_file({"encoder.weight": torch.randn(m, dm, generator=g),
+               "decoder.weight": torch.randn(dm, m, generator=g),
+               "pre_encoder_bias": torch.zeros(dm)}, str(d / "model.safetensors"))  # fmt: skip
+    base = {"n_inputs": dm, "n_latents": m, "k": 4, "standardize": True, "layers": [1],
+            "model_name": str(E.model)}  # fmt: skip
+    (d / "config.json").write_text(json.dumps({**base, **cfg}))
+
+
+def write_pickle_bin(d: Path) -> None:
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickle code ran",))
+
+    write_paper(d)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+
+
+def server_check(code: str) -> Callable[[Path, list[str]], tuple[int, str]]:
+    """Run `code` (with `app`, `client`, `w`, `E` defined) in a subprocess: exit 0 = the
+    expected behaviour, else its stderr says why."""
+
+    def run(w: Path, cmd: list[str]) -> tuple[int, str]:
+        prog = ("import sys, json; from pathlib import Path; from starlette.testclient import "
+                "TestClient; from mlsae.explore.server import create_app\n"
+                f"w = Path({str(w)!r}); base = Path({str(E.base)!r})\n" + code)  # fmt: skip
+        r = subprocess.run([sys.executable, "-c", prog], env=ENV, capture_output=True, text=True,
+                           timeout=TIMEOUT)  # fmt: skip
+        return r.returncode, r.stderr
+
+    return run
+
+
+def explore_startup(w: Path, cmd: list[str]) -> tuple[int, str]:
+    """`mlsae explore` that must refuse at startup: a server still running after 60 s fails."""
+    try:
+        r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return 97, "the server started (no refusal at startup)"
+    return r.returncode, r.stderr
+
+
+def sql_edit(sql: str) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        import sqlite3
+
+        copy("run", w)
+        con = sqlite3.connect(w / "run" / "explore.sqlite")
+        con.executescript(sql)
+        con.commit()
+        con.close()
+
+    return setup
+
+
+def surface_probes(add: Callable[..., None]) -> None:
+    """Issue 29: index, export, import, the explorer's data, the stream's resume, model folders,
+    corpora and the server."""
+    run_copy = lambda w: copy("run", w) and None  # noqa: E731
+    both = lambda w: (copy("run", w), copy("cache_test", w)) and None  # noqa: E731
+    idx = lambda w, out: mlsae("index", w / "run", "--cache", w / "cache_test", "--out", out)  # noqa: E731
+
+    # --- 1. index --out is checked like every output
+    for what, rel in [("RUN/sae/sae.safetensors", "run/sae/sae.safetensors"),
+                      ("CACHE/manifest.json", "cache_test/manifest.json"),
+                      ("a cache shard", "cache_test/shard_00000.safetensors"),
+                      ("RUN/train_cfg.json", "run/train_cfg.json"),
+                      ("CACHE/new.sqlite", "cache_test/new.sqlite"),
+                      ("an existing text file", "notes.txt")]:  # fmt: skip
+        add(f"index --out {what}", "index-out", lambda w, r=rel: idx(w, w / r), "error",
+            lambda w: (both(w), (w / "notes.txt").write_text("mine")) and None)  # fmt: skip
+    for cmd_name, make in [("index", lambda w, o: idx(w, o)),
+                           ("evaluate", lambda w, o: mlsae("evaluate", w / "run", "--cache",
+                                                           w / "cache_test", "--out", o))]:  # fmt: skip
+        add(f"{cmd_name} --out a FIFO", "index-out", lambda w, m=make: m(w, w / "fifo"), "error",
+            lambda w: (both(w), os.mkfifo(w / "fifo")) and None)  # fmt: skip
+        add(f"{cmd_name} --out a character device", "index-out",
+            lambda w, m=make: m(w, w / "null"), "error",
+            lambda w: (both(w), os.mknod(w / "null", 0o666 | 0o020000, os.makedev(1, 3))) and None)  # fmt: skip
+        add(f"{cmd_name} --out a symlink to a file", "index-out",
+            lambda w, m=make: m(w, w / "link"), "error",
+            lambda w: (both(w), (w / "t.txt").write_text("x"), (w / "link").symlink_to(w / "t.txt")) and None)  # fmt: skip
+    add("index --out a new file", "index-out", lambda w: idx(w, w / "new.sqlite"), "ok", both,
+        intact=lambda w: [w / "run", w / "cache_test"], check=exists("new.sqlite"))  # fmt: skip
+
+    # --- 2. export / import outputs
+    exp = lambda w, out, *a: mlsae("export", w / "run", "--format", "saelens", "--out", out, *a)  # noqa: E731
+    add(
+        "export --out CACHE/x",
+        "export-out",
+        lambda w: exp(w, w / "cache_test" / "x"),
+        "error",
+        both,
+    )
+    add("export --out a symlink into a cache", "export-out", lambda w: exp(w, w / "lnk" / "x"), "error",
+        lambda w: (both(w), (w / "lnk").symlink_to(w / "cache_test")) and None)  # fmt: skip
+    add("export --out RUN/x (inside its input)", "export-out", lambda w: exp(w, w / "run" / "x"),
+        "error", run_copy)  # fmt: skip
+    add("export --hook-format '../../x.{layer}'", "export-out",
+        lambda w: exp(w, w / "o" / "p", "--hook-format", "../../x.{layer}"), "error", run_copy,
+        check=absent("x.0"))  # fmt: skip
+    add("export --hook-format absolute", "export-out",
+        lambda w: exp(w, w / "o", "--hook-format", str(w / "abs.{layer}")), "error", run_copy,
+        check=absent("abs.0"))  # fmt: skip
+    add("export over a training run at --out/<hook>", "export-out",
+        lambda w: exp(w, w / "o", "--hook-format", "r{layer}"), "error",
+        lambda w: (copy("run", w), copy("run", w, "o/r0")) and None)  # fmt: skip
+    add("export --out a new folder", "export-out", lambda w: exp(w, w / "o"), "ok", run_copy,
+        intact=lambda w: [w / "run"], check=exists("o"))  # fmt: skip
+    imp = lambda w, out: mlsae("import", "--format", "sparsify", w / "sp", "--layers", "1",  # noqa: E731
+                               "--model", E.model, "--out", out)  # fmt: skip
+    add("import --out CACHE/sub", "export-out", lambda w: imp(w, w / "cache_test" / "sub"), "error",
+        lambda w: (copy("cache_test", w), write_sparsify(w / "sp")) and None)  # fmt: skip
+    add("import --out inside its source", "export-out", lambda w: imp(w, w / "sp" / "sub"), "error",
+        lambda w: write_sparsify(w / "sp"))  # fmt: skip
+
+    # --- 3. a full disk never damages what exists
+    def disk_with_index(w: Path) -> None:
+        both(w)
+        if mount_tmpfs(w / "disk", "4m"):
+            shutil.copy2(E.base / "run" / "explore.sqlite", w / "disk" / "explore.sqlite")
+            fill_to(w / "disk", 600_000)
+
+    add("index over a good index on a full disk", "full-disk", lambda w: idx(w, w / "disk" / "explore.sqlite"),
+        "error", disk_with_index)  # fmt: skip
+
+    def disk_for_export(w: Path) -> None:
+        run_copy(w)
+        if mount_tmpfs(w / "disk", "4m"):
+            fill_to(w / "disk", 1_100_000)
+
+    add("export on a full disk", "full-disk", lambda w: exp(w, w / "disk" / "o"), "error",
+        disk_for_export, check=absent("disk/o/transformer.h.0"))  # fmt: skip
+
+    # --- 6. import is type-checked
+    imp6 = lambda fmt: lambda w: mlsae("import", "--format", fmt, w / "src", "--model", E.model,  # noqa: E731
+                                      "--out", w / "o")  # fmt: skip
+    for what, setup in [("k '4'", lambda w: write_sparsify(w / "src" / "layers.1", k="4")),
+                        ("k 4.7", lambda w: write_sparsify(w / "src" / "layers.1", k=4.7)),
+                        ("NaN weights", lambda w: write_sparsify(w / "src" / "layers.1", weights=lambda t: {**t, "W_dec": t["W_dec"] * float("nan")})),
+                        ("integer weights", lambda w: write_sparsify(w / "src" / "layers.1", weights=lambda t: {k: v.long() for k, v in t.items()})),
+                        ("k a list", lambda w: write_sparsify(w / "src" / "layers.1", k=[4]))]:  # fmt: skip
+        add(f"import sparsify with {what}", "import", imp6("sparsify"), "error", setup,
+            check=absent("o/cfg.json"))  # fmt: skip
+    for what, cfg in [("layers '012'", {"layers": "012"}), ("k 4.7", {"k": 4.7}),
+                      ("standardize 'no'", {"standardize": "no"}), ("model_name 5", {"model_name": 5}),
+                      ("n_latents a string", {"k": "x"})]:  # fmt: skip
+        add(f"import a paper checkpoint with {what}", "import", imp6("mlsae-hub"), "error",
+            lambda w, c=cfg: write_paper(w / "src", **c), check=absent("o/cfg.json"))  # fmt: skip
+    add("import a pickle payload", "import", imp6("mlsae-hub"), "error",
+        lambda w: write_pickle_bin(w / "src"), check=absent("o/cfg.json"))  # fmt: skip
+
+    # --- 8. the live stream's resume is fingerprinted
+    stream = lambda w: mlsae("train", "--model", w / "m", "--dataset", w / "corpus.jsonl",  # noqa: E731
+                             "--context-length", "64", "--tokens", "2048", *TRAIN,
+                             "--checkpoint-every", "2", "--max-steps", "2", "--out", w / "r")  # fmt: skip
+
+    def resumed_after(
+        change: Callable[[Path], None],
+    ) -> Callable[[Path, list[str]], tuple[int, str]]:
+        def run(w: Path, cmd: list[str]) -> tuple[int, str]:
+            shutil.copytree(E.model, w / "m")
+            shutil.copy2(E.base / "corpus.jsonl", w / "corpus.jsonl")
+            sh(stream(w))
+            change(w)
+            r = subprocess.run(mlsae("train", "--resume", w / "r", "--max-steps", "4"), env=ENV,
+                               capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+            return r.returncode, r.stderr
+
+        return run
+
+    def new_corpus(w: Path) -> None:
+        rows = (w / "corpus.jsonl").read_text().splitlines()
+        (w / "corpus.jsonl").write_text("\n".join(reversed(rows)) + "\n")
+
+    def new_weights(w: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        p = w / "m" / "model.safetensors"
+        t = load_file(str(p))
+        save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in t.items()}, str(p),
+                  metadata={"format": "pt"})  # fmt: skip
+
+    add("resume a stream run after the corpus changed", "stream", stream, "error",
+        run=resumed_after(new_corpus), intact=lambda w: [])  # fmt: skip
+    add("resume a stream run after the model changed", "stream", stream, "error",
+        run=resumed_after(new_weights), intact=lambda w: [])  # fmt: skip
+    add("resume an unchanged stream run", "stream", stream, "ok",
+        run=resumed_after(lambda w: None), intact=lambda w: [])  # fmt: skip
+
+    # --- 9. context length vs the model's positions (the tiny GPT-2 has 512)
+    add("cache --context-length 2048", "positions",
+        lambda w: mlsae("cache", "--model", E.model, "--dataset", E.base / "corpus.jsonl",
+                        "--tokens", "4096", "--context-length", "2048", "--out", w / "c"),
+        "error", check=absent("c"))  # fmt: skip
+    add("train (stream) --context-length 2048", "positions",
+        lambda w: mlsae("train", "--model", E.model, "--dataset", E.base / "corpus.jsonl",
+                        "--context-length", "2048", "--tokens", "4096", *TRAIN, "--max-steps", "2",
+                        "--out", w / "r"), "error", check=absent("r"))  # fmt: skip
+
+    # --- 10. model folders and corpora
+    cache10 = lambda w, model=None, data=None: mlsae(  # noqa: E731
+        "cache", "--model", model or E.model, "--dataset", data or E.base / "corpus.jsonl",
+        "--tokens", "512", "--context-length", "64", "--out", w / "c")  # fmt: skip
+
+    def model_without_tokenizer(w: Path) -> None:
+        shutil.copytree(E.model, w / "m")
+        for f in (w / "m").iterdir():
+            if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
+                f.unlink()
+
+    def truncated_weights(w: Path) -> None:
+        shutil.copytree(E.model, w / "m")
+        p = w / "m" / "model.safetensors"
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+    def string_n_layer(w: Path) -> None:
+        shutil.copytree(E.model, w / "m")
+        set_key(w / "m" / "config.json", "n_layer", "2")
+
+    for what, setup in [("without tokenizer files", model_without_tokenizer),
+                        ("with truncated weights", truncated_weights),
+                        ("with n_layer '2'", string_n_layer)]:  # fmt: skip
+        add(f"cache a model {what}", "model-corpus", lambda w: cache10(w, model=w / "m"), "error",
+            setup, check=absent("c/manifest.json"))  # fmt: skip
+
+    def corpus_of(rows: list[object]) -> Callable[[Path], None]:
+        def setup(w: Path) -> None:
+            good = [json.loads(x) for x in (E.base / "corpus.jsonl").read_text().splitlines()[:200]]
+            (w / "bad.jsonl").write_text(
+                "\n".join(json.dumps(r) for r in good[:100] + rows + good[100:]) + "\n"
+            )
+
+        return setup
+
+    for what, rows in [("a JSON object as text", [{"text": {"a": 1}}]),
+                       ("a number as text", [{"text": 12345}]),
+                       ("a boolean as text", [{"text": True}]),
+                       ("a lone surrogate", [{"text": "ok \ud800 ok"}])]:  # fmt: skip
+        add(f"cache a corpus with {what}", "model-corpus", lambda w: cache10(w, data=w / "bad.jsonl"),
+            "error", corpus_of(rows), check=absent("c/manifest.json"))  # fmt: skip
+
+    # --- 4. the explorer refuses damaged data at startup
+    explore = lambda w: mlsae("explore", w / "run", "--port", "0")  # noqa: E731
+    for what, sql in [("a missing table", "DROP TABLE latents;"),
+                      ("a non-JSON meta value", "UPDATE meta SET value = 'nope' WHERE key = 'window';"),
+                      ("a missing meta key", "DELETE FROM meta WHERE key = 'context_length';"),
+                      ("a wrong-size example blob", "UPDATE examples SET act = x'00' WHERE rowid IN (SELECT rowid FROM examples LIMIT 1);"),
+                      ("a non-JSON latent info", "UPDATE latents SET info = '{' WHERE latent = 0;"),
+                      ("a string setting", "UPDATE meta SET value = '\"8\"' WHERE key = 'top_n';"),
+                      ("a stream id past the vocabulary", "UPDATE stream SET ids = x'ffffff7f' || substr(ids, 5);")]:  # fmt: skip
+        add(f"explore an index with {what}", "explorer-data", explore, "error", sql_edit(sql),
+            run=explore_startup)  # fmt: skip
+
+    # --- 5. the live explorer stays on the index it started with
+    add("re-index under a running server", "explorer-live", lambda w: [], "ok", run_copy,
+        run=server_check("""
+app = create_app(w / 'run'); c = TestClient(app, base_url='http://127.0.0.1')
+a = c.get('/api/latent?sae=0&latent=1').text
+import subprocess, os
+r = subprocess.run([sys.executable, '-m', 'mlsae', 'index', str(w / 'run'), '--cache', str(base / 'cache_test'), '--top-n', '2', '--window', '1'], capture_output=True, text=True)
+assert r.returncode == 0, r.stderr[-500:]
+import concurrent.futures as cf
+with cf.ThreadPoolExecutor(4) as p:
+    bodies = set(p.map(lambda _: c.get('/api/latent?sae=0&latent=1').text, range(8)))
+if bodies != {a}: sys.exit('the same URL answered differently after re-indexing')
+"""), intact=lambda w: [])  # fmt: skip
+    add("delete the index under a running server", "explorer-live", lambda w: [], "ok", run_copy,
+        run=server_check("""
+app = create_app(w / 'run'); c = TestClient(app, base_url='http://127.0.0.1')
+(w / 'run' / 'explore.sqlite').unlink()
+r = c.get('/api/latent?sae=0&latent=1')
+if r.status_code != 200: sys.exit(f'status {r.status_code} after the index was deleted')
+"""), intact=lambda w: [])  # fmt: skip
+    add("explore an SAE replaced after indexing", "explorer-live", explore, "error",
+        lambda w: (copy("run", w), weights(w / "run" / "sae")) and None, run=explore_startup)  # fmt: skip
+    add("explore --max-tokens above the model's positions", "explorer-live", lambda w: [], "ok",
+        run=server_check("""
+app = create_app(base / 'run', max_tokens=4096); c = TestClient(app, base_url='http://127.0.0.1')
+r = c.get('/api/prompt', params={'sae': 0, 'text': 'ab ' * 600})
+if r.status_code != 400: sys.exit(f'a prompt longer than the positions: status {r.status_code}')
+"""), intact=lambda w: [])  # fmt: skip
+
+    # --- 12. the server
+    add("the server refuses a foreign Host header", "server", lambda w: [], "ok",
+        run=server_check("""
+app = create_app(base / 'run')
+r = TestClient(app, base_url='http://evil.example').get('/api/info')
+if r.status_code != 400: sys.exit(f'Host evil.example answered {r.status_code}')
+"""), intact=lambda w: [])  # fmt: skip
+    add("/api/info names no absolute path", "server", lambda w: [], "ok",
+        run=server_check("""
+app = create_app(base / 'run')
+t = TestClient(app, base_url='http://127.0.0.1').get('/api/info').text
+if str(base) in t: sys.exit('/api/info holds an absolute path')
+"""), intact=lambda w: [])  # fmt: skip
+
+    # --- 11. smaller
+    add("train --seed 2**70", "small",
+        lambda w: mlsae("train", "--cache", E.base / "cache", *TRAIN, "--max-steps", "2", "--seed",
+                        str(2**70), "--out", w / "r"), "error", check=absent("r"))  # fmt: skip
+    add("index --n-logits above the vocabulary", "small",
+        lambda w: mlsae("index", w / "run", "--cache", E.base / "cache_test", "--n-logits",
+                        "100000", "--out", w / "i.sqlite"), "error", run_copy)  # fmt: skip
+    add("index an SAE whose cfg.json repeats a layer", "small",
+        lambda w: mlsae("index", w / "run", "--cache", E.base / "cache_test", "--out", w / "i.sqlite"),
+        "error", lambda w: (copy("run", w), set_key(w / "run/sae/cfg.json", "layers", [0, 0, 1])) and None)  # fmt: skip
+    add("--layers -1", "small",
+        lambda w: mlsae("train", "--cache", E.base / "cache", *TRAIN, "--layers", "-1", "--out", w / "r"),
+        "error", match=r"^(?!.*1073741823)")  # fmt: skip
+    add("a path with a newline", "small",
+        lambda w: mlsae("evaluate", w / "x\nmlsae: error: forged", "--cache", E.base / "cache_test",
+                        "--out", w / "e.json"), "error")  # fmt: skip
+    add("explore --model /nonexistent", "small",
+        lambda w: mlsae("explore", E.base / "run", "--model", "/nonexistent", "--port", "0"),
+        "error", run=explore_startup, intact=lambda w: [])  # fmt: skip
+
+
+def weights(d: Path) -> None:
+    """Replace an SAE's weights by other finite ones (same shapes)."""
+    from safetensors.torch import load_file, save_file
+
+    p = d / "sae.safetensors"
+    t = load_file(str(p))
+    save_file({k: v * 0.5 for k, v in t.items()}, str(p))
 
 
 # ----------------------------------------------------------------------------- running

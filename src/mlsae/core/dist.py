@@ -183,6 +183,8 @@ def session(device: torch.device | None = None) -> Iterator[Comm]:
     log.info(f"rank {rank} of {world} joined the process group ({backend})")
     try:
         yield DistComm()
+        with contextlib.suppress(Exception):  # leave together: a rank tearing gloo down while
+            dist.barrier()  # the other still talks to it aborted ("terminate called ...")
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()

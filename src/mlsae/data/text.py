@@ -118,7 +118,22 @@ def _read_jsonl(path: Path, column: str) -> Iterator[str]:
             if not isinstance(row, dict) or column not in row:
                 raise MlsaeError(f"{path}:{lineno}: no text column {column!r} (--text-column)")
             if row[column] is not None:
-                yield str(row[column])
+                yield text_value(row[column], f"{path}:{lineno}: column {column!r}")
+
+
+def text_value(value: object, where: str) -> str:
+    """A document's text as read from a column: a string of valid Unicode; MlsaeError naming
+    `where` for a number, boolean, object or list (cached as its Python repr otherwise) or a
+    string holding a lone surrogate (which no tokenizer can encode)."""
+    if not isinstance(value, str):
+        raise MlsaeError(f"{where} is {type(value).__name__} {str(value)[:40]!r}, not text: "
+                         "choose the text column with --text-column")  # fmt: skip
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MlsaeError(f"{where}: not valid Unicode text ({e.reason} at character "
+                         f"{e.start})") from None  # fmt: skip
+    return value
 
 
 def _read_parquet(path: Path, column: str) -> Iterator[str]:
@@ -135,7 +150,7 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
         for batch in pf.iter_batches(columns=[column], batch_size=1024):
             for value in batch.column(0).to_pylist():
                 if value is not None:
-                    yield str(value)
+                    yield text_value(value, f"{path}: column {column!r}")
     except (OSError, ValueError, UnicodeDecodeError) as e:  # pyarrow's errors derive from these
         raise MlsaeError(f"{path}: cannot read parquet column {column!r} ({e})") from None
 
@@ -181,7 +196,7 @@ def _read_hf(name: str, hf_split: str, column: str) -> Iterator[str]:
                     f"(columns: {sorted(row)}; --text-column)"
                 )
             if row[column] is not None:
-                yield str(row[column])
+                yield text_value(row[column], f"dataset {name!r}: column {column!r}")
     except MlsaeError:
         raise
     except Exception as e:

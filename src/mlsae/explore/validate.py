@@ -43,9 +43,11 @@ class IndexMeta:
     top_n: int
     window: int
     hist_edges: list[float]
-    source: dict = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
     samples: int = 0
-    sae_sha256: dict | None = None  # label -> sha256 of sae.safetensors (indexes since 29)
+    sae_sha256: dict[str, Any] | None = (
+        None  # label -> sha256 of sae.safetensors (indexes since 29)
+    )
 
     def __post_init__(self) -> None:
         if self.context_length < 1 or self.n_stream_tokens < 1:

@@ -94,6 +94,13 @@ def prepare_run(
         if device is not None and device != run.model.device:
             run.model = replace(run.model, device=device)
         src = open_run_source(run)
+        if run.cache is None and run.fingerprint is not None:
+            have = stream_fingerprint(run)
+            if have != run.fingerprint:
+                raise MlsaeError(f"--resume {out}: the model or the corpus changed since the run "
+                                 f"started (stream fingerprint {have[:12]}, the run's "
+                                 f"{run.fingerprint[:12]}): the run cannot continue on other "
+                                 "data; train a new run with --out instead")  # fmt: skip
         check_training_memory(run, src)
         return run, src
     data, model = data or DataConfig(), model or ModelConfig()
@@ -116,6 +123,7 @@ def prepare_run(
         src = open_stream(data, model, source, stream, layers)
         run = plan_run(src, replace(data, split="train"), model, source, sae, train)
         run.stream = stream
+        run.fingerprint = stream_fingerprint(run)
     per_read = len(run.layers) if run.mode == "per_layer" else 1
     plan_shares(src, run.layers, run.train.batch_tokens * per_read, Comm())  # one batch at least
     check_training_memory(run, src)
@@ -125,3 +133,66 @@ def prepare_run(
     check_new_run(out)
     write_json(out / RUN_CFG, run.to_dict())
     return run, src
+
+
+SAMPLE_BYTES = 16 << 20
+"""Files up to 4 x this are hashed whole; larger ones by size, head and tail (a weight file
+of several GB is not read at every resume)."""
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's size and contents (head and tail only for a large file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        size = path.stat().st_size
+        h.update(str(size).encode())
+        with open(path, "rb") as f:
+            if size <= 4 * SAMPLE_BYTES:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(f.read(SAMPLE_BYTES))
+                f.seek(size - SAMPLE_BYTES)
+                h.update(f.read(SAMPLE_BYTES))
+    except OSError as e:
+        raise MlsaeError(f"{path}: unreadable ({e.strerror})") from None
+    return h.hexdigest()
+
+
+def _inputs_digest(name: str | None) -> list[tuple[str, str]]:
+    """(file, digest) of every file of a local model or corpus folder / file; the name alone
+    for a hub id (its files are pinned by the hub's revision, not checked here)."""
+    if not name:
+        return []
+    path = Path(name).expanduser()
+    if path.is_file():
+        return [(path.name, file_digest(path))]
+    if path.is_dir():
+        files = sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
+        return [(str(q.relative_to(path)), file_digest(q)) for q in files]
+    return [(name, "hub")]
+
+
+def stream_fingerprint(run: RunConfig) -> str:
+    """Digest of what the live stream is made of: the model's files, the corpus's files and
+    the stream's settings. `--resume` refuses a run whose stream would differ."""
+    import hashlib
+    import json
+
+    from mlsae.core.config import DEFAULT_MODEL
+    from mlsae.core.schema import to_dict
+
+    model = run.model.model
+    if model in (None, "", DEFAULT_MODEL):
+        from mlsae.data.model import default_gguf_path
+
+        model = str(default_gguf_path())
+    facts = {
+        "model": _inputs_digest(model),
+        "dataset": _inputs_digest(run.data.dataset),
+        "data": to_dict(run.data), "source": to_dict(replace(run.source, cache=None)),
+        "stream": to_dict(run.stream), "layers": list(run.layers),
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
