@@ -1,13 +1,17 @@
 """Time one full SAE training step (forward, backward, Adam, decoder renorm) on this CPU.
 
 Contenders, on the same inputs, repeats interleaved in one run:
-  mlsae      this project (sparse decoder/encoder gradients, fast top-k, compute dtype per CPU),
-             with the kernel backend in use (native C++ where it builds)
+  mlsae      this project (sparse decoder/encoder gradients, fast top-k), in the compute dtype
+             `--compute-dtype auto` chose on this CPU (its calibration is printed), with the
+             kernel backend in use (native C++ where it builds)
+  mlsae/bf16 or mlsae/fp32: the same step in the other dtype (where the calibration did not
+             find bf16 more than 2x slower, or with --both-dtypes)
   mlsae+aux  the same with AuxK on 5% dead latents
   mlsae/torch  the same step with the pure-torch fallback kernels
   dense      a plain dense fp32 TopK SAE with autograd (same math)
   sparsify   EleutherAI sparsify's SparseCoder (pip eai-sparsify, CPU fallback path)
-  roofline   the encoder forward matmul alone in this machine's fastest dtype
+  roofline   the encoder forward matmul alone in the chosen dtype (roofline/bf16 or /fp32: in
+             the other, where that runs); "of roofline" is against the fastest one measured
 Also compares the top-k methods on the same pre-activations and breaks our step into phases;
 --aux-sweep F,F,... times AuxK's dense and sparse paths at those dead fractions.
 
@@ -27,11 +31,13 @@ from pathlib import Path
 
 import torch
 
-from mlsae.core.compute import cpu_capability, has_fast_bf16, resolve_compute_dtype
+from mlsae.core.calibrate import cpu_calibration
+from mlsae.core.compute import cpu_capability, resolve_compute_dtype
 from mlsae.core.config import SaeConfig
 from mlsae.sae import kernels, native, topk
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.encoder import AUX_SPARSE_RATIO
+from mlsae.train.member import step_probe
 
 CLOCK = time.perf_counter
 """Wall clock; --cpu-time switches to this thread's CPU time (with --threads 1: the compute
@@ -54,9 +60,11 @@ def ours(
     dead_frac: float = 0.0,
     torch_kernels: bool = False,
     aux_sparse: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Callable[[], None]:
-    """Our step; aux_sparse forces AuxK's sparse (True) or dense (False) path."""
-    sae = SparseAutoencoder(SaeConfig(d_in=d, expansion_factor=r, k=k), seed=0)
+    """Our step (in `dtype`, default auto's); aux_sparse forces AuxK's sparse (True) or dense
+    (False) path."""
+    sae = SparseAutoencoder(SaeConfig(d_in=d, expansion_factor=r, k=k), seed=0, compute_dtype=dtype)
     sae.init_b_dec(x)
     opt = adam(sae.parameters())
     m = d * r
@@ -131,12 +139,16 @@ def sparsify_step(x: torch.Tensor, d: int, r: int, k: int) -> Callable[[], None]
     return step
 
 
-def roofline(x: torch.Tensor, d: int, r: int) -> tuple[Callable[[], None], torch.dtype]:
-    dt = torch.bfloat16 if has_fast_bf16() else torch.float32
+def roofline(x: torch.Tensor, d: int, r: int, dt: torch.dtype) -> Callable[[], None]:
+    """The encoder's forward matmul alone in dtype dt."""
     W = torch.randn(d, d * r).to(dt)  # noqa: N806
     b = torch.zeros(d * r, dtype=dt)
     xb = x.to(dt)
-    return (lambda: torch.addmm(b, xb, W)), dt
+    return lambda: torch.addmm(b, xb, W)
+
+
+def short(dt: torch.dtype) -> str:
+    return "bf16" if dt == torch.bfloat16 else "fp32"
 
 
 def interleaved(
@@ -226,6 +238,9 @@ def main() -> None:
     p.add_argument(
         "--cpu-time", action="store_true", help="time with thread CPU time (use with --threads 1)"
     )
+    p.add_argument(
+        "--both-dtypes", action="store_true", help="time the other dtype's rows even where slow"
+    )
     a = p.parse_args()
     global CLOCK
     if a.threads:
@@ -235,9 +250,17 @@ def main() -> None:
     ours_retain = not a.no_retain and kernels.set_malloc_retain(True)
     torch.manual_seed(0)
     x = torch.randn(a.n, a.d) * (1 + torch.rand(a.d)) + torch.randn(a.d)  # [N, d]
-    dt = resolve_compute_dtype("auto", verbose=False)
-    print(f"CPU {cpu_model()}; torch capability {cpu_capability()}; fast bf16: "
-          f"{has_fast_bf16()}; threads {torch.get_num_threads()}; torch {torch.__version__}")  # fmt: skip
+    shape, probe = (a.d, a.d * a.r), step_probe(a.d, a.r, a.k)
+    dt = resolve_compute_dtype("auto", verbose=False, shape=shape, probe=probe)
+    cal = cpu_calibration(*shape, probe=probe)
+    other = torch.float32 if dt == torch.bfloat16 else torch.bfloat16
+    both = a.both_dtypes or cal.stage != "probe"
+    print(f"CPU {cpu_model()}; torch capability {cpu_capability()}; threads "
+          f"{torch.get_num_threads()}; torch {torch.__version__}")  # fmt: skip
+    print(f"compute dtype (auto): {cal.summary()}")
+    if not both:
+        print(f"  {short(other)} rows skipped: the calibration found {short(other)} more than "
+              "2x slower here (--both-dtypes times them anyway)")  # fmt: skip
     print(f"SAE kernel backend: {native.backend()} (MLSAE_KERNELS=auto|native|torch)")
     print(f"shape: N={a.n} d={a.d} R={a.r} (d_sae={a.d * a.r}) k={a.k}; compute dtype {dt}")
     print(
@@ -262,10 +285,13 @@ def main() -> None:
     ) + f"  (default: {kernels.TOPK_METHOD}, group {kernels.TOPK_GROUP})")  # fmt: skip
 
     fns: dict[str, Callable[[], None]] = {
-        "mlsae": ours(x, a.d, a.r, a.k),
-        "mlsae+aux": ours(x, a.d, a.r, a.k, dead_frac=0.05),
+        "mlsae": ours(x, a.d, a.r, a.k, dtype=dt),
+        "mlsae+aux": ours(x, a.d, a.r, a.k, dead_frac=0.05, dtype=dt),
         "dense": dense(x, a.d, a.r, a.k),
     }
+    if both:
+        fns[f"mlsae/{short(other)}"] = ours(x, a.d, a.r, a.k, dtype=other)
+        fns[f"mlsae+aux/{short(other)}"] = ours(x, a.d, a.r, a.k, dead_frac=0.05, dtype=other)
     if native.backend() == "native":
         fns["mlsae/torch"] = ours(x, a.d, a.r, a.k, torch_kernels=True)
     sp = "skipped (--no-sparsify)" if a.no_sparsify else sparsify_step(x, a.d, a.r, a.k)
@@ -273,17 +299,21 @@ def main() -> None:
         fns["sparsify"] = sp
     else:
         print(sp)
-    fns["roofline"], rdt = roofline(x, a.d, a.r)
-    modes = {"mlsae": ours_retain, "mlsae+aux": ours_retain, "mlsae/torch": ours_retain,
-             "dense": False, "sparsify": False}  # fmt: skip
-    times = interleaved(fns, a.repeats, {**modes, "roofline": True})
+    fns["roofline"] = roofline(x, a.d, a.r, dt)
+    if both:
+        fns[f"roofline/{short(other)}"] = roofline(x, a.d, a.r, other)
+    modes = {n: ours_retain for n in fns if n.startswith("mlsae")}
+    modes |= {"dense": False, "sparsify": False, "roofline": True, f"roofline/{short(other)}": True}
+    times = interleaved(fns, a.repeats, modes)
+    roof = min((n for n in times if n.startswith("roofline")), key=lambda n: min(times[n]))
     best = {n: min(v) for n, v in times.items()}  # least disturbed by other processes
     clock = "thread CPU time" if a.cpu_time else "wall clock"
     print(f"\nms per step ({clock}), best of {a.repeats} interleaved repeats (median in "
-          f"brackets); roofline = encoder matmul alone in {rdt}")  # fmt: skip
+          f"brackets); mlsae and roofline in {dt} (auto's choice)"
+          + (f", /{short(other)}: in {other}" if both else ""))  # fmt: skip
     for n, v in times.items():
         med = statistics.median(v)
-        print(f"  {n:10s} {best[n]:8.1f}  [{med:.1f}]  {a.n / best[n] * 1e3:10.0f} vectors/s")
+        print(f"  {n:14s} {best[n]:8.1f}  [{med:.1f}]  {a.n / best[n] * 1e3:10.0f} vectors/s")
     print("\nratios (throughput of mlsae vs ..., i.e. their time / ours; of roofline = roofline "
           "time / ours), from the best and from the median times:")  # fmt: skip
     if "sparsify" in times:
@@ -291,8 +321,13 @@ def main() -> None:
     print(ratio_line("vs dense", times, "dense", "mlsae", "plain dense autograd"))
     if "mlsae/torch" in times:
         print(ratio_line("vs torch kernels", times, "mlsae/torch", "mlsae", "native vs fallback"))
-    print(ratio_line("of roofline", times, "roofline", "mlsae", "goal >= 0.70"))
-    print(ratio_line("of roofline with AuxK", times, "roofline", "mlsae+aux", "goal >= 0.60"))
+    print(f"  (roofline: {roof}, the fastest dtype's encoder matmul)")
+    print(ratio_line("of roofline", times, roof, "mlsae", "goal >= 0.70"))
+    print(ratio_line("of roofline with AuxK", times, roof, "mlsae+aux", "goal >= 0.60"))
+    if both:
+        o = short(other)
+        print(ratio_line(f"mlsae/{o} vs mlsae", times, f"mlsae/{o}", "mlsae", f"{o} time / auto's"))
+        print(ratio_line(f"mlsae/{o} of roofline", times, roof, f"mlsae/{o}", "the other dtype"))
 
     kernels.set_malloc_retain(ours_retain)
     ph = phases(x, a.d, a.r, a.k, a.repeats)

@@ -306,7 +306,8 @@ class TrainConfig:
     """Steps between checkpoints (one is also written on SIGINT/SIGTERM)."""
     compute_dtype: ComputeDtype = "auto"
     """Encoder matmul dtype: auto = bfloat16 on CUDA GPUs with bf16 (plus TF32 matmuls) and on
-    CPUs with AMX, else float32."""
+    CPUs where a short calibration at first use measured it clearly faster (cached per CPU
+    model and torch version; logged), else float32."""
     shuffle_buffer_shards: int = 8
     """Blocks mixed together when shuffling: cache shards, or --shard-tokens tokens of the live
     stream. Memory: 2 x this x block tokens x layers x d_model x 2 bytes (bf16), e.g. 2.3 GB for
