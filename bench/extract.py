@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from mlsae.core.compute import cpu_capability, resolve_compute_dtype
 from mlsae.core.config import ModelConfig
-from mlsae.data.capture import capture, iter_layers_arg, truncated_forward, used_mask
+from mlsae.core.layers import iter_layers_arg
+from mlsae.data.capture import capture, truncated_forward, used_mask
 from mlsae.data.model import load_model
 
 

@@ -9,12 +9,11 @@ import torch
 from conftest import N_LAYERS
 
 from mlsae.core.errors import MlsaeError
+from mlsae.core.layers import check_layers, iter_layers_arg
 from mlsae.data.capture import (
     capture,
-    check_layers,
     get_blocks,
     get_final_norm,
-    iter_layers_arg,
     special_ids_of,
     truncated_forward,
     unembed,

@@ -49,10 +49,10 @@ from mlsae.core.config import (
 )
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_jsonl
+from mlsae.core.layers import iter_layers_arg
 from mlsae.core.lock import folder_lock
 from mlsae.core.outputs import check_output
 from mlsae.core.schema import from_dict, hints, to_dict
-from mlsae.data.capture import iter_layers_arg
 from mlsae.data.text import doc_split, iter_documents, split_txt
 from mlsae.lens.tuned import LensInfo
 from mlsae.sae.autoencoder import SparseAutoencoder

@@ -59,7 +59,7 @@ def open_source(
         if lens is not None:
             raise MlsaeError("--lens applies to the model's vectors: a cache holds what it holds")
         return ActivationCache(source.cache)
-    from mlsae.data.capture import iter_layers_arg
+    from mlsae.core.layers import iter_layers_arg
     from mlsae.data.model import load_model
     from mlsae.data.text import iter_documents
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mlsae.analysis.geometry import GeometryResult
-from mlsae.analysis.layers import LayerStatsResult, analyze_prompts, analyze_source, sae_encoder
+from mlsae.analysis.layers import LayerStatsResult, analyze_source, sae_encoder
+from mlsae.analysis.prompt import analyze_prompts
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import json_safe, read_json, write_json

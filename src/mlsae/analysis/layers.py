@@ -40,7 +40,6 @@ from mlsae.activations.source import ActivationSource
 from mlsae.analysis.contexts import AnalysisIntervals, ContextLayerStats
 from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
 from mlsae.analysis.paper_variance import PAPER_BATCH_TOKENS, PaperVariance, active_entries
-from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_with
 from mlsae.core.schema import to_dict
@@ -370,29 +369,3 @@ def analyze_source(
     for shard in tqdm(cache.iter_ordered(), total=cache.n_blocks, desc="geometry", unit="block"):
         geo.update_pass2(shard.activations[:, pos], shard.mask)
     return {k: v.result() for k, v in stats.items()}, geo.result()
-
-
-def analyze_prompts(
-    prompts: list[str],
-    model: ModelConfig,
-    sae: SparseAutoencoder,
-    cfg: SaeConfig,
-    layers: list[int],
-    chunk_vectors: int = 8192,
-    lens: TunedLens | None = None,
-    exclude_sink: bool = True,
-) -> list[LayerStatsResult]:
-    """Per prompt: capture every layer's vector of its tokens, encode, and accumulate (the
-    layer distribution of `mlsae.analysis.prompt.encode_prompt`)."""
-    if not prompts:
-        return []
-    from mlsae.analysis.prompt import encode_prompt
-    from mlsae.data.model import load_model
-
-    lm = load_model(model)
-    if lm.d_model != cfg.d_in:
-        raise MlsaeError(f"model {model.name!r} has d_model {lm.d_model}, the SAE d_in {cfg.d_in}")
-    return [
-        encode_prompt(lm, text, sae, layers, lens, exclude_sink, chunk_vectors).stats()
-        for text in prompts
-    ]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mlsae.analysis.layers import LayerStats, LayerStatsResult, sae_encoder
+from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.data.model import LoadedModel
 from mlsae.lens.tuned import TunedLens
@@ -104,3 +105,28 @@ def encode_prompt(
         text, flat, [str(lm.tokenizer.decode([i])) for i in flat], layers, used, top_acts, top_idx,
         sae.cfg.d_sae,
     )  # fmt: skip
+
+
+def analyze_prompts(
+    prompts: list[str],
+    model: ModelConfig,
+    sae: SparseAutoencoder,
+    cfg: SaeConfig,
+    layers: list[int],
+    chunk_vectors: int = 8192,
+    lens: TunedLens | None = None,
+    exclude_sink: bool = True,
+) -> list[LayerStatsResult]:
+    """Per prompt: capture every layer's vector of its tokens, encode, and accumulate (the
+    layer distribution of `encode_prompt`)."""
+    if not prompts:
+        return []
+    from mlsae.data.model import load_model
+
+    lm = load_model(model)
+    if lm.d_model != cfg.d_in:
+        raise MlsaeError(f"model {model.name!r} has d_model {lm.d_model}, the SAE d_in {cfg.d_in}")
+    return [
+        encode_prompt(lm, text, sae, layers, lens, exclude_sink, chunk_vectors).stats()
+        for text in prompts
+    ]

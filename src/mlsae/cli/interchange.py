@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         source: SourceConfig,
     ) -> None:
         """Convert a sparsify, SAELens or tim-lawson/mlsae checkpoint into an mlsae SAE folder."""
-        from mlsae.data.capture import iter_layers_arg
+        from mlsae.core.layers import iter_layers_arg
         from mlsae.interchange.convert import import_command
 
         spec = source.layers

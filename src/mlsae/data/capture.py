@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mlsae.core.errors import MlsaeError
+from mlsae.core.layers import check_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -149,17 +150,6 @@ def _hooks(blocks: nn.ModuleList, layers: Sequence[int], store: dict[int, Tensor
             h.remove()
 
 
-def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
-    """Validate a layer list against the model; returns it sorted and de-duplicated."""
-    out = sorted(set(int(x) for x in layers))
-    bad = [x for x in out if x < 0 or x >= n_layers]
-    if bad or not out:
-        raise MlsaeError(
-            f"layer(s) {bad or '[]'} out of range: the model has blocks 0..{n_layers - 1}"
-        )
-    return out
-
-
 @torch.no_grad()
 def capture(
     model: nn.Module,
@@ -220,25 +210,3 @@ def truncated_forward(model: nn.Module, input_ids: Tensor, last_layer: int) -> N
     blocks = get_blocks(model)
     with _hooks(blocks, [], {}, stop_at=last_layer), suppress(_StopForward):
         model(input_ids=input_ids.to(model_device(model)), use_cache=False)
-
-
-def iter_layers_arg(spec: str | None, n_layers: int) -> list[int]:
-    """Parse a CLI layer spec: None/'all' -> every block; '0,3,5' or '0-5' or mixed."""
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return list(range(n_layers))
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-                if int(b) < int(a):
-                    raise MlsaeError(f"layers {spec!r}: the range {part} is empty (write {b}-{a})")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise MlsaeError(
-            f"cannot parse layers {spec!r}: use e.g. 'all', '0,5,10' or '0-11'"
-        ) from None
-    return check_layers(out, n_layers)

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +33,7 @@ from torch import nn
 from mlsae.core.compute import resolve_device
 from mlsae.core.config import DEFAULT_MODEL, ModelConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.hub import hub_reachable
 from mlsae.data.capture import n_layers_of, special_ids_of
 
 if TYPE_CHECKING:
@@ -135,7 +137,9 @@ def model_info(cfg: ModelConfig) -> str:
 
     lm = load_model(cfg)
     tok = lm.tokenizer
-    specials = ", ".join(f"{i}={tok.convert_ids_to_tokens(i)!r}" for i in lm.special_ids)
+    specials = summarize_special_tokens(
+        [(i, str(tok.convert_ids_to_tokens(i))) for i in lm.special_ids]
+    )
     return "\n".join([
         f"model        {lm.name} ({type(lm.model).__name__}, {cfg.dtype})",
         f"blocks       {lm.n_layers}",
@@ -146,6 +150,36 @@ def model_info(cfg: ModelConfig) -> str:
         f"device       {describe_device(lm.device)} (--device {cfg.device})",
         f"SAE compute  {resolve_compute_dtype('auto', verbose=False, device=lm.device)} (auto)",
     ])  # fmt: skip
+
+
+NUMBERED = re.compile(r"^(<\|?[A-Za-z_]*?)(\d+)(\|?>)$")
+"""A numbered special token such as <unused17> or <extra_id_3>: (prefix, number, suffix)."""
+
+
+def summarize_special_tokens(tokens: list[tuple[int, str]], max_named: int = 24) -> str:
+    """`mlsae info`'s special ids on one line: their count, the named ones (`id='token'`, the
+    first `max_named`), and each run of numbered ones (`<unusedN>`, ...) with consecutive ids
+    and numbers as one range: `<unused0>..<unused98> (ids 7-105)`."""
+    named: list[str] = []
+    runs: list[list[tuple[int, str, int, str]]] = []  # [(id, prefix + suffix, number, token)]
+    for i, t in sorted(tokens):
+        m = NUMBERED.match(t)
+        if m is None:
+            named.append(f"{i}={t!r}")
+            continue
+        key, n = m.group(1) + m.group(3), int(m.group(2))
+        last = runs[-1][-1] if runs else None
+        if last is not None and last[1] == key and last[0] == i - 1 and last[2] == n - 1:
+            runs[-1].append((i, key, n, t))
+        else:
+            runs.append([(i, key, n, t)])
+    parts = named[:max_named]
+    if len(named) > max_named:
+        parts.append(f"... {len(named) - max_named} more named")
+    for run in runs:
+        (i0, _, _, t0), (i1, _, _, t1) = run[0], run[-1]
+        parts.append(f"{i0}={t0!r}" if len(run) == 1 else f"{t0}..{t1} (ids {i0}-{i1})")
+    return f"{len(tokens)}: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------- HF ids and directories
@@ -190,7 +224,7 @@ def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Tokenizer]
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline:
         raise MlsaeError(f"unknown model {name!r}: not a local directory nor in the HF cache")
-    if not _hub_reachable():  # fail fast instead of hanging on huggingface_hub's retries
+    if not hub_reachable():  # fail fast instead of hanging on huggingface_hub's retries
         raise MlsaeError(
             f"unknown model {name!r}: not a local directory nor in the HF cache "
             "(and the HF hub is unreachable)"
@@ -202,20 +236,6 @@ def _load_hf(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Tokenizer]
             f"unknown model {name!r}: not a local directory, not in the HF cache, "
             f"and the hub failed ({_first_line(e)[:120]})"
         ) from None
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP connect to the HF endpoint (HF_ENDPOINT or huggingface.co:443)."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------- GGUF with safetensors cache

@@ -352,7 +352,7 @@ def parse_layers(spec: str | None) -> list[int] | None:
         return None
     if spec.strip().lower() in ("", "all"):
         raise MlsaeError("--layers: give explicit layers, e.g. '0-29' or '3,7'")
-    from mlsae.data.capture import iter_layers_arg
+    from mlsae.core.layers import iter_layers_arg
 
     return iter_layers_arg(spec, 1 << 20)
 

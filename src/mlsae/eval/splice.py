@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlsae.core.errors import MlsaeError
+from mlsae.core.layers import check_layers
 from mlsae.data.capture import (
     block_output,
-    check_layers,
     get_blocks,
     get_final_norm,
     model_device,

@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import EvolutionConfig
+from mlsae.core.threads import one_thread
 from mlsae.evolution.codes import Chunk, CodeStore, comparable_acts, load_per_layer, source_chunks
 from mlsae.evolution.graph import (
     build_graph,
@@ -55,19 +55,6 @@ from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the sparse statistics on one intra-op thread: they are scatter / element-wise passes
-    that gain nothing from a second thread and lose a lot to thread synchronisation on a busy
-    machine (measured 4x slower with 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @torch.inference_mode()

@@ -36,7 +36,7 @@ from mlsae.analysis.layers import LayerStats
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.stage_config import IndexConfig
-from mlsae.evolution.run import one_thread
+from mlsae.core.threads import one_thread
 from mlsae.explore.keeper import TopKeeper, WindowLookup
 from mlsae.explore.source import Chunk, RunSae
 

@@ -113,8 +113,8 @@ class Live:
         steer: int | None, factor: float,
     ) -> dict[str, Any]:  # fmt: skip
         """Everything the prompt page shows for one request (see the module docstring)."""
+        from mlsae.core.threads import one_thread
         from mlsae.eval.splice import spliced_logp
-        from mlsae.evolution.run import one_thread
 
         # one intra-op thread: a prompt's matmuls are small, and on a busy machine a second
         # thread made them 10x slower (measured 1.2-2 s vs 10-26 s per request)

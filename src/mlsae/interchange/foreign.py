@@ -162,14 +162,14 @@ def _model_layers(model: str) -> list[int]:
     """Every block of `model`, from its config (local folder, HF cache, then the hub)."""
     from transformers import AutoConfig
 
-    from mlsae.data.model import _hub_reachable
+    from mlsae.core.hub import hub_reachable
 
     local = Path(model).is_dir() or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
     try:
         try:
             cfg = AutoConfig.from_pretrained(model, local_files_only=True)
         except OSError:
-            if local or not _hub_reachable():
+            if local or not hub_reachable():
                 raise
             cfg = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:

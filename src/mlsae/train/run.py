@@ -44,7 +44,7 @@ def member_specs(mode: str, layers: list[int], sae: SaeGridConfig, seed: int) ->
 
 
 def _layers(source: ActivationSource, spec: str | None, sae: SaeGridConfig) -> list[int]:
-    from mlsae.data.capture import iter_layers_arg
+    from mlsae.core.layers import iter_layers_arg
 
     if sae.single_layer is not None:
         if spec is not None:
