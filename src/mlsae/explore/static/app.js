@@ -310,9 +310,15 @@ async function pagePrompt(r) {
   // Run keeps the chosen token while the text is unchanged
   const run = (e, extra = {}) => {
     if (e) e.preventDefault();
+    if (!text.value.trim()) {  // said here, not refilled
+      out.replaceChildren(h("div", { class: "card page-error", id: "page-error" }, "the prompt is empty: type or paste some text"));
+      document.body.dataset.page = "prompt-error";
+      return;
+    }
     const keepPos = q.get("pos") !== null && text.value === (q.get("text") || "") ? { pos: q.get("pos") } : {};
     go("#/prompt?" + params({ ...keepPos, ...extra }));
   };
+  const out = h("div", { id: "prompt-out" });
   const form = h("form", { class: "card", id: "prompt-form", onsubmit: (e) => run(e) },
     h("h2", {}, "Prompt"), text,
     h("div", { class: "inline" }, count, h("button", { type: "button", class: "small plain", onclick: () => { text.value = EXAMPLE_PROMPT; counted(); } }, "use the example")),
@@ -322,7 +328,6 @@ async function pagePrompt(r) {
     h("div", { class: "inline form steer-form" }, h("b", {}, "Steer"), h("label", {}, "latent ", steer), h("label", {}, " factor ", factor), units, limitNote, where, custom,
       h("label", {}, " generate ", gen, " tokens")),
     h("p", { class: "muted" }, `The model runs live on your text (at most 2,000 characters and ${INFO.max_tokens} tokens). Click a token or a heatmap cell to choose it; click a latent id to show its heatmap.`));
-  const out = h("div", { id: "prompt-out" });
   main().replaceChildren(form, out);
   if (!q.get("text")) return;
   out.replaceChildren(h("p", { class: "muted", id: "prompt-running" }, "running the model…"));
@@ -368,6 +373,8 @@ function renderPrompt(d, s, out, { latent, run, q }) {
     tokenLatents(d, dense, keep, pickLatent),
     nextCard(d),
     h("div", { class: "card" }, promptLatents(d, dense, keep, pickLatent)));
+  const cell = heat.querySelector("td.selcell");  // keep the chosen cell in view
+  if (cell) heat.scrollLeft = Math.max(0, cell.offsetLeft - heat.clientWidth / 2);
 }
 
 // the latents x layers table at the chosen token, with a threshold and hover previews
@@ -455,7 +462,7 @@ async function pageGraph(r) {
       h("td", { class: "num" }, n.pearson_in === null ? "" : `r=${fmt(n.pearson_in)}`)))));
   const c = d.community;
   const commCard = h("div", { class: "card", id: "community" }, h("h3", {}, c.community < 0 ? "No community" : `Community ${c.community}: ${c.size} features`),
-    c.size > 1 ? barChart(G.layers.map((l) => c.layers[l] || 0), G.layers.map(String), { height: 60, title: "community members per layer", color: "#5b8fd9" }) : null,
+    c.size > 1 ? barChart(G.layers.map((l) => c.layers[l] || 0), G.layers.map(String), { height: 60, title: "community members per layer", color: "#5b8fd9", x: "layer (block)", y: "features", yfmt: int }) : null,
     h("div", {}, c.members.slice(0, 30).map((n) => h("a", { class: "pill", href: `#/graph?layer=${n.layer}&feature=${n.feature}` }, `L${n.layer}:${n.feature}`))));
   const legend = h("div", { class: "legend", id: "graph-legend" },
     [["#c0392b", "this feature"], ["#f0a030", "its pass-through chain"], ["#1f5fbf", "same community"], ["#9aa1ae", "other"]].map(([c, t]) => h("span", {}, h("span", { class: "dot", style: `background:${c}` }), t)),
