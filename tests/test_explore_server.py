@@ -149,8 +149,14 @@ def test_steered_distribution_equals_hooked_addition(url, world, ref) -> None:
         ("latent", {"sae": 3}, "sae must be between 0 and 0"),
         ("latent", {"latent": "../../etc/passwd"}, "latent must be an integer"),
         ("prompt", {"text": TEXT, "layer": 5}, "layer must be between 0 and 2"),
-        ("prompt", {"text": TEXT, "factor": 5000}, "factor must be between"),
-        ("prompt", {"text": TEXT, "factor": "nan"}, "factor must be between"),
+        ("prompt", {"text": TEXT, "steer": 1, "factor": 5000}, "factor must be between"),
+        ("prompt", {"text": TEXT, "steer": 1, "factor": "nan"}, "factor must be between"),
+        ("prompt", {"text": TEXT, "steer": 1, "factor": 200, "units": "max"}, "-100 and 100"),
+        ("prompt", {"text": TEXT, "steer": 1, "units": "volts"}, "units must be"),
+        ("prompt", {"text": TEXT, "steer": 1, "steer_layers": "1,9"}, "steering layers [9]"),
+        ("prompt", {"text": TEXT, "steer": 1, "steer_layers": "a"}, "steer_layers must be"),
+        ("prompt", {"text": TEXT, "steer": 1, "gen": 99}, "gen must be between 0 and 32"),
+        ("context", {"w": 500}, "w must be between 1 and 64"),
         ("prompt", {"text": TEXT, "pos": 999}, "token position must be"),
         ("prompt", {"text": ""}, "the prompt is empty"),
         ("prompt", {"text": "a" * 2001}, "at most 2000"),
@@ -244,3 +250,138 @@ def test_load_8_concurrent_clients(url, tmp_path) -> None:
                    "p95_ms": 1e3 * float(np.percentile(v, 95))} for k, v in lat.items()}  # fmt: skip
     (tmp_path / "latency.json").write_text(json.dumps(summary))
     print("explore load test (8 clients):", summary)
+
+
+def test_steering_in_max_units_at_several_layers_equals_hooked_addition(url, world, ref) -> None:
+    """units=max: at every steered block l and token t, factor x the latent's indexed max
+    activation x (std_t + 1e-5) x its decoder row is added (what the latent adds to the
+    reconstruction firing at factor x its max); the steered greedy continuation is the argmax
+    loop of the same hooked model, and the clean one of the plain model."""
+    from mlsae.explore.db import IndexDB
+    from mlsae.explore.tokens import display_tokens, token_bytes
+
+    model, tok, t = ref
+    ids = tok(TEXT)["input_ids"]
+    latent, factor, layers = 11, 2.5, [0, 2]
+    mx = IndexDB(world["run"] / "explore.sqlite").latent(0, latent)["max_act"]
+    w = t["W_dec"][latent].double()
+
+    def run(seq, steer):
+        hs = []
+        for ly in layers if steer else []:
+
+            def hook(_m, _i, o):
+                h = o[0] if isinstance(o, tuple) else o
+                std = h.double().std(-1, keepdim=True)  # Bessel-corrected, per token
+                h = (h.double() + factor * mx * (std + 1e-5) * w).to(h.dtype)
+                return (h, *o[1:]) if isinstance(o, tuple) else h
+
+            hs.append(model.model.layers[ly].register_forward_hook(hook))
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+        for hd in hs:
+            hd.remove()
+        return lp
+
+    code, d = get(f"{url}/api/prompt", sae=0, text=TEXT, layer=1, steer=latent, factor=factor,
+                  units="max", steer_layers="0,2", gen=4)  # fmt: skip
+    assert code == 200, d
+    assert d["steer"]["layers"] == layers and d["steer"]["max_act"] == pytest.approx(mx)
+    pos = len(ids) - 1
+    steered, clean = run(ids, True), run(ids, False)
+    assert not torch.allclose(steered[pos], clean[pos], atol=1e-3)
+    for e in d["next"]["steered"]:
+        assert e["p"] == pytest.approx(float(steered[pos, e["id"]].exp()), rel=1e-3, abs=1e-6)
+        assert e["base"] == pytest.approx(float(clean[pos, e["id"]].exp()), rel=1e-3, abs=1e-6)
+    for name, steer in (("gen_clean", False), ("gen_steered", True)):
+        seq = list(ids)
+        for _ in range(4):
+            seq.append(int(run(seq, steer)[-1].argmax()))
+            if seq[-1] == tok.eos_token_id:
+                break
+        assert d["next"][name] == display_tokens(token_bytes(tok, seq[len(ids) :]))
+    # the norms shown: mean residual norm and mean added norm at each steered layer
+    hs, _ = hooked(model, ids, 0, None)
+    for row in d["next"]["norms"]:
+        h = hs[row["layer"]][0].double()
+        added = factor * mx * (h.std(-1) + 1e-5) * w.norm()
+        assert row["resid"] == pytest.approx(float(h.norm(dim=-1).mean()), rel=1e-3)
+        assert row["added"] == pytest.approx(float(added.mean()), rel=1e-3)
+
+
+def test_prompt_defaults_to_the_strongest_latent_at_the_token(url, world, ref) -> None:
+    model, tok, _ = ref
+    ids = tok(TEXT)["input_ids"]
+    hs, _ = hooked(model, ids, 0, None)
+    code, d = get(f"{url}/api/prompt", sae=0, text=TEXT, layer=1, pos=2)
+    assert code == 200, d
+    codes = {ly: dense_codes(world["run"] / "sae", hs[ly][0].double().numpy()) for ly in LAYERS}
+    assert d["latent"] == int(np.argmax(codes[1][2]))
+    # the latents x layers table at the token: every latent active there at some layer
+    want = {int(j) for ly in LAYERS for j in np.nonzero(codes[ly][2] > 0)[0]}
+    assert set(d["at_token"]["latents"]) == want
+    for j, row in zip(d["at_token"]["latents"], d["at_token"]["matrix"], strict=True):
+        np.testing.assert_allclose(row, [codes[ly][2, j] for ly in LAYERS], rtol=1e-3, atol=1e-4)
+
+
+def test_all_layers_examples_are_one_row_per_position(url, world) -> None:
+    from mlsae.explore.db import IndexDB
+
+    db = IndexDB(world["run"] / "explore.sqlite")
+    for j in range(0, 64, 7):
+        code, d = get(f"{url}/api/latent", sae=0, latent=j)
+        assert code == 200
+        pos = [e["pos"] for e in d["top"]]
+        assert len(pos) == len(set(pos))
+        every = db.examples(0, j, "top")
+        for e in d["top"]:  # each row at its best layer, with every layer it is a top example at
+            mine = [x for x in every if x["pos"] == e["pos"]]
+            assert e["act"] == max(x["act"] for x in mine)
+            assert e["fires"] == {str(x["layer"]): x["act"] for x in mine}
+        assert pos == sorted(pos, key=lambda p: -max(x["act"] for x in every if x["pos"] == p))
+
+
+def test_context_and_search_explain_themselves(url, world) -> None:
+    from mlsae.explore.db import IndexDB
+
+    db = IndexDB(world["run"] / "explore.sqlite")
+    p = 50
+    code, c = get(f"{url}/api/context", sae=0, pos=p, w=10)
+    assert code == 200
+    lo = p - c["at"]
+    assert "".join(c["tokens"]) == "".join(
+        db.token(int(i)) for i in db.stream[lo : lo + len(c["tokens"])]
+    )
+    assert c["at"] == min(10, p % 24)  # clipped to the example's context (CTX = 24)
+    code, r = get(f"{url}/api/search", sae=0, token="zzzqqq")
+    assert r["results"] == [] and "no token of the vocabulary" in r["empty"]
+    code, r = get(f"{url}/api/search", sae=0, text="no such words here")
+    assert r["results"] == [] and "no latent's best examples contain" in r["empty"]
+
+
+def test_dense_latents_are_flagged_and_can_be_hidden(world) -> None:
+    from mlsae.explore.db import IndexDB
+
+    db = IndexDB(world["run"] / "explore.sqlite")
+    freq = {j: f for j, f in db.q("SELECT latent, freq FROM latents WHERE sae=0")}
+    share = float(np.median(list(freq.values())))
+    with serve(create_app(world["run"], dense=share)) as u:
+        _, all_ = get(f"{u}/api/search", sae=0, limit=200)
+        _, kept = get(f"{u}/api/search", sae=0, limit=200, hide_dense=1)
+        _, lat = get(f"{u}/api/latent", sae=0, latent=int(max(freq, key=freq.get)))
+    assert {r["latent"] for r in all_["results"] if r["dense"]} == {
+        j for j in (r["latent"] for r in all_["results"]) if freq[j] > share
+    }
+    assert all(freq[r["latent"]] <= share for r in kept["results"]) and kept["results"]
+    assert kept["hidden_dense"] == sum(r["dense"] for r in all_["results"])
+    assert lat["dense"] is True
+
+
+def test_split_characters_are_merged_or_shown_as_bytes() -> None:
+    from mlsae.explore.tokens import display_tokens
+
+    emoji = "🎉".encode()  # 4 bytes, split over two tokens
+    got = display_tokens([b" a", emoji[:2], emoji[2:], b"\n"])
+    assert got == [" a", "🎉", "⟨8E 89⟩", "\n"]
+    assert display_tokens([emoji[:3]]) == ["⟨F0 9F 8E⟩"]  # cut off: bytes
+    assert display_tokens(["日本".encode()[:4], "日本".encode()[4:]]) == ["日本", "⟨9C AC⟩"]

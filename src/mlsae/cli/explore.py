@@ -72,7 +72,7 @@ def serve(
 
     host, port = cfg.host, cfg.port
     app = create_app(run, db=db, model=model.model, evolution=evolution, max_tokens=cfg.max_tokens,
-                     dtype=model.dtype, host=host)  # fmt: skip
+                     dtype=model.dtype, host=host, dense=cfg.dense)  # fmt: skip
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -38,6 +38,15 @@ def register(app: typer.Typer) -> None:
             print(f"wrote {len(folders)} SAELens folder(s) under {out}:")
             for f in folders:
                 print(f"  {f}")
+        elif cfg.format == "neuronpedia":
+            from mlsae.explore.index import DB_NAME
+            from mlsae.explore.npexport import index_to_neuronpedia
+            from mlsae.interchange.neuronpedia import write_neuronpedia
+
+            db = (run if run.is_dir() else run.parent) / DB_NAME
+            ex = index_to_neuronpedia(db, cfg.np_model, cfg.np_set, cfg.np_creator, cfg.np_examples)
+            folders = write_neuronpedia(ex, out)
+            print(f"wrote {len(folders)} Neuronpedia source(s) of {ex.model_id} under {out}")
         else:
             from mlsae.interchange.hub import export_hub
 

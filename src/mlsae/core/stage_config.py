@@ -180,8 +180,10 @@ class EvolutionConfig:
 class ExportConfig:
     """How `mlsae export` writes an SAE for other tools."""
 
-    format: Literal["saelens", "hub"] = "saelens"
-    """saelens: SAELens 6.x folders, one per block hook; hub: a folder ready to upload."""
+    format: Literal["saelens", "hub", "neuronpedia"] = "saelens"
+    """saelens: SAELens 6.x folders, one per block hook; hub: a folder ready to upload;
+    neuronpedia: Neuronpedia's import layout, one source per block (from the run's explorer
+    index: run `mlsae index` first)."""
     approximate: bool = False
     """Export a normalize='standardize' SAE with SAELens's layer_norm mode, whose decode maps back
     with std instead of std + 1e-5 (encode is exact)."""
@@ -191,6 +193,14 @@ class ExportConfig:
     """hub: the repo id the model card names."""
     eval_json: Path | None = None
     """hub: an `mlsae evaluate` JSON for the model card (default: the run's)."""
+    np_model: str = ""
+    """neuronpedia: the model id there (default: from the model's name)."""
+    np_set: str = "mlsae-res"
+    """neuronpedia: the source set name (sources are '<layer>-<set>')."""
+    np_creator: str = "mlsae"
+    """neuronpedia: the creator name and id recorded in the rows."""
+    np_examples: int = 16
+    """neuronpedia: top examples exported per feature and block."""
 
 
 @dataclass
@@ -237,7 +247,11 @@ class ExploreConfig:
     """Address to bind (default: this machine only)."""
     max_tokens: int = 128
     """Longest prompt the prompt page accepts, in tokens."""
+    dense: float = 0.1
+    """Latents active on more than this share of indexed tokens are flagged dense (and can be
+    hidden) everywhere in the explorer."""
 
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, "--port must be in [0, 65535]")
         check(1 <= self.max_tokens <= 1024, "--max-tokens must be between 1 and 1024")
+        check(0.0 < self.dense <= 1.0, "--dense must be in (0, 1]")

@@ -147,6 +147,17 @@ def decode_vocab(tokenizer: Any, vocab_size: int) -> list[str]:
     return [tokenizer.decode([i]) for i in range(vocab_size)]
 
 
+def fragment_bytes(tokenizer: Any, vocab: list[str]) -> dict[str, str]:
+    """Hex bytes of the tokens whose text alone is not whole UTF-8 (a piece of a character), by
+    id: what the explorer needs to show them merged or as bytes."""
+    from mlsae.explore.tokens import REPLACEMENT, token_bytes
+
+    ids = [i for i, t in enumerate(vocab) if REPLACEMENT in t]
+    if tokenizer is None or not ids:
+        return {}
+    return {str(i): b.hex() for i, b in zip(ids, token_bytes(tokenizer, ids), strict=True)}
+
+
 # ----------------------------------------------------------------------------- the pass
 
 
@@ -238,6 +249,7 @@ def build_index(
         "window": window, "samples": samples, "hist_edges": HIST_EDGES.tolist(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sae_sha256": {s.label: weights_sha256(s.path) for s in saes},
+        "vocab_bytes": fragment_bytes(lm.tokenizer, vocab),
     }  # fmt: skip
     with db.Writer(path) as w:
         w.meta(meta)
