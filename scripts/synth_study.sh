@@ -12,8 +12,8 @@
 # the `mlsae synth score` JSONs (OUT/table.md).
 set -euo pipefail
 OUT=${1:?usage: scripts/synth_study.sh OUT}
-DRIFTS=${DRIFTS:-"0 5 15 30 60"}
-SEEDS=${SEEDS:-"0 1 2"}
+DRIFTS=${DRIFTS-"0 5 15 30 60"}  # an empty value: no drift sweep (e.g. the arms only)
+SEEDS=${SEEDS-"0 1 2"}
 ARMS=${ARMS:-1}
 MLSAE=${MLSAE:-.venv/bin/mlsae}
 M="nice -n 5 $MLSAE"
@@ -66,6 +66,7 @@ if [ "$ARMS" = 1 ]; then
   mlsae_arm outliers_seed0 0 ""
   per_layer_arm outliers_seed0 0 "" none
   name=drift0_seed0  # per-layer SAEs with standardisation: evolution with / without rescale
+  dataset "$name" 0 --drift-deg 0
   per_layer_arm "$name" 0 _std standardize
   per_layer_arm "$name" 0 _std_norescale standardize --no-rescale
 fi
