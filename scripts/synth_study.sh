@@ -71,24 +71,4 @@ if [ "$ARMS" = 1 ]; then
   per_layer_arm "$name" 0 _std_norescale standardize --no-rescale
 fi
 echo "[$(($(date +%s) - start)) s] done"
-"${MLSAE%/mlsae}/python" - "$OUT" <<'EOF' | tee "$OUT/table.md"
-import json, sys
-from pathlib import Path
-
-out = Path(sys.argv[1])
-f = lambda v: "-" if v is None else f"{v:.3f}"
-print("| data | model | MCC | recovered >= 0.9 | MCC layer 0 / 5 | E[L] Spearman | span Spearman "
-      "| pass-through R / P | AND R | OR R | spec R / P | SAE Match acc |")
-print("|" + "---|" * 12)
-for p in sorted(out.glob("*/*.json")):
-    s = json.loads(p.read_text())
-    sp, e = s.get("spans") or {}, {x["kind"]: x for x in s.get("edges", [])}
-    pt, sa = e.get("pass_through", {}), e.get("specialised", {})
-    m = s.get("match") or {}
-    ly = s["layers"]
-    print(f"| {p.parent.name} | {p.stem} | {f(s['mcc'])} | {f(s['recovered'])} "
-          f"| {f(ly[0]['mcc'])} / {f(ly[-1]['mcc'])} | {f(sp.get('expected_layer_spearman'))} "
-          f"| {f(sp.get('span_spearman'))} | {f(pt.get('recall'))} / {f(pt.get('precision'))} "
-          f"| {f(e.get('and', {}).get('recall'))} | {f(e.get('or', {}).get('recall'))} "
-          f"| {f(sa.get('recall'))} / {f(sa.get('precision'))} | {f(m.get('accuracy'))} |")
-EOF
+"${MLSAE%/mlsae}/python" scripts/synth_table.py "$OUT" | tee "$OUT/table.md"
