@@ -12,8 +12,8 @@
 # the `mlsae synth score` JSONs (OUT/table.md).
 set -euo pipefail
 OUT=${1:?usage: scripts/synth_study.sh OUT}
-DRIFTS=${DRIFTS:-"0 5 15 30 60"}
-SEEDS=${SEEDS:-"0 1 2"}
+DRIFTS=${DRIFTS-"0 5 15 30 60"}  # an empty value: no drift sweep (e.g. the arms only)
+SEEDS=${SEEDS-"0 1 2"}
 ARMS=${ARMS:-1}
 MLSAE=${MLSAE:-.venv/bin/mlsae}
 M="nice -n 5 $MLSAE"
@@ -66,28 +66,9 @@ if [ "$ARMS" = 1 ]; then
   mlsae_arm outliers_seed0 0 ""
   per_layer_arm outliers_seed0 0 "" none
   name=drift0_seed0  # per-layer SAEs with standardisation: evolution with / without rescale
+  dataset "$name" 0 --drift-deg 0
   per_layer_arm "$name" 0 _std standardize
   per_layer_arm "$name" 0 _std_norescale standardize --no-rescale
 fi
 echo "[$(($(date +%s) - start)) s] done"
-"${MLSAE%/mlsae}/python" - "$OUT" <<'EOF' | tee "$OUT/table.md"
-import json, sys
-from pathlib import Path
-
-out = Path(sys.argv[1])
-f = lambda v: "-" if v is None else f"{v:.3f}"
-print("| data | model | MCC | recovered >= 0.9 | MCC layer 0 / 5 | E[L] Spearman | span Spearman "
-      "| pass-through R / P | AND R | OR R | spec R / P | SAE Match acc |")
-print("|" + "---|" * 12)
-for p in sorted(out.glob("*/*.json")):
-    s = json.loads(p.read_text())
-    sp, e = s.get("spans") or {}, {x["kind"]: x for x in s.get("edges", [])}
-    pt, sa = e.get("pass_through", {}), e.get("specialised", {})
-    m = s.get("match") or {}
-    ly = s["layers"]
-    print(f"| {p.parent.name} | {p.stem} | {f(s['mcc'])} | {f(s['recovered'])} "
-          f"| {f(ly[0]['mcc'])} / {f(ly[-1]['mcc'])} | {f(sp.get('expected_layer_spearman'))} "
-          f"| {f(sp.get('span_spearman'))} | {f(pt.get('recall'))} / {f(pt.get('precision'))} "
-          f"| {f(e.get('and', {}).get('recall'))} | {f(e.get('or', {}).get('recall'))} "
-          f"| {f(sa.get('recall'))} / {f(sa.get('precision'))} | {f(m.get('accuracy'))} |")
-EOF
+"${MLSAE%/mlsae}/python" scripts/synth_table.py "$OUT" | tee "$OUT/table.md"
