@@ -15,6 +15,10 @@ Contenders, repeats interleaved (best and median reported):
 
     python bench/delta_ce.py              # default model (SmolLM2-135M), real test-split text
     python bench/delta_ce.py --tiny       # a small random GPT-NeoX, no model files needed
+
+The model runs in --dtype (float32, the default: `mlsae` keeps the model in float32); the same
+rows in the other dtype follow where the compute-dtype calibration did not find bf16 more than
+2x slower on this CPU (or with --both-dtypes), with the eval engine's throughput ratio.
 """
 
 from __future__ import annotations
@@ -31,18 +35,18 @@ from mlsae.eval.batched import splice_layers
 from mlsae.eval.splice import clean_pass, splice
 
 
-def _default_model(n_ctx: int, ctx: int):
+def _default_model(n_ctx: int, ctx: int, dtype: str = "float32"):
     from mlsae.core.config import DataConfig, ModelConfig
     from mlsae.data.model import load_model
     from mlsae.data.text import iter_contexts
 
-    lm = load_model(ModelConfig())
+    lm = load_model(ModelConfig(dtype=dtype))  # type: ignore[arg-type]
     data = DataConfig(split="test", context_length=ctx)
     ids = torch.stack(list(itertools.islice(iter_contexts(lm.tokenizer, data), n_ctx)))
     return lm.model, ids, lm.special_ids, lm.name
 
 
-def _tiny_model(n_ctx: int, ctx: int):
+def _tiny_model(n_ctx: int, ctx: int, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
     torch.manual_seed(0)
@@ -50,7 +54,7 @@ def _tiny_model(n_ctx: int, ctx: int):
         vocab_size=4096, hidden_size=128, num_hidden_layers=8, num_attention_heads=4,
         intermediate_size=512, max_position_embeddings=max(ctx, 64),
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg).eval().to(getattr(torch, dtype))
     return model, torch.randint(0, 4096, (n_ctx, ctx)), [], "tiny-gpt-neox"
 
 
@@ -72,12 +76,37 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--no-eval", action="store_true", help="skip the run_model contender")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--both-dtypes", action="store_true", help="time the other dtype even if slow")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, ids, special, name = (_tiny_model if a.tiny else _default_model)(
-        a.contexts, a.context_length
-    )
+    from mlsae.core.calibrate import cpu_calibration
+
+    cal = cpu_calibration()
+    print(f"auto compute dtype (SAE): {cal.summary()}")
+    dtypes = [a.dtype]
+    other = "bfloat16" if a.dtype == "float32" else "float32"
+    if a.both_dtypes or cal.stage != "probe":
+        dtypes.append(other)
+    else:
+        print(f"{other} rows skipped: the calibration found bf16 more than 2x slower here "
+              "(--both-dtypes times them anyway)")  # fmt: skip
+    best = {}
+    for dt in dtypes:
+        model, ids, special, name = (_tiny_model if a.tiny else _default_model)(
+            a.contexts, a.context_length, dt
+        )
+        print(f"\n--- model in {dt}")
+        best[dt] = run_bench(model, ids, special, name, a)
+    if len(best) == 2 and all(best.values()):
+        print(f"\n{other} / {a.dtype} throughput of the eval engine (best): "
+              f"{best[a.dtype] / best[other]:.2f}")  # fmt: skip
+
+
+def run_bench(model, ids, special, name: str, a: argparse.Namespace) -> float:
+    """Time the contenders on one model (printed); the eval engine's best seconds (0 if not
+    run)."""
     L = model.config.num_hidden_layers
     layers = list(range(L))
     n_tok = ids.numel()
@@ -135,6 +164,7 @@ def main() -> None:
                           for n in ("splice", "batched", "eval") if n in times)
               + "   (goal >= 0.70)")  # fmt: skip
     print(f"max |per-token delta CE or KL difference| batched vs one layer at a time: {diff:.2e}")
+    return min(times["eval"]) if "eval" in times else 0.0
 
 
 def _eval_fn(model, ids, special, layers):

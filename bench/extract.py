@@ -6,6 +6,9 @@ per token, model load time (first with an empty cache, then cached).
 Capture and the bare forward run on the same batch, interleaved (ABBA order) in one process;
 the ratio of medians is printed (goal >= 0.9) for wall time and for process CPU time. On a
 shared, busy machine wall time is noisy: use --threads 1 and trust the CPU-time ratio.
+The model runs in --dtype (float32, the default: `mlsae` keeps the model in float32); the same
+rows in the other dtype follow where the compute-dtype calibration did not find bf16 more than
+2x slower on this CPU (or with --both-dtypes), with their throughput ratio.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mlsae.core.compute import cpu_capability, resolve_compute_dtype
+from mlsae.core.calibrate import cpu_calibration
+from mlsae.core.compute import cpu_capability
 from mlsae.core.config import ModelConfig
 from mlsae.core.layers import iter_layers_arg
 from mlsae.data.capture import capture, truncated_forward, used_mask
@@ -67,17 +71,34 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed pairs (after one warm-up)")
     ap.add_argument("--skip-load", action="store_true", help="skip the load-time measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--both-dtypes", action="store_true", help="time the other dtype even if slow")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ModelConfig(model=args.model, dtype=args.dtype)  # type: ignore[arg-type]
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU {cpu_capability()}")
-    print(f"auto compute dtype (SAE): {resolve_compute_dtype('auto', verbose=False)}")
+    cal = cpu_calibration()
+    print(f"auto compute dtype (SAE): {cal.summary()}")
     if not args.skip_load:
         first, second = load_times(cfg)
         print(f"model load: first (empty cache) {first:.1f} s, second (cached) {second:.2f} s")
+    dtypes = [args.dtype]
+    other = "bfloat16" if args.dtype == "float32" else "float32"
+    if args.both_dtypes or cal.stage != "probe":
+        dtypes.append(other)
+    else:
+        print(f"{other} rows skipped: the calibration found bf16 more than 2x slower here "
+              "(--both-dtypes times them anyway)")  # fmt: skip
+    tps = {dt: time_capture(ModelConfig(model=args.model, dtype=dt), args) for dt in dtypes}  # type: ignore[arg-type]
+    if len(tps) == 2:
+        print(f"{other} / {args.dtype} capture throughput (median, wall): "
+              f"{tps[other] / tps[args.dtype]:.2f}")  # fmt: skip
 
+
+def time_capture(cfg: ModelConfig, args: argparse.Namespace) -> float:
+    """Capture vs bare forward of the model in cfg.dtype (printed); the cache's bytes per token;
+    returns the capture's tokens/s (median, wall)."""
     lm = load_model(cfg)
     layers = iter_layers_arg(args.layers, lm.n_layers)
     g = torch.Generator().manual_seed(0)
@@ -85,7 +106,7 @@ def main() -> None:
     ids[:, 0] = lm.tokenizer.eos_token_id
     n_tok = ids.numel()
     print(
-        f"model {lm.name}: {lm.n_layers} blocks, d_model {lm.d_model}, dtype {args.dtype}; "
+        f"\nmodel {lm.name}: {lm.n_layers} blocks, d_model {lm.d_model}, dtype {cfg.dtype}; "
         f"batch {args.batch} x {args.seq} = {n_tok} tokens; capturing {len(layers)} layers"
     )
 
@@ -107,6 +128,7 @@ def main() -> None:
             f"bare {tb[-1][0]:.2f} s wall / {tb[-1][1]:.2f} s cpu",
             file=sys.stderr,
         )
+    wall_tps = n_tok / statistics.median(t[0] for t in tc)
     for i, what in enumerate(("wall", "cpu")):
         cap_tps = n_tok / statistics.median(t[i] for t in tc)
         bare_tps = n_tok / statistics.median(t[i] for t in tb)
@@ -133,6 +155,7 @@ def main() -> None:
         f"{len(layers)} x {lm.d_model} x 2 B bf16 + 8 B id + 1 B mask); "
         f"{size / n_tok * 1e6 / 2**30:.1f} GiB per million tokens"
     )
+    return wall_tps
 
 
 if __name__ == "__main__":
