@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mlsae.data.model import LoadedModel
     from mlsae.explore.live import Live
     from mlsae.sae.autoencoder import SparseAutoencoder
+    from mlsae.sae.folders import RunFolder
 
 
 @dataclass
@@ -65,16 +66,20 @@ class Run:
 
     def __init__(self, path: str | Path, model: str | None = None) -> None:
         """`model`: the model to run prompts through (default: the one the SAE names)."""
-        from mlsae.sae.folders import RunFolder
-
         self.path = Path(path)
-        self.folder = RunFolder(self.path)
         self.model_name = model
         self._lm: LoadedModel | None = None
         self._live: Live | None = None
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
+
+    @functools.cached_property
+    def folder(self) -> RunFolder:
+        """The run folder (MlsaeError if it does not exist)."""
+        from mlsae.sae.folders import RunFolder
+
+        return RunFolder(self.path)
 
     @functools.cached_property
     def config(self) -> RunConfig | None:

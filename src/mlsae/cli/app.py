@@ -119,8 +119,10 @@ def train(
         run = train_command(resume, resume=True, train_given=given_train, device=device)
     else:
         assert out is not None
-        run = train_command(out, data=data, model=model, source=source, sae=sae, train=train,
-                            stream=stream)  # fmt: skip
+        from mlsae.api.pipeline import train as train_run  # the Python API's call
+
+        run = train_run(out, train, data=data, model=model, source=source, sae=sae,
+                        stream=stream).path  # fmt: skip
     if is_main_process():
         print(format_fvu(read_json(run / "final_fvu.json")))
 
