@@ -1,4 +1,5 @@
-"""Stage 3, the TopK SAE: the model, its kernels, FVU and streaming metrics, SAE and run folders.
+"""Stage 3, the SAE: the base class and one module per architecture (registry: topk, batchtopk,
+matryoshka, token_topk), its kernels, FVU and streaming metrics, SAE and run folders.
 May import: core."""
 
 from __future__ import annotations
