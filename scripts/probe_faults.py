@@ -1029,7 +1029,7 @@ def surface_probes(add: Callable[..., None]) -> None:
     for what, sql in [("a missing table", "DROP TABLE latents;"),
                       ("a non-JSON meta value", "UPDATE meta SET value = 'nope' WHERE key = 'window';"),
                       ("a missing meta key", "DELETE FROM meta WHERE key = 'context_length';"),
-                      ("a wrong-size example blob", "UPDATE examples SET act = x'00' WHERE rowid IN (SELECT rowid FROM examples LIMIT 1);"),
+                      ("a wrong-size example blob", "UPDATE examples SET act = x'00' WHERE (sae, latent, kind, layer) IN (SELECT sae, latent, kind, layer FROM examples LIMIT 1);"),
                       ("a non-JSON latent info", "UPDATE latents SET info = '{' WHERE latent = 0;"),
                       ("a string setting", "UPDATE meta SET value = '\"8\"' WHERE key = 'top_n';"),
                       ("a stream id past the vocabulary", "UPDATE stream SET ids = x'ffffff7f' || substr(ids, 5);")]:  # fmt: skip

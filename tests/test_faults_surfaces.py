@@ -268,7 +268,7 @@ def _edited_index(world, tmp_path: Path, sql: str) -> Path:
         "UPDATE meta SET value = 'nope' WHERE key = 'window';",
         "DELETE FROM meta WHERE key = 'context_length';",
         "UPDATE meta SET value = '\"8\"' WHERE key = 'top_n';",
-        "UPDATE examples SET act = x'00' WHERE latent = 0 AND kind = 'top';",
+        "UPDATE examples SET act = x'00' WHERE (sae, latent, kind, layer) IN (SELECT sae, latent, kind, layer FROM examples LIMIT 1);",
         "UPDATE latents SET info = '{' WHERE latent = 0;",
         "UPDATE saes SET layers = '\"012\"';",
         "UPDATE stream SET ids = x'ffffff7f' || substr(ids, 5);",
@@ -529,3 +529,22 @@ def test_random_json_in_any_file_read_back(world, readback_root, tmp_path, name,
     obj = json.loads((readback_root / rel).read_text())
     for doc in ({**obj, key: value}, value):
         _try(readers, name, readback_root, rel, json.dumps(doc).encode(), tmp_path)
+
+
+# ----------------------------------------------------------------------------- 11. smaller
+
+
+def test_small_input_errors_are_named_on_one_line(capsys) -> None:
+    from mlsae.cli.app import app
+    from mlsae.cli.errors import run_app
+    from mlsae.core.config import TrainConfig
+    from mlsae.data.capture import iter_layers_arg
+
+    with pytest.raises(MlsaeError, match="--seed"):
+        TrainConfig(seed=2**70)
+    with pytest.raises(MlsaeError, match="start at 0") as e:
+        iter_layers_arg("-1", 1 << 30)
+    assert "1073741823" not in str(e.value)
+    rc = run_app(app, ["evaluate", "x\nmlsae: error: forged", "--cache", "nope", "--out", "e.json"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("mlsae: error: ")

@@ -58,6 +58,12 @@ def error_line(e: BaseException) -> str | None:
     return None
 
 
+def one_line(text: str) -> str:
+    """`text` on one line: a newline inside a path or value is shown as \\n (it cannot forge a
+    second `mlsae: error:` line)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def run_app(app: Any, args: Sequence[str] | None = None, prog_name: str = "mlsae") -> int:
     """Run the typer app; returns the exit code after printing at most one error line."""
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -85,7 +91,7 @@ def run_app(app: Any, args: Sequence[str] | None = None, prog_name: str = "mlsae
         line = error_line(e)
         if line is None:
             raise
-        print(f"mlsae: error: {line}", file=sys.stderr)
+        print(f"mlsae: error: {one_line(line)}", file=sys.stderr)
         return 2
     finally:
         for s, h in old.items():

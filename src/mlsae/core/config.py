@@ -321,6 +321,7 @@ class TrainConfig:
         check(self.epochs >= 1, "--epochs must be >= 1")
         check(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
         check(self.dead_tokens >= 1, "--dead-tokens must be >= 1")
+        check(0 <= self.seed < 2**63, "--seed must be between 0 and 2**63 - 1")
         check(self.checkpoint_every >= 1, "--checkpoint-every must be >= 1")
         check(self.k_aux is None or self.k_aux >= 1, "--k-aux must be >= 1")
         check(0 <= self.aux_coef < float("inf"), "--aux-coef must be a finite number >= 0")

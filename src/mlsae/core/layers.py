@@ -38,4 +38,6 @@ def iter_layers_arg(spec: str | None, n_layers: int) -> list[int]:
         raise MlsaeError(
             f"cannot parse layers {spec!r}: use e.g. 'all', '0,5,10' or '0-11'"
         ) from None
+    if any(x < 0 for x in out):
+        raise MlsaeError(f"layers {spec!r}: block indices start at 0 (e.g. '0-5')")
     return check_layers(out, n_layers)

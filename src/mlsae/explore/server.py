@@ -406,10 +406,10 @@ def check_startup(ex: Explorer, run: Path, index: Path, model: str | None) -> No
 
     check_served_saes(run_saes(run), ex.db.sae_sha256, index)
     n_pos = model_positions(model or ex.db.meta["model"])
-    if n_pos is not None and ex.live.max_tokens > n_pos:
-        log.warning(f"--max-tokens {ex.live.max_tokens} is more than the model's {n_pos} "
-                    f"positions: prompts are capped at {n_pos} tokens")  # fmt: skip
-        ex.live.max_tokens = n_pos
+    if n_pos is not None and ex.live.max_tokens > n_pos - 1:  # a BOS may be prepended
+        log.warning(f"--max-tokens {ex.live.max_tokens} does not fit the model's {n_pos} "
+                    f"positions: prompts are capped at {n_pos - 1} tokens")  # fmt: skip
+        ex.live.max_tokens = n_pos - 1
 
 
 def model_positions(model: str) -> int | None:
