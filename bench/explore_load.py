@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--latent-requests", type=int, default=25)
     ap.add_argument("--prompt-requests", type=int, default=3)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--gen", type=int, default=8, help="tokens generated per steered prompt")
     a = ap.parse_args()
     app = create_app(a.run, evolution=a.evolution)
     ex = app.state.explorer
@@ -62,18 +63,27 @@ def main() -> None:
     s0 = ex.db.saes[0]
     warm = fetch(base, "/api/prompt", {"sae": 0, "text": PROMPTS[0], "latent": 0})
     print(f"first prompt (loads the model and SAEs): {warm:.1f} s")
+    steer = {"steer": 2, "factor": 1, "units": "max"}
     alone = {"latent": [fetch(base, "/api/latent", {"sae": 0, "latent": j}) for j in range(10)],
-             "prompt": [fetch(base, "/api/prompt", {"sae": 0, "text": t, "latent": 1, "steer": 2,
-                                                    "factor": 4}) for t in PROMPTS[1:]]}  # fmt: skip
+             "prompt (no steering)": [fetch(base, "/api/prompt", {"sae": 0, "text": t})
+                                      for t in PROMPTS[1:]],
+             "prompt (steer, next token only)": [fetch(base, "/api/prompt", {
+                 "sae": 0, "text": t, **steer, "gen": 0}) for t in PROMPTS[1:]],
+             f"prompt (steer, {a.gen} tokens generated)": [fetch(base, "/api/prompt", {
+                 "sae": 0, "text": t, **steer, "gen": a.gen}) for t in PROMPTS[1:]]}  # fmt: skip
     for k, v in alone.items():
         print(f"one client: {k} median {1e3 * np.median(v):.0f} ms over {len(v)} requests")
+    base_ms = np.median(alone["prompt (no steering)"])
+    for k in list(alone)[2:]:
+        print(f"  ratio {k} / no steering: {np.median(alone[k]) / base_ms:.1f}x")
     rng = np.random.default_rng(0)
     jobs = []
     for c in range(a.clients):
         job = [("latent", {"sae": 0, "latent": int(rng.integers(s0["d_sae"]))})
                for _ in range(a.latent_requests)]  # fmt: skip
         job += [("prompt", {"sae": 0, "text": PROMPTS[(c + i) % len(PROMPTS)] + f" {c}",
-                            "latent": int(rng.integers(s0["d_sae"])), "steer": c, "factor": 4})
+                            "latent": int(rng.integers(s0["d_sae"])), "steer": c, "factor": 1,
+                            "units": "max", "gen": a.gen})
                 for i in range(a.prompt_requests)]  # fmt: skip
         if ex.graph is not None:
             nodes = rng.integers(len(ex.graph), size=a.latent_requests // 5)
