@@ -26,7 +26,6 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_path, fsync_file
 from mlsae.core.outputs import check_output
 
-FORMAT = "mlsae-explore-index-1"
 STREAM_ROW = 65536  # tokens per stream row
 PROMPT_PREFIX = 32  # tokens before an example kept in its link to the prompt page
 

@@ -18,6 +18,9 @@ import numpy as np
 from mlsae.core.errors import MlsaeError
 from mlsae.core.schema import from_dict
 
+FORMAT = "mlsae-explore-index-1"
+"""The index format `mlsae index` writes and `mlsae explore` reads."""
+
 COLUMNS = {
     "meta": ["key", "value"],
     "saes": ["sae", "label", "path", "layers", "d_sae", "k", "lens", "n_tokens"],
@@ -103,8 +106,6 @@ def read_meta(con: sqlite3.Connection, path: Path) -> tuple[dict[str, Any], Inde
             meta[k] = json.loads(v)
         except ValueError:
             raise _damaged(path, f"meta value {k!r} is not JSON") from None
-    from mlsae.explore.db import FORMAT
-
     if meta.get("format") != FORMAT:
         raise MlsaeError(f"{path}: unknown index format {meta.get('format')!r}")
     return meta, from_dict(IndexMeta, meta, f"{path}: meta")
