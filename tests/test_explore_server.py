@@ -385,3 +385,17 @@ def test_split_characters_are_merged_or_shown_as_bytes() -> None:
     assert got == [" a", "🎉", "⟨8E 89⟩", "\n"]
     assert display_tokens([emoji[:3]]) == ["⟨F0 9F 8E⟩"]  # cut off: bytes
     assert display_tokens(["日本".encode()[:4], "日本".encode()[4:]]) == ["日本", "⟨9C AC⟩"]
+
+
+def test_cached_generation_equals_full_passes(ref) -> None:
+    """The key/value-cached greedy loop steers new tokens exactly like full passes do."""
+    from mlsae.explore.steer import SteerPlan, generate, logp_at
+
+    model, tok, t = ref
+    ids = tok(TEXT)["input_ids"]
+    plan = SteerPlan({1: t["W_dec"][5].float()}, lambda ly, h: torch.full((len(h),), 3.0), [])
+    for p in (None, plan):
+        seq = list(ids)
+        for _ in range(6):
+            seq.append(int(logp_at(model, seq, p)[-1].argmax()))
+        assert generate(model, ids, p, 6, set()) == seq[len(ids) :]

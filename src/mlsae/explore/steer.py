@@ -72,12 +72,18 @@ def logp_at(model: torch.nn.Module, ids: list[int], plan: SteerPlan | None) -> T
 def generate(
     model: torch.nn.Module, ids: list[int], plan: SteerPlan | None, n: int, stop: set[int]
 ) -> list[int]:
-    """Greedy continuation of ids by up to n tokens (full passes: the hooks see every position),
-    stopping after a token in `stop`."""
+    """Greedy continuation of ids by up to n tokens, stopping after a token in `stop`. Uses the
+    model's key/value cache: each step runs only the new token, whose vectors the hooks steer
+    like every earlier position's."""
     out: list[int] = []
+    x, past = torch.tensor([ids]), None
     for _ in range(n):
-        nxt = int(logp_at(model, ids + out, plan)[-1].argmax())
+        with steering(model, plan, x):
+            o = model(input_ids=x, past_key_values=past, use_cache=True)
+        past = o.past_key_values
+        nxt = int(o.logits[0, -1].argmax())
         out.append(nxt)
         if nxt in stop:
             break
+        x = torch.tensor([[nxt]])
     return out
