@@ -206,9 +206,11 @@ def _interval(iv: Interval | None) -> str:
     return "-" if iv is None else f"[{_f(iv.low, 3)}, {_f(iv.high, 3)}]"
 
 
-def eval_table(ev: EvalResult) -> str:
+def eval_table(ev: EvalResult | dict[str, Any]) -> str:
     """The evaluation's per-layer metrics and means, each metric that has a bootstrap interval
     followed by its 95% interval column."""
+    if isinstance(ev, dict):  # a per_layer list of rows (older files): shown as it is
+        return _rows_table(ev)
     cols = ev.per_layer.columns()
     header: list[str] = ["layer"]
     for k in cols:
@@ -229,6 +231,20 @@ def eval_table(ev: EvalResult) -> str:
         note = (f"<p>95% intervals: percentile bootstrap over the {b.n_contexts} evaluated "
                 f"contexts ({b.n_resamples} resamples, seed {b.seed}; SPEC 7).</p>")  # fmt: skip
     return _grid(header, rows) + note
+
+
+def _rows_table(ev: dict[str, Any]) -> str:
+    per, layers = ev.get("per_layer"), ev.get("layers")
+    if not (isinstance(per, list) and per and all(isinstance(r, dict) for r in per)):
+        return f"<pre>{html.escape(json.dumps(ev, indent=1)[:20000])}</pre>"
+    keys = [k for k in per[0] if k != "layer"]
+    layers = layers if isinstance(layers, list) and len(layers) == len(per) else None
+    rows = [[r.get("layer", layers[i] if layers else i)] + [r.get(k, "") for k in keys]
+            for i, r in enumerate(per)]  # fmt: skip
+    mean = ev.get("mean")
+    if isinstance(mean, dict):
+        rows.append(["mean"] + [mean.get(k, "") for k in keys])
+    return _grid(["layer", *keys], rows)
 
 
 _INTERVAL_KEYS = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_aggregate",
