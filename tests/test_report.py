@@ -21,6 +21,7 @@ from mlsae.analysis.geometry import residual_geometry
 from mlsae.analysis.layers import LayerStats
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.io import json_safe as _clean
+from mlsae.eval.result import EvalResult
 from mlsae.report.figures import make_figures
 from mlsae.report.html import eval_table, reading, write_report
 
@@ -68,7 +69,7 @@ def make_report(tmp: Path, with_eval: bool = True) -> tuple[Path, list]:
     s = _clean(s)
     json.dumps(s, allow_nan=False)  # NaNs were cleaned
     cfgs = {"cfg.json": {"d_in": 8, "k": 4, "layers": LAYERS}, "train_cfg.json": {"lr": 1e-4}}
-    ev = (tmp / "eval.json", EVAL) if with_eval else None
+    ev = (tmp / "eval.json", EvalResult.from_json(EVAL)) if with_eval else None
     return write_report(tmp / "report.html", s, figs, cfgs, ev), figs
 
 

@@ -11,7 +11,7 @@ import typer
 
 from mlsae.cli.options import config_command
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
-from mlsae.core.stage_config import LensTrainConfig
+from mlsae.core.stage_config import BootstrapConfig, LensTrainConfig
 
 lens_app = typer.Typer(
     no_args_is_help=True, help="Tuned lens: train per-layer translators, compare to the logit lens."
@@ -48,6 +48,7 @@ def lens_evaluate(
     data: DataConfig,
     model: ModelConfig,
     source: SourceConfig,
+    boot: BootstrapConfig,
 ) -> None:
     """Per-layer KL and CE of the tuned lens vs the logit lens on held-out tokens."""
     from mlsae.activations.open import open_live
@@ -63,4 +64,4 @@ def lens_evaluate(
         raise MlsaeError("the lens does not name its model: pass --model")
     live = open_live(source, data, replace(model, model=model.model or tl.model_name),
                      default_tokens=2048, layers=[])  # fmt: skip
-    print(format_table(evaluate_lens_command(tl, out, live, source.batch_size)))
+    print(format_table(evaluate_lens_command(tl, out, live, source.batch_size, boot)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
@@ -21,6 +20,7 @@ from mlsae.eval.evaluate import (
     open_eval_source,
     parse_layers,
 )
+from mlsae.eval.result import CrossResult
 from mlsae.sae.folders import RunFolder
 from mlsae.sae.metrics import mean_or_none
 
@@ -34,7 +34,7 @@ def cross_command(
     data: DataConfig | None = None,
     model: ModelConfig | None = None,
     ev: EvalConfig | None = None,
-) -> dict[str, Any]:
+) -> CrossResult:
     """`mlsae evaluate --cross MLSAE_RUN SAE_RUN ... --out DIR`: every single-layer SAE on every
     layer of the MLSAE (or `source.layers`), the MLSAE on its own layers, sharing one clean pass
     per batch. Writes DIR/cross.json (the figures are the report stage's)."""
@@ -57,31 +57,28 @@ def cross_command(
     src = open_eval_source(rows, replace(source, layers=None), data, model)
     name = evaluate_entries(rows, src, model=model, ev=ev,
                             tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
-    cross: dict[str, Any] = {
-        "rows": [e.label for e in rows],
-        "row_layers": [[int(x) for x in e.sae.cfg.layers] for e in rows],
-        "layers": cols,
-        "sae": [str(e.path) for e in rows],
-        "model": name,
-        "n_tokens": mlsae.metrics.n_tokens,
-        "dead_fraction": [e.metrics.dead_fraction() for e in rows],
-    }
+    mats = {}
     for key in METRICS:
         mat = []
         for e in rows:
             per = dict(zip(e.layers, e.metrics.per_layer()[key], strict=True))
             mat.append([per.get(c) for c in cols])
-        cross[key] = mat
+        mats[key] = mat
+    cross = CrossResult(
+        [e.label for e in rows], [[int(x) for x in e.sae.cfg.layers] for e in rows], cols,
+        [str(e.path) for e in rows], name, mlsae.metrics.n_tokens,
+        [e.metrics.dead_fraction() for e in rows], **mats,
+    )  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "cross.json", cross)
+    write_json(out / "cross.json", cross.to_json())
     return cross
 
 
-def format_cross(cross: dict[str, Any]) -> str:
+def format_cross(cross: CrossResult) -> str:
     """Diagonal vs off-diagonal: each single-layer SAE on its own layer and elsewhere, next to
     the MLSAE on the same layers."""
-    cols, mrow = cross["layers"], len(cross["rows"]) - 1
+    cols, mrow = cross.layers, len(cross.rows) - 1
     lines = []
     for key in ("fvu", "delta_ce"):
         lines.append(
@@ -89,15 +86,15 @@ def format_cross(cross: dict[str, Any]) -> str:
             f"{'MLSAE off':>10s}"
         )
         for r in range(mrow):
-            own = [c for c in cross["row_layers"][r] if c in cols]
+            own = [c for c in cross.row_layers[r] if c in cols]
             if len(own) != 1:
                 continue
             j = cols.index(own[0])
-            row, mla = cross[key][r], cross[key][mrow]
+            row, mla = cross.matrix(key)[r], cross.matrix(key)[mrow]
             off = mean_or_none([v for i, v in enumerate(row) if i != j])
             moff = mean_or_none([v for i, v in enumerate(mla) if i != j])
             lines.append(
-                f"{'':9s} {cross['rows'][r]:>8s} {_fmt(row[j])} {_fmt(off)} "
+                f"{'':9s} {cross.rows[r]:>8s} {_fmt(row[j])} {_fmt(off)} "
                 f"{_fmt(mla[j], 11)} {_fmt(moff, 10)}"
             )
     return "\n".join(lines)

@@ -28,21 +28,20 @@ Values = list[float | None]
 class PerLayer:
     """Per-layer metrics, each a list aligned with `EvalResult.layers` (None: not measured)."""
 
-    fvu: Values
-    mse: Values
-    l0: Values
-    delta_ce: Values
-    kl: Values
+    fvu: Values | None = None
+    mse: Values | None = None
+    l0: Values | None = None
+    delta_ce: Values | None = None
+    kl: Values | None = None
     fvu_typical: Values | None = None
     fvu_model: Values | None = None
     mse_model: Values | None = None
     lens_cond: Values | None = None
 
     def columns(self) -> dict[str, Values]:
-        """The metrics this evaluation has, in table order."""
-        out = {k: getattr(self, k) for k in METRICS}
-        out.update({k: getattr(self, k) for k in OPTIONAL if getattr(self, k) is not None})
-        return out
+        """The metrics this evaluation has, in table order (all of METRICS in a file of this
+        version; an older or foreign file may lack some)."""
+        return {k: getattr(self, k) for k in (*METRICS, *OPTIONAL) if getattr(self, k) is not None}
 
 
 @dataclass
@@ -91,8 +90,8 @@ class EvalResult:
     layers: list[int]
     per_layer: PerLayer
     mean: MeanRow
-    dead_fraction: float
-    n_tokens: int
+    dead_fraction: float | None = None
+    n_tokens: int = 0
     sae: str = ""
     model: str = ""
     space: str = "model"
@@ -139,6 +138,38 @@ class EvalResult:
         return mi.mean if i is None else mi.per_layer[i]
 
 
+Matrix = list[list[float | None]]
+
+
+@dataclass
+class CrossResult:
+    """`mlsae evaluate --cross`: every single-layer SAE on every layer, and the MLSAE (last
+    row) on the same layers; each metric a matrix [row][layer] (None: not measured)."""
+
+    rows: list[str]
+    row_layers: list[list[int]]
+    """The layers each row's SAE was trained on."""
+    layers: list[int]
+    sae: list[str]
+    model: str
+    n_tokens: int
+    dead_fraction: list[float]
+    fvu: Matrix
+    mse: Matrix
+    l0: Matrix
+    delta_ce: Matrix
+    kl: Matrix
+
+    def matrix(self, key: str) -> Matrix:
+        """The matrix of metric `key` (one of METRICS)."""
+        if key not in METRICS:
+            raise MlsaeError(f"no metric {key!r} in a cross-layer result ({', '.join(METRICS)})")
+        return getattr(self, key)
+
+    def to_json(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
 def fmt_value(v: float | None, width: int = 9) -> str:
     """A metric for a text table: 4 decimals, scientific below 1e-3, '-' when not measured."""
     if v is None or math.isnan(v):
@@ -179,7 +210,8 @@ def format_eval_table(r: EvalResult) -> str:
 
     rows += [f"{layer:5d}" + cells(i) for i, layer in enumerate(r.layers)]
     rows.append(" mean" + cells(None))
-    rows.append(f"dead fraction {r.dead_fraction:.4f}   tokens {r.n_tokens}")
+    dead = "-" if r.dead_fraction is None else f"{r.dead_fraction:.4f}"
+    rows.append(f"dead fraction {dead}   tokens {r.n_tokens}")
     if r.intervals is not None:
         b = r.intervals.bootstrap
         rows.append(f"95% CI: percentile bootstrap over {b.n_contexts} contexts "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +20,68 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mlsae.core.bootstrap import Bootstrap, BootstrapInfo, Interval
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
+from mlsae.core.schema import from_dict, to_dict
+from mlsae.core.stage_config import BootstrapConfig
 from mlsae.lens.train import CHUNK, ContextSource, capture_lens_layers, final_logits
 from mlsae.lens.tuned import TunedLens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+
+@dataclass
+class LensCurves:
+    """Per-layer means of one lens (aligned with `LensEvalResult.layers`)."""
+
+    kl: list[float]
+    """KL(final || lens) over used positions (nats)."""
+    ce: list[float]
+    """Next-token cross-entropy over predicted positions (nats)."""
+
+
+@dataclass
+class LensIntervals:
+    """95% bootstrap intervals over contexts (SPEC 7) of each layer's KL."""
+
+    bootstrap: BootstrapInfo
+    kl_tuned: list[Interval | None]
+    kl_logit: list[Interval | None]
+
+
+@dataclass
+class LensEvalResult:
+    """`mlsae lens evaluate`: the tuned lens vs the logit lens on held-out tokens."""
+
+    layers: list[int]
+    tuned: LensCurves
+    logit: LensCurves
+    cond: list[float]
+    """cond(I + A_l) per layer (2-norm)."""
+    model_ce: float
+    n_kl_positions: int
+    n_ce_positions: int
+    lens: str = ""
+    model: str = ""
+    dataset: str | None = None
+    split: str | None = None
+    n_tokens: int = 0
+    intervals: LensIntervals | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = to_dict(self)
+        if self.intervals is None:
+            del out["intervals"]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: object, where: str = "eval.json") -> LensEvalResult:
+        return from_dict(cls, obj, where)
+
+    def table(self) -> str:
+        return format_table(self)
 
 
 @torch.no_grad()
@@ -35,8 +91,10 @@ def evaluate_lens(
     batches: Iterable[Tensor],
     special_ids: Sequence[int],
     progress: bool = True,
-) -> dict[str, Any]:
-    """Per-layer KL(final || lens) and next-token CE of the tuned and the logit lens.
+    boot: BootstrapConfig | None = None,
+) -> LensEvalResult:
+    """Per-layer KL(final || lens) and next-token CE of the tuned and the logit lens, with
+    bootstrap intervals of the KL over the contexts (the rows of the batches; `boot`).
 
     batches: [B, T] token ids. Sums are float64; KL is averaged over used positions, CE over
     used positions t < T-1 (target token t+1, whatever it is)."""
@@ -44,6 +102,7 @@ def evaluate_lens(
     sums = {k: torch.zeros(len(layers), dtype=torch.float64) for k in ("tk", "tc", "lk", "lc")}
     n_kl = n_ce = 0
     model_ce = 0.0
+    per_ctx: list[Tensor] = []  # per batch [B, 2, L + 1]: KL sums of tuned / logit, positions
     for ids in tqdm(batches, desc="lens evaluate", disable=not progress, file=sys.stderr):
         xs, mask, cap = capture_lens_layers(model, lens, ids, special_ids)
         pred = mask.clone()
@@ -51,6 +110,9 @@ def evaluate_lens(
         target = torch.roll(ids, -1, dims=1)[mask]  # [N] next token (valid where pred)
         is_pred = pred[mask]  # [N]
         x = xs[mask]  # [N, Lc, d]
+        row = mask.nonzero()[:, 0]  # [N] context row of each used position
+        ctx = torch.zeros(ids.shape[0], 2, len(layers) + 1, dtype=torch.float64)
+        ctx[:, :, -1] = mask.sum(1, keepdim=True).double()
         for start in range(0, len(x), CHUNK):
             xc, tc, pc = (
                 x[start : start + CHUNK],
@@ -61,6 +123,7 @@ def evaluate_lens(
             p = final_logp.exp()  # [n, V]
             model_ce += float(-final_logp[pc].gather(1, tc[pc, None]).double().sum())
             kl = ce = torch.zeros((), dtype=torch.float64)
+            kl_pos = torch.zeros(len(xc), dtype=torch.float64)  # [n] KL per position
             for i, layer in enumerate(layers):
                 h = xc[:, cap.index(layer)]
                 for key in ("t", "l"):
@@ -69,60 +132,81 @@ def evaluate_lens(
                             lens.logits(model, h, layer) if key == "t" else final_logits(model, h)
                         )
                         logq = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
-                        kl = (p * (final_logp - logq)).sum(-1).double().sum()
+                        kl_pos = (p * (final_logp - logq)).sum(-1).double()  # [n]
+                        kl = kl_pos.sum()
                         ce = -logq[pc].gather(1, tc[pc, None]).double().sum()
                     sums[key + "k"][i] += kl
                     sums[key + "c"][i] += ce
+                    rows = row[start : start + CHUNK]
+                    ctx[:, 0 if key == "t" else 1, i].index_add_(0, rows, kl_pos)
         n_kl += int(mask.sum())
         n_ce += int(pred.sum())
+        per_ctx.append(ctx)
     if n_kl == 0 or n_ce == 0:
         raise MlsaeError("no evaluation tokens (every position is a special token?)")
     res = lambda k: [float(v) for v in sums[k] / (n_kl if k.endswith("k") else n_ce)]
-    return {
-        "layers": layers,
-        "tuned": {"kl": res("tk"), "ce": res("tc")},
-        "logit": {"kl": res("lk"), "ce": res("lc")},
-        "cond": [lens.cond(layer) for layer in layers],
-        "model_ce": model_ce / n_ce,
-        "n_kl_positions": n_kl,
-        "n_ce_positions": n_ce,
-    }
+    return LensEvalResult(
+        layers, LensCurves(res("tk"), res("tc")), LensCurves(res("lk"), res("lc")),
+        [lens.cond(layer) for layer in layers], model_ce / n_ce, n_kl, n_ce,
+        intervals=_kl_intervals(torch.cat(per_ctx), boot or BootstrapConfig()),
+    )  # fmt: skip
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """Aligned text table of an evaluation result."""
+def _kl_intervals(ctx: Tensor, boot: BootstrapConfig) -> LensIntervals | None:
+    """Per-layer KL intervals from per-context sums ctx [C, 2, L + 1] (the last column: the
+    context's used positions)."""
+    if boot.bootstrap <= 0 or not len(ctx):
+        return None
+    bs = Bootstrap(len(ctx), boot.bootstrap, boot.bootstrap_seed)
+    n = ctx[:, :, -1:].expand_as(ctx[:, :, :-1])
+    kl = bs.ratio(ctx[:, :, :-1], n)  # [B, 2, L]
+    return LensIntervals(bs.info, bs.intervals(kl[:, 0]), bs.intervals(kl[:, 1]))
+
+
+def _ci(iv: Interval | None) -> str:
+    return f"{'-':>19}" if iv is None else f"[{iv.low:.3g}, {iv.high:.3g}]".rjust(19)
+
+
+def format_table(result: LensEvalResult) -> str:
+    """Aligned text table of an evaluation result (with the KL's 95% intervals if any)."""
+    iv = result.intervals
+    ci = f" {'KL tuned 95% CI':>19} {'KL logit 95% CI':>19}" if iv is not None else ""
     lines = [
         f"{'layer':>5} {'KL tuned':>9} {'KL logit':>9} {'CE tuned':>9} {'CE logit':>9} "
-        f"{'cond(I+A)':>10}"
+        f"{'cond(I+A)':>10}" + ci
     ]
-    t, g = result["tuned"], result["logit"]
-    cond = result.get("cond") or [float("nan")] * len(result["layers"])
-    for i, layer in enumerate(result["layers"]):
+    t, g, cond = result.tuned, result.logit, result.cond
+    for i, layer in enumerate(result.layers):
+        extra = f" {_ci(iv.kl_tuned[i])} {_ci(iv.kl_logit[i])}" if iv is not None else ""
         lines.append(
-            f"{layer:>5} {t['kl'][i]:>9.4f} {g['kl'][i]:>9.4f} {t['ce'][i]:>9.4f} "
-            f"{g['ce'][i]:>9.4f} {cond[i]:>10.4g}"
+            f"{layer:>5} {t.kl[i]:>9.4f} {g.kl[i]:>9.4f} {t.ce[i]:>9.4f} "
+            f"{g.ce[i]:>9.4f} {cond[i]:>10.4g}" + extra
         )
-    lines.append(f"model CE {result['model_ce']:.4f} over {result['n_ce_positions']} positions")
+    lines.append(f"model CE {result.model_ce:.4f} over {result.n_ce_positions} positions")
+    if iv is not None:
+        b = iv.bootstrap
+        lines.append(f"95% CI: percentile bootstrap over {b.n_contexts} contexts "
+                     f"({b.n_resamples} resamples, seed {b.seed})")  # fmt: skip
     return "\n".join(lines)
 
 
 def evaluate_lens_command(
-    lens: TunedLens, out: Path, source: ContextSource, batch_size: int = 8
-) -> dict[str, Any]:
+    lens: TunedLens,
+    out: Path,
+    source: ContextSource,
+    batch_size: int = 8,
+    boot: BootstrapConfig | None = None,
+) -> LensEvalResult:
     """`mlsae lens evaluate`: tuned vs logit lens on the source's (test-split) tokens; writes
     and returns the JSON."""
     lm = source.lm
     lens.check_model(lm.n_layers, lm.d_model)
     contexts = source.contexts()
     batches = [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
-    result = evaluate_lens(lm.model, lens, batches, lm.special_ids)
-    result = {
-        **result,
-        "lens": str(lens.meta.get("path", "")),
-        "model": lm.name,
-        "dataset": source.info.get("dataset"),
-        "split": source.info.get("split"),
-        "n_tokens": int(contexts.numel()),
-    }
-    write_json(Path(out), result)
+    result = evaluate_lens(lm.model, lens, batches, lm.special_ids, boot=boot)
+    result.lens = str(lens.meta.get("path", ""))
+    result.model = lm.name
+    result.dataset, result.split = source.info.get("dataset"), source.info.get("split")
+    result.n_tokens = int(contexts.numel())
+    write_json(Path(out), result.to_json())
     return result

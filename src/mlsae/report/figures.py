@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -20,6 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mlsae.analysis.geometry import GeometryResult  # noqa: E402
 from mlsae.analysis.layers import LayerStatsResult  # noqa: E402
 from mlsae.core.io import save_figure  # noqa: E402
+from mlsae.eval.result import CrossResult  # noqa: E402
 
 DPI = 110
 
@@ -176,7 +176,7 @@ def make_figures(
     return figs
 
 
-def plot_cross(cross: dict[str, Any], key: str, path: Path) -> Path:
+def plot_cross(cross: CrossResult, key: str, path: Path) -> Path:
     """Heatmap in the style of the paper: single-layer SAEs as rows, evaluation layers as
     columns, the MLSAE as an extra row below a separator."""
 
@@ -186,7 +186,7 @@ def plot_cross(cross: dict[str, Any], key: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    mat = np.array([[np.nan if v is None else v for v in row] for row in cross[key]], float)
+    mat = np.array([[np.nan if v is None else v for v in row] for row in cross.matrix(key)], float)
     n_r, n_c = mat.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_c + 2), max(2.5, 0.4 * n_r + 1.2)))
     im = ax.imshow(
@@ -200,19 +200,19 @@ def plot_cross(cross: dict[str, Any], key: str, path: Path) -> Path:
                 color = "white" if v > 0.6 * hi else "black"
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=color)
     ax.axhline(n_r - 1.5, color="black", lw=1.5)
-    ax.set_xticks(range(n_c), [str(c) for c in cross["layers"]], fontsize=7)
-    ax.set_yticks(range(n_r), cross["rows"], fontsize=7)
+    ax.set_xticks(range(n_c), [str(c) for c in cross.layers], fontsize=7)
+    ax.set_yticks(range(n_r), cross.rows, fontsize=7)
     ax.set_xlabel("evaluation layer")
     ax.set_ylabel("SAE (trained on)")
-    ax.set_title(f"{key}: single-layer SAEs vs MLSAE ({Path(cross['model']).name})", fontsize=9)
+    ax.set_title(f"{key}: single-layer SAEs vs MLSAE ({Path(cross.model).name})", fontsize=9)
     return save_figure(fig, path)
 
 
-def cross_figures(cross: dict[str, Any], out: Path) -> list[Path]:
+def cross_figures(cross: CrossResult, out: Path) -> list[Path]:
     """out/cross_fvu.png and out/cross_delta_ce.png of an `evaluate --cross` result (those with
     values)."""
     return [
         plot_cross(cross, key, Path(out) / f"cross_{key}.png")
         for key in ("fvu", "delta_ce")
-        if any(v is not None for row in cross[key] for v in row)
+        if any(v is not None for row in cross.matrix(key) for v in row)
     ]

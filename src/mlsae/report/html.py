@@ -206,9 +206,11 @@ def _interval(iv: Interval | None) -> str:
     return "-" if iv is None else f"[{_f(iv.low, 3)}, {_f(iv.high, 3)}]"
 
 
-def eval_table(ev: EvalResult) -> str:
+def eval_table(ev: EvalResult | dict[str, Any]) -> str:
     """The evaluation's per-layer metrics and means, each metric that has a bootstrap interval
     followed by its 95% interval column."""
+    if isinstance(ev, dict):  # a per_layer list of rows (older files): shown as it is
+        return _rows_table(ev)
     cols = ev.per_layer.columns()
     header: list[str] = ["layer"]
     for k in cols:
@@ -231,6 +233,31 @@ def eval_table(ev: EvalResult) -> str:
     return _grid(header, rows) + note
 
 
+def _rows_table(ev: dict[str, Any]) -> str:
+    per, layers = ev.get("per_layer"), ev.get("layers")
+    if not (isinstance(per, list) and per and all(isinstance(r, dict) for r in per)):
+        return f"<pre>{html.escape(json.dumps(ev, indent=1)[:20000])}</pre>"
+    keys = [k for k in per[0] if k != "layer"]
+    layers = layers if isinstance(layers, list) and len(layers) == len(per) else None
+    rows = [[r.get("layer", layers[i] if layers else i)] + [r.get(k, "") for k in keys]
+            for i, r in enumerate(per)]  # fmt: skip
+    mean = ev.get("mean")
+    if isinstance(mean, dict):
+        rows.append(["mean"] + [mean.get(k, "") for k in keys])
+    return _grid(["layer", *keys], rows)
+
+
+_INTERVAL_KEYS = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_aggregate",
+                  "multi_layer_fraction_token", "multi_layer_fraction_token_per_latent")  # fmt: skip
+
+
+def _interval_cell(iv: Any) -> str:
+    """'[low, high]' of an interval as analysis.json stores it ({low, high}), else '-'."""
+    if not isinstance(iv, dict) or iv.get("low") is None or iv.get("high") is None:
+        return "-"
+    return _interval(Interval(float(iv["low"]), float(iv["high"])))
+
+
 def _ratio_table(s: dict[str, Any]) -> str:
     keys = ["n_tokens", "n_latents", "n_latents_alive", "var_layer", "mean_var_latent",
             "mean_var_token", "rel_var_latent", "rel_var_token", "token_variance_factor",
@@ -248,6 +275,18 @@ def _ratio_table(s: dict[str, Any]) -> str:
         vals = [(d.get("paper_formula") or {}).get(k) for _, d in cols]
         if any(v is not None for v in vals):
             rows.append([f"paper code: {k}", *vals])
+    for k in _INTERVAL_KEYS:  # the context bootstrap (SPEC 7), where it was run
+        vals = [_interval_cell((d.get("intervals") or {}).get(k)) for _, d in cols]
+        if any(v != "-" for v in vals):
+            rows.append([f"95% CI: {k}", *vals])
+    for k in ("rel_var_latent", "rel_var_token"):
+        vals = [_interval_cell((d.get("intervals") or {}).get(f"paper_{k}")) for _, d in cols]
+        if any(v != "-" for v in vals):
+            rows.append([f"95% CI: paper code: {k}", *vals])
+    boots = [(d.get("intervals") or {}).get("bootstrap") for _, d in cols]
+    if any(isinstance(b, dict) for b in boots):
+        rows.append(["bootstrap contexts", *[b.get("n_contexts") if isinstance(b, dict) else None
+                                             for b in boots]])  # fmt: skip
     ev_keys = ("fvu", "fvu_model", "mse", "delta_ce", "kl", "l0")  # held-out, from eval.json
     for k in ev_keys:
         vals = [(d.get("eval_mean") or {}).get(k) for _, d in cols]
