@@ -112,7 +112,7 @@ def run_training(
             Member(s.name, sae, make_adam(sae.parameters(), cfg, sc.d_sae), layer, since)
         )
         if comm.main:
-            how = "--lr" if cfg.lr is not None else "default: 2e-4 / sqrt(d_sae / 2^14)"
+            how = "--lr" if cfg.lr is not None else "default: 1e-3 x sqrt(4608 / d_sae)"
             log.info(
                 f"{s.name}: learning rate {cfg.resolved_lr(sc.d_sae):.3g} ({how}, d_sae {sc.d_sae})"
             )
