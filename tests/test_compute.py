@@ -246,3 +246,13 @@ def test_encoder_topk_decoder_and_fvu_match_a_dense_reference(dtype) -> None:
     fvu = sae.train_step_forward(x).fvu.item()
     f_atol, f_rtol = FVU_TOL[dtype]
     assert fvu == pytest.approx(ref["fvu"].item(), rel=f_rtol, abs=f_atol)
+
+
+def test_default_learning_rate_falls_with_the_dictionary() -> None:
+    from mlsae.core.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.lr is None and cfg.resolved_lr(4608) == pytest.approx(1e-3)
+    for d_sae in (1152, 18432, 32768):  # 1 / sqrt(d_sae): 4x the latents, half the rate
+        assert cfg.resolved_lr(d_sae) == pytest.approx(1e-3 * (4608 / d_sae) ** 0.5)
+    assert TrainConfig(lr=5e-4).resolved_lr(1152) == 5e-4  # --lr wins

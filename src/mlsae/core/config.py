@@ -270,9 +270,9 @@ class SaeGridConfig:
               "--per-layer takes one --expansion-factor and one -k")  # fmt: skip
 
 
-LR_BASE = 2e-4
+LR_BASE = 1e-3
 """The default learning rate at LR_BASE_LATENTS latents (TrainConfig.lr)."""
-LR_BASE_LATENTS = 2**14
+LR_BASE_LATENTS = 4608
 
 
 @dataclass
@@ -282,10 +282,10 @@ class TrainConfig:
     batch_tokens: int = 4096
     """Vectors per optimizer step, per SAE (paper: 131072; a setting on a small machine)."""
     lr: float | None = None
-    """Adam learning rate (constant). Default: scaled with the dictionary, 2e-4 / sqrt(d_sae /
-    2^14) (sparsify's rule: 1.4e-4 at the paper's R=64 on Pythia-70m, 3.8e-4 at R=8 on
-    SmolLM2's d_model 576); the training log prints it. The paper's fixed 1e-4 leaves small
-    dictionaries untrained at CPU budgets (docs/performance.md: the sweep)."""
+    """Adam learning rate (constant). Default: scaled with the dictionary, 1e-3 x sqrt(4608 /
+    d_sae) (2e-3 at 1,152 latents, 1e-3 at R=8 on SmolLM2's 576, 3.75e-4 at 32,768): sparsify's
+    1 / sqrt(d_sae) rule at 2.65x its rate, which trained better at CPU budgets
+    (docs/performance.md: the sweep); the training log prints it."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     eps: float = 6.25e-10

@@ -224,7 +224,7 @@ def new_members(run: RunConfig, comm: Comm) -> list[Member]:
         adam = make_adam(sae.parameters(), run.train, sc.d_sae)
         members.append(Member(s.name, sae, adam, layer, since))
         if comm.main:
-            how = "--lr" if run.train.lr is not None else "default: 2e-4 / sqrt(d_sae / 2^14)"
+            how = "--lr" if run.train.lr is not None else "default: 1e-3 x sqrt(4608 / d_sae)"
             lr = run.train.resolved_lr(sc.d_sae)
             log.info(f"{s.name}: learning rate {lr:.3g} ({how}, d_sae {sc.d_sae})")
     return members
