@@ -33,6 +33,17 @@ def test_import_is_lazy_and_every_name_resolves():
     assert out.stdout.strip() == "False []"
 
 
+def test_calls_named_like_subpackages_stay_calls():
+    """Importing mlsae.train / .activations / .evolution does not bind them over the calls."""
+    from mlsae.activations import cache  # noqa: F401
+    from mlsae.api import pipeline
+    from mlsae.evolution import run  # noqa: F401
+    from mlsae.train import loop  # noqa: F401
+
+    for name in ("train", "activations", "evolution"):
+        assert getattr(mlsae, name) is getattr(pipeline, name)
+
+
 def test_api_md_lists_every_public_name():
     doc = (ROOT / "docs" / "api.md").read_text()
     listed = set(re.findall(r"^#+ `mlsae\.(\w+)", doc, flags=re.M))

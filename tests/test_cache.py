@@ -14,7 +14,7 @@ import torch
 from conftest import make_model
 from transformers import AutoModelForCausalLM
 
-import mlsae.activations.cache as cache_mod
+from mlsae.activations import cache as cache_mod
 from mlsae.activations.cache import ActivationCache, CacheWriter
 from mlsae.activations.extract import build_cache
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig

@@ -11,6 +11,8 @@ use, so `import mlsae` (and `mlsae --help`) does not import torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +115,23 @@ def load_sae(
     from mlsae.interchange.convert import load_any
 
     return load_any(path, compute_dtype=compute_dtype, **kw)
+
+
+class _Package(types.ModuleType):
+    """The `mlsae` module: three API calls share their names with stage subpackages
+    (`mlsae.train`, `mlsae.activations`, `mlsae.evolution`). Importing such a subpackage would
+    bind it over the call; it stays reachable by import (`from mlsae.train import loop`) and
+    `mlsae.train` stays the call."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _MODULE:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+for _name in [n for n in _MODULE if isinstance(globals().get(n), types.ModuleType)]:
+    del globals()[_name]  # a subpackage imported before this line (not normally the case)
 
 
 def __getattr__(name: str) -> Any:
