@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -31,6 +31,11 @@ from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import RunFolder
 from mlsae.sae.metrics import LayerMetrics
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mlsae.eval.splice import BatchObserver
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +189,11 @@ def run_model(
     recon: bool,
     ce: bool,
     total_tokens: int | None = None,
+    observers: Sequence[BatchObserver] = (),
 ) -> None:
     """One clean pass per batch shared by every SAE and layer: reconstruction metrics on the
-    model's vectors (if recon) and delta CE / KL by splicing (if ce)."""
+    model's vectors (if recon) and delta CE / KL by splicing (if ce); then each observer
+    (--replace, SAEBench's ablations) gets the clean pass."""
     from tqdm import tqdm
 
     from mlsae.eval.batched import splice_layers
@@ -212,6 +219,8 @@ def run_model(
                         recons[layer] = x_hat_model
                 for layer, s in splice_layers(model, cp, recons).items():  # continuations batched
                     e.metrics.update_splice(layer, s.ce_sum, s.kl_sum, s.n)
+            for o in observers:
+                o.update(model, cp)
             bar.update(ids.numel())
 
 
@@ -238,6 +247,7 @@ def evaluate_entries(
     ev: EvalConfig | None = None,
     tokens: int | None = None,
     batch_size: int = 8,
+    observers: Sequence[BatchObserver] = (),
 ) -> str:
     """Fill every entry's metrics from `source` (up to `tokens` tokens); returns the model name.
     A cache gives the reconstruction metrics; delta CE / KL run the model (`model`, default the
@@ -278,14 +288,14 @@ def evaluate_entries(
     if live is not None:  # the model runs anyway: one clean pass for both
         _check(entries, live.n_layers, live.d_model)
         run_model(entries, live.model, source.token_batches(batch_size, tokens), recon=True,
-                  ce=ev.ce, total_tokens=n)  # fmt: skip
+                  ce=ev.ce, total_tokens=n, observers=observers)  # fmt: skip
         return str(live.name)
     recon_from_source(entries, source, tokens)
     if ev.ce:
         lm = source_model(source, model)
         _check(entries, lm.n_layers, lm.d_model)
         run_model(entries, lm.model, source.token_batches(batch_size, tokens), recon=False,
-                  ce=True, total_tokens=n)  # fmt: skip
+                  ce=True, total_tokens=n, observers=observers)  # fmt: skip
         return str(lm.name)
     return str(model.model if model is not None and model.model else source.info.get("model"))
 
@@ -313,14 +323,19 @@ def evaluate_command(
     model: ModelConfig | None = None,
     ev: EvalConfig | None = None,
     lens: Path | None = None,
+    observe: Callable[[list[Entry]], list[BatchObserver]] | None = None,
+    finish: Callable[[dict[str, Any], list[BatchObserver]], None] | None = None,
 ) -> dict[str, Any]:
     """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens (`source`:
     a cache, else the model on the test split). `source.layers` evaluates the SAE on other
     layers than it was trained on (e.g. a single-layer SAE on any layer). `lens`: where a lens
-    SAE's lens folder is now. Writes and returns the JSON dict."""
+    SAE's lens folder is now. observe(entries): observers of the clean passes; finish(result,
+    observers) adds their sections (eval/several.py). Writes and returns the JSON dict."""
     source, ev = source or SourceConfig(), ev or EvalConfig()
     data, model = data or DataConfig(split="test"), model or ModelConfig()
     check_output(out, "eval", file=True, inputs=[run, source.cache, lens])
+    if (ev.replace is not None or ev.format != "mlsae") and observe is None:
+        raise MlsaeError("--replace / --format saebench: call mlsae.eval.several.evaluate_run")
     entry = load_entry(
         RunFolder(Path(run)).sae_dir(), layers=parse_layers(source.layers), lens=lens
     )
@@ -335,12 +350,15 @@ def evaluate_command(
             entry.thresholds = {
                 ly: rep.factor * m for ly, m in zip(rep.layers, rep.median_norm, strict=True)
             }
-    name = evaluate_entries([entry], src, model=model, ev=ev,
-                            tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
+    observers = observe([entry]) if observe is not None else []  # --replace, --format saebench
+    name = evaluate_entries([entry], src, model=model, ev=ev, tokens=source.tokens,
+                            batch_size=source.batch_size, observers=observers)  # fmt: skip
     result = entry.result(name)
     result["exclude_sink"] = bool(src.info.get("exclude_sink", False))
     if rep is not None:
         result["norm_outliers"] = rep.summary()
+    if finish is not None:
+        finish(result, observers)
     write_json(Path(out), result)
     return result
 
