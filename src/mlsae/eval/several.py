@@ -196,9 +196,36 @@ def replace_observer(spec: str | None, entries: Sequence[Entry]) -> list[BatchOb
 
 def format_extras(result: dict[str, Any]) -> str:
     """Tables of the observers' sections of an evaluation JSON ('' if it has none)."""
-    if not isinstance(result.get("replace"), dict):
-        return ""
-    return format_replace(result["replace"], result["per_layer"], result["layers"])
+    parts = []
+    if isinstance(result.get("replace"), dict):
+        parts.append(format_replace(result["replace"], result["per_layer"], result["layers"]))
+    if isinstance(result.get("saebench"), dict):
+        parts.append(format_saebench(result["saebench"], result.get("saebench_files", [])))
+    return "\n".join(parts)
+
+
+_SAEBENCH_COLUMNS = {
+    "kl_div_score": "kl_score",
+    "ce_loss_score": "ce_score",
+    "l2_ratio": "l2_ratio",
+    "relative_reconstruction_bias": "rel_bias",
+    "cossim": "cossim",
+    "frac_alive": "alive",
+    "average_max_decoder_cosine_sim": "max_dcos",
+}
+"""SAEBench metric -> its (shorter) column in the --format saebench table."""
+
+
+def format_saebench(section: dict[str, Any], files: list[str]) -> str:
+    """SAEBench's core metrics per layer, and where its result files are."""
+    head = "layer" + "".join(c.rjust(10) for c in _SAEBENCH_COLUMNS.values())
+    rows = ["SAEBench core metrics (zero ablation as the reference)", head, "-" * len(head)]
+    for layer, m in zip(section["layers"], section["per_layer"], strict=True):
+        rows.append(f"{layer:5d}" + "".join(" " + _fmt(m[k]) for k in _SAEBENCH_COLUMNS))
+    if files:
+        rows.append(f"SAEBench result files: {files[0]}" + (f" ... ({len(files)})" if len(
+            files) > 1 else ""))  # fmt: skip
+    return "\n".join(rows)
 
 
 def format_replace(replace: dict[str, Any], per_layer: dict[str, Any], layers: list[int]) -> str:
