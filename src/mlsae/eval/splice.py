@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -365,3 +365,14 @@ def _stats(cp: CleanPass, chunks: Iterator[Tensor]) -> SpliceStats:
         rows.index_add_(0, row[sl], vals)
         start = sl.stop
     return SpliceStats(ce, kl, cp.n_pred, rows)
+
+
+class BatchObserver(Protocol):
+    """Something an evaluation feeds every clean pass to, after the one-block splices
+    (`evaluate --replace`, SAEBench's zero ablations: eval/several.py)."""
+
+    key: str  # its section of the evaluation JSON
+
+    def update(self, model: PreTrainedModel, cp: CleanPass) -> None: ...
+
+    def to_json(self) -> dict[str, Any]: ...
