@@ -538,7 +538,7 @@ def test_small_input_errors_are_named_on_one_line(capsys) -> None:
     from mlsae.cli.app import app
     from mlsae.cli.errors import run_app
     from mlsae.core.config import TrainConfig
-    from mlsae.data.capture import iter_layers_arg
+    from mlsae.core.layers import iter_layers_arg
 
     with pytest.raises(MlsaeError, match="--seed"):
         TrainConfig(seed=2**70)

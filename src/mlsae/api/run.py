@@ -141,8 +141,12 @@ class Run:
     def steer(self, prompt: str, latent: int, factor: float, layer: int | None = None) -> Steering:
         """The next-token distribution after `prompt` with `factor` x latent `latent`'s decoder
         direction added to the residual stream at block `layer` (default: the SAE's last)."""
+        from mlsae.explore.live import SteerRequest
+
         live = self._explorer()
-        got = live.prompt(prompt, 0, latent, layer, None, latent, float(factor))
+        # raw units: factor x the decoder row; no generated continuation
+        request = SteerRequest(latent, float(factor), "raw", [], max_act=1.0, n_gen=0)
+        got = live.prompt(prompt, 0, latent, layer, None, request)
         nxt: dict[str, Any] = got["next"]
         if nxt.get("pos") is None:
             raise MlsaeError("the prompt's last token is not a predicted position")

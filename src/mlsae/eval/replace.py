@@ -37,7 +37,7 @@ Recon = Callable[[int, Tensor], Tensor]
 def parse_replace(spec: str, layers: Sequence[int]) -> list[int]:
     """--replace: 'all' (every evaluated layer), '0-k' or a list '0,3,5' -> sorted blocks, each
     one of `layers` (those the SAE(s) are evaluated on)."""
-    from mlsae.data.capture import iter_layers_arg
+    from mlsae.core.layers import iter_layers_arg
 
     have = sorted(set(int(x) for x in layers))
     text = spec.strip().lower()

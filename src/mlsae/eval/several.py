@@ -111,7 +111,7 @@ def _merge(typed: list[EvalResult], run: Path, model: str) -> EvalResult:
     keys = [k for k in results[0]["per_layer"] if all(k in r["per_layer"] for r in results)]
     per = {k: [v for r in results for v in r["per_layer"][k]] for k in keys}
     deads = [r["dead_fraction"] for r in results]
-    merged: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "layers": [x for r in results for x in r["layers"]],
         "per_layer": per,
         "mean": {k: mean_or_none(v) for k, v in per.items()},
@@ -122,15 +122,15 @@ def _merge(typed: list[EvalResult], run: Path, model: str) -> EvalResult:
         "model": model,
         "intervals": _merge_intervals(results),
     }
-    merged = EvalResult.from_json({k: v for k, v in merged.items() if v is not None})
+    merged = EvalResult.from_json({k: v for k, v in fields.items() if v is not None})
     merged.sections["per_layer_saes"] = [r["sae"] for r in results]
     return merged
 
 
 def _merge_intervals(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The single-layer results' per-layer intervals side by side (None unless all have them)."""
-    ivs = [r.get("intervals") for r in results]
-    if any(iv is None for iv in ivs):
+    ivs: list[dict[str, Any]] = [r["intervals"] for r in results if r.get("intervals")]
+    if len(ivs) != len(results):
         return None
     out: dict[str, Any] = {"bootstrap": ivs[0]["bootstrap"]}
     for key in ("fvu", "fvu_typical", "delta_ce", "kl"):
