@@ -39,6 +39,7 @@ from mlsae.core.stage_config import IndexConfig
 from mlsae.core.threads import one_thread
 from mlsae.explore.keeper import TopKeeper, WindowLookup
 from mlsae.explore.source import Chunk, RunSae
+from mlsae.explore.validate import FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def build_index(
     t_pass = time.perf_counter() - t0
     vocab = decode_vocab(lm.tokenizer, vocab_size)
     meta = {
-        "format": db.FORMAT, "run": str(run.resolve()), "model": name, "source": src_info,
+        "format": FORMAT, "run": str(run.resolve()), "model": name, "source": src_info,
         "context_length": ctx, "n_stream_tokens": len(stream), "top_n": top_n,
         "window": window, "samples": samples, "hist_edges": HIST_EDGES.tolist(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
