@@ -402,32 +402,10 @@ class RunConfig:
         from mlsae.core.schema import from_dict
 
         if isinstance(d, dict) and "version" not in d and "train" in d and "members" in d:
-            d = _run_config_v1(d)
+            from mlsae.core.legacy import run_config_v1
+
+            d = run_config_v1(d, {f.name for f in fields(TrainConfig)})
         if isinstance(d, dict) and d.get("version") not in (None, RUN_CONFIG_VERSION):
             raise MlsaeError(f"{where}: train_cfg.json version {d.get('version')!r} is not "
                              f"supported (this mlsae reads versions 1 and {RUN_CONFIG_VERSION})")  # fmt: skip
         return from_dict(cls, d, where)
-
-
-def _run_config_v1(d: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 train_cfg.json (flat: cache, mode, layers, d_in, normalize, members, train,
-    model, dataset, lens) as a version-2 dict."""
-    members = d.get("members") or []
-    ints = lambda key: sorted(  # noqa: E731
-        {m[key] for m in members if isinstance(m, dict) and isinstance(m.get(key), int)}
-    )
-    rs, ks = ints("expansion_factor"), ints("k")
-    train = d.get("train")
-    if isinstance(train, dict):
-        train = {k: v for k, v in train.items() if k in {f.name for f in fields(TrainConfig)}}
-    return {
-        "data": {"dataset": d.get("dataset") or DEFAULT_DATASET, "exclude_sink": False},
-        "model": {"model": d.get("model") or DEFAULT_MODEL},
-        "source": {"cache": d.get("cache")},
-        "sae": {"expansion_factor": rs or [8], "k": ks or [32],
-                "normalize": d.get("normalize", "standardize"),
-                "per_layer": d.get("mode") == "per_layer", "lens": d.get("lens")},
-        "train": train,
-        **{k: d.get(k) for k in ("cache", "mode", "layers", "d_in", "members", "lens")},
-        "version": RUN_CONFIG_VERSION,
-    }  # fmt: skip

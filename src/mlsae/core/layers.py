@@ -41,3 +41,13 @@ def iter_layers_arg(spec: str | None, n_layers: int) -> list[int]:
     if any(x < 0 for x in out):
         raise MlsaeError(f"layers {spec!r}: block indices start at 0 (e.g. '0-5')")
     return check_layers(out, n_layers)
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """CLI --layers of a command that evaluates an SAE: None (the SAE's own), or an explicit
+    list like '3', '0,5' or '0-11'."""
+    if spec is None:
+        return None
+    if spec.strip().lower() in ("", "all"):
+        raise MlsaeError("--layers: give explicit layers, e.g. '0-29' or '3,7'")
+    return iter_layers_arg(spec, 1 << 20)

@@ -10,17 +10,16 @@ from pathlib import Path
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
+from mlsae.core.layers import parse_layers
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import EvalConfig
 from mlsae.eval.evaluate import (
     METRICS,
-    _fmt,
     evaluate_entries,
     load_entry,
     open_eval_source,
-    parse_layers,
 )
-from mlsae.eval.result import CrossResult
+from mlsae.eval.result import CrossResult, fmt_value
 from mlsae.sae.folders import RunFolder
 from mlsae.sae.metrics import mean_or_none
 
@@ -94,7 +93,7 @@ def format_cross(cross: CrossResult) -> str:
             off = mean_or_none([v for i, v in enumerate(row) if i != j])
             moff = mean_or_none([v for i, v in enumerate(mla) if i != j])
             lines.append(
-                f"{'':9s} {cross.rows[r]:>8s} {_fmt(row[j])} {_fmt(off)} "
-                f"{_fmt(mla[j], 11)} {_fmt(moff, 10)}"
+                f"{'':9s} {cross.rows[r]:>8s} {fmt_value(row[j])} {fmt_value(off)} "
+                f"{fmt_value(mla[j], 11)} {fmt_value(moff, 10)}"
             )
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from mlsae.core.bootstrap import Bootstrap
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
+from mlsae.core.layers import parse_layers
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import BootstrapConfig, EvalConfig
 from mlsae.eval.contexts import ContextSums, metric_intervals
@@ -35,7 +36,6 @@ from mlsae.eval.result import (
     MeanRow,
     MetricIntervals,
     PerLayer,
-    fmt_value,
 )
 from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
@@ -357,17 +357,6 @@ def evaluate_entries(
     return str(model.model if model is not None and model.model else source.info.get("model"))
 
 
-def parse_layers(spec: str | None) -> list[int] | None:
-    """CLI --layers: None, or an explicit list like '3', '0,5' or '0-11'."""
-    if spec is None:
-        return None
-    if spec.strip().lower() in ("", "all"):
-        raise MlsaeError("--layers: give explicit layers, e.g. '0-29' or '3,7'")
-    from mlsae.core.layers import iter_layers_arg
-
-    return iter_layers_arg(spec, 1 << 20)
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -420,10 +409,6 @@ def evaluate_command(
         finish(result, observers)
     write_json(Path(out), result.to_json())
     return result
-
-
-def _fmt(v: float | None, width: int = 9) -> str:
-    return fmt_value(v, width)
 
 
 def format_table(result: EvalResult) -> str:

@@ -17,9 +17,9 @@ from torch import Tensor
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.stage_config import BootstrapConfig, EvalConfig
-from mlsae.eval.evaluate import Entry, _fmt, evaluate_command
+from mlsae.eval.evaluate import Entry, evaluate_command
 from mlsae.eval.replace import Recon, Replacement, parse_replace
-from mlsae.eval.result import EvalResult
+from mlsae.eval.result import EvalResult, fmt_value
 from mlsae.eval.splice import BatchObserver, CleanPass
 
 if TYPE_CHECKING:
@@ -153,8 +153,9 @@ def evaluate_per_layer(
     --layers that the set has), one clean pass per batch for all; --replace splices each
     block's own SAE. Writes the JSON and returns the result."""
     from mlsae.core.io import write_json
+    from mlsae.core.layers import parse_layers
     from mlsae.core.outputs import check_output
-    from mlsae.eval.evaluate import evaluate_entries, load_entry, open_eval_source, parse_layers
+    from mlsae.eval.evaluate import evaluate_entries, load_entry, open_eval_source
     from mlsae.sae.folders import RunFolder
 
     check_output(out, "eval", file=True, inputs=[run, source.cache])
@@ -249,7 +250,7 @@ def format_saebench(section: dict[str, Any], files: list[str]) -> str:
     head = "layer" + "".join(c.rjust(10) for c in _SAEBENCH_COLUMNS.values())
     rows = ["SAEBench core metrics (zero ablation as the reference)", head, "-" * len(head)]
     for layer, m in zip(section["layers"], section["per_layer"], strict=True):
-        rows.append(f"{layer:5d}" + "".join(" " + _fmt(m[k]) for k in _SAEBENCH_COLUMNS))
+        rows.append(f"{layer:5d}" + "".join(" " + fmt_value(m[k]) for k in _SAEBENCH_COLUMNS))
     if files:
         rows.append(f"SAEBench result files: {files[0]}" + (f" ... ({len(files)})" if len(
             files) > 1 else ""))  # fmt: skip
@@ -268,8 +269,8 @@ def format_replace(replace: dict[str, Any], per_layer: dict[str, Any], layers: l
         blocks = row["blocks"]
         name = _span(blocks)
         last = alone.get(blocks[-1], (None, None))
-        rows.append(f"{name:<26}{_fmt(row['delta_ce'])} {_fmt(row['kl'])}" + " " * 21
-                    + f"{_fmt(last[0])} {_fmt(last[1])}")  # fmt: skip
+        rows.append(f"{name:<26}{fmt_value(row['delta_ce'])} {fmt_value(row['kl'])}" + " " * 21
+                    + f"{fmt_value(last[0])} {fmt_value(last[1])}")  # fmt: skip
     return "\n".join(rows)
 
 
