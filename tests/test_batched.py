@@ -85,5 +85,8 @@ def test_mismatch_falls_back_to_one_layer_at_a_time(tiny_model, tokenizer, monke
     got = splice_layers(tiny_model, cp, recons)
     assert batched._BATCHABLE[tiny_model] is False and "one layer at a time" in caplog.text
     for layer in (0, 1, 2):
-        assert got[layer] == splice(tiny_model, cp, layer, recons[layer])
+        one = splice(tiny_model, cp, layer, recons[layer])
+        assert got[layer] == one
+        assert got[layer].rows is not None and one.rows is not None
+        assert torch.equal(got[layer].rows, one.rows)  # the per-context sums as well
     batched._BATCHABLE.pop(tiny_model, None)

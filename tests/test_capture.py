@@ -200,7 +200,7 @@ def test_iter_layers_arg(spec, want):
         ("1.5", "cannot parse"),
         ("6", "out of range"),
         ("4-7", "out of range"),
-        ("-1", "out of range"),
+        ("-1", "start at 0"),
         ("3-1", "range 3-1 is empty"),
     ],
 )

@@ -77,7 +77,7 @@ def test_unknown_paths(name):
 
 def test_bad_dirs_and_files(tmp_path: Path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MlsaeError, match="cannot load model"):
+    with pytest.raises(MlsaeError, match="not a model folder"):
         load_model(ModelConfig(model=str(tmp_path / "empty")))
     (tmp_path / "weights.bin").write_bytes(b"xx")
     with pytest.raises(MlsaeError, match="unknown model"):

@@ -27,7 +27,7 @@ import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
@@ -93,7 +93,9 @@ class SpliceStats:
     ce_sum: float  # sum of CE(spliced) - CE(clean)
     kl_sum: float  # sum of KL(clean || spliced)
     n: int
-    rows: Tensor | None = None  # [B, 3] float64 per context row: ce_sum, kl_sum, n (bootstrap)
+    rows: Tensor | None = field(default=None, compare=False)
+    """[B, 3] float64 per context row: ce_sum, kl_sum, n (the bootstrap's per-context sums;
+    not part of ==, which compares the batch sums)."""
 
 
 def predicted_mask(used: Tensor, attention_mask: Tensor | None = None) -> Tensor:
