@@ -17,6 +17,10 @@ a[t,l,j] the TopK activation (0 when not selected):
     direction in the SAE's space: the model's for a plain SAE, the tuned lens's for a lens SAE,
     whose space is made to be read by the final norm and unembedding); top / bottom tokens;
   neighbours: the latents of the same SAE with the largest decoder cosine.
+
+A cache that names no model (`mlsae synth generate`'s synthetic activations), indexed without
+--model, is indexed without a language model: no logit effects (empty lists, meta model null),
+tokens shown by id as `<id>`; `mlsae explore` then serves every page but the prompt page.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +44,10 @@ from mlsae.core.threads import one_thread
 from mlsae.explore.keeper import TopKeeper, WindowLookup
 from mlsae.explore.source import Chunk, RunSae
 from mlsae.explore.validate import FORMAT
+
+if TYPE_CHECKING:
+    from mlsae.activations.source import ActivationSource
+    from mlsae.data.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +149,31 @@ def decoder_neighbours(W_dec: Tensor, n: int, chunk: int = 1024) -> tuple[Tensor
     return torch.cat(vals), torch.cat(ids)
 
 
+def no_logit_effects(m: int) -> tuple[Tensor, ...]:
+    """`logit_effects` of an index without a language model: no tokens for any of m latents."""
+    return tuple(torch.zeros(m, 0, dtype=d) for d in (torch.float32, torch.int64) * 2)
+
+
+def index_model(src: ActivationSource, model: ModelConfig) -> LoadedModel | None:
+    """The LoadedModel for logit effects and token strings: `model.model`, else the source's;
+    None for a cache that names no model (synthetic activations) when no --model is given."""
+    from mlsae.activations.open import source_model
+
+    if not model.model and getattr(src, "path", None) is not None and not src.info.get("model"):
+        log.info(f"{src.describe()} names no model: indexed without one (no logit effects)")
+        return None
+    return source_model(src, model if model.model else None)
+
+
+def vocab_size(lm: LoadedModel, n_logits: int) -> int:
+    """The model's vocabulary size (MlsaeError unless 1 <= n_logits <= it)."""
+    n = int(next(lm.model.get_input_embeddings().parameters()).shape[0])
+    if not 1 <= n_logits <= n:
+        raise MlsaeError(f"--n-logits {n_logits} must be between 1 and the model's "
+                         f"vocabulary size {n}")  # fmt: skip
+    return n
+
+
 def decode_vocab(tokenizer: Any, vocab_size: int) -> list[str]:
     """Display string of every token id (decoded one at a time)."""
     if tokenizer is None:
@@ -199,7 +232,7 @@ def build_index(
     """Index every SAE of `run` on `source` (a cache, else the model, by default the SAEs', on
     8,192 test tokens of the SAEs' dataset) and write the database atomically (default
     RUN/explore.sqlite). Returns a summary: path, size, time, tokens."""
-    from mlsae.activations.open import open_source, source_model
+    from mlsae.activations.open import open_source
     from mlsae.explore import db
     from mlsae.explore.source import run_saes, source_chunks, weights_sha256
     from mlsae.lens.tuned import resolve_space
@@ -221,8 +254,7 @@ def build_index(
     src = open_source(source, replace(data, dataset=data.dataset or cfg0.dataset),
                       replace(model, model=model.model or cfg0.model), default_tokens=8192,
                       layers=layers)  # fmt: skip
-    lm = source_model(src, model if model.model else None)
-    name = lm.name
+    lm = index_model(src, model)
     cache_lens, ctx = src.lens, max(1, src.context_length)
     chunks = source_chunks(src, layers, source.tokens)
     total = src.n_tokens if source.tokens is None else min(src.n_tokens, source.tokens)
@@ -230,27 +262,26 @@ def build_index(
     src_info = ({"cache": str(Path(path_).resolve()), "split": src.info.get("split")} if path_ is not None
                 else {"dataset": src.info.get("dataset"), "split": src.info.get("split")})  # fmt: skip
     for s in saes:
-        if s.sae.cfg.d_in != lm.d_model:
-            raise MlsaeError(f"SAE {s.path} has d_in {s.sae.cfg.d_in}, model {lm.d_model}")
+        if s.sae.cfg.d_in != src.d_model:
+            raise MlsaeError(f"SAE {s.path}: d_in {s.sae.cfg.d_in}, activations {src.d_model}")
     idx = [
         SaeIndexer(s, resolve_space(s.sae.cfg.lens, cache_lens, sae_dir=s.path,
                                     what=f"SAE {s.path}"), top_n, window, samples, cfg.seed + i)
         for i, s in enumerate(saes)
     ]  # fmt: skip
-    vocab_size = int(next(lm.model.get_input_embeddings().parameters()).shape[0])
-    if not 1 <= cfg.n_logits <= vocab_size:
-        raise MlsaeError(f"--n-logits {cfg.n_logits} must be between 1 and the model's "
-                         f"vocabulary size {vocab_size}")  # fmt: skip
+    n_vocab = vocab_size(lm, cfg.n_logits) if lm is not None else 0
     stream = index_pass(chunks, idx, layers, ctx, total)
     t_pass = time.perf_counter() - t0
-    vocab = decode_vocab(lm.tokenizer, vocab_size)
+    tokenizer = lm.tokenizer if lm is not None else None
+    vocab = decode_vocab(tokenizer, n_vocab or int(stream.max()) + 1)
     meta = {
-        "format": FORMAT, "run": str(run.resolve()), "model": name, "source": src_info,
+        "format": FORMAT, "run": str(run.resolve()), "model": lm.name if lm else None,
+        "source": src_info,
         "context_length": ctx, "n_stream_tokens": len(stream), "top_n": top_n,
         "window": window, "samples": samples, "hist_edges": HIST_EDGES.tolist(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sae_sha256": {s.label: weights_sha256(s.path) for s in saes},
-        "vocab_bytes": fragment_bytes(lm.tokenizer, vocab),
+        "vocab_bytes": fragment_bytes(tokenizer, vocab),
     }  # fmt: skip
     with db.Writer(path) as w:
         w.meta(meta)
@@ -258,7 +289,8 @@ def build_index(
         w.vocab(vocab)
         for i, x in enumerate(idx):
             W = x.rs.sae.W_dec.detach()
-            effects = logit_effects(lm.model, W, cfg.n_logits)
+            effects = (logit_effects(lm.model, W, cfg.n_logits) if lm is not None
+                       else no_logit_effects(len(W)))  # fmt: skip
             neigh = decoder_neighbours(W, cfg.n_neighbours)
             w.sae(i, x, effects, neigh, stream, vocab, ctx)
         meta["time_s"] = time.perf_counter() - t0

@@ -32,6 +32,7 @@ class BadRequest(MlsaeError):
     """A request the server answers with 400 and this message."""
 
 
+NO_MODEL = "this index has no language model (synthetic activations): prompts are unavailable"
 MAX_CHARS = 2000
 MAX_FACTOR = 1000.0  # raw units
 MAX_FACTOR_MAX = 100.0  # units of the latent's maximum activation
@@ -76,9 +77,10 @@ def kl(logp: Tensor, logq: Tensor) -> float:
 
 
 class Live:
-    """The model and the run's SAEs, loaded on first use; `prompt` answers the prompt page."""
+    """The model and the run's SAEs, loaded on first use; `prompt` answers the prompt page
+    (with NO_MODEL, a 400, when there is no model: an index of synthetic activations)."""
 
-    def __init__(self, run: Path, model: str, dtype: str = "float32", max_tokens: int = 128):
+    def __init__(self, run: Path, model: str | None, dtype: str = "float32", max_tokens: int = 128):
         self.run, self.model_name, self.dtype = Path(run), model, dtype
         self.max_tokens = int(max_tokens)
         self.lock = threading.Lock()
@@ -93,6 +95,8 @@ class Live:
         from mlsae.explore.source import run_saes
         from mlsae.lens.tuned import resolve_space
 
+        if self.model_name is None:
+            raise BadRequest(NO_MODEL)
         if self.lm is None:
             dtype = "bfloat16" if self.dtype == "bfloat16" else "float32"
             self.lm = load_model(ModelConfig(model=self.model_name, dtype=dtype))

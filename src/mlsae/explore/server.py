@@ -400,21 +400,15 @@ def names_not_paths(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_startup(ex: Explorer, run: Path, index: Path, model: str | None) -> None:
-    """Before serving: the SAEs in RUN are the ones indexed, the model is there, and
+    """Before serving: the SAEs in RUN are the ones indexed, the model (if any) is there, and
     --max-tokens fits its positions."""
+    from mlsae.data.model import model_positions as positions  # None: its config does not say
     from mlsae.explore.source import check_served_saes, run_saes
 
     check_served_saes(run_saes(run), ex.db.sae_sha256, index)
-    n_pos = model_positions(model or ex.db.meta["model"])
+    name = model or ex.db.meta["model"]  # None: no model, no prompt page (Live says why)
+    n_pos = positions(name) if name is not None else None
     if n_pos is not None and ex.live.max_tokens > n_pos - 1:  # a BOS may be prepended
         log.warning(f"--max-tokens {ex.live.max_tokens} does not fit the model's {n_pos} "
                     f"positions: prompts are capped at {n_pos - 1} tokens")  # fmt: skip
         ex.live.max_tokens = n_pos - 1
-
-
-def model_positions(model: str) -> int | None:
-    """The model's number of positions (None when its config does not say); MlsaeError if
-    the model cannot be found."""
-    from mlsae.data.model import model_positions as positions
-
-    return positions(model)

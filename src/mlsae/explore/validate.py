@@ -40,7 +40,7 @@ class IndexMeta:
 
     format: str
     run: str
-    model: str
+    model: str | None  # None: indexed without a language model (synthetic activations)
     context_length: int
     n_stream_tokens: int
     top_n: int

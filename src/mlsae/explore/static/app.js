@@ -232,7 +232,7 @@ async function pageLatent(r) {
     h("div", { class: "card" }, h("h3", {}, "Activation histogram (log bins, all layers)"),
       barChart(hv, hl, { title: "activation histogram", color: "#7a5bd9", x: "activation (bin's lower edge)", y: "count", yfmt: int })),
     h("div", { class: "card" }, h("h3", {}, "Logit effects (decoder direction through final norm and unembedding)"),
-      h("table", { id: "logits" }, h("tr", {}, h("th", {}, "promotes"), h("th", { class: "num" }, "Δ logit"), h("th", {}, "suppresses"), h("th", { class: "num" }, "Δ logit")),
+      INFO.model == null ? h("p", { class: "muted", id: "no-logits" }, "no model: logit effects not computed") : h("table", { id: "logits" }, h("tr", {}, h("th", {}, "promotes"), h("th", { class: "num" }, "Δ logit"), h("th", {}, "suppresses"), h("th", { class: "num" }, "Δ logit")),
         d.logit_pos.map((p, i) => h("tr", {}, h("td", { class: "tok" }, tokText(p.token)), h("td", { class: "num" }, fmt(p.value)),
           h("td", { class: "tok" }, tokText(d.logit_neg[i].token)), h("td", { class: "num" }, fmt(d.logit_neg[i].value)))))),
     h("div", { class: "card" }, h("h3", {}, "Tokens of its top examples"),
@@ -532,7 +532,7 @@ async function boot() {
     showError("cannot reach the explorer: " + e.message);
     return;
   }
-  $("#run").textContent = `${INFO.run} · ${INFO.model} · ${int(INFO.saes[0].n_tokens)} indexed tokens`;
+  $("#run").textContent = `${INFO.run} · ${INFO.model ?? "no model (synthetic activations)"} · ${int(INFO.saes[0].n_tokens)} indexed tokens`;
   $("#sae").replaceChildren(...INFO.saes.map((s) => h("option", { value: s.sae }, `${s.label} (${s.d_sae} latents, ${s.layers.length > 1 ? `layers ${s.layers[0]}–${s.layers[s.layers.length - 1]}` : `layer ${s.layers[0]}`})`)));
   $("#sae").addEventListener("change", () => {
     const r = route(), before = location.hash;
