@@ -93,6 +93,14 @@ def geometric_median(points: Tensor, iters: int = 200, tol: float = 1e-7) -> Ten
     return y.to(points.device, points.dtype)
 
 
+def aux_dead(dead: Tensor | None, k_aux: int, aux_coef: float) -> Tensor | None:
+    """The dead latents AuxK takes (`train_step_forward`'s arguments), or None when AuxK is
+    off: no dead latent, k_aux 0 or a zero weight."""
+    if dead is None or dead.numel() == 0 or k_aux <= 0 or aux_coef == 0:
+        return None
+    return dead
+
+
 class SparseAutoencoder(nn.Module):
     """The SAE base class: input standardization, unit-norm decoder rows, the sparse decoder,
     files. Subclasses (one per architecture, `mlsae.sae.registry`) implement `encode_normalized`

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mlsae.sae.autoencoder import SparseAutoencoder, StepOutput
+from mlsae.sae.autoencoder import SparseAutoencoder, StepOutput, aux_dead
 from mlsae.sae.encoder import masked_code, select_encode
 from mlsae.sae.kernels import topk
 
@@ -65,8 +65,7 @@ class ThresholdSAE(SparseAutoencoder):
         """Batch FVU plus aux_coef * AuxK (dense over the dead columns) of the training
         selection's code; updates the threshold from this batch's smallest kept activation."""
         u, _, _ = self.normalize(x)
-        use_aux = dead is not None and dead.numel() > 0 and k_aux > 0 and aux_coef != 0
-        dead = dead if use_aux else None
+        dead = aux_dead(dead, k_aux, aux_coef)
         enc = select_encode(
             u, self.b_dec, self.W_enc, self.b_enc, self.train_select, self.compute_dtype, dead
         )

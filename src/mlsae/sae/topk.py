@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from mlsae.sae.autoencoder import SparseAutoencoder, StepOutput
+from mlsae.sae.autoencoder import SparseAutoencoder, StepOutput, aux_dead
 from mlsae.sae.encoder import AUX_SPARSE_RATIO, topk_encode
 
 __all__ = ["TopKSAE"]
@@ -35,8 +35,7 @@ class TopKSAE(SparseAutoencoder):
         dead latents (beyond AUX_SPARSE_RATIO per k_aux): AuxK's k_aux per row as sparse
         entries gathered in the top-k pass (cost independent of the dead latents)."""
         u, _, _ = self.normalize(x)
-        use_aux = dead is not None and dead.numel() > 0 and k_aux > 0 and aux_coef != 0
-        dead = dead if use_aux else None
+        dead = aux_dead(dead, k_aux, aux_coef)
         sparse_aux = dead is not None and dead.numel() > AUX_SPARSE_RATIO * k_aux
         enc = topk_encode(
             u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead,
