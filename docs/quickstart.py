@@ -128,5 +128,5 @@ last_layer = codes.layers[-1]
 print("top latents at the last token of block", last_layer, run.top_latents(PROMPT, last_layer))
 steered = run.steer(PROMPT, latent, factor=8.0)
 print(f"KL(clean || steered) = {steered.kl_steered:.4f} nats")
-for clean, moved in zip(steered.clean[:5], steered.steered[:5]):
+for clean, moved in zip(steered.clean[:5], steered.steered[:5], strict=False):
     print(f"{clean.token!r:>12} {clean.p:.3f}   {moved.token!r:>12} {moved.p:.3f}")
