@@ -140,3 +140,25 @@ def hooked_delta_ce(model, ids, used, layer: int, recon) -> float:
     tgt = ids[:, 1:, None]
     ce = (clean[:, :-1].gather(2, tgt) - spliced[:, :-1].gather(2, tgt)).squeeze(2)
     return float(ce[used[:, :-1]].mean())
+
+
+def model_with_test_cache(root: Path, arch: str, tokenizer, context_length: int):
+    """A tiny model of `arch` saved in root/model with the tokenizer, the word corpus in
+    root/docs.jsonl and a float32 test-split cache of 4 contexts in root/cache_test; returns
+    (model, model folder, corpus path)."""
+    from mlsae.activations.extract import build_cache
+    from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
+
+    model = make_model(arch, len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_word_corpus(root / "docs.jsonl")
+    mdir, data = str(root / "model"), str(root / "docs.jsonl")
+    build_cache(
+        root / "cache_test",
+        ModelConfig(model=mdir),
+        DataConfig(dataset=data, split="test", context_length=context_length),  # type: ignore[arg-type]
+        SourceConfig(tokens=4 * context_length, batch_size=4),
+        ExtractConfig(storage_dtype="float32", shard_tokens=2 * context_length),
+    )
+    return model, mdir, data

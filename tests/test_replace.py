@@ -108,25 +108,13 @@ def test_parse_replace():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    from conftest import make_model, write_word_corpus
+    from conftest import model_with_test_cache
 
-    from mlsae.activations.extract import build_cache
-    from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
+    from mlsae.core.config import SaeConfig
     from mlsae.sae.autoencoder import SparseAutoencoder
 
     root = tmp_path_factory.mktemp("replace")
-    model = make_model("llama", len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_word_corpus(root / "docs.jsonl")
-    mdir, data = str(root / "model"), str(root / "docs.jsonl")
-    build_cache(
-        root / "cache_test",
-        ModelConfig(model=mdir),
-        DataConfig(dataset=data, split="test", context_length=32),  # type: ignore[arg-type]
-        SourceConfig(tokens=4 * 32, batch_size=4),
-        ExtractConfig(storage_dtype="float32", shard_tokens=2 * 32),
-    )
+    model, mdir, data = model_with_test_cache(root, "llama", tokenizer, 32)
     cfg = SaeConfig(d_in=32, expansion_factor=2, k=4, layers=[0, 1, 2], model=mdir, dataset=data)
     SparseAutoencoder(cfg, seed=0, compute_dtype=torch.float32).save(root / "mlsae" / "sae")
     for layer in range(3):

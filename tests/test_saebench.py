@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.config import DataConfig, SourceConfig
 from mlsae.core.stage_config import EvalConfig
 from mlsae.data.capture import get_blocks
 from mlsae.eval.saebench import max_other_cosine
@@ -22,25 +22,13 @@ CTX = 32
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    from conftest import make_model, write_word_corpus
+    from conftest import model_with_test_cache
 
-    from mlsae.activations.extract import build_cache
-    from mlsae.core.config import ExtractConfig, SaeConfig
+    from mlsae.core.config import SaeConfig
     from mlsae.sae.autoencoder import SparseAutoencoder
 
     root = tmp_path_factory.mktemp("saebench")
-    model = make_model("gpt_neox", len(tokenizer))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_word_corpus(root / "docs.jsonl")
-    mdir, data = str(root / "model"), str(root / "docs.jsonl")
-    build_cache(
-        root / "cache_test",
-        ModelConfig(model=mdir),
-        DataConfig(dataset=data, split="test", context_length=CTX),  # type: ignore[arg-type]
-        SourceConfig(tokens=4 * CTX, batch_size=4),
-        ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
-    )
+    model, mdir, data = model_with_test_cache(root, "gpt_neox", tokenizer, CTX)
     cfg = SaeConfig(d_in=32, expansion_factor=4, k=3, layers=[0, 1, 2], model=mdir, dataset=data)
     SparseAutoencoder(cfg, seed=0, compute_dtype=torch.float32).save(root / "mlsae" / "sae")
     return root, model
