@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from mlsae.cli.app import app
 from mlsae.core.config import ModelConfig
-from mlsae.data.model import load_model, summarize_special_tokens
+from mlsae.data.info import summarize_special_tokens
+from mlsae.data.model import load_model
 
 
 def test_info_summarizes_thousands_of_special_tokens(tmp_path: Path):

@@ -227,7 +227,7 @@ def evolution(
 @config_command(app)
 def info(model: ModelConfig) -> None:
     """Print a model's name, block count, width, special ids and this CPU's compute dtype."""
-    from mlsae.data.model import model_info
+    from mlsae.data.info import model_info
 
     print(model_info(model))
 

@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -139,57 +138,6 @@ def _finish(model: PreTrainedModel, tok: Tokenizer, name: str) -> LoadedModel:
         d_model=d_model,
         special_ids=special_ids_of(tok),
     )
-
-
-def model_info(cfg: ModelConfig) -> str:
-    """`mlsae info`: what the pipeline will see of this model on this machine."""
-    from mlsae.core.compute import cpu_capability, describe_device, resolve_compute_dtype
-
-    lm = load_model(cfg)
-    tok = lm.tokenizer
-    specials = summarize_special_tokens(
-        [(i, str(tok.convert_ids_to_tokens(i))) for i in lm.special_ids]
-    )
-    return "\n".join([
-        f"model        {lm.name} ({type(lm.model).__name__}, {cfg.dtype})",
-        f"blocks       {lm.n_layers}",
-        f"d_model      {lm.d_model}",
-        f"vocab        {len(tok)}",
-        f"special ids  {specials}",
-        f"CPU          {cpu_capability()}, {torch.get_num_threads()} torch threads",
-        f"device       {describe_device(lm.device)} (--device {cfg.device})",
-        f"SAE compute  {resolve_compute_dtype('auto', verbose=False, device=lm.device)} (auto)",
-    ])  # fmt: skip
-
-
-NUMBERED = re.compile(r"^(<\|?[A-Za-z_]*?)(\d+)(\|?>)$")
-"""A numbered special token such as <unused17> or <extra_id_3>: (prefix, number, suffix)."""
-
-
-def summarize_special_tokens(tokens: list[tuple[int, str]], max_named: int = 24) -> str:
-    """`mlsae info`'s special ids on one line: their count, the named ones (`id='token'`, the
-    first `max_named`), and each run of numbered ones (`<unusedN>`, ...) with consecutive ids
-    and numbers as one range: `<unused0>..<unused98> (ids 7-105)`."""
-    named: list[str] = []
-    runs: list[list[tuple[int, str, int, str]]] = []  # [(id, prefix + suffix, number, token)]
-    for i, t in sorted(tokens):
-        m = NUMBERED.match(t)
-        if m is None:
-            named.append(f"{i}={t!r}")
-            continue
-        key, n = m.group(1) + m.group(3), int(m.group(2))
-        last = runs[-1][-1] if runs else None
-        if last is not None and last[1] == key and last[0] == i - 1 and last[2] == n - 1:
-            runs[-1].append((i, key, n, t))
-        else:
-            runs.append([(i, key, n, t)])
-    parts = named[:max_named]
-    if len(named) > max_named:
-        parts.append(f"... {len(named) - max_named} more named")
-    for run in runs:
-        (i0, _, _, t0), (i1, _, _, t1) = run[0], run[-1]
-        parts.append(f"{i0}={t0!r}" if len(run) == 1 else f"{t0}..{t1} (ids {i0}-{i1})")
-    return f"{len(tokens)}: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------- HF ids and directories
@@ -351,8 +299,10 @@ def check_model_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise MlsaeError(f"{path}: not a model folder (no config.json)")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise MlsaeError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the "
-                         "tokenizer with the model (tokenizer.save_pretrained)")  # fmt: skip
+        raise MlsaeError(
+            f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the "
+            "tokenizer with the model (tokenizer.save_pretrained)"
+        )
 
 
 def check_tokenizer(model: PreTrainedModel, tok: Tokenizer, name: str) -> None:
@@ -364,11 +314,15 @@ def check_tokenizer(model: PreTrainedModel, tok: Tokenizer, name: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure of a foreign tokenizer
         raise MlsaeError(f"model {name!r}: its tokenizer fails ({_first_line(e)[:120]})") from None
     if not ids or len(set(ids)) < 2:
-        raise MlsaeError(f"model {name!r}: its tokenizer turns text into {ids[:8]}: missing or "
-                         "wrong tokenizer files")  # fmt: skip
+        raise MlsaeError(
+            f"model {name!r}: its tokenizer turns text into {ids[:8]}: missing or "
+            "wrong tokenizer files"
+        )
     if max(ids) >= rows or min(ids) < 0:
-        raise MlsaeError(f"model {name!r}: the tokenizer gives id {max(ids)}, the model embeds "
-                         f"only {rows} ids: a tokenizer of another model?")  # fmt: skip
+        raise MlsaeError(
+            f"model {name!r}: the tokenizer gives id {max(ids)}, the model embeds "
+            f"only {rows} ids: a tokenizer of another model?"
+        )
 
 
 def positions_of(config: Any) -> int | None:
@@ -384,8 +338,10 @@ def check_context_length(model: PreTrainedModel, context_length: int, name: str)
     """MlsaeError if contexts of `context_length` tokens do not fit the model's positions."""
     n = positions_of(model.config)
     if n is not None and context_length > n:
-        raise MlsaeError(f"--context-length {context_length} is more than model {name!r}'s "
-                         f"{n} positions: use --context-length {n} or less")  # fmt: skip
+        raise MlsaeError(
+            f"--context-length {context_length} is more than model {name!r}'s "
+            f"{n} positions: use --context-length {n} or less"
+        )
 
 
 def model_positions(name: str) -> int | None:

@@ -10,7 +10,6 @@ HTML file whose script routes by the URL's #fragment, so every page works from t
 from __future__ import annotations
 
 import logging
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,15 @@ from starlette.routing import Route
 
 from mlsae.core.errors import MlsaeError
 from mlsae.explore.db import IndexDB
+from mlsae.explore.http import (
+    SECURITY_HEADERS,
+    allowed_hosts,
+    float_arg,
+    int_arg,
+    names_not_paths,
+    opt_int_arg,
+    text_arg,
+)
 from mlsae.explore.live import BadRequest, Live, SteerRequest
 from mlsae.explore.tokens import display_tokens
 
@@ -37,63 +45,25 @@ STATIC = {  # URL name -> (package folder, file, media type)
 }
 MAX_RESULTS = 200
 MAX_CONTEXT = 64  # tokens either side of an expanded example
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' "
-    "'unsafe-inline'; connect-src 'self'; object-src 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 def _asset(folder: str, name: str) -> bytes:
     return (resources.files("mlsae").joinpath(folder) / name).read_bytes()
 
 
-def int_arg(req: Request, name: str, lo: int, hi: int, default: int) -> int:
-    """An integer query parameter in [lo, hi] (or the default when absent)."""
-    v = opt_int_arg(req, name, lo, hi)
-    return default if v is None else v
-
-
-def opt_int_arg(req: Request, name: str, lo: int, hi: int) -> int | None:
-    """An optional integer query parameter in [lo, hi] (None when absent)."""
-    raw = req.query_params.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        v = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer, not {raw[:40]!r}") from None
-    if not lo <= v <= hi:
-        raise BadRequest(f"{name} must be between {lo} and {hi}, not {v}")
-    return v
-
-
-def float_arg(req: Request, name: str, lo: float, hi: float, default: float) -> float:
-    raw = req.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        v = float(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be a number, not {raw[:40]!r}") from None
-    if not (math.isfinite(v) and lo <= v <= hi):
-        raise BadRequest(f"{name} must be between {lo:g} and {hi:g}, not {raw[:40]}")
-    return v
-
-
-def text_arg(req: Request, name: str, max_len: int) -> str:
-    v = req.query_params.get(name, "")
-    if len(v) > max_len:
-        raise BadRequest(f"{name} is {len(v)} characters long; at most {max_len}")
-    return v
-
-
 class Explorer:
     """The app's state: the read-only index, the live model (lazy), the feature graph."""
 
-    def __init__(self, run: Path, db: Path, model: str | None, evolution: Path | None,
-                 max_tokens: int = 128, dtype: str = "float32", dense: float = 0.1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run: Path,
+        db: Path,
+        model: str | None,
+        evolution: Path | None,
+        max_tokens: int = 128,
+        dtype: str = "float32",
+        dense: float = 0.1,
+    ) -> None:
         self.db = IndexDB(db)
         self.dense = float(dense)
         frag = self.db.meta.get("vocab_bytes") or {}
@@ -142,14 +112,22 @@ class Explorer:
 
     def info(self, req: Request) -> dict[str, Any]:
         m = self.db.meta
-        return names_not_paths({
-            "run": Path(m["run"]).name, "model": m["model"], "source": m["source"],
-            "n_tokens": m["n_stream_tokens"], "context_length": m["context_length"],
-            "top_n": m["top_n"], "window": m["window"], "saes": self.db.saes,
-            "hist_edges": m["hist_edges"], "max_tokens": self.live.max_tokens,
-            "graph": self.graph.summary() if self.graph is not None else None,
-            "dense_share": self.dense,
-        })  # fmt: skip
+        return names_not_paths(
+            {
+                "run": Path(m["run"]).name,
+                "model": m["model"],
+                "source": m["source"],
+                "n_tokens": m["n_stream_tokens"],
+                "context_length": m["context_length"],
+                "top_n": m["top_n"],
+                "window": m["window"],
+                "saes": self.db.saes,
+                "hist_edges": m["hist_edges"],
+                "max_tokens": self.live.max_tokens,
+                "graph": self.graph.summary() if self.graph is not None else None,
+                "dense_share": self.dense,
+            }
+        )
 
     def latent(self, req: Request) -> dict[str, Any]:
         s = self.sae_arg(req)
@@ -171,12 +149,23 @@ class Explorer:
         for key in ("logit_pos", "logit_neg", "top_tokens"):
             for t in lat[key]:
                 t["token"] = self.show_ids([t["id"]])[0]
-        lat.update(sae=s["sae"], layers=s["layers"], layer=layer, top=top, quantile=quantile,
-                   dense=(lat["freq"] or 0.0) > self.dense, dense_share=self.dense)  # fmt: skip
+        lat.update(
+            sae=s["sae"],
+            layers=s["layers"],
+            layer=layer,
+            top=top,
+            quantile=quantile,
+            dense=(lat["freq"] or 0.0) > self.dense,
+            dense_share=self.dense,
+        )
         lat["neighbours"] = [
             {**d, "cos": c}
-            for (n, c), d in zip(lat["neighbours"], self.db.summaries(s["sae"], [n for n, _ in lat["neighbours"]]), strict=False)
-        ]  # fmt: skip
+            for (n, c), d in zip(
+                lat["neighbours"],
+                self.db.summaries(s["sae"], [n for n, _ in lat["neighbours"]]),
+                strict=False,
+            )
+        ]
         for d in lat["neighbours"]:
             d["dense"] = bool(self.freq[s["sae"]][d["latent"]] > self.dense)
         if self.graph is not None and len(s["layers"]) == 1:
@@ -221,8 +210,13 @@ class Explorer:
                 f"{n_hidden} latent(s) matched, all dense (active on > {self.dense:.0%} of tokens)"
             )
         results = [{**r, **found[r["latent"]], "dense": r["latent"] in dense} for r in rows]
-        return {"sae": s["sae"], "results": results, "hidden_dense": n_hidden,
-                "dense_share": self.dense, "empty": "" if results else empty}  # fmt: skip
+        return {
+            "sae": s["sae"],
+            "results": results,
+            "hidden_dense": n_hidden,
+            "dense_share": self.dense,
+            "empty": "" if results else empty,
+        }
 
     def _why_no_token(self, token: str, ids: list[int], n: int) -> str:
         """Why a search by token found nothing (said only when the result is empty)."""
@@ -231,8 +225,10 @@ class Explorer:
         seen = int(np.isin(self.db.stream, ids).sum())
         if seen == 0:
             return f"{token.strip()!r} never occurs in the {n:,} indexed tokens"
-        return (f"{token.strip()!r} occurs {seen:,} times in the {n:,} indexed tokens, but is "
-                "not among any latent's most frequent top-example tokens")  # fmt: skip
+        return (
+            f"{token.strip()!r} occurs {seen:,} times in the {n:,} indexed tokens, but is "
+            "not among any latent's most frequent top-example tokens"
+        )
 
     def context(self, req: Request) -> dict[str, Any]:
         """A longer context around one stream position (tokens only: activations are stored for
@@ -260,19 +256,37 @@ class Explorer:
                 except ValueError:
                     raise BadRequest("steer_layers must be 'all' or layers like 3,4,5") from None
             steer = SteerRequest(
-                steer_j, float_arg(req, "factor", -1e9, 1e9, 0.0), text_arg(req, "units", 10) or "raw",
-                layers, float(self.max_act[s["sae"]][steer_j]), int_arg(req, "gen", 0, 32, 8))  # fmt: skip
+                steer_j,
+                float_arg(req, "factor", -1e9, 1e9, 0.0),
+                text_arg(req, "units", 10) or "raw",
+                layers,
+                float(self.max_act[s["sae"]][steer_j]),
+                int_arg(req, "gen", 0, 32, 8),
+            )
         out = self.live.prompt(
-            text, s["sae"], opt_int_arg(req, "latent", 0, s["d_sae"] - 1),
-            opt_int_arg(req, "layer", 0, top), opt_int_arg(req, "pos", 0, 10**6), steer,
-        )  # fmt: skip
+            text,
+            s["sae"],
+            opt_int_arg(req, "latent", 0, s["d_sae"] - 1),
+            opt_int_arg(req, "layer", 0, top),
+            opt_int_arg(req, "pos", 0, 10**6),
+            steer,
+        )
         shown = {j for j, _ in out["top_at"]} | set(out["top_prompt"]["latents"])
         shown |= set(out["at_token"]["latents"]) | {out["latent"]}
         out["dense"] = self.dense_of(s["sae"], sorted(shown))
         out["dense_share"] = self.dense
-        out["steer"] = None if steer is None else {
-            "latent": steer.latent, "factor": steer.factor, "units": steer.units,
-            "layers": steer.layers, "max_act": steer.max_act, "gen": steer.n_gen}  # fmt: skip
+        out["steer"] = (
+            None
+            if steer is None
+            else {
+                "latent": steer.latent,
+                "factor": steer.factor,
+                "units": steer.units,
+                "layers": steer.layers,
+                "max_act": steer.max_act,
+                "gen": steer.n_gen,
+            }
+        )
         return out
 
     def graph_feature(self, req: Request) -> dict[str, Any]:
@@ -295,10 +309,15 @@ class Explorer:
         for n in out["nodes"]:
             n["sae"] = self.sae_of_layer.get(n["layer"])
             lat = None if n["sae"] is None else self.db.latent(n["sae"], n["feature"])
-            n["top_tokens"] = [] if lat is None else [
-                self.show_ids([t["id"]])[0] for t in lat["top_tokens"][:3]]  # fmt: skip
-        out.update(focus=g.describe(v), chain=g.chain(v),
-                   community=g.community_info(int(g.community[v])), summary=g.summary())  # fmt: skip
+            n["top_tokens"] = (
+                [] if lat is None else [self.show_ids([t["id"]])[0] for t in lat["top_tokens"][:3]]
+            )
+        out.update(
+            focus=g.describe(v),
+            chain=g.chain(v),
+            community=g.community_info(int(g.community[v])),
+            summary=g.summary(),
+        )
         return out
 
 
@@ -316,10 +335,15 @@ def by_position(examples: list[dict[str, Any]], limit: int) -> list[dict[str, An
 
 
 def create_app(
-    run: str | Path, db: str | Path | None = None, model: str | None = None,
-    evolution: str | Path | None = None, max_tokens: int = 128, dtype: str = "float32",
-    host: str = "127.0.0.1", dense: float = 0.1,
-) -> Starlette:  # fmt: skip
+    run: str | Path,
+    db: str | Path | None = None,
+    model: str | None = None,
+    evolution: str | Path | None = None,
+    max_tokens: int = 128,
+    dtype: str = "float32",
+    host: str = "127.0.0.1",
+    dense: float = 0.1,
+) -> Starlette:
     """The ASGI app of `mlsae explore` (the index defaults to RUN/explore.sqlite). `host`: the
     address it is bound to; requests naming another host are refused (DNS rebinding)."""
     from mlsae.explore.index import DB_NAME
@@ -352,8 +376,11 @@ def create_app(
         if entry is None:
             return JSONResponse({"error": "not found"}, status_code=404)
         folder, name, media = entry
-        return Response(_asset(folder, name), media_type=media,
-                        headers={**SECURITY_HEADERS, "Cache-Control": "max-age=3600"})  # fmt: skip
+        return Response(
+            _asset(folder, name),
+            media_type=media,
+            headers={**SECURITY_HEADERS, "Cache-Control": "max-age=3600"},
+        )
 
     routes = [
         Route("/", index),
@@ -372,33 +399,6 @@ def create_app(
     return app
 
 
-# ----------------------------------------------------------------------------- safety
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
-
-
-def allowed_hosts(host: str) -> list[str]:
-    """The Host header values the server answers: the loopback names and the bound address
-    (any, when bound to every interface: the user chose to expose it)."""
-    if host in ("0.0.0.0", "::", ""):
-        return ["*"]
-    bound = f"[{host}]" if ":" in host else host
-    return sorted({*LOOPBACK, bound.lower()})
-
-
-def names_not_paths(info: dict[str, Any]) -> dict[str, Any]:
-    """/api/info without absolute paths (a page on another site must not learn the folder
-    layout): the model, cache and SAE folders by their last names."""
-    name = lambda v: Path(str(v)).name if isinstance(v, str) and ("/" in v or "\\" in v) else v  # noqa: E731
-    out = dict(info)
-    out["model"] = name(info.get("model"))
-    src = info.get("source")
-    out["source"] = {k: name(v) for k, v in src.items()} if isinstance(src, dict) else src
-    out["saes"] = [{**s, "path": Path(str(s.get("path", ""))).name} for s in info.get("saes", [])]
-    return out
-
-
 def check_startup(ex: Explorer, run: Path, index: Path, model: str | None) -> None:
     """Before serving: the SAEs in RUN are the ones indexed, the model (if any) is there, and
     --max-tokens fits its positions."""
@@ -409,6 +409,8 @@ def check_startup(ex: Explorer, run: Path, index: Path, model: str | None) -> No
     name = model or ex.db.meta["model"]  # None: no model, no prompt page (Live says why)
     n_pos = positions(name) if name is not None else None
     if n_pos is not None and ex.live.max_tokens > n_pos - 1:  # a BOS may be prepended
-        log.warning(f"--max-tokens {ex.live.max_tokens} does not fit the model's {n_pos} "
-                    f"positions: prompts are capped at {n_pos - 1} tokens")  # fmt: skip
+        log.warning(
+            f"--max-tokens {ex.live.max_tokens} does not fit the model's {n_pos} "
+            f"positions: prompts are capped at {n_pos - 1} tokens"
+        )
         ex.live.max_tokens = n_pos - 1

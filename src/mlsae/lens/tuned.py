@@ -22,7 +22,6 @@ training settings).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json_object, write_json, write_safetensors
 from mlsae.data.capture import get_final_norm, unembed
+from mlsae.lens.package import read_tuned_lens_package
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -228,8 +228,9 @@ class TunedLens(nn.Module):
             )
         for t in (a, c) if c is not None else (a,):
             if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise MlsaeError(f"lens translator of layer {layer} holds NaN, inf or "
-                                 "non-float values")  # fmt: skip
+                raise MlsaeError(
+                    f"lens translator of layer {layer} holds NaN, inf or non-float values"
+                )
         with torch.no_grad():
             lin.weight.copy_(a.float())
             lin.bias.copy_(c.float() if c is not None else torch.zeros(self.d_model))
@@ -256,6 +257,22 @@ def load_lens(path: str | Path) -> TunedLens:
     )
 
 
+def load_tuned_lens_package(path: str | Path) -> TunedLens:
+    """A lens saved by the tuned-lens package, re-indexed onto block outputs: its translator i
+    (acting on hidden_states[i]) becomes our T_{i-1}; its translator 0 (embeddings) is dropped;
+    the last block is the identity (module docstring)."""
+    found = read_tuned_lens_package(path)
+    lens = TunedLens(
+        found.n_layers,
+        found.d_model,
+        model=str(found.config.get("base_model_name_or_path", "")),
+        meta={"source": "tuned-lens", "tuned_lens_config": found.config},
+    )
+    for i in range(1, found.n_layers):  # hidden_states[i] = output of block i - 1
+        lens._set(i - 1, found.weights[i]["weight"], found.weights[i].get("bias"))
+    return lens.eval()
+
+
 def _load_ours(path: Path) -> TunedLens:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -266,9 +283,13 @@ def _load_ours(path: Path) -> TunedLens:
     info = from_dict(LensInfo, cfg, str(path / LENS_JSON))
     meta = {k: v for k, v in cfg.items() if k not in _CORE_KEYS}
     lens = TunedLens(
-        info.n_layers, info.d_model, info.layers, model=info.model or "", meta=meta,
+        info.n_layers,
+        info.d_model,
+        info.layers,
+        model=info.model or "",
+        meta=meta,
         max_cond=info.max_cond,
-    )  # fmt: skip
+    )
     try:
         tensors = load_file(str(path / LENS_WEIGHTS))
     except (OSError, SafetensorError) as e:
@@ -301,46 +322,6 @@ class LensInfo:
 
 
 _CORE_KEYS = {"format", "model", "n_layers", "d_model", "layers", "identity_layer", "max_cond"}
-_TL_KEY = re.compile(r"^(?:layer_translators\.)?(\d+)\.(weight|bias)$")
-
-
-def load_tuned_lens_package(path: str | Path) -> TunedLens:
-    """A lens saved by the tuned-lens package (`params.pt` + `config.json`), re-indexed onto
-    block outputs: its translator i (acting on hidden_states[i]) becomes our T_{i-1}; its
-    translator 0 (embeddings) is dropped; the last block is the identity (module docstring)."""
-    path = Path(path)
-    cfg = read_json_object(path / "config.json", "tuned-lens config")
-    lens_type = cfg.get("lens_type", "linear_tuned_lens")
-    if lens_type != "linear_tuned_lens":
-        raise MlsaeError(f"{path}: unsupported tuned-lens type {lens_type!r}")
-    try:
-        state = torch.load(path / "params.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types
-        raise MlsaeError(f"cannot read {path / 'params.pt'}: {e}") from None
-    weights: dict[int, dict[str, Tensor]] = {}
-    for key, value in state.items():
-        m = _TL_KEY.match(key)
-        if m and isinstance(value, Tensor):
-            weights.setdefault(int(m.group(1)), {})[m.group(2)] = value
-    if not weights or any("weight" not in w for w in weights.values()):
-        raise MlsaeError(f"{path / 'params.pt'}: no tuned-lens translator weights found")
-    n_layers, d_model = cfg.get("num_hidden_layers") or len(weights), cfg.get("d_model")
-    d_model = d_model or weights[min(weights)]["weight"].shape[0]
-    if not isinstance(n_layers, int) or not isinstance(d_model, int) or min(n_layers, d_model) < 1:
-        raise MlsaeError(f"{path / 'config.json'}: num_hidden_layers and d_model must be "
-                         "integers >= 1")  # fmt: skip
-    if sorted(weights) != list(range(n_layers)):
-        raise MlsaeError(
-            f"{path / 'params.pt'}: expected translators 0..{n_layers - 1} (one per "
-            f"hidden_states index before the last), found {sorted(weights)}"
-        )
-    lens = TunedLens(
-        n_layers, d_model, model=str(cfg.get("base_model_name_or_path", "")),
-        meta={"source": "tuned-lens", "tuned_lens_config": cfg},
-    )  # fmt: skip
-    for i in range(1, n_layers):  # hidden_states[i] = output of block i - 1
-        lens._set(i - 1, weights[i]["weight"], weights[i].get("bias"))
-    return lens.eval()
 
 
 # ----------------------------------------------------------------------------- spaces
