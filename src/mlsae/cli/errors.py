@@ -8,16 +8,20 @@
 - A file that is not UTF-8 text.
 - SIGINT / SIGTERM: `mlsae: stopped by signal N: ...` (what was saved, how to resume), exit
   128 + N. Training checkpoints on the signal; `mlsae cache` keeps its finished shards.
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. A process of a `--nproc` job writes its line to
+the launcher's folder instead (`mlsae.cli.launch`), which prints the job's one line.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from mlsae.cli.launch import LAUNCH_DIR_ENV
 from mlsae.core.errors import Interrupted, MlsaeError, is_out_of_memory, os_error_message
 
 
@@ -64,6 +68,20 @@ def one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def say(line: str) -> None:
+    """Print `mlsae: LINE` on stderr; in a process of a `--nproc` job, write LINE to the
+    launcher's folder (`rank<R>`), which tells the job's failure in one line."""
+    folder = os.environ.get(LAUNCH_DIR_ENV)
+    if folder:
+        try:
+            path = Path(folder) / f"rank{int(os.environ.get('RANK', '0'))}"
+            path.write_text(line + "\n", encoding="utf-8")
+            return
+        except (OSError, ValueError):
+            pass  # the launcher is gone: print it
+    print(f"mlsae: {line}", file=sys.stderr)
+
+
 def run_app(app: Any, args: Sequence[str] | None = None, prog_name: str = "mlsae") -> int:
     """Run the typer app; returns the exit code after printing at most one error line."""
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -76,22 +94,22 @@ def run_app(app: Any, args: Sequence[str] | None = None, prog_name: str = "mlsae
         rv = app(args=args, prog_name=prog_name, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except Interrupted as e:
-        print(f"mlsae: {e}", file=sys.stderr)
+        say(one_line(str(e)))
         return e.exit_code
     except KeyboardInterrupt:
-        print("mlsae: interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
     except Exception as e:
         if _is(e, "NoArgsIsHelpError"):  # `mlsae` alone: the help
             print(_message(e), file=sys.stderr)
             return 2
         if type(e).__name__ == "Abort":
-            print("mlsae: interrupted", file=sys.stderr)
+            say("interrupted")
             return 130
         line = error_line(e)
         if line is None:
             raise
-        print(f"mlsae: error: {one_line(line)}", file=sys.stderr)
+        say(f"error: {one_line(line)}")
         return 2
     finally:
         for s, h in old.items():

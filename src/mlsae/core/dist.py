@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 TIMEOUT_ENV = "MLSAE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 """Seconds a collective may wait for the other processes (model loading, a checkpoint write)."""
+FAULT_ENV = "MLSAE_FAULT_KILL"
+"""Fault injection for the tests: `RANK:N` makes process RANK of a job kill itself (SIGKILL) at
+its N-th call of `DistComm.any` (training calls it once a step, after the step)."""
 
 
 def env_world() -> tuple[int, int]:
@@ -139,7 +143,20 @@ class DistComm(Comm):
         return int(self.sum_(torch.tensor([n], dtype=torch.int64)))
 
     def any(self, flag: bool) -> bool:
+        self.anys = getattr(self, "anys", 0) + 1
+        if injected_kill(self.rank) == self.anys:
+            log.warning(f"rank {self.rank}: killing itself ({FAULT_ENV}, call {self.anys} of any)")
+            os.kill(os.getpid(), signal.SIGKILL)
         return bool(self.max_(torch.tensor([int(flag)], dtype=torch.int64)))
+
+
+def injected_kill(rank: int) -> int | None:
+    """The call of `any` at which this rank kills itself (`MLSAE_FAULT_KILL=RANK:N`), or None."""
+    raw = os.environ.get(FAULT_ENV, "")
+    who, _, when = raw.partition(":")
+    if not (who.isdigit() and when.isdigit()) or int(who) != rank:
+        return None
+    return int(when)
 
 
 def timeout_s() -> float:
