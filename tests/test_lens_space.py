@@ -276,30 +276,32 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     pev = evaluate_command(tmp_path / "plain", tmp_path / "plain" / "eval.json", source=test,
                            ev=EvalConfig(ce=False))  # fmt: skip
     lens_eval = {"layers": [0, 1, 2], "tuned": {"kl": [0.5, 0.25, 0.0], "ce": [3.0, 2.5, 2.0]},
-                 "logit": {"kl": [4.0, 2.0, 0.0], "ce": [6.0, 4.0, 2.0]}}  # fmt: skip
+                 "logit": {"kl": [4.0, 2.0, 0.0], "ce": [6.0, 4.0, 2.0]}, "cond": [1.0] * 3,
+                 "model_ce": 2.0, "n_kl_positions": 8, "n_ce_positions": 7}  # fmt: skip
     (root / "lens" / "eval.json").write_text(json.dumps(lens_eval))
     try:
         s = analyze_command(tmp_path / "plain", tmp_path / "a", source=test,
-                            compare=[tmp_path / "lensed"])  # fmt: skip
+                            compare=[tmp_path / "lensed"]).summary  # fmt: skip
     finally:
         (root / "lens" / "eval.json").unlink()
-    c = s["compare"][0]
-    assert s["space"] == "model" and c["space"] == "tuned-lens"
+    c = s.compare[0]
+    assert s.space == "model" and c.space == "tuned-lens"
     # the same lens SAE analysed on the stored lens cache (no on-the-fly transform)
     direct = analyze_command(tmp_path / "lensed", tmp_path / "b",
-                             source=SourceConfig(cache=root / "cache_test_lens"))  # fmt: skip
+                             source=SourceConfig(cache=root / "cache_test_lens")).summary  # fmt: skip
     for k in ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token",
               "multi_layer_fraction_aggregate"):  # fmt: skip
-        assert c[k] == pytest.approx(direct[k], rel=1e-4, abs=1e-6), k
-    assert c["rel_var_latent"] != pytest.approx(s["rel_var_latent"], rel=1e-6)
+        assert getattr(c, k) == pytest.approx(getattr(direct, k), rel=1e-4, abs=1e-6), k
+    assert c.rel_var_latent != pytest.approx(s.rel_var_latent, rel=1e-6)
     text = (tmp_path / "a" / "report.html").read_text()
     assert "With the tuned lens vs without" in text and "tuned-lens space" in text
     assert "<h2>Tuned lens</h2>" in text and "eval: fvu_model" in text
     assert f"held-out FVU is {ev.mean.fvu_model:.3g} vs {pev.mean.fvu:.3g}" in text
-    assert c["eval_mean"]["fvu_model"] == pytest.approx(ev.mean.fvu_model)
-    assert s["lens_eval"]["tuned"]["kl"] == lens_eval["tuned"]["kl"]
+    assert c.eval_mean is not None and c.eval_mean.fvu_model == pytest.approx(ev.mean.fvu_model)
+    assert s.lens_eval is not None and s.lens_eval.result.tuned.kl == lens_eval["tuned"]["kl"]
     saved = json.loads((tmp_path / "a" / "analysis.json").read_text())
-    assert saved["compare"][0]["space"] == "tuned-lens" and direct["lens_eval"] is None
+    assert saved["compare"][0]["space"] == "tuned-lens" and direct.lens_eval is None
+    assert saved["lens_eval"]["tuned"]["kl"] == lens_eval["tuned"]["kl"]
     assert load_lens(root / "lens").covers(L - 1)
 
 

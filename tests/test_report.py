@@ -16,11 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.analysis.analyze import summarize as _summary
 from mlsae.analysis.geometry import residual_geometry
 from mlsae.analysis.layers import LayerStats
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
-from mlsae.core.io import json_safe as _clean
+from mlsae.analysis.summary import (
+    AnalysisSummary,
+    CompareSummary,
+    DataInfo,
+    LayerSummary,
+    PromptSummary,
+    read_analysis,
+)
+from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
+from mlsae.core.errors import MlsaeError
 from mlsae.eval.result import EvalResult
 from mlsae.report.figures import make_figures
 from mlsae.report.html import eval_table, reading, write_report
@@ -54,22 +61,30 @@ EVAL = {
 }
 
 
+def _summary(stats, geo=None, **kw) -> AnalysisSummary:
+    s = AnalysisSummary(**LayerSummary.of(stats).layer_fields(), **kw)
+    if geo is not None:
+        s.set_geometry(geo)
+    return s
+
+
 def make_report(tmp: Path, with_eval: bool = True) -> tuple[Path, list]:
     stats, geo = synthetic()
     pstats, _ = synthetic(seed=1, n=12)
     figs = make_figures(tmp, stats, geo, [("a prompt", pstats)], [("sae_layer3", pstats)])
-    s = _summary(stats, geo)
-    s.update(
+    ev = (tmp / "eval.json", EvalResult.from_json(EVAL)) if with_eval else None
+    s = _summary(
+        stats, geo,
         run=str(tmp / "run"),
         sae=str(tmp / "run" / "sae"),
-        data={"model": "tiny", "split": "test"},
-        prompts=[{"text": "a prompt <b>", **_summary(pstats, None)}],
-        compare=[{"sae": "sae_layer3", "sae_cfg": {"layers": [3]}, **_summary(pstats, None)}],
-    )
-    s = _clean(s)
-    json.dumps(s, allow_nan=False)  # NaNs were cleaned
+        data=DataInfo(model="tiny", split="test"),
+        prompts=[PromptSummary(**LayerSummary.of(pstats).layer_fields(), text="a prompt <b>")],
+        compare=[CompareSummary(**LayerSummary.of(pstats).layer_fields(), sae="sae_layer3",
+                                sae_cfg=SaeConfig(d_in=8, expansion_factor=2, k=4, layers=[3]))],
+        eval_mean=ev[1].mean if ev else None,
+    )  # fmt: skip
+    json.dumps(s.to_json(), allow_nan=False)  # NaNs were cleaned
     cfgs = {"cfg.json": {"d_in": 8, "k": 4, "layers": LAYERS}, "train_cfg.json": {"lr": 1e-4}}
-    ev = (tmp / "eval.json", EvalResult.from_json(EVAL)) if with_eval else None
     return write_report(tmp / "report.html", s, figs, cfgs, ev), figs
 
 
@@ -103,32 +118,24 @@ def test_report_is_self_contained_with_every_figure(report):
     assert "rel_var_token" in text and "train_cfg.json" in text
 
 
-def test_eval_table_list_of_rows():
-    html = eval_table({"per_layer": [{"layer": 3, "fvu": 0.125}], "mean": {"fvu": 0.125}})
-    assert "<td>3</td>" in html and "0.125" in html and "mean" in html
+def test_eval_table_rows_and_mean():
+    html = eval_table(EvalResult.from_json(EVAL))
+    assert "<td>3</td>" in html and "0.25" in html and "<td>mean</td>" in html
 
 
 def test_reading_against_paper():
-    s = {
-        "n_tokens": 10,
-        "n_latents": 5,
-        "n_latents_alive": 4,
-        "n_latents_dead": 1,
-        "layers": [0, 1, 2],
-        "rel_var_latent": 0.8,
-        "rel_var_token": 0.02,
-        "token_variance_factor": 50.0,
-        "multi_layer_fraction_aggregate": 0.9,
-        "multi_layer_fraction_token": 0.1,
-        "norm_mean": [1.0, 2.0, 4.0],
-        "adjacent_cosine": [0.5, 0.7],
-    }
+    stats, _ = synthetic()
+    s = _summary(stats)
+    s.n_tokens, s.n_latents, s.n_latents_alive, s.n_latents_dead = 10, 5, 4, 1
+    s.layers, s.rel_var_latent, s.rel_var_token, s.token_variance_factor = [0, 1, 2], 0.8, 0.02, 50
+    s.multi_layer_fraction_aggregate, s.multi_layer_fraction_token = 0.9, 0.1
+    s.norm_mean, s.adjacent_cosine = [1.0, 2.0, 4.0], [0.5, 0.7]
     text = " ".join(reading(s))
     assert "50.0x smaller" in text and "in the range the paper reports" in text
     assert "norms grow with depth" in text and "0.500 to 0.700" in text
     assert "as in the paper: multi-layer in aggregate" in text
-    s.update(token_variance_factor=2.0, rel_var_token=0.5, norm_mean=[3.0, 2.0, 1.0])
-    s.update(multi_layer_fraction_token=0.6)
+    s.token_variance_factor, s.rel_var_token, s.norm_mean = 2.0, 0.5, [3.0, 2.0, 1.0]
+    s.multi_layer_fraction_token = 0.6
     text = " ".join(reading(s))
     assert "less than" in text and "do not grow" in text and "unlike the paper, most" in text
 
@@ -237,6 +244,11 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     s = json.loads((out / "analysis.json").read_text())
+    # the typed summary reads analysis.json back and writes the same JSON (keys and values)
+    assert json.loads(json.dumps(AnalysisSummary.from_json(s).to_json())) == s
+    bad = {**s, "compare": [{**s["compare"][0], "rel_var_token": "0.5"}]}
+    with pytest.raises(MlsaeError, match=r"compare\[0\]: rel_var_token: expected a number"):
+        AnalysisSummary.from_json(bad)
     dense, x = _dense_reference(root, root / "mlsae" / "sae", [0, 1, 2])
     ones = torch.ones(dense.shape[0], dtype=torch.bool)
     b = brute(dense, ones, [0, 1, 2])
@@ -301,8 +313,10 @@ def test_single_layer_run_uses_every_cache_layer(runs, tmp_path):
     from mlsae.report.analyze import analyze_command
 
     root = runs[0]
-    s = analyze_command(root / "l1", tmp_path / "o", source=SourceConfig(cache=root / "cache"))
-    assert s["layers"] == [0, 1, 2] and s["compare"] == [] and s["prompts"] == []
+    res = analyze_command(root / "l1", tmp_path / "o", source=SourceConfig(cache=root / "cache"))
+    s = res.summary
+    assert s.layers == [0, 1, 2] and s.compare == [] and s.prompts == []
+    assert read_analysis(tmp_path / "o") == s  # analysis.json reads back as the same object
 
 
 def test_analyze_runs_the_model_without_a_cache(runs, tmp_path):
@@ -312,8 +326,8 @@ def test_analyze_runs_the_model_without_a_cache(runs, tmp_path):
     out = tmp_path / "o"
     s = analyze_command(root / "mlsae", out, source=SourceConfig(tokens=2 * CTX),
                         data=DataConfig(dataset=data, split="test", context_length=CTX),
-                        model=ModelConfig(model=mdir))  # fmt: skip
-    assert s["cache"] is None and 0 < s["n_tokens"] <= 2 * CTX
+                        model=ModelConfig(model=mdir)).summary  # fmt: skip
+    assert s.cache is None and 0 < s.n_tokens <= 2 * CTX
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 

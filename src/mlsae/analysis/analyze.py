@@ -10,21 +10,33 @@ one, so the analyses share tokens and layers.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mlsae.activations.source import ActivationSource
 from mlsae.analysis.geometry import GeometryResult
 from mlsae.analysis.layers import LayerStatsResult, analyze_source, sae_encoder
 from mlsae.analysis.prompt import analyze_prompts
+from mlsae.analysis.summary import (
+    AnalysisSummary,
+    CompareSummary,
+    DataInfo,
+    LayerSummary,
+    LensEval,
+    PromptSummary,
+)
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.core.io import json_safe, read_json, write_json
+from mlsae.core.io import read_json, read_json_object, write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import AnalysisConfig, BootstrapConfig
 from mlsae.eval.result import EvalResult
+from mlsae.lens.evaluate import LensEvalResult
 from mlsae.lens.tuned import Space, TunedLens
+from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import RUN_CFG, RunFolder, label
 
 log = logging.getLogger(__name__)
@@ -32,27 +44,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AnalysisResult:
-    """What `analyze` computed: the JSON summary and the statistics the figures are drawn from."""
+    """What `analyze` computed: the summary (analysis.json) and the statistics the figures are
+    drawn from."""
 
-    summary: dict[str, Any]
+    summary: AnalysisSummary
     stats: LayerStatsResult
     geometry: GeometryResult | None
     prompts: list[tuple[str, LayerStatsResult]] = field(default_factory=list)
     compare: list[tuple[str, LayerStatsResult]] = field(default_factory=list)
-    configs: dict[str, Any] = field(default_factory=dict)
-    """The SAE's cfg.json and the run's train_cfg.json, for the report."""
+    configs: dict[str, dict[str, object]] = field(default_factory=dict)
+    """The SAE's cfg.json and the run's train_cfg.json as they are on disk, for the report."""
     eval: tuple[Path, EvalResult] | None = None
     """The run's `mlsae evaluate` output, if any."""
 
+    def table(self) -> str:
+        """The headline numbers as a text table (see `AnalysisSummary.table`)."""
+        return self.summary.table()
 
-def summarize(stats: LayerStatsResult, geo: GeometryResult | None) -> dict[str, Any]:
-    """analysis.json's numbers for one SAE (and the geometry)."""
-    s = stats.summary()
-    r = stats.rel_var_token
-    s["token_variance_factor"] = 1.0 / r if r and math.isfinite(r) and r > 0 else None
-    if geo is not None:
-        s.update(geo.summary())
-    return s
+    def to_pandas(self) -> Any:
+        """The headline numbers as a pandas DataFrame (needs pandas)."""
+        return self.summary.to_pandas()
 
 
 def _read_eval(found: tuple[Path, dict[str, Any]] | None) -> tuple[Path, EvalResult] | None:
@@ -71,22 +82,78 @@ def _space_name(cfg: SaeConfig) -> str:
     return "tuned-lens" if cfg.lens else "model"
 
 
-def _lens_eval(lenses: list[str | None]) -> dict[str, Any] | None:
-    """`mlsae lens evaluate` results saved as eval.json in the first lens folder that has one."""
+def _lens_eval(lenses: list[str | None]) -> LensEval | None:
+    """`mlsae lens evaluate` results saved as eval.json in the first lens folder that has a
+    readable one."""
     for lens in lenses:
         if lens and (Path(lens) / "eval.json").is_file():
+            path = Path(lens) / "eval.json"
             try:
-                obj = read_json(Path(lens) / "eval.json")
-            except MlsaeError:
-                continue
-            if isinstance(obj, dict):
-                return {"path": lens, **obj}
+                return LensEval(lens, LensEvalResult.from_json(read_json(path), str(path)))
+            except MlsaeError as e:
+                log.warning(f"{e}: the lens evaluation is left out")
     return None
 
 
 def _on_the_fly(space: Space) -> TunedLens | None:
     """The lens to apply to stored vectors before the SAE (None: they are its inputs)."""
     return None if space.cache_in_lens else space.lens
+
+
+@dataclass
+class _Compared:
+    """A `--compare` SAE: its run folder, SAE folder and the SAE."""
+
+    run: Path
+    sae_dir: Path
+    sae: SparseAutoencoder
+
+
+def _load_compared(compare: list[Path], d_in: int, device: torch.device) -> list[_Compared]:
+    out = []
+    for c in compare:
+        cdir = RunFolder(Path(c)).sae_dir()
+        csae = RunFolder(Path(c)).load(cdir).to(device)
+        if csae.cfg.d_in != d_in:
+            raise MlsaeError(f"--compare SAE {cdir} has d_in {csae.cfg.d_in}, the run's SAE {d_in}")
+        out.append(_Compared(Path(c), cdir, csae))
+    return out
+
+
+def _check_source(src: ActivationSource, cfg: SaeConfig) -> None:
+    """Refuse activations of another width; warn about another model, training-split tokens
+    or another attention-sink setting."""
+    if src.d_model != cfg.d_in:
+        raise MlsaeError(f"the activations have d_model {src.d_model}, the SAE d_in {cfg.d_in}")
+    if str(src.info.get("model")) != str(cfg.model):
+        log.warning(f"activations of model {src.info.get('model')!r}, SAE model {cfg.model!r}")
+    if src.info.get("split") == "train":
+        log.warning(
+            "the activations are training-split tokens: held-out ones (--split test) are fairer"
+        )
+    if (msg := cfg.sink_mismatch(src.info.get("exclude_sink"))) is not None:
+        log.warning(msg)
+
+
+def _compare_summary(c: _Compared, stats: LayerStatsResult) -> CompareSummary:
+    ev = _read_eval(RunFolder(c.run).find_eval(c.sae_dir))
+    return CompareSummary(
+        **LayerSummary.of(stats).layer_fields(), sae=str(c.sae_dir), label=label(c.sae_dir),
+        space=_space_name(c.sae.cfg), sae_cfg=c.sae.cfg, eval_mean=ev[1].mean if ev else None,
+    )  # fmt: skip
+
+
+def _configs(cfg: SaeConfig, run: Path, sae_dir: Path) -> dict[str, dict[str, object]]:
+    """cfg.json and the run's train_cfg.json, shown as they are in the report."""
+    configs: dict[str, dict[str, object]] = {"cfg.json": cfg.to_dict()}
+    for where in (run, sae_dir):
+        if (where / RUN_CFG).is_file():
+            try:
+                configs[RUN_CFG] = read_json_object(where / RUN_CFG)
+            except MlsaeError as e:
+                log.warning(str(e))
+            break
+    return configs
 
 
 def analyze(
@@ -124,75 +191,45 @@ def analyze(
     sae = folder.load(sae_dir).to(device)
     cfg = sae.cfg
     resolve_space(cfg.lens, None, override=lens, sae_dir=sae_dir)  # lens errors before work
-    cmps = []
-    for c in compare or []:
-        cdir = RunFolder(Path(c)).sae_dir()
-        csae = RunFolder(Path(c)).load(cdir).to(device)
-        if csae.cfg.d_in != cfg.d_in:
-            raise MlsaeError(
-                f"--compare SAE {cdir} has d_in {csae.cfg.d_in}, the run's SAE {cfg.d_in}"
-            )
-        cmps.append((Path(c), cdir, csae))
+    cmps = _load_compared(list(compare or []), cfg.d_in, device)
     data = replace(data, dataset=data.dataset or cfg.dataset)
     model = replace(model, model=model.model or cfg.model)
     layers_wanted = list(cfg.layers) if len(cfg.layers) > 1 else None
     src = open_source(source, data, model, default_tokens=8192, layers=layers_wanted)
-    if src.d_model != cfg.d_in:
-        raise MlsaeError(f"the activations have d_model {src.d_model}, the SAE d_in {cfg.d_in}")
+    _check_source(src, cfg)
     space = resolve_space(cfg.lens, src.lens, override=lens, sae_dir=sae_dir)
-    spaces = [
-        resolve_space(c.cfg.lens, src.lens, sae_dir=d, what=f"--compare SAE {d}")
-        for _, d, c in cmps
-    ]
-    if str(src.info.get("model")) != str(cfg.model):
-        log.warning(f"activations of model {src.info.get('model')!r}, SAE model {cfg.model!r}")
-    if src.info.get("split") == "train":
-        log.warning(
-            "the activations are training-split tokens: held-out ones (--split test) are fairer"
-        )
     layers = list(cfg.layers) if len(cfg.layers) > 1 else list(src.layers)
+    encoders = {"main": (sae_encoder(sae, _on_the_fly(space), layers), cfg.d_sae)}
+    for i, c in enumerate(cmps):
+        sp = resolve_space(c.sae.cfg.lens, src.lens, sae_dir=c.sae_dir,
+                           what=f"--compare SAE {c.sae_dir}")  # fmt: skip
+        encoders[f"compare_{i}"] = (sae_encoder(c.sae, _on_the_fly(sp), layers), c.sae.cfg.d_sae)
     prompt_stats = analyze_prompts(prompts, model, sae, cfg, layers, chunk_vectors, space.lens,
                                    exclude_sink=data.exclude_sink)  # fmt: skip
-    if (msg := cfg.sink_mismatch(src.info.get("exclude_sink"))) is not None:
-        log.warning(msg)
-    encoders = {"main": (sae_encoder(sae, _on_the_fly(space), layers), cfg.d_sae)}
-    for i, ((_, _, c), sp) in enumerate(zip(cmps, spaces, strict=True)):
-        encoders[f"compare_{i}"] = (sae_encoder(c, _on_the_fly(sp), layers), c.cfg.d_sae)
     pbt = (settings or AnalysisConfig()).paper_batch_tokens or None
     results, geo = analyze_source(src, encoders, layers, chunk_vectors, paper_batch_tokens=pbt,
                                   boot=boot or BootstrapConfig())  # fmt: skip
     stats = results["main"]
-    summary = summarize(stats, geo)
-    summary.update(
-        run=str(run), sae=str(sae_dir), space=_space_name(cfg),
-        cache=None if source.cache is None else str(source.cache),
-        data={k: src.info.get(k) for k in ("model", "dataset", "split", "lens")},
-        sae_cfg=cfg.to_dict(),
-        prompts=[{"text": t, **summarize(s, None)} for t, s in zip(prompts, prompt_stats, strict=True)],
-        compare=[
-            {"sae": str(d), "label": label(d), "space": _space_name(c.cfg), "sae_cfg": c.cfg.to_dict(),
-             **summarize(results[f"compare_{i}"], None)}
-            for i, (_, d, c) in enumerate(cmps)
-        ],
-    )  # fmt: skip
     ev = _read_eval(folder.find_eval(sae_dir))
-    summary["eval_mean"] = ev[1].to_json()["mean"] if ev else None
-    for c, (crun, cdir, _) in zip(summary["compare"], cmps, strict=True):
-        c_ev = RunFolder(crun).find_eval(cdir)
-        c["eval_mean"] = c_ev[1].get("mean") if c_ev else None
-    summary["lens_eval"] = _lens_eval([cfg.lens, *(c.cfg.lens for _, _, c in cmps)])
-    summary = json_safe(summary)
-    write_json(out / "analysis.json", summary)
+    summary = AnalysisSummary(
+        **LayerSummary.of(stats).layer_fields(), run=str(run), sae=str(sae_dir), space=_space_name(cfg),
+        cache=None if source.cache is None else str(source.cache),
+        data=DataInfo(**{k: _str(src.info.get(k)) for k in ("model", "dataset", "split", "lens")}),
+        sae_cfg=cfg, eval_mean=ev[1].mean if ev else None,
+        prompts=[PromptSummary.of_prompt(t, s) for t, s in zip(prompts, prompt_stats, strict=True)],
+        compare=[_compare_summary(c, results[f"compare_{i}"]) for i, c in enumerate(cmps)],
+        lens_eval=_lens_eval([cfg.lens, *(c.sae.cfg.lens for c in cmps)]),
+    )  # fmt: skip
+    if geo is not None:
+        summary.set_geometry(geo)
+    write_json(out / "analysis.json", summary.to_json())
     stats.save_npz(out / "latents.npz")
-    configs: dict[str, Any] = {"cfg.json": cfg.to_dict()}
-    for where in (run, sae_dir):  # shown as they are in the report
-        if (where / RUN_CFG).is_file():
-            try:
-                configs[RUN_CFG] = read_json(where / RUN_CFG)
-            except MlsaeError as e:
-                log.warning(str(e))
-            break
     return AnalysisResult(
         summary, stats, geo, list(zip(prompts, prompt_stats, strict=True)),
-        [(label(d), results[f"compare_{i}"]) for i, (_, d, _) in enumerate(cmps)], configs, ev,
+        [(label(c.sae_dir), results[f"compare_{i}"]) for i, c in enumerate(cmps)],
+        _configs(cfg, run, sae_dir), ev,
     )  # fmt: skip
+
+
+def _str(x: object) -> str | None:
+    return None if x is None else str(x)

@@ -26,6 +26,7 @@ from mlsae.core.stage_config import AnalysisConfig, EvalConfig, EvolutionConfig,
 
 if TYPE_CHECKING:
     from mlsae.activations.source import ActivationSource
+    from mlsae.analysis.analyze import AnalysisResult
     from mlsae.api.run import Run
     from mlsae.data.model import LoadedModel
     from mlsae.lens.tuned import TunedLens
@@ -169,9 +170,11 @@ def analyze(
     source: SourceConfig | None = None,
     evolution: PathLike | None = None,
     lens: PathLike | None = None,
-):  # the analyze command's result (see mlsae.report.analyze)
+) -> AnalysisResult:
     """`mlsae analyze RUN --out DIR`: where the latents live across layers (SPEC 4), residual
-    geometry, per-prompt heatmaps of `prompts`, and DIR/report.html.
+    geometry, per-prompt heatmaps of `prompts`, and DIR/report.html. Returns the typed result:
+    `.summary` (analysis.json as an `AnalysisSummary`), `.table()`, `.to_pandas()`, and the
+    statistics the figures are drawn from (`.stats`: per-latent arrays).
 
     >>> mlsae.analyze("runs/demo", "runs/demo/analysis", cache="cache_test",
     ...               prompts=["The cat sat on the mat."])  # doctest: +SKIP

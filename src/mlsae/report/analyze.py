@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from mlsae.analysis.analyze import AnalysisResult, analyze
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
@@ -31,8 +30,8 @@ def write_analysis_report(out: Path, res: AnalysisResult, evolution: Path | None
         href = os.path.relpath(Path(evolution).resolve() / "graph.html", out.resolve())
         extra.append(evolution_section_html(Path(evolution), graph_href=href))
     figs = make_figures(out, res.stats, res.geometry, res.prompts, res.compare)
-    res.summary["figures"] = [p.name for _, p in figs]
-    write_json(out / "analysis.json", res.summary)
+    res.summary.figures = [p.name for _, p in figs]
+    write_json(out / "analysis.json", res.summary.to_json())
     path = write_report(out / "report.html", res.summary, figs, res.configs, res.eval, extra)
     log.info(f"wrote {out / 'analysis.json'} and {path}")
     return path
@@ -51,8 +50,8 @@ def analyze_command(
     lens: Path | None = None,
     cfg: AnalysisConfig | None = None,
     boot: BootstrapConfig | None = None,
-) -> dict[str, Any]:
-    """The whole `mlsae analyze`; returns the analysis.json dict (see `analysis.analyze`)."""
+) -> AnalysisResult:
+    """The whole `mlsae analyze`; returns what it computed (`.summary`: analysis.json)."""
     check_output(out, "analysis", inputs=[run, *(compare or []), evolution, lens,
                                           source.cache if source is not None else None])  # fmt: skip
     if evolution is not None:  # an unreadable evolution folder fails before the work
@@ -62,4 +61,4 @@ def analyze_command(
     res = analyze(run, out, source=source, data=data, model=model, prompts=prompts,
                   compare=compare, lens=lens, settings=cfg, boot=boot)  # fmt: skip
     write_analysis_report(out, res, evolution)
-    return res.summary
+    return res

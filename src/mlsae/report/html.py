@@ -13,9 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from mlsae.analysis.summary import (
+    HEADLINE,
+    AnalysisSummary,
+    CompareSummary,
+    LayerSummary,
+    columns,
+)
 from mlsae.core.bootstrap import Interval
 from mlsae.core.io import write_text
-from mlsae.eval.result import EvalResult
+from mlsae.core.schema import to_dict
+from mlsae.eval.result import EvalResult, MeanRow
+from mlsae.lens.evaluate import LensEvalResult
 
 PAPER_TOKEN_FACTOR = (10.0, 100.0)  # "one to two orders of magnitude smaller"
 
@@ -27,32 +36,18 @@ def _f(x: Any, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}g}"
 
 
-def reading(s: dict[str, Any], eval_mean: dict[str, Any] | None = None) -> list[str]:
-    """A few sentences interpreting analysis.json (`s`) against the paper."""
+def reading(s: AnalysisSummary) -> list[str]:
+    """A few sentences interpreting the analysis summary against the paper."""
     out = [
-        f"{s['n_tokens']} tokens (special tokens excluded) on layers {s['layers'][0]}.."
-        f"{s['layers'][-1]}; {s['n_latents_alive']} of {s['n_latents']} latents were active at "
-        f"least once ({s['n_latents_dead']} never active, excluded)."
+        f"{s.n_tokens} tokens (special tokens excluded) on layers {s.layers[0]}.."
+        f"{s.layers[-1]}; {s.n_latents_alive} of {s.n_latents} latents were active at "
+        f"least once ({s.n_latents_dead} never active, excluded)."
     ]
-    fac, rl = s.get("token_variance_factor"), s.get("rel_var_latent")
-    if fac is not None:
-        lo, hi = PAPER_TOKEN_FACTOR
-        verdict = (
-            "in the range the paper reports (one to two orders of magnitude)"
-            if lo <= fac <= hi
-            else "even more than the one to two orders of magnitude the paper reports"
-            if fac > hi
-            else "less than the one to two orders of magnitude the paper reports"
-        )
-        out.append(
-            f"For a single token, a latent's layer variance is {fac:.1f}x smaller than across "
-            f"tokens (rel_var_token = {_f(s['rel_var_token'])}): {verdict}."
-        )
-    elif s.get("rel_var_token") == 0:
-        out.append("For a single token every latent is active at exactly one layer.")
+    if (t := _token_reading(s)) is not None:
+        out.append(t)
     if (pr := paper_reading(s)) is not None:
         out.append(pr)
-    if rl is not None:
+    if (rl := s.rel_var_latent) is not None:
         out.append(
             f"Aggregated over tokens, a latent's layer variance is {_f(rl)} of the total layer "
             f"variance (rel_var_latent): "
@@ -62,70 +57,103 @@ def reading(s: dict[str, Any], eval_mean: dict[str, Any] | None = None) -> list[
                 else "individual latents are concentrated on a few neighbouring layers."
             )
         )
-    ma, mt = s.get("multi_layer_fraction_aggregate"), s.get("multi_layer_fraction_token")
-    if ma is not None and mt is not None:
-        verdict = (
-            "as in the paper: multi-layer in aggregate, mostly single-layer for one token."
-            if mt < 0.5 <= ma
-            else "unlike the paper, most activations of a latent on one token span several layers."
-            if mt >= 0.5
-            else "few latents are multi-layer even in aggregate."
-        )
+    if (m := _multi_layer_reading(s)) is not None:
+        out.append(m)
+    out += _geometry_reading(s)
+    for c in s.compare:
+        if c.rel_var_token is None:
+            continue
+        if c.space != s.space:
+            out.append(lens_reading(s, c))
+            continue
+        layers = c.sae_cfg.layers if c.sae_cfg is not None else "?"
         out.append(
-            f"{100 * ma:.1f}% of active latents fire at more than one layer somewhere in the "
-            f"sample, and {100 * mt:.1f}% of (token, latent) activations span more than one "
-            f"layer of the same token: {verdict}"
+            f"The comparison SAE ({c.label or c.sae}, trained on layers {layers})"
+            f" applied to the same layers gives rel_var_latent = {_f(c.rel_var_latent)} "
+            f"and rel_var_token = {_f(c.rel_var_token)}."
         )
-    nm = s.get("norm_mean")
-    if nm and len(nm) > 1:
+    if s.eval_mean is not None:
+        out.append(
+            f"Reconstruction (mean over layers): FVU {_f(s.eval_mean.fvu)}, delta CE "
+            f"{_f(s.eval_mean.delta_ce)} (paper, Pythia-70m with R=64, k=32: 0.097 and 0.565)."
+        )
+    return out
+
+
+def _token_reading(s: AnalysisSummary) -> str | None:
+    """How much smaller a latent's layer variance is for one token, against the paper."""
+    fac = s.token_variance_factor
+    if fac is None:
+        if s.rel_var_token == 0:
+            return "For a single token every latent is active at exactly one layer."
+        return None
+    lo, hi = PAPER_TOKEN_FACTOR
+    verdict = (
+        "in the range the paper reports (one to two orders of magnitude)"
+        if lo <= fac <= hi
+        else "even more than the one to two orders of magnitude the paper reports"
+        if fac > hi
+        else "less than the one to two orders of magnitude the paper reports"
+    )
+    return (
+        f"For a single token, a latent's layer variance is {fac:.1f}x smaller than across "
+        f"tokens (rel_var_token = {_f(s.rel_var_token)}): {verdict}."
+    )
+
+
+def _multi_layer_reading(s: AnalysisSummary) -> str | None:
+    ma, mt = s.multi_layer_fraction_aggregate, s.multi_layer_fraction_token
+    if ma is None or mt is None:
+        return None
+    verdict = (
+        "as in the paper: multi-layer in aggregate, mostly single-layer for one token."
+        if mt < 0.5 <= ma
+        else "unlike the paper, most activations of a latent on one token span several layers."
+        if mt >= 0.5
+        else "few latents are multi-layer even in aggregate."
+    )
+    return (
+        f"{100 * ma:.1f}% of active latents fire at more than one layer somewhere in the "
+        f"sample, and {100 * mt:.1f}% of (token, latent) activations span more than one "
+        f"layer of the same token: {verdict}"
+    )
+
+
+def _geometry_reading(s: AnalysisSummary) -> list[str]:
+    """Residual norms over depth and adjacent-layer cosines (empty without geometry)."""
+    out = []
+    nm = [v for v in (s.norm_mean or []) if v is not None]
+    if len(nm) > 1:
         steps = np.diff(np.asarray(nm, dtype=float))
         grows = nm[-1] > nm[0] and (steps > 0).mean() >= 0.5
         out.append(
-            f"Mean residual norm goes from {_f(nm[0])} (block {s['layers'][0]}) to {_f(nm[-1])} "
-            f"(block {s['layers'][-1]}), rising at {int((steps > 0).sum())} of {len(steps)} "
+            f"Mean residual norm goes from {_f(nm[0])} (block {s.layers[0]}) to {_f(nm[-1])} "
+            f"(block {s.layers[-1]}), rising at {int((steps > 0).sum())} of {len(steps)} "
             "steps: " + ("norms grow with depth, as the paper reports." if grows
                          else "norms do not grow steadily with depth, unlike the paper.")
         )  # fmt: skip
-    cos = [c for c in (s.get("adjacent_cosine") or []) if c is not None]
+    cos = [c for c in (s.adjacent_cosine or []) if c is not None]
     if cos:
         out.append(
             f"Adjacent-layer cosine similarity of centred residual vectors ranges from "
             f"{min(cos):.3f} to {max(cos):.3f} (mean {float(np.mean(cos)):.3f})."
         )
-    for c in s.get("compare") or []:
-        if c.get("rel_var_token") is None:
-            continue
-        if c.get("space", "model") != s.get("space", "model"):
-            out.append(lens_reading(s, c))
-            continue
-        out.append(
-            f"The comparison SAE ({c.get('label', c['sae'])}, trained on layers {c['sae_cfg']['layers']})"
-            f" applied to the same layers gives rel_var_latent = {_f(c.get('rel_var_latent'))} "
-            f"and rel_var_token = {_f(c.get('rel_var_token'))}."
-        )
-    if eval_mean:
-        fvu, dce = eval_mean.get("fvu"), eval_mean.get("delta_ce")
-        out.append(
-            f"Reconstruction (mean over layers): FVU {_f(fvu)}, delta CE {_f(dce)} "
-            "(paper, Pythia-70m with R=64, k=32: 0.097 and 0.565)."
-        )
     return out
 
 
-def paper_reading(s: dict[str, Any]) -> str | None:
+def paper_reading(s: LayerSummary) -> str | None:
     """The paper code's ratios beside ours, and why they differ (SPEC 4)."""
-    pf = s.get("paper_formula")
-    if not isinstance(pf, dict) or pf.get("rel_var_token") is None:
+    pf = s.paper_formula
+    if pf is None or pf.rel_var_token is None:
         return None
-    fac, ours = pf.get("token_variance_factor"), s.get("token_variance_factor")
     return (
         f"The paper's code computes these ratios with another formula and gets "
-        f"rel_var_token = {_f(pf['rel_var_token'])} (single-token variance {_f(fac)}x smaller; "
-        f"ours: {_f(ours)}x) and rel_var_latent = {_f(pf.get('rel_var_latent'))} (ours "
-        f"{_f(s.get('rel_var_latent'))}), over {pf.get('n_batches')} batch(es) of "
-        f"{pf.get('batch_tokens')} tokens. The gap is the formula, not the data. It averages "
-        "over all (token, latent) pairs, of which only "
-        f"{_pct(pf.get('active_pair_fraction'))} are active (the inactive ones count as "
+        f"rel_var_token = {_f(pf.rel_var_token)} (single-token variance "
+        f"{_f(pf.token_variance_factor)}x smaller; ours: {_f(s.token_variance_factor)}x) and "
+        f"rel_var_latent = {_f(pf.rel_var_latent)} (ours {_f(s.rel_var_latent)}), over "
+        f"{pf.n_batches} batch(es) of {pf.batch_tokens} tokens. The gap is the formula, not the "
+        "data. It averages over all (token, latent) pairs, of which only "
+        f"{_pct(pf.active_pair_fraction)} are active (the inactive ones count as "
         "variance 0), weighting every pair and every latent equally; and it applies "
         "sum_l l^2 q - (sum_l l q)^2 to a latent's token-averaged distribution q, which sums "
         "to the latent's active fraction f instead of 1. For such q the expression is "
@@ -133,24 +161,26 @@ def paper_reading(s: dict[str, Any]) -> str | None:
         "measures how deep a latent sits rather than how widely it spreads, while the "
         "per-token term is f times a true variance. Normalising each latent's q before taking "
         "its variance gives rel_var_token = "
-        f"{_f(pf.get('rel_var_token_normalised'))}; the rest of the gap to ours is the "
+        f"{_f(pf.rel_var_token_normalised)}; the rest of the gap to ours is the "
         "weighting (ours weights by activation mass, so the ratios are variances of one joint "
         "law, each in [0, 1]). The paper also keeps special tokens (inputs zeroed) in its "
         "batches; we exclude them."
     )
 
 
-def _pct(x: Any) -> str:
-    return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{100 * x:.2g}%"
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2g}%"
 
 
-def lens_reading(s: dict[str, Any], c: dict[str, Any]) -> str:
+_MULTI = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token",
+          "multi_layer_fraction_aggregate")  # fmt: skip
+
+
+def lens_reading(s: AnalysisSummary, c: CompareSummary) -> str:
     """One sentence comparing the same kind of SAE with and without the tuned lens (SPEC 5)."""
-    lensed, plain = (s, c) if s.get("space") == "tuned-lens" else (c, s)
-    keys = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token",
-            "multi_layer_fraction_aggregate")  # fmt: skip
-    parts = [f"{k} {_f(lensed.get(k))} vs {_f(plain.get(k))}" for k in keys]
-    a, b = lensed.get("multi_layer_fraction_token"), plain.get("multi_layer_fraction_token")
+    lensed, plain = (s, c) if s.space == "tuned-lens" else (c, s)
+    parts = [f"{k} {_f(getattr(lensed, k))} vs {_f(getattr(plain, k))}" for k in _MULTI]
+    a, b = lensed.multi_layer_fraction_token, plain.multi_layer_fraction_token
     verdict = ""
     if a is not None and b is not None:
         verdict = (
@@ -159,13 +189,13 @@ def lens_reading(s: dict[str, Any], c: dict[str, Any]) -> str:
             else ": the lens does not increase per-token multi-layer activity here, unlike the paper."
         )
     out = "With the tuned lens vs without (" + "; ".join(parts) + ")" + verdict
-    el, ep = lensed.get("eval_mean") or {}, plain.get("eval_mean") or {}
-    fl, fp = el.get("fvu_model", el.get("fvu")), ep.get("fvu")
-    if fl is not None and fp is not None:
+    el, ep = lensed.eval_mean or MeanRow(), plain.eval_mean or MeanRow()
+    fl = el.fvu_model if el.fvu_model is not None else el.fvu
+    if fl is not None and ep.fvu is not None:
         out += (
             f" In the model's space (through the exact inverse) the lens SAE's held-out FVU is "
-            f"{_f(fl)} vs {_f(fp)} and its delta CE {_f(el.get('delta_ce'))} vs "
-            f"{_f(ep.get('delta_ce'))} (lens-space FVU {_f(el.get('fvu'))})."
+            f"{_f(fl)} vs {_f(ep.fvu)} and its delta CE {_f(el.delta_ce)} vs "
+            f"{_f(ep.delta_ce)} (lens-space FVU {_f(el.fvu)})."
         )
     return out
 
@@ -190,7 +220,7 @@ def _cell(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _kv_table(d: dict[str, Any]) -> str:
+def _kv_table(d: dict[str, object]) -> str:
     rows = "".join(f"<tr><td class=k>{html.escape(str(k))}</td><td class=k>{_cell(v)}</td></tr>"
                    for k, v in d.items())  # fmt: skip
     return f"<table>{rows}</table>"
@@ -203,14 +233,13 @@ def _grid(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _interval(iv: Interval | None) -> str:
+    """'[low, high]' of an interval, else '-'."""
     return "-" if iv is None else f"[{_f(iv.low, 3)}, {_f(iv.high, 3)}]"
 
 
-def eval_table(ev: EvalResult | dict[str, Any]) -> str:
+def eval_table(ev: EvalResult) -> str:
     """The evaluation's per-layer metrics and means, each metric that has a bootstrap interval
     followed by its 95% interval column."""
-    if isinstance(ev, dict):  # a per_layer list of rows (older files): shown as it is
-        return _rows_table(ev)
     cols = ev.per_layer.columns()
     header: list[str] = ["layer"]
     for k in cols:
@@ -233,78 +262,52 @@ def eval_table(ev: EvalResult | dict[str, Any]) -> str:
     return _grid(header, rows) + note
 
 
-def _rows_table(ev: dict[str, Any]) -> str:
-    per, layers = ev.get("per_layer"), ev.get("layers")
-    if not (isinstance(per, list) and per and all(isinstance(r, dict) for r in per)):
-        return f"<pre>{html.escape(json.dumps(ev, indent=1)[:20000])}</pre>"
-    keys = [k for k in per[0] if k != "layer"]
-    layers = layers if isinstance(layers, list) and len(layers) == len(per) else None
-    rows = [[r.get("layer", layers[i] if layers else i)] + [r.get(k, "") for k in keys]
-            for i, r in enumerate(per)]  # fmt: skip
-    mean = ev.get("mean")
-    if isinstance(mean, dict):
-        rows.append(["mean"] + [mean.get(k, "") for k in keys])
-    return _grid(["layer", *keys], rows)
-
-
 _INTERVAL_KEYS = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_aggregate",
-                  "multi_layer_fraction_token", "multi_layer_fraction_token_per_latent")  # fmt: skip
+                  "multi_layer_fraction_token", "multi_layer_fraction_token_per_latent",
+                  "paper_rel_var_latent", "paper_rel_var_token")  # fmt: skip
+_PAPER_KEYS = ("rel_var_latent", "rel_var_token", "token_variance_factor",
+               "active_pair_fraction", "batch_tokens", "n_batches")  # fmt: skip
+_EVAL_KEYS = ("fvu", "fvu_model", "mse", "delta_ce", "kl", "l0")  # held-out, from eval.json
 
 
-def _interval_cell(iv: Any) -> str:
-    """'[low, high]' of an interval as analysis.json stores it ({low, high}), else '-'."""
-    if not isinstance(iv, dict) or iv.get("low") is None or iv.get("high") is None:
-        return "-"
-    return _interval(Interval(float(iv["low"]), float(iv["high"])))
+def _optional_rows(name: str, vals: list[Any], empty: Any = None) -> list[list[Any]]:
+    """[[name, *vals]] if any value is not `empty`, else no row."""
+    return [[name, *vals]] if any(v != empty for v in vals) else []
 
 
-def _ratio_table(s: dict[str, Any]) -> str:
-    keys = ["n_tokens", "n_latents", "n_latents_alive", "var_layer", "mean_var_latent",
-            "mean_var_token", "rel_var_latent", "rel_var_token", "token_variance_factor",
-            "multi_layer_fraction_aggregate", "multi_layer_fraction_token",
-            "multi_layer_fraction_token_per_latent", "active_pair_fraction"]  # fmt: skip
-    lens = any(c.get("space", "model") != s.get("space", "model") for c in s.get("compare") or [])
-    tag = (lambda d: f" ({d.get('space', 'model')} space)") if lens else (lambda d: "")
-    cols = [(f"this SAE{tag(s)}", s)]
-    cols += [(f"compare: {c.get('label')}{tag(c)}", c) for c in s.get("compare") or []]
-    cols += [(f"prompt {i + 1}", p) for i, p in enumerate(s.get("prompts") or [])]
-    rows = [[k] + [d.get(k) for _, d in cols] for k in keys]
-    paper_keys = ("rel_var_latent", "rel_var_token", "token_variance_factor",
-                  "active_pair_fraction", "batch_tokens", "n_batches")  # fmt: skip
-    for k in paper_keys:  # the paper code's formula (SPEC 4), beside ours
-        vals = [(d.get("paper_formula") or {}).get(k) for _, d in cols]
-        if any(v is not None for v in vals):
-            rows.append([f"paper code: {k}", *vals])
+def _eval_mean(d: LayerSummary) -> MeanRow | None:
+    return d.eval_mean if isinstance(d, (AnalysisSummary, CompareSummary)) else None
+
+
+def _ratio_table(s: AnalysisSummary) -> str:
+    lens = any(c.space != s.space for c in s.compare)
+    tag = (lambda space: f" ({space} space)") if lens else (lambda space: "")
+    cols = columns(s)
+    names = [f"this SAE{tag(s.space)}", *(f"compare: {c.label}{tag(c.space)}" for c in s.compare),
+             *(name for name, _ in cols[1 + len(s.compare):])]  # fmt: skip
+    sums = [d for _, d in cols]
+    rows = [[k, *(getattr(d, k) for d in sums)] for k in HEADLINE]
+    for k in _PAPER_KEYS:  # the paper code's formula (SPEC 4), beside ours
+        vals = [None if d.paper_formula is None else getattr(d.paper_formula, k) for d in sums]
+        rows += _optional_rows(f"paper code: {k}", vals)
     for k in _INTERVAL_KEYS:  # the context bootstrap (SPEC 7), where it was run
-        vals = [_interval_cell((d.get("intervals") or {}).get(k)) for _, d in cols]
-        if any(v != "-" for v in vals):
-            rows.append([f"95% CI: {k}", *vals])
-    for k in ("rel_var_latent", "rel_var_token"):
-        vals = [_interval_cell((d.get("intervals") or {}).get(f"paper_{k}")) for _, d in cols]
-        if any(v != "-" for v in vals):
-            rows.append([f"95% CI: paper code: {k}", *vals])
-    boots = [(d.get("intervals") or {}).get("bootstrap") for _, d in cols]
-    if any(isinstance(b, dict) for b in boots):
-        rows.append(["bootstrap contexts", *[b.get("n_contexts") if isinstance(b, dict) else None
-                                             for b in boots]])  # fmt: skip
-    ev_keys = ("fvu", "fvu_model", "mse", "delta_ce", "kl", "l0")  # held-out, from eval.json
-    for k in ev_keys:
-        vals = [(d.get("eval_mean") or {}).get(k) for _, d in cols]
-        if any(v is not None for v in vals):
-            rows.append([f"eval: {k}", *vals])
-    return _grid(["quantity", *[c for c, _ in cols]], rows)
+        vals = [_interval(None if d.intervals is None else getattr(d.intervals, k)) for d in sums]
+        name = f"95% CI: paper code: {k[6:]}" if k.startswith("paper_") else f"95% CI: {k}"
+        rows += _optional_rows(name, vals, "-")
+    boots = [None if d.intervals is None else d.intervals.bootstrap for d in sums]
+    rows += _optional_rows("bootstrap contexts", [b and b.n_contexts for b in boots])
+    for k in _EVAL_KEYS:
+        rows += _optional_rows(f"eval: {k}", [(_eval_mean(d) or MeanRow()).get(k) for d in sums])
+    return _grid(["quantity", *names], rows)
 
 
-def lens_table(lens_eval: dict[str, Any]) -> str:
-    """Per-layer KL and CE of the tuned lens vs the logit lens (`mlsae lens evaluate` JSON)."""
-    t, lg = lens_eval.get("tuned") or {}, lens_eval.get("logit") or {}
-    cond = lens_eval.get("cond") or []
+def lens_table(lens_eval: LensEvalResult) -> str:
+    """Per-layer KL and CE of the tuned lens vs the logit lens (`mlsae lens evaluate`)."""
+    t, lg, cond = lens_eval.tuned, lens_eval.logit, lens_eval.cond
     rows = [
-        [layer, *(d.get(k, [None] * (i + 1))[i] for d, k in ((t, "kl"), (lg, "kl"), (t, "ce"),
-                                                             (lg, "ce"))),
-         cond[i] if i < len(cond) else None]
-        for i, layer in enumerate(lens_eval.get("layers") or [])
-    ]  # fmt: skip
+        [layer, t.kl[i], lg.kl[i], t.ce[i], lg.ce[i], cond[i] if i < len(cond) else None]
+        for i, layer in enumerate(lens_eval.layers)
+    ]
     return _grid(["layer", "KL tuned", "KL logit", "CE tuned", "CE logit", "cond(I+A)"], rows)
 
 
@@ -315,41 +318,39 @@ def _img(path: Path) -> str:
 
 def write_report(
     path: Path,
-    s: dict[str, Any],
+    s: AnalysisSummary,
     figs: list[tuple[str, Path]],
-    configs: dict[str, Any],
+    configs: dict[str, dict[str, object]],
     ev: tuple[Path, EvalResult] | None,
     extra_sections: list[str] | None = None,
 ) -> Path:
     """Write the self-contained report.html atomically."""
-    mean = ev[1].to_json()["mean"] if ev else None
     parts = [
         "<!doctype html><html><head><meta charset=utf-8>",
-        f"<title>mlsae analysis: {html.escape(Path(s['run']).name)}</title>",
+        f"<title>mlsae analysis: {html.escape(Path(s.run).name)}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>Where latents live: {html.escape(str(s['run']))}</h1>",
-        f"<p>SAE <code>{html.escape(str(s['sae']))}</code>; data {_cell(s.get('data'))}.</p>",
+        f"<h1>Where latents live: {html.escape(s.run)}</h1>",
+        f"<p>SAE <code>{html.escape(s.sae)}</code>; data {_cell(to_dict(s.data))}.</p>",
         "<h2>Reading</h2><ul class=reading>",
-        *[f"<li>{html.escape(t)}</li>" for t in reading(s, mean)],
+        *[f"<li>{html.escape(t)}</li>" for t in reading(s)],
         "</ul><h2>Layer statistics</h2>",
         _ratio_table(s),
     ]
-    if s.get("prompts"):
+    if s.prompts:
         parts.append("<p>Prompts: " + "; ".join(
-            f"{i + 1}: <q>{html.escape(p['text'])}</q>" for i, p in enumerate(s["prompts"])
+            f"{i + 1}: <q>{html.escape(p.text)}</q>" for i, p in enumerate(s.prompts)
         ) + "</p>")  # fmt: skip
     parts.append("<h2>Figures</h2>")
     for cap, p in figs:
         parts.append(f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>")
-    if s.get("lens_eval"):
-        le = s["lens_eval"]
+    if (le := s.lens_eval) is not None:
         parts += [
             "<h2>Tuned lens</h2>",
-            f"<p>Lens <code>{html.escape(str(le.get('path')))}</code>: KL(final || lens) and "
+            f"<p>Lens <code>{html.escape(le.path)}</code>: KL(final || lens) and "
             "next-token CE per block on held-out tokens (nats). Lens-space SAEs see T_l(x); "
             "their reconstructions return through the exact inverse, so delta CE and KL are "
             "measured in the model's space, and eval: fvu_model is the FVU there.</p>",
-            lens_table(le),
+            lens_table(le.result),
         ]
     if ev is not None:
         parts += [f"<h2>Evaluation <small>({html.escape(ev[0].name)})</small></h2>",
@@ -360,8 +361,7 @@ def write_report(
     parts += list(extra_sections or [])
     parts.append("<h2>Configuration</h2>")
     for name, cfg in configs.items():
-        if isinstance(cfg, dict):
-            parts += [f"<h3>{html.escape(name)}</h3>", _kv_table(cfg)]
+        parts += [f"<h3>{html.escape(name)}</h3>", _kv_table(cfg)]
     parts.append(
         "<h2>Definitions</h2><p>L is the block index. P(L=l|J=j) = sum_t a[t,l,j] / "
         "sum_t,l' a[t,l',j]; P(J=j) and P(T=t,J=j) are proportional to the latent's total "
