@@ -173,11 +173,12 @@ def test_summary_equals_brute_force(data, block):
     m = brute(a.double().numpy(), b.double().numpy(), wa.double().numpy(), wb.double().numpy())
     want = brute_summary(m, up.alive.numpy(), down.alive.numpy(), cfg)
     s = res.summary
+    assert s is not None
     for key in ("pass_through", "disappear", "appear"):
-        assert s[key] == pytest.approx(want[key]), key
+        assert getattr(s, key) == pytest.approx(want[key]), key
     assert [x[0] for x in res.and_features] == want["and"]
     assert [x[0] for x in res.or_features] == want["or"]
-    assert s["dead_up"] == 1 and s["dead_down"] == 1 and s["up_layer"] == 4
+    assert s.dead_up == 1 and s.dead_down == 1 and s.up_layer == 4
     # edges: union of each alive row's and column's top-2 positive Pearson partners
     p = want["p"]
     expect = set()
@@ -225,14 +226,14 @@ def test_constructed_pass_through_and_or_appear():
     up, down, pair = feed(a, b, 6, [slice(s, s + 512) for s in range(0, len(a), 512)])
     res = summarize_pair(up, down, pair, EvolutionConfig(min_support=1))
     assert res.best_next[0] == pytest.approx(1.0) and int(res.best_next_idx[0]) == 0
-    assert res.summary["pass_through"] == pytest.approx(1 / 6)
+    assert res.summary is not None and res.summary.pass_through == pytest.approx(1 / 6)
     assert res.and_features == [(1, 1, 2)]
     assert res.or_features == [(2, 3, 4)]
     assert float(res.best_prev[3]) < 0.1
     # appear: the independent feature, and the AND (its best Pearson, sqrt(p/(1+p)) = 0.48 at
     # p = 0.3, is below the 0.5 link threshold); not the copy nor the OR (Pearson 0.64)
     assert (res.best_prev < 0.5).tolist() == [False, True, False, True]
-    assert res.summary["appear"] == pytest.approx(2 / 4)
+    assert res.summary.appear == pytest.approx(2 / 4)
     # AND feature 1 fires on a subset of up 1 (necessity 1, sufficiency ~0.3): specialised
     assert (1, 1) in res.specialised or (1, 2) in res.specialised
 

@@ -11,6 +11,16 @@ import numpy as np
 import pytest
 
 from mlsae.core.errors import MlsaeError
+from mlsae.core.stage_config import EvolutionConfig
+from mlsae.evolution.run import findings
+from mlsae.evolution.summary import (
+    CommunitySummary,
+    DataFacts,
+    EvolutionSummary,
+    GraphCounts,
+    MatchRow,
+    PairSummary,
+)
 from mlsae.explore.graphview import FeatureGraphView
 
 MEASURES = ("pearson", "jaccard", "sufficiency", "necessity", "decoder_cos")
@@ -29,8 +39,20 @@ def write_graph(folder: Path, layer, feature, community, src, dst, pearson, pass
                   **{k: [0.5] * e for k in MEASURES if k != "pearson"}},
     }  # fmt: skip
     (folder / "graph.json").write_text(json.dumps(body))
-    (folder / "evolution.json").write_text(json.dumps({"settings": {"pass_through": pass_through}}))
+    (folder / "evolution.json").write_text(json.dumps(summary(body["layers"], pass_through)))
     return folder
+
+
+def summary(layers: list[int], pass_through: float) -> dict:
+    """The smallest valid evolution.json for `layers`."""
+    pairs = [PairSummary(u, d, 1, 0, 1, 0, None, None, None, 0, 0, 0, None, 0)
+             for u, d in zip(layers, layers[1:], strict=False)]  # fmt: skip
+    return EvolutionSummary(
+        run="r", layers=layers, data=DataFacts(0, 1), n_used_tokens=0,
+        settings=EvolutionConfig(pass_through=pass_through), dead={}, pairs=pairs,
+        match=[MatchRow(p.up_layer, p.down_layer) for p in pairs],
+        communities=CommunitySummary(), graph=GraphCounts(0, 0), findings=findings(pairs),
+    ).to_json()  # fmt: skip
 
 
 @pytest.fixture
@@ -81,7 +103,10 @@ def test_unreadable_graph(tmp_path) -> None:
     with pytest.raises(MlsaeError, match="no graph.json"):
         FeatureGraphView(tmp_path)
     (tmp_path / "graph.json").write_text("{}")
-    with pytest.raises(MlsaeError, match="unreadable"):
+    with pytest.raises(MlsaeError, match="no evolution.json"):
+        FeatureGraphView(tmp_path)
+    (tmp_path / "evolution.json").write_text(json.dumps(summary([0, 1], 0.95)))
+    with pytest.raises(MlsaeError, match="graph.json: layers"):
         FeatureGraphView(tmp_path)
 
 

@@ -161,7 +161,7 @@ def test_pipeline_outputs(tiny, tmp_path):
             assert int(sigma[nodes["feature"][t]]) == nodes["feature"][s]
     for f in ev["figures"].values():
         assert (tmp_path / f).stat().st_size > 1000
-    assert body["communities"]["n_communities"] >= 1
+    assert body.communities.n_communities >= 1
     from mlsae.report.evolution import evolution_section_html
 
     sec = evolution_section_html(tmp_path)
@@ -291,8 +291,8 @@ def test_pipeline_from_model(tmp_path, tokenizer):
         source=SourceConfig(tokens=200, batch_size=3),
         cfg=EvolutionConfig(min_support=1),
     )
-    assert body["data"]["n_tokens"] == 224  # 7 whole contexts
-    assert 0 < body["n_used_tokens"] <= 224
+    assert body.data.n_tokens == 224  # 7 whole contexts
+    assert 0 < body.n_used_tokens <= 224
     page = (tmp_path / "out" / "graph.html").read_text()
     assert '"tokens":["' in page and "cat" in page  # decoded with the tokenizer
 

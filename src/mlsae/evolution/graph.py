@@ -27,6 +27,7 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.stage_config import MEASURES, EvolutionConfig
 from mlsae.evolution.measures import PairResult
 from mlsae.evolution.stats import FeatureStats
+from mlsae.evolution.summary import CommunitySummary, GraphFile
 
 PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
@@ -153,26 +154,26 @@ def communities(
     return _canonical([list(c) for c in comms], n), "louvain"
 
 
-def community_summary(g: FeatureGraph) -> dict[str, Any]:
+def community_summary(g: FeatureGraph) -> CommunitySummary:
     """Count and size distribution of communities (singletons: features without edges or left
     alone), and how many layers each multi-feature community spans."""
     if g.community is None:
-        return {}
+        return CommunitySummary()
     sizes = np.bincount(g.community) if len(g.community) else np.zeros(0, np.int64)
     multi = np.nonzero(sizes >= 2)[0]
     spans = [len(np.unique(g.layer[g.community == c])) for c in multi]
     hist = np.bincount(sizes)
-    return {
-        "method": g.method,
-        "n_communities": len(multi),
-        "n_singletons": int((sizes == 1).sum()),
-        "sizes": sizes[multi].tolist(),
-        "size_histogram": {int(s): int(c) for s, c in enumerate(hist) if c and s >= 2},
-        "largest": int(sizes.max()) if len(sizes) else 0,
-        "median_size": float(np.median(sizes[multi])) if len(multi) else None,
-        "mean_layer_span": float(np.mean(spans)) if spans else None,
-        "max_layer_span": int(max(spans)) if spans else 0,
-    }
+    return CommunitySummary(
+        method=g.method,
+        n_communities=len(multi),
+        n_singletons=int((sizes == 1).sum()),
+        sizes=sizes[multi].tolist(),
+        size_histogram={str(s): int(c) for s, c in enumerate(hist) if c and s >= 2},
+        largest=int(sizes.max()) if len(sizes) else 0,
+        median_size=float(np.median(sizes[multi])) if len(multi) else None,
+        mean_layer_span=float(np.mean(spans)) if spans else None,
+        max_layer_span=int(max(spans)) if spans else 0,
+    )
 
 
 def _num(v: float, digits: int = 6) -> float | None:
@@ -192,24 +193,25 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+def graph_file(g: FeatureGraph) -> GraphFile:
+    """The typed graph.json of a graph (columnar arrays; edges index the node arrays)."""
+    return GraphFile(
+        layers=list(g.layers),
+        edge_measure=g.edge_measure,
+        community_method=g.method,
+        layer=g.layer,
+        feature=g.feature,
+        community=np.zeros(0, np.int64) if g.community is None else g.community,
+        density=g.density,
+        src=g.src,
+        dst=g.dst,
+        measures={k: g.measures[k] for k in MEASURES},
+    )
+
+
 def graph_json(g: FeatureGraph) -> dict[str, Any]:
-    """The graph.json body (columnar arrays; edges index the node arrays)."""
-    return {
-        "layers": g.layers,
-        "edge_measure": g.edge_measure,
-        "community_method": g.method,
-        "nodes": {
-            "layer": g.layer.tolist(),
-            "feature": g.feature.tolist(),
-            "community": [] if g.community is None else g.community.tolist(),
-            "density": [_num(x) for x in g.density],
-        },
-        "edges": {
-            "source": g.src.tolist(),
-            "target": g.dst.tolist(),
-            **{k: [_num(x) for x in g.measures[k]] for k in MEASURES},
-        },
-    }
+    """The graph.json body (`GraphFile.to_json`)."""
+    return graph_file(g).to_json()
 
 
 def select_nodes(g: FeatureGraph, max_nodes: int, eligible: np.ndarray | None = None) -> np.ndarray:

@@ -31,6 +31,7 @@ from torch import Tensor
 from mlsae.core.errors import MlsaeError
 from mlsae.core.stage_config import MEASURES, EvolutionConfig
 from mlsae.evolution.stats import F64, FeatureStats, PairStats
+from mlsae.evolution.summary import PairSummary
 
 
 def _terms(s: FeatureStats, counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -106,7 +107,7 @@ class PairResult:
     and_features: list[tuple[int, int, int]] = field(default_factory=list)  # (down, up1, up2)
     or_features: list[tuple[int, int, int]] = field(default_factory=list)
     specialised: list[tuple[int, int]] = field(default_factory=list)  # (down, parent up)
-    summary: dict = field(default_factory=dict)
+    summary: PairSummary | None = None
 
 
 def _fill_members(store: Tensor, count: Tensor, hits: Tensor, offset: int) -> None:
@@ -120,6 +121,109 @@ def _fill_members(store: Tensor, count: Tensor, hits: Tensor, offset: int) -> No
     keep = rank < store.shape[1]
     store[c[keep], rank[keep]] = r[keep] + offset
     count += hits.sum(0)
+
+
+@dataclass
+class _Scan:
+    """The running reductions of `summarize_pair` over row blocks of a pair."""
+
+    d_up: int
+    d_dn: int
+    m: int  # top-m partners per up feature (0: threshold-only)
+    mc: int  # top-m partners per down feature
+    best_next: Tensor = field(init=False)
+    best_next_idx: Tensor = field(init=False)
+    best_prev: Tensor = field(init=False)
+    best_prev_idx: Tensor = field(init=False)
+    col_val: Tensor = field(init=False)  # [mc, d_dn] running top-m per column
+    col_idx: Tensor = field(init=False)
+    and_cnt: Tensor = field(init=False)
+    or_cnt: Tensor = field(init=False)
+    and_mem: Tensor = field(init=False)
+    or_mem: Tensor = field(init=False)
+    spec_nec: Tensor = field(init=False)
+    spec_suf: Tensor = field(init=False)
+    spec_par: Tensor = field(init=False)
+    cand_i: list[Tensor] = field(default_factory=list)
+    cand_j: list[Tensor] = field(default_factory=list)
+    cand_v: list[Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        d_up, d_dn, i64 = self.d_up, self.d_dn, torch.int64
+        self.best_next = torch.full((d_up,), math.nan, dtype=F64)
+        self.best_next_idx = torch.full((d_up,), -1, dtype=i64)
+        self.best_prev = torch.full((d_dn,), -math.inf, dtype=F64)
+        self.best_prev_idx = torch.full((d_dn,), -1, dtype=i64)
+        self.col_val = torch.full((self.mc, d_dn), -math.inf, dtype=F64)
+        self.col_idx = torch.full((self.mc, d_dn), -1, dtype=i64)
+        self.and_cnt, self.or_cnt = torch.zeros(d_dn, dtype=i64), torch.zeros(d_dn, dtype=i64)
+        self.and_mem = torch.full((d_dn, 2), -1, dtype=i64)
+        self.or_mem = torch.full((d_dn, 2), -1, dtype=i64)
+        self.spec_nec = torch.full((d_dn,), -math.inf, dtype=F64)
+        self.spec_suf = torch.full((d_dn,), math.nan, dtype=F64)
+        self.spec_par = torch.full((d_dn,), -1, dtype=i64)
+
+    def boolean(self, nec: Tensor, suf: Tensor, nosup_r: Tensor, sup_dn: Tensor, s: int,
+                threshold: float) -> None:  # fmt: skip
+        """Quasi-boolean AND / OR members (features under min_support left out) and each down
+        feature's most necessary parent (specialisation)."""
+        for hits, mem, cnt in ((nec >= threshold, self.and_mem, self.and_cnt),
+                               (suf >= threshold, self.or_mem, self.or_cnt)):  # fmt: skip
+            hits[nosup_r] = False
+            hits &= sup_dn[None, :]
+            _fill_members(mem, cnt, hits, s)
+        n2 = nec.nan_to_num(nan=-math.inf)
+        n2[nosup_r] = -math.inf
+        n2[:, ~sup_dn] = -math.inf
+        v, i = n2.max(0)
+        better = v > self.spec_nec
+        self.spec_nec[better], self.spec_par[better] = v[better], i[better] + s
+        self.spec_suf[better] = suf[i[better], better.nonzero(as_tuple=True)[0]]
+
+    def partners(self, pearson: Tensor, rows: Tensor, s: int) -> None:
+        """Best partners by Pearson (NaN for dead features); `pearson` is modified."""
+        p = pearson.nan_to_num_(nan=-math.inf)
+        v, j = p.max(1)
+        self.best_next[rows] = torch.where(v > -math.inf, v, math.nan)
+        self.best_next_idx[rows] = j
+        v, i = p.max(0)
+        better = v > self.best_prev
+        self.best_prev[better], self.best_prev_idx[better] = v[better], i[better] + s
+
+    def candidates(self, e: Tensor, rows: Tensor, s: int, max_edges: int) -> None:
+        """Edge candidates from the edge measure block `e` (-inf where excluded)."""
+        if self.m:
+            v, j = e.topk(self.m, dim=1)
+            ok = v > -math.inf
+            self.cand_i.append(rows[:, None].expand_as(j)[ok])
+            self.cand_j.append(j[ok])
+            self.cand_v.append(v[ok])
+            v, i = e.T.topk(min(self.mc, len(rows)), dim=1)  # [d_dn, <=mc] per column
+            self.col_val, sel = torch.cat([self.col_val, v.T]).topk(self.mc, dim=0)
+            self.col_idx = torch.cat([self.col_idx, i.T + s]).gather(0, sel)
+            return
+        ii, jj = (e > -math.inf).nonzero(as_tuple=True)
+        self.cand_i.append(rows[ii])
+        self.cand_j.append(jj)
+        self.cand_v.append(e[ii, jj])
+        if sum(len(x) for x in self.cand_v) > 2 * max_edges:
+            keep = torch.cat(self.cand_v).topk(max_edges).indices
+            self.cand_i, self.cand_j, self.cand_v = (
+                [torch.cat(x)[keep]] for x in (self.cand_i, self.cand_j, self.cand_v)
+            )
+
+    def edges(self, max_edges: int, top_m: int) -> tuple[Tensor, Tensor]:
+        """The sorted, de-duplicated edge endpoints (up, down) from the candidates."""
+        if self.m:
+            ok = self.col_val > -math.inf
+            self.cand_i.append(self.col_idx[ok])
+            self.cand_j.append(torch.arange(self.d_dn)[None, :].expand_as(self.col_idx)[ok])
+        ei, ej = torch.cat(self.cand_i), torch.cat(self.cand_j)
+        if top_m == 0 and len(ei) > max_edges:
+            keep = torch.cat(self.cand_v).topk(max_edges).indices
+            ei, ej = ei[keep], ej[keep]
+        key = torch.unique(ei * self.d_dn + ej)  # sorted, de-duplicated
+        return key // self.d_dn, key % self.d_dn
 
 
 def summarize_pair(
@@ -136,142 +240,78 @@ def summarize_pair(
     w_up / w_down: raw decoder weights [d_sae, d_in] (rows are features)."""
     wu, wd = _unit_rows(w_up), _unit_rows(w_down)
     d_up, d_dn = pair.d_up, pair.d_down
-    alive_up, alive_dn = up.alive, down.alive
-    sup_up = alive_up & (pair.n_up >= cfg.min_support)
-    sup_dn = alive_dn & (pair.n_down >= cfg.min_support)
-    m = min(cfg.top_m, d_dn)
-    mc = min(cfg.top_m, d_up)
-    best_next = torch.full((d_up,), math.nan, dtype=F64)
-    best_next_idx = torch.full((d_up,), -1, dtype=torch.int64)
-    best_prev = torch.full((d_dn,), -math.inf, dtype=F64)
-    best_prev_idx = torch.full((d_dn,), -1, dtype=torch.int64)
-    col_val = torch.full((mc, d_dn), -math.inf, dtype=F64)  # running top-m per column
-    col_idx = torch.full((mc, d_dn), -1, dtype=torch.int64)
-    and_cnt = torch.zeros(d_dn, dtype=torch.int64)
-    or_cnt = torch.zeros(d_dn, dtype=torch.int64)
-    and_mem = torch.full((d_dn, 2), -1, dtype=torch.int64)
-    or_mem = torch.full((d_dn, 2), -1, dtype=torch.int64)
-    spec_nec = torch.full((d_dn,), -math.inf, dtype=F64)
-    spec_suf = torch.full((d_dn,), math.nan, dtype=F64)
-    spec_par = torch.full((d_dn,), -1, dtype=torch.int64)
-    cand_i: list[Tensor] = []
-    cand_j: list[Tensor] = []
-    cand_v: list[Tensor] = []
-    cols = torch.arange(d_dn)[None, :]
-    bt = cfg.boolean_threshold
-    ninf = -math.inf
+    sup_up = up.alive & (pair.n_up >= cfg.min_support)
+    sup_dn = down.alive & (pair.n_down >= cfg.min_support)
+    scan = _Scan(d_up, d_dn, min(cfg.top_m, d_dn), min(cfg.top_m, d_up))
     step = max(1, block_entries // max(d_dn, 1))
     need = {"pearson", "necessity", "sufficiency", cfg.edge_measure}
-    col_bias = torch.where(alive_dn, 0.0, ninf).to(F64)  # [d_dn] -inf at dead columns
-    sup_bias = torch.where(sup_dn, 0.0, ninf).to(F64)  # [d_dn] -inf below min_support
+    col_bias = torch.where(down.alive, 0.0, -math.inf).to(F64)  # -inf at dead columns
     for s in range(0, d_up, step):
         rows = torch.arange(s, min(s + step, d_up))
         ms = measures(up, down, pair, slice(s, s + len(rows)), None, wu, wd, need)
-        dead_r = ~alive_up[rows]
-        # quasi-boolean AND / OR (features under min_support left out) and specialisation
-        nec, suf = ms["necessity"], ms["sufficiency"]
-        nosup_r = ~sup_up[rows]
-        for hits, mem, cnt in ((nec >= bt, and_mem, and_cnt), (suf >= bt, or_mem, or_cnt)):
-            hits[nosup_r] = False
-            hits &= sup_dn[None, :]
-            _fill_members(mem, cnt, hits, s)
-        n2 = nec.nan_to_num(nan=ninf)
-        n2[nosup_r] = ninf
-        n2 += sup_bias
-        v, i = n2.max(0)
-        better = v > spec_nec
-        spec_nec[better], spec_par[better] = v[better], i[better] + s
-        spec_suf[better] = suf[i[better], better.nonzero(as_tuple=True)[0]]
-        # best partners by Pearson (NaN for dead features)
-        p = ms["pearson"].nan_to_num_(nan=ninf)
-        v, j = p.max(1)
-        best_next[rows] = torch.where(v > ninf, v, math.nan)
-        best_next_idx[rows] = j
-        v, i = p.max(0)
-        better = v > best_prev
-        best_prev[better], best_prev_idx[better] = v[better], i[better] + s
-        # edge candidates (last: may modify the measure in place)
-        e = ms[cfg.edge_measure].nan_to_num_(nan=ninf)
-        e[dead_r] = ninf
+        scan.boolean(ms["necessity"], ms["sufficiency"], ~sup_up[rows], sup_dn, s,
+                     cfg.boolean_threshold)  # fmt: skip
+        scan.partners(ms["pearson"], rows, s)
+        e = ms[cfg.edge_measure].nan_to_num_(nan=-math.inf)  # may modify the measure in place
+        e[~up.alive[rows]] = -math.inf
         e += col_bias
-        e[e <= 0] = ninf
+        e[e <= 0] = -math.inf
         if cfg.edge_threshold is not None:
-            e[e < cfg.edge_threshold] = ninf
-        if m:
-            v, j = e.topk(m, dim=1)
-            ok = v > ninf
-            cand_i.append(rows[:, None].expand_as(j)[ok])
-            cand_j.append(j[ok])
-            cand_v.append(v[ok])
-            v, i = e.T.topk(min(mc, len(rows)), dim=1)  # [d_dn, <=mc] per column
-            col_val, sel = torch.cat([col_val, v.T]).topk(mc, dim=0)
-            col_idx = torch.cat([col_idx, i.T + s]).gather(0, sel)
-        else:
-            ii, jj = (e > ninf).nonzero(as_tuple=True)
-            cand_i.append(rows[ii])
-            cand_j.append(jj)
-            cand_v.append(e[ii, jj])
-            if sum(len(x) for x in cand_v) > 2 * cfg.max_edges_per_pair:
-                keep = torch.cat(cand_v).topk(cfg.max_edges_per_pair).indices
-                cand_i, cand_j, cand_v = ([torch.cat(x)[keep]] for x in (cand_i, cand_j, cand_v))
-    if m:
-        ok = col_val > -math.inf
-        cand_i.append(col_idx[ok])
-        cand_j.append(cols.expand_as(col_idx)[ok])
-    ei, ej = torch.cat(cand_i), torch.cat(cand_j)
-    if cfg.top_m == 0 and len(ei) > cfg.max_edges_per_pair:
-        keep = torch.cat(cand_v).topk(cfg.max_edges_per_pair).indices
-        ei, ej = ei[keep], ej[keep]
-    key = torch.unique(ei * d_dn + ej)  # sorted, de-duplicated
-    ei, ej = key // d_dn, key % d_dn
-    edges = {"up": ei, "down": ej, **measures(up, down, pair, ei, ej, wu, wd)}
-    best_prev = torch.where(best_prev > -math.inf, best_prev, math.nan)
-    and_ok = (and_cnt == 2) & sup_dn
-    or_ok = (or_cnt == 2) & sup_dn
-    spec_ok = (
-        sup_dn & (spec_nec >= cfg.specialise_necessity) & (spec_suf <= cfg.specialise_sufficiency)
-    )
+            e[e < cfg.edge_threshold] = -math.inf
+        scan.candidates(e, rows, s, cfg.max_edges_per_pair)
+    ei, ej = scan.edges(cfg.max_edges_per_pair, cfg.top_m)
+    spec_ok = (sup_dn & (scan.spec_nec >= cfg.specialise_necessity)
+               & (scan.spec_suf <= cfg.specialise_sufficiency))  # fmt: skip
     res = PairResult(
         up_layer=layers[0],
         down_layer=layers[1],
-        edges=edges,
-        best_next=best_next,
-        best_next_idx=best_next_idx,
-        best_prev=best_prev,
-        best_prev_idx=best_prev_idx,
-        and_features=[(int(j), int(and_mem[j, 0]), int(and_mem[j, 1])) for j in and_ok.nonzero()],
-        or_features=[(int(j), int(or_mem[j, 0]), int(or_mem[j, 1])) for j in or_ok.nonzero()],
-        specialised=[(int(j), int(spec_par[j])) for j in spec_ok.nonzero()],
+        edges={"up": ei, "down": ej, **measures(up, down, pair, ei, ej, wu, wd)},
+        best_next=scan.best_next,
+        best_next_idx=scan.best_next_idx,
+        best_prev=torch.where(scan.best_prev > -math.inf, scan.best_prev, math.nan),
+        best_prev_idx=scan.best_prev_idx,
+        and_features=_members(scan.and_mem, (scan.and_cnt == 2) & sup_dn),
+        or_features=_members(scan.or_mem, (scan.or_cnt == 2) & sup_dn),
+        specialised=[(int(j), int(scan.spec_par[j])) for j in spec_ok.nonzero()],
     )
-    res.summary = _pair_summary(res, alive_up, alive_dn, cfg)
+    res.summary = pair_summary(res, up.alive, down.alive, cfg, (sup_up, sup_dn))
     return res
 
 
-def _pair_summary(r: PairResult, alive_up: Tensor, alive_dn: Tensor, cfg: EvolutionConfig) -> dict:
+def _members(mem: Tensor, ok: Tensor) -> list[tuple[int, int, int]]:
+    return [(int(j), int(mem[j, 0]), int(mem[j, 1])) for j in ok.nonzero()]
+
+
+def pair_summary(
+    r: PairResult, alive_up: Tensor, alive_dn: Tensor, cfg: EvolutionConfig,
+    supported: tuple[Tensor, Tensor] | None = None,
+) -> PairSummary:  # fmt: skip
     """Fractions over alive features; dead ones counted."""
     nu, nd = int(alive_up.sum()), int(alive_dn.sum())
     bn = r.best_next[alive_up].nan_to_num(-math.inf)
     bp = r.best_prev[alive_dn].nan_to_num(-math.inf)
     frac = lambda x, n: float(x) / n if n else None
-    return {
-        "up_layer": r.up_layer,
-        "down_layer": r.down_layer,
-        "alive_up": nu,
-        "dead_up": int((~alive_up).sum()),
-        "alive_down": nd,
-        "dead_down": int((~alive_dn).sum()),
-        "pass_through": frac((bn >= cfg.pass_through).sum(), nu),
-        "disappear": frac((bn < cfg.link_threshold).sum(), nu),
-        "appear": frac((bp < cfg.link_threshold).sum(), nd),
-        "n_and": len(r.and_features),
-        "n_or": len(r.or_features),
-        "n_specialised": len(r.specialised),
-        "specialised": frac(len(r.specialised), nd),
-        "n_edges": len(r.edges["up"]),
-        "and_features": [list(x) for x in r.and_features],
-        "or_features": [list(x) for x in r.or_features],
-        "specialised_features": [list(x) for x in r.specialised],
-    }
+    return PairSummary(
+        up_layer=r.up_layer,
+        down_layer=r.down_layer,
+        alive_up=nu,
+        dead_up=int((~alive_up).sum()),
+        alive_down=nd,
+        dead_down=int((~alive_dn).sum()),
+        pass_through=frac((bn >= cfg.pass_through).sum(), nu),
+        disappear=frac((bn < cfg.link_threshold).sum(), nu),
+        appear=frac((bp < cfg.link_threshold).sum(), nd),
+        n_and=len(r.and_features),
+        n_or=len(r.or_features),
+        n_specialised=len(r.specialised),
+        specialised=frac(len(r.specialised), nd),
+        n_edges=len(r.edges["up"]),
+        and_features=list(r.and_features),
+        or_features=list(r.or_features),
+        specialised_features=list(r.specialised),
+        n_supported_up=None if supported is None else int(supported[0].sum()),
+        n_supported_down=None if supported is None else int(supported[1].sum()),
+    )
 
 
 def plan_groups(sizes: list[tuple[int, int]], memory_gb: float) -> list[list[int]]:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,12 @@ from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
+from mlsae.core.schema import from_dict
 from mlsae.core.stage_config import EvolutionConfig
 from mlsae.core.threads import one_thread
 from mlsae.evolution.codes import Chunk, CodeStore, comparable_acts, load_per_layer, source_chunks
 from mlsae.evolution.graph import (
+    FeatureGraph,
     build_graph,
     communities,
     community_summary,
@@ -51,6 +53,14 @@ from mlsae.evolution.measures import (
     summarize_pair,
 )
 from mlsae.evolution.stats import FeatureStats, PairStats
+from mlsae.evolution.summary import (
+    DataFacts,
+    EvolutionSummary,
+    Findings,
+    GraphCounts,
+    MatchRow,
+    PairSummary,
+)
 from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
 
@@ -121,24 +131,63 @@ def second_pass(
     return results
 
 
-def _findings(pairs: list[dict]) -> dict[str, Any]:
+def findings(pairs: list[PairSummary]) -> Findings:
     """The seed's three findings, each with the numbers it rests on."""
-    pt = [s["pass_through"] for s in pairs if s["pass_through"] is not None]
-    alive_down = sum(s["alive_down"] for s in pairs)
-    n_bool = sum(s["n_and"] + s["n_or"] for s in pairs)
-    n_spec = sum(s["n_specialised"] for s in pairs)
+    pt = [s.pass_through for s in pairs if s.pass_through is not None]
+    alive_down = sum(s.alive_down for s in pairs)
+    n_bool = sum(s.n_and + s.n_or for s in pairs)
+    n_spec = sum(s.n_specialised for s in pairs)
     mean_pt = float(np.mean(pt)) if pt else 0.0
-    return {
-        "pass_through_mean": mean_pt,
-        "pass_through_holds": mean_pt >= 0.10,
-        "n_and": sum(s["n_and"] for s in pairs),
-        "n_or": sum(s["n_or"] for s in pairs),
-        "boolean_fraction": n_bool / alive_down if alive_down else 0.0,
-        "boolean_holds": n_bool > 0,
-        "n_specialised": n_spec,
-        "specialised_fraction": n_spec / alive_down if alive_down else 0.0,
-        "specialise_holds": n_spec > 0,
-    }
+    return Findings(
+        pass_through_mean=mean_pt,
+        pass_through_holds=mean_pt >= 0.10,
+        n_and=sum(s.n_and for s in pairs),
+        n_or=sum(s.n_or for s in pairs),
+        boolean_fraction=n_bool / alive_down if alive_down else 0.0,
+        boolean_holds=n_bool > 0,
+        n_specialised=n_spec,
+        specialised_fraction=n_spec / alive_down if alive_down else 0.0,
+        specialise_holds=n_spec > 0,
+    )
+
+
+@dataclass
+class _Opened:
+    """The SAEs and the token stream of one evolution run."""
+
+    saes: list[tuple[int, SparseAutoencoder]]
+    chunks: Iterator[Chunk]
+    facts: dict[str, Any]
+    spaces: list[Space]
+    tokenizer: PreTrainedTokenizerBase | None
+
+    @property
+    def layers(self) -> list[int]:
+        return [ly for ly, _ in self.saes]
+
+
+def _open(run: Path, source: SourceConfig, data: DataConfig, model: ModelConfig) -> _Opened:
+    """Load the per-layer SAEs and open their token stream (a cache, or the model on a dataset
+    split, by default the SAEs' model and dataset)."""
+    from mlsae.activations.open import open_source
+    from mlsae.core.compute import resolve_device
+    from mlsae.lens.tuned import resolve_space
+
+    device = resolve_device(model.device)
+    saes = [(ly, sae.to(device)) for ly, sae in load_per_layer(run)]
+    layers = [ly for ly, _ in saes]
+    sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
+    src = open_source(source, replace(data, dataset=data.dataset or sc.dataset),
+                      replace(model, model=model.model or sc.model), default_tokens=8192,
+                      layers=layers)  # fmt: skip
+    chunks, facts = source_chunks(src, saes, source.tokens)
+    spaces = [
+        resolve_space(sae.cfg.lens, facts.get("lens"), what=f"the SAE of layer {ly}")
+        for ly, sae in saes
+    ]
+    live = src.lm if isinstance(src, LiveSource) else None
+    tokenizer = live.tokenizer if live is not None else None
+    return _Opened(saes, chunks, facts, spaces, tokenizer)
 
 
 def evolution_command(
@@ -149,48 +198,29 @@ def evolution_command(
     data: DataConfig | None = None,
     model: ModelConfig | None = None,
     cfg: EvolutionConfig | None = None,
-    figures: Callable[[Path, dict[str, Any]], dict[str, str]] | None = None,
-) -> dict[str, Any]:
+    figures: Callable[[Path, EvolutionSummary], dict[str, str]] | None = None,
+) -> EvolutionSummary:
     """Run everything and write DIR/{evolution.json, graph.json, graph.html} (and the figures,
-    drawn by `figures(out, body)` when given: the report stage's). Tokens come from
+    drawn by `figures(out, summary)` when given: the report stage's). Tokens come from
     `source` (a cache in stream order, else the model, by default the SAEs', on 8,192 test
     tokens of the SAEs' dataset)."""
-    from mlsae.activations.open import open_source
-    from mlsae.core.compute import resolve_device
-    from mlsae.lens.tuned import resolve_space
-
     t0 = time.perf_counter()
     cfg = cfg or EvolutionConfig()
-    source, data, model = (
-        source or SourceConfig(),
-        data or DataConfig(split="test"),
-        model or ModelConfig(),
-    )
-    clock: dict[str, float] = {}  # phase -> end time
+    source = source or SourceConfig()
     check_output(out, "evolution", inputs=[run, source.cache])
-    device = resolve_device(model.device)
-    saes = [(ly, sae.to(device)) for ly, sae in load_per_layer(run)]
-    layers = [ly for ly, _ in saes]
-    sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
-    src = open_source(source, replace(data, dataset=data.dataset or sc.dataset),
-                      replace(model, model=model.model or sc.model), default_tokens=8192,
-                      layers=layers)  # fmt: skip
-    chunks, facts = source_chunks(src, saes, source.tokens)
-    live = src.lm if isinstance(src, LiveSource) else None
-    spaces = [
-        resolve_space(sae.cfg.lens, facts.get("lens"), what=f"the SAE of layer {ly}")
-        for ly, sae in saes
-    ]
+    op = _open(run, source, data or DataConfig(split="test"), model or ModelConfig())
+    saes, layers = op.saes, op.layers
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pairs = list(zip(layers[:-1], layers[1:], strict=True))
     perms = [match_permutation(saes[p][1].W_dec.cpu(), saes[p + 1][1].W_dec.cpu())
              for p in range(len(pairs))]  # fmt: skip
     match = MatchScores(pairs, perms, saes[0][1].cfg.d_in, saes[0][1].cfg.d_sae)
+    clock: dict[str, float] = {}  # phase -> end time
     tmp = Path(tempfile.mkdtemp(prefix=".codes-", dir=out))
     try:
         store = CodeStore(tmp, len(saes))
-        stats = first_pass(chunks, saes, store, match, cfg, facts["n_tokens"], spaces)
+        stats = first_pass(op.chunks, saes, store, match, cfg, op.facts["n_tokens"], op.spaces)
         clock["encode"] = time.perf_counter()
         with one_thread():
             results = second_pass(saes, stats, store, cfg)
@@ -198,48 +228,54 @@ def evolution_command(
         clock["pairs"] = time.perf_counter()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = live.tokenizer if live is not None else _tokenizer_for(facts.get("model"))
+    tokenizer = op.tokenizer or _tokenizer_for(op.facts.get("model"))
+    g, drawn = _graph_outputs(out, run, stats, results, cfg, tokens, op, tokenizer, clock)
+    marks = [t0, *clock.values()]
+    pair_rows = [r.summary for r in results if r.summary is not None]
+    summary = EvolutionSummary(
+        run=str(run),
+        layers=layers,
+        data=from_dict(DataFacts, op.facts, "evolution data"),
+        n_used_tokens=stats[0].n,
+        settings=cfg,
+        dead={str(ly): int((~s.alive).sum()) for ly, s in zip(layers, stats, strict=True)},
+        pairs=pair_rows,
+        match=[MatchRow(**m) for m in finite(match.result())],
+        communities=community_summary(g),
+        graph=GraphCounts(nodes=len(g.layer), edges=len(g.src), html_nodes_drawn=drawn),
+        findings=findings(pair_rows),
+        time_s=time.perf_counter() - t0,
+        phase_s={k: b - a for k, a, b in zip(clock, marks[:-1], marks[1:], strict=True)},
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    if figures is not None:  # the report stage draws them (this stage does not import it)
+        summary.figures = figures(out, summary)
+    write_json(out / "evolution.json", summary.to_json())
+    return summary
+
+
+def _graph_outputs(
+    out: Path, run: Path, stats: list[FeatureStats], results: list[PairResult],
+    cfg: EvolutionConfig, tokens: np.ndarray, op: _Opened,
+    tokenizer: PreTrainedTokenizerBase | None, clock: dict[str, float],
+) -> tuple[FeatureGraph, int]:  # fmt: skip
+    """The graph and its communities; DIR/graph.json and DIR/graph.html. Returns the graph
+    and the number of nodes drawn."""
     alive = [s.alive for s in stats]
-    g = build_graph(layers, alive, [s.density() for s in stats], results, cfg.edge_measure)
+    g = build_graph(op.layers, alive, [s.density() for s in stats], results, cfg.edge_measure)
     g.community, g.method = communities(
-        len(g.layer),
-        g.src,
-        g.dst,
-        g.weight,
-        cfg.seed,
-        cfg.community,
-        cfg.resolution,
+        len(g.layer), g.src, g.dst, g.weight, cfg.seed, cfg.community, cfg.resolution
     )
     clock["communities"] = time.perf_counter()
     write_json(out / "graph.json", graph_json(g), indent=None)
     often = np.concatenate([(s.nonzero[s.alive] >= cfg.min_support).numpy() for s in stats])
     keep = select_nodes(g, cfg.max_nodes_html, often)
-    details = node_details(g, keep, stats, results, cfg, tokens, facts["context_length"], tokenizer)
+    details = node_details(g, keep, stats, results, cfg, tokens, op.facts["context_length"],
+                           tokenizer)  # fmt: skip
     drawn = write_graph_html(out / "graph.html", g, details, keep,
                              f"mlsae evolution: {Path(run).name}")  # fmt: skip
     clock["html"] = time.perf_counter()
-    summary = [r.summary for r in results]
-    marks = [t0, *clock.values()]
-    body = {
-        "run": str(run),
-        "layers": layers,
-        "data": facts,
-        "n_used_tokens": stats[0].n,
-        "settings": asdict(cfg),
-        "dead": {str(ly): int((~a).sum()) for ly, a in zip(layers, alive, strict=True)},
-        "pairs": summary,
-        "match": match.result(),
-        "communities": community_summary(g),
-        "graph": {"nodes": len(g.layer), "edges": len(g.src), "html_nodes_drawn": drawn},
-        "findings": _findings(summary),
-        "time_s": time.perf_counter() - t0,
-        "phase_s": {k: b - a for k, a, b in zip(clock, marks[:-1], marks[1:], strict=True)},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    if figures is not None:  # the report stage draws them (this stage does not import it)
-        body["figures"] = figures(out, body)
-    write_json(out / "evolution.json", finite(body))
-    return body
+    return g, drawn
 
 
 def _tokenizer_for(model: str | None) -> PreTrainedTokenizerBase | None:
@@ -255,20 +291,20 @@ def _tokenizer_for(model: str | None) -> PreTrainedTokenizerBase | None:
         return None
 
 
-def format_summary(body: dict, out: Path) -> str:
+def format_summary(body: EvolutionSummary, out: Path) -> str:
     """One line per layer pair, then the communities and where the outputs are."""
     lines = [f"{'pair':>9} {'pass':>6} {'appear':>7} {'disapp':>7} {'AND':>4} {'OR':>4} "
           f"{'spec':>5} {'matchFVU':>9} {'unperm':>7} {'own':>6}"]  # fmt: skip
-    for s, m in zip(body["pairs"], body["match"], strict=True):
-        f = lambda v: "-" if v is None else f"{v:.3f}"
-        lines.append(f"{s['up_layer']:>4}->{s['down_layer']:<4} {f(s['pass_through']):>6} "
-              f"{f(s['appear']):>7} {f(s['disappear']):>7} {s['n_and']:>4} {s['n_or']:>4} "
-              f"{s['n_specialised']:>5} {f(m['matched']):>9} {f(m['unpermuted']):>7} "
-              f"{f(m['own']):>6}")  # fmt: skip
-    c = body["communities"]
-    lines.append(f"communities ({c.get('method')}): {c.get('n_communities')} with >= 2 features, "
-          f"largest {c.get('largest')}, {c.get('n_singletons')} singletons")  # fmt: skip
-    phases = ", ".join(f"{k} {v:.0f} s" for k, v in body["phase_s"].items())
-    lines.append(f"wrote {out}/evolution.json, graph.json, graph.html ({body['time_s']:.0f} s: "
-          f"{phases}; peak RSS {body['peak_rss_mb']:.0f} MB)")  # fmt: skip
+    f = lambda v: "-" if v is None else f"{v:.3f}"
+    for s, m in zip(body.pairs, body.match, strict=True):
+        lines.append(f"{s.up_layer:>4}->{s.down_layer:<4} {f(s.pass_through):>6} "
+              f"{f(s.appear):>7} {f(s.disappear):>7} {s.n_and:>4} {s.n_or:>4} "
+              f"{s.n_specialised:>5} {f(m.matched):>9} {f(m.unpermuted):>7} "
+              f"{f(m.own):>6}")  # fmt: skip
+    c = body.communities
+    lines.append(f"communities ({c.method}): {c.n_communities} with >= 2 features, "
+          f"largest {c.largest}, {c.n_singletons} singletons")  # fmt: skip
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in body.phase_s.items())
+    lines.append(f"wrote {out}/evolution.json, graph.json, graph.html ({body.time_s:.0f} s: "
+          f"{phases}; peak RSS {body.peak_rss_mb:.0f} MB)")  # fmt: skip
     return "\n".join(lines)

@@ -11,57 +11,36 @@ threshold).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlsae.core.errors import MlsaeError
-
-
-def _arr(values: list, dtype: Any) -> np.ndarray:
-    return np.asarray([np.nan if v is None else v for v in values], dtype=dtype)
+from mlsae.evolution.summary import load_evolution
 
 
 class FeatureGraphView:
     """Read-only view of DIR/graph.json (+ DIR/evolution.json for the thresholds)."""
 
     def __init__(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        path = folder / "graph.json"
-        if not path.is_file():
-            raise MlsaeError(f"{folder} has no graph.json: give an `mlsae evolution` output folder")
-        try:
-            g = json.loads(path.read_text())
-            nodes, edges = g["nodes"], g["edges"]
-            self.layers = [int(x) for x in g["layers"]]
-            self.layer = np.asarray(nodes["layer"], np.int64)
-            self.feature = np.asarray(nodes["feature"], np.int64)
-            comm = nodes.get("community") or [-1] * len(self.layer)
-            self.community = np.asarray(comm, np.int64)
-            self.density = _arr(nodes["density"], np.float64)
-            self.src = np.asarray(edges["source"], np.int64)
-            self.dst = np.asarray(edges["target"], np.int64)
-            self.measure = str(g.get("edge_measure", "pearson"))
-            self.weight = _arr(edges[self.measure], np.float64)
-            self.pearson = _arr(edges["pearson"], np.float64)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise MlsaeError(f"{path}: unreadable feature graph ({e})") from None
-        body: dict[str, Any] = {}
-        if (folder / "evolution.json").is_file():
-            try:
-                body = json.loads((folder / "evolution.json").read_text())
-            except (OSError, ValueError):
-                body = {}
-        settings = body.get("settings") or {} if isinstance(body, dict) else {}
-        self.pass_through = float(settings.get("pass_through", 0.95))
-        n_used = body.get("n_used_tokens") if isinstance(body, dict) else None
-        # features active on enough tokens for their Pearson to mean something
-        floor = settings.get("min_support", 10) / n_used if n_used else 0.0
-        self.supported = np.nan_to_num(self.density, nan=0.0) >= floor
-        self.method = str(g.get("community_method", ""))
+        ev = load_evolution(Path(folder), with_graph=True)
+        g, body = ev.graph, ev.summary
+        assert g is not None
+        self.layers = list(g.layers)
+        self.layer, self.feature = g.layer, g.feature
         n = len(self.layer)
+        self.community = g.community if len(g.community) else np.full(n, -1, np.int64)
+        self.density = g.density
+        self.src, self.dst = g.src, g.dst
+        self.measure = g.edge_measure
+        self.weight = g.measures[self.measure]
+        self.pearson = g.measures.get("pearson", np.full(len(g.src), np.nan))
+        self.pass_through = body.settings.pass_through
+        # features active on enough tokens for their Pearson to mean something
+        n_used = body.n_used_tokens
+        floor = body.settings.min_support / n_used if n_used else 0.0
+        self.supported = np.nan_to_num(self.density, nan=0.0) >= floor
+        self.method = g.community_method
         self.sizes = np.bincount(self.community[self.community >= 0], minlength=1)
         # CSR adjacency over both directions: for node v, rows ptr[v]:ptr[v+1] of (other, edge)
         a = np.concatenate([self.src, self.dst])

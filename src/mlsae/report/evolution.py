@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -17,8 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402  # noqa: E402
 
-from mlsae.core.errors import MlsaeError
 from mlsae.core.io import save_figure  # noqa: E402
+from mlsae.evolution.summary import EvolutionSummary, load_evolution  # noqa: E402
 
 FIGURES = {
     "fractions": "evolution_fractions.png",
@@ -31,17 +29,17 @@ def _save(fig: Figure, path: Path) -> str:
     return save_figure(fig, path).name
 
 
-def write_figures(out: Path, body: dict[str, Any]) -> dict[str, str]:
-    """The three PNGs of an evolution.json body; returns {figure: file name}."""
+def write_figures(out: Path, body: EvolutionSummary) -> dict[str, str]:
+    """The three PNGs of an evolution summary; returns {figure: file name}."""
     out = Path(out)
-    pairs, match = body["pairs"], body["match"]
-    x = [s["down_layer"] for s in pairs]
-    val = lambda rows, k: [np.nan if r[k] is None else r[k] for r in rows]
+    pairs, match = body.pairs, body.match
+    x = [s.down_layer for s in pairs]
+    val = lambda rows, k: [np.nan if getattr(r, k) is None else getattr(r, k) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for key, label in (("pass_through", "passed through (best next Pearson >= %.2f)"),
                        ("appear", "appear (no predecessor >= %.2f)"),
                        ("disappear", "disappear (no successor >= %.2f)")):  # fmt: skip
-        thr = body["settings"]["pass_through" if key == "pass_through" else "link_threshold"]
+        thr = getattr(body.settings, "pass_through" if key == "pass_through" else "link_threshold")
         ax.plot(x, val(pairs, key), marker="o", ms=3, label=label % thr)
     ax.set_xlabel("layer l+1 of the pair (l, l+1)")
     ax.set_ylabel("fraction of alive features")
@@ -50,7 +48,7 @@ def write_figures(out: Path, body: dict[str, Any]) -> dict[str, str]:
     ax.set_title("Features across adjacent layers")
     files = {"fractions": _save(fig, out / FIGURES["fractions"])}
 
-    sizes = np.asarray(body["communities"].get("sizes", []), dtype=int)
+    sizes = np.asarray(body.communities.sizes, dtype=int)
     fig, ax = plt.subplots(figsize=(7, 3.4))
     if len(sizes):
         bins = np.unique(np.geomspace(2, sizes.max() + 1, 25).astype(int))
@@ -58,9 +56,8 @@ def write_figures(out: Path, body: dict[str, Any]) -> dict[str, str]:
         ax.set_xscale("log")
     ax.set_xlabel("community size (features)")
     ax.set_ylabel("communities")
-    c = body["communities"]
-    ax.set_title(f"{c.get('n_communities', 0)} communities ({c.get('method', '')}), "
-                 f"{c.get('n_singletons', 0)} singletons")  # fmt: skip
+    c = body.communities
+    ax.set_title(f"{c.n_communities} communities ({c.method}), {c.n_singletons} singletons")
     files["communities"] = _save(fig, out / FIGURES["communities"])
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
@@ -82,32 +79,33 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
-def reading(body: dict[str, Any]) -> list[str]:
+def reading(body: EvolutionSummary) -> list[str]:
     """Plain-language sentences: does each of the seed's three findings hold here?"""
-    f, s, pairs = body["findings"], body["settings"], body["pairs"]
-    pt = [p["pass_through"] for p in pairs if p["pass_through"] is not None]
+    f, s, pairs = body.findings, body.settings, body.pairs
+    pt = [p.pass_through for p in pairs if p.pass_through is not None]
     yes = lambda b: "holds" if b else "does not hold"
     out = [
-        f"Many features pass through: {yes(f['pass_through_holds'])} here. On average "
-        f"{_pct(f['pass_through_mean'])} of a layer's alive features have a next-layer feature "
-        f"with Pearson correlation >= {s['pass_through']} (range {_pct(min(pt, default=None))} "
+        f"Many features pass through: {yes(f.pass_through_holds)} here. On average "
+        f"{_pct(f.pass_through_mean)} of a layer's alive features have a next-layer feature "
+        f"with Pearson correlation >= {s.pass_through} (range {_pct(min(pt, default=None))} "
         f"to {_pct(max(pt, default=None))} over {len(pairs)} layer pairs; 'many' is read as "
         f">= 10%).",
-        f"Some features are quasi-boolean combinations: {yes(f['boolean_holds'])} here. "
-        f"{f['n_and']} AND features (exactly two previous-layer features with necessity >= "
-        f"{s['boolean_threshold']}) and {f['n_or']} OR features (exactly two with sufficiency "
-        f">= {s['boolean_threshold']}), {_pct(f['boolean_fraction'])} of alive features "
-        f"(features active on fewer than {s['min_support']} tokens left out).",
-        f"Some features specialise later: {yes(f['specialise_holds'])} here. "
-        f"{f['n_specialised']} features ({_pct(f['specialised_fraction'])}) fire almost only "
-        f"inside one previous-layer feature (necessity >= {s['specialise_necessity']}) on at "
-        f"most {_pct(s['specialise_sufficiency'])} of its active tokens.",
+        f"Some features are quasi-boolean combinations: {yes(f.boolean_holds)} here. "
+        f"{f.n_and} AND features (exactly two previous-layer features with necessity >= "
+        f"{s.boolean_threshold}) and {f.n_or} OR features (exactly two with sufficiency "
+        f">= {s.boolean_threshold}), {_pct(f.boolean_fraction)} of alive features "
+        f"(features active on fewer than {s.min_support} tokens left out).",
+        f"Some features specialise later: {yes(f.specialise_holds)} here. "
+        f"{f.n_specialised} features ({_pct(f.specialised_fraction)}) fire almost only "
+        f"inside one previous-layer feature (necessity >= {s.specialise_necessity}) on at "
+        f"most {_pct(s.specialise_sufficiency)} of its active tokens.",
     ]
-    m = [r for r in body["match"] if r["matched"] is not None and r["unpermuted"] is not None]
+    m = [(r.matched, r.unpermuted, r.own) for r in body.match
+         if r.matched is not None and r.unpermuted is not None]  # fmt: skip
     if m:
-        mm = float(np.mean([r["matched"] for r in m]))
-        mu = float(np.mean([r["unpermuted"] for r in m]))
-        mo = float(np.mean([r["own"] for r in m]))
+        mm = float(np.mean([a for a, _, _ in m]))
+        mu = float(np.mean([b for _, b, _ in m]))
+        mo = float(np.mean([c for _, _, c in m if c is not None]))
         out.append(
             f"SAE Match: carrying layer l's code to layer l+1 through the matched permutation "
             f"gives a mean FVU of {mm:.3f} against x_(l+1), versus {mu:.3f} without the "
@@ -128,25 +126,21 @@ def _img(path: Path) -> str:
 
 
 def evolution_section_html(dir: Path, graph_href: str | None = None) -> str:
-    """An HTML <section> for report.html from DIR/evolution.json and DIR's PNGs. graph_href:
-    the link to DIR/graph.html as seen from the report (default: its absolute file URI)."""
+    """An HTML <section> for report.html from DIR/evolution.json (read and checked by
+    `load_evolution`) and DIR's PNGs. graph_href: the link to DIR/graph.html as seen from the
+    report (default: its absolute file URI)."""
     d = Path(dir)
-    try:
-        body = json.loads((d / "evolution.json").read_text())
-    except (OSError, ValueError) as e:
-        raise MlsaeError(
-            f"{d} has no readable evolution.json ({e}): run `mlsae evolution`"
-        ) from None
+    body = load_evolution(d).summary
     href = graph_href or (d / "graph.html").resolve().as_uri()
-    c = body.get("communities", {})
+    c = body.communities
     parts = ['<section id="evolution"><h2>Features across layers (per-layer SAEs)</h2>',
-             f"<p>{len(body['layers'])} per-layer SAEs, {body['n_used_tokens']} used tokens; "
-             f"{c.get('n_communities', 0)} communities ({html.escape(str(c.get('method', '')))})"
-             f" of median size {c.get('median_size')}, largest {c.get('largest')}. "
+             f"<p>{len(body.layers)} per-layer SAEs, {body.n_used_tokens} used tokens; "
+             f"{c.n_communities} communities ({html.escape(c.method)})"
+             f" of median size {c.median_size}, largest {c.largest}. "
              f'<a href="{html.escape(href)}">Interactive feature graph</a>.</p><ul>']  # fmt: skip
     parts += [f"<li>{html.escape(t)}</li>" for t in reading(body)]
     parts.append("</ul>")
-    for name in body.get("figures", {}).values():
+    for name in body.figures.values():
         if (d / name).is_file():
             parts.append(_img(d / name))
     parts.append("</section>")
