@@ -140,3 +140,112 @@ def test_run_trains_saves_and_resumes_bit_identically(cache, tmp_path):
     assert sae.cfg.architecture == "crosscoder" and sae.cfg.layers == [0, 2, 5]
     with pytest.raises(MlsaeError, match="multiple of the 3 layers"):
         _train(tmp_path / "r", cache, "crosscoder", batch_tokens=50)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer):
+    from conftest import model_with_test_cache
+
+    root = tmp_path_factory.mktemp("xc_eval")
+    model, mdir, data = model_with_test_cache(root, "llama", tokenizer, 32)
+    cfg = SaeConfig(d_in=32, expansion_factor=2, k=4, layers=[0, 1, 2], model=mdir,
+                    dataset=data, architecture="crosscoder")  # fmt: skip
+    sae = SparseAutoencoder(cfg, seed=0, compute_dtype=torch.float32)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1)
+    sae.save(root / "xc" / "sae")
+    return root, model
+
+
+@torch.no_grad()
+def _clean_blocks(model, ids, blocks):
+    """Block outputs [B, T, d] of a plain forward, by hooks."""
+    from mlsae.data.capture import get_blocks
+
+    got = {}
+
+    def hook_for(b):
+        def hook(_m, _i, o):
+            got[b] = (o[0] if isinstance(o, tuple) else o).detach().float().clone()
+
+        return hook
+
+    handles = [get_blocks(model)[b].register_forward_hook(hook_for(b)) for b in blocks]
+    try:
+        model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def test_evaluate_fvu_per_layer_and_replace_all_against_dense_reference(tiny, tmp_path):
+    """Per-layer FVU from one code per token, and --replace all splicing the reconstructions of
+    the clean pass (an acausal code reads every block) against hand hooks."""
+    import json
+
+    from test_replace import _cache_batch, hooked_replace
+    from typer.testing import CliRunner
+
+    from mlsae.cli.app import app
+
+    root, model = tiny
+    out = tmp_path / "eval.json"
+    args = ["evaluate", str(root / "xc"), "--out", str(out), "--cache", str(root / "cache_test"),
+            "--replace", "all"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    sae = load_sae(root / "xc")
+    assert isinstance(sae, CrosscoderSAE)
+    ids, used = _cache_batch(root)
+    clean = _clean_blocks(model, ids, [0, 1, 2])
+    xs = torch.stack([clean[b][used] for b in range(3)], 1)  # [N, L, d]
+    params = _weights(sae)
+    with torch.no_grad():
+        u = _normalize(xs.reshape(-1, 32)).view(-1, 3, 32)
+        pre = torch.einsum("tld,ldf->tf", u - params[3], params[0]) + params[1]
+        v, i = pre.topk(4 * 3, dim=1)
+        z = torch.zeros_like(pre).scatter(1, i, v).relu()
+        u_hat = torch.einsum("tf,fld->tld", z, params[2]) + params[3]
+        x = xs.reshape(-1, 32)
+        x_hat = (
+            u_hat.reshape(-1, 32) * (x.std(1, keepdim=True) + 1e-5) + x.mean(1, keepdim=True)
+        ).view(-1, 3, 32)
+    for b in range(3):
+        err = (xs[:, b] - x_hat[:, b]).pow(2).sum()
+        var = (xs[:, b] - xs[:, b].mean(0)).pow(2).sum()
+        assert result["per_layer"]["fvu"][b] == pytest.approx(float(err / var), rel=1e-3, abs=1e-5)
+    rows = result["sections"]["replace"]["rows"]
+    assert [r["blocks"] for r in rows] == [[0], [0, 1], [0, 1, 2]]
+    for row in rows:
+        ce, kl, n = hooked_replace(model, ids, used, row["blocks"], lambda b, _x: x_hat[:, b])
+        assert row["n_pred"] == n
+        assert row["delta_ce"] == pytest.approx(ce / n, abs=1e-4, rel=1e-3)
+        assert row["kl"] == pytest.approx(kl / n, abs=1e-4, rel=1e-3)
+    assert rows[0]["delta_ce"] == pytest.approx(result["per_layer"]["delta_ce"][0], abs=1e-5)
+
+
+def _refused(args: list[str], match: str, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from mlsae.cli.app import app
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0
+    assert isinstance(res.exception, MlsaeError), res.output
+    assert match in str(res.exception) and "\n" not in str(res.exception)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_evaluate_refuses_a_subset_of_layers_and_saebench_in_one_line(tiny, tmp_path):
+    root, _ = tiny
+    out = tmp_path / "o"
+    out.mkdir()
+    base = ["evaluate", str(root / "xc"), "--out", str(out / "e.json"), "--cache",
+            str(root / "cache_test")]  # fmt: skip
+    _refused([*base, "--layers", "0,1"], "reads all the layers", out)
+    _refused([*base, "--format", "saebench"], "SAEBench", out)
