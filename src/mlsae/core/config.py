@@ -27,7 +27,7 @@ Dtype = Literal["float32", "bfloat16"]
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
 Normalize = Literal["standardize", "layer_norm", "none"]
 TxtDocuments = Literal["paragraph", "line", "file"]
-Architecture = Literal["topk", "batchtopk", "matryoshka", "token_topk"]
+Architecture = Literal["topk", "batchtopk", "matryoshka", "token_topk", "crosscoder"]
 """The SAE architectures: the names of `mlsae.sae.registry.ARCHITECTURES` (a test checks they
 agree; docs/architectures.md describes each)."""
 
@@ -180,7 +180,8 @@ class SaeConfig:
     architecture: Architecture = "topk"
     """How the sparse code is chosen and trained (docs/architectures.md): topk (k per vector),
     batchtopk (k x N over a batch of N vectors), matryoshka (TopK, nested prefixes each
-    reconstructing on their own), token_topk (k x L over one token's L layer vectors)."""
+    reconstructing on their own), token_topk (k x L over one token's L layer vectors),
+    crosscoder (one code of k x L latents per token, read from and written to all L layers)."""
     matryoshka_prefixes: int = 4
     """Matryoshka: nested prefixes of the dictionary, of d_sae / 2^(n-1), ..., d_sae / 2, d_sae
     latents (ignored by the other architectures)."""
@@ -248,7 +249,8 @@ class SaeGridConfig:
     architecture: Architecture = "topk"
     """How the sparse code is chosen and trained (docs/architectures.md): topk (k per vector),
     batchtopk (k x N over a batch of N vectors), matryoshka (TopK, nested prefixes each
-    reconstructing on their own), token_topk (k x L over one token's L layer vectors)."""
+    reconstructing on their own), token_topk (k x L over one token's L layer vectors),
+    crosscoder (one code of k x L latents per token, read from and written to all L layers)."""
     matryoshka_prefixes: int = 4
     """Matryoshka: nested prefixes of the dictionary, of d_sae / 2^(n-1), ..., d_sae / 2, d_sae
     latents (ignored by the other architectures)."""

@@ -72,6 +72,10 @@ def make_observers(ev: EvalConfig, entries: list[Entry]) -> list[BatchObserver]:
     if ev.format == "saebench":
         from mlsae.eval.saebench import SaebenchObserver
 
+        for e in entries:
+            if e.sae.token_code:
+                raise MlsaeError(f"--format saebench: {e.path} is a {e.sae.cfg.architecture}, "
+                                 "which SAEBench's per-layer SAE format cannot describe")  # fmt: skip
         observers.append(SaebenchObserver(entries))
     return observers
 
@@ -194,6 +198,8 @@ def entries_recon(entries: Sequence[Entry]) -> Recon:
 
     def recon(layer: int, x_model: Tensor) -> Tensor:
         e = by_layer[layer]
+        if e.sae.token_code:  # acausal: its code of the clean pass's blocks, all read at once
+            return e.clean_recon[layer]
         return e.reconstruct(e.space.to_sae(x_model, layer), layer, False, x_model)
 
     return recon

@@ -110,6 +110,9 @@ class SparseAutoencoder(nn.Module):
     token_grouped = False
     """Whether training needs batches holding all layers of each token, consecutive
     (`ActivationSource.shuffled(group_tokens=True)`)."""
+    token_code = False
+    """Whether `encode` / `decode` take whole tokens: x [T * L, d_in], each token's L layer vectors
+    consecutive in `cfg.layers` order (the crosscoder: one code per token)."""
 
     def __new__(cls, cfg: SaeConfig, *args: object, **kwargs: object) -> SparseAutoencoder:
         if cls is not SparseAutoencoder:  # a subclass named directly

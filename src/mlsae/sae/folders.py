@@ -226,5 +226,5 @@ def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> Spar
             raise MlsaeError(f"{w_path}: {n} holds NaN or inf values (a diverged training?)")
     with torch.no_grad():
         for n in want:
-            getattr(sae, n).copy_(tensors[n].float())
+            getattr(sae, n).copy_(tensors[n].float().reshape(getattr(sae, n).shape))
     return sae.eval()

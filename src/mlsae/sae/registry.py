@@ -17,6 +17,7 @@ ARCHITECTURES: dict[str, str] = {
     "batchtopk": "mlsae.sae.batchtopk:BatchTopKSAE",
     "matryoshka": "mlsae.sae.matryoshka:MatryoshkaSAE",
     "token_topk": "mlsae.sae.token_topk:TokenTopKSAE",
+    "crosscoder": "mlsae.sae.crosscoder:CrosscoderSAE",
 }
 """name -> "module:class" of its SparseAutoencoder subclass."""
 

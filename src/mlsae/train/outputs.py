@@ -120,22 +120,31 @@ def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> d
     cfg, layers = run.train, list(run.layers)
     to_sae = sae_inputs(run, source, layers)
     acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
-    seen = 0
+    seen, grouped = 0, any(m.sae.token_code for m in members)  # crosscoder: whole tokens
     for batch in source.shuffled(
-        8192, layers, seed=cfg.seed + 1, buffer_shards=cfg.shuffle_buffer_shards
-    ):
+        8192 // len(layers) * len(layers), layers, seed=cfg.seed + 1,
+        buffer_shards=cfg.shuffle_buffer_shards, group_tokens=grouped,
+    ):  # fmt: skip
         batch.x = to_sae(batch)
         for m in members:
+            whole = m.sae(batch.x) if m.sae.token_code else None  # rows as batch.x
             for layer in m.sae.cfg.layers:
                 sel = batch.layer == layer
                 if sel.any():
                     x = batch.x[sel]
-                    x_hat, enc = m.sae(x)
+                    x_hat, enc = (
+                        m.sae(x) if whole is None else (whole[0][sel], _rows(whole[1], sel))
+                    )
                     acc[m.name].update(layer, x, x_hat, enc.top_indices, enc.top_acts)
         seen += len(batch)
         if seen >= EVAL_VECTORS:
             break
     return {name: a.result() for name, a in acc.items()}
+
+
+def _rows(enc: Any, sel: torch.Tensor) -> Any:
+    """The EncoderOutput of the rows `sel` of `enc`."""
+    return type(enc)(*(t[sel] for t in enc))
 
 
 def format_fvu(res: dict[str, Any]) -> str:

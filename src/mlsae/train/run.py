@@ -88,8 +88,9 @@ def plan_run(
             d_in=source.d_model, expansion_factor=m.expansion_factor, k=m.k,
             normalize=sae.normalize, **sae.architecture_settings(),
         )  # fmt: skip
-    if sae.architecture == "token_topk" and mode == "mlsae" and train.batch_tokens % len(layers):
-        raise MlsaeError(f"--architecture token_topk takes whole tokens: --batch-tokens "
+    grouped = sae.architecture in ("token_topk", "crosscoder")
+    if grouped and mode == "mlsae" and train.batch_tokens % len(layers):
+        raise MlsaeError(f"--architecture {sae.architecture} takes whole tokens: --batch-tokens "
                          f"{train.batch_tokens} is not a multiple of the {len(layers)} layers")  # fmt: skip
     cache = getattr(source, "path", None)
     if cache is not None:  # a cache is read whole: no command-line token default in the record
