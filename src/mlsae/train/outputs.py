@@ -130,7 +130,7 @@ def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> d
                 sel = batch.layer == layer
                 if sel.any():
                     x = batch.x[sel]
-                    x_hat, enc = m.sae(x)
+                    x_hat, enc = m.sae(x, layer)
                     acc[m.name].update(layer, x, x_hat, enc.top_indices, enc.top_acts)
         seen += len(batch)
         if seen >= EVAL_VECTORS:
