@@ -120,7 +120,7 @@ def test_cli_with_cache_matches_reference(setup, tmp_path):
     assert "95% CI" in res.stdout and "6 contexts" in res.stdout
     assert EvalResult.from_json(got).to_json() == got  # the typed result round-trips
     assert got["space"] == "model"
-    assert set(got["per_layer"]) == {"fvu", "mse", "l0", "delta_ce", "kl"}
+    assert set(got["per_layer"]) == {"fvu", "mse", "l0", "delta_ce", "kl", "fvu_std"}
     ref = _reference(root, model, root / "mlsae" / "sae", [0, 1, 2])
     assert got["layers"] == [0, 1, 2]
     assert got["n_tokens"] == ref["n_tokens"] < 6 * CTX  # special tokens are not counted

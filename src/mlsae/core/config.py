@@ -185,6 +185,9 @@ class SaeConfig:
     matryoshka_prefixes: int = 4
     """Matryoshka: nested prefixes of the dictionary, of d_sae / 2^(n-1), ..., d_sae / 2, d_sae
     latents (ignored by the other architectures)."""
+    center_layers: bool = False
+    """Each block's mean standardised vector (`layer_means`) subtracted before the encoder and
+    added back after decoding (mlsae.sae.centring; train --center-layers); False before it."""
 
     def __post_init__(self) -> None:
         check(self.d_in >= 2, f"d_in must be >= 2, not {self.d_in}")
@@ -194,6 +197,7 @@ class SaeConfig:
             f"--expansion-factor must be >= 1, not {self.expansion_factor}",
         )
         check(1 <= self.k <= self.d_sae, f"-k {self.k} must be between 1 and d_sae = {self.d_sae}")
+        check(not self.center_layers or bool(self.layers), "center_layers needs the layers")
         check(
             self.normalize in ("standardize", "layer_norm", "none"),
             f"--normalize must be standardize, layer_norm or none, not {self.normalize!r}",
@@ -254,6 +258,10 @@ class SaeGridConfig:
     matryoshka_prefixes: int = 4
     """Matryoshka: nested prefixes of the dictionary, of d_sae / 2^(n-1), ..., d_sae / 2, d_sae
     latents (ignored by the other architectures)."""
+    center_layers: Literal["auto", "on", "off"] = "auto"
+    """Per-layer centring: subtract each block's mean (standardised space, from a sample of the
+    training data) before the SAE, add it back after decoding. auto: on when some block's mean /
+    RMS deviation >= 2 (printed at train start; single-layer and per-layer SAEs: off)."""
 
     def architecture_settings(self) -> dict[str, Any]:
         """The SaeConfig fields every SAE of the run takes from this grid (ARCHITECTURE_FIELDS)."""
@@ -267,6 +275,7 @@ class SaeGridConfig:
         )
         check(min(self.expansion_factor) >= 1, "--expansion-factor must be >= 1")
         check(min(self.k) >= 1, "-k must be >= 1")
+        check(self.center_layers in ("auto", "on", "off"), "--center-layers: auto, on or off")
         check(not (self.single_layer is not None and self.per_layer),
               "--single-layer cannot be combined with --per-layer")  # fmt: skip
         check(not self.per_layer or (len(set(self.expansion_factor)) == 1 and len(set(self.k)) == 1),

@@ -21,22 +21,15 @@ from transformers import PreTrainedModel
 from mlsae.activations.cache import ActivationCache
 from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
-from mlsae.core.bootstrap import Bootstrap
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.layers import parse_layers
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import BootstrapConfig, EvalConfig
-from mlsae.eval.contexts import ContextSums, metric_intervals
-from mlsae.eval.result import (
-    METRICS,
-    EvalIntervals,
-    EvalResult,
-    MeanRow,
-    MetricIntervals,
-    PerLayer,
-)
+from mlsae.eval.contexts import ContextSums
+from mlsae.eval.extras import ExtraSums, entry_intervals
+from mlsae.eval.result import METRICS, EvalResult, MeanRow, PerLayer
 from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import EncoderOutput, SparseAutoencoder
 from mlsae.sae.folders import RunFolder
@@ -73,6 +66,7 @@ class Entry:
     clean_recon: dict[int, Tensor] = field(default_factory=dict)
     """A token-coded SAE (the crosscoder): the batch's model-space reconstruction of each layer
     from the clean pass (what --replace splices: its code reads all blocks at once)."""
+    extras: ExtraSums | None = None  # fvu_std, delta_ce_typical (eval/extras.py)
 
     def __post_init__(self) -> None:
         self.reset_metrics()
@@ -86,6 +80,7 @@ class Entry:
         self.contexts = ContextSums(self.layers, d_in) if self.bootstrap else None
         typ = self.bootstrap and self.thresholds
         self.typical_contexts = ContextSums(self.layers, d_in) if typ else None
+        self.extras = ExtraSums(self.layers, d_in, d_sae, self.bootstrap, self.thresholds)
 
     def reconstruct(
         self,
@@ -103,9 +98,11 @@ class Entry:
         the norms of the stored vectors, for the metrics without norm outliers. contexts [N]:
         the context of each vector (for the bootstrap). done: (x_hat, code) of x already
         computed (`whole_tokens`)."""
-        x_hat, enc = done if done is not None else self.sae(x)
+        x_hat, enc = done if done is not None else self.sae(x, layer)
         if record:
             self.metrics.update(layer, x, x_hat, enc.top_indices, enc.top_acts)
+            if self.extras is not None:
+                self.extras.record(layer, enc, x, x_hat, contexts)
             if self.contexts is not None and contexts is not None:
                 self.contexts.update(layer, contexts, x, x_hat)
             if self.typical is not None and self.thresholds and stored_norm is not None:
@@ -158,27 +155,12 @@ class Entry:
         if self.typical is not None:  # the FVU without the tokens whose vector is a norm outlier
             cols.fvu_typical = self.typical.per_layer()["fvu"]
             mean.fvu_typical = mean_or_none(cols.fvu_typical)
+        if self.extras is not None:
+            self.extras.fill(res)
         boot = boot or BootstrapConfig()
         if self.contexts is not None and self.contexts.n_contexts and boot.bootstrap > 0:
-            res.intervals = self.intervals(boot)
+            res.intervals = entry_intervals(self, boot)
         return res
-
-    def intervals(self, boot: BootstrapConfig) -> EvalIntervals:
-        """FVU, fvu_typical, delta CE and KL intervals from one set of context resamples."""
-        assert self.contexts is not None
-        order = dict(self.contexts.row)
-        typ = self.typical_contexts
-        for c in typ.row if typ is not None else {}:
-            order.setdefault(c, len(order))
-        bs = Bootstrap(len(order), boot.bootstrap, boot.bootstrap_seed)
-        main = self.contexts.aligned(order)
-        mi = lambda v: MetricIntervals(*metric_intervals(v, bs))  # noqa: E731
-        out = EvalIntervals(bs.info, fvu=mi(main.fvu(bs)))
-        if typ is not None:
-            out.fvu_typical = mi(typ.aligned(order).fvu(bs))
-        if float(main.n_pred.sum()) > 0:
-            out.delta_ce, out.kl = mi(main.per_position(bs, "ce")), mi(main.per_position(bs, "kl"))
-        return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -308,7 +290,10 @@ def run_model(
                         e.clean_recon[layer] = x_hat_model
                     if ce:
                         recons[layer] = x_hat_model
-                for layer, s in splice_layers(model, cp, recons).items():  # continuations batched
+                plain = splice_layers(model, cp, recons)  # continuations batched
+                if e.extras is not None and ce:  # the outlier positions left clean
+                    e.extras.splice_typical(model, cp, recons, plain, rows)
+                for layer, s in plain.items():
                     e.metrics.update_splice(layer, s.ce_sum, s.kl_sum, s.n)
                     if e.contexts is not None and s.rows is not None:
                         r = s.rows

@@ -17,9 +17,10 @@ from mlsae.core.schema import from_dict, to_dict
 
 METRICS = ("fvu", "mse", "l0", "delta_ce", "kl")
 """The columns every evaluation has."""
-OPTIONAL = ("fvu_typical", "fvu_model", "mse_model", "lens_cond")
-"""Columns some evaluations have: FVU without norm outliers, a lens SAE's model-space FVU / MSE
-and its lens's cond(I + A_l)."""
+OPTIONAL = ("fvu_typical", "fvu_std", "delta_ce_typical", "fvu_model", "mse_model", "lens_cond")
+"""Columns some evaluations have: FVU without norm outliers, FVU in the SAE's standardised space,
+delta CE with the norm-outlier positions left clean (eval/extras.py), a lens SAE's model-space
+FVU / MSE and its lens's cond(I + A_l)."""
 
 Values = list[float | None]
 
@@ -37,6 +38,8 @@ class PerLayer:
     fvu_model: Values | None = None
     mse_model: Values | None = None
     lens_cond: Values | None = None
+    fvu_std: Values | None = None
+    delta_ce_typical: Values | None = None
 
     def columns(self) -> dict[str, Values]:
         """The metrics this evaluation has, in table order (all of METRICS in a file of this
@@ -56,6 +59,8 @@ class MeanRow:
     fvu_typical: float | None = None
     fvu_model: float | None = None
     mse_model: float | None = None
+    fvu_std: float | None = None
+    delta_ce_typical: float | None = None
 
     def get(self, key: str) -> float | None:
         return getattr(self, key, None)
@@ -78,9 +83,12 @@ class EvalIntervals:
     fvu_typical: MetricIntervals | None = None
     delta_ce: MetricIntervals | None = None
     kl: MetricIntervals | None = None
+    fvu_std: MetricIntervals | None = None
+    delta_ce_typical: MetricIntervals | None = None
 
     def get(self, key: str) -> MetricIntervals | None:
-        return getattr(self, key, None) if key in ("fvu", "fvu_typical", "delta_ce", "kl") else None
+        keys = ("fvu", "fvu_typical", "delta_ce", "kl", "fvu_std", "delta_ce_typical")
+        return getattr(self, key, None) if key in keys else None
 
 
 @dataclass
@@ -184,7 +192,7 @@ def fmt_interval(iv: Interval | None, width: int = 19) -> str:
     return f"[{iv.low:.3g}, {iv.high:.3g}]".rjust(width)
 
 
-_SHORT = {"fvu_typical": "fvu_typ"}
+_SHORT = {"fvu_typical": "fvu_typ", "delta_ce_typical": "dce_typ"}
 """Column names of the table that are shorter than the JSON keys."""
 
 
@@ -226,6 +234,11 @@ def format_eval_table(r: EvalResult) -> str:
         if r.per_layer.fvu_typical is not None:
             rows.append(f"  fvu_typ: the FVU without the tokens whose vector is above "
                         f"{rep.factor:g}x its layer's median norm")  # fmt: skip
+        if r.per_layer.delta_ce_typical is not None:
+            rows.append("  dce_typ: delta CE with those positions left clean (not spliced)")
+    if r.per_layer.fvu_std is not None:
+        where = "the model's space" if r.space == "model" else "lens space (fvu_model: model's)"
+        rows.append(f"fvu: in {where}; fvu_std: in the SAE's standardised space (per vector)")
     if r.exclude_sink is False:
         rows.append("attention-sink positions are included (--no-exclude-sink or an older cache)")
     return "\n".join(rows)

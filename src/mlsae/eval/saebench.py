@@ -111,15 +111,16 @@ def decoder_directions(sae: Any) -> Tensor:
 
     d_sae, dev = int(sae.cfg.d_sae), sae.device
     ones = torch.ones(1, 1, device=dev)
+    zero_center = torch.zeros(1, int(sae.cfg.d_in), device=dev)  # cancels in the difference
     empty = EncoderOutput(torch.zeros(1, 1, device=dev), torch.zeros(1, 1, dtype=torch.long,
-                          device=dev), torch.zeros(1, 1, device=dev), ones)  # fmt: skip
+                          device=dev), torch.zeros(1, 1, device=dev), ones, zero_center)  # fmt: skip
     base = sae.decode(empty)  # [1, d]
     rows = []
     for i in range(0, d_sae, _DIRECTION_CHUNK):
         idx = torch.arange(i, min(d_sae, i + _DIRECTION_CHUNK), device=dev)[:, None]
         c = len(idx)
         enc = EncoderOutput(torch.ones(c, 1, device=dev), idx, torch.zeros(c, 1, device=dev),
-                            torch.ones(c, 1, device=dev))  # fmt: skip
+                            torch.ones(c, 1, device=dev), zero_center)  # fmt: skip
         rows.append((sae.decode(enc) - base).float().cpu())
     return torch.cat(rows)
 
@@ -144,7 +145,7 @@ class SaebenchObserver:
         zeros = {}
         for layer, e in self.by_layer.items():
             x_model = cp.vectors(layer)
-            enc = e.sae.encode(e.space.to_sae(x_model, layer))
+            enc = e.sae.encode(e.space.to_sae(x_model, layer), layer)
             x_hat = e.sae.decode(enc)
             if e.space.lens is not None:
                 x_hat = e.space.to_model(x_hat, layer)

@@ -72,12 +72,12 @@ class MatchScores:
     ) -> None:  # fmt: skip
         """Add one batch of pair p: codes of x_up and x_down [n, d_in] at both layers."""
         d = self.pairs[p][1]
-        moved = permute_codes(enc_up, self.perms[p])
+        moved = permute_codes(enc_up, self.perms[p])._replace(center=enc_down.center)
         target = _replace(moved, mean=enc_down.mean, std=enc_down.std)
         for name, code in (
             ("matched", moved),
             ("matched_target_scale", target),
-            ("unpermuted", enc_up),
+            ("unpermuted", enc_up._replace(center=enc_down.center)),
             ("own", enc_down),
         ):
             self.metrics[name].update(d, x_down, sae_down.decode(code))

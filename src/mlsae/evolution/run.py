@@ -85,7 +85,7 @@ def first_pass(
                 x = ch.acts[:, p][ch.mask].float()  # [n_used, d]
                 if spaces is not None:
                     x = spaces[p].cached_to_sae(x, ly)
-                enc = sae.encode(x).to("cpu")  # codes and statistics live on the CPU
+                enc = sae.encode(x, ly).to("cpu")  # codes and statistics live on the CPU
                 acts = comparable_acts(enc, cfg.rescale)
                 store.add(p, enc.top_indices, acts)
                 with one_thread():

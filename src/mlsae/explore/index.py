@@ -88,7 +88,7 @@ class SaeIndexer:
         acts, idx = [], []
         for c, ly in zip(cols, self.rs.layers, strict=True):
             x = self.space.cached_to_sae(ch.acts[used, c].float(), ly)  # [nu, d]
-            enc = self.rs.sae.encode(x)
+            enc = self.rs.sae.encode(x, ly)
             acts.append(enc.top_acts)
             idx.append(enc.top_indices)
         A, Ix = torch.stack(acts, 1), torch.stack(idx, 1)  # [nu, L, k]

@@ -190,7 +190,7 @@ class Live:
         used = cp.used[0, :T]
         where = used.nonzero().flatten().tolist()  # used positions, row order of codes
         r = where.index(pos) if pos in where else None
-        encs = [rs.sae.encode(sp.to_sae(cp.vectors(ly), ly)) for ly in rs.layers]
+        encs = [rs.sae.encode(sp.to_sae(cp.vectors(ly), ly), ly) for ly in rs.layers]
         mat = torch.zeros(L, m)  # [L, m] sums over the prompt
         at_tok = torch.zeros(L, m)  # [L, m] activations at pos
         for p, enc in enumerate(encs):
@@ -269,7 +269,7 @@ class Live:
         def scale(layer: int, h: Tensor) -> Tensor:
             if steer.units == "raw":
                 return torch.full((len(h),), coeff)
-            return coeff * rs.sae.normalize(sp.to_sae(h, layer))[2].flatten()
+            return coeff * rs.sae.standardize(sp.to_sae(h, layer))[2].flatten()
 
         return SteerPlan(dirs, scale, self._load()[0].special_ids)
 

@@ -98,6 +98,8 @@ def saelens_config(
     if cfg.normalize == "standardize" and not approximate:
         raise standardize_error("the SAE")
     mlsae_meta = {**cfg.to_dict(), "layer": layer, "mlsae_version": _mlsae_version()}
+    if cfg.center_layers:  # block `layer`'s mean folded into b_dec: exact at that block only
+        mlsae_meta.update(center_layers=False, layers=[layer])
     if cfg.normalize == "standardize":
         mlsae_meta["note"] = APPROX_NOTE
     return {
@@ -138,7 +140,8 @@ def write_saelens_folder(path: Path, sae: SparseAutoencoder, cfg_json: dict[str,
 
 
 def _write_saelens_files(folder: Path, sae: SparseAutoencoder, cfg_json: dict[str, Any]) -> None:
-    write_safetensors(folder / SL_WEIGHTS, sae.state_tensors())
+    layer = int(cfg_json["metadata"]["mlsae"]["layer"])  # a centred SAE: its block's b_dec
+    write_safetensors(folder / SL_WEIGHTS, sae.block_state_tensors(layer))
     write_json(folder / SL_CFG, cfg_json)
 
 

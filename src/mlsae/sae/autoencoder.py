@@ -25,6 +25,10 @@ W_dec [m, d] (unit-norm rows), b_dec [d]. For a raw vector x:
 normalize="layer_norm" encodes like "standardize" but maps back with x_hat = u_hat * std + mean
 (no +1e-5): SAELens's "layer_norm" mode and the paper's code (tim-lawson/mlsae) do this, so
 SAEs imported from them, or exported to SAELens, reproduce exactly.
+Per-layer centring (cfg.center_layers, mlsae.sae.centring): u is replaced by u - mu_l before the
+encoder and mu_l is added back to u_hat, where mu_l (buffer `layer_means` [L, d], row i for block
+cfg.layers[i]) is block l's mean of u over training data. It is exactly a per-block b_dec, so
+encode / decode / forward take the block of each row (`layer`: an int or i64[N]).
 The heavy lifting is in `mlsae.sae.kernels` (sparse decoder, sparse encoder gradient, top-k).
 """
 
@@ -62,10 +66,11 @@ class EncoderOutput(NamedTuple):
     mean: Tensor  # f32[N, 1] (zeros for normalize="none")
     std: Tensor  # f32[N, 1] the scale decode multiplies by: std + 1e-5 ("standardize"), std
     # ("layer_norm"), ones ("none")
+    center: Tensor | None = None  # f32[N, d] each row's block mean mu_l (per-layer centring)
 
     def to(self, device: torch.device | str) -> EncoderOutput:
         """The same code on another device (e.g. the CPU, for statistics and files)."""
-        return EncoderOutput(*(t.to(device) for t in self))
+        return EncoderOutput(*(None if t is None else t.to(device) for t in self))
 
 
 class StepOutput(NamedTuple):
@@ -142,6 +147,8 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(w.t().contiguous())  # [m, d], W_enc^T with unit rows
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.normalize_decoder_()
+        if cfg.center_layers:
+            self.register_buffer("layer_means", torch.zeros(len(cfg.layers), d))
         for name, value in self.extra_tensors().items():
             self.register_buffer(name, value)
         if device is not None:
@@ -161,9 +168,28 @@ class SparseAutoencoder(nn.Module):
                 f"got shape {list(x.shape)}"
             )
 
-    def normalize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def normalize(
+        self, x: Tensor, layer: int | Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Raw x f32[N, d] -> (u [N, d], mean [N, 1], scale [N, 1]): u = (x - mean) / (std +
-        1e-5); scale is what decode multiplies by (std + 1e-5, or std for "layer_norm")."""
+        1e-5), minus each row's block mean with per-layer centring (`layer`: the block of every
+        row, an int or i64[N]); scale is what decode multiplies by (std + 1e-5, or std for
+        "layer_norm")."""
+        u, mean, scale = self.standardize(x)
+        center = self.block_center(layer, len(u))
+        return (u if center is None else u - center), mean, scale
+
+    def block_center(self, layer: int | Tensor | None, n: int) -> Tensor | None:
+        """mu_l of each of n rows [n, d] on the SAE's device (None without per-layer centring)."""
+        if not self.cfg.center_layers:
+            return None
+        from mlsae.sae.centring import rows_of_blocks
+
+        rows = rows_of_blocks(self.cfg.layers, layer, n).to(self.layer_means.device)
+        return self.layer_means.index_select(0, rows)
+
+    def standardize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`normalize` without the per-layer centring: the per-vector standardisation alone."""
         self._check(x)
         x = x.to(self.W_enc.device, torch.float32)
         if self.cfg.normalize == "none":
@@ -178,19 +204,22 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ public API
 
-    def encode(self, x: Tensor) -> EncoderOutput:
+    def encode(self, x: Tensor, layer: int | Tensor | None = None) -> EncoderOutput:
         """Raw x f32[N, d_in] (any device) -> EncoderOutput on the SAE's device (normalization
-        inside)."""
-        u, mean, std = self.normalize(x)
+        inside). `layer`: the block of every row (int or i64[N]), needed by per-layer centring."""
+        u, mean, std = self.standardize(x)
+        center = self.block_center(layer, len(u))
+        if center is not None:
+            u = u - center
         if torch.is_grad_enabled() or len(u) <= ENCODE_CHUNK:
             acts, idx = self.encode_normalized(u)
-            return EncoderOutput(acts, idx, mean, std)
+            return EncoderOutput(acts, idx, mean, std, center)
         # no autograd: chunks bound the memory of the dense [rows, d_sae] pre-activations
         parts = [
             self.encode_normalized(u[i : i + ENCODE_CHUNK]) for i in range(0, len(u), ENCODE_CHUNK)
         ]
         acts, idx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return EncoderOutput(acts, idx, mean, std)
+        return EncoderOutput(acts, idx, mean, std, center)
 
     @property
     def code_width(self) -> int:
@@ -210,11 +239,17 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction in the raw space: f32[N, d_in] on the SAE's device (the code may be
         on any device)."""
         enc = enc.to(self.W_dec.device)
-        return self.decode_normalized(enc.top_acts, enc.top_indices) * enc.std + enc.mean
+        u_hat = self.decode_normalized(enc.top_acts, enc.top_indices)
+        if enc.center is not None:
+            u_hat = u_hat + enc.center
+        elif self.cfg.center_layers:
+            raise MlsaeError("this SAE centres each block (center_layers): decode a code from "
+                             "its own encode(x, layer), which carries the blocks' means")  # fmt: skip
+        return u_hat * enc.std + enc.mean
 
-    def forward(self, x: Tensor) -> tuple[Tensor, EncoderOutput]:
-        """(x_hat [N, d_in] raw space, EncoderOutput)."""
-        enc = self.encode(x)
+    def forward(self, x: Tensor, layer: int | Tensor | None = None) -> tuple[Tensor, EncoderOutput]:
+        """(x_hat [N, d_in] raw space, EncoderOutput); `layer` as in `encode`."""
+        enc = self.encode(x, layer)
         return self.decode(enc), enc
 
     def dense_acts(self, enc: EncoderOutput) -> Tensor:
@@ -225,9 +260,9 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ training
 
     @torch.no_grad()
-    def init_b_dec(self, x: Tensor) -> None:
+    def init_b_dec(self, x: Tensor, layer: int | Tensor | None = None) -> None:
         """b_dec = geometric median of the batch in the normalized space the encoder sees."""
-        self.b_dec.copy_(geometric_median(self.normalize(x)[0]))
+        self.b_dec.copy_(geometric_median(self.normalize(x, layer)[0]))
 
     @torch.no_grad()
     def init_b_dec_from(self, u: Tensor) -> None:
@@ -242,11 +277,13 @@ class SparseAutoencoder(nn.Module):
         k_aux: int = 0,
         aux_coef: float = 0.0,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        layer: int | Tensor | None = None,
     ) -> StepOutput:
         """The training loss of a raw batch x [N, d_in], with its auxiliary terms. dead: i64 ids
         of dead latents (or None) for AuxK with k_aux latents weighted aux_coef. reduce:
         data-parallel training (see `mlsae.sae.metrics.fvu`): x is this process's share of the
-        batch, and the returned losses are its shares of the global batch's."""
+        batch, and the returned losses are its shares of the global batch's. layer: each row's
+        block (per-layer centring; the loss is then the FVU of the centred u)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement train_step_forward")
 
     def reconstruction_loss(
@@ -306,6 +343,8 @@ class SparseAutoencoder(nn.Module):
         """Name -> shape of every tensor of sae.safetensors: the four weights, then the buffers."""
         d, m = self.cfg.d_in, self.cfg.d_sae
         base = {"W_enc": (d, m), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,)}
+        if self.cfg.center_layers:
+            base["layer_means"] = (len(self.cfg.layers), d)
         return {**base, **{n: tuple(t.shape) for n, t in self.extra_tensors().items()}}
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -314,6 +353,18 @@ class SparseAutoencoder(nn.Module):
             n: getattr(self, n).detach().to("cpu", torch.float32).contiguous().clone()
             for n in self.tensor_shapes()
         }
+
+    def block_state_tensors(self, layer: int) -> dict[str, Tensor]:
+        """`state_tensors` of the SAE as it acts on block `layer` alone: per-layer centring
+        folded into the decoder bias (b_dec + mu_l, exact, as the encoder subtracts b_dec) and
+        no `layer_means`; for formats with one SAE per hook (SAELens)."""
+        t = self.state_tensors()
+        means = t.pop("layer_means", None)
+        if means is not None:
+            from mlsae.sae.centring import rows_of_blocks
+
+            t["b_dec"] = t["b_dec"] + means[int(rows_of_blocks(self.cfg.layers, layer, 1)[0])]
+        return t
 
     def save(self, path: str | Path) -> None:
         """Write the SAE folder (cfg.json + sae.safetensors) atomically: temp dir, then rename."""

@@ -61,10 +61,11 @@ class ThresholdSAE(SparseAutoencoder):
         k_aux: int = 0,
         aux_coef: float = 0.0,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        layer: int | Tensor | None = None,
     ) -> StepOutput:
         """Batch FVU plus aux_coef * AuxK (dense over the dead columns) of the training
         selection's code; updates the threshold from this batch's smallest kept activation."""
-        u, _, _ = self.normalize(x)
+        u, _, _ = self.normalize(x, layer)
         dead = aux_dead(dead, k_aux, aux_coef)
         enc = select_encode(
             u, self.b_dec, self.W_enc, self.b_enc, self.train_select, self.compute_dtype, dead

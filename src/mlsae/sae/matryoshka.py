@@ -32,11 +32,12 @@ class MatryoshkaSAE(TopKSAE):
         k_aux: int = 0,
         aux_coef: float = 0.0,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        layer: int | Tensor | None = None,
     ) -> StepOutput:
         """TopK's loss (FVU of the whole code + AuxK; `fvu` reports it) plus the FVU of each
         smaller prefix's reconstruction b_dec + sum over the code's latents below its size."""
-        out = super().train_step_forward(x, dead, k_aux, aux_coef, reduce)
-        u, _, _ = self.normalize(x)
+        out = super().train_step_forward(x, dead, k_aux, aux_coef, reduce, layer)
+        u, _, _ = self.normalize(x, layer)
         loss = out.loss
         for size in self.prefix_sizes()[:-1]:
             acts = out.top_acts * (out.top_indices < size)

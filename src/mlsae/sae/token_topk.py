@@ -42,11 +42,13 @@ class TokenTopKSAE(ThresholdSAE):
         mask = torch.zeros(t, n_l * m, dtype=torch.bool, device=pre.device)
         return masked_code(pre, mask.scatter_(1, flat, True).view(n, m))
 
-    def encode_grouped(self, x: Tensor) -> EncoderOutput:
+    def encode_grouped(self, x: Tensor, layer: int | Tensor | None = None) -> EncoderOutput:
         """The training selection at inference: x [T * L, d_in], each token's L layer vectors
         consecutive -> its EncoderOutput (rows as x)."""
-        u, mean, std = self.normalize(x)
+        u, mean, std = self.standardize(x)
+        center = self.block_center(layer, len(u))
+        u = u if center is None else u - center
         enc = select_encode(
             u, self.b_dec, self.W_enc, self.b_enc, self.train_select, self.compute_dtype
         )
-        return EncoderOutput(enc.acts, enc.idx, mean, std)
+        return EncoderOutput(enc.acts, enc.idx, mean, std, center)

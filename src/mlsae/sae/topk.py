@@ -30,11 +30,12 @@ class TopKSAE(SparseAutoencoder):
         k_aux: int = 0,
         aux_coef: float = 0.0,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        layer: int | Tensor | None = None,
     ) -> StepOutput:
         """Batch FVU of u plus aux_coef * AuxK (`SparseAutoencoder.reconstruction_loss`); many
         dead latents (beyond AUX_SPARSE_RATIO per k_aux): AuxK's k_aux per row as sparse
         entries gathered in the top-k pass (cost independent of the dead latents)."""
-        u, _, _ = self.normalize(x)
+        u, _, _ = self.normalize(x, layer)
         dead = aux_dead(dead, k_aux, aux_coef)
         sparse_aux = dead is not None and dead.numel() > AUX_SPARSE_RATIO * k_aux
         enc = topk_encode(

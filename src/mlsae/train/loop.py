@@ -50,6 +50,7 @@ from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import kernel_backend, set_malloc_retain
 from mlsae.sae.registry import sae_class
+from mlsae.train.centring import member_means, resolve_centring
 from mlsae.train.checkpoint import Plan, StopSignals, TrainState
 from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam, step_probe
 from mlsae.train.outputs import Progress, final_fvu, format_fvu, sae_inputs
@@ -70,8 +71,9 @@ def run_training(
     cfg = run.train
     check_source(run, source)
     to_sae = sae_inputs(run, source, list(run.layers))
+    run, means = resolve_centring(out, run, source, to_sae, comm.main)
     batches = Batches.of(run, source, comm)
-    state = TrainState(new_members(run, comm), world=comm.world)
+    state = TrainState(new_members(run, comm, means), world=comm.world)
     if state.load(out, comm, batches.plan):
         if comm.main:
             log.info(f"resuming {out} at step {state.step} (epoch {state.epoch}, batch "
@@ -112,12 +114,13 @@ def train_step(
     rows: list[dict[str, Any]] = []
     n_vectors = 0
     for m in state.members:
-        x = batch.x if m.layer is None else batch.x[batch.layer == m.layer]
+        sel = None if m.layer is None else batch.layer == m.layer
+        x, layer = (batch.x, batch.layer) if sel is None else (batch.x[sel], batch.layer[sel])
         n = comm.count(len(x))
         if n < 2:
             continue
         try:
-            rows.append({"sae": m.name, **m.step(x, cfg, k_aux, comm, n)})
+            rows.append({"sae": m.name, **m.step(x, cfg, k_aux, comm, n, layer)})
         except NonFinite as e:
             raise MlsaeError(
                 f"training diverged at step {step}: {e}; lower --lr (lr "
@@ -204,8 +207,9 @@ def _compute_dtype(run: RunConfig, device: torch.device, comm: Comm) -> torch.dt
     return resolve_compute_dtype(name, verbose=comm.main, device=device, shape=shape, probe=probe)
 
 
-def new_members(run: RunConfig, comm: Comm) -> list[Member]:
-    """The run's SAEs freshly initialised from their seeds, each with Adam and a zero counter."""
+def new_members(run: RunConfig, comm: Comm, means: torch.Tensor | None = None) -> list[Member]:
+    """The run's SAEs freshly initialised from their seeds, each with Adam and a zero counter;
+    `means` [L, d] (rows in run.layers order): the block means of per-layer centring."""
     device = resolve_device(run.model.device)
     dtype = comm.broadcast_object(_compute_dtype(run, device, comm))  # every process alike
     set_malloc_retain(True)  # no page faults for each step's large temporaries
@@ -216,9 +220,11 @@ def new_members(run: RunConfig, comm: Comm) -> list[Member]:
             d_in=run.d_in, expansion_factor=s.expansion_factor, k=s.k,
             normalize=run.sae.normalize, layers=list(s.layers), model=run.model.name,
             dataset=run.data.name, lens=run.lens, exclude_sink=run.data.exclude_sink,
-            **run.sae.architecture_settings(),
+            center_layers=run.sae.center_layers == "on", **run.sae.architecture_settings(),
         )  # fmt: skip
         sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype, device=device)
+        if means is not None:
+            sae.layer_means.copy_(member_means(means, list(run.layers), list(s.layers)))
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
         layer = s.layers[0] if run.mode == "per_layer" else None
         adam = make_adam(sae.parameters(), run.train, sc.d_sae)

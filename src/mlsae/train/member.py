@@ -74,28 +74,30 @@ class Member:
         return 1.0 / len(self.sae.cfg.layers)
 
     def step(
-        self, x: Tensor, cfg: TrainConfig, k_aux: int, comm: Comm = SINGLE, n: int | None = None
-    ) -> dict[str, float]:
+        self, x: Tensor, cfg: TrainConfig, k_aux: int, comm: Comm = SINGLE, n: int | None = None,
+        layer: Tensor | None = None,
+    ) -> dict[str, float]:  # fmt: skip
         """One optimizer step on raw vectors x [B, d] (any device: moved to the SAE's); returns
         the step's metrics. Data-parallel (`comm` of several processes): x is this process's
         share of the global batch of n vectors, and the step is the global batch's (see
-        `mlsae.train.parallel`). NonFinite if the loss or the updated weights are not finite."""
+        `mlsae.train.parallel`). NonFinite if the loss or the updated weights are not finite.
+        layer: each row's block (i64[B]), for per-layer centring."""
         sae, dist = self.sae, comm.world > 1
         n = len(x) if n is None else n
         x = x.to(sae.device)
         if not self.initialized:
             if dist:  # rank 0: the geometric median of the whole first global batch
-                u = comm.gather_rows(sae.normalize(x)[0].cpu())
+                u = comm.gather_rows(sae.normalize(x, layer)[0].cpu())
                 if comm.main:
                     sae.init_b_dec_from(u.to(sae.device))
                 comm.broadcast_(sae.b_dec.data)
             else:
-                sae.init_b_dec(x)
+                sae.init_b_dec(x, layer)
             self.initialized = True
         dead = (self.since >= cfg.dead_tokens).nonzero().view(-1)  # [n_dead]
         self.opt.zero_grad(set_to_none=True)
         reduce = comm.sum_ if dist else None
-        out = sae.train_step_forward(x, dead.to(sae.device), k_aux, cfg.aux_coef, reduce)
+        out = sae.train_step_forward(x, dead.to(sae.device), k_aux, cfg.aux_coef, reduce, layer)
         losses = torch.stack([out.loss, out.fvu, out.auxk]).detach().to("cpu", torch.float64)
         if not math.isfinite(float(losses[0])):
             raise NonFinite(f"the loss of SAE {self.name} is {float(losses[0])}")

@@ -133,7 +133,7 @@ def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> d
                 if sel.any():
                     x = batch.x[sel]
                     x_hat, enc = (
-                        m.sae(x) if whole is None else (whole[0][sel], _rows(whole[1], sel))
+                        m.sae(x, layer) if whole is None else (whole[0][sel], _rows(whole[1], sel))
                     )
                     acc[m.name].update(layer, x, x_hat, enc.top_indices, enc.top_acts)
         seen += len(batch)
