@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from mlsae.activations.live import LiveSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import EvolutionConfig
@@ -161,11 +162,7 @@ def evolution_command(
 
     t0 = time.perf_counter()
     cfg = cfg or EvolutionConfig()
-    source, data, model = (
-        source or SourceConfig(),
-        data or DataConfig(split="test"),
-        model or ModelConfig(),
-    )
+    source, data, model = Inputs.held_out(source, data, model).parts()
     clock: dict[str, float] = {}  # phase -> end time
     check_output(out, "evolution", inputs=[run, source.cache])
     device = resolve_device(model.device)
