@@ -1,10 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -19,9 +21,10 @@
 # held-out tokens, analyse where its latents live across layers, then look at one prompt: the
 # layer distribution heatmap, the top latents at a token, and steering by a latent's direction.
 #
-# Open it with `jupytext --to notebook docs/quickstart.py` (or run it as a script:
-# `python docs/quickstart.py`). The environment variables below switch the model, the corpus and
-# the sizes; the tests run this file on a tiny random model.
+# docs/quickstart.ipynb is this file as a notebook (paired by jupytext: after editing one, run
+# `jupytext --sync docs/quickstart.py`); run it as a script with `python docs/quickstart.py`.
+# The environment variables below switch the model, the corpus and the sizes; the tests run
+# this file on a tiny random model and check that the two files hold the same cells.
 
 # %%
 import os
@@ -44,6 +47,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog because it was late."
 model_cfg = mlsae.ModelConfig(model=MODEL, device="cpu")
 train_data = mlsae.DataConfig(dataset=DATASET, context_length=CONTEXT)
 test_data = mlsae.DataConfig(dataset=DATASET, split="test", context_length=CONTEXT)
+held_out_source = mlsae.SourceConfig(tokens=TEST_TOKENS)
 
 # %% [markdown]
 # ## The model and its activations
@@ -79,14 +83,15 @@ print(run, run.sae.cfg.d_sae, "latents on layers", run.sae.cfg.layers)
 # ## Evaluate and analyse on held-out tokens
 
 # %%
-held_out_source = mlsae.SourceConfig(tokens=TEST_TOKENS)
 evaluation = mlsae.evaluate(
     run.path, OUT / "eval.json", source=held_out_source, data=test_data, model=model_cfg
 )
-summary = mlsae.analyze(
+print(evaluation.table())
+analysis = mlsae.analyze(
     run.path, OUT / "analysis", prompts=[PROMPT], source=held_out_source, data=test_data,
     model=model_cfg,
 )  # fmt: skip
+print(analysis.table())
 print("report:", OUT / "analysis" / "report.html")
 
 # %% [markdown]

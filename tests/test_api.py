@@ -171,3 +171,18 @@ def test_quickstart_runs_end_to_end(tiny, tmp_path):
                  "prompt_layer_distribution.png", "prompt_latent.png"):  # fmt: skip
         assert (tmp_path / "out" / name).is_file(), name
     assert "KL(clean || steered)" in out.stdout
+
+
+def test_quickstart_notebook_holds_the_script_cells():
+    """docs/quickstart.ipynb is docs/quickstart.py as a notebook (jupytext pairing): the same
+    cells, in order, with the same source, and both name the pair."""
+    jupytext = pytest.importorskip("jupytext")
+    script = jupytext.read(ROOT / "docs" / "quickstart.py")
+    notebook = jupytext.read(ROOT / "docs" / "quickstart.ipynb")
+    cells = lambda nb: [(c.cell_type, c.source.strip()) for c in nb.cells]  # noqa: E731
+    assert len(cells(script)) > 5 and cells(script) == cells(notebook), (
+        "docs/quickstart.ipynb is out of sync: run `jupytext --sync docs/quickstart.py`"
+    )
+    for nb in (script, notebook):
+        assert nb.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+    assert not any(c.get("outputs") for c in notebook.cells)  # stored without outputs

@@ -168,10 +168,12 @@ def test_pipeline_outputs(tiny, tmp_path):
     assert "Many features pass through: holds" in sec and "data:image/png;base64" in sec
     assert not list(tmp_path.glob(".codes-*"))  # the code store is removed
     # `mlsae analyze --evolution DIR` puts this section and a relative graph link in report.html
+    from mlsae.core.inputs import Inputs
     from mlsae.report.analyze import analyze_command
 
     rep = tmp_path / "analysis"
-    analyze_command(root / "run" / "layer_00", rep, source=_cache(root), evolution=tmp_path)
+    analyze_command(root / "run" / "layer_00", rep, inputs=Inputs.held_out(_cache(root)),
+                    evolution=tmp_path)  # fmt: skip
     page = (rep / "report.html").read_text()
     assert '<section id="evolution">' in page and 'href="../graph.html"' in page
 

@@ -266,6 +266,7 @@ def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, 
 
 
 def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) -> None:
+    from mlsae.core.inputs import Inputs
     from mlsae.report.analyze import analyze_command
 
     _train(root, tmp_path / "plain", "cache_train")
@@ -280,15 +281,15 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
                  "model_ce": 2.0, "n_kl_positions": 8, "n_ce_positions": 7}  # fmt: skip
     (root / "lens" / "eval.json").write_text(json.dumps(lens_eval))
     try:
-        s = analyze_command(tmp_path / "plain", tmp_path / "a", source=test,
+        s = analyze_command(tmp_path / "plain", tmp_path / "a", inputs=Inputs.held_out(test),
                             compare=[tmp_path / "lensed"]).summary  # fmt: skip
     finally:
         (root / "lens" / "eval.json").unlink()
     c = s.compare[0]
     assert s.space == "model" and c.space == "tuned-lens"
     # the same lens SAE analysed on the stored lens cache (no on-the-fly transform)
-    direct = analyze_command(tmp_path / "lensed", tmp_path / "b",
-                             source=SourceConfig(cache=root / "cache_test_lens")).summary  # fmt: skip
+    lens_cache = Inputs.held_out(SourceConfig(cache=root / "cache_test_lens"))
+    direct = analyze_command(tmp_path / "lensed", tmp_path / "b", inputs=lens_cache).summary
     for k in ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token",
               "multi_layer_fraction_aggregate"):  # fmt: skip
         assert getattr(c, k) == pytest.approx(getattr(direct, k), rel=1e-4, abs=1e-6), k

@@ -28,6 +28,7 @@ from mlsae.analysis.summary import (
 )
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.eval.result import EvalResult
 from mlsae.report.figures import make_figures
 from mlsae.report.html import eval_table, reading, write_report
@@ -313,7 +314,8 @@ def test_single_layer_run_uses_every_cache_layer(runs, tmp_path):
     from mlsae.report.analyze import analyze_command
 
     root = runs[0]
-    res = analyze_command(root / "l1", tmp_path / "o", source=SourceConfig(cache=root / "cache"))
+    cache = Inputs.held_out(SourceConfig(cache=root / "cache"))
+    res = analyze_command(root / "l1", tmp_path / "o", inputs=cache)
     s = res.summary
     assert s.layers == [0, 1, 2] and s.compare == [] and s.prompts == []
     assert read_analysis(tmp_path / "o") == s  # analysis.json reads back as the same object
@@ -324,9 +326,9 @@ def test_analyze_runs_the_model_without_a_cache(runs, tmp_path):
 
     root, _, mdir, data = runs
     out = tmp_path / "o"
-    s = analyze_command(root / "mlsae", out, source=SourceConfig(tokens=2 * CTX),
-                        data=DataConfig(dataset=data, split="test", context_length=CTX),
-                        model=ModelConfig(model=mdir)).summary  # fmt: skip
+    live = Inputs(SourceConfig(tokens=2 * CTX),
+                  DataConfig(dataset=data, split="test", context_length=CTX), ModelConfig(model=mdir))  # fmt: skip
+    s = analyze_command(root / "mlsae", out, inputs=live).summary
     assert s.cache is None and 0 < s.n_tokens <= 2 * CTX
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
@@ -350,3 +352,18 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and msg in err[0], err
+
+
+def test_tables_and_frames_hold_the_numbers():
+    pytest.importorskip("pandas")
+    ev = EvalResult.from_json(EVAL)
+    df = ev.to_pandas()
+    assert df.index.tolist() == LAYERS and df["fvu"].tolist() == EVAL["per_layer"]["fvu"]
+    stats, _ = synthetic()
+    pstats, _ = synthetic(seed=1, n=12)
+    s = _summary(stats, prompts=[PromptSummary.of_prompt("p", pstats)])
+    frame = s.to_pandas()
+    assert frame.loc["rel_var_token", "this SAE"] == pytest.approx(stats.rel_var_token)
+    assert frame.loc["n_tokens", "prompt 1"] == pstats.n_tokens
+    row = next(r for r in s.table().splitlines() if r.startswith("rel_var_latent "))
+    assert row.split()[1:] == [f"{stats.rel_var_latent:.4g}", f"{pstats.rel_var_latent:.4g}"]

@@ -4,7 +4,9 @@
 The public API (docs/api.md): the pipeline's stages as calls with the CLI's names
 (`load_model`, `activations`, `train` -> `Run`, `evaluate`, `analyze`, `evolution`,
 `train_lens`, `evaluate_lens`), a run's per-prompt helpers (`Run.layer_distribution`,
-`Run.top_latents`, `Run.steer`), `load_sae`, and the settings dataclasses. Names load on first
+`Run.top_latents`, `Run.steer`), `load_sae`, the typed results (`EvalResult`,
+`AnalysisResult` / `AnalysisSummary`, `read_analysis`) and the settings dataclasses (`Inputs`
+bundles a stage's source, data and model settings). Names load on first
 use, so `import mlsae` (and `mlsae --help`) does not import torch.
 """
 
@@ -21,7 +23,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     import torch
 
+    from mlsae.analysis.analyze import AnalysisResult
     from mlsae.analysis.prompt import PromptCodes
+    from mlsae.analysis.summary import AnalysisSummary, read_analysis
     from mlsae.api.pipeline import (
         activations,
         analyze,
@@ -51,7 +55,9 @@ if TYPE_CHECKING:
         TrainConfig,
     )
     from mlsae.core.errors import MlsaeError
+    from mlsae.core.inputs import Inputs
     from mlsae.core.stage_config import AnalysisConfig, EvalConfig, EvolutionConfig, LensTrainConfig
+    from mlsae.eval.result import EvalResult
     from mlsae.sae.autoencoder import SparseAutoencoder
 
 _WHERE = {
@@ -60,8 +66,12 @@ _WHERE = {
     "mlsae.api.run": ["Run", "Steering", "TokenProb", "layer_distribution", "open_run", "steer",
                       "top_latents"],
     "mlsae.analysis.prompt": ["PromptCodes"],
+    "mlsae.analysis.analyze": ["AnalysisResult"],
+    "mlsae.analysis.summary": ["AnalysisSummary", "read_analysis"],
+    "mlsae.eval.result": ["EvalResult"],
     "mlsae.core.config": ["DataConfig", "ExtractConfig", "ModelConfig", "SaeGridConfig",
                           "SourceConfig", "TrainConfig"],
+    "mlsae.core.inputs": ["Inputs"],
     "mlsae.core.stage_config": ["AnalysisConfig", "EvalConfig", "EvolutionConfig",
                                 "LensTrainConfig"],
     "mlsae.core.errors": ["MlsaeError"],
@@ -70,10 +80,14 @@ _MODULE = {name: module for module, names in _WHERE.items() for name in names}
 
 __all__ = [
     "AnalysisConfig",
+    "AnalysisResult",
+    "AnalysisSummary",
     "DataConfig",
     "EvalConfig",
+    "EvalResult",
     "EvolutionConfig",
     "ExtractConfig",
+    "Inputs",
     "LensTrainConfig",
     "MlsaeError",
     "ModelConfig",
@@ -94,6 +108,7 @@ __all__ = [
     "load_model",
     "load_sae",
     "open_run",
+    "read_analysis",
     "resume",
     "steer",
     "top_latents",

@@ -28,8 +28,9 @@ from mlsae.analysis.summary import (
     LensEval,
     PromptSummary,
 )
-from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
+from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import HELD_OUT_TOKENS, Inputs
 from mlsae.core.io import read_json, read_json_object, write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import AnalysisConfig, BootstrapConfig
@@ -160,9 +161,7 @@ def analyze(
     run: Path,
     out: Path,
     *,
-    source: SourceConfig | None = None,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
+    inputs: Inputs | None = None,
     prompts: list[str] | None = None,
     compare: list[Path] | None = None,
     lens: Path | None = None,
@@ -170,18 +169,15 @@ def analyze(
     chunk_vectors: int = 8192,
     boot: BootstrapConfig | None = None,
 ) -> AnalysisResult:
-    """Analyse the SAE of `run` (and `compare` SAEs) on `source` (a cache, else the model, by
-    default the SAE's, on 8,192 test tokens of the SAE's dataset); write analysis.json and
-    latents.npz into `out`. `lens`: the main SAE's lens folder if it has moved."""
+    """Analyse the SAE of `run` (and `compare` SAEs) on `inputs.source` (a cache, else the
+    model, by default the SAE's, on 8,192 held-out tokens of the SAE's dataset); write
+    analysis.json and latents.npz into `out`. `lens`: the main SAE's lens folder if it has
+    moved."""
     from mlsae.activations.open import open_source
     from mlsae.core.compute import resolve_device
     from mlsae.lens.tuned import resolve_space
 
-    source, data, model = (
-        source or SourceConfig(),
-        data or DataConfig(split="test"),
-        model or ModelConfig(),
-    )
+    source, data, model = (inputs or Inputs.held_out()).parts()
     run, out = Path(run), Path(out)
     prompts = list(prompts or [])
     check_output(out, "analysis", inputs=[run, *(compare or []), source.cache, lens])
@@ -195,7 +191,7 @@ def analyze(
     data = replace(data, dataset=data.dataset or cfg.dataset)
     model = replace(model, model=model.model or cfg.model)
     layers_wanted = list(cfg.layers) if len(cfg.layers) > 1 else None
-    src = open_source(source, data, model, default_tokens=8192, layers=layers_wanted)
+    src = open_source(source, data, model, default_tokens=HELD_OUT_TOKENS, layers=layers_wanted)
     _check_source(src, cfg)
     space = resolve_space(cfg.lens, src.lens, override=lens, sae_dir=sae_dir)
     layers = list(cfg.layers) if len(cfg.layers) > 1 else list(src.layers)

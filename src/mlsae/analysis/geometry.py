@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,21 +39,6 @@ class GeometryResult:
     norm_max: list[float]
     norm_quantiles: dict[str, list[float]]  # "0.05" -> [L], from the histogram
     norm_hist: np.ndarray  # [L, bins] counts over [norm_min, norm_max] per layer
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "layers": self.layers,
-            "adjacent_pairs": [
-                [a, b] for a, b in zip(self.layers[:-1], self.layers[1:], strict=True)
-            ],
-            "adjacent_cosine": self.adjacent_cosine,
-            "adjacent_cosine_raw": self.adjacent_cosine_raw,
-            "norm_mean": self.norm_mean,
-            "norm_std": self.norm_std,
-            "norm_min": self.norm_min,
-            "norm_max": self.norm_max,
-            "norm_quantiles": self.norm_quantiles,
-        }
 
 
 class ResidualGeometry:

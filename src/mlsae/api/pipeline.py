@@ -22,6 +22,7 @@ from mlsae.core.config import (
     Split,
     TrainConfig,
 )
+from mlsae.core.inputs import HELD_OUT_SPLIT, HELD_OUT_TOKENS, Inputs
 from mlsae.core.stage_config import AnalysisConfig, EvalConfig, EvolutionConfig, LensTrainConfig
 
 if TYPE_CHECKING:
@@ -29,16 +30,26 @@ if TYPE_CHECKING:
     from mlsae.analysis.analyze import AnalysisResult
     from mlsae.api.run import Run
     from mlsae.data.model import LoadedModel
+    from mlsae.eval.result import EvalResult
     from mlsae.lens.tuned import TunedLens
 
 PathLike = str | Path
-TEST_TOKENS = 8192
-"""Held-out tokens read from the model by evaluate / analyze / evolution without a cache."""
 
 
 def _source(source: SourceConfig | None, cache: PathLike | None) -> SourceConfig:
     source = source or SourceConfig()
     return source if cache is None else replace(source, cache=Path(cache))
+
+
+def _held_out(
+    source: SourceConfig | None,
+    cache: PathLike | None,
+    data: DataConfig | None,
+    model: ModelConfig | None,
+) -> Inputs:
+    """A measuring stage's inputs: `cache` as the source if given, the held-out split by
+    default."""
+    return Inputs.held_out(_source(source, cache), data, model)
 
 
 def load_model(
@@ -61,8 +72,8 @@ def activations(
     *,
     model: str | None = None,
     dataset: str | None = None,
-    split: Split = "test",
-    tokens: int = TEST_TOKENS,
+    split: Split = HELD_OUT_SPLIT,
+    tokens: int = HELD_OUT_TOKENS,
     layers: str | None = None,
 ) -> ActivationSource:
     """Residual-stream vectors: an activation cache (`cache`, as `mlsae cache` writes it), or
@@ -143,17 +154,19 @@ def evaluate(
     model: ModelConfig | None = None,
     source: SourceConfig | None = None,
     lens: PathLike | None = None,
-):  # the evaluate command's result (see mlsae.eval.evaluate)
+) -> EvalResult:
     """`mlsae evaluate RUN --out OUT.json`: FVU, delta CE, dead and dense latents per layer on
-    held-out tokens (`cache`, else the model on the test split); written to `out`.
+    held-out tokens (`cache`, else the model on the test split); written to `out`. Returns the
+    typed result: `.per_layer`, `.mean`, `.intervals`, `.table()`, `.to_pandas()`.
 
     >>> res = mlsae.evaluate("runs/demo", "runs/demo/eval.json", cache="cache_test")  # doctest: +SKIP
     """
     from mlsae.eval.evaluate import evaluate_command
 
+    inputs = _held_out(source, cache, data, model)
     return evaluate_command(
-        Path(run), Path(out), source=_source(source, cache), data=data or DataConfig(split="test"),
-        model=model, ev=config, lens=None if lens is None else Path(lens),
+        Path(run), Path(out), source=inputs.source, data=inputs.data, model=inputs.model,
+        ev=config, lens=None if lens is None else Path(lens),
     )  # fmt: skip
 
 
@@ -182,8 +195,8 @@ def analyze(
     from mlsae.report.analyze import analyze_command
 
     return analyze_command(
-        Path(run), Path(out), source=_source(source, cache), data=data or DataConfig(split="test"),
-        model=model, prompts=prompts, compare=[Path(c) for c in compare or []],
+        Path(run), Path(out), inputs=_held_out(source, cache, data, model), prompts=prompts,
+        compare=[Path(c) for c in compare or []],
         evolution=None if evolution is None else Path(evolution),
         lens=None if lens is None else Path(lens), cfg=config,
     )  # fmt: skip
@@ -207,9 +220,10 @@ def evolution(
     from mlsae.evolution.run import evolution_command
     from mlsae.report.evolution import write_figures
 
+    inputs = _held_out(source, cache, data, model)
     return evolution_command(
-        Path(run), Path(out), source=_source(source, cache), data=data or DataConfig(split="test"),
-        model=model, cfg=config, figures=write_figures,
+        Path(run), Path(out), source=inputs.source, data=inputs.data, model=inputs.model,
+        cfg=config, figures=write_figures,
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from mlsae.core.config import (
     TrainConfig,
 )
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import AnalysisConfig, BootstrapConfig, EvalConfig, EvolutionConfig
 
 app = typer.Typer(
@@ -201,7 +202,7 @@ def analyze(
     """Where latents live across layers (SPEC 4), residual geometry, and report.html."""
     from mlsae.report.analyze import analyze_command
 
-    analyze_command(run, out, source=source, data=data, model=model, prompts=prompt,
+    analyze_command(run, out, inputs=Inputs(source, data, model), prompts=prompt,
                     compare=compare, evolution=evolution, lens=lens, cfg=cfg, boot=boot)  # fmt: skip
     print(f"report: {out / 'report.html'}")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
 from mlsae.core.layers import parse_layers
 from mlsae.core.outputs import check_output
@@ -38,7 +39,7 @@ def cross_command(
     layer of the MLSAE (or `source.layers`), the MLSAE on its own layers, sharing one clean pass
     per batch. Writes DIR/cross.json (the figures are the report stage's)."""
     source, ev = source or SourceConfig(), ev or EvalConfig()
-    data, model = data or DataConfig(split="test"), model or ModelConfig()
+    source, data, model = Inputs.held_out(source, data, model).parts()
     check_output(out, "cross", inputs=[mlsae_run, *sae_runs, source.cache])
     layers = parse_layers(source.layers)
     mdirs = RunFolder(Path(mlsae_run)).sae_dirs()

@@ -23,6 +23,7 @@ from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
 from mlsae.core.layers import parse_layers
 from mlsae.core.outputs import check_output
@@ -402,7 +403,7 @@ def evaluate_command(
     observe(entries): observers of the clean passes; finish(result, observers) adds their
     sections (eval/several.py). Writes the JSON and returns the result."""
     source, ev, boot = source or SourceConfig(), ev or EvalConfig(), boot or BootstrapConfig()
-    data, model = data or DataConfig(split="test"), model or ModelConfig()
+    source, data, model = Inputs.held_out(source, data, model).parts()
     check_output(out, "eval", file=True, inputs=[run, source.cache, lens])
     if (ev.replace is not None or ev.format != "mlsae") and observe is None:
         raise MlsaeError("--replace / --format saebench: call mlsae.eval.several.evaluate_run")

@@ -138,6 +138,14 @@ class EvalResult:
         """The per-layer text table `mlsae evaluate` prints."""
         return format_eval_table(self)
 
+    def to_pandas(self) -> Any:
+        """The per-layer metrics as a pandas DataFrame indexed by layer (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise MlsaeError("to_pandas() needs pandas (pip install pandas)") from None
+        return pd.DataFrame(self.per_layer.columns(), index=pd.Index(self.layers, name="layer"))
+
     def interval(self, key: str, i: int | None = None) -> Interval | None:
         """The interval of metric `key` at layer position i (None: of the mean), if any."""
         mi = self.intervals.get(key) if self.intervals is not None else None

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import BootstrapConfig, EvalConfig
 from mlsae.eval.evaluate import Entry, evaluate_command
 from mlsae.eval.replace import Recon, Replacement, parse_replace
@@ -55,7 +56,7 @@ def evaluate_run(
     """`mlsae evaluate RUN`: `evaluate_command` with the observers `ev` asks for, or, for a
     per-layer set, `evaluate_per_layer`. Writes the JSON and returns the result."""
     source, ev = source or SourceConfig(), ev or EvalConfig()
-    data, model = data or DataConfig(split="test"), model or ModelConfig()
+    source, data, model = Inputs.held_out(source, data, model).parts()
     if is_per_layer_set(Path(run)):
         if lens is not None:
             raise MlsaeError("--lens applies to one SAE, not to a per-layer set")

@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from mlsae.activations.live import LiveSource
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.schema import from_dict
@@ -206,9 +207,9 @@ def evolution_command(
     tokens of the SAEs' dataset)."""
     t0 = time.perf_counter()
     cfg = cfg or EvolutionConfig()
-    source = source or SourceConfig()
+    source, data, model = Inputs.held_out(source, data, model).parts()
     check_output(out, "evolution", inputs=[run, source.cache])
-    op = _open(run, source, data or DataConfig(split="test"), model or ModelConfig())
+    op = _open(run, source, data, model)
     saes, layers = op.saes, op.layers
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

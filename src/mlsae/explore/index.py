@@ -39,6 +39,7 @@ from torch import Tensor
 from mlsae.analysis.layers import LayerStats
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import HELD_OUT_TOKENS, Inputs
 from mlsae.core.stage_config import IndexConfig
 from mlsae.core.threads import one_thread
 from mlsae.explore.keeper import TopKeeper, WindowLookup
@@ -237,11 +238,7 @@ def build_index(
     from mlsae.explore.source import run_saes, source_chunks, weights_sha256
     from mlsae.lens.tuned import resolve_space
 
-    source, data, model = (
-        source or SourceConfig(),
-        data or DataConfig(split="test"),
-        model or ModelConfig(),
-    )
+    source, data, model = Inputs.held_out(source, data, model).parts()
     cfg = cfg or IndexConfig()
     top_n, window, samples = cfg.top_n, cfg.window, cfg.samples
     t0 = time.perf_counter()
@@ -252,7 +249,7 @@ def build_index(
     layers = sorted({ly for s in saes for ly in s.layers})
     cfg0 = saes[0].sae.cfg
     src = open_source(source, replace(data, dataset=data.dataset or cfg0.dataset),
-                      replace(model, model=model.model or cfg0.model), default_tokens=8192,
+                      replace(model, model=model.model or cfg0.model), default_tokens=HELD_OUT_TOKENS,
                       layers=layers)  # fmt: skip
     lm = index_model(src, model)
     cache_lens, ctx = src.lens, max(1, src.context_length)

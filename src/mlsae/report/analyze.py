@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from mlsae.analysis.analyze import AnalysisResult, analyze
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import AnalysisConfig, BootstrapConfig
@@ -41,9 +41,7 @@ def analyze_command(
     run: Path,
     out: Path,
     *,
-    source: SourceConfig | None = None,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
+    inputs: Inputs | None = None,
     prompts: list[str] | None = None,
     compare: list[Path] | None = None,
     evolution: Path | None = None,
@@ -52,13 +50,14 @@ def analyze_command(
     boot: BootstrapConfig | None = None,
 ) -> AnalysisResult:
     """The whole `mlsae analyze`; returns what it computed (`.summary`: analysis.json)."""
+    inputs = inputs or Inputs.held_out()
     check_output(out, "analysis", inputs=[run, *(compare or []), evolution, lens,
-                                          source.cache if source is not None else None])  # fmt: skip
+                                          inputs.source.cache])  # fmt: skip
     if evolution is not None:  # an unreadable evolution folder fails before the work
         from mlsae.report.evolution import evolution_section_html
 
         evolution_section_html(Path(evolution))
-    res = analyze(run, out, source=source, data=data, model=model, prompts=prompts,
-                  compare=compare, lens=lens, settings=cfg, boot=boot)  # fmt: skip
+    res = analyze(run, out, inputs=inputs, prompts=prompts, compare=compare, lens=lens,
+                  settings=cfg, boot=boot)  # fmt: skip
     write_analysis_report(out, res, evolution)
     return res
