@@ -276,6 +276,12 @@ def test_commands_on_a_tiny_model(tmp_path, tokenizer):
     body = json.loads(out.read_text())
     kinds = [row["kind"] for row in body["rows"]]
     assert kinds == ["seed", "observed", "perm_context", "perm_global", "gap_2"]
+    assert {v["control"] for v in body["verdicts"]} == {
+        "seed",
+        "perm_context",
+        "perm_global",
+        "gap_2",
+    }
     src = ActivationCache(cache)
     blocks = list(src.iter_ordered())
     x = torch.cat([b.activations for b in blocks]).float()
@@ -313,3 +319,13 @@ def test_commands_on_a_tiny_model(tmp_path, tokenizer):
                             "--pair-layers", "7", "--out", str(tmp_path / "bad.json")])  # fmt: skip
     assert r.exit_code != 0 and not (tmp_path / "bad.json").exists()
     assert ControlsConfig().gaps == [2, 4, 8]
+
+
+def test_verdict_needs_apart_intervals():
+    from mlsae.core.bootstrap import Interval
+    from mlsae.evolution.controls import verdict
+
+    assert verdict(Interval(0.2, 0.3), Interval(0.0, 0.1)) == "above"
+    assert verdict(Interval(0.0, 0.1), Interval(0.2, 0.3)) == "below"
+    assert verdict(Interval(0.0, 0.2), Interval(0.2, 0.3)) == "inconclusive"
+    assert verdict(None, Interval(0.2, 0.3)) == "inconclusive"

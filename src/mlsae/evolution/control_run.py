@@ -21,7 +21,14 @@ from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import ControlsConfig, EvolutionConfig
 from mlsae.evolution.causal import CausalResult, NextBlock, causal_pair, choose_predecessors
 from mlsae.evolution.codes import load_per_layer
-from mlsae.evolution.controls import ControlRow, control_rows, load_codes, pair_result, rows_json
+from mlsae.evolution.controls import (
+    ControlRow,
+    control_rows,
+    load_codes,
+    pair_result,
+    rows_json,
+    verdicts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,7 @@ def measures_command(
         "permutation": "layer l+1's tokens permuted within each context (perm_context) or over "
         "the whole stream (perm_global)",
         "rows": rows_json(rows),
+        "verdicts": [v for m in ("pass_through", "disappear", "appear") for v in verdicts(rows, m)],
         "time_s": {"encode": t1 - t0, "measures": time.perf_counter() - t1},
     }
     write_json(out, body)

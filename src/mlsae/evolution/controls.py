@@ -259,6 +259,22 @@ def verdict(observed: Interval | None, null: Interval | None) -> str:
     return "above" if observed.low > null.high else "below"
 
 
+def verdicts(rows: list[ControlRow], measure: str = "pass_through") -> list[dict]:
+    """Each control row's `measure` against the observed row of its up layer: the observed
+    value is 'above' / 'below' the control's when their intervals are apart."""
+    observed = {r.up_layer: r for r in rows if r.kind == "observed"}
+    out = []
+    for r in rows:
+        o = observed.get(r.up_layer)
+        if o is None or r is o:
+            continue
+        v = verdict(o.intervals.get(measure), r.intervals.get(measure))
+        out.append({"up_layer": r.up_layer, "control": r.kind, "measure": measure,
+                    "observed": getattr(o, measure), "control_value": getattr(r, measure),
+                    "observed_vs_control": v})  # fmt: skip
+    return out
+
+
 def format_rows(rows: list[ControlRow]) -> str:
     """The controls table: one line per row, rates with their intervals."""
 
