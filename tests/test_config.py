@@ -33,6 +33,7 @@ from mlsae.core.schema import from_dict
 FIXTURE = Path(__file__).parent / "fixtures" / "v1"
 NOT_SETTINGS = {
     "out",
+    "seed_run",  # mlsae controls measures: a second-seed per-layer run (an input folder)
     "resume",
     "runs",
     "run",

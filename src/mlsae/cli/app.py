@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from mlsae.cli.controls import controls_app
 from mlsae.cli.explore import register as register_explore
 from mlsae.cli.interchange import register as register_interchange
 from mlsae.cli.launch import Nproc, relaunch
@@ -44,6 +45,7 @@ app = typer.Typer(
 )
 app.add_typer(lens_app, name="lens")
 app.add_typer(synth_app, name="synth")
+app.add_typer(controls_app, name="controls")
 register_interchange(app)  # mlsae export / mlsae import
 register_explore(app)  # mlsae index / mlsae explore
 

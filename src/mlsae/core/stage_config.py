@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -268,3 +268,36 @@ class ExploreConfig:
         check(0 <= self.port <= 65535, "--port must be in [0, 65535]")
         check(1 <= self.max_tokens <= 1024, "--max-tokens must be between 1 and 1024")
         check(0.0 < self.dense <= 1.0, "--dense must be in (0, 1]")
+
+
+@dataclass
+class ControlsConfig:
+    """Settings of `mlsae controls measures|causal` (controls for the cross-layer measures of
+    `mlsae evolution`, issue 24 item 3; saved in their JSON). The measures' own thresholds are
+    EvolutionConfig's."""
+
+    pair_layers: str = "3,12,24"
+    """Up layers l of the pairs checked: (l, l+1) observed, (l, l + gap) nulls, (l, l) seeds."""
+    gaps: list[int] = field(default_factory=lambda: [2, 4, 8])
+    """Non-adjacent null: the measures between blocks l and l + gap (gaps past the last SAE
+    are skipped)."""
+    control_seed: int = 0
+    """Seed of the token permutations, the causal check's feature sample and its random
+    predecessors, and of the bootstrap."""
+    resamples: int = 1000
+    """Bootstrap resamples behind every interval (contexts for the measures, tested features
+    for the causal rates)."""
+    causal_contexts: int = 8
+    """Causal check: held-out contexts run through the model (8 x 256 = 2,048 tokens)."""
+    causal_features: int = 48
+    """Causal check: downstream features tested per pair (a seeded sample of those active on
+    >= --min-support of the causal tokens)."""
+    drop: float = 0.5
+    """Causal check: a removal 'kills' a downstream activation that falls by >= this fraction."""
+
+    def __post_init__(self) -> None:
+        check(all(g >= 2 for g in self.gaps), f"--gaps must be >= 2, not {self.gaps}")
+        check(self.resamples >= 1, f"--resamples must be >= 1, not {self.resamples}")
+        check(self.causal_contexts >= 1 and self.causal_features >= 1,
+              "--causal-contexts and --causal-features must be >= 1")  # fmt: skip
+        check(0 < self.drop <= 1, f"--drop must be in (0, 1], not {self.drop}")

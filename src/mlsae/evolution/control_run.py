@@ -1,0 +1,155 @@
+"""`mlsae controls measures|causal`: the controls of the cross-layer measures
+(mlsae.evolution.controls) and the causal check (mlsae.evolution.causal) as commands writing
+one JSON file each (through core.outputs and core.io)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlsae.activations.source import ActivationSource
+from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.errors import MlsaeError
+from mlsae.core.io import write_json
+from mlsae.core.layers import parse_layers
+from mlsae.core.outputs import check_output
+from mlsae.core.stage_config import ControlsConfig, EvolutionConfig
+from mlsae.evolution.causal import CausalResult, NextBlock, causal_pair, choose_predecessors
+from mlsae.evolution.codes import load_per_layer
+from mlsae.evolution.controls import (
+    ControlRow,
+    control_rows,
+    load_codes,
+    pair_result,
+    rows_json,
+    verdicts,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _open(
+    run: Path, source: SourceConfig, data: DataConfig, model: ModelConfig
+) -> ActivationSource:
+    from mlsae.activations.open import open_source
+
+    sc = load_per_layer(run)[0][1].cfg
+    return open_source(source, replace(data, dataset=data.dataset or sc.dataset),
+                       replace(model, model=model.model or sc.model), default_tokens=8192,
+                       layers=None)  # fmt: skip
+
+
+def _up_layers(ctl: ControlsConfig) -> list[int]:
+    layers = parse_layers(ctl.pair_layers)
+    if not layers:
+        raise MlsaeError("--pair-layers: give the up layers of the pairs, e.g. '3,12,24'")
+    return layers
+
+
+def measures_command(
+    run: Path, out: Path, seed_run: Path | None, source: SourceConfig, data: DataConfig,
+    model: ModelConfig, cfg: EvolutionConfig, ctl: ControlsConfig,
+) -> tuple[list[ControlRow], dict[str, Any]]:  # fmt: skip
+    """Every control row of the up layers, written to `out` (JSON)."""
+    t0 = time.perf_counter()
+    check_output(out, "eval", file=True, inputs=[run, seed_run, source.cache])
+    src = _open(run, source, data, model)
+    codes, ctx = load_codes(src, run, seed_run, _up_layers(ctl), ctl, cfg.rescale, source.tokens)
+    t1 = time.perf_counter()
+    rows = list(control_rows(codes, ctx, _up_layers(ctl), cfg, ctl))
+    body = {
+        "run": str(run),
+        "seed_run": None if seed_run is None else str(seed_run),
+        "source": src.describe(),
+        "n_used_tokens": len(ctx),
+        "n_contexts": len(torch.unique(ctx)),
+        "settings": {"evolution": asdict(cfg), "controls": asdict(ctl)},
+        "interval": "95% percentile bootstrap over contexts, each feature's best partner fixed",
+        "permutation": "layer l+1's tokens permuted within each context (perm_context) or over "
+        "the whole stream (perm_global)",
+        "rows": rows_json(rows),
+        "verdicts": [v for m in ("pass_through", "disappear", "appear") for v in verdicts(rows, m)],
+        "time_s": {"encode": t1 - t0, "measures": time.perf_counter() - t1},
+    }
+    write_json(out, body)
+    return rows, body
+
+
+def held_out_contexts(src: ActivationSource, n_contexts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids [B, T] and used mask [B, T] of the first n_contexts contexts."""
+    length = int(src.context_length)
+    ids, used = [], []
+    for b in src.iter_ordered(n_contexts * length):
+        ids.append(b.token_ids)
+        used.append(b.mask)
+    tok, mask = torch.cat(ids), torch.cat(used)
+    n = len(tok) // length
+    if n == 0:
+        raise MlsaeError(f"{src.describe()} holds no whole context of {length} tokens")
+    return tok[: n * length].view(n, length).long(), mask[: n * length].view(n, length)
+
+
+def causal_command(
+    run: Path, out: Path, source: SourceConfig, data: DataConfig, model: ModelConfig,
+    cfg: EvolutionConfig, ctl: ControlsConfig,
+) -> tuple[list[CausalResult], dict[str, Any]]:  # fmt: skip
+    """The causal check of each pair (l, l+1) of the up layers, written to `out` (JSON)."""
+    from mlsae.activations.open import source_model
+
+    t0 = time.perf_counter()
+    check_output(out, "eval", file=True, inputs=[run, source.cache])
+    src = _open(run, source, data, model)
+    saes = dict(load_per_layer(run))
+    lm = source_model(src, model)
+    ids, used = held_out_contexts(src, ctl.causal_contexts)
+    gen = torch.Generator().manual_seed(ctl.control_seed)
+    results: list[CausalResult] = []
+    ctl_pairs = ControlsConfig(**{**asdict(ctl), "gaps": []})
+    for lu in _up_layers(ctl):
+        if lu + 1 not in saes or lu not in saes:
+            log.warning(f"no SAE pair ({lu}, {lu + 1}): skipped")
+            continue
+        codes, _ = load_codes(src, run, None, [lu], ctl_pairs, cfg.rescale, source.tokens)
+        res, fa, _, ps = pair_result(codes[("main", lu)], codes[("main", lu + 1)], cfg)
+        nxt = NextBlock(lm.model, ids, lu)
+        with torch.inference_mode():
+            enc = saes[lu + 1].encode(nxt(nxt.h)[used].float())
+        counts = torch.bincount(enc.top_indices.reshape(-1).cpu(), minlength=saes[lu + 1].cfg.d_sae)
+        eligible = ((counts >= cfg.min_support) & (res.best_prev_idx >= 0)).nonzero(as_tuple=True)[
+            0
+        ]
+        if len(eligible) == 0:
+            raise MlsaeError(f"no down feature of layer {lu + 1} is active on >= "
+                             f"{cfg.min_support} of the causal tokens")  # fmt: skip
+        pick = eligible[torch.randperm(len(eligible), generator=gen)[: ctl.causal_features]]
+        features = pick.sort().values
+        cross, _ = ps.matrices()
+        preds = choose_predecessors(res.best_prev_idx, cross, saes[lu].W_dec.detach().cpu(),
+                                    saes[lu + 1].W_dec.detach().cpu(), fa.alive, features, gen)  # fmt: skip
+        results.append(causal_pair(nxt, used, (lu, lu + 1), (saes[lu], saes[lu + 1]), features, preds,
+                                   cfg, ctl))  # fmt: skip
+        log.info(f"causal check {lu}->{lu + 1}: {results[-1].rates}")
+    body = {
+        "run": str(run),
+        "source": src.describe(),
+        "n_contexts": int(ids.shape[0]),
+        "settings": {"evolution": asdict(cfg), "controls": asdict(ctl)},
+        "interval": "95% percentile bootstrap over the tested down features",
+        "pairs": [
+            {
+                **{k: v for k, v in asdict(r).items() if k != "intervals"},
+                "intervals": {
+                    k: None if v is None else [v.low, v.high] for k, v in r.intervals.items()
+                },
+            }
+            for r in results
+        ],  # fmt: skip
+        "time_s": time.perf_counter() - t0,
+    }
+    write_json(out, body)
+    return results, body
