@@ -3,6 +3,8 @@ data sets named CONDITION_driftD_seedS by scripts/synth_study.py):
 
     python scripts/synth_table.py OUT            # mean +- sd over seeds per condition, drift, model
     python scripts/synth_table.py --runs OUT     # one row per run
+    python scripts/synth_table.py --drift OUT    # the decoder angles of scripts/synth_drift.py
+                                                 # (OUT/*/drift.json), median over layer pairs
 
 "Match angle" is the angle of the median decoder cosine of SAE Match's matched pairs of alive
 latents (median over the adjacent pairs): the drift SAE Match sees between trained per-layer
@@ -46,12 +48,10 @@ def runs(outs: list[str]) -> list[tuple[str, str, str, str, dict]]:
     rows = []
     for out in outs:
         for p in sorted(Path(out).glob("*/*.json")):
-            m = NAME.match(p.parent.name)
-            if m is None:
+            m, body = NAME.match(p.parent.name), json.loads(p.read_text())
+            if m is None or "mcc" not in body:  # not a `mlsae synth score` output
                 continue
-            rows.append(
-                (m["cond"], m["drift"], m["seed"], p.stem, values(json.loads(p.read_text())))
-            )
+            rows.append((m["cond"], m["drift"], m["seed"], p.stem, values(body)))
     rows.sort(key=lambda r: (r[0], float(r[1]), r[3], r[2]))
     return rows
 
@@ -66,8 +66,33 @@ def cell(xs: list[float | None], angle: bool = False) -> str:
     return fmt.format(statistics.mean(ok)) + " ± " + fmt.format(statistics.stdev(ok))
 
 
+DRIFT_COLUMNS = ["true_pass_deg", "pass_deg", "match_q90_deg", "match_all_deg"]
+
+
+def drift_table(outs: list[str]) -> None:
+    """Per condition and drift: each angle's median over the layer pairs, mean +- sd over seeds."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for out in outs:
+        for p in sorted(Path(out).glob("*/drift.json")):
+            m = NAME.match(p.parent.name)
+            if m is None:
+                continue
+            pairs = json.loads(p.read_text())["pairs"]
+            med = {c: statistics.median([r[c] for r in pairs if r.get(c) is not None] or [math.nan])
+                   for c in DRIFT_COLUMNS}  # fmt: skip
+            groups.setdefault((m["cond"], float(m["drift"])), []).append(med)
+    print("| condition | true drift | seeds | " + " | ".join(DRIFT_COLUMNS) + " |")
+    print("|" + "---|" * (3 + len(DRIFT_COLUMNS)))
+    for (cond, drift), vs in sorted(groups.items()):
+        cells = [cell([v[c] for v in vs], angle=True) for c in DRIFT_COLUMNS]
+        print(f"| {cond} | {drift:g} | {len(vs)} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if "--drift" in args:
+        drift_table([a for a in args if a != "--drift"])
+        return
     per_run = "--runs" in args
     rows = runs([a for a in args if a != "--runs"])
     key = ["condition", "drift", "model"] + (["seed"] if per_run else ["seeds"])
