@@ -131,7 +131,7 @@ def test_generate_writes_a_deterministic_cache_and_truth(tmp_path: Path) -> None
     assert cache.layers == list(range(5)) and cache.d_model == 16 and cache.n_tokens == 1024
     truth, body = load_truth(tmp_path / "a")
     s = next(samples(truth, "train", SMALL.tokens))
-    assert torch.allclose(cache.load_block(0).activations.double(), s.x, atol=1e-6)
+    assert torch.equal(cache.load_block(0).activations, s.x)  # the float32 bytes, no copy lost
     assert body["test"]["n_tokens"] == 512
     with pytest.raises(MlsaeError, match="not empty"):
         generate(tmp_path / "a", SMALL)
@@ -239,3 +239,53 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["synth", "score", str(tmp_path / "run"), "--truth",
                                  str(tmp_path / "run"), "--out", str(tmp_path / "x.json")])  # fmt: skip
     assert r.exit_code != 0 and not (tmp_path / "x.json").exists()
+
+
+def test_sparse_codes_give_the_dense_codes_layer_statistics() -> None:
+    from mlsae.analysis.layers import LayerStats
+    from mlsae.synth.generate import sparse_codes
+
+    truth, s = _sample(replace(SMALL, layer_activity=0.5, schedule_sd=0.3), n=3000)
+    dense = torch.zeros(3000, SMALL.n_layers, truth.n_features, dtype=torch.float64)
+    for p in range(len(s.tok)):  # the codes from the firing pairs, one by one
+        t, f = int(s.tok[p]), int(s.feat[p])
+        dense[t, :, f] = s.coef[p]
+    assert torch.equal(dense, s.codes)
+    values, indices = sparse_codes(s)
+    rebuilt = torch.zeros_like(dense).scatter_add_(2, indices, values)
+    assert torch.equal(rebuilt, dense)
+    a, b = (LayerStats(truth.n_features, list(range(SMALL.n_layers)), 512) for _ in range(2))
+    a.update(values, indices)
+    b.update_dense(dense)
+    ra, rb = a.result().summary(), b.result().summary()
+    for k in ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token"):
+        assert ra[k] == pytest.approx(rb[k], rel=1e-9, abs=1e-12)
+    assert ra["paper_formula"]["rel_var_token"] == pytest.approx(
+        rb["paper_formula"]["rel_var_token"], rel=1e-9, abs=1e-12
+    )
+
+
+def test_unique_inverse_is_torch_unique() -> None:
+    from mlsae.analysis.paper_variance import unique_inverse
+
+    keys = torch.randint(0, 50, (1000,), generator=torch.Generator().manual_seed(0))
+    key, inv = unique_inverse(keys)
+    want_key, want_inv = torch.unique(keys, return_inverse=True)
+    assert torch.equal(key, want_key) and torch.equal(inv, want_inv)
+    assert torch.equal(key[inv], keys)
+
+
+def test_outlier_scan_ignores_zero_vectors(tmp_path: Path) -> None:
+    """Layers where most tokens have no feature (exact zero vectors): no outliers without
+    --outlier-fraction; with it, the scan finds the generator's outlier tokens."""
+    cfg = replace(SMALL, tokens=4096, max_span=2)
+    truth = build_truth(cfg)
+    zero = sample(truth, 4096, torch.Generator().manual_seed(0)).x.norm(dim=-1) == 0
+    assert float(zero.double().mean(0).max()) > 0.5  # a layer with a majority of zero vectors
+    generate(tmp_path / "a", cfg)
+    rep = json.loads((tmp_path / "a/train/manifest.json").read_text())["norm_outliers"]
+    assert rep["n_outliers"] == [0] * cfg.n_layers
+    body = generate(tmp_path / "b", replace(cfg, outlier_fraction=0.01))
+    rep = json.loads((tmp_path / "b/train/manifest.json").read_text())["norm_outliers"]
+    assert max(rep["n_outliers"]) <= body["train"]["n_outlier_tokens"]
+    assert min(rep["n_outliers"]) >= 0.8 * body["train"]["n_outlier_tokens"]

@@ -63,6 +63,10 @@ def test_evaluate_no_ce_and_analyze_read_the_synthetic_cache(world, codes) -> No
     ev = json.loads((world["root"] / "eval.json").read_text())
     assert ev["n_tokens"] == TEST_TOKENS and ev["layers"] == list(range(N_LAYERS))
     assert ev["per_layer"]["delta_ce"] == [None] * N_LAYERS
+    assert ev["model"] is None  # no language model: JSON null, not the string "None"
+    from mlsae.eval.result import EvalResult
+
+    assert EvalResult.from_json(ev).model is None  # and the reader accepts it
     x, rec = codes["x"], codes["rec"]
     want = [float(fvu(x[:, ly], rec[:, ly])) for ly in range(N_LAYERS)]
     assert ev["per_layer"]["fvu"] == pytest.approx(want, rel=1e-3)

@@ -92,7 +92,7 @@ def norm_outliers(
         z = [0.0] * L
         return NormOutliers(list(source.layers), factor, 0, z, [0] * L, z)
     allnorm = torch.cat(norms)  # [n, L]
-    median = allnorm.median(0).values  # [L]
+    median = nonzero_median(allnorm)  # [L]
     thr = median * factor
     mu = s1 / n  # [L, d]
     total = s2 - n * mu.pow(2).sum(-1)  # [L] sum ||x - mu||^2
@@ -115,3 +115,16 @@ def norm_outliers(
         list(source.layers), factor, n, median.tolist(), count.tolist(),
         share.clamp(0, 1).tolist(),
     )  # fmt: skip
+
+
+def nonzero_median(norms: torch.Tensor) -> torch.Tensor:
+    """[L] each column's median over its non-zero entries of norms [n, L] (0 if none). An
+    exactly-zero vector (a synthetic token with no feature at that layer) says nothing about a
+    layer's typical norm; counted, a majority of them made the median 0 and every other vector
+    an outlier."""
+    out = torch.zeros(norms.shape[1], dtype=norms.dtype)
+    for ly in range(norms.shape[1]):
+        nz = norms[:, ly][norms[:, ly] > 0]
+        if len(nz):
+            out[ly] = nz.median()
+    return out

@@ -39,7 +39,12 @@ from torch import Tensor
 from mlsae.activations.source import ActivationSource
 from mlsae.analysis.contexts import AnalysisIntervals, ContextLayerStats
 from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
-from mlsae.analysis.paper_variance import PAPER_BATCH_TOKENS, PaperVariance, active_entries
+from mlsae.analysis.paper_variance import (
+    PAPER_BATCH_TOKENS,
+    PaperVariance,
+    active_entries,
+    unique_inverse,
+)
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_with
 from mlsae.core.schema import to_dict
@@ -189,7 +194,7 @@ class LayerStats:
         v = self.values[pos]  # [E] block index of each entry
         self.S.view(-1).index_add_(0, pos * self.n_latents + j, a)
         # group entries by (token, latent): one group per active pair
-        key, inv = torch.unique(tok * self.n_latents + j, return_inverse=True)
+        key, inv = unique_inverse(tok * self.n_latents + j)
         G = key.numel()
         s = torch.zeros(G, dtype=F64).index_add_(0, inv, a)  # [G] s_tj
         m = torch.zeros(G, dtype=F64).index_add_(0, inv, a * v) / s  # [G] E[L|t,j]

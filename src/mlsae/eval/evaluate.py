@@ -134,7 +134,7 @@ class Entry:
             for i, layer in enumerate(self.layers)
         }
 
-    def result(self, model: str, boot: BootstrapConfig | None = None) -> EvalResult:
+    def result(self, model: str | None, boot: BootstrapConfig | None = None) -> EvalResult:
         """The metrics, plus for a lens SAE fvu_model / mse_model (model space) and lens_cond:
         cond(I + A_l) per layer, the exact inverse's worst-case error gain; the bootstrap
         intervals when per-context sums were kept."""
@@ -328,10 +328,10 @@ def evaluate_entries(
     tokens: int | None = None,
     batch_size: int = 8,
     observers: Sequence[BatchObserver] = (),
-) -> str:
-    """Fill every entry's metrics from `source` (up to `tokens` tokens); returns the model name.
-    A cache gives the reconstruction metrics; delta CE / KL run the model (`model`, default the
-    cache's) on its token ids. A live source serves both from one clean pass per batch."""
+) -> str | None:
+    """Fill every entry's metrics from `source` (up to `tokens` tokens); returns the model name
+    (None: a cache without one, e.g. synthetic). A cache gives the reconstruction metrics;
+    delta CE / KL run the model (`model`, default the cache's) on its token ids. A live source serves both from one clean pass per batch."""
     from mlsae.activations.open import source_model
     from mlsae.core.compute import resolve_device
     from mlsae.lens.tuned import resolve_space
@@ -377,7 +377,8 @@ def evaluate_entries(
         run_model(entries, lm.model, source.token_batches(batch_size, tokens), recon=False,
                   ce=True, total_tokens=n, observers=observers)  # fmt: skip
         return str(lm.name)
-    return str(model.model if model is not None and model.model else source.info.get("model"))
+    name = model.model if model is not None and model.model else source.info.get("model")
+    return None if name is None else str(name)  # None: no language model (a synthetic cache)
 
 
 # ----------------------------------------------------------------------------- commands

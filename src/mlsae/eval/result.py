@@ -101,7 +101,8 @@ class EvalResult:
     dead_fraction: float | None = None
     n_tokens: int = 0
     sae: str = ""
-    model: str = ""
+    model: str | None = ""
+    """The language model (None, JSON null: none, e.g. a synthetic cache)."""
     space: str = "model"
     """'model', or 'tuned-lens' (then fvu / mse are in lens space, *_model in the model's)."""
     lens: str | None = None
@@ -167,7 +168,7 @@ class CrossResult:
     """The layers each row's SAE was trained on."""
     layers: list[int]
     sae: list[str]
-    model: str
+    model: str | None
     n_tokens: int
     dead_fraction: list[float]
     fvu: Matrix

@@ -106,7 +106,7 @@ def finish_observers(
         result.sections["saebench_files"] = [str(p) for p in files]
 
 
-def _merge(typed: list[EvalResult], run: Path, model: str) -> EvalResult:
+def _merge(typed: list[EvalResult], run: Path, model: str | None) -> EvalResult:
     """One evaluation from single-layer results (layers in order; the mean over layers;
     dead_fraction the mean of the SAEs' own; per-layer intervals side by side, no interval of
     the mean: each SAE's contexts were resampled on their own)."""
@@ -128,6 +128,7 @@ def _merge(typed: list[EvalResult], run: Path, model: str) -> EvalResult:
         "intervals": _merge_intervals(results),
     }
     merged = EvalResult.from_json({k: v for k, v in fields.items() if v is not None})
+    merged.model = model  # None stays None (JSON null)
     merged.sections["per_layer_saes"] = [r["sae"] for r in results]
     return merged
 

@@ -204,7 +204,9 @@ def plot_cross(cross: CrossResult, key: str, path: Path) -> Path:
     ax.set_yticks(range(n_r), cross.rows, fontsize=7)
     ax.set_xlabel("evaluation layer")
     ax.set_ylabel("SAE (trained on)")
-    ax.set_title(f"{key}: single-layer SAEs vs MLSAE ({Path(cross.model).name})", fontsize=9)
+    ax.set_title(
+        f"{key}: single-layer SAEs vs MLSAE ({Path(cross.model or 'no model').name})", fontsize=9
+    )
     return save_figure(fig, path)
 
 

@@ -2,7 +2,7 @@
 activation caches (DIR/train, DIR/test: manifest, shards, through the cache writer) plus the
 truth (DIR/truth.safetensors, DIR/truth.json).
 
-For token t, feature f and layer l (float64 until the cache's storage dtype):
+For token t, feature f and layer l (codes in float64, vectors summed in float32):
   fire[t,f]   roots: Bernoulli(firing[f]); AND / OR children: both / either parent fired;
               specialised children: the parent fired and Bernoulli(specialise_fraction)
   mag[t,f]    Uniform(magnitude_min, magnitude_max), one draw per (t, f)
@@ -14,6 +14,12 @@ For token t, feature f and layer l (float64 until the cache's storage dtype):
 The true layer statistics (SPEC 4, both variance-ratio pairs, multi-layer fractions) are the
 `analysis.layers.LayerStats` of the true codes a (without layer_scale: the scale an SAE's
 per-vector standardisation removes), computed per split and saved in truth.json.
+
+Codes are sparse (a few of the F features fire on a token), so a chunk is computed from its
+firing (token, feature) pairs only: the vectors by one sparse matmul per layer, the
+LayerStats input as top-k rows built from the same pairs; the dense [n, L, F] codes exist only
+on demand (`Sample.codes`, for tests). Each chunk is written as one shard, straight from its
+float32 vectors.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mlsae.activations.norms import nonzero_median
 from mlsae.analysis.layers import LayerStats
 from mlsae.analysis.paper_variance import PAPER_BATCH_TOKENS
 from mlsae.core.errors import MlsaeError
@@ -43,87 +50,107 @@ VOCAB = 1000
 
 @dataclass
 class Sample:
-    """One chunk of consecutive tokens."""
+    """One chunk of consecutive tokens; the true codes as firing pairs (token, feature)."""
 
-    x: Tensor  # [n, L, d] float64 the vectors
-    codes: Tensor  # [n, L, F] float64 the true codes a[t,l,f]
+    x: Tensor  # [n, L, d] float32 the vectors (the cache's float32 bytes)
+    tok: Tensor  # [P] i64 token of each firing pair (ascending)
+    feat: Tensor  # [P] i64 feature of each firing pair
+    coef: Tensor  # [P, L] float64 the pair's true code a[t,l,f] at each layer
     fire: Tensor  # [n, F] bool token-level firing
     outlier: Tensor  # [n] bool sink-like outlier tokens
     token_ids: Tensor  # [n] int64
 
+    @property
+    def codes(self) -> Tensor:
+        """The dense true codes a[t,l,f], [n, L, F] float64."""
+        n, F = self.fire.shape
+        out = torch.zeros(n, F, self.coef.shape[1], dtype=torch.float64)
+        out[self.tok, self.feat] = self.coef
+        return out.transpose(1, 2)
 
-def _firing(truth: Truth, n: int, g: torch.Generator) -> Tensor:
-    """fire [n, F]: roots independent, children from their parents (parents come first)."""
-    cfg = truth.cfg
-    F = truth.n_features
-    u = torch.rand(n, F, generator=g, dtype=torch.float64)
-    root = truth.kind == 0
-    fire = torch.zeros(n, F, dtype=torch.bool)
-    fire[:, root] = u[:, root] < truth.firing[root]
-    for f in (~root).nonzero().flatten().tolist():
-        p1, p2 = truth.parents[f].tolist()
-        k = int(truth.kind[f])
-        if k == AND:
-            fire[:, f] = fire[:, p1] & fire[:, p2]
-        elif k == OR:
-            fire[:, f] = fire[:, p1] | fire[:, p2]
-        elif k == SPECIALISED:
-            fire[:, f] = fire[:, p1] & (u[:, f] < cfg.specialise_fraction)
+
+def _firing(truth: Truth, u: Tensor) -> Tensor:
+    """fire [n, F] from uniforms u [n, F]: roots independent, children from their parents
+    (every parent is a root)."""
+    p1, p2 = truth.parents[:, 0], truth.parents[:, 1]
+    fire = u < torch.nan_to_num(truth.firing, nan=0.0)  # roots (children's firing is NaN)
+    for kind in (AND, OR, SPECIALISED):
+        c = (truth.kind == kind).nonzero().flatten()
+        if not len(c):
+            continue
+        if kind == AND:
+            fire[:, c] = fire[:, p1[c]] & fire[:, p2[c]]
+        elif kind == OR:
+            fire[:, c] = fire[:, p1[c]] | fire[:, p2[c]]
+        else:
+            fire[:, c] = fire[:, p1[c]] & (u[:, c] < truth.cfg.specialise_fraction)
     return fire
 
 
-def _layer_on(truth: Truth, n: int, g: torch.Generator) -> Tensor:
-    """on [n, L, F]: the span, or one layer of it with probability 1 - layer_activity."""
-    span = truth.in_span()  # [F, L]
-    on = span.T[None].expand(n, -1, -1).clone()  # [n, L, F]
+def _pair_layers(truth: Truth, tok: Tensor, feat: Tensor, n: int, g: torch.Generator) -> Tensor:
+    """on [P, L] of the firing pairs: the span, or one layer of it with probability
+    1 - layer_activity (drawn for every (t, f), so the stream does not depend on the firing)."""
+    on = truth.in_span()[feat]  # [P, L]
     if truth.cfg.layer_activity < 1:
-        single = torch.rand(n, truth.n_features, generator=g) >= truth.cfg.layer_activity
+        F = truth.n_features
+        single = (torch.rand(n, F, generator=g) >= truth.cfg.layer_activity)[tok, feat]
         length = (truth.last - truth.first + 1).double()
-        pick = truth.first + (torch.rand(n, truth.n_features, generator=g, dtype=torch.float64)
-                              * length).long().clamp_max(length.long() - 1)  # fmt: skip
-        one = torch.arange(truth.cfg.n_layers)[None, :, None] == pick[:, None, :]
-        on = torch.where(single[:, None, :], one, on)
+        u = torch.rand(n, F, generator=g, dtype=torch.float64)[tok, feat]
+        pick = truth.first[feat] + (u * length[feat]).long().clamp_max(length.long()[feat] - 1)
+        one = torch.arange(truth.cfg.n_layers)[None, :] == pick[:, None]
+        on = torch.where(single[:, None], one, on)
     return on
-
-
-def _median_norms(x: Tensor) -> Tensor:
-    """[L] each layer's median norm over its non-zero vectors of x [n, L, d] (1 if none)."""
-    norms = x.norm(dim=-1)  # [n, L]
-    out = torch.ones(x.shape[1], dtype=x.dtype)
-    for ly in range(x.shape[1]):
-        nz = norms[:, ly][norms[:, ly] > 0]
-        if len(nz):
-            out[ly] = nz.median()
-    return out
 
 
 def sample(truth: Truth, n: int, g: torch.Generator) -> Sample:
     """n consecutive tokens (the generator's state advances)."""
     cfg = truth.cfg
-    fire = _firing(truth, n, g)
+    L, d = cfg.n_layers, cfg.d_model
+    fire = _firing(truth, torch.rand(n, truth.n_features, generator=g, dtype=torch.float64))
     lo, hi = cfg.magnitude_min, cfg.magnitude_max
     mag = lo + (hi - lo) * torch.rand(n, truth.n_features, generator=g, dtype=torch.float64)
-    on = _layer_on(truth, n, g)
-    codes = (fire * mag)[:, None, :] * on * truth.schedule.T[None]  # [n, L, F]
-    dirs = truth.directions.float().transpose(0, 1)  # [L, F, d]
-    x = torch.bmm(codes.float().transpose(0, 1), dirs).transpose(0, 1).double()  # [n, L, d]
+    tok, feat = fire.nonzero(as_tuple=True)  # row-major: tokens ascending
+    on = _pair_layers(truth, tok, feat, n, g)
+    coef = mag[tok, feat][:, None] * on * truth.schedule[feat]  # [P, L]
+    x = torch.empty(n, L, d)
+    dirs = truth.directions.float()
+    for ly in range(L):  # x[t, l] = sum_f a[t,l,f] directions[f, l]: sparse codes @ dense
+        m = coef[:, ly] > 0
+        codes = torch.sparse_coo_tensor(
+            torch.stack([tok[m], feat[m]]),
+            coef[m, ly].float(),
+            (n, len(dirs)),
+            check_invariants=True,
+            is_coalesced=True,
+        )  # fmt: skip (sorted, distinct pairs)
+        x[:, ly] = torch.sparse.mm(codes, dirs[:, ly])
     if cfg.noise > 0:
-        x += cfg.noise * torch.randn(x.shape, generator=g, dtype=torch.float64)
-    x *= truth.layer_scale[None, :, None]
+        x += cfg.noise * torch.randn(n, L, d, generator=g)
+    x *= truth.layer_scale.float()[None, :, None]
     outlier = torch.rand(n, generator=g) < cfg.outlier_fraction
     factor = 10 + 90 * torch.rand(n, generator=g, dtype=torch.float64)
     if outlier.any():
-        x[outlier] += (factor[outlier, None] * _median_norms(x[~outlier]))[..., None] * truth.sink
+        med = nonzero_median(x[~outlier].norm(dim=-1))
+        x[outlier] += ((factor[outlier, None] * med)[..., None] * truth.sink).float()
     ids = torch.randint(1, VOCAB, (n,), generator=g)
-    return Sample(x=x, codes=codes, fire=fire, outlier=outlier, token_ids=ids)
+    return Sample(x=x, tok=tok, feat=feat, coef=coef, fire=fire, outlier=outlier, token_ids=ids)
 
 
-def sparse_codes(codes: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense codes [n, L, F] as top-k rows (values [n, L, k], indices [n, L, k]) with k the
-    most features active on one (token, layer): nothing active is lost."""
-    k = max(1, int((codes > 0).sum(-1).max()))
-    v, i = codes.topk(k, dim=-1)
-    return v, i
+def sparse_codes(s: Sample) -> tuple[Tensor, Tensor]:
+    """The true codes as top-k rows (values [n, L, k], indices [n, L, k], zero-padded) with k
+    the most features active on one (token, layer): nothing active is lost."""
+    n, L = s.x.shape[0], s.x.shape[1]
+    active = s.coef > 0  # [P, L]
+    counts = torch.zeros(n, L, dtype=torch.int64).index_add_(0, s.tok, active.long())
+    k = max(1, int(counts.max()) if counts.numel() else 1)
+    values = torch.zeros(n, L, k, dtype=torch.float64)
+    indices = torch.zeros(n, L, k, dtype=torch.int64)
+    before = counts.cumsum(0) - counts  # [n, L] active pairs of the earlier tokens
+    slot = active.long().cumsum(0) - 1 - before[s.tok]  # [P, L] place within the row
+    p, ly = active.nonzero(as_tuple=True)
+    values[s.tok[p], ly, slot[p, ly]] = s.coef[p, ly]
+    indices[s.tok[p], ly, slot[p, ly]] = s.feat[p]
+    return values, indices
 
 
 def samples(truth: Truth, split: str, n_tokens: int):  # noqa: ANN201 (a generator of Sample)
@@ -136,8 +163,9 @@ def samples(truth: Truth, split: str, n_tokens: int):  # noqa: ANN201 (a generat
 
 
 def write_split(out: Path, truth: Truth, split: str, n_tokens: int) -> dict[str, Any]:
-    """Write one split's cache; returns its true statistics for truth.json."""
-    from mlsae.activations.cache import CacheWriter
+    """Write one split's cache (one shard per Sample, straight from its vectors); returns its
+    true statistics for truth.json."""
+    from mlsae.activations.cache import CacheWriter, write_shard
     from mlsae.activations.extract import record_norm_outliers
 
     cfg = truth.cfg
@@ -149,9 +177,10 @@ def write_split(out: Path, truth: Truth, split: str, n_tokens: int) -> dict[str,
     stats = LayerStats(truth.n_features, list(range(cfg.n_layers)), PAPER_BATCH_TOKENS)
     fired = torch.zeros(truth.n_features, dtype=torch.int64)
     n_out = n = 0
-    for s in samples(truth, split, n_tokens):
-        writer.add(s.x.float(), s.token_ids, torch.ones(len(s.token_ids), dtype=torch.bool))
-        stats.update(*sparse_codes(s.codes))
+    for i, s in enumerate(samples(truth, split, n_tokens)):
+        mask = torch.ones(len(s.token_ids), dtype=torch.bool)
+        writer.add_shard(write_shard(out, i, s.x, s.token_ids, mask, writer.dtype))
+        stats.update(*sparse_codes(s))
         fired += s.fire.sum(0)
         n_out += int(s.outlier.sum())
         n += len(s.token_ids)
@@ -176,8 +205,13 @@ def generate(out: Path, cfg: SynthConfig) -> dict[str, Any]:
     truth = build_truth(cfg)
     out.mkdir(parents=True, exist_ok=True)
     facts: dict[str, Any] = {}
-    for split, n in (("train", cfg.tokens), ("test", cfg.test_tokens)):
-        facts[split] = write_split(out / split, truth, split, n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small ops: threads only add fork-join waits (6x under load)
+    try:
+        for split, n in (("train", cfg.tokens), ("test", cfg.test_tokens)):
+            facts[split] = write_split(out / split, truth, split, n)
+    finally:
+        torch.set_num_threads(threads)
     dirs = truth.directions
     cos = (dirs[:, 1:] * dirs[:, :-1]).sum(-1)  # [F, L-1]
     facts["adjacent_angle_deg"] = {
