@@ -708,6 +708,8 @@ def probes() -> list[Probe]:
                         "--out", w / "c"), "interrupt", run=run_sigint_cache,
         intact=lambda w: [])  # fmt: skip
     surface_probes(add)
+    checkpoint_probes(add)
+    nproc_probes(add)
     return P
 
 
@@ -1098,6 +1100,114 @@ if str(base) in t: sys.exit('/api/info holds an absolute path')
     add("explore --model /nonexistent", "small",
         lambda w: mlsae("explore", E.base / "run", "--model", "/nonexistent", "--port", "0"),
         "error", run=explore_startup, intact=lambda w: [])  # fmt: skip
+
+
+def edit_checkpoint(fn: Callable[[dict], object], resum: bool = True) -> Callable[[Path], None]:
+    """Setup: a copy of the run whose checkpoint payload `fn` edits in place (its sha256 in
+    checkpoint.json updated when `resum`, so only the content checks can refuse it)."""
+
+    def setup(w: Path) -> None:
+        import torch
+
+        copy("run", w)
+        folder = w / "run" / "checkpoint"
+        state = torch.load(folder / "state.pt", weights_only=True)
+        fn(state)
+        torch.save(state, folder / "state.pt")
+        if resum:
+            digest = hashlib.sha256((folder / "state.pt").read_bytes()).hexdigest()
+            set_key(folder / "checkpoint.json", "sha256", digest)
+
+    return setup
+
+
+def flip_bit(offset_from_end: int, bit: int) -> Callable[[Path], None]:
+    """Setup: a copy of the run with one bit of its checkpoint flipped (checksum kept)."""
+
+    def setup(w: Path) -> None:
+        copy("run", w)
+        path = w / "run" / "checkpoint" / "state.pt"
+        data = bytearray(path.read_bytes())
+        data[len(data) - offset_from_end] ^= 1 << bit
+        path.write_bytes(bytes(data))
+
+    return setup
+
+
+def checkpoint_probes(add: Callable[..., None]) -> None:
+    """Issue 29 class 7: checkpoint contents are validated before a resume uses them."""
+    resume = lambda w: mlsae("train", "--resume", w / "run", "--max-steps", "12")  # noqa: E731
+    sae = lambda s: s["members"]["sae"]  # noqa: E731
+    edits = [
+        ("a flipped bit (sha256 kept)", flip_bit(4096, 3)),
+        ("a flipped exponent bit (sha256 kept)", flip_bit(2000, 6)),
+        ("a step of 10**6", edit_checkpoint(lambda s: s.update(step=10**6))),
+        ("a wrong-shape W_enc", edit_checkpoint(
+            lambda s: sae(s)["sae"].update(W_enc=sae(s)["sae"]["W_enc"][:, :3]))),
+        ("a missing W_dec", edit_checkpoint(lambda s: sae(s)["sae"].pop("W_dec"))),
+        ("a string learning rate", edit_checkpoint(
+            lambda s: sae(s)["opt"]["param_groups"][0].update(lr="fast"))),
+        ("no optimizer state", edit_checkpoint(lambda s: sae(s).pop("opt"))),
+        ("a NaN weight", edit_checkpoint(
+            lambda s: sae(s)["sae"]["b_dec"].__setitem__(0, float("nan")))),
+    ]  # fmt: skip
+    for what, setup in edits:
+        add(f"train --resume a checkpoint with {what}", "checkpoint", resume, "error", setup,
+            match=r"^(?!.*diverged)")  # fmt: skip
+
+
+def run_nproc_killed(w: Path, cmd: list[str]) -> tuple[int, str]:
+    """`train --nproc 2` whose rank 1 kills itself (SIGKILL) after step 5."""
+    r = subprocess.run(cmd, env={**ENV, "MLSAE_FAULT_KILL": "1:5"}, capture_output=True,
+                       text=True, timeout=TIMEOUT)  # fmt: skip
+    return r.returncode, r.stderr
+
+
+EXIT_THREADS = """
+import os, torch
+from mlsae.core.dist import session
+from mlsae.core.config import TrainConfig
+from mlsae.train.member import make_adam
+
+with session() as comm:
+    make_adam([torch.nn.Parameter(torch.ones(4))], TrainConfig(lr=1e-3))  # imports torch._dynamo
+    comm.sum_(torch.ones(2))
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+if any("gloo" in n for n in names):
+    raise SystemExit(f"gloo threads alive at exit (they abort the process now and then): {names}")
+"""
+
+
+def run_exit_threads(w: Path, cmd: list[str]) -> tuple[int, str]:
+    """Two processes leave their session: a gloo thread still running at exit aborts the
+    process now and then ("terminate called without an active exception")."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", EXIT_THREADS], text=True,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    bad = [(p.returncode, e) for p, (_, e) in zip(procs, outs, strict=True) if p.returncode]
+    return (bad[0][0], bad[0][1][-300:]) if bad else (0, "")
+
+
+def nproc_probes(add: Callable[..., None]) -> None:
+    """Issue 29 classes 11 (a killed rank) and 13 (an abort at exit)."""
+    add("train --nproc 2 with rank 1 killed", "nproc",
+        lambda w: mlsae("train", "--nproc", "2", "--cache", E.base / "cache", *TRAIN,
+                        "--checkpoint-every", "3", "--max-steps", "12", "--out", w / "r"),
+        "error", run=run_nproc_killed, check=exists("r/checkpoint/checkpoint.json"),
+        match=r"rank 1 of 2 was killed by signal 9 .*continue with")  # fmt: skip
+    add("train --nproc 2 on a missing cache", "nproc",
+        lambda w: mlsae("train", "--nproc", "2", "--cache", w / "nope", *TRAIN, "--out", w / "r"),
+        "error", check=absent("r"))  # fmt: skip
+    add("2 processes leave no gloo thread at exit", "exit-abort", lambda w: [], "ok",
+        run=run_exit_threads, intact=lambda w: [])  # fmt: skip
 
 
 def weights(d: Path) -> None:

@@ -100,3 +100,43 @@ def test_bad_input_on_every_rank_is_one_line(tmp_path):
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-3000:]
     assert lines[0].startswith("mlsae: error: ") and "rank 0:" not in lines[0]
     assert "Traceback" not in bad.stderr and not (cache / "run").exists()
+
+
+EXIT_THREADS = """
+import os, sys, torch
+from mlsae.core.dist import session
+from mlsae.core.config import TrainConfig
+from mlsae.train.member import make_adam
+
+with session() as comm:
+    make_adam([torch.nn.Parameter(torch.ones(4))], TrainConfig(lr=1e-3))  # imports torch._dynamo
+    comm.sum_(torch.ones(2))
+tasks = os.listdir("/proc/self/task")
+print(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_leaving_the_session_stops_gloos_threads():
+    """Class 13: a gloo thread still running at exit aborts the process ("terminate called
+    without an active exception", SIGABRT) now and then; after the session none is left."""
+    port = free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", EXIT_THREADS], text=True,
+                         env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for r in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert "gloo" not in out, out  # gloo_tcp_loop, pt_gloo_runloop
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -191,6 +191,12 @@ def session(device: torch.device | None = None) -> Iterator[Comm]:
         torch.cuda.set_device(device)
     elif cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    # torch._dynamo (imported by the first torch.optim optimizer) keeps references to a process
+    # group that exists when it is imported: destroy_process_group then leaves gloo's threads
+    # running, and their destructors abort the process at exit ("terminate called without an
+    # active exception", issue 29 class 13). Imported before the group exists, it holds none.
+    import torch._dynamo as _dynamo  # noqa: F401
+
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
     except (RuntimeError, ValueError) as e:

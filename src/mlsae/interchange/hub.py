@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mlsae.core.config import SaeConfig, TrainConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import atomic_dir, read_json_object, write_json, write_text
 from mlsae.core.outputs import check_output
@@ -69,16 +70,29 @@ def model_card(
     """README.md of the hub folder for one SAE (sub: its subfolder when the repo holds several)."""
     cfg = sae.cfg
     hf = hf_model_name(cfg.model)
-    kind = "multi-layer SAE (MLSAE)" if len(cfg.layers) > 1 else "single-layer SAE"
-    run = context.get("train_cfg") or {}
+    train = (context.get("train_cfg") or {}).get("train") or {}
+    lines = [*_front_matter(hf, bool(saelens_hooks)), "", f"# {repo_id}{'/' + sub if sub else ''}"]
+    lines += ["", *_about(cfg, hf, context), "", "## Training", "", *_training(train, cfg.d_sae)]
+    lines += ["", "## Evaluation", ""]
+    lines.append(eval_table(ev) if ev else "No eval.json was found: run `mlsae evaluate` first.")
+    lines += ["", *_load_it(cfg, repo_id, sub, saelens_hooks)]
+    return "\n".join(lines) + "\n"
+
+
+def _front_matter(hf: str, saelens: bool) -> list[str]:
+    """The card's YAML header: library, tags, the base model when it is a hub id."""
     front = ["---", "library_name: mlsae", "tags:", "- sparse-autoencoder", "- mlsae"]
-    if saelens_hooks:
+    if saelens:
         front.append("- saelens")
     if "/" in hf and not Path(hf).exists():
         front.append(f"base_model: {hf}")
-    front.append("---")
-    lines = [*front, "", f"# {repo_id}{'/' + sub if sub else ''}", ""]
-    lines += [
+    return [*front, "---"]
+
+
+def _about(cfg: SaeConfig, hf: str, context: dict[str, Any]) -> list[str]:
+    """What the SAE is, its model and the data it was trained on."""
+    kind = "multi-layer SAE (MLSAE)" if len(cfg.layers) > 1 else "single-layer SAE"
+    return [
         f"A {_ARCH_NAME.get(cfg.architecture, cfg.architecture)} {kind} trained with mlsae on the residual stream "
         f"(the output of each transformer block, before the final norm) of `{hf}`.",
         "",
@@ -98,21 +112,29 @@ def model_card(
                                          "of the Union addresses)" if cfg.dataset == "default" else ""),
         f"- Context length: {_num(context.get('context_size'))} tokens, documents joined with EOS, "
         "no BOS added; special tokens excluded from training and metrics",
-        "",
-        "## Training",
-        "",
     ]  # fmt: skip
-    train = run.get("train") or {}
-    if train:
-        lines += ["| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {train[k]} |" for k in _TRAIN_KEYS if k in train]
-    else:
-        lines.append("The training settings were not found next to the SAE.")
-    lines += ["", "## Evaluation", ""]
-    lines.append(eval_table(ev) if ev else "No eval.json was found: run `mlsae evaluate` first.")
+
+
+def _training(train: dict[str, Any], d_sae: int) -> list[str]:
+    """The training settings as a table; the learning rate resolved (the default rule's value
+    for this d_sae when --lr was not given)."""
+    if not train:
+        return ["The training settings were not found next to the SAE."]
+    rows = ["| setting | value |", "|---|---|"]
+    for key in _TRAIN_KEYS:
+        if key not in train:
+            continue
+        value = train[key]
+        if key == "lr" and value is None:
+            value = f"{TrainConfig().resolved_lr(d_sae):.3g} (default: 1e-3 x sqrt(4608 / d_sae))"
+        rows.append(f"| {key} | {value} |")
+    return rows
+
+
+def _load_it(cfg: SaeConfig, repo_id: str, sub: str, saelens_hooks: list[str]) -> list[str]:
+    """How to load the SAE with mlsae and, when the folder has one, with SAELens."""
     sub_path = f"{sub}/" if sub else ""
-    lines += [
-        "",
+    lines = [
         "## Load it",
         "",
         "With mlsae:",
@@ -125,27 +147,26 @@ def model_card(
         "```",
         "",
     ]  # fmt: skip
-    if saelens_hooks:
-        lines += [
-            "With SAELens (one folder per block hook, the module name in the HF model):",
-            "",
-            "```python",
-            "from huggingface_hub import snapshot_download",
-            "from sae_lens import SAE",
-            f'path = snapshot_download("{repo_id}")',
-            f'sae = SAE.load_from_disk(f"{{path}}/{sub_path}saelens/{saelens_hooks[0]}")',
-            "```",
-            "",
-            "Hooks: " + ", ".join(f"`{h}`" for h in saelens_hooks) + ".",
-        ]
-        if cfg.normalize == "standardize":
-            lines += ["", f"Note: {APPROX_NOTE}."]
-    else:
+    if not saelens_hooks:
         why = ("it was trained in tuned-lens space" if cfg.lens else
                "its normalize='standardize' has no exact SAELens mode (SAELens maps back with "
                "std, not std + 1e-5); `mlsae export --format saelens --approximate` writes one")  # fmt: skip
-        lines.append(f"No SAELens folder is included: {why}.")
-    return "\n".join(lines) + "\n"
+        return [*lines, f"No SAELens folder is included: {why}."]
+    lines += [
+        "With SAELens (one folder per block hook, the module name in the HF model):",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "from sae_lens import SAE",
+        f'path = snapshot_download("{repo_id}")',
+        f'sae = SAE.load_from_disk(f"{{path}}/{sub_path}saelens/{saelens_hooks[0]}")',
+        "```",
+        "",
+        "Hooks: " + ", ".join(f"`{h}`" for h in saelens_hooks) + ".",
+    ]  # fmt: skip
+    if cfg.normalize == "standardize":
+        lines += ["", f"Note: {APPROX_NOTE}."]
+    return lines
 
 
 def export_hub(

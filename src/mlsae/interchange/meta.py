@@ -50,11 +50,13 @@ def _model_config(model: str) -> Any:
     """The transformers config of an mlsae --model value, without loading weights."""
     from transformers import AutoConfig
 
-    from mlsae.data.model import default_gguf_path, gguf_cache_dir
+    from mlsae.data.gguf_parts import GEMMA3_270M
+    from mlsae.data.model import default_gguf_path, gemma_gguf_path, gguf_cache_dir
 
+    aliases = {DEFAULT_MODEL: default_gguf_path, GEMMA3_270M: gemma_gguf_path}  # as load_model
     try:
-        if model == DEFAULT_MODEL or model.lower().endswith(".gguf"):
-            path = default_gguf_path() if model == DEFAULT_MODEL else Path(model).expanduser()
+        if model in aliases or model.lower().endswith(".gguf"):
+            path = aliases[model]() if model in aliases else Path(model).expanduser()
             cached = gguf_cache_dir(path)
             if (cached / "config.json").is_file():
                 return AutoConfig.from_pretrained(str(cached))

@@ -175,6 +175,23 @@ def regression_init(
     return n
 
 
+class _Batches:
+    """Batches of `size` contexts cycling through `contexts` in shuffled order (a fresh
+    permutation, drawn from `gen`, whenever the current one runs out)."""
+
+    def __init__(self, contexts: Tensor, size: int, gen: torch.Generator) -> None:
+        self.contexts, self.size, self.gen = contexts, size, gen
+        self.order: Iterator[int] = iter(())
+
+    def next(self) -> Tensor:
+        n = len(self.contexts)
+        idx = list(itertools.islice(self.order, self.size))
+        while len(idx) < min(self.size, n):
+            self.order = iter(torch.randperm(n, generator=self.gen).tolist())
+            idx += list(itertools.islice(self.order, self.size - len(idx)))
+        return self.contexts[idx]
+
+
 def train_lens(
     model: PreTrainedModel,
     lens: TunedLens,
@@ -203,36 +220,16 @@ def train_lens(
         raise MlsaeError("nothing to train: the lens only covers the last block (identity)")
     if contexts.ndim != 2 or len(contexts) == 0:
         raise MlsaeError("no training contexts")
-    n = len(contexts)
-    steps = steps if steps is not None else math.ceil(n / batch_size)
+    steps = steps if steps is not None else math.ceil(len(contexts) / batch_size)
     warmup = warmup if warmup is not None else max(1, min(20, steps // 10))
-    gen = torch.Generator().manual_seed(seed)
-    order = iter(())
-
-    def next_batch() -> Tensor:
-        nonlocal order
-        idx = list(itertools.islice(order, batch_size))
-        while len(idx) < min(batch_size, n):
-            order = iter(torch.randperm(n, generator=gen).tolist())
-            idx += list(itertools.islice(order, batch_size - len(idx)))
-        return contexts[idx]
-
+    batches = _Batches(contexts, batch_size, torch.Generator().manual_seed(seed))
     out = LensTrainLog(stop_reason=f"max steps ({steps})")
-    history = out.history
     with _frozen(model):
-        first = [next_batch() for _ in range(max(1, math.ceil(stat_contexts / batch_size)))]
+        first = [batches.next() for _ in range(max(1, math.ceil(stat_contexts / batch_size)))]
         stats = [capture_lens_layers(model, lens, ids, special_ids) for ids in first]
-        layers = stats[0][2]
-        x0 = torch.cat([xs[mask] for xs, mask, _ in stats])  # [N, Lc, d]
-        if len(x0) < 2:
-            raise MlsaeError("too few training positions for the lens statistics")
-        pre = {
-            layer: _Preconditioned(x0[:, layers.index(layer)], lens.A(layer), lens.c(layer))
-            for layer in trained
-        }
-        del x0
-        params = [q for m in pre.values() for q in m.parameters()]
-        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        pre = _preconditioned(lens, stats)
+        opt = torch.optim.Adam([q for m in pre.values() for q in m.parameters()], lr=lr,
+                               betas=(0.9, 0.999))  # fmt: skip
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.0, 1 - i / steps)
         )
@@ -242,27 +239,17 @@ def train_lens(
             tracker.evaluate(model, 0, pre, out)
         bar = tqdm(range(1, steps + 1), desc="lens train", disable=not progress, file=sys.stderr)
         for step in bar:
-            xs, mask, _ = (
+            xs, mask, layers = (
                 stats.pop(0)
                 if stats
-                else capture_lens_layers(model, lens, next_batch(), special_ids)
+                else capture_lens_layers(model, lens, batches.next(), special_ids)
             )
             x = xs[mask]  # [N, Lc, d]
-            total = 0.0
-            for start in range(0, len(x), CHUNK):
-                xc = x[start : start + CHUNK]  # [n, Lc, d]
-                with torch.no_grad():
-                    final_logp = torch.log_softmax(final_logits(model, xc[:, -1]), dim=-1)
-                    p = final_logp.exp()  # [n, V]
-                    p_logp = (p * final_logp).sum()
-                    del final_logp
-                for layer in trained:
-                    h = xc[:, layers.index(layer)]
-                    total += _kl_backward(model, pre[layer], h, p, p_logp, 1 / len(x))
+            total = _kl_backward_all(model, pre, x, layers)
             if len(x):
                 opt.step()
-                history.append(total / len(trained))
-                bar.set_postfix(kl=f"{history[-1]:.3f}")
+                out.history.append(total / len(trained))
+                bar.set_postfix(kl=f"{out.history[-1]:.3f}")
             opt.zero_grad(set_to_none=True)
             sched.step()
             check = step % eval_every == 0 or step == steps
@@ -277,6 +264,40 @@ def train_lens(
             a, c = m.affine() if tracker is None else tracker.best[layer][2:]
             lens._set(layer, a, c)
     return out
+
+
+def _preconditioned(
+    lens: TunedLens, stats: list[tuple[Tensor, Tensor, list[int]]]
+) -> dict[int, _Preconditioned]:
+    """Each trained block's translator in standardised coordinates, from the statistics of the
+    first batches' positions (`capture_lens_layers` outputs)."""
+    layers = stats[0][2]
+    x0 = torch.cat([xs[mask] for xs, mask, _ in stats])  # [N, Lc, d]
+    if len(x0) < 2:
+        raise MlsaeError("too few training positions for the lens statistics")
+    return {
+        layer: _Preconditioned(x0[:, layers.index(layer)], lens.A(layer), lens.c(layer))
+        for layer in lens.trained_layers
+    }
+
+
+def _kl_backward_all(
+    model: PreTrainedModel, pre: dict[int, _Preconditioned], x: Tensor, layers: list[int]
+) -> float:
+    """Accumulate every translator's gradient of its mean KL(final || lens) over the positions
+    x [N, Lc, d] (in chunks of CHUNK); returns the KL summed over the blocks."""
+    total = 0.0
+    for start in range(0, len(x), CHUNK):
+        xc = x[start : start + CHUNK]  # [n, Lc, d]
+        with torch.no_grad():
+            final_logp = torch.log_softmax(final_logits(model, xc[:, -1]), dim=-1)
+            p = final_logp.exp()  # [n, V]
+            p_logp = (p * final_logp).sum()
+            del final_logp
+        for layer, m in pre.items():
+            h = xc[:, layers.index(layer)]
+            total += _kl_backward(model, m, h, p, p_logp, 1 / len(x))
+    return total
 
 
 # ---------------------------------------------------------------------------- CLI glue
