@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,10 @@ def analyze(
             for i, (_, d, c) in enumerate(cmps)
         ],
     )  # fmt: skip
+    from mlsae.sae.crosscoder import CrosscoderSAE  # noqa: PLC0415 - where a crosscoder lives
+
+    if isinstance(sae, CrosscoderSAE):  # its decoder-norm share over the layers
+        summary["layer_share"] = asdict(sae.layer_share_summary())
     ev = _read_eval(folder.find_eval(sae_dir))
     summary["eval_mean"] = ev[1].to_json()["mean"] if ev else None
     for c, (crun, cdir, _) in zip(summary["compare"], cmps, strict=True):
