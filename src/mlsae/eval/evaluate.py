@@ -71,7 +71,7 @@ class Entry:
     """Keep per-context sums (ContextSums) for the bootstrap intervals."""
     contexts: ContextSums | None = None
     typical_contexts: ContextSums | None = None
-    done: dict[int, tuple[Tensor, EncoderOutput]] = field(default_factory=dict)  # layer -> (x_hat, code): token_pass
+    done: dict[int, tuple[Tensor, EncoderOutput]] = field(default_factory=dict)  # token_pass
 
     def __post_init__(self) -> None:
         self.reset_metrics()
