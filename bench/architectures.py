@@ -8,8 +8,11 @@ and the ratios: each architecture vs its dense step, vs our TopK step, and TopK 
 Batches hold whole tokens of --layers layers (N rounded down to a multiple of it), as the
 per-token TopK over layers needs.
 
+The crosscoder's batch is the same N vectors read as N / L token vectors of width L x d; its
+code keeps k x L latents per token (matched active latents), so its FLOPs match the others'.
+
 Usage: .venv/bin/python bench/architectures.py [--n 4096 --d 576 --r 8 --k 32 --layers 30
-       --repeats 5]
+       --repeats 5 --only topk crosscoder]
 """
 
 from __future__ import annotations
@@ -68,8 +71,40 @@ def dense_code(arch: str, pre: torch.Tensor, k: int, n_layers: int) -> torch.Ten
     return torch.zeros_like(pre).scatter(1, i, v.relu())
 
 
+def dense_crosscoder(x: torch.Tensor, r: int, k: int, n_layers: int) -> Callable[[], None]:
+    """Plain dense fp32 autograd step of the crosscoder: encoder [L, d, F], decoder [F, L, d],
+    TopK of k x L over each token's shared code (no AuxK, as ours)."""
+    d = x.shape[1]
+    m = d * r
+    g = torch.Generator().manual_seed(0)
+    w = (torch.rand(n_layers, d, m, generator=g) * 2 - 1) / (n_layers * d) ** 0.5
+    W_enc = torch.nn.Parameter(w)  # noqa: N806
+    wd = w.permute(2, 0, 1).contiguous()
+    W_dec = torch.nn.Parameter(wd / wd.flatten(1).norm(dim=1)[:, None, None])  # noqa: N806
+    b_enc, b_dec = torch.nn.Parameter(torch.zeros(m)), torch.nn.Parameter(torch.zeros(n_layers, d))
+    opt = adam([W_enc, b_enc, W_dec, b_dec])
+    u = ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)).view(-1, n_layers, d)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        pre = torch.einsum("tld,ldf->tf", u - b_dec, W_enc) + b_enc
+        v, i = pre.topk(k * n_layers, dim=1)
+        z = torch.zeros_like(pre).scatter(1, i, v.relu())
+        u_hat = torch.einsum("tf,fld->tld", z, W_dec) + b_dec
+        ((u - u_hat).pow(2).sum() / (u - u.mean(0)).pow(2).sum()).backward()
+        with torch.no_grad():
+            gd, wf = W_dec.grad.flatten(1), W_dec.flatten(1)  # type: ignore[union-attr]
+            gd -= (gd * wf).sum(1, keepdim=True) * wf
+            opt.step()
+            W_dec.div_(W_dec.flatten(1).norm(dim=1)[:, None, None])
+
+    return step
+
+
 def dense(arch: str, x: torch.Tensor, r: int, k: int, n_layers: int) -> Callable[[], None]:
     """Plain dense fp32 autograd step of `arch` (no AuxK, as ours above)."""
+    if arch == "crosscoder":
+        return dense_crosscoder(x, r, k, n_layers)
     d = x.shape[1]
     m = d * r
     g = torch.Generator().manual_seed(0)
@@ -129,12 +164,15 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=30, help="layers per token")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-dense", action="store_true", help="skip the dense references")
+    p.add_argument("--only", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES),
+                   help="architectures to time (topk is always timed: the ratios' base)")  # fmt: skip
     a = p.parse_args()
+    archs = [x for x in ARCHITECTURES if x == "topk" or x in a.only]
     n = a.n // a.layers * a.layers
     x = torch.randn(n, a.d, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
     kernels.set_malloc_retain(True)
     fns: dict[str, Callable[[], None]] = {}
-    for arch in ARCHITECTURES:
+    for arch in archs:
         fns[arch] = ours(arch, x, a.r, a.k, a.layers)
         if not a.no_dense:
             fns[f"{arch}/dense"] = dense(arch, x, a.r, a.k, a.layers)
@@ -159,7 +197,7 @@ def main() -> None:
         "ratios, best [median]: vs dense / vs sparsify = their time / ours (> 1: ours faster); "
         "cost vs topk = this architecture's time / our TopK's"
     )
-    for arch in ARCHITECTURES:
+    for arch in archs:
         rows = [("vs dense", f"{arch}/dense", arch), ("cost vs topk", arch, "topk")]
         if arch == "topk":
             rows.append(("vs sparsify", "topk/sparsify", "topk"))

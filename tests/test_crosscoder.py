@@ -249,3 +249,54 @@ def test_evaluate_refuses_a_subset_of_layers_and_saebench_in_one_line(tiny, tmp_
             str(root / "cache_test")]  # fmt: skip
     _refused([*base, "--layers", "0,1"], "reads all the layers", out)
     _refused([*base, "--format", "saebench"], "SAEBench", out)
+
+
+def test_analyze_reports_the_decoder_norm_share(tiny, tmp_path):
+    """analyze takes the crosscoder (its rows are whole tokens) and reports where its latents
+    live: the decoder-norm share, against a brute-force computation from the saved weights."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlsae.cli.app import app
+
+    root, _ = tiny
+    res = CliRunner().invoke(app, ["analyze", str(root / "xc"), "--cache", str(root / "cache_test"),
+                                   "--out", str(tmp_path / "a")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "a" / "analysis.json").read_text())["layer_share"]
+    w = load_file(str(root / "xc" / "sae" / "sae.safetensors"))["W_dec"].double()  # [F, L, d]
+    norms = w.norm(dim=2)
+    share = norms / norms.sum(1, keepdim=True)
+    assert got["layers"] == [0, 1, 2]
+    assert got["mean_share"] == pytest.approx(share.mean(0).tolist(), rel=1e-5)
+    assert sum(got["mean_share"]) == pytest.approx(1.0)
+    assert got["peak_latents"] == torch.bincount(share.argmax(1), minlength=3).tolist()
+    eff = float((1 / share.pow(2).sum(1)).mean())
+    assert got["effective_layers"] == pytest.approx(eff, rel=1e-5) and 1 <= eff <= 3
+
+
+def test_index_explore_and_saelens_export_refuse_in_one_line_hub_export_and_load_work(
+    tiny, tmp_path
+):
+    root, _ = tiny
+    out = tmp_path / "o"
+    out.mkdir()
+    cache = str(root / "cache_test")
+    _refused(["index", str(root / "xc"), "--cache", cache, "--out", str(out / "i.db")],
+             "reads all layers of a token", out)  # fmt: skip
+    _refused(["export", str(root / "xc"), "--format", "saelens", "--approximate", "--out",
+              str(out / "e")], "SAELens has no crosscoder format", out)  # fmt: skip
+    from typer.testing import CliRunner
+
+    from mlsae.cli.app import app
+
+    res = CliRunner().invoke(app, ["export", str(root / "xc"), "--format", "hub", "--out",
+                                   str(tmp_path / "hub")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "acausal crosscoder" in (tmp_path / "hub" / "README.md").read_text()
+    back = load_sae(tmp_path / "hub")
+    want = load_sae(root / "xc")
+    assert isinstance(back, CrosscoderSAE)
+    for name, t in want.state_tensors().items():
+        assert torch.equal(back.state_tensors()[name], t), name

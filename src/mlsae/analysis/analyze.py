@@ -38,6 +38,7 @@ from mlsae.eval.result import EvalResult
 from mlsae.lens.evaluate import LensEvalResult
 from mlsae.lens.tuned import Space, TunedLens
 from mlsae.sae.autoencoder import SparseAutoencoder
+from mlsae.sae.crosscoder import CrosscoderSAE
 from mlsae.sae.folders import RUN_CFG, RunFolder, label
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ def analyze(
     )  # fmt: skip
     if geo is not None:
         summary.set_geometry(geo)
+    if isinstance(sae, CrosscoderSAE):  # where a crosscoder lives: its decoder-norm share
+        summary.layer_share = sae.layer_share_summary()
     write_json(out / "analysis.json", summary.to_json())
     stats.save_npz(out / "latents.npz")
     return AnalysisResult(

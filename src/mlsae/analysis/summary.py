@@ -23,6 +23,7 @@ from mlsae.core.io import json_safe, read_json
 from mlsae.core.schema import from_dict, to_dict
 from mlsae.eval.result import MeanRow
 from mlsae.lens.evaluate import LensEvalResult
+from mlsae.sae.crosscoder import LayerShareSummary
 
 Number = float | None
 """A finite number, or None where it is undefined."""
@@ -193,6 +194,8 @@ class AnalysisSummary(LayerSummary):
     eval_mean: MeanRow | None = None
     """The mean row of the run's `mlsae evaluate` output, if it has one."""
     lens_eval: LensEval | None = None
+    layer_share: LayerShareSummary | None = None
+    """A crosscoder's decoder-norm share over the layers (absent for the other SAEs)."""
     figures: list[str] = field(default_factory=list)
     """The PNG files the report stage drew (empty before it ran)."""
 
@@ -214,6 +217,8 @@ class AnalysisSummary(LayerSummary):
         if self.norm_mean is None:
             for k in _GEOMETRY:
                 del out[k]
+        if self.layer_share is None:
+            del out["layer_share"]
         for row, obj in zip(out["compare"], self.compare, strict=True):
             _layer_json(row, obj)
         _layer_json(out, self)

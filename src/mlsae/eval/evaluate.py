@@ -33,6 +33,7 @@ from mlsae.eval.extras import ExtraSums, entry_intervals
 from mlsae.eval.result import METRICS, EvalResult, MeanRow, PerLayer
 from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import EncoderOutput, SparseAutoencoder
+from mlsae.sae.crosscoder import token_pass
 from mlsae.sae.folders import RunFolder
 from mlsae.sae.metrics import LayerMetrics, mean_or_none
 
@@ -64,9 +65,7 @@ class Entry:
     """Keep per-context sums (ContextSums) for the bootstrap intervals."""
     contexts: ContextSums | None = None
     typical_contexts: ContextSums | None = None
-    clean_recon: dict[int, Tensor] = field(default_factory=dict)
-    """A token-coded SAE (the crosscoder): the batch's model-space reconstruction of each layer
-    from the clean pass (what --replace splices: its code reads all blocks at once)."""
+    done: dict[int, tuple[Tensor, EncoderOutput]] = field(default_factory=dict)  # token_pass
     extras: ExtraSums | None = None  # fvu_std, delta_ce_typical (eval/extras.py)
 
     def __post_init__(self) -> None:
@@ -91,15 +90,13 @@ class Entry:
         x_model: Tensor | None = None,
         stored_norm: Tensor | None = None,
         contexts: Tensor | None = None,
-        done: tuple[Tensor, EncoderOutput] | None = None,
     ) -> Tensor:
         """x: [N, d] SAE inputs of block `layer` -> the reconstruction [N, d] in the MODEL's space
         (through the exact lens inverse for a lens SAE), optionally recording metrics in both
         spaces. x_model: the model-space vectors (default: the inverse of x). stored_norm [N]:
         the norms of the stored vectors, for the metrics without norm outliers. contexts [N]:
-        the context of each vector (for the bootstrap). done: (x_hat, code) of x already
-        computed (`whole_tokens`)."""
-        x_hat, enc = done if done is not None else self.sae(x, layer)
+        the context of each vector (for the bootstrap)."""
+        x_hat, enc = self.done.pop(layer) if layer in self.done else self.sae(x, layer)
         if record:
             self.metrics.update(layer, x, x_hat, enc.top_indices, enc.top_acts)
             if self.extras is not None:
@@ -119,20 +116,6 @@ class Entry:
             x_model = self.space.to_model(x, layer) if x_model is None else x_model
             self.model_metrics.update(layer, x_model, x_hat_model)
         return x_hat_model
-
-    def whole_tokens(self, xs: Sequence[Tensor]) -> dict[int, tuple[Tensor, EncoderOutput]]:
-        """A token-coded SAE (`SparseAutoencoder.token_code`: the crosscoder) reads all its
-        layers at once: xs [N, d] (SAE inputs) per layer of `self.layers` -> layer -> (x_hat,
-        code) of its rows; {} for the other SAEs (each layer on its own in `reconstruct`)."""
-        if not self.sae.token_code:
-            return {}
-        x_hat, enc = self.sae(torch.stack(list(xs), 1).reshape(-1, xs[0].shape[-1]))
-        n_l = len(self.layers)
-        rows = lambda t, i: t[i::n_l]  # noqa: E731 - token t's layer i is row t * L + i
-        return {
-            layer: (rows(x_hat, i), EncoderOutput(*(rows(t, i) for t in enc)))
-            for i, layer in enumerate(self.layers)
-        }
 
     def result(self, model: str | None, boot: BootstrapConfig | None = None) -> EvalResult:
         """The metrics, plus for a lens SAE fvu_model / mse_model (model space) and lens_cond:
@@ -181,9 +164,6 @@ def load_entry(
     sae = load_sae(path)
     trained = [int(x) for x in sae.cfg.layers]
     use = sorted(set(int(x) for x in (layers if layers is not None else trained)))
-    if sae.token_code and use != trained:
-        raise MlsaeError(f"{path} is a {sae.cfg.architecture}: its code reads all the layers it "
-                         f"was trained on ({trained}) at once; --layers cannot choose {use}")  # fmt: skip
     if not use:
         raise MlsaeError(f"{path}: the SAE lists no layers; pass --layers")
     space = resolve_space(sae.cfg.lens, None, override=lens, sae_dir=path, what=f"SAE {path}")
@@ -225,18 +205,13 @@ def recon_from_source(
             acts = block.activations[block.mask]  # [N_used, L_source, d]
             ctx = ((block.offset + torch.arange(n)) // ctx_len)[block.mask.cpu()]  # [N_used]
             for e in entries:
-                xs = (
-                    [e.space.cached_to_sae(acts[:, pos[ly]].float(), ly) for ly in e.layers]
-                    if e.sae.token_code
-                    else []
-                )
-                done = e.whole_tokens(xs)
+                e.done = token_pass(e.sae, e.layers, lambda ly: e.space.cached_to_sae(acts[:, pos[ly]].float(), ly))  # noqa: B023  # fmt: skip
                 for layer in e.layers:
                     x = acts[:, pos[layer]].float()
                     x_model = None if e.space.cache_in_lens else x
                     norm = x.norm(dim=-1) if e.thresholds else None
                     x_sae = e.space.cached_to_sae(x, layer)
-                    e.reconstruct(x_sae, layer, True, x_model, norm, ctx, done.get(layer))
+                    e.reconstruct(x_sae, layer, True, x_model, norm, contexts=ctx)
             bar.update(n)
 
 
@@ -275,20 +250,11 @@ def run_model(
             first += ids.shape[0]
             for e in entries:
                 recons = {}  # layer -> reconstruction in the model's space (for delta CE)
-                xs = (
-                    [e.space.to_sae(cp.vectors(ly), ly) for ly in e.layers]
-                    if e.sae.token_code
-                    else []
-                )
-                done = e.whole_tokens(xs)
+                e.done = token_pass(e.sae, e.layers, lambda ly: e.space.to_sae(cp.vectors(ly), ly))  # noqa: B023
                 for layer in e.layers:
                     x_model = cp.vectors(layer)
                     x = e.space.to_sae(x_model, layer)
-                    x_hat_model = e.reconstruct(
-                        x, layer, recon, x_model, contexts=ctx, done=done.get(layer)
-                    )
-                    if done:
-                        e.clean_recon[layer] = x_hat_model
+                    x_hat_model = e.reconstruct(x, layer, recon, x_model, contexts=ctx)
                     if ce:
                         recons[layer] = x_hat_model
                 plain = splice_layers(model, cp, recons)  # continuations batched

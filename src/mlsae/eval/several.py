@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from mlsae.eval.evaluate import Entry, evaluate_command
 from mlsae.eval.replace import Recon, Replacement, parse_replace
 from mlsae.eval.result import EvalResult, fmt_value
 from mlsae.eval.splice import BatchObserver, CleanPass
+from mlsae.sae.crosscoder import token_pass
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -188,9 +189,9 @@ def evaluate_per_layer(
 # ----------------------------------------------------------------------------- --replace
 
 
-def entries_recon(entries: Sequence[Entry]) -> Recon:
+def entries_recon(entries: Sequence[Entry], clean: dict[int, Tensor] | None = None) -> Recon:
     """The model-space reconstruction of each evaluated layer by its entry's SAE (an MLSAE
-    serves all its layers; a per-layer set one entry per layer)."""
+    serves all its layers; a per-layer set one entry per layer); a crosscoder's from `clean`."""
     by_layer: dict[int, Entry] = {}
     for e in entries:
         for layer in e.layers:
@@ -201,7 +202,7 @@ def entries_recon(entries: Sequence[Entry]) -> Recon:
     def recon(layer: int, x_model: Tensor) -> Tensor:
         e = by_layer[layer]
         if e.sae.token_code:  # acausal: its code of the clean pass's blocks, all read at once
-            return e.clean_recon[layer]
+            return (clean or {})[layer]
         return e.reconstruct(e.space.to_sae(x_model, layer), layer, False, x_model)
 
     return recon
@@ -213,8 +214,15 @@ class ReplaceObserver:
 
     replacement: Replacement
     key: str = "replace"
+    entries: Sequence[Entry] = ()
+    clean: dict[int, Tensor] = field(default_factory=dict)
+    """A crosscoder's model-space reconstructions of this clean pass (its code reads all blocks
+    at once, so the replaced blocks get the clean pass's, not a spliced stream's)."""
 
     def update(self, model: PreTrainedModel, cp: CleanPass) -> None:
+        for e in self.entries:
+            done = token_pass(e.sae, e.layers, lambda ly: e.space.to_sae(cp.vectors(ly), ly))  # noqa: B023
+            self.clean.update({ly: e.space.to_model(xh, ly) for ly, (xh, _) in done.items()})
         self.replacement.update(model, cp)
 
     def to_json(self) -> dict[str, Any]:
@@ -227,7 +235,9 @@ def replace_observer(spec: str | None, entries: Sequence[Entry]) -> list[BatchOb
         return []
     layers = [x for e in entries for x in e.layers]
     blocks = parse_replace(spec, layers)
-    return [ReplaceObserver(Replacement(spec, blocks, entries_recon(entries)))]
+    clean: dict[int, Tensor] = {}
+    recon = entries_recon(entries, clean)
+    return [ReplaceObserver(Replacement(spec, blocks, recon), entries=entries, clean=clean)]
 
 
 def format_extras(typed: EvalResult) -> str:

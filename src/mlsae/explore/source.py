@@ -48,6 +48,10 @@ def run_saes(run: str | Path) -> list[RunSae]:
     out = []
     for d in folder.sae_dirs():
         sae = load_sae(d)
+        if sae.token_code:  # the index stores per-vector codes, each from one layer's vector
+            raise MlsaeError(f"{d} is a {sae.cfg.architecture}: index and explore encode one layer's "
+                             "vectors at a time, its code reads all layers of a token at once "
+                             "(not supported; evaluate and analyze take it)")  # fmt: skip
         layers = sorted(int(x) for x in sae.cfg.layers)
         if not layers:
             raise MlsaeError(f"{d}: the SAE lists no layers")

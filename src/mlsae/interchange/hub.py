@@ -60,7 +60,7 @@ def eval_table(ev: dict[str, Any]) -> str:
 
 
 _ARCH_NAME = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "Matryoshka TopK",
-              "token_topk": "per-token TopK (over layers)"}  # fmt: skip
+              "token_topk": "per-token TopK (over layers)", "crosscoder": "acausal crosscoder"}  # fmt: skip
 
 
 def model_card(

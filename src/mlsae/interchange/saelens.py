@@ -85,6 +85,9 @@ def saelens_config(
 ) -> dict[str, Any]:
     """The 6.x cfg.json of `sae` read at block `layer` through module `hook`."""
     cfg = sae.cfg
+    if cfg.architecture == "crosscoder":
+        raise MlsaeError("a crosscoder cannot be exported to SAELens: SAELens has no crosscoder "
+                         "format (one code per token over several layers' vectors)")  # fmt: skip
     if cfg.architecture not in ("topk", "matryoshka"):  # matryoshka encodes as TopK does
         raise MlsaeError(
             f"a {cfg.architecture} SAE cannot be exported to SAELens: its inference code is a "

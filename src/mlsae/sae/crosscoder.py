@@ -34,7 +34,8 @@ active at layer l for token t" means a[t, l, i] > 0: f[t, i] > 0 and a non-zero 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,27 @@ from mlsae.sae.autoencoder import (
 from mlsae.sae.encoder import AUX_SPARSE_RATIO, topk_encode
 from mlsae.sae.kernels import sparse_decode
 
-__all__ = ["CrosscoderSAE"]
+__all__ = ["CrosscoderSAE", "LayerShareSummary"]
+
+SINGLE_LAYER_SHARE = 0.9
+"""A latent "lives at one layer" when one layer holds more than this part of its decoder norms."""
+
+
+@dataclass
+class LayerShareSummary:
+    """Where a crosscoder's latents live, from each latent's decoder-norm share over the layers
+    (`CrosscoderSAE.layer_share`); `mlsae analyze` reports it as `layer_share`."""
+
+    layers: list[int]
+    mean_share: list[float]
+    """Per layer: the mean over latents of its share (sums to 1 over the layers)."""
+    peak_latents: list[int]
+    """Per layer: the latents whose largest share is at that layer."""
+    effective_layers: float
+    """Mean over latents of 1 / sum_l share_l^2: 1 for a latent writing to one layer, L for one
+    writing equally to all."""
+    single_layer_fraction: float
+    """Latents with more than SINGLE_LAYER_SHARE of their decoder norms at one layer."""
 
 
 class CrosscoderSAE(SparseAutoencoder):
@@ -130,6 +151,18 @@ class CrosscoderSAE(SparseAutoencoder):
         norms = self.decoder_norms()
         return norms / norms.sum(1, keepdim=True).clamp_min(torch.finfo(norms.dtype).tiny)
 
+    def layer_share_summary(self) -> LayerShareSummary:
+        """The summary of `layer_share` over all latents."""
+        share = self.layer_share().cpu().double()  # [F, L]
+        peak = torch.bincount(share.argmax(1), minlength=self.n_layers)
+        return LayerShareSummary(
+            layers=[int(x) for x in self.cfg.layers] or [0],
+            mean_share=share.mean(0).tolist(),
+            peak_latents=[int(c) for c in peak],
+            effective_layers=float((1 / share.pow(2).sum(1).clamp_min(1e-12)).mean()),
+            single_layer_fraction=float((share.max(1).values > SINGLE_LAYER_SHARE).double().mean()),
+        )
+
     # ------------------------------------------------------------------ the stage contract
 
     def encode_normalized(self, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,3 +237,24 @@ class CrosscoderSAE(SparseAutoencoder):
             n: getattr(self, n).detach().to("cpu", torch.float32).reshape(shape).clone()
             for n, shape in self.tensor_shapes().items()
         }
+
+
+def token_pass(
+    sae: SparseAutoencoder, layers: Sequence[int], inputs: Callable[[int], Tensor]
+) -> dict[int, tuple[Tensor, EncoderOutput]]:
+    """The stages' per-layer loops (evaluate, --replace) and a token-coded SAE (`token_code`: the
+    crosscoder), which reads all its layers at once: inputs(layer) -> its SAE inputs [N, d] for
+    each of `layers` (the SAE's own, all of them) -> layer -> (x_hat [N, d], code) of its rows.
+    {} for the other SAEs (each layer is encoded on its own)."""
+    if not sae.token_code:
+        return {}
+    if [int(x) for x in layers] != [int(x) for x in sae.cfg.layers]:
+        raise MlsaeError(f"a {sae.cfg.architecture} reads all the layers it was trained on "
+                         f"({sae.cfg.layers}) at once, not {list(layers)}")  # fmt: skip
+    xs = [inputs(layer) for layer in layers]
+    x_hat, enc = sae(torch.stack(xs, 1).reshape(-1, xs[0].shape[-1]))  # token t, layer i: t L + i
+    n_l = len(xs)
+    return {
+        layer: (x_hat[i::n_l], EncoderOutput(*(t[i::n_l] for t in enc)))
+        for i, layer in enumerate(layers)
+    }
