@@ -158,8 +158,8 @@ def rate_intervals(
                             n_contexts)  # fmt: skip
         blocks = [resampled_measures(sums[:, :, e : e + 1024], bs)
                   for e in range(0, sums.shape[2], 1024)]  # fmt: skip
-        measures = [torch.cat([m[q] for m in blocks], 1) if blocks else
-                    torch.zeros(bs.counts.shape[0], 0, dtype=F64) for q in range(3)]  # fmt: skip
-        rates = classify(*measures, sel, cfg)
+        pearson, suf, nec = (torch.cat([m[q] for m in blocks], 1) if blocks else
+                             torch.zeros(bs.counts.shape[0], 0, dtype=F64) for q in range(3))  # fmt: skip
+        rates = classify(pearson, suf, nec, sel, cfg)
         out.append({k: bs.interval(v) for k, v in rates.items()})
     return out, bs
