@@ -246,11 +246,11 @@ def evolution_command(
         clock["encode"] = time.perf_counter()
         with one_thread():
             results = second_pass(saes, stats, store, cfg)
+        clock["pairs"] = time.perf_counter()
         if boot is not None and boot.bootstrap > 0:
             bootstrap = _intervals(results, stats, store, cfg, boot, op.facts["context_length"])
             clock["intervals"] = time.perf_counter()
         tokens = store.tokens()
-        clock["pairs"] = time.perf_counter()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = op.tokenizer or _tokenizer_for(op.facts.get("model"))
