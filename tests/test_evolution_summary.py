@@ -17,6 +17,7 @@ from explore_fixtures import indexed_world
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlsae.core.bootstrap import BootstrapInfo, Interval
 from mlsae.core.errors import MlsaeError
 from mlsae.core.stage_config import MEASURES, EvolutionConfig
 from mlsae.evolution.run import findings
@@ -27,6 +28,7 @@ from mlsae.evolution.summary import (
     GraphCounts,
     GraphFile,
     MatchRow,
+    NullRates,
     PairSummary,
     load_evolution,
 )
@@ -40,7 +42,9 @@ def valid_output(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     pairs = [
         PairSummary(0, 1, 3, 0, 3, 0, 0.5, 0.25, 0.0, 1, 0, 1, 1 / 3, 2,
-                    and_features=[(2, 0, 1)], specialised_features=[(2, 0)]),
+                    and_features=[(2, 0, 1)], specialised_features=[(2, 0)],
+                    null=NullRates("global", 0, 0.0, 1.0, 1.0, 0, 0, 0),
+                    intervals={"pass_through": Interval(0.25, 0.75), "and_rate": None}),
         PairSummary(1, 2, 3, 0, 2, 1, 1.0, 0.0, 0.5, 0, 1, 0, 0.0, 2,
                     or_features=[(1, 0, 2)]),
     ]  # fmt: skip
@@ -49,7 +53,7 @@ def valid_output(folder: Path) -> Path:
         settings=EvolutionConfig(), dead={"0": 0, "1": 0, "2": 1}, pairs=pairs,
         match=[MatchRow(0, 1, 0.5, 0.6, 0.9, 0.2, 0.0), MatchRow(1, 2, 0.4, 0.5, 0.8, 0.1, 1.0)],
         communities=CommunitySummary("leiden", 1, 0, [8], {"8": 1}, 8, 8.0, 3.0, 3),
-        graph=GraphCounts(8, 4, 8), findings=findings(pairs),
+        graph=GraphCounts(8, 4, 8), findings=findings(pairs), bootstrap=BootstrapInfo(4, 10, 0),
     )  # fmt: skip
     layer = np.array([0, 0, 0, 1, 1, 1, 2, 2])
     g = GraphFile(
@@ -67,6 +71,9 @@ def test_round_trip_and_fields(tmp_path) -> None:
     d = valid_output(tmp_path / "evo")
     ev = load_evolution(d, with_graph=True)
     assert ev.summary.pairs[0].and_features == [(2, 0, 1)]
+    assert ev.summary.pairs[0].intervals["pass_through"] == Interval(0.25, 0.75)
+    assert ev.summary.pairs[0].null is not None and ev.summary.pairs[0].null.appear == 1.0
+    assert ev.summary.bootstrap == BootstrapInfo(4, 10, 0)
     assert ev.summary.findings.n_and == 1 and ev.summary.findings.n_or == 1
     assert ev.graph is not None and np.isnan(ev.graph.measures["pearson"][3])
     assert json.loads((d / "evolution.json").read_text()) == ev.summary.to_json()
@@ -76,7 +83,11 @@ def test_round_trip_and_fields(tmp_path) -> None:
 @pytest.mark.skipif(not DEMO.is_dir(), reason="no demo output on this machine")
 def test_an_old_output_reads_and_writes_the_same_json() -> None:
     ev = load_evolution(DEMO, with_graph=True)
-    assert ev.summary.to_json() == json.loads((DEMO / "evolution.json").read_text())
+    assert not ev.summary.settings.null and not ev.summary.settings.boolean_exclusive
+    again = ev.summary.to_json()
+    for k in ("null", "boolean_exclusive"):  # settings newer than the file
+        del again["settings"][k]
+    assert again == json.loads((DEMO / "evolution.json").read_text())
     assert ev.graph is not None
     assert ev.graph.to_json() == json.loads((DEMO / "graph.json").read_text())
 
@@ -110,6 +121,12 @@ FAULTS = {
         _set(["pairs", 0, "and_features"], [[2, 0, 7]]),
     ),  # fmt: skip
     "pairs not adjacent": ("evolution.json", _set(["layers"], [0, 1, 3])),
+    "interval of no rate": ("evolution.json", _set(["pairs", 0, "intervals", "x"], None)),
+    "string interval": (
+        "evolution.json",
+        _set(["pairs", 0, "intervals", "pass_through"], {"low": "0", "high": 1}),
+    ),
+    "null rate above 1": ("evolution.json", _set(["pairs", 0, "null", "appear"], 1.5)),
     "figure outside the folder": ("evolution.json", _set(["figures"], {"f": "../x.png"})),
     "edge out of range": ("graph.json", _set(["edges", "target", 0], 8)),
     "edge within a layer": ("graph.json", _set(["edges", "target", 0], 1)),

@@ -217,13 +217,14 @@ def evolution(
     model: ModelConfig,
     source: SourceConfig,
     cfg: EvolutionConfig,
+    boot: BootstrapConfig,
 ) -> None:
     """Features across layers of per-layer SAEs: statistics, graph, communities, SAE Match."""
     from mlsae.evolution.run import evolution_command, format_summary
     from mlsae.report.evolution import write_figures
 
     body = evolution_command(run, out, source=source, data=data, model=model, cfg=cfg,
-                             figures=write_figures)  # fmt: skip
+                             boot=boot, figures=write_figures)  # fmt: skip
     print(format_summary(body, out))
 
 

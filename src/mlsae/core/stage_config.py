@@ -145,6 +145,11 @@ class EvolutionConfig:
     """Appears: no previous-layer partner of Pearson >= this; disappears: no next-layer one."""
     boolean_threshold: float = 0.999
     """AND: exactly two up features of necessity >= this; OR: of sufficiency >= this."""
+    boolean_exclusive: bool = True
+    """AND / OR must combine, not copy: an OR's parents each cover less than
+    --boolean-threshold of the child and together at least that (sum of their necessities); an
+    AND's parents each imply it on less than that share (sufficiency). --no-boolean-exclusive:
+    the bare SPEC rule (a copy of one parent plus any subset feature counts as an OR)."""
     min_support: int = 10
     """Features active on fewer tokens are left out of AND / OR / specialisation (1 = the bare
     SPEC definition; rare features make spurious AND/ORs)."""
@@ -164,6 +169,10 @@ class EvolutionConfig:
     """Community detection: auto (Leiden, else Louvain), leiden or louvain."""
     max_nodes_html: int = 1500
     """graph.html draws at most this many nodes (the most connected)."""
+    null: bool = True
+    """Also run every detector with the down layer's token order permuted (one seeded global
+    permutation of the used tokens, --seed): the null model reported beside each rate and count
+    (doubles the pair pass)."""
     rescale: bool = True
     """Multiply each latent's activation by its vector's scale (the std of per-vector
     standardisation) before any cross-layer statistic, so the same feature's activations are

@@ -99,6 +99,7 @@ class CodeStore:
             for p in range(n_layers)
         ]
         self.tok = open(folder / "tokens.bin", "wb")  # noqa: SIM115
+        self.pos = open(folder / "positions.bin", "wb")  # noqa: SIM115
         self.k = [0] * n_layers
         self.rows = [0] * n_layers
         self.n_stream = 0
@@ -111,6 +112,10 @@ class CodeStore:
         token_ids.to(torch.int32).numpy().tofile(self.tok)
         self.n_stream += len(token_ids)
 
+    def add_positions(self, pos: Tensor) -> None:
+        """The stream positions of the used tokens whose codes follow (for their contexts)."""
+        pos.to(torch.int64).numpy().tofile(self.pos)
+
     def add(self, p: int, idx: Tensor, acts: Tensor) -> None:
         self.k[p] = idx.shape[1]
         idx.to(torch.int32).numpy().tofile(self.files[p][0])
@@ -122,6 +127,7 @@ class CodeStore:
             a.close()
             b.close()
         self.tok.close()
+        self.pos.close()
 
     def read(self, p: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
         k = self.k[p]
@@ -132,6 +138,17 @@ class CodeStore:
             self.folder / f"act_{p}.bin", np.float32, (stop - start) * k, offset=start * k * 4
         )
         return torch.from_numpy(idx.astype(np.int64)).view(-1, k), torch.from_numpy(act).view(-1, k)
+
+    def read_rows(self, p: int, rows: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Layer p's codes at the given token rows (any order), as `read`."""
+        k = self.k[p]
+        idx = np.memmap(self.folder / f"idx_{p}.bin", np.int32, "r", shape=(self.rows[p], k))
+        act = np.memmap(self.folder / f"act_{p}.bin", np.float32, "r", shape=(self.rows[p], k))
+        return torch.from_numpy(idx[rows].astype(np.int64)), torch.from_numpy(np.array(act[rows]))
+
+    def positions(self) -> np.ndarray:
+        """[rows] int64: the stream position of each stored row (used tokens)."""
+        return np.fromfile(self.folder / "positions.bin", np.int64)
 
     def tokens(self) -> np.ndarray:
         return np.fromfile(self.folder / "tokens.bin", np.int32)

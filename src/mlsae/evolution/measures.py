@@ -270,16 +270,38 @@ def summarize_pair(
         best_next_idx=scan.best_next_idx,
         best_prev=torch.where(scan.best_prev > -math.inf, scan.best_prev, math.nan),
         best_prev_idx=scan.best_prev_idx,
-        and_features=_members(scan.and_mem, (scan.and_cnt == 2) & sup_dn),
-        or_features=_members(scan.or_mem, (scan.or_cnt == 2) & sup_dn),
+        and_features=_boolean(
+            up, down, pair, cfg, scan.and_mem, (scan.and_cnt == 2) & sup_dn, "and"
+        ),
+        or_features=_boolean(up, down, pair, cfg, scan.or_mem, (scan.or_cnt == 2) & sup_dn, "or"),
         specialised=[(int(j), int(scan.spec_par[j])) for j in spec_ok.nonzero()],
     )
     res.summary = pair_summary(res, up.alive, down.alive, cfg, (sup_up, sup_dn))
     return res
 
 
-def _members(mem: Tensor, ok: Tensor) -> list[tuple[int, int, int]]:
-    return [(int(j), int(mem[j, 0]), int(mem[j, 1])) for j in ok.nonzero()]
+def _boolean(
+    up: FeatureStats, down: FeatureStats, pair: PairStats, cfg: EvolutionConfig, mem: Tensor,
+    ok: Tensor, kind: str,
+) -> list[tuple[int, int, int]]:  # fmt: skip
+    """(down, up 1, up 2) of the AND / OR candidates `ok` (exactly two parents). With
+    `cfg.boolean_exclusive` a candidate must also be a combination, not a copy: for an OR
+    neither parent alone covers the child (each necessity < t) and the two together do
+    (necessity 1 + necessity 2 >= t, the bound of P(A1 or A2 | B) from pair counts, exact when
+    the parents never fire together); for an AND neither parent alone implies the child (each
+    sufficiency < t)."""
+    j = ok.nonzero().flatten()
+    rows = [(int(a), int(mem[a, 0]), int(mem[a, 1])) for a in j]
+    if not cfg.boolean_exclusive or not rows:
+        return rows
+    t = cfg.boolean_threshold
+    m = [measures(up, down, pair, mem[j, c], j, names=()) for c in (0, 1)]
+    if kind == "or":
+        nec1, nec2 = m[0]["necessity"], m[1]["necessity"]
+        keep = (nec1 < t) & (nec2 < t) & (nec1 + nec2 >= t)
+    else:
+        keep = (m[0]["sufficiency"] < t) & (m[1]["sufficiency"] < t)
+    return [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
 
 
 def pair_summary(

@@ -12,6 +12,7 @@ DIR/graph.html and the figures. Only used (non-special) tokens count.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import shutil
 import tempfile
@@ -27,13 +28,14 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mlsae.activations.live import LiveSource
+from mlsae.core.bootstrap import BootstrapInfo
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.schema import from_dict
-from mlsae.core.stage_config import EvolutionConfig
+from mlsae.core.stage_config import BootstrapConfig, EvolutionConfig
 from mlsae.core.threads import one_thread
 from mlsae.evolution.codes import Chunk, CodeStore, comparable_acts, load_per_layer, source_chunks
 from mlsae.evolution.graph import (
@@ -55,12 +57,15 @@ from mlsae.evolution.measures import (
 )
 from mlsae.evolution.stats import FeatureStats, PairStats
 from mlsae.evolution.summary import (
+    RATES,
     DataFacts,
     EvolutionSummary,
     Findings,
     GraphCounts,
     MatchRow,
+    NullRates,
     PairSummary,
+    fmt_interval,
 )
 from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
@@ -81,6 +86,7 @@ def first_pass(
         store.add_tokens(ch.token_ids, ch.offset)
         pos = ch.offset + torch.arange(len(ch.mask))[ch.mask]
         if len(pos):
+            store.add_positions(pos)
             prev = None
             for p, (ly, sae) in enumerate(saes):
                 x = ch.acts[:, p][ch.mask].float()  # [n_used, d]
@@ -106,28 +112,42 @@ def second_pass(
     saes: list[tuple[int, SparseAutoencoder]], stats: list[FeatureStats], store: CodeStore,
     cfg: EvolutionConfig, chunk_rows: int = 4096,
 ) -> list[PairResult]:  # fmt: skip
-    """Co-moments of each adjacent pair, in groups under the memory budget; then reduce."""
-    sizes = [(stats[p].d, stats[p + 1].d) for p in range(len(saes) - 1)]
+    """Co-moments of each adjacent pair, in groups under the memory budget; then reduce. With
+    `cfg.null`, each pair's detectors also run with the down layer's tokens permuted (one
+    seeded global permutation), written to each summary's `null`."""
+    copies = 2 if cfg.null else 1
+    sizes = [(stats[p].d, copies * stats[p + 1].d) for p in range(len(saes) - 1)]
     groups = plan_groups(sizes, cfg.memory_gb)
     n = stats[0].n
+    perm = np.random.default_rng(cfg.seed).permutation(n) if cfg.null else None
+    thr = [s.threshold(cfg.active_fraction) for s in stats]
     results: list[PairResult] = []
     bar = tqdm(total=len(groups) * n, desc="evolution: pairs", unit="tok", leave=False)
     for group in groups:
-        acc = {
-            p: PairStats(stats[p].threshold(cfg.active_fraction),
-                         stats[p + 1].threshold(cfg.active_fraction))
-            for p in group
-        }  # fmt: skip
+        acc = {p: PairStats(thr[p], thr[p + 1]) for p in group}
+        null = {p: PairStats(thr[p], thr[p + 1]) for p in group} if perm is not None else {}
         for s in range(0, n, chunk_rows):
             stop = min(s + chunk_rows, n)
             codes = {q: store.read(q, s, stop) for q in sorted({*group, *(p + 1 for p in group)})}
             for p in group:
                 acc[p].update(*codes[p], *codes[p + 1])
+                if perm is not None:
+                    null[p].update(*codes[p], *store.read_rows(p + 1, perm[s:stop]))
             bar.update(stop - s)
         for p in group:
             (lu, su), (ld, sd) = saes[p], saes[p + 1]
-            results.append(summarize_pair(stats[p], stats[p + 1], acc.pop(p), cfg,
-                                          su.W_dec.cpu(), sd.W_dec.cpu(), layers=(lu, ld)))  # fmt: skip
+            w_up, w_dn = su.W_dec.cpu(), sd.W_dec.cpu()
+            res = summarize_pair(stats[p], stats[p + 1], acc.pop(p), cfg, w_up, w_dn, (lu, ld))
+            if perm is not None and res.summary is not None:
+                shuffled = summarize_pair(stats[p], stats[p + 1], null.pop(p), cfg, w_up, w_dn,
+                                          (lu, ld)).summary  # fmt: skip
+                assert shuffled is not None
+                res.summary.null = NullRates(
+                    permutation="global", seed=cfg.seed, pass_through=shuffled.pass_through,
+                    appear=shuffled.appear, disappear=shuffled.disappear, n_and=shuffled.n_and,
+                    n_or=shuffled.n_or, n_specialised=shuffled.n_specialised,
+                )  # fmt: skip
+            results.append(res)
     bar.close()
     return results
 
@@ -199,6 +219,7 @@ def evolution_command(
     data: DataConfig | None = None,
     model: ModelConfig | None = None,
     cfg: EvolutionConfig | None = None,
+    boot: BootstrapConfig | None = None,
     figures: Callable[[Path, EvolutionSummary], dict[str, str]] | None = None,
 ) -> EvolutionSummary:
     """Run everything and write DIR/{evolution.json, graph.json, graph.html} (and the figures,
@@ -218,6 +239,7 @@ def evolution_command(
              for p in range(len(pairs))]  # fmt: skip
     match = MatchScores(pairs, perms, saes[0][1].cfg.d_in, saes[0][1].cfg.d_sae)
     clock: dict[str, float] = {}  # phase -> end time
+    bootstrap = None
     tmp = Path(tempfile.mkdtemp(prefix=".codes-", dir=out))
     try:
         store = CodeStore(tmp, len(saes))
@@ -225,8 +247,11 @@ def evolution_command(
         clock["encode"] = time.perf_counter()
         with one_thread():
             results = second_pass(saes, stats, store, cfg)
-        tokens = store.tokens()
         clock["pairs"] = time.perf_counter()
+        if boot is not None and boot.bootstrap > 0:
+            bootstrap = _intervals(results, stats, store, cfg, boot, op.facts["context_length"])
+            clock["intervals"] = time.perf_counter()
+        tokens = store.tokens()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = op.tokenizer or _tokenizer_for(op.facts.get("model"))
@@ -248,11 +273,27 @@ def evolution_command(
         time_s=time.perf_counter() - t0,
         phase_s={k: b - a for k, a, b in zip(clock, marks[:-1], marks[1:], strict=True)},
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        bootstrap=bootstrap,
     )
     if figures is not None:  # the report stage draws them (this stage does not import it)
         summary.figures = figures(out, summary)
     write_json(out / "evolution.json", summary.to_json())
     return summary
+
+
+def _intervals(
+    results: list[PairResult], stats: list[FeatureStats], store: CodeStore,
+    cfg: EvolutionConfig, boot: BootstrapConfig, context_length: int,
+) -> BootstrapInfo:  # fmt: skip
+    """Each pair's rate intervals over contexts, into its summary (see evolution.intervals)."""
+    from mlsae.evolution.intervals import rate_intervals
+
+    with one_thread():
+        per_pair, bs = rate_intervals(results, stats, store, cfg, boot, context_length)
+    for r, iv in zip(results, per_pair, strict=True):
+        if r.summary is not None:
+            r.summary.intervals = iv
+    return bs.info
 
 
 def _graph_outputs(
@@ -292,16 +333,46 @@ def _tokenizer_for(model: str | None) -> PreTrainedTokenizerBase | None:
         return None
 
 
+def thresholds_line(cfg: EvolutionConfig) -> str:
+    """Every threshold the counts rest on, in words (printed, and in the report)."""
+    t = cfg.boolean_threshold
+    exact = math.ceil(1 / (1 - t) - 1e-9) if t < 1 else None
+    note = (f"; on a feature with fewer than {exact} active tokens a necessity / sufficiency "
+            f">= {t} means exactly 1" if exact else "")  # fmt: skip
+    return (
+        f"thresholds: pass-through best next Pearson >= {cfg.pass_through}; appear / disappear "
+        f"no partner of Pearson >= {cfg.link_threshold}; AND / OR exactly two parents of "
+        f"necessity / sufficiency >= {t}; specialised necessity >= {cfg.specialise_necessity} "
+        f"and sufficiency <= {cfg.specialise_sufficiency}; 'active' > {cfg.active_fraction} x "
+        f"the feature's max; AND / OR / specialised only among features active on >= "
+        f"{cfg.min_support} tokens (min_support){note}"
+    )
+
+
 def format_summary(body: EvolutionSummary, out: Path) -> str:
-    """One line per layer pair, then the communities and where the outputs are."""
-    lines = [f"{'pair':>9} {'pass':>6} {'appear':>7} {'disapp':>7} {'AND':>4} {'OR':>4} "
-          f"{'spec':>5} {'matchFVU':>9} {'unperm':>7} {'own':>6}"]  # fmt: skip
+    """One line per layer pair (counts with the null model's in brackets), the thresholds, then
+    the communities and where the outputs are."""
+    null = any(s.null is not None for s in body.pairs)
+    lines = [f"{'pair':>9} {'pass':>6} {'appear':>7} {'disapp':>7} {'AND':>8} {'OR':>8} "
+             f"{'spec':>11} {'matchFVU':>9} {'unperm':>7} {'own':>6}"]  # fmt: skip
     f = lambda v: "-" if v is None else f"{v:.3f}"
     for s, m in zip(body.pairs, body.match, strict=True):
+        c = lambda v, k, nl=s.null: f"{v}" if nl is None else f"{v} ({getattr(nl, k)})"
         lines.append(f"{s.up_layer:>4}->{s.down_layer:<4} {f(s.pass_through):>6} "
-              f"{f(s.appear):>7} {f(s.disappear):>7} {s.n_and:>4} {s.n_or:>4} "
-              f"{s.n_specialised:>5} {f(m.matched):>9} {f(m.unpermuted):>7} "
-              f"{f(m.own):>6}")  # fmt: skip
+                     f"{f(s.appear):>7} {f(s.disappear):>7} {c(s.n_and, 'n_and'):>8} "
+                     f"{c(s.n_or, 'n_or'):>8} {c(s.n_specialised, 'n_specialised'):>11} "
+                     f"{f(m.matched):>9} {f(m.unpermuted):>7} {f(m.own):>6}")  # fmt: skip
+    if null:
+        lines.append(f"(n): the same detectors with the down layer's tokens permuted (null "
+                     f"model, one global permutation, seed {body.settings.seed})")  # fmt: skip
+    if body.bootstrap is not None:
+        b = body.bootstrap
+        lines.append(f"95% intervals (percentile bootstrap over {b.n_contexts} contexts, "
+                     f"{b.n_resamples} resamples, seed {b.seed}; partners fixed):")  # fmt: skip
+        for s in body.pairs:
+            iv = " ".join(f"{k} {fmt_interval(s.intervals.get(k), 0)}" for k in RATES)
+            lines.append(f"{s.up_layer:>4}->{s.down_layer:<4} {iv}")
+    lines.append(thresholds_line(body.settings))
     c = body.communities
     lines.append(f"communities ({c.method}): {c.n_communities} with >= 2 features, "
           f"largest {c.largest}, {c.n_singletons} singletons")  # fmt: skip

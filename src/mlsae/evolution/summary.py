@@ -28,6 +28,13 @@ THRESHOLDS = ("pass_through", "link_threshold", "boolean_threshold", "specialise
 """The settings that are thresholds on measures in [0, 1]."""
 RATES = ("pass_through", "appear", "disappear", "and_rate", "or_rate", "specialised")
 """The per-pair rates that get a null model and an interval over contexts."""
+OLDER = {"null": False, "boolean_exclusive": False}
+"""What an evolution.json written before these settings existed did."""
+
+
+def fmt_interval(iv: Interval | None, width: int = 17) -> str:
+    """'[low, high]' with 3 significant digits, '-' without an interval."""
+    return ("-" if iv is None else f"[{iv.low:.3g}, {iv.high:.3g}]").rjust(width)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -266,6 +273,10 @@ class EvolutionSummary:
 
     @classmethod
     def from_json(cls, obj: object, where: str = "evolution.json") -> EvolutionSummary:
+        """Read an evolution.json; an older file's settings lack the newer switches and get
+        the behaviour it was made with (no null model, the bare SPEC AND / OR rule)."""
+        if isinstance(obj, dict) and isinstance(obj.get("settings"), dict):
+            obj = {**obj, "settings": {**OLDER, **obj["settings"]}}
         return from_dict(cls, obj, where)
 
 

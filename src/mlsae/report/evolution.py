@@ -16,7 +16,14 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402  # noqa: E402
 
 from mlsae.core.io import save_figure  # noqa: E402
-from mlsae.evolution.summary import EvolutionSummary, load_evolution  # noqa: E402
+from mlsae.evolution.run import thresholds_line  # noqa: E402
+from mlsae.evolution.summary import (  # noqa: E402
+    RATES,
+    EvolutionSummary,
+    PairSummary,
+    fmt_interval,
+    load_evolution,
+)
 
 FIGURES = {
     "fractions": "evolution_fractions.png",
@@ -120,6 +127,43 @@ def reading(body: EvolutionSummary) -> list[str]:
     return out
 
 
+def pair_table_html(body: EvolutionSummary) -> str:
+    """Per layer pair: each rate with its interval over contexts and the null model's value."""
+    head = ["pair", "alive up / down", *RATES]
+    rows = []
+    for p in body.pairs:
+        cells = [f"{p.up_layer}&rarr;{p.down_layer}", f"{p.alive_up} / {p.alive_down}"]
+        for k in RATES:
+            v = getattr(p, k)
+            text = "-" if v is None else f"{v:.3f}"
+            nv = _null_value(p, k)
+            if nv is not None:
+                text += f" (null {nv:.3f})"
+            iv = p.intervals.get(k)
+            if iv is not None:
+                text += f" {fmt_interval(iv, 0)}"
+            cells.append(html.escape(text).replace("&amp;rarr;", "&rarr;"))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    b = body.bootstrap
+    note = (f"Intervals: 95% percentile bootstrap over {b.n_contexts} contexts ({b.n_resamples} "
+            f"resamples), each feature's partners fixed by the full data." if b else
+            "No intervals (run with --bootstrap > 0).")  # fmt: skip
+    note += (" Null: the same detectors with the down layer's tokens permuted (one global "
+             f"permutation, seed {body.settings.seed}).")  # fmt: skip
+    return (f"<p>{html.escape(note)}</p><table><tr>"
+            + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")  # fmt: skip
+
+
+def _null_value(p: PairSummary, key: str) -> float | None:
+    n = p.null
+    if n is None or not p.alive_down:
+        return None
+    counts = {"and_rate": n.n_and, "or_rate": n.n_or, "specialised": n.n_specialised}
+    if key in counts:
+        return counts[key] / p.alive_down
+    return getattr(n, key)
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
@@ -139,7 +183,8 @@ def evolution_section_html(dir: Path, graph_href: str | None = None) -> str:
              f" of median size {c.median_size}, largest {c.largest}. "
              f'<a href="{html.escape(href)}">Interactive feature graph</a>.</p><ul>']  # fmt: skip
     parts += [f"<li>{html.escape(t)}</li>" for t in reading(body)]
-    parts.append("</ul>")
+    parts.append(f"<li>{html.escape(thresholds_line(body.settings))}.</li></ul>")
+    parts.append(pair_table_html(body))
     for name in body.figures.values():
         if (d / name).is_file():
             parts.append(_img(d / name))
