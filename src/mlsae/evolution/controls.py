@@ -198,6 +198,8 @@ def control_row(
     """Measures of (up, down) over the same tokens; intervals when `bs` is given."""
     res, fa, fb, _ = pair_result(up, down, cfg)
     s = res.summary
+    if s is None:
+        raise MlsaeError(f"no summary for the pair ({up.layer}, {down.layer})")
     alive_up, alive_dn = fa.alive, fb.alive
     best = res.best_next[alive_up]
     wu = torch.nn.functional.normalize(up.w_dec.double(), dim=1)
@@ -209,11 +211,11 @@ def control_row(
         up_layer=up.layer,
         down_layer=down.layer,
         n_tokens=len(up.idx),
-        alive_up=s["alive_up"],
-        alive_down=s["alive_down"],
-        pass_through=s["pass_through"],
-        disappear=s["disappear"],
-        appear=s["appear"],
+        alive_up=s.alive_up,
+        alive_down=s.alive_down,
+        pass_through=s.pass_through,
+        disappear=s.disappear,
+        appear=s.appear,
         best_pearson=_quantiles(best, {"mean": None, "p10": 0.1, "p50": 0.5, "p90": 0.9}),
         matched_decoder_cos=_quantiles(cos, {"mean": None, "p50": 0.5}),
     )
