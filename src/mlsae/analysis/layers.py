@@ -309,9 +309,8 @@ def sae_encoder(
             assert layers is not None, "a lens needs the layers of the rows"
             x = lens.forward_stack(x.reshape(-1, len(layers), x.shape[-1]), layers)
             x = x.reshape(-1, x.shape[-1])
-        ids = torch.tensor(list(layers or sae.cfg.layers)).repeat(
-            len(x) // len(layers or sae.cfg.layers)
-        )
+        rows = list(layers or sae.cfg.layers)  # each row's block (per-layer centring)
+        ids = torch.tensor(rows).repeat(len(x) // len(rows)) if sae.cfg.center_layers else None
         enc = sae.encode(x, ids)  # on the SAE's device; the statistics are on the CPU
         return enc.top_acts.cpu(), enc.top_indices.cpu()
 

@@ -31,7 +31,6 @@ from mlsae.sae.metrics import LayerMetrics, mean_or_none
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from mlsae.eval.evaluate import Entry
     from mlsae.eval.splice import CleanPass
 
 
@@ -93,9 +92,10 @@ class ExtraSums:
             res.mean.delta_ce_typical = mean_or_none(res.per_layer.delta_ce_typical)
 
 
-def entry_intervals(e: Entry, boot: BootstrapConfig) -> EvalIntervals:
+def entry_intervals(e: Any, boot: BootstrapConfig) -> EvalIntervals:
     """FVU, fvu_typical, fvu_std, delta CE, delta_ce_typical and KL intervals of an evaluated
-    entry, from one set of context resamples (the same count matrix for every metric)."""
+    entry (eval.evaluate.Entry), from one set of context resamples (the same count matrix for
+    every metric)."""
     assert e.contexts is not None
     order = dict(e.contexts.row)
     extra = e.extras

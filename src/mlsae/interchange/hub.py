@@ -143,7 +143,7 @@ def _load_it(cfg: SaeConfig, repo_id: str, sub: str, saelens_hooks: list[str]) -
         "import mlsae",
         f'sae = mlsae.load_sae("{repo_id}")' if not sub else
         f'sae = mlsae.load_sae(huggingface_hub.snapshot_download("{repo_id}") + "/{sub}")',
-        "x_hat, enc = sae(x)  # x: [N, d_in] residual vectors; enc.top_acts, enc.top_indices",
+        "x_hat, enc = sae(x, layer)  # x: [N, d_in] residual vectors of block `layer`",
         "```",
         "",
     ]  # fmt: skip

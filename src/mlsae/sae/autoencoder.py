@@ -70,7 +70,9 @@ class EncoderOutput(NamedTuple):
 
     def to(self, device: torch.device | str) -> EncoderOutput:
         """The same code on another device (e.g. the CPU, for statistics and files)."""
-        return EncoderOutput(*(None if t is None else t.to(device) for t in self))
+        center = None if self.center is None else self.center.to(device)
+        return EncoderOutput(self.top_acts.to(device), self.top_indices.to(device),
+                             self.mean.to(device), self.std.to(device), center)  # fmt: skip
 
 
 class StepOutput(NamedTuple):
@@ -185,8 +187,8 @@ class SparseAutoencoder(nn.Module):
             return None
         from mlsae.sae.centring import rows_of_blocks
 
-        rows = rows_of_blocks(self.cfg.layers, layer, n).to(self.layer_means.device)
-        return self.layer_means.index_select(0, rows)
+        means = self.get_buffer("layer_means")  # [L, d]
+        return means.index_select(0, rows_of_blocks(self.cfg.layers, layer, n).to(means.device))
 
     def standardize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`normalize` without the per-layer centring: the per-vector standardisation alone."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mlsae.activations.source import ActivationSource, Batch
-from mlsae.core.config import RunConfig
+from mlsae.core.config import Normalize, RunConfig
 from mlsae.core.io import recover_dir
 from mlsae.sae.centring import MEAN_TOKENS, BlockMeans, auto_choice, describe_choice
 from mlsae.train.checkpoint import CHECKPOINT, STATE
@@ -29,7 +29,7 @@ def estimate_block_means(
     source: ActivationSource,
     layers: list[int],
     to_sae: Callable[[Batch], Tensor],
-    normalize: str,
+    normalize: Normalize,
     seed: int,
     tokens: int = MEAN_TOKENS,
 ) -> BlockMeans:

@@ -224,7 +224,9 @@ def new_members(run: RunConfig, comm: Comm, means: torch.Tensor | None = None) -
         )  # fmt: skip
         sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype, device=device)
         if means is not None:
-            sae.layer_means.copy_(member_means(means, list(run.layers), list(s.layers)))
+            sae.get_buffer("layer_means").copy_(
+                member_means(means, list(run.layers), list(s.layers))
+            )
         since = torch.zeros(sc.d_sae, dtype=torch.float64)
         layer = s.layers[0] if run.mode == "per_layer" else None
         adam = make_adam(sae.parameters(), run.train, sc.d_sae)
