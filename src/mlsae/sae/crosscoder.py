@@ -175,9 +175,10 @@ class CrosscoderSAE(SparseAutoencoder):
         rows = idx.unsqueeze(1).expand(t, self.n_layers, k)
         return scaled.reshape(-1, k), rows.reshape(-1, k)
 
-    def encode(self, x: Tensor) -> EncoderOutput:
+    def encode(self, x: Tensor, layer: int | Tensor | None = None) -> EncoderOutput:
         """Raw x [T * L, d] (whole tokens, layers in `cfg.layers` order) -> the EncoderOutput of
-        each (token, layer) row (module docstring)."""
+        each (token, layer) row (module docstring). `layer` is not needed: the rows' order says
+        their blocks."""
         u, mean, std = self.normalize(x)
         acts, idx = self.encode_normalized(u)
         return EncoderOutput(acts, idx, mean, std)
@@ -197,7 +198,7 @@ class CrosscoderSAE(SparseAutoencoder):
     # ------------------------------------------------------------------ training
 
     @torch.no_grad()
-    def init_b_dec(self, x: Tensor) -> None:
+    def init_b_dec(self, x: Tensor, layer: int | Tensor | None = None) -> None:
         """b_dec = the geometric median of the batch's normalized token vectors [T, L d]."""
         self.init_b_dec_from(self.normalize(x)[0])
 
@@ -212,6 +213,7 @@ class CrosscoderSAE(SparseAutoencoder):
         k_aux: int = 0,
         aux_coef: float = 0.0,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        layer: int | Tensor | None = None,
     ) -> StepOutput:
         """Batch FVU of the token vectors plus aux_coef * AuxK (TopK's, on the concatenated
         token vectors); x [T * L, d], whole tokens. top_acts / top_indices: the shared code
