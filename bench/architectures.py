@@ -42,8 +42,14 @@ def adam(params) -> torch.optim.Optimizer:
 
 
 def ours(arch: str, x: torch.Tensor, r: int, k: int, n_layers: int) -> Callable[[], None]:
-    cfg = SaeConfig(d_in=x.shape[1], expansion_factor=r, k=k, layers=list(range(n_layers)),
-                    architecture=arch, matryoshka_prefixes=PREFIXES)  # type: ignore[arg-type]  # fmt: skip
+    cfg = SaeConfig(
+        d_in=x.shape[1],
+        expansion_factor=r,
+        k=k,
+        layers=list(range(n_layers)),
+        architecture=arch,
+        matryoshka_prefixes=PREFIXES,
+    )  # type: ignore[arg-type]
     sae = SparseAutoencoder(cfg, seed=0)
     sae.init_b_dec(x)
     opt = adam(sae.parameters())
@@ -164,8 +170,13 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=30, help="layers per token")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-dense", action="store_true", help="skip the dense references")
-    p.add_argument("--only", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES),
-                   help="architectures to time (topk is always timed: the ratios' base)")  # fmt: skip
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=list(ARCHITECTURES),
+        choices=list(ARCHITECTURES),
+        help="architectures to time (topk is always timed: the ratios' base)",
+    )
     a = p.parse_args()
     archs = [x for x in ARCHITECTURES if x == "topk" or x in a.only]
     n = a.n // a.layers * a.layers
@@ -186,8 +197,10 @@ def main() -> None:
             f()
             if rep:
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    print(f"N={n} ({n // a.layers} tokens x {a.layers} layers) d={a.d} R={a.r} k={a.k}; "
-          f"kernels {kernels.kernel_backend()}; threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"N={n} ({n // a.layers} tokens x {a.layers} layers) d={a.d} R={a.r} k={a.k}; "
+        f"kernels {kernels.kernel_backend()}; threads {torch.get_num_threads()}"
+    )
     print("ms per step, best of", a.repeats, "interleaved repeats [median]")
     for name, t in times.items():
         print(f"  {name:20s} {min(t):9.1f} [{statistics.median(t):9.1f}]")
@@ -203,8 +216,10 @@ def main() -> None:
             rows.append(("vs sparsify", "topk/sparsify", "topk"))
         for label, num, den in rows:
             if num in best and den in best and num != den:
-                print(f"  {arch:11s} {label:13s} {best[num] / best[den]:6.2f} "
-                      f"[{med[num] / med[den]:6.2f}]")  # fmt: skip
+                print(
+                    f"  {arch:11s} {label:13s} {best[num] / best[den]:6.2f} "
+                    f"[{med[num] / med[den]:6.2f}]"
+                )
 
 
 if __name__ == "__main__":

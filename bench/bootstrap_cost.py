@@ -53,12 +53,16 @@ def main() -> None:
     t_iv = time.perf_counter() - t0
     assert res.intervals is not None
     wo, wi = statistics.median(times["without"]), statistics.median(times["with"])
-    print(f"{len(entry.layers)} layers, {n} contexts, {entry.metrics.n_tokens} tokens, "
-          f"{args.resamples} resamples (medians of {args.repeats} interleaved repeats)")  # fmt: skip
+    print(
+        f"{len(entry.layers)} layers, {n} contexts, {entry.metrics.n_tokens} tokens, "
+        f"{args.resamples} resamples (medians of {args.repeats} interleaved repeats)"
+    )
     print(f"reconstruction pass without per-context sums: {wo:.2f} s")
     print(f"reconstruction pass with per-context sums:    {wi:.2f} s  (ratio {wi / wo:.3f})")
-    print(f"intervals (FVU, delta CE, KL; per layer and mean): {t_iv:.2f} s "
-          f"({t_iv / wo:.3f} x the reconstruction pass)")  # fmt: skip
+    print(
+        f"intervals (FVU, delta CE, KL; per layer and mean): {t_iv:.2f} s "
+        f"({t_iv / wo:.3f} x the reconstruction pass)"
+    )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,13 @@ def _tiny_model(n_ctx: int, ctx: int, dtype: str = "float32"):
 
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(
-        vocab_size=4096, hidden_size=128, num_hidden_layers=8, num_attention_heads=4,
-        intermediate_size=512, max_position_embeddings=max(ctx, 64),
-    )  # fmt: skip
+        vocab_size=4096,
+        hidden_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=max(ctx, 64),
+    )
     model = AutoModelForCausalLM.from_config(cfg).eval().to(getattr(torch, dtype))
     return model, torch.randint(0, 4096, (n_ctx, ctx)), [], "tiny-gpt-neox"
 
@@ -90,8 +94,10 @@ def main() -> None:
     if a.both_dtypes or cal.stage != "probe":
         dtypes.append(other)
     else:
-        print(f"{other} rows skipped: the calibration found bf16 more than 2x slower here "
-              "(--both-dtypes times them anyway)")  # fmt: skip
+        print(
+            f"{other} rows skipped: the calibration found bf16 more than 2x slower here "
+            "(--both-dtypes times them anyway)"
+        )
     best = {}
     for dt in dtypes:
         model, ids, special, name = (_tiny_model if a.tiny else _default_model)(
@@ -100,8 +106,10 @@ def main() -> None:
         print(f"\n--- model in {dt}")
         best[dt] = run_bench(model, ids, special, name, a)
     if len(best) == 2 and all(best.values()):
-        print(f"\n{other} / {a.dtype} throughput of the eval engine (best): "
-              f"{best[a.dtype] / best[other]:.2f}")  # fmt: skip
+        print(
+            f"\n{other} / {a.dtype} throughput of the eval engine (best): "
+            f"{best[a.dtype] / best[other]:.2f}"
+        )
 
 
 def run_bench(model, ids, special, name: str, a: argparse.Namespace) -> float:
@@ -110,8 +118,10 @@ def run_bench(model, ids, special, name: str, a: argparse.Namespace) -> float:
     L = model.config.num_hidden_layers
     layers = list(range(L))
     n_tok = ids.numel()
-    print(f"model {name}: {L} blocks; batch {tuple(ids.shape)} = {n_tok} tokens; "
-          f"threads {torch.get_num_threads()}; torch {torch.__version__}")  # fmt: skip
+    print(
+        f"model {name}: {L} blocks; batch {tuple(ids.shape)} = {n_tok} tokens; "
+        f"threads {torch.get_num_threads()}; torch {torch.__version__}"
+    )
 
     with torch.inference_mode():
         cp0 = clean_pass(model, ids, layers, special, mode="direct")
@@ -144,10 +154,14 @@ def run_bench(model, ids, special, name: str, a: argparse.Namespace) -> float:
                     times[n].append(time.perf_counter() - t0)
 
     diff = max(
-        max(abs(outs["splice"][la].ce_sum - outs["batched"][la].ce_sum) / max(outs["splice"][la].n, 1),
-            abs(outs["splice"][la].kl_sum - outs["batched"][la].kl_sum) / max(outs["splice"][la].n, 1))
+        max(
+            abs(outs["splice"][la].ce_sum - outs["batched"][la].ce_sum)
+            / max(outs["splice"][la].n, 1),
+            abs(outs["splice"][la].kl_sum - outs["batched"][la].kl_sum)
+            / max(outs["splice"][la].n, 1),
+        )
         for la in layers
-    )  # fmt: skip
+    )
 
     def bound(stat) -> float:
         tb, tf = stat(times["blocks"]), stat(times["full"])
@@ -155,14 +169,21 @@ def run_bench(model, ids, special, name: str, a: argparse.Namespace) -> float:
 
     print(f"\nseconds per batch, wall clock, {a.repeats} interleaved repeats (best / median):")
     for n, v in times.items():
-        print(f"  {n:8s} {min(v):8.2f} / {statistics.median(v):8.2f}  "
-              f"{n_tok / min(v):8.1f} tokens/s (best)")  # fmt: skip
+        print(
+            f"  {n:8s} {min(v):8.2f} / {statistics.median(v):8.2f}  "
+            f"{n_tok / min(v):8.1f} tokens/s (best)"
+        )
     for label, stat in (("best", min), ("median", statistics.median)):
         b = bound(stat)
-        print(f"bound ({label}): {b:.2f} s = {n_tok / b:.1f} tokens/s; "
-              + "; ".join(f"{n} {b / stat(times[n]):.2f} of bound"
-                          for n in ("splice", "batched", "eval") if n in times)
-              + "   (goal >= 0.70)")  # fmt: skip
+        print(
+            f"bound ({label}): {b:.2f} s = {n_tok / b:.1f} tokens/s; "
+            + "; ".join(
+                f"{n} {b / stat(times[n]):.2f} of bound"
+                for n in ("splice", "batched", "eval")
+                if n in times
+            )
+            + "   (goal >= 0.70)"
+        )
     print(f"max |per-token delta CE or KL difference| batched vs one layer at a time: {diff:.2e}")
     return min(times["eval"]) if "eval" in times else 0.0
 

@@ -50,14 +50,24 @@ def batches(n: int, batch: int, d: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
-def train(device: torch.device, xs: list[torch.Tensor], a: argparse.Namespace,
-          dtype: torch.dtype) -> tuple[SparseAutoencoder, list[float], float]:  # fmt: skip
+def train(
+    device: torch.device, xs: list[torch.Tensor], a: argparse.Namespace, dtype: torch.dtype
+) -> tuple[SparseAutoencoder, list[float], float]:
     """(SAE, per-step losses, vectors/s after the first step) of a run on `device`."""
     cfg = TrainConfig(lr=1e-3, dead_tokens=2 * a.batch)
-    sae = SparseAutoencoder(SaeConfig(d_in=a.d, expansion_factor=a.r, k=a.k, layers=[0]),
-                            seed=0, compute_dtype=dtype, device=device)  # fmt: skip
-    m = Member("s", sae, make_adam(sae.parameters(), cfg), None,
-               torch.zeros(sae.cfg.d_sae, dtype=torch.float64))  # fmt: skip
+    sae = SparseAutoencoder(
+        SaeConfig(d_in=a.d, expansion_factor=a.r, k=a.k, layers=[0]),
+        seed=0,
+        compute_dtype=dtype,
+        device=device,
+    )
+    m = Member(
+        "s",
+        sae,
+        make_adam(sae.parameters(), cfg),
+        None,
+        torch.zeros(sae.cfg.d_sae, dtype=torch.float64),
+    )
     losses, t0 = [], 0.0
     for i, x in enumerate(xs):
         if i == 1:
@@ -91,8 +101,10 @@ def main() -> None:
     dev, cpu = resolve_device(a.device), torch.device("cpu")
     plain_cpu = dev.type == "cpu"
     auto = resolve_compute_dtype("auto", verbose=False, device=dev)
-    print(f"1. torch {torch.__version__}; cuda available {torch.cuda.is_available()}; "
-          f"device {describe_device(dev)}; compute dtype auto = {auto}")  # fmt: skip
+    print(
+        f"1. torch {torch.__version__}; cuda available {torch.cuda.is_available()}; "
+        f"device {describe_device(dev)}; compute dtype auto = {auto}"
+    )
     if plain_cpu:
         print("   no GPU: the 'device' runs are the CPU with the custom kernels off")
 
@@ -105,11 +117,15 @@ def main() -> None:
     kernels.CPU_KERNELS = True
     torch.backends.cuda.matmul.allow_tf32 = tf32
     rel = max(abs(x - y) / abs(y) for x, y in zip(got_loss, ref_loss, strict=True))
-    wdiff = max(float((p.detach().cpu() - q.detach()).abs().max())
-                for p, q in zip(got.parameters(), ref.parameters(), strict=True))  # fmt: skip
+    wdiff = max(
+        float((p.detach().cpu() - q.detach()).abs().max())
+        for p, q in zip(got.parameters(), ref.parameters(), strict=True)
+    )
     ok = rel < 1e-3 and wdiff < 1e-3
-    print(f"2. {a.steps} float32 steps, device vs CPU: max relative loss difference {rel:.2e}, "
-          f"max weight difference {wdiff:.2e} -> {'OK' if ok else 'MISMATCH'}")  # fmt: skip
+    print(
+        f"2. {a.steps} float32 steps, device vs CPU: max relative loss difference {rel:.2e}, "
+        f"max weight difference {wdiff:.2e} -> {'OK' if ok else 'MISMATCH'}"
+    )
 
     if not a.skip_model:
         from mlsae.core.config import ModelConfig
@@ -140,9 +156,24 @@ def main() -> None:
 
     if not a.skip_model:
         with tempfile.TemporaryDirectory() as t:
-            cmd = [sys.executable, "-m", "mlsae", "train", "--device", a.device, "--model",
-                   a.model, "--tokens", "4096", "--max-steps", "10", "--batch-tokens", "4096",
-                   "--out", str(Path(t) / "run")]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "mlsae",
+                "train",
+                "--device",
+                a.device,
+                "--model",
+                a.model,
+                "--tokens",
+                "4096",
+                "--max-steps",
+                "10",
+                "--batch-tokens",
+                "4096",
+                "--out",
+                str(Path(t) / "run"),
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             tail = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
             print(f"5. {' '.join(cmd[2:])}: exit {r.returncode}; {tail}")

@@ -64,13 +64,20 @@ def main() -> None:
     warm = fetch(base, "/api/prompt", {"sae": 0, "text": PROMPTS[0], "latent": 0})
     print(f"first prompt (loads the model and SAEs): {warm:.1f} s")
     steer = {"steer": 2, "factor": 1, "units": "max"}
-    alone = {"latent": [fetch(base, "/api/latent", {"sae": 0, "latent": j}) for j in range(10)],
-             "prompt (no steering)": [fetch(base, "/api/prompt", {"sae": 0, "text": t})
-                                      for t in PROMPTS[1:]],
-             "prompt (steer, next token only)": [fetch(base, "/api/prompt", {
-                 "sae": 0, "text": t, **steer, "gen": 0}) for t in PROMPTS[1:]],
-             f"prompt (steer, {a.gen} tokens generated)": [fetch(base, "/api/prompt", {
-                 "sae": 0, "text": t, **steer, "gen": a.gen}) for t in PROMPTS[1:]]}  # fmt: skip
+    alone = {
+        "latent": [fetch(base, "/api/latent", {"sae": 0, "latent": j}) for j in range(10)],
+        "prompt (no steering)": [
+            fetch(base, "/api/prompt", {"sae": 0, "text": t}) for t in PROMPTS[1:]
+        ],
+        "prompt (steer, next token only)": [
+            fetch(base, "/api/prompt", {"sae": 0, "text": t, **steer, "gen": 0})
+            for t in PROMPTS[1:]
+        ],
+        f"prompt (steer, {a.gen} tokens generated)": [
+            fetch(base, "/api/prompt", {"sae": 0, "text": t, **steer, "gen": a.gen})
+            for t in PROMPTS[1:]
+        ],
+    }
     for k, v in alone.items():
         print(f"one client: {k} median {1e3 * np.median(v):.0f} ms over {len(v)} requests")
     base_ms = np.median(alone["prompt (no steering)"])
@@ -79,16 +86,31 @@ def main() -> None:
     rng = np.random.default_rng(0)
     jobs = []
     for c in range(a.clients):
-        job = [("latent", {"sae": 0, "latent": int(rng.integers(s0["d_sae"]))})
-               for _ in range(a.latent_requests)]  # fmt: skip
-        job += [("prompt", {"sae": 0, "text": PROMPTS[(c + i) % len(PROMPTS)] + f" {c}",
-                            "latent": int(rng.integers(s0["d_sae"])), "steer": c, "factor": 1,
-                            "units": "max", "gen": a.gen})
-                for i in range(a.prompt_requests)]  # fmt: skip
+        job = [
+            ("latent", {"sae": 0, "latent": int(rng.integers(s0["d_sae"]))})
+            for _ in range(a.latent_requests)
+        ]
+        job += [
+            (
+                "prompt",
+                {
+                    "sae": 0,
+                    "text": PROMPTS[(c + i) % len(PROMPTS)] + f" {c}",
+                    "latent": int(rng.integers(s0["d_sae"])),
+                    "steer": c,
+                    "factor": 1,
+                    "units": "max",
+                    "gen": a.gen,
+                },
+            )
+            for i in range(a.prompt_requests)
+        ]
         if ex.graph is not None:
             nodes = rng.integers(len(ex.graph), size=a.latent_requests // 5)
-            job += [("graph", {"layer": int(ex.graph.layer[v]), "feature": int(ex.graph.feature[v])})
-                    for v in nodes]  # fmt: skip
+            job += [
+                ("graph", {"layer": int(ex.graph.layer[v]), "feature": int(ex.graph.feature[v])})
+                for v in nodes
+            ]
         rng.shuffle(job)
         jobs.append(job)
     lat: dict[str, list[float]] = {}
@@ -106,13 +128,17 @@ def main() -> None:
     wall = time.perf_counter() - t0
     server.should_exit = True
     th.join(30)
-    print(f"{a.clients} concurrent clients, {sum(map(len, lat.values()))} requests, no error, "
-          f"{wall:.1f} s wall")  # fmt: skip
+    print(
+        f"{a.clients} concurrent clients, {sum(map(len, lat.values()))} requests, no error, "
+        f"{wall:.1f} s wall"
+    )
     print(f"{'endpoint':>8} {'n':>5} {'p50 ms':>9} {'p95 ms':>9} {'max ms':>9}")
     for k, v in lat.items():
         ms = 1e3 * np.asarray(v)
-        print(f"{k:>8} {len(v):>5} {np.percentile(ms, 50):>9.0f} {np.percentile(ms, 95):>9.0f} "
-              f"{ms.max():>9.0f}")  # fmt: skip
+        print(
+            f"{k:>8} {len(v):>5} {np.percentile(ms, 50):>9.0f} {np.percentile(ms, 95):>9.0f} "
+            f"{ms.max():>9.0f}"
+        )
 
 
 if __name__ == "__main__":

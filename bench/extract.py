@@ -88,12 +88,16 @@ def main() -> None:
     if args.both_dtypes or cal.stage != "probe":
         dtypes.append(other)
     else:
-        print(f"{other} rows skipped: the calibration found bf16 more than 2x slower here "
-              "(--both-dtypes times them anyway)")  # fmt: skip
+        print(
+            f"{other} rows skipped: the calibration found bf16 more than 2x slower here "
+            "(--both-dtypes times them anyway)"
+        )
     tps = {dt: time_capture(ModelConfig(model=args.model, dtype=dt), args) for dt in dtypes}  # type: ignore[arg-type]
     if len(tps) == 2:
-        print(f"{other} / {args.dtype} capture throughput (median, wall): "
-              f"{tps[other] / tps[args.dtype]:.2f}")  # fmt: skip
+        print(
+            f"{other} / {args.dtype} capture throughput (median, wall): "
+            f"{tps[other] / tps[args.dtype]:.2f}"
+        )
 
 
 def time_capture(cfg: ModelConfig, args: argparse.Namespace) -> float:

@@ -55,8 +55,9 @@ def train_theirs(model, their_lens, contexts, special_ids, steps, batch_size, se
     # would change torch, so its settings are restated): SGD, lr = lr_scale 1.0 x (1 - 0.9),
     # momentum 0.9, Nesterov, weight decay 1e-3; linear schedule with 0 warmup steps for SGD
     params = [p for p in their_lens.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1.0 * (1 - 0.9), momentum=0.9, nesterov=True,
-                          weight_decay=1e-3)  # fmt: skip
+    opt = torch.optim.SGD(
+        params, lr=1.0 * (1 - 0.9), momentum=0.9, nesterov=True, weight_decay=1e-3
+    )
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
     gen = torch.Generator().manual_seed(seed)
     order = itertools.chain.from_iterable(
@@ -90,7 +91,8 @@ def main() -> None:
     from mlsae.data.model import load_model
     from mlsae.data.text import take_contexts
     from mlsae.lens.evaluate import evaluate_lens
-    from mlsae.lens.train import regression_init, split_holdout, train_lens
+    from mlsae.lens.command import split_holdout
+    from mlsae.lens.train import regression_init, train_lens
     from mlsae.lens.tuned import TunedLens, load_lens
 
     d = LensTrainConfig()
@@ -113,22 +115,35 @@ def main() -> None:
     ctx = args.context_length
     n_train_ctx = -(-args.train_tokens // ctx)
     contexts = take_contexts(
-        lm.tokenizer, DataConfig(split="train", context_length=ctx), n_train_ctx + args.holdout_contexts
-    )  # fmt: skip
+        lm.tokenizer,
+        DataConfig(split="train", context_length=ctx),
+        n_train_ctx + args.holdout_contexts,
+    )
     train_ctx, holdout = split_holdout(contexts, args.holdout_contexts)
-    test = take_contexts(lm.tokenizer, DataConfig(split="test", context_length=ctx),
-                         -(-args.test_tokens // ctx))  # fmt: skip
+    test = take_contexts(
+        lm.tokenizer, DataConfig(split="test", context_length=ctx), -(-args.test_tokens // ctx)
+    )
     batches = [train_ctx[i : i + 8] for i in range(0, len(train_ctx), 8)]
 
     def ours(min_singular):
         lens = TunedLens(lm.n_layers, lm.d_model, model=lm.name)
-        regression_init(lm.model, lens, batches, lm.special_ids, min_singular=min_singular,
-                        progress=False)  # fmt: skip
+        regression_init(
+            lm.model, lens, batches, lm.special_ids, min_singular=min_singular, progress=False
+        )
         run = train_lens(
-            lm.model, lens, train_ctx, lm.special_ids, steps=args.steps,
-            batch_size=args.batch_size, lr=float(d.lr or 1e-3), seed=args.seed, holdout=holdout,
-            eval_every=args.eval_every, patience=args.patience, progress=True,
-        )  # fmt: skip
+            lm.model,
+            lens,
+            train_ctx,
+            lm.special_ids,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=float(d.lr or 1e-3),
+            seed=args.seed,
+            holdout=holdout,
+            eval_every=args.eval_every,
+            patience=args.patience,
+            progress=True,
+        )
         print(f"trained (floor {min_singular}): {run.to_json()}", flush=True)
         return lens, run
 
@@ -145,8 +160,9 @@ def main() -> None:
 
     t = time.perf_counter()
     theirs = PackageLens.from_model(lm.model).float()
-    their_hist = train_theirs(lm.model, theirs, train_ctx, lm.special_ids, n_steps,
-                              args.batch_size, args.seed)  # fmt: skip
+    their_hist = train_theirs(
+        lm.model, theirs, train_ctx, lm.special_ids, n_steps, args.batch_size, args.seed
+    )
     timing["theirs"] = time.perf_counter() - t
     print(f"trained theirs: train KL per step {[round(k, 4) for k in their_hist]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,34 +179,53 @@ def main() -> None:
     kl["logit"] = res["ours"]["logit"]["kl"]
     cond = {k: r["cond"] for k, r in res.items()}
 
-    print(f"model {lm.name}; train {len(train_ctx)} x {ctx} tokens (+ {len(holdout)} held-out "
-          f"contexts for our early stopping); test {len(test)} x {ctx} tokens "
-          f"({res['ours']['n_kl_positions']} used positions); batch {args.batch_size} "
-          f"context(s) per step")  # fmt: skip
-    print(f"ours: {n_steps} KL steps ({run.stop_reason}); floored: {len(run_f.history)} steps "
-          f"({run_f.stop_reason}); theirs: {n_steps} steps, train KL "
-          f"{their_hist[0]:.3f} -> {their_hist[-1]:.3f}")  # fmt: skip
-    head = (f"{'block':>5} {'KL ours':>8} {'KL theirs':>9} {'KL floor':>8} {'KL logit':>8} "
-            f"{'cond ours':>10} {'cond theirs':>11} {'cond floor':>10}")  # fmt: skip
+    print(
+        f"model {lm.name}; train {len(train_ctx)} x {ctx} tokens (+ {len(holdout)} held-out "
+        f"contexts for our early stopping); test {len(test)} x {ctx} tokens "
+        f"({res['ours']['n_kl_positions']} used positions); batch {args.batch_size} "
+        f"context(s) per step"
+    )
+    print(
+        f"ours: {n_steps} KL steps ({run.stop_reason}); floored: {len(run_f.history)} steps "
+        f"({run_f.stop_reason}); theirs: {n_steps} steps, train KL "
+        f"{their_hist[0]:.3f} -> {their_hist[-1]:.3f}"
+    )
+    head = (
+        f"{'block':>5} {'KL ours':>8} {'KL theirs':>9} {'KL floor':>8} {'KL logit':>8} "
+        f"{'cond ours':>10} {'cond theirs':>11} {'cond floor':>10}"
+    )
     print(head)
     for i, layer in enumerate(layers):
-        print(f"{layer:>5} {kl['ours'][i]:>8.4f} {kl['theirs'][i]:>9.4f} "
-              f"{kl['floored'][i]:>8.4f} {kl['logit'][i]:>8.4f} {cond['ours'][i]:>10.4g} "
-              f"{cond['theirs'][i]:>11.4g} {cond['floored'][i]:>10.4g}")  # fmt: skip
+        print(
+            f"{layer:>5} {kl['ours'][i]:>8.4f} {kl['theirs'][i]:>9.4f} "
+            f"{kl['floored'][i]:>8.4f} {kl['logit'][i]:>8.4f} {cond['ours'][i]:>10.4g} "
+            f"{cond['theirs'][i]:>11.4g} {cond['floored'][i]:>10.4g}"
+        )
     trained = [i for i, layer in enumerate(layers) if layer != lm.n_layers - 1]
     mean = {k: sum(v[i] for i in trained) / len(trained) for k, v in kl.items()}
     print(" mean " + " ".join(f"{k} {v:.4f}" for k, v in mean.items()))
     worse = [layers[i] for i in trained if kl["ours"][i] > kl["theirs"][i]]
-    print(f"ours <= theirs at {len(trained) - len(worse)} of {len(trained)} blocks"
-          + (f" (worse at {worse})" if worse else ""))  # fmt: skip
-    print("wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items())
-          + f", total {time.perf_counter() - t0:.0f}")  # fmt: skip
+    print(
+        f"ours <= theirs at {len(trained) - len(worse)} of {len(trained)} blocks"
+        + (f" (worse at {worse})" if worse else "")
+    )
+    print(
+        "wall s: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in timing.items())
+        + f", total {time.perf_counter() - t0:.0f}"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"layers": layers, "kl": kl, "cond": cond, "steps": n_steps,
-                   "ours_training": run.to_json(), "floored_training": run_f.to_json(),
-                   "their_train_kl": their_hist, "args": {k: str(v) for k, v in
-                                                           vars(args).items()}}  # fmt: skip
+        payload = {
+            "layers": layers,
+            "kl": kl,
+            "cond": cond,
+            "steps": n_steps,
+            "ours_training": run.to_json(),
+            "floored_training": run_f.to_json(),
+            "their_train_kl": their_hist,
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
         from mlsae.core.io import write_json
 
         write_json(args.out, payload)

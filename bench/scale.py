@@ -36,8 +36,12 @@ MLSAE = [sys.executable, "-m", "mlsae"]
 def run(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Run `mlsae ARGS`; (wall seconds, peak RSS in MB of that process)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*MLSAE, *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [*MLSAE, *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode() if proc.stderr else ""
@@ -60,13 +64,22 @@ def synthetic_cache(path: Path, n_tokens: int, n_layers: int, d: int) -> Path:
 
     g = torch.Generator().manual_seed(0)
     dic = torch.randn(4 * d, d, generator=g)
-    meta = {"layers": list(range(n_layers)), "d_model": d, "model": "synthetic",
-            "dataset": "synthetic", "split": "train", "context_length": 256}  # fmt: skip
+    meta = {
+        "layers": list(range(n_layers)),
+        "d_model": d,
+        "model": "synthetic",
+        "dataset": "synthetic",
+        "split": "train",
+        "context_length": 256,
+    }
     w = CacheWriter(path, meta, shard_tokens=1024)
     for _ in range(0, n_tokens, 256):
         z = torch.zeros(256 * n_layers, 4 * d)
-        z.scatter_(1, torch.randint(0, 4 * d, (256 * n_layers, 16), generator=g),
-                   torch.rand(256 * n_layers, 16, generator=g))  # fmt: skip
+        z.scatter_(
+            1,
+            torch.randint(0, 4 * d, (256 * n_layers, 16), generator=g),
+            torch.rand(256 * n_layers, 16, generator=g),
+        )
         acts = (z @ dic).view(256, n_layers, d)
         mask = torch.ones(256, dtype=torch.bool)
         mask[0] = False
@@ -81,9 +94,21 @@ def fmt_row(name: str, vals: list[float], unit: str) -> str:
 
 def section_procs(tmp: Path, a: argparse.Namespace) -> None:
     cache = synthetic_cache(tmp / "cache", a.cache_tokens, a.cache_layers, a.d)
-    base = ["train", "--cache", str(cache), "--batch-tokens", str(a.batch), "--max-steps",
-            str(a.steps), "--expansion-factor", str(a.r), "-k", str(a.k),
-            "--checkpoint-every", "100000"]  # fmt: skip
+    base = [
+        "train",
+        "--cache",
+        str(cache),
+        "--batch-tokens",
+        str(a.batch),
+        "--max-steps",
+        str(a.steps),
+        "--expansion-factor",
+        str(a.r),
+        "-k",
+        str(a.k),
+        "--checkpoint-every",
+        "100000",
+    ]
     got: dict[int, list[float]] = {1: [], 2: []}
     walls: dict[int, list[float]] = {1: [], 2: []}
     for rep in range(a.repeats):
@@ -93,8 +118,10 @@ def section_procs(tmp: Path, a: argparse.Namespace) -> None:
             got[n].append(train_vps(out))
             walls[n].append(wall)
             shutil.rmtree(out)
-    print(f"\nprocs: training on a cache ({a.cache_tokens} tokens x {a.cache_layers} layers, "
-          f"d {a.d}, R {a.r}, k {a.k}, batch {a.batch}, {a.steps} steps, {os.cpu_count()} cores)")  # fmt: skip
+    print(
+        f"\nprocs: training on a cache ({a.cache_tokens} tokens x {a.cache_layers} layers, "
+        f"d {a.d}, R {a.r}, k {a.k}, batch {a.batch}, {a.steps} steps, {os.cpu_count()} cores)"
+    )
     for n in (1, 2):
         print(fmt_row(f"{n} process(es): vectors/s", got[n], "vec/s"))
         print(f"  {'':<34} wall (incl. start-up) median {statistics.median(walls[n]):.1f} s")
@@ -106,8 +133,18 @@ def section_procs(tmp: Path, a: argparse.Namespace) -> None:
 
 def section_stream(tmp: Path, a: argparse.Namespace) -> None:
     common = ["--model", a.model, "--tokens", str(a.tokens), "--shard-tokens", str(a.shard)]
-    train = ["--batch-tokens", str(a.batch), "--expansion-factor", str(a.r), "-k", str(a.k),
-             "--shuffle-buffer-shards", "2", "--checkpoint-every", "100000"]  # fmt: skip
+    train = [
+        "--batch-tokens",
+        str(a.batch),
+        "--expansion-factor",
+        str(a.r),
+        "-k",
+        str(a.k),
+        "--shuffle-buffer-shards",
+        "2",
+        "--checkpoint-every",
+        "100000",
+    ]
     rows: dict[str, list[float]] = {"stream": [], "cached": []}
     walls: dict[str, list[float]] = {"stream": [], "cache+train": []}
     for rep in range(a.repeats):
@@ -134,11 +171,26 @@ def section_stream(tmp: Path, a: argparse.Namespace) -> None:
 
 
 def section_memory(tmp: Path, a: argparse.Namespace) -> None:
-    train = ["--model", a.model, "--shard-tokens", str(a.shard), "--shuffle-buffer-shards", "2",
-             "--batch-tokens", str(a.batch), "--expansion-factor", str(a.r), "-k", str(a.k),
-             "--checkpoint-every", "100000"]  # fmt: skip
-    print(f"\nmemory: peak RSS of streaming training ({a.model}, blocks of {a.shard} tokens, "
-          "2 per shuffle buffer, the whole stream read once)")  # fmt: skip
+    train = [
+        "--model",
+        a.model,
+        "--shard-tokens",
+        str(a.shard),
+        "--shuffle-buffer-shards",
+        "2",
+        "--batch-tokens",
+        str(a.batch),
+        "--expansion-factor",
+        str(a.r),
+        "-k",
+        str(a.k),
+        "--checkpoint-every",
+        "100000",
+    ]
+    print(
+        f"\nmemory: peak RSS of streaming training ({a.model}, blocks of {a.shard} tokens, "
+        "2 per shuffle buffer, the whole stream read once)"
+    )
     for n in (a.tokens, a.tokens_big):
         out = tmp / f"m{n}"
         wall, rss = run(["train", *train, "--tokens", str(n), "--out", str(out)])
@@ -149,15 +201,36 @@ def section_memory(tmp: Path, a: argparse.Namespace) -> None:
 
 def section_evalmem(tmp: Path, a: argparse.Namespace) -> None:
     run_dir = tmp / "sae"
-    run(["train", "--model", a.model, "--tokens", "2048", "--shard-tokens", str(a.shard),
-         "--batch-tokens", str(a.batch), "--expansion-factor", str(a.r), "-k", str(a.k),
-         "--max-steps", "3", "--out", str(run_dir)])  # fmt: skip
-    print(f"\nevalmem: peak RSS of `mlsae evaluate --layers 0,15,29` (FVU, delta CE, KL) on the "
-          f"live stream ({a.model}, test split, no cache)")  # fmt: skip
+    run(
+        [
+            "train",
+            "--model",
+            a.model,
+            "--tokens",
+            "2048",
+            "--shard-tokens",
+            str(a.shard),
+            "--batch-tokens",
+            str(a.batch),
+            "--expansion-factor",
+            str(a.r),
+            "-k",
+            str(a.k),
+            "--max-steps",
+            "3",
+            "--out",
+            str(run_dir),
+        ]
+    )
+    print(
+        f"\nevalmem: peak RSS of `mlsae evaluate --layers 0,15,29` (FVU, delta CE, KL) on the "
+        f"live stream ({a.model}, test split, no cache)"
+    )
     for n in (a.eval_tokens, 4 * a.eval_tokens):
         out = tmp / f"eval{n}.json"
-        wall, rss = run(["evaluate", str(run_dir), "--tokens", str(n), "--layers", "0,15,29",
-                         "--out", str(out)])  # fmt: skip
+        wall, rss = run(
+            ["evaluate", str(run_dir), "--tokens", str(n), "--layers", "0,15,29", "--out", str(out)]
+        )
         got = json.loads(out.read_text())["n_tokens"]
         print(f"  {n:>9} tokens: peak RSS {rss:>6} MB   ({got} tokens evaluated, {wall:.0f} s)")
 
@@ -179,12 +252,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} cores, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
     with tempfile.TemporaryDirectory(prefix="mlsae-scale-") as t:
         for s in a.sections.split(","):
-            sections = {"procs": section_procs, "stream": section_stream,
-                        "memory": section_memory, "evalmem": section_evalmem}  # fmt: skip
+            sections = {
+                "procs": section_procs,
+                "stream": section_stream,
+                "memory": section_memory,
+                "evalmem": section_evalmem,
+            }
             sections[s](Path(t), a)
 
 

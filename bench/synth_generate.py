@@ -50,8 +50,9 @@ def unpack(base: str, into: Path) -> Path:
 
 def run(src: Path, code: str, out: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    res = subprocess.run([sys.executable, "-c", code, str(out)], env=env, check=True,
-                         capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(out)], env=env, check=True, capture_output=True, text=True
+    )
     return float(res.stdout.strip().splitlines()[-1])
 
 
@@ -76,8 +77,9 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    code = RUN.format(layers=args.layers, d=args.d_model, tokens=args.tokens,
-                      test_tokens=args.test_tokens)  # fmt: skip
+    code = RUN.format(
+        layers=args.layers, d=args.d_model, tokens=args.tokens, test_tokens=args.test_tokens
+    )
     times: dict[str, list[float]] = {"base": [], "new": []}
     with tempfile.TemporaryDirectory() as tmp:
         srcs = {"base": unpack(args.base, Path(tmp)), "new": ROOT / "src"}
@@ -87,9 +89,11 @@ def main() -> None:
                 print(f"repeat {r} {name:>4}: {times[name][-1]:7.2f} s", flush=True)
         print(same_data(Path(tmp) / "base0", Path(tmp) / "new0"))
     base, new = (statistics.median(times[k]) for k in ("base", "new"))
-    print(f"{args.tokens} + {args.test_tokens} tokens x {args.layers} layers x d {args.d_model}: "
-          f"base ({args.base}) {base:.2f} s, new {new:.2f} s (medians of {args.repeats}); "
-          f"speed-up {base / new:.1f}x")  # fmt: skip
+    print(
+        f"{args.tokens} + {args.test_tokens} tokens x {args.layers} layers x d {args.d_model}: "
+        f"base ({args.base}) {base:.2f} s, new {new:.2f} s (medians of {args.repeats}); "
+        f"speed-up {base / new:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -208,8 +208,10 @@ def cpu_model() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown CPU"
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                 if ln.startswith("model name")), "unknown CPU")  # fmt: skip
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+        "unknown CPU",
+    )
     flags = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({' '.join(simd) or 'no AVX2'})"
@@ -255,12 +257,16 @@ def main() -> None:
     cal = cpu_calibration(*shape, probe=probe)
     other = torch.float32 if dt == torch.bfloat16 else torch.bfloat16
     both = a.both_dtypes or cal.stage != "probe"
-    print(f"CPU {cpu_model()}; torch capability {cpu_capability()}; threads "
-          f"{torch.get_num_threads()}; torch {torch.__version__}")  # fmt: skip
+    print(
+        f"CPU {cpu_model()}; torch capability {cpu_capability()}; threads "
+        f"{torch.get_num_threads()}; torch {torch.__version__}"
+    )
     print(f"compute dtype (auto): {cal.summary()}")
     if not both:
-        print(f"  {short(other)} rows skipped: the calibration found {short(other)} more than "
-              "2x slower here (--both-dtypes times them anyway)")  # fmt: skip
+        print(
+            f"  {short(other)} rows skipped: the calibration found {short(other)} more than "
+            "2x slower here (--both-dtypes times them anyway)"
+        )
     print(f"SAE kernel backend: {native.backend()} (MLSAE_KERNELS=auto|native|torch)")
     print(f"shape: N={a.n} d={a.d} R={a.r} (d_sae={a.d * a.r}) k={a.k}; compute dtype {dt}")
     print(
@@ -280,9 +286,11 @@ def main() -> None:
         )
         assert ok, f"top-k method {m} is not exact"
     tt = interleaved(tk, a.repeats)
-    print("top-k on [N, d_sae] (ms, min/median): " + ", ".join(
-        f"{m} {min(v):.1f}/{statistics.median(v):.1f}" for m, v in tt.items()
-    ) + f"  (default: {kernels.TOPK_METHOD}, group {kernels.TOPK_GROUP})")  # fmt: skip
+    print(
+        "top-k on [N, d_sae] (ms, min/median): "
+        + ", ".join(f"{m} {min(v):.1f}/{statistics.median(v):.1f}" for m, v in tt.items())
+        + f"  (default: {kernels.TOPK_METHOD}, group {kernels.TOPK_GROUP})"
+    )
 
     fns: dict[str, Callable[[], None]] = {
         "mlsae": ours(x, a.d, a.r, a.k, dtype=dt),
@@ -308,14 +316,18 @@ def main() -> None:
     roof = min((n for n in times if n.startswith("roofline")), key=lambda n: min(times[n]))
     best = {n: min(v) for n, v in times.items()}  # least disturbed by other processes
     clock = "thread CPU time" if a.cpu_time else "wall clock"
-    print(f"\nms per step ({clock}), best of {a.repeats} interleaved repeats (median in "
-          f"brackets); mlsae and roofline in {dt} (auto's choice)"
-          + (f", /{short(other)}: in {other}" if both else ""))  # fmt: skip
+    print(
+        f"\nms per step ({clock}), best of {a.repeats} interleaved repeats (median in "
+        f"brackets); mlsae and roofline in {dt} (auto's choice)"
+        + (f", /{short(other)}: in {other}" if both else "")
+    )
     for n, v in times.items():
         med = statistics.median(v)
         print(f"  {n:14s} {best[n]:8.1f}  [{med:.1f}]  {a.n / best[n] * 1e3:10.0f} vectors/s")
-    print("\nratios (throughput of mlsae vs ..., i.e. their time / ours; of roofline = roofline "
-          "time / ours), from the best and from the median times:")  # fmt: skip
+    print(
+        "\nratios (throughput of mlsae vs ..., i.e. their time / ours; of roofline = roofline "
+        "time / ours), from the best and from the median times:"
+    )
     if "sparsify" in times:
         print(ratio_line("vs sparsify", times, "sparsify", "mlsae", "goal >= 3x"))
     print(ratio_line("vs dense", times, "dense", "mlsae", "plain dense autograd"))
@@ -339,15 +351,22 @@ def main() -> None:
 def aux_sweep(x: torch.Tensor, a: argparse.Namespace, fracs: list[float]) -> None:
     """Our step with AuxK's dense and sparse paths forced, at several dead fractions."""
     m = a.d * a.r
-    fns = {(f, sp): ours(x, a.d, a.r, a.k, dead_frac=f, aux_sparse=sp)
-           for f in fracs for sp in (False, True)}  # fmt: skip
+    fns = {
+        (f, sp): ours(x, a.d, a.r, a.k, dead_frac=f, aux_sparse=sp)
+        for f in fracs
+        for sp in (False, True)
+    }
     times = interleaved({f"{f}/{sp}": fn for (f, sp), fn in fns.items()}, a.repeats)
-    print(f"\nAuxK by dead fraction (k_aux 256; sparse beyond {AUX_SPARSE_RATIO} x k_aux dead), "
-          "ms best [median]:")  # fmt: skip
+    print(
+        f"\nAuxK by dead fraction (k_aux 256; sparse beyond {AUX_SPARSE_RATIO} x k_aux dead), "
+        "ms best [median]:"
+    )
     for f in fracs:
         dn, sp = times[f"{f}/False"], times[f"{f}/True"]
-        print(f"  {f:5.2f} ({int(f * m):5d} dead): dense {min(dn):7.1f} [{statistics.median(dn):.1f}]"
-              f"  sparse {min(sp):7.1f} [{statistics.median(sp):.1f}]")  # fmt: skip
+        print(
+            f"  {f:5.2f} ({int(f * m):5d} dead): dense {min(dn):7.1f} [{statistics.median(dn):.1f}]"
+            f"  sparse {min(sp):7.1f} [{statistics.median(sp):.1f}]"
+        )
 
 
 if __name__ == "__main__":

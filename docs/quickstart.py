@@ -88,9 +88,13 @@ evaluation = mlsae.evaluate(
 )
 print(evaluation.table())
 analysis = mlsae.analyze(
-    run.path, OUT / "analysis", prompts=[PROMPT], source=held_out_source, data=test_data,
+    run.path,
+    OUT / "analysis",
+    prompts=[PROMPT],
+    source=held_out_source,
+    data=test_data,
     model=model_cfg,
-)  # fmt: skip
+)
 print(analysis.table())
 print("report:", OUT / "analysis" / "report.html")
 

@@ -116,8 +116,10 @@ def s1_timings() -> None:
 def s2_mlsae() -> None:
     emit("## 2. MLSAE per layer (held-out test cache)", "")
     short = [re.search(r"--max-steps (\d+)", c) for s, _, c in timings() if s == "sweep_short"]
-    runs = [(f"short_R{r}", f"short_R{r}", int(short[0][1]) if short and short[0] else None)
-            for r in (8, 16)]  # fmt: skip
+    runs = [
+        (f"short_R{r}", f"short_R{r}", int(short[0][1]) if short and short[0] else None)
+        for r in (8, 16)
+    ]
     for r in (8, 16):
         d = ([p.name for p in sorted((OUT / "sweep").glob(f"sae_R{r}_k*"))] or [f"sae_R{r}_k*"])[0]
         runs.append((f"long_R{r}", f"sweep/{d}", last_step("sweep", d)))
@@ -136,23 +138,61 @@ def s2_mlsae() -> None:
         # reconstruction-only re-evaluation by a newer mlsae)
         typ = ev if "fvu_typical" in ev["mean"] else (load(f"{d}/eval_typ.json") or ev)
         tm = typ["mean"].get("fvu_typical")
-        rows.append([name, steps, tok, ev["n_tokens"], m["fvu"], tm, m["delta_ce"], m["kl"],
-                     m["l0"], ev["dead_fraction"], out])  # fmt: skip
-        per += [[name, k, *(at(layers, ev["per_layer"][k], ly) for ly in pick(layers))]
-                for k in ("fvu", "delta_ce")]  # fmt: skip
+        rows.append(
+            [
+                name,
+                steps,
+                tok,
+                ev["n_tokens"],
+                m["fvu"],
+                tm,
+                m["delta_ce"],
+                m["kl"],
+                m["l0"],
+                ev["dead_fraction"],
+                out,
+            ]
+        )
+        per += [
+            [name, k, *(at(layers, ev["per_layer"][k], ly) for ly in pick(layers))]
+            for k in ("fvu", "delta_ce")
+        ]
         if tm is not None:
-            per.append([name, "fvu_typical (eval tokens: " + str(typ["n_tokens"]) + ")",
-                        *(at(typ["layers"], typ["per_layer"]["fvu_typical"], ly)
-                          for ly in pick(layers))])  # fmt: skip
+            per.append(
+                [
+                    name,
+                    "fvu_typical (eval tokens: " + str(typ["n_tokens"]) + ")",
+                    *(
+                        at(typ["layers"], typ["per_layer"]["fvu_typical"], ly)
+                        for ly in pick(layers)
+                    ),
+                ]
+            )
     if not rows:
         return
     source(*srcs, "sweep/metrics.jsonl", "sweep/train_cfg.json", "timings.tsv")
-    emit("steps: short = sweep_short's --max-steps, long = last step of metrics.jsonl; text "
-         "tokens = steps x batch_tokens / layers; outliers: vectors with a norm > 10x their "
-         "layer's median (max variance share)", "")  # fmt: skip
-    table(["run", "steps", "text tokens", "eval tokens", "mean FVU", "mean FVU w/o outliers",
-           "mean dCE", "mean KL", "L0",
-           "dead frac", "norm outliers"], rows)  # fmt: skip
+    emit(
+        "steps: short = sweep_short's --max-steps, long = last step of metrics.jsonl; text "
+        "tokens = steps x batch_tokens / layers; outliers: vectors with a norm > 10x their "
+        "layer's median (max variance share)",
+        "",
+    )
+    table(
+        [
+            "run",
+            "steps",
+            "text tokens",
+            "eval tokens",
+            "mean FVU",
+            "mean FVU w/o outliers",
+            "mean dCE",
+            "mean KL",
+            "L0",
+            "dead frac",
+            "norm outliers",
+        ],
+        rows,
+    )
     table(["run", "metric", *(f"L{ly}" for ly in pick(layers))], per)
 
 
@@ -167,30 +207,68 @@ def s3_cross() -> None:
     singles = [(r, ls[0]) for r, ls in enumerate(cx["row_layers"][:m]) if len(ls) == 1]
     show = sorted({*pick(cols), *(ly for _, ly in singles)})
     emit(f"{cx['n_tokens']} tokens; FVU of each SAE (rows) at each layer (columns):", "")
-    table(["SAE", "dead frac (all layers)", *(f"L{c}" for c in show)],
-          [[cx["rows"][r], cx["dead_fraction"][r], *(at(cols, fvu[r], c) for c in show)]
-           for r in range(m + 1)])  # fmt: skip
+    table(
+        ["SAE", "dead frac (all layers)", *(f"L{c}" for c in show)],
+        [
+            [cx["rows"][r], cx["dead_fraction"][r], *(at(cols, fvu[r], c) for c in show)]
+            for r in range(m + 1)
+        ],
+    )
     rows: list[Row] = []
     for r, ly in singles:
         at_ = [(o, cols.index(ly + o)) for o in (-6, -3, -1, 0, 1, 3, 6) if ly + o in cols]
-        rows += [[cx["rows"][r], f"{o:+d}", ly + o, fvu[r][c], fvu[m][c], dce[r][c], dce[m][c]]
-                 for o, c in at_]  # fmt: skip
-        off = [(a, b) for i, (a, b) in enumerate(zip(fvu[r], fvu[m], strict=True))
-               if cols[i] != ly and a is not None and b is not None]  # fmt: skip
+        rows += [
+            [cx["rows"][r], f"{o:+d}", ly + o, fvu[r][c], fvu[m][c], dce[r][c], dce[m][c]]
+            for o, c in at_
+        ]
+        off = [
+            (a, b)
+            for i, (a, b) in enumerate(zip(fvu[r], fvu[m], strict=True))
+            if cols[i] != ly and a is not None and b is not None
+        ]
         if off:
-            rows.append([cx["rows"][r], "mean off", "all but L",
-                         *map(statistics.mean, zip(*off, strict=True)), "", ""])  # fmt: skip
-    table(["single SAE", "offset", "layer", "FVU single", "FVU MLSAE", "dCE single", "dCE MLSAE"],
-          rows)  # fmt: skip
+            rows.append(
+                [
+                    cx["rows"][r],
+                    "mean off",
+                    "all but L",
+                    *map(statistics.mean, zip(*off, strict=True)),
+                    "",
+                    "",
+                ]
+            )
+    table(
+        ["single SAE", "offset", "layer", "FVU single", "FVU MLSAE", "dCE single", "dCE MLSAE"],
+        rows,
+    )
 
 
-VAR_KEYS = ["n_tokens", "n_latents_alive", "n_latents_dead", "var_layer", "mean_var_latent",
-            "mean_var_token", "rel_var_latent", "rel_var_token", "token_variance_factor",
-            "multi_layer_fraction_aggregate", "multi_layer_fraction_token",
-            "multi_layer_fraction_token_per_latent", "active_pair_fraction"]  # fmt: skip
-PAPER_KEYS = ["batch_tokens", "n_batches", "last_partial_batch", "active_pair_fraction",
-              "var_layer", "rel_var_latent", "rel_var_token", "token_variance_factor",
-              "rel_var_token_normalised"]  # fmt: skip
+VAR_KEYS = [
+    "n_tokens",
+    "n_latents_alive",
+    "n_latents_dead",
+    "var_layer",
+    "mean_var_latent",
+    "mean_var_token",
+    "rel_var_latent",
+    "rel_var_token",
+    "token_variance_factor",
+    "multi_layer_fraction_aggregate",
+    "multi_layer_fraction_token",
+    "multi_layer_fraction_token_per_latent",
+    "active_pair_fraction",
+]
+PAPER_KEYS = [
+    "batch_tokens",
+    "n_batches",
+    "last_partial_batch",
+    "active_pair_fraction",
+    "var_layer",
+    "rel_var_latent",
+    "rel_var_token",
+    "token_variance_factor",
+    "rel_var_token_normalised",
+]
 
 
 def variance_table(cols: list[tuple[str, dict[str, Any]]]) -> None:
@@ -200,10 +278,14 @@ def variance_table(cols: list[tuple[str, dict[str, Any]]]) -> None:
 
     rows: list[Row] = [[k, *(s.get(k) for _, s in cols)] for k in VAR_KEYS]
     rows.append(["pairs active at 1 / 2 / >2 layers", *(hist(s) for _, s in cols)])
-    rows += [[f"eval_mean.{k}", *((s.get("eval_mean") or {}).get(k) for _, s in cols)]
-             for k in ("fvu", "fvu_model", "delta_ce")]  # fmt: skip
-    rows += [[f"paper_formula.{k}", *((s.get("paper_formula") or {}).get(k) for _, s in cols)]
-             for k in PAPER_KEYS]  # fmt: skip
+    rows += [
+        [f"eval_mean.{k}", *((s.get("eval_mean") or {}).get(k) for _, s in cols)]
+        for k in ("fvu", "fvu_model", "delta_ce")
+    ]
+    rows += [
+        [f"paper_formula.{k}", *((s.get("paper_formula") or {}).get(k) for _, s in cols)]
+        for k in PAPER_KEYS
+    ]
     table(["quantity", *(n for n, _ in cols)], rows)
 
 
@@ -222,8 +304,11 @@ def s4_variance() -> None:
     cols = [c for i, c in enumerate(cols) if c[1].get("sae") not in saes[:i]]
     if cols:
         source("analysis_R8/analysis.json", "analysis_R16/analysis.json")
-        emit("SPEC ratios (L = block index) first, then the paper code's formula (L = position "
-             "0..L-1, batches of batch_tokens, inactive pairs counted as zeros)", "")  # fmt: skip
+        emit(
+            "SPEC ratios (L = block index) first, then the paper code's formula (L = position "
+            "0..L-1, batches of batch_tokens, inactive pairs counted as zeros)",
+            "",
+        )
         variance_table(cols)
 
 
@@ -235,16 +320,26 @@ def s5_geometry() -> None:
     a = load(rels[0])
     source(rels[0])
     ls, pairs = a["layers"], [f"{u}-{d}" for u, d in a["adjacent_pairs"]]
-    table(["quantity", "min (where)", "median", "max (where)"], [
-        ["adjacent cosine, centred", *stats3(a["adjacent_cosine"], pairs)],
-        ["adjacent cosine, raw", *stats3(a["adjacent_cosine_raw"], pairs)],
-        ["mean norm", *stats3(a["norm_mean"], ls)],
-        ["mean norm last / first", a["norm_mean"][-1] / a["norm_mean"][0], "", ""],
-    ])  # fmt: skip
-    layer_table(["layer", "mean norm", "median norm", "norm std", "cos(l, l+1) centred", "raw"],
-                pick(ls), [(ls, a["norm_mean"]), (ls, a["norm_quantiles"].get("0.5")),
-                           (ls, a["norm_std"]), (ls[:-1], a["adjacent_cosine"]),
-                           (ls[:-1], a["adjacent_cosine_raw"])])  # fmt: skip
+    table(
+        ["quantity", "min (where)", "median", "max (where)"],
+        [
+            ["adjacent cosine, centred", *stats3(a["adjacent_cosine"], pairs)],
+            ["adjacent cosine, raw", *stats3(a["adjacent_cosine_raw"], pairs)],
+            ["mean norm", *stats3(a["norm_mean"], ls)],
+            ["mean norm last / first", a["norm_mean"][-1] / a["norm_mean"][0], "", ""],
+        ],
+    )
+    layer_table(
+        ["layer", "mean norm", "median norm", "norm std", "cos(l, l+1) centred", "raw"],
+        pick(ls),
+        [
+            (ls, a["norm_mean"]),
+            (ls, a["norm_quantiles"].get("0.5")),
+            (ls, a["norm_std"]),
+            (ls[:-1], a["adjacent_cosine"]),
+            (ls[:-1], a["adjacent_cosine_raw"]),
+        ],
+    )
 
 
 def s6_lens() -> None:
@@ -257,38 +352,88 @@ def s6_lens() -> None:
         evs[rel], tr = ev, (load(f"{rel}/lens.json") or {}).get("training", {})
         c = [math.inf if x is None else x for x in ev.get("cond") or [math.nan]]
         n = len(ev["layers"]) - 1  # the last block is the identity
-        rows.append([rel, tr.get("min_singular"), tr.get("steps_run"), tr.get("stop_reason"),
-                     ev["n_kl_positions"], statistics.mean(ev["tuned"]["kl"][:n] or [math.nan]),
-                     statistics.mean(ev["logit"]["kl"][:n] or [math.nan]), ev["model_ce"],
-                     max(c), ev["layers"][c.index(max(c))], statistics.median(c)])  # fmt: skip
+        rows.append(
+            [
+                rel,
+                tr.get("min_singular"),
+                tr.get("steps_run"),
+                tr.get("stop_reason"),
+                ev["n_kl_positions"],
+                statistics.mean(ev["tuned"]["kl"][:n] or [math.nan]),
+                statistics.mean(ev["logit"]["kl"][:n] or [math.nan]),
+                ev["model_ce"],
+                max(c),
+                ev["layers"][c.index(max(c))],
+                statistics.median(c),
+            ]
+        )
     if rows:
         source(*(f"{r}/{f}" for r in evs for f in ("eval.json", "lens.json")))
         emit("mean KL over blocks 0..L-2 (the last block is the identity)", "")
-        table(["lens", "min_singular", "KL steps", "stop", "KL positions", "mean KL tuned",
-               "mean KL logit", "model CE", "max cond(I+A)", "at block", "median cond"],
-              rows)  # fmt: skip
+        table(
+            [
+                "lens",
+                "min_singular",
+                "KL steps",
+                "stop",
+                "KL positions",
+                "mean KL tuned",
+                "mean KL logit",
+                "model CE",
+                "max cond(I+A)",
+                "at block",
+                "median cond",
+            ],
+            rows,
+        )
         show = pick(next(iter(evs.values()))["layers"])
         head = [f"{n} {c}" for n in evs for c in ("KL tuned", "KL logit", "cond")]
-        cols = [(e["layers"], v) for e in evs.values()
-                for v in (e["tuned"]["kl"], e["logit"]["kl"], e.get("cond"))]  # fmt: skip
+        cols = [
+            (e["layers"], v)
+            for e in evs.values()
+            for v in (e["tuned"]["kl"], e["logit"]["kl"], e.get("cond"))
+        ]
         layer_table(["block", *head], show, cols)
     ml, sh = load("mlsae_lens/eval.json"), load("short_R8/eval.json") or {}
     if ml is None:
         not_run("mlsae_lens/eval.json")
     else:
         source("mlsae_lens/eval.json", "short_R8/eval.json")
-        emit(f"lens-space MLSAE (lens `{ml.get('lens')}`): fvu in lens space, fvu_model in the "
-             "model's space (exact inverse); delta CE always in the model's space", "")  # fmt: skip
+        emit(
+            f"lens-space MLSAE (lens `{ml.get('lens')}`): fvu in lens space, fvu_model in the "
+            "model's space (exact inverse); delta CE always in the model's space",
+            "",
+        )
         keys = ["fvu", "fvu_model", "delta_ce", "kl", "l0"]
-        table(["run", "space", "eval tokens", "dead frac", *(f"mean {k}" for k in keys)],
-              [[n, e.get("space"), e["n_tokens"], e["dead_fraction"], *map(e["mean"].get, keys)]
-               for n, e in (("mlsae_lens", ml), ("short_R8", sh)) if e])  # fmt: skip
+        table(
+            ["run", "space", "eval tokens", "dead frac", *(f"mean {k}" for k in keys)],
+            [
+                [n, e.get("space"), e["n_tokens"], e["dead_fraction"], *map(e["mean"].get, keys)]
+                for n, e in (("mlsae_lens", ml), ("short_R8", sh))
+                if e
+            ],
+        )
         ls, p, sl, sp = ml["layers"], ml["per_layer"], sh.get("layers", []), sh.get("per_layer", {})
-        layer_table(["layer", "FVU lens", "FVU model", "short_R8 FVU", "dCE lens", "short_R8 dCE",
-                     "lens_cond"], pick(ls),
-                    [(ls, p["fvu"]), (ls, p.get("fvu_model")), (sl, sp.get("fvu")),
-                     (ls, p["delta_ce"]), (sl, sp.get("delta_ce")),
-                     (ls, p.get("lens_cond"))])  # fmt: skip
+        layer_table(
+            [
+                "layer",
+                "FVU lens",
+                "FVU model",
+                "short_R8 FVU",
+                "dCE lens",
+                "short_R8 dCE",
+                "lens_cond",
+            ],
+            pick(ls),
+            [
+                (ls, p["fvu"]),
+                (ls, p.get("fvu_model")),
+                (sl, sp.get("fvu")),
+                (ls, p["delta_ce"]),
+                (sl, sp.get("delta_ce")),
+                (ls, p.get("lens_cond")),
+            ],
+        )
     if acols := analysis_cols("analysis_lens/analysis.json", "short_R8"):
         source("analysis_lens/analysis.json")
         variance_table(acols)
@@ -296,55 +441,89 @@ def s6_lens() -> None:
 
 def s7_evolution() -> None:
     emit("## 7. Features across layers", "")
-    singles = {r["layers"][0]: (d.name, r["per_layer"]["fvu"][0], r["n_tokens"])
-               for d in sorted(OUT.glob("single_*"))
-               if (r := (load(f"{d.name}/final_fvu.json") or {}).get("sae"))}  # fmt: skip
-    pl, ev, cx = (load(f"{r}.json") for r in ("per_layer/final_fvu", "evolution/evolution",
-                                               "cross/cross"))  # fmt: skip
+    singles = {
+        r["layers"][0]: (d.name, r["per_layer"]["fvu"][0], r["n_tokens"])
+        for d in sorted(OUT.glob("single_*"))
+        if (r := (load(f"{d.name}/final_fvu.json") or {}).get("sae"))
+    }
+    pl, ev, cx = (
+        load(f"{r}.json") for r in ("per_layer/final_fvu", "evolution/evolution", "cross/cross")
+    )
     if pl is None:
         not_run("per_layer/final_fvu.json")
     else:
         own = {int(k.split("_")[-1]): v["per_layer"]["fvu"][0] for k, v in pl.items()}
         n_vec = sorted(v["n_tokens"] for v in pl.values())
         held = {m["down_layer"]: m["own"] for m in (ev or {}).get("match", [])}
-        diag = {ls[0]: cx["fvu"][r][cx["layers"].index(ls[0])] for r, ls in
-                enumerate(cx["row_layers"][:-1]) if len(ls) == 1 and ls[0] in cx["layers"]
-                } if cx else {}  # fmt: skip
-        source("per_layer/final_fvu.json", *(f"{n}/final_fvu.json" for n, *_ in singles.values()),
-               "evolution/evolution.json (match.own)", "cross/cross.json (diagonal)")  # fmt: skip
+        diag = (
+            {
+                ls[0]: cx["fvu"][r][cx["layers"].index(ls[0])]
+                for r, ls in enumerate(cx["row_layers"][:-1])
+                if len(ls) == 1 and ls[0] in cx["layers"]
+            }
+            if cx
+            else {}
+        )
+        source(
+            "per_layer/final_fvu.json",
+            *(f"{n}/final_fvu.json" for n, *_ in singles.values()),
+            "evolution/evolution.json (match.own)",
+            "cross/cross.json (diagonal)",
+        )
         runs = ["per_layer", *(n for n, *_ in singles.values())]
-        emit("train: final_fvu.json (training tokens); held-out: the per-layer SAE's own FVU from "
-             "evolution's SAE Match, the single SAE's from the cross matrix. Last steps: "
-             f"{', '.join(f'{n} {fmt(last_step(n))}' for n in runs)}; final_fvu vectors per "
-             f"layer: per-layer SAEs {n_vec[0]}-{n_vec[-1]}, single SAEs "
-             f"{', '.join(str(v[2]) for v in singles.values())}; mean per-layer train FVU "
-             f"{fmt(statistics.mean(own.values()))}", "")  # fmt: skip
-        table(["layer", "per-layer SAE (train)", "single SAE (train)", "per-layer (held-out)",
-               "single (held-out)"],
-              [[ly, own.get(ly), singles.get(ly, (0, None))[1], held.get(ly), diag.get(ly)]
-               for ly in sorted({*pick(sorted(own)), *singles})])  # fmt: skip
+        emit(
+            "train: final_fvu.json (training tokens); held-out: the per-layer SAE's own FVU from "
+            "evolution's SAE Match, the single SAE's from the cross matrix. Last steps: "
+            f"{', '.join(f'{n} {fmt(last_step(n))}' for n in runs)}; final_fvu vectors per "
+            f"layer: per-layer SAEs {n_vec[0]}-{n_vec[-1]}, single SAEs "
+            f"{', '.join(str(v[2]) for v in singles.values())}; mean per-layer train FVU "
+            f"{fmt(statistics.mean(own.values()))}",
+            "",
+        )
+        table(
+            [
+                "layer",
+                "per-layer SAE (train)",
+                "single SAE (train)",
+                "per-layer (held-out)",
+                "single (held-out)",
+            ],
+            [
+                [ly, own.get(ly), singles.get(ly, (0, None))[1], held.get(ly), diag.get(ly)]
+                for ly in sorted({*pick(sorted(own)), *singles})
+            ],
+        )
     if ev is None:
         return not_run("evolution/evolution.json")
     source("evolution/evolution.json")
     st, ps, ms = ev["settings"], ev["pairs"], ev["match"]
-    emit(f"{ev['n_used_tokens']} used tokens; pass-through: best next-layer Pearson >= "
-         f"{st['pass_through']}; appear/disappear: best Pearson < {st['link_threshold']}; AND/OR: "
-         f"exactly two parents with necessity/sufficiency >= {st['boolean_threshold']}; "
-         f"specialised: necessity >= {st['specialise_necessity']} and sufficiency <= "
-         f"{st['specialise_sufficiency']}; fractions are of alive features", "")  # fmt: skip
+    emit(
+        f"{ev['n_used_tokens']} used tokens; pass-through: best next-layer Pearson >= "
+        f"{st['pass_through']}; appear/disappear: best Pearson < {st['link_threshold']}; AND/OR: "
+        f"exactly two parents with necessity/sufficiency >= {st['boolean_threshold']}; "
+        f"specialised: necessity >= {st['specialise_necessity']} and sufficiency <= "
+        f"{st['specialise_sufficiency']}; fractions are of alive features",
+        "",
+    )
     table(["finding", "value"], [[k, v] for k, v in ev["findings"].items()])
     names = [f"{p['up_layer']}-{p['down_layer']}" for p in ps]
     keys = ["pass_through", "appear", "disappear", "specialised", "n_and", "n_or", "alive_down"]
-    table(["per pair", "min (pair)", "median", "max (pair)"],
-          [[k, *stats3([p[k] for p in ps], names)] for k in keys]
-          + [[f"match FVU {k}", *stats3([m[k] for m in ms], names)]
-             for k in ("matched", "matched_target_scale", "unpermuted", "own")])  # fmt: skip
+    table(
+        ["per pair", "min (pair)", "median", "max (pair)"],
+        [[k, *stats3([p[k] for p in ps], names)] for k in keys]
+        + [
+            [f"match FVU {k}", *stats3([m[k] for m in ms], names)]
+            for k in ("matched", "matched_target_scale", "unpermuted", "own")
+        ],
+    )
     c, dead = ev.get("communities") or {}, ev["dead"]
-    emit(f"communities ({c.get('method')}): {c.get('n_communities')} with >= 2 features, largest "
-         f"{c.get('largest')}, median size {fmt(c.get('median_size'))}, mean layer span "
-         f"{fmt(c.get('mean_layer_span'))}, {c.get('n_singletons')} singletons; dead features "
-         f"per layer min / median / max: {' / '.join(map(fmt, stats3([*dead.values()], [*dead])))}",
-         "")  # fmt: skip
+    emit(
+        f"communities ({c.get('method')}): {c.get('n_communities')} with >= 2 features, largest "
+        f"{c.get('largest')}, median size {fmt(c.get('median_size'))}, mean layer span "
+        f"{fmt(c.get('mean_layer_span'))}, {c.get('n_singletons')} singletons; dead features "
+        f"per layer min / median / max: {' / '.join(map(fmt, stats3([*dead.values()], [*dead])))}",
+        "",
+    )
 
 
 def main() -> None:

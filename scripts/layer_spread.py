@@ -38,7 +38,11 @@ def main() -> None:
         counts, spans, x_hat = [], [], []
         for i in range(0, n_tok, CHUNK):
             xx = x[i : i + CHUNK].reshape(-1, d)
-            enc = sae.encode_grouped(xx) if isinstance(sae, TokenTopKSAE) and mode != "encode" else sae.encode(xx)  # fmt: skip
+            enc = (
+                sae.encode_grouped(xx)
+                if isinstance(sae, TokenTopKSAE) and mode != "encode"
+                else sae.encode(xx)
+            )
             on = (sae.dense_acts(enc) > 0).view(-1, n_l, sae.cfg.d_sae)  # [t, L, m]
             counts.append(on.sum(2))
             spans.append(on.sum(1)[on.any(1)])
@@ -48,10 +52,14 @@ def main() -> None:
         share = (c / c.sum(1, keepdim=True).clamp_min(1)).mean(0) * n_l
         hist = torch.bincount(s, minlength=n_l + 1)[1:].double() / len(s)
         print(f"## {sys.argv[1]} [{mode}], {n_tok} tokens x {n_l} layers")
-        print(f"active per (token, layer): mean {c.mean():.1f} sd {c.std():.1f} min {int(c.min())} "
-              f"max {int(c.max())}; sd over a token's layers {c.std(1).mean():.1f}")  # fmt: skip
-        print(f"(token, latent) pairs at 1 layer {hist[0]:.3f}, 2-5 {hist[1:5].sum():.3f}, "
-              f"6-15 {hist[5:15].sum():.3f}, 16+ {hist[15:].sum():.3f}; mean {s.float().mean():.2f}")  # fmt: skip
+        print(
+            f"active per (token, layer): mean {c.mean():.1f} sd {c.std():.1f} min {int(c.min())} "
+            f"max {int(c.max())}; sd over a token's layers {c.std(1).mean():.1f}"
+        )
+        print(
+            f"(token, latent) pairs at 1 layer {hist[0]:.3f}, 2-5 {hist[1:5].sum():.3f}, "
+            f"6-15 {hist[5:15].sum():.3f}, 16+ {hist[15:].sum():.3f}; mean {s.float().mean():.2f}"
+        )
         print("layer share x L:", " ".join(f"{v:.2f}" for v in share.tolist()))
         print(f"FVU mean {fvu.mean():.3f}; by layer:", " ".join(f"{v:.2f}" for v in fvu.tolist()))
     print(f"wall {time.perf_counter() - t0:.0f} s")

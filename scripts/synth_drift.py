@@ -66,10 +66,14 @@ def main() -> None:
         ok = (perm >= 0) & alive_up & alive_down[perm.clamp_min(0)]
         cos = (u[ok] * v[perm[ok]]).sum(-1)
         pc = [float(u[a] @ v[b]) for lp, a, b in passed if lp == ly]
-        row = {"up_layer": ly, "n_matched_alive": int(ok.sum()),
-               "match_all_deg": angle(float(cos.median())) if len(cos) else None,
-               "match_q90_deg": angle(float(cos.quantile(0.9))) if len(cos) else None,
-               "n_pass": len(pc), "pass_deg": angle(statistics.median(pc)) if pc else None}  # fmt: skip
+        row = {
+            "up_layer": ly,
+            "n_matched_alive": int(ok.sum()),
+            "match_all_deg": angle(float(cos.median())) if len(cos) else None,
+            "match_q90_deg": angle(float(cos.quantile(0.9))) if len(cos) else None,
+            "n_pass": len(pc),
+            "pass_deg": angle(statistics.median(pc)) if pc else None,
+        }
         if truth is not None:
             centre = up.cfg.normalize != "none"
             ra = recovery_at(w_up, truth, ly, centre, 0.9).match

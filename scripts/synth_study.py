@@ -30,14 +30,50 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-DATA = ["--n-layers", "6", "--d-model", "64", "--n-features", "48", "--tokens", "8192",
-        "--test-tokens", "2048"]  # fmt: skip
-CONDITIONS = {"base": [], "growth": ["--norm-growth", "19"],
-              "outliers": ["--outlier-fraction", "0.01"]}  # fmt: skip
-ML = ["--expansion-factor", "2", "-k", "4", "--batch-tokens", "1024", "--epochs", "8",
-      "--lr", "1e-3"]  # fmt: skip
-PL = ["--per-layer", "--expansion-factor", "1", "-k", "4", "--batch-tokens", "256", "--epochs",
-      "8", "--lr", "2e-3", "--normalize", "none"]  # fmt: skip
+DATA = [
+    "--n-layers",
+    "6",
+    "--d-model",
+    "64",
+    "--n-features",
+    "48",
+    "--tokens",
+    "8192",
+    "--test-tokens",
+    "2048",
+]
+CONDITIONS = {
+    "base": [],
+    "growth": ["--norm-growth", "19"],
+    "outliers": ["--outlier-fraction", "0.01"],
+}
+ML = [
+    "--expansion-factor",
+    "2",
+    "-k",
+    "4",
+    "--batch-tokens",
+    "1024",
+    "--epochs",
+    "8",
+    "--lr",
+    "1e-3",
+]
+PL = [
+    "--per-layer",
+    "--expansion-factor",
+    "1",
+    "-k",
+    "4",
+    "--batch-tokens",
+    "256",
+    "--epochs",
+    "8",
+    "--lr",
+    "2e-3",
+    "--normalize",
+    "none",
+]
 
 
 class Failed(Exception):
@@ -79,24 +115,84 @@ def dataset(out: Path, cond: str, drift: str, seed: str, score_only: str | None)
     d.mkdir(parents=True, exist_ok=True)
     run = lambda done, args: step(out, done, args)  # noqa: E731
     if score_only is None:
-        run(d / "data" / "truth.json", ["synth", "generate", "--out", str(d / "data"), *DATA,
-            "--seed", seed, "--drift-deg", drift, *CONDITIONS[cond]])  # fmt: skip
+        run(
+            d / "data" / "truth.json",
+            [
+                "synth",
+                "generate",
+                "--out",
+                str(d / "data"),
+                *DATA,
+                "--seed",
+                seed,
+                "--drift-deg",
+                drift,
+                *CONDITIONS[cond],
+            ],
+        )
     arms = [("mlsae", [])] + ([("mlsae_none", ["--normalize", "none"])] if cond == "growth" else [])
     tag = f"_{score_only}" if score_only else ""
     for name, extra in arms:
         if score_only is None:
-            run(d / name / "final_fvu.json", ["train", "--cache", str(d / "data" / "train"),
-                "--out", str(d / name), *ML, "--seed", seed, *extra])  # fmt: skip
-        run(d / f"{name}{tag}.json", ["synth", "score", str(d / name), "--truth",
-            str(d / "data"), "--out", str(d / f"{name}{tag}.json")])  # fmt: skip
+            run(
+                d / name / "final_fvu.json",
+                [
+                    "train",
+                    "--cache",
+                    str(d / "data" / "train"),
+                    "--out",
+                    str(d / name),
+                    *ML,
+                    "--seed",
+                    seed,
+                    *extra,
+                ],
+            )
+        run(
+            d / f"{name}{tag}.json",
+            [
+                "synth",
+                "score",
+                str(d / name),
+                "--truth",
+                str(d / "data"),
+                "--out",
+                str(d / f"{name}{tag}.json"),
+            ],
+        )
     if score_only is None:
-        run(d / "per_layer" / "per_layer.json", ["train", "--cache", str(d / "data" / "train"),
-            "--out", str(d / "per_layer"), *PL, "--seed", seed])  # fmt: skip
+        run(
+            d / "per_layer" / "per_layer.json",
+            [
+                "train",
+                "--cache",
+                str(d / "data" / "train"),
+                "--out",
+                str(d / "per_layer"),
+                *PL,
+                "--seed",
+                seed,
+            ],
+        )
     evo = d / f"evolution{tag}"
-    run(evo / "evolution.json", ["evolution", str(d / "per_layer"), "--cache",
-        str(d / "data" / "test"), "--out", str(evo)])  # fmt: skip
-    run(d / f"per_layer{tag}.json", ["synth", "score", str(d / "per_layer"), "--truth",
-        str(d / "data"), "--evolution", str(evo), "--out", str(d / f"per_layer{tag}.json")])  # fmt: skip
+    run(
+        evo / "evolution.json",
+        ["evolution", str(d / "per_layer"), "--cache", str(d / "data" / "test"), "--out", str(evo)],
+    )
+    run(
+        d / f"per_layer{tag}.json",
+        [
+            "synth",
+            "score",
+            str(d / "per_layer"),
+            "--truth",
+            str(d / "data"),
+            "--evolution",
+            str(evo),
+            "--out",
+            str(d / f"per_layer{tag}.json"),
+        ],
+    )
 
 
 def main() -> None:
@@ -114,8 +210,13 @@ def main() -> None:
 
     torch.set_num_threads(1)  # small models, a loaded 2-core machine: one thread per worker
     args.out.mkdir(parents=True, exist_ok=True)
-    grid = [(c, d, s) for c in args.conditions for s in args.seeds for d in args.drifts
-            if c == "base" or s == args.seeds[0] or d == args.drifts[0]]  # fmt: skip
+    grid = [
+        (c, d, s)
+        for c in args.conditions
+        for s in args.seeds
+        for d in args.drifts
+        if c == "base" or s == args.seeds[0] or d == args.drifts[0]
+    ]
     for i, (cond, drift, seed) in enumerate(grid):
         if i % args.workers != args.worker:
             continue

@@ -20,27 +20,47 @@ import sys
 from pathlib import Path
 
 NAME = re.compile(r"^(?P<cond>.+)_drift(?P<drift>[\d.]+)_seed(?P<seed>\d+)$")
-COLUMNS = ["MCC", "MCC layer 0", "span rho", "pass-through R", "pass-through P", "AND R",
-           "AND P", "OR R", "OR P", "Match acc", "Match angle"]  # fmt: skip
+COLUMNS = [
+    "MCC",
+    "MCC layer 0",
+    "span rho",
+    "pass-through R",
+    "pass-through P",
+    "AND R",
+    "AND P",
+    "OR R",
+    "OR P",
+    "Match acc",
+    "Match angle",
+]
 
 
 def match_angle(s: dict) -> float | None:
     """Degrees: arccos of the median over adjacent pairs of the alive pairs' median cosine."""
-    cos = [c for c in (s.get("match") or {}).get("median_matched_cos_alive") or []
-           if c is not None and not math.isnan(c)]  # fmt: skip
+    cos = [
+        c
+        for c in (s.get("match") or {}).get("median_matched_cos_alive") or []
+        if c is not None and not math.isnan(c)
+    ]
     return math.degrees(math.acos(max(-1.0, min(1.0, statistics.median(cos))))) if cos else None
 
 
 def values(s: dict) -> dict[str, float | None]:
     e = {x["kind"]: x for x in s.get("edges", [])}
     sp = s.get("spans") or {}
-    return {"MCC": s["mcc"], "MCC layer 0": s["layers"][0]["mcc"],
-            "span rho": sp.get("span_spearman"),
-            "pass-through R": e.get("pass_through", {}).get("recall"),
-            "pass-through P": e.get("pass_through", {}).get("precision"),
-            "AND R": e.get("and", {}).get("recall"), "AND P": e.get("and", {}).get("precision"),
-            "OR R": e.get("or", {}).get("recall"), "OR P": e.get("or", {}).get("precision"),
-            "Match acc": (s.get("match") or {}).get("accuracy"), "Match angle": match_angle(s)}  # fmt: skip
+    return {
+        "MCC": s["mcc"],
+        "MCC layer 0": s["layers"][0]["mcc"],
+        "span rho": sp.get("span_spearman"),
+        "pass-through R": e.get("pass_through", {}).get("recall"),
+        "pass-through P": e.get("pass_through", {}).get("precision"),
+        "AND R": e.get("and", {}).get("recall"),
+        "AND P": e.get("and", {}).get("precision"),
+        "OR R": e.get("or", {}).get("recall"),
+        "OR P": e.get("or", {}).get("precision"),
+        "Match acc": (s.get("match") or {}).get("accuracy"),
+        "Match angle": match_angle(s),
+    }
 
 
 def runs(outs: list[str]) -> list[tuple[str, str, str, str, dict]]:
@@ -78,8 +98,10 @@ def drift_table(outs: list[str]) -> None:
             if m is None:
                 continue
             pairs = json.loads(p.read_text())["pairs"]
-            med = {c: statistics.median([r[c] for r in pairs if r.get(c) is not None] or [math.nan])
-                   for c in DRIFT_COLUMNS}  # fmt: skip
+            med = {
+                c: statistics.median([r[c] for r in pairs if r.get(c) is not None] or [math.nan])
+                for c in DRIFT_COLUMNS
+            }
             groups.setdefault((m["cond"], float(m["drift"])), []).append(med)
     print("| condition | true drift | seeds | " + " | ".join(DRIFT_COLUMNS) + " |")
     print("|" + "---|" * (3 + len(DRIFT_COLUMNS)))

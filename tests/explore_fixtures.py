@@ -40,9 +40,13 @@ def build_world(root: Path, arch: str = "llama", n_tokens: int = 480) -> dict[st
     tok.save_pretrained(mdir)
     corpus = write_word_corpus(root / "corpus.jsonl", n_docs=400)
     data = DataConfig(dataset=str(corpus), split="train", context_length=CTX)
-    build_cache(root / "cache", ModelConfig(model=str(mdir)), data,
-                SourceConfig(tokens=n_tokens, batch_size=3),
-                ExtractConfig(storage_dtype="float32", shard_tokens=5 * CTX))  # fmt: skip
+    build_cache(
+        root / "cache",
+        ModelConfig(model=str(mdir)),
+        data,
+        SourceConfig(tokens=n_tokens, batch_size=3),
+        ExtractConfig(storage_dtype="float32", shard_tokens=5 * CTX),
+    )
     make_sae(LAYERS).save(root / "run" / "sae")
     return {"model": mdir, "cache": root / "cache", "run": root / "run", "corpus": corpus}
 

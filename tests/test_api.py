@@ -64,8 +64,9 @@ def tiny(tmp_path_factory) -> Path:
     tok = make_tokenizer()
     make_model("gpt2", len(tok)).save_pretrained(root / "tiny")
     tok.save_pretrained(root / "tiny")
-    text = "\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." * 3
-                       for i in range(80))  # fmt: skip
+    text = "\n\n".join(
+        f"Document {i}: the quick brown fox jumps over the lazy dog." * 3 for i in range(80)
+    )
     (root / "corpus.txt").write_text(text)
     return root
 
@@ -74,12 +75,13 @@ def tiny(tmp_path_factory) -> Path:
 def run(tiny) -> mlsae.Run:
     torch.manual_seed(0)
     return mlsae.train(
-        tiny / "run", mlsae.TrainConfig(batch_tokens=64, max_steps=6, lr=1e-2),
+        tiny / "run",
+        mlsae.TrainConfig(batch_tokens=64, max_steps=6, lr=1e-2),
         sae=mlsae.SaeGridConfig(expansion_factor=[4], k=[4]),
         model=mlsae.ModelConfig(model=str(tiny / "tiny"), device="cpu"),
         data=mlsae.DataConfig(dataset=str(tiny / "corpus.txt"), context_length=64),
         source=mlsae.SourceConfig(tokens=1024),
-    )  # fmt: skip
+    )
 
 
 def _block_outputs(model, ids: torch.Tensor, add: dict[int, torch.Tensor] | None = None):
@@ -156,19 +158,34 @@ def test_steering_equals_adding_the_direction_by_hand(run):
 
 def test_quickstart_runs_end_to_end(tiny, tmp_path):
     env = {
-        **ENV, "MLSAE_QUICKSTART_MODEL": str(tiny / "tiny"),
-        "MLSAE_QUICKSTART_DATASET": str(tiny / "corpus.txt"), "MLSAE_QUICKSTART_TOKENS": "1024",
-        "MLSAE_QUICKSTART_TEST_TOKENS": "256", "MLSAE_QUICKSTART_STEPS": "4",
-        "MLSAE_QUICKSTART_BATCH": "64", "MLSAE_QUICKSTART_CONTEXT": "64",
+        **ENV,
+        "MLSAE_QUICKSTART_MODEL": str(tiny / "tiny"),
+        "MLSAE_QUICKSTART_DATASET": str(tiny / "corpus.txt"),
+        "MLSAE_QUICKSTART_TOKENS": "1024",
+        "MLSAE_QUICKSTART_TEST_TOKENS": "256",
+        "MLSAE_QUICKSTART_STEPS": "4",
+        "MLSAE_QUICKSTART_BATCH": "64",
+        "MLSAE_QUICKSTART_CONTEXT": "64",
         "MLSAE_QUICKSTART_OUT": str(tmp_path / "out"),
-    }  # fmt: skip
+    }
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "docs" / "quickstart.py")], env=env,
-                         capture_output=True, text=True, cwd=tmp_path, timeout=900)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "quickstart.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
     print(f"quickstart: {time.perf_counter() - t0:.1f} s")
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("run/sae/sae.safetensors", "eval.json", "analysis/report.html",
-                 "prompt_layer_distribution.png", "prompt_latent.png"):  # fmt: skip
+    for name in (
+        "run/sae/sae.safetensors",
+        "eval.json",
+        "analysis/report.html",
+        "prompt_layer_distribution.png",
+        "prompt_latent.png",
+    ):
         assert (tmp_path / "out" / name).is_file(), name
     assert "KL(clean || steered)" in out.stdout
 

@@ -36,8 +36,14 @@ TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def _sae(arch: str, d=12, r=6, k=3, layers=(0, 1, 2), prefixes=3, seed=0) -> SparseAutoencoder:
-    cfg = SaeConfig(d_in=d, expansion_factor=r, k=k, layers=list(layers), architecture=arch,
-                    matryoshka_prefixes=prefixes)  # fmt: skip
+    cfg = SaeConfig(
+        d_in=d,
+        expansion_factor=r,
+        k=k,
+        layers=list(layers),
+        architecture=arch,
+        matryoshka_prefixes=prefixes,
+    )
     sae = SparseAutoencoder(cfg, seed=seed, compute_dtype=torch.float32)
     with torch.no_grad():  # non-trivial biases; some selected pre-activations < 0
         sae.b_enc.normal_(0, 0.3).sub_(0.3)
@@ -178,7 +184,9 @@ def test_training_loss_and_gradients_equal_dense_reference(arch, k_aux):
     dead = torch.tensor([0, 7, 9, 20, 33])
     out = sae.train_step_forward(x, dead, k_aux=k_aux, aux_coef=0.25)
     out.loss.backward()
-    params = [p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]  # fmt: skip
+    params = [
+        p.detach().clone().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    ]
     loss, rec, auxk, z = _dense_loss(arch, sae, params, x, dead, k_aux, 0.25)
     loss.backward()
     torch.testing.assert_close(out.loss, loss.detach(), **TOL)
@@ -234,8 +242,14 @@ def test_token_topk_spreads_a_tokens_latents_over_its_layers_and_needs_whole_tok
 
 def _cache(path: Path, n_tokens=1024, d=12) -> Path:
     g = torch.Generator().manual_seed(0)
-    meta = {"layers": [0, 2, 5], "d_model": d, "model": "synthetic", "dataset": "synthetic",
-            "split": "train", "context_length": 64}  # fmt: skip
+    meta = {
+        "layers": [0, 2, 5],
+        "d_model": d,
+        "model": "synthetic",
+        "dataset": "synthetic",
+        "split": "train",
+        "context_length": 64,
+    }
     w = CacheWriter(path, meta, shard_tokens=256, storage_dtype="float32")
     for _ in range(0, n_tokens, 128):
         mask = torch.ones(128, dtype=torch.bool)
@@ -259,20 +273,35 @@ def test_token_grouped_batches_hold_whole_tokens_and_the_same_vectors(cache):
         assert (pos == pos[:, :1]).all()  # each token's L vectors consecutive
         assert b.layer.view(-1, N_LAYERS).tolist() == [[0, 2, 5]] * len(pos)
     key = lambda bs: sorted(  # noqa: E731
-        zip(torch.cat([b.position for b in bs]).tolist(), torch.cat([b.layer for b in bs]).tolist(),
-            strict=True))  # fmt: skip
+        zip(
+            torch.cat([b.position for b in bs]).tolist(),
+            torch.cat([b.layer for b in bs]).tolist(),
+            strict=True,
+        )
+    )
     assert key(plain) == key(grouped)
 
 
 def _train(out: Path, cache: Path, arch: str, **train_kw) -> Path:
-    train = TrainConfig(**{**dict(batch_tokens=48, lr=2e-3, dead_tokens=100, checkpoint_every=3,
-                                  max_steps=6), **train_kw})  # fmt: skip
+    train = TrainConfig(
+        **{
+            **dict(batch_tokens=48, lr=2e-3, dead_tokens=100, checkpoint_every=3, max_steps=6),
+            **train_kw,
+        }
+    )
     return train_command(
-        out, data=DataConfig(), model=ModelConfig(), source=SourceConfig(cache=cache),
-        sae=SaeGridConfig(expansion_factor=[4], k=[3], architecture=arch,  # type: ignore[arg-type]
-                          matryoshka_prefixes=3),
+        out,
+        data=DataConfig(),
+        model=ModelConfig(),
+        source=SourceConfig(cache=cache),
+        sae=SaeGridConfig(
+            expansion_factor=[4],
+            k=[3],
+            architecture=arch,  # type: ignore[arg-type]
+            matryoshka_prefixes=3,
+        ),
         train=train,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -67,8 +67,10 @@ def test_context_sums_fvu_against_plain_torch() -> None:
     gives each resample's FVU as recomputed from the resampled vectors."""
     g = torch.Generator().manual_seed(5)
     C, d = 7, 6
-    tokens = [torch.randn(int(n), d, generator=g, dtype=torch.float64) + 3 for n in
-              torch.randint(2, 9, (C,), generator=g)]  # fmt: skip
+    tokens = [
+        torch.randn(int(n), d, generator=g, dtype=torch.float64) + 3
+        for n in torch.randint(2, 9, (C,), generator=g)
+    ]
     recon = [x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in tokens]
     sums = ContextSums([4], d)
     for c in [3, 0, 6, 1, 5, 2, 4]:

@@ -23,9 +23,18 @@ from mlsae.data.capture import capture, special_ids_of
 from mlsae.data.text import iter_contexts
 
 REQUIRED = [
-    "model", "dataset", "split", "layers", "d_model", "dtype", "n_tokens", "context_length",
-    "lens", "shards", "complete",
-]  # fmt: skip
+    "model",
+    "dataset",
+    "split",
+    "layers",
+    "d_model",
+    "dtype",
+    "n_tokens",
+    "context_length",
+    "lens",
+    "shards",
+    "complete",
+]
 
 
 # ----------------------------------------------------------------------------- synthetic caches
@@ -179,8 +188,15 @@ def _corpus(root: Path, n: int = 40) -> Path:
     return root
 
 
-def _build(out: Path, model_dir: Path, corpus: Path, n_tokens=200, layers="0,2",
-           storage_dtype="bfloat16", lens=None) -> dict:  # fmt: skip
+def _build(
+    out: Path,
+    model_dir: Path,
+    corpus: Path,
+    n_tokens=200,
+    layers="0,2",
+    storage_dtype="bfloat16",
+    lens=None,
+) -> dict:
     data = DataConfig(dataset=str(corpus), context_length=16)
     source = SourceConfig(tokens=n_tokens, layers=layers, batch_size=3)
     extract = ExtractConfig(storage_dtype=storage_dtype, shard_tokens=64)
@@ -331,9 +347,11 @@ def test_cli(tmp_path: Path, neox_dir: Path, monkeypatch, capsys) -> None:
 @pytest.mark.real_model
 def test_real_model_default_corpus(tmp_path: Path) -> None:
     man = build_cache(
-        tmp_path / "c", ModelConfig(), DataConfig(context_length=64),
+        tmp_path / "c",
+        ModelConfig(),
+        DataConfig(context_length=64),
         SourceConfig(tokens=128, layers="0,29", batch_size=2),
-    )  # fmt: skip
+    )
     assert man["d_model"] == 576 and man["layers"] == [0, 29] and man["n_tokens"] == 128
     shard = ActivationCache(tmp_path / "c").load_shard(0)
     assert shard.activations.shape == (128, 2, 576) and shard.activations.dtype == torch.bfloat16

@@ -30,8 +30,14 @@ LAYERS = [1, 3, 4]
 
 
 def centred_sae(seed: int = 0, normalize: str = "standardize", layers=LAYERS, d: int = 16):
-    cfg = SaeConfig(d_in=d, expansion_factor=4, k=5, layers=list(layers), center_layers=True,
-                    normalize=normalize)  # type: ignore[arg-type]  # fmt: skip
+    cfg = SaeConfig(
+        d_in=d,
+        expansion_factor=4,
+        k=5,
+        layers=list(layers),
+        center_layers=True,
+        normalize=normalize,
+    )  # type: ignore[arg-type]
     sae = SparseAutoencoder(cfg, seed=seed, compute_dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 11)
     with torch.no_grad():
@@ -121,7 +127,11 @@ def test_old_sae_without_the_field_is_unchanged(tmp_path):
     old = load_sae(tmp_path / "old", compute_dtype=torch.float32)
     assert old.cfg.center_layers is False
     assert set(load_file(str(tmp_path / "old" / "sae.safetensors"))) == {
-        "W_enc", "b_enc", "W_dec", "b_dec"}  # fmt: skip
+        "W_enc",
+        "b_enc",
+        "W_dec",
+        "b_dec",
+    }
     x = 3 * torch.randn(50, 16) - 1
     a, enc_a = sae(x)
     b, enc_b = old(x)
@@ -157,8 +167,14 @@ def _offset_cache(path: Path, n_tokens=1024, d=16, seed=0) -> Path:
     """A cache whose three blocks have large, different mean vectors (Gemma-like)."""
     g = torch.Generator().manual_seed(seed)
     means = 6.0 * torch.randn(3, d, generator=g)
-    meta = {"layers": LAYERS, "d_model": d, "model": "synthetic", "dataset": "synthetic",
-            "split": "train", "context_length": 64}  # fmt: skip
+    meta = {
+        "layers": LAYERS,
+        "d_model": d,
+        "model": "synthetic",
+        "dataset": "synthetic",
+        "split": "train",
+        "context_length": 64,
+    }
     w = CacheWriter(path, meta, shard_tokens=256, storage_dtype="float32")
     for _ in range(0, n_tokens, 128):
         acts = means + torch.randn(128, 3, d, generator=g)
@@ -171,10 +187,13 @@ def _train(out: Path, cache: Path, center: str) -> Path:
     from mlsae.train.loop import train_command
 
     return train_command(
-        out, data=DataConfig(), model=ModelConfig(), source=SourceConfig(cache=cache),
+        out,
+        data=DataConfig(),
+        model=ModelConfig(),
+        source=SourceConfig(cache=cache),
         sae=SaeGridConfig(expansion_factor=[2], k=[4], center_layers=center),  # type: ignore[arg-type]
         train=TrainConfig(batch_tokens=128, lr=2e-3, max_steps=12, checkpoint_every=6),
-    )  # fmt: skip
+    )
 
 
 def test_training_estimates_the_block_means(tmp_path, caplog):

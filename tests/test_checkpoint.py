@@ -40,8 +40,14 @@ def cache(tmp_path_factory) -> Path:
     acts = torch.randn(1024, len(LAYERS), 8, generator=g)
     mask = torch.ones(1024, dtype=torch.bool)
     mask[::16] = False
-    meta = {"layers": LAYERS, "d_model": 8, "model": "synthetic", "dataset": "synthetic",
-            "split": "train", "context_length": 32}  # fmt: skip
+    meta = {
+        "layers": LAYERS,
+        "d_model": 8,
+        "model": "synthetic",
+        "dataset": "synthetic",
+        "split": "train",
+        "context_length": 32,
+    }
     w = CacheWriter(path, meta, shard_tokens=256, storage_dtype="float32")
     w.add(acts, torch.randint(0, 100, (1024,), generator=g), mask)
     w.close()
@@ -49,8 +55,9 @@ def cache(tmp_path_factory) -> Path:
 
 
 def _train(out: Path, cache: Path, max_steps: int) -> Path:
-    cfg = TrainConfig(batch_tokens=64, epochs=2, max_steps=max_steps, checkpoint_every=7,
-                      lr=2e-3, dead_tokens=40)  # fmt: skip
+    cfg = TrainConfig(
+        batch_tokens=64, epochs=2, max_steps=max_steps, checkpoint_every=7, lr=2e-3, dead_tokens=40
+    )
     sae = SaeGridConfig(expansion_factor=[4], k=[2])
     return train_command(out, source=SourceConfig(cache=cache), train=cfg, sae=sae)
 
@@ -139,23 +146,23 @@ EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "wrong shape",
         lambda p: _sae(p)["sae"].update(W_enc=torch.zeros(3, 3)),
         r"sae.W_enc: torch.float32 \[3, 3\], expected torch.float32 \[8, 32\]",
-    ),  # fmt: skip
+    ),
     (
         "wrong dtype",
         lambda p: _sae(p)["sae"].update(b_dec=_sae(p)["sae"]["b_dec"].double()),
         r"sae.b_dec: torch.float64 \[8\], expected torch.float32",
-    ),  # fmt: skip
+    ),
     (
         "a weight not a tensor",
         lambda p: _sae(p)["sae"].update(b_dec=[0.0] * 8),
         r"sae.b_dec: expected a tensor, got list",
-    ),  # fmt: skip
+    ),
     ("NaN counter", lambda p: _sae(p)["since"].fill_(float("nan")), r"since: holds NaN or inf"),
     (
         "counter shape",
         lambda p: _sae(p).update(since=torch.zeros(5, dtype=torch.float64)),
         r"since: torch.float64 \[5\], expected torch.float64 \[32\]",
-    ),  # fmt: skip
+    ),
     (
         "string lr",
         lambda p: _adam_group(p).update(lr="0.001"),
@@ -167,7 +174,7 @@ EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "Adam moment shape",
         lambda p: _sae(p)["opt"]["state"][0].update(exp_avg=torch.zeros(2)),
         r"opt.state.0.exp_avg: torch.float32 \[2\]",
-    ),  # fmt: skip
+    ),
 ]
 
 

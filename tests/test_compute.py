@@ -59,8 +59,14 @@ def no_step(dtype: torch.dtype, rows: int):
     ],
 )
 def test_measure_on_faked_timings(cpu, ms, probe, want, stage) -> None:
-    table = {("probe", F32): ms[0], ("probe", BF16): ms[1], ("matmul", F32): ms[2],
-             ("matmul", BF16): ms[3], ("step", F32): ms[4], ("step", BF16): ms[5]}  # fmt: skip
+    table = {
+        ("probe", F32): ms[0],
+        ("probe", BF16): ms[1],
+        ("matmul", F32): ms[2],
+        ("matmul", BF16): ms[3],
+        ("step", F32): ms[4],
+        ("step", BF16): ms[5],
+    }
     calls: list = []
     cal = measure(64, 512, no_step if probe else None, timer=fake_timer(table, calls))
     assert (cal.choice, cal.stage) == (want, stage), cpu
@@ -97,8 +103,17 @@ def cache(tmp_path, monkeypatch):
     def fake_measure(d, m, probe=None, timer=None) -> Calibration:
         calls.append(probe is not None)
         stage = verdict[1] if probe is not None else "matmul"
-        return Calibration(calibrate.cpu_name(), torch.__version__, 1, [d, m], verdict[0],
-                           stage, [1.0, 2.0], [8.0, 4.0], None)  # fmt: skip
+        return Calibration(
+            calibrate.cpu_name(),
+            torch.__version__,
+            1,
+            [d, m],
+            verdict[0],
+            stage,
+            [1.0, 2.0],
+            [8.0, 4.0],
+            None,
+        )
 
     monkeypatch.setattr(calibrate, "measure", fake_measure)
     return calls, verdict
@@ -189,8 +204,10 @@ def _reference(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, torch.Tenso
     mean = x.mean(1, keepdim=True)
     std = x.std(1, keepdim=True) + 1e-5
     u = (x - mean) / std
-    W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in  # noqa: N806
-                                  (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))  # fmt: skip
+    W_enc, b_enc, W_dec, b_dec = (
+        p.detach().double()
+        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)  # noqa: N806
+    )
     pre = (u - b_dec) @ W_enc + b_enc
     v, i = pre.topk(sae.cfg.k, dim=1)
     z = torch.zeros_like(pre).scatter(1, i, v.relu())

@@ -69,8 +69,16 @@ def _is_option(p: Any) -> bool:
 
 def test_every_option_has_help_and_is_a_config_field_or_declared() -> None:
     cmds = _commands()
-    assert {"cache", "train", "evaluate", "analyze", "evolution", "info", "lens train",
-            "lens evaluate"} <= set(cmds)  # fmt: skip
+    assert {
+        "cache",
+        "train",
+        "evaluate",
+        "analyze",
+        "evolution",
+        "info",
+        "lens train",
+        "lens evaluate",
+    } <= set(cmds)
     for name, cmd in cmds.items():
         for p in cmd.params:
             if p.name == "_mlsae_ctx":
@@ -120,8 +128,11 @@ def test_data_commands_share_options_and_defaults() -> None:
     cmds = _commands()
     readers = ["cache", "train", "evaluate", "analyze", "evolution", "lens train", "lens evaluate"]
     per_command = {"split", "tokens", "cache", "layers"}
-    ref = {p.name.split("__")[1]: p.default for p in cmds["evaluate"].params
-           if p.name and p.name.split("__")[0] in ("data", "model", "source")}  # fmt: skip
+    ref = {
+        p.name.split("__")[1]: p.default
+        for p in cmds["evaluate"].params
+        if p.name and p.name.split("__")[0] in ("data", "model", "source")
+    }
     assert {
         "dataset",
         "text_column",
@@ -132,8 +143,11 @@ def test_data_commands_share_options_and_defaults() -> None:
         "batch_size",
     } <= set(ref)
     for name in readers:
-        got = {p.name.split("__")[1]: p.default for p in cmds[name].params
-               if p.name and p.name.split("__")[0] in ("data", "model", "source")}  # fmt: skip
+        got = {
+            p.name.split("__")[1]: p.default
+            for p in cmds[name].params
+            if p.name and p.name.split("__")[0] in ("data", "model", "source")
+        }
         for k, v in ref.items():
             if k in per_command or k not in got:
                 continue
@@ -152,10 +166,16 @@ def test_run_config_round_trips_through_json() -> None:
         source=SourceConfig(cache=Path("/c"), tokens=1000, layers="0-3", batch_size=3),
         sae=SaeGridConfig(expansion_factor=[2, 4], k=[8], normalize="none", per_layer=False),
         train=TrainConfig(lr=3e-4, betas=(0.8, 0.99), max_steps=7, compute_dtype="float32"),
-        cache="/c", mode="mlsae", layers=[0, 1, 2, 3], d_in=16,
-        members=[MemberSpec("sae_R2_k8", 2, 8, [0, 1, 2, 3], 0), MemberSpec("sae_R4_k8", 4, 8, [0, 1, 2, 3], 0)],
+        cache="/c",
+        mode="mlsae",
+        layers=[0, 1, 2, 3],
+        d_in=16,
+        members=[
+            MemberSpec("sae_R2_k8", 2, 8, [0, 1, 2, 3], 0),
+            MemberSpec("sae_R4_k8", 4, 8, [0, 1, 2, 3], 0),
+        ],
         lens=None,
-    )  # fmt: skip
+    )
     back = RunConfig.from_dict(json.loads(json.dumps(rc.to_dict())))
     assert back == rc
     assert isinstance(back.source.cache, Path) and back.train.betas == (0.8, 0.99)
@@ -220,8 +240,16 @@ def test_config_fields_all_have_docstrings() -> None:
     from mlsae.cli.options import field_docs
     from mlsae.core import stage_config
 
-    classes = [DataConfig, ModelConfig, SourceConfig, SaeGridConfig, TrainConfig,
-               stage_config.EvalConfig, stage_config.LensTrainConfig, stage_config.EvolutionConfig]  # fmt: skip
+    classes = [
+        DataConfig,
+        ModelConfig,
+        SourceConfig,
+        SaeGridConfig,
+        TrainConfig,
+        stage_config.EvalConfig,
+        stage_config.LensTrainConfig,
+        stage_config.EvolutionConfig,
+    ]
     for cls in classes:
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in field_docs(cls)]
         assert missing == [], f"{cls.__name__}: fields without a docstring: {missing}"

@@ -153,8 +153,17 @@ def random_sae(
     d: int, layer: int, normalize: str = "standardize", seed: int = 0
 ) -> SparseAutoencoder:
     torch.manual_seed(seed)
-    sae = SparseAutoencoder(SaeConfig(d_in=d, expansion_factor=2, k=6, normalize=normalize,  # type: ignore[arg-type]
-                                      layers=[layer], model="tiny", dataset="tiny"))  # fmt: skip
+    sae = SparseAutoencoder(
+        SaeConfig(
+            d_in=d,
+            expansion_factor=2,
+            k=6,
+            normalize=normalize,  # type: ignore[arg-type]
+            layers=[layer],
+            model="tiny",
+            dataset="tiny",
+        )
+    )
     with torch.no_grad():
         sae.b_enc.add_(0.05)
     return sae.eval()
@@ -215,8 +224,9 @@ def test_causal_check_equals_plain_hooks(arch, tokenizer):
     killed, active, _ = killed_fractions(nxt, used, sae_up, sae_down, features, preds, 0.5, True)
     for kind, p in preds.items():
         for n in range(len(features)):
-            want_k, want_a = plain_killed(model, ids, used, layer, sae_up, sae_down, int(p[n]),
-                                          features[n : n + 1], 0.5)  # fmt: skip
+            want_k, want_a = plain_killed(
+                model, ids, used, layer, sae_up, sae_down, int(p[n]), features[n : n + 1], 0.5
+            )
             assert int(active[kind][n]) == int(want_a[0])
             assert int(killed[kind][n]) == int(want_k[0])
     assert sum(int(k.sum()) for k in killed.values()) > 0  # the check can see a drop
@@ -231,8 +241,17 @@ def test_causal_check_identity_block_kills_a_passing_feature(tokenizer):
     with torch.no_grad():
         block.self_attn.o_proj.weight.zero_()  # type: ignore[union-attr]
         block.mlp.down_proj.weight.zero_()  # type: ignore[union-attr]
-    sae = SparseAutoencoder(SaeConfig(d_in=32, expansion_factor=1, k=4, normalize="none",
-                                      layers=[0], model="tiny", dataset="tiny"))  # fmt: skip
+    sae = SparseAutoencoder(
+        SaeConfig(
+            d_in=32,
+            expansion_factor=1,
+            k=4,
+            normalize="none",
+            layers=[0],
+            model="tiny",
+            dataset="tiny",
+        )
+    )
     q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         sae.W_dec.copy_(q.T)
@@ -269,9 +288,26 @@ def test_commands_on_a_tiny_model(tmp_path, tokenizer):
             sae.save(tmp_path / name / f"layer_{ly:02d}")
     runner = CliRunner()
     out = tmp_path / "m.json"
-    r = runner.invoke(app, ["controls", "measures", str(tmp_path / "run"), "--cache", str(cache),
-                            "--seed-run", str(tmp_path / "seed"), "--pair-layers", "0",
-                            "--gaps", "2", "--resamples", "50", "--out", str(out)])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "controls",
+            "measures",
+            str(tmp_path / "run"),
+            "--cache",
+            str(cache),
+            "--seed-run",
+            str(tmp_path / "seed"),
+            "--pair-layers",
+            "0",
+            "--gaps",
+            "2",
+            "--resamples",
+            "50",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     body = json.loads(out.read_text())
     kinds = [row["kind"] for row in body["rows"]]
@@ -300,23 +336,59 @@ def test_commands_on_a_tiny_model(tmp_path, tokenizer):
     saes = {ly: load_sae(tmp_path / "run" / f"layer_{ly:02d}") for ly in range(3)}
     for kind, other in (("observed", saes[1]), ("gap_2", saes[2])):
         row = body["rows"][kinds.index(kind)]
-        want = brute(dense(saes[0]).double().numpy(), dense(other).double().numpy(),
-                     saes[0].W_dec.detach().numpy(), other.W_dec.detach().numpy(), cfg)  # fmt: skip
+        want = brute(
+            dense(saes[0]).double().numpy(),
+            dense(other).double().numpy(),
+            saes[0].W_dec.detach().numpy(),
+            other.W_dec.detach().numpy(),
+            cfg,
+        )
         assert row["pass_through"] == pytest.approx(want["pass_through"], abs=1e-12)
         assert row["appear"] == pytest.approx(want["appear"], abs=1e-12)
         assert row["best_pearson"]["p50"] == pytest.approx(want["p50"], rel=1e-4, abs=1e-5)
         low, high = row["intervals"]["disappear"]
         assert low <= high and not math.isnan(low)
     out2 = tmp_path / "c.json"
-    r = runner.invoke(app, ["controls", "causal", str(tmp_path / "run"), "--cache", str(cache),
-                            "--pair-layers", "0,1", "--causal-contexts", "2", "--causal-features",
-                            "5", "--min-support", "2", "--resamples", "50", "--out", str(out2)])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "controls",
+            "causal",
+            str(tmp_path / "run"),
+            "--cache",
+            str(cache),
+            "--pair-layers",
+            "0,1",
+            "--causal-contexts",
+            "2",
+            "--causal-features",
+            "5",
+            "--min-support",
+            "2",
+            "--resamples",
+            "50",
+            "--out",
+            str(out2),
+        ],
+    )
     assert r.exit_code == 0, r.output
     pairs = json.loads(out2.read_text())["pairs"]
     assert [(p["up_layer"], p["n_features"]) for p in pairs] == [(0, 5), (1, 5)]
     assert all(0 <= v <= 1 for p in pairs for v in p["rates"].values())
-    r = runner.invoke(app, ["controls", "measures", str(tmp_path / "run"), "--cache", str(cache),
-                            "--pair-layers", "7", "--out", str(tmp_path / "bad.json")])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "controls",
+            "measures",
+            str(tmp_path / "run"),
+            "--cache",
+            str(cache),
+            "--pair-layers",
+            "7",
+            "--out",
+            str(tmp_path / "bad.json"),
+        ],
+    )
     assert r.exit_code != 0 and not (tmp_path / "bad.json").exists()
     assert ControlsConfig().gaps == [2, 4, 8]
 

@@ -108,8 +108,11 @@ def test_per_layer_code_is_the_shared_code_times_decoder_norms_and_decodes_exact
     sae.save(tmp_path / "s")
     w = load_file(str(tmp_path / "s" / "sae.safetensors"))
     assert {n: tuple(t.shape) for n, t in w.items()} == {
-        "W_enc": (L, D, R * D), "b_enc": (R * D,), "W_dec": (R * D, L, D), "b_dec": (L, D)
-    }  # fmt: skip
+        "W_enc": (L, D, R * D),
+        "b_enc": (R * D,),
+        "W_dec": (R * D, L, D),
+        "b_dec": (L, D),
+    }
     torch.testing.assert_close(w["W_dec"], params[2].detach(), rtol=0, atol=0)
     back = load_sae(tmp_path / "s")
     assert type(back) is CrosscoderSAE and back.cfg == sae.cfg
@@ -151,8 +154,15 @@ def tiny(tmp_path_factory, tokenizer):
 
     root = tmp_path_factory.mktemp("xc_eval")
     model, mdir, data = model_with_test_cache(root, "llama", tokenizer, 32)
-    cfg = SaeConfig(d_in=32, expansion_factor=2, k=4, layers=[0, 1, 2], model=mdir,
-                    dataset=data, architecture="crosscoder")  # fmt: skip
+    cfg = SaeConfig(
+        d_in=32,
+        expansion_factor=2,
+        k=4,
+        layers=[0, 1, 2],
+        model=mdir,
+        dataset=data,
+        architecture="crosscoder",
+    )
     sae = SparseAutoencoder(cfg, seed=0, compute_dtype=torch.float32)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1)
@@ -194,8 +204,16 @@ def test_evaluate_fvu_per_layer_and_replace_all_against_dense_reference(tiny, tm
 
     root, model = tiny
     out = tmp_path / "eval.json"
-    args = ["evaluate", str(root / "xc"), "--out", str(out), "--cache", str(root / "cache_test"),
-            "--replace", "all"]  # fmt: skip
+    args = [
+        "evaluate",
+        str(root / "xc"),
+        "--out",
+        str(out),
+        "--cache",
+        str(root / "cache_test"),
+        "--replace",
+        "all",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
@@ -245,8 +263,14 @@ def test_evaluate_refuses_a_subset_of_layers_and_saebench_in_one_line(tiny, tmp_
     root, _ = tiny
     out = tmp_path / "o"
     out.mkdir()
-    base = ["evaluate", str(root / "xc"), "--out", str(out / "e.json"), "--cache",
-            str(root / "cache_test")]  # fmt: skip
+    base = [
+        "evaluate",
+        str(root / "xc"),
+        "--out",
+        str(out / "e.json"),
+        "--cache",
+        str(root / "cache_test"),
+    ]
     _refused([*base, "--layers", "0,1"], "reads all the layers", out)
     _refused([*base, "--format", "saebench"], "SAEBench", out)
 
@@ -261,8 +285,17 @@ def test_analyze_reports_the_decoder_norm_share(tiny, tmp_path):
     from mlsae.cli.app import app
 
     root, _ = tiny
-    res = CliRunner().invoke(app, ["analyze", str(root / "xc"), "--cache", str(root / "cache_test"),
-                                   "--out", str(tmp_path / "a")])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "analyze",
+            str(root / "xc"),
+            "--cache",
+            str(root / "cache_test"),
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "a" / "analysis.json").read_text())["layer_share"]
     w = load_file(str(root / "xc" / "sae" / "sae.safetensors"))["W_dec"].double()  # [F, L, d]
@@ -283,16 +316,31 @@ def test_index_explore_and_saelens_export_refuse_in_one_line_hub_export_and_load
     out = tmp_path / "o"
     out.mkdir()
     cache = str(root / "cache_test")
-    _refused(["index", str(root / "xc"), "--cache", cache, "--out", str(out / "i.db")],
-             "reads all layers of a token", out)  # fmt: skip
-    _refused(["export", str(root / "xc"), "--format", "saelens", "--approximate", "--out",
-              str(out / "e")], "SAELens has no crosscoder format", out)  # fmt: skip
+    _refused(
+        ["index", str(root / "xc"), "--cache", cache, "--out", str(out / "i.db")],
+        "reads all layers of a token",
+        out,
+    )
+    _refused(
+        [
+            "export",
+            str(root / "xc"),
+            "--format",
+            "saelens",
+            "--approximate",
+            "--out",
+            str(out / "e"),
+        ],
+        "SAELens has no crosscoder format",
+        out,
+    )
     from typer.testing import CliRunner
 
     from mlsae.cli.app import app
 
-    res = CliRunner().invoke(app, ["export", str(root / "xc"), "--format", "hub", "--out",
-                                   str(tmp_path / "hub")])  # fmt: skip
+    res = CliRunner().invoke(
+        app, ["export", str(root / "xc"), "--format", "hub", "--out", str(tmp_path / "hub")]
+    )
     assert res.exit_code == 0, res.output
     assert "acausal crosscoder" in (tmp_path / "hub" / "README.md").read_text()
     back = load_sae(tmp_path / "hub")

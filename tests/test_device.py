@@ -59,8 +59,9 @@ def test_device_resolution_with_gpus(gpus, monkeypatch):
 
 
 def _verdict(bf16: bool) -> Calibration:
-    return Calibration("cpu", torch.__version__, 1, [8, 16], "bfloat16" if bf16 else "float32",
-                       "steps", [1.0, 1.0])  # fmt: skip
+    return Calibration(
+        "cpu", torch.__version__, 1, [8, 16], "bfloat16" if bf16 else "float32", "steps", [1.0, 1.0]
+    )
 
 
 def test_compute_dtype_is_decided_per_device(gpus, monkeypatch):
@@ -177,9 +178,13 @@ def test_run_records_its_device_and_resume_may_move_it(tmp_path):
     from mlsae.train.loop import train_command
 
     cache = make_cache(tmp_path / "c", n_tokens=512)
-    out = train_command(tmp_path / "r", model=ModelConfig(device="cpu"),
-                        source=SourceConfig(cache=cache), sae=SaeGridConfig(expansion_factor=[2], k=[2]),
-                        train=TrainConfig(batch_tokens=64, max_steps=2))  # fmt: skip
+    out = train_command(
+        tmp_path / "r",
+        model=ModelConfig(device="cpu"),
+        source=SourceConfig(cache=cache),
+        sae=SaeGridConfig(expansion_factor=[2], k=[2]),
+        train=TrainConfig(batch_tokens=64, max_steps=2),
+    )
     cfg = lambda: json.loads((out / "train_cfg.json").read_text())  # noqa: E731
     assert cfg()["model"]["device"] == "cpu"
     if not torch.cuda.is_available():

@@ -42,8 +42,9 @@ def _opts(
     return dict(
         source=SourceConfig(cache=cache, layers=lay, tokens=tokens, batch_size=batch_size),
         data=DataConfig(dataset=dataset, split=split, context_length=CTX),
-        model=ModelConfig(model=model), ev=EvalConfig(ce=ce, allow_train=allow_train),
-    )  # fmt: skip
+        model=ModelConfig(model=model),
+        ev=EvalConfig(ce=ce, allow_train=allow_train),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +103,34 @@ def test_cli_with_cache_matches_reference(setup, tmp_path):
     root, model, _, _ = setup
     out = tmp_path / "eval.json"
     res = CliRunner().invoke(
-        app, ["evaluate", str(root / "mlsae"), "--cache", str(root / "cache_test"),
-              "--out", str(out), "--batch-size", "4"],
-    )  # fmt: skip
+        app,
+        [
+            "evaluate",
+            str(root / "mlsae"),
+            "--cache",
+            str(root / "cache_test"),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "mean" in res.stdout and "dead fraction" in res.stdout
     got = json.loads(out.read_text())
-    assert set(got) == {"layers", "per_layer", "mean", "dead_fraction", "n_tokens", "sae", "model",
-                        "space", "exclude_sink", "norm_outliers", "intervals"}  # fmt: skip
+    assert set(got) == {
+        "layers",
+        "per_layer",
+        "mean",
+        "dead_fraction",
+        "n_tokens",
+        "sae",
+        "model",
+        "space",
+        "exclude_sink",
+        "norm_outliers",
+        "intervals",
+    }
     iv = got["intervals"]  # the context bootstrap (default 1,000 resamples)
     assert iv["bootstrap"]["n_contexts"] == 6 and iv["bootstrap"]["n_resamples"] == 1000
     for key in ("fvu", "delta_ce", "kl"):
@@ -135,7 +156,10 @@ def test_cli_with_cache_matches_reference(setup, tmp_path):
 def test_model_path_and_single_layer_on_any_layer(setup, tmp_path):
     root, model, mdir, data = setup
     res = evaluate_command(
-        root / "l0", tmp_path / "a.json", **_opts(layers=[1, 2], model=mdir, dataset=data, tokens=6 * CTX, ce=False))  # fmt: skip
+        root / "l0",
+        tmp_path / "a.json",
+        **_opts(layers=[1, 2], model=mdir, dataset=data, tokens=6 * CTX, ce=False),
+    )
     assert res.layers == [1, 2] and res.per_layer.delta_ce == [None, None]
     # the model path on the test split sees the same tokens as the test cache
     ref = _reference(root, model, root / "l0" / "sae", [1, 2])
@@ -146,9 +170,11 @@ def test_model_path_and_single_layer_on_any_layer(setup, tmp_path):
 def test_cross_matrix(setup, tmp_path):
     root, _, _, _ = setup
     cross = cross_command(
-        root / "mlsae", [root / "l2", root / "l0"], tmp_path / "cross",
+        root / "mlsae",
+        [root / "l2", root / "l0"],
+        tmp_path / "cross",
         **_opts(cache=root / "cache_test", batch_size=3),
-    )  # fmt: skip
+    )
     cross_figures(cross, tmp_path / "cross")
     assert cross.rows == ["L0", "L2", "MLSAE"] and cross.layers == [0, 1, 2]
     assert json.loads((tmp_path / "cross" / "cross.json").read_text())["rows"] == cross.rows

@@ -73,8 +73,13 @@ def brute(a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> dict[
         nec = np.where(nb > 0, co / nb, np.nan)
     ua = wa / np.linalg.norm(wa, axis=1, keepdims=True)
     ub = wb / np.linalg.norm(wb, axis=1, keepdims=True)
-    return {"pearson": pear, "jaccard": jac, "sufficiency": suf, "necessity": nec,
-            "decoder_cos": ua @ ub.T}  # fmt: skip
+    return {
+        "pearson": pear,
+        "jaccard": jac,
+        "sufficiency": suf,
+        "necessity": nec,
+        "decoder_cos": ua @ ub.T,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +111,13 @@ def test_measures_equal_brute_force(data):
     for name in want:
         np.testing.assert_allclose(got[name].numpy(), want[name], atol=1e-10, err_msg=name)
     block = measures(  # the dense row-block path used by summarize_pair
-        up, down, pair, slice(2, 9), None, *(torch.nn.functional.normalize(w.double(), dim=1)
-                                             for w in (wa, wb)))  # fmt: skip
+        up,
+        down,
+        pair,
+        slice(2, 9),
+        None,
+        *(torch.nn.functional.normalize(w.double(), dim=1) for w in (wa, wb)),
+    )
     for name in want:
         tol = 1e-6 if name == "decoder_cos" else 1e-10  # computed in float32 there
         np.testing.assert_allclose(block[name].numpy(), want[name][2:9], atol=tol, err_msg=name)

@@ -29,8 +29,10 @@ def brute_rates(a: np.ndarray, b: np.ndarray, thr, sel: Selected, cfg: Evolution
         i, j = int(sel.ui[e]), int(sel.dj[e])
         on_a, on_b = a[:, i] > thr[0][i], b[:, j] > thr[1][j]
         both = float((on_a & on_b).sum())
-        return (both / on_a.sum() if on_a.sum() else np.nan,
-                both / on_b.sum() if on_b.sum() else np.nan)  # fmt: skip
+        return (
+            both / on_a.sum() if on_a.sum() else np.nan,
+            both / on_b.sum() if on_b.sum() else np.nan,
+        )
 
     t = cfg.boolean_threshold
     nxt = [pearson(int(e)) for e in sel.next_e]
@@ -52,8 +54,10 @@ def brute_rates(a: np.ndarray, b: np.ndarray, thr, sel: Selected, cfg: Evolution
         "pass_through": sum(p >= cfg.pass_through for p in nxt) / len(nxt),
         "disappear": sum(p < cfg.link_threshold for p in nxt) / len(nxt),
         "appear": sum(p < cfg.link_threshold for p in prv) / nd,
-        "and_rate": n_and / nd, "or_rate": n_or / nd, "specialised": n_spec / nd,
-    }  # fmt: skip
+        "and_rate": n_and / nd,
+        "or_rate": n_or / nd,
+        "specialised": n_spec / nd,
+    }
 
 
 def _store(tmp_path, a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor) -> CodeStore:
@@ -72,8 +76,13 @@ def test_rate_intervals_equal_a_brute_force_loop(tmp_path, exclusive) -> None:
     b[:40, 3] = 0.0  # contexts differ
     # used tokens at stream positions with gaps (special tokens left out): 13 contexts
     pos = torch.arange(len(a)) + torch.arange(len(a)) // 47
-    cfg = EvolutionConfig(min_support=1, boolean_exclusive=exclusive, pass_through=0.9,
-                          link_threshold=0.5, boolean_threshold=0.99)  # fmt: skip
+    cfg = EvolutionConfig(
+        min_support=1,
+        boolean_exclusive=exclusive,
+        pass_through=0.9,
+        link_threshold=0.5,
+        boolean_threshold=0.99,
+    )
     up, down, pair = feed(a, b, 6, [slice(0, len(a))])
     res = summarize_pair(up, down, pair, cfg)
     assert res.and_features and res.or_features and res.specialised  # every rate is exercised

@@ -41,27 +41,55 @@ def valid_output(folder: Path) -> Path:
     """A small consistent evolution folder: layers 0, 1, 2; 3 features each; 4 edges."""
     folder.mkdir(parents=True, exist_ok=True)
     pairs = [
-        PairSummary(0, 1, 3, 0, 3, 0, 0.5, 0.25, 0.0, 1, 0, 1, 1 / 3, 2,
-                    and_features=[(2, 0, 1)], specialised_features=[(2, 0)],
-                    null=NullRates("global", 0, 0.0, 1.0, 1.0, 0, 0, 0),
-                    intervals={"pass_through": Interval(0.25, 0.75), "and_rate": None}),
-        PairSummary(1, 2, 3, 0, 2, 1, 1.0, 0.0, 0.5, 0, 1, 0, 0.0, 2,
-                    or_features=[(1, 0, 2)]),
-    ]  # fmt: skip
+        PairSummary(
+            0,
+            1,
+            3,
+            0,
+            3,
+            0,
+            0.5,
+            0.25,
+            0.0,
+            1,
+            0,
+            1,
+            1 / 3,
+            2,
+            and_features=[(2, 0, 1)],
+            specialised_features=[(2, 0)],
+            null=NullRates("global", 0, 0.0, 1.0, 1.0, 0, 0, 0),
+            intervals={"pass_through": Interval(0.25, 0.75), "and_rate": None},
+        ),
+        PairSummary(1, 2, 3, 0, 2, 1, 1.0, 0.0, 0.5, 0, 1, 0, 0.0, 2, or_features=[(1, 0, 2)]),
+    ]
     body = EvolutionSummary(
-        run="per_layer", layers=[0, 1, 2], data=DataFacts(64, 16, "cache"), n_used_tokens=60,
-        settings=EvolutionConfig(), dead={"0": 0, "1": 0, "2": 1}, pairs=pairs,
+        run="per_layer",
+        layers=[0, 1, 2],
+        data=DataFacts(64, 16, "cache"),
+        n_used_tokens=60,
+        settings=EvolutionConfig(),
+        dead={"0": 0, "1": 0, "2": 1},
+        pairs=pairs,
         match=[MatchRow(0, 1, 0.5, 0.6, 0.9, 0.2, 0.0), MatchRow(1, 2, 0.4, 0.5, 0.8, 0.1, 1.0)],
         communities=CommunitySummary("leiden", 1, 0, [8], {"8": 1}, 8, 8.0, 3.0, 3),
-        graph=GraphCounts(8, 4, 8), findings=findings(pairs), bootstrap=BootstrapInfo(4, 10, 0),
-    )  # fmt: skip
+        graph=GraphCounts(8, 4, 8),
+        findings=findings(pairs),
+        bootstrap=BootstrapInfo(4, 10, 0),
+    )
     layer = np.array([0, 0, 0, 1, 1, 1, 2, 2])
     g = GraphFile(
-        layers=[0, 1, 2], edge_measure="pearson", community_method="leiden", layer=layer,
-        feature=np.array([0, 1, 2, 0, 1, 2, 0, 1]), community=np.zeros(8, np.int64),
-        density=np.full(8, 0.25), src=np.array([0, 1, 3, 4]), dst=np.array([3, 5, 6, 7]),
+        layers=[0, 1, 2],
+        edge_measure="pearson",
+        community_method="leiden",
+        layer=layer,
+        feature=np.array([0, 1, 2, 0, 1, 2, 0, 1]),
+        community=np.zeros(8, np.int64),
+        density=np.full(8, 0.25),
+        src=np.array([0, 1, 3, 4]),
+        dst=np.array([3, 5, 6, 7]),
         measures={k: np.array([0.9, 0.5, 0.3, np.nan]) for k in MEASURES},
-    )  # fmt: skip
+    )
     (folder / "evolution.json").write_text(json.dumps(body.to_json()))
     (folder / "graph.json").write_text(json.dumps(g.to_json()))
     return folder
@@ -119,7 +147,7 @@ FAULTS = {
     "AND member outside the SAE": (
         "evolution.json",
         _set(["pairs", 0, "and_features"], [[2, 0, 7]]),
-    ),  # fmt: skip
+    ),
     "pairs not adjacent": ("evolution.json", _set(["layers"], [0, 1, 3])),
     "interval of no rate": ("evolution.json", _set(["pairs", 0, "intervals", "x"], None)),
     "string interval": (
@@ -156,8 +184,9 @@ JSON = st.recursive(
     ),
     max_leaves=12,
 )
-PROPERTY = settings(max_examples=40, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+PROPERTY = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +214,21 @@ def test_random_bytes(good, tmp_path, name, data) -> None:
 
 
 KEYS = {
-    "evolution.json": ["layers", "settings", "pairs", "match", "dead", "communities", "data",
-                       "findings", "figures", "n_used_tokens", "phase_s"],
+    "evolution.json": [
+        "layers",
+        "settings",
+        "pairs",
+        "match",
+        "dead",
+        "communities",
+        "data",
+        "findings",
+        "figures",
+        "n_used_tokens",
+        "phase_s",
+    ],
     "graph.json": ["layers", "nodes", "edges", "edge_measure", "community_method"],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", ["evolution.json", "graph.json"])
@@ -236,14 +276,27 @@ def test_explore_and_analyze_refuse_a_bad_evolution_folder(
 ) -> None:
     d = valid_output(tmp_path / "evo")
     _edit(d, *FAULTS[fault])
-    err = _cli(monkeypatch, capsys, ["explore", str(world["run"]), "--evolution", str(d),
-                                     "--port", "0"])  # fmt: skip
+    err = _cli(
+        monkeypatch, capsys, ["explore", str(world["run"]), "--evolution", str(d), "--port", "0"]
+    )
     assert err.startswith("mlsae: error:") and err.count("\n") == 1
     if FAULTS[fault][0] == "graph.json":
         (d / "graph.json").unlink()  # analyze reads evolution.json only
         _edit(d, "evolution.json", _set(["layers"], [0, 1]))
     out = tmp_path / "analysis"
-    err = _cli(monkeypatch, capsys, ["analyze", str(world["run"]), "--out", str(out),
-                                     "--cache", str(world["cache"]), "--evolution", str(d)])  # fmt: skip
+    err = _cli(
+        monkeypatch,
+        capsys,
+        [
+            "analyze",
+            str(world["run"]),
+            "--out",
+            str(out),
+            "--cache",
+            str(world["cache"]),
+            "--evolution",
+            str(d),
+        ],
+    )
     assert err.startswith("mlsae: error:") and err.count("\n") == 1
     assert not out.exists() or not any(out.iterdir())

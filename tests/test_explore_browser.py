@@ -18,8 +18,15 @@ from mlsae.explore.index import build_index
 from mlsae.explore.server import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None and not os.environ.get("CI"),
     reason="chromium is not installed (`apt-get install chromium`; CI installs it)",
@@ -124,8 +131,12 @@ def test_features_across_layers_page(world, browser, tmp_path) -> None:
     run = tmp_path / "pl"
     for ly in LAYERS:
         make_sae([ly], seed=ly).save(run / f"layer_{ly:02d}")
-    evolution_command(run, tmp_path / "evo", source=SourceConfig(cache=world["cache"]),
-                      cfg=EvolutionConfig(min_support=1))  # fmt: skip
+    evolution_command(
+        run,
+        tmp_path / "evo",
+        source=SourceConfig(cache=world["cache"]),
+        cfg=EvolutionConfig(min_support=1),
+    )
     build_index(run, source=SourceConfig(cache=world["cache"]), cfg=IndexConfig(top_n=4))
     with serve(create_app(run, evolution=tmp_path / "evo")) as url:
         page = new_page(browser)

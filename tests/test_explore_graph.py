@@ -30,14 +30,22 @@ def write_graph(folder: Path, layer, feature, community, src, dst, pearson, pass
     folder.mkdir(parents=True, exist_ok=True)
     n, e = len(layer), len(src)
     body = {
-        "layers": sorted(set(int(x) for x in layer)), "edge_measure": "pearson",
+        "layers": sorted(set(int(x) for x in layer)),
+        "edge_measure": "pearson",
         "community_method": "leiden",
-        "nodes": {"layer": list(map(int, layer)), "feature": list(map(int, feature)),
-                  "community": list(map(int, community)), "density": [0.01] * n},
-        "edges": {"source": list(map(int, src)), "target": list(map(int, dst)),
-                  "pearson": list(map(float, pearson)),
-                  **{k: [0.5] * e for k in MEASURES if k != "pearson"}},
-    }  # fmt: skip
+        "nodes": {
+            "layer": list(map(int, layer)),
+            "feature": list(map(int, feature)),
+            "community": list(map(int, community)),
+            "density": [0.01] * n,
+        },
+        "edges": {
+            "source": list(map(int, src)),
+            "target": list(map(int, dst)),
+            "pearson": list(map(float, pearson)),
+            **{k: [0.5] * e for k in MEASURES if k != "pearson"},
+        },
+    }
     (folder / "graph.json").write_text(json.dumps(body))
     (folder / "evolution.json").write_text(json.dumps(summary(body["layers"], pass_through)))
     return folder
@@ -45,14 +53,23 @@ def write_graph(folder: Path, layer, feature, community, src, dst, pearson, pass
 
 def summary(layers: list[int], pass_through: float) -> dict:
     """The smallest valid evolution.json for `layers`."""
-    pairs = [PairSummary(u, d, 1, 0, 1, 0, None, None, None, 0, 0, 0, None, 0)
-             for u, d in zip(layers, layers[1:], strict=False)]  # fmt: skip
+    pairs = [
+        PairSummary(u, d, 1, 0, 1, 0, None, None, None, 0, 0, 0, None, 0)
+        for u, d in zip(layers, layers[1:], strict=False)
+    ]
     return EvolutionSummary(
-        run="r", layers=layers, data=DataFacts(0, 1), n_used_tokens=0,
-        settings=EvolutionConfig(pass_through=pass_through), dead={}, pairs=pairs,
+        run="r",
+        layers=layers,
+        data=DataFacts(0, 1),
+        n_used_tokens=0,
+        settings=EvolutionConfig(pass_through=pass_through),
+        dead={},
+        pairs=pairs,
         match=[MatchRow(p.up_layer, p.down_layer) for p in pairs],
-        communities=CommunitySummary(), graph=GraphCounts(0, 0), findings=findings(pairs),
-    ).to_json()  # fmt: skip
+        communities=CommunitySummary(),
+        graph=GraphCounts(0, 0),
+        findings=findings(pairs),
+    ).to_json()
 
 
 @pytest.fixture

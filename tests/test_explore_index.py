@@ -183,9 +183,14 @@ def test_search(world, brute) -> None:
 def test_live_source_equals_cache(world, tmp_path) -> None:
     """The model run on the same split and contexts gives the same index as its float32 cache."""
     out = tmp_path / "live.sqlite"
-    build_index(world["run"], out=out, cfg=IndexConfig(top_n=TOP_N, window=WINDOW, samples=12),
-                model=ModelConfig(model=str(world["model"])), source=SourceConfig(tokens=480),
-                data=DataConfig(dataset=str(world["corpus"]), split="train", context_length=CTX))  # fmt: skip
+    build_index(
+        world["run"],
+        out=out,
+        cfg=IndexConfig(top_n=TOP_N, window=WINDOW, samples=12),
+        model=ModelConfig(model=str(world["model"])),
+        source=SourceConfig(tokens=480),
+        data=DataConfig(dataset=str(world["corpus"]), split="train", context_length=CTX),
+    )
     a, b = IndexDB(world["db"]), IndexDB(out)
     assert np.array_equal(a.stream, b.stream)
     for j in range(0, 64, 7):

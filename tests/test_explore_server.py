@@ -128,8 +128,9 @@ def test_steered_distribution_equals_hooked_addition(url, world, ref) -> None:
 
     _, clean = hooked(model, ids, layer, None)
     _, steer = hooked(model, ids, layer, lambda h: h + factor * direction)
-    code, d = get(f"{url}/api/prompt", sae=0, text=TEXT, latent=0, layer=layer, steer=latent,
-                  factor=factor)  # fmt: skip
+    code, d = get(
+        f"{url}/api/prompt", sae=0, text=TEXT, latent=0, layer=layer, steer=latent, factor=factor
+    )
     assert code == 200
     pos = len(ids) - 1
     got = probs(d["next"]["steered"])
@@ -198,8 +199,10 @@ def test_concurrent_prompts_do_not_interfere(url) -> None:
     texts = [
         f"{w} river" for w in ("alpha", "beta", "gamma", "delta", "stone", "cloud", "seven", "x")
     ]
-    args = [dict(sae=0, text=t, latent=i, layer=LAYERS[i % 3], steer=i, factor=3.0)
-            for i, t in enumerate(texts)]  # fmt: skip
+    args = [
+        dict(sae=0, text=t, latent=i, layer=LAYERS[i % 3], steer=i, factor=3.0)
+        for i, t in enumerate(texts)
+    ]
     alone = [get(f"{url}/api/prompt", **a) for a in args]
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda a: get(f"{url}/api/prompt", **a), args))
@@ -211,8 +214,11 @@ def test_cli_binds_loopback_and_prints_the_url(world) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlsae", "explore", str(world["run"]), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("mlsae explore: http://127.0.0.1:"), line
@@ -228,9 +234,11 @@ def test_load_8_concurrent_clients(url, tmp_path) -> None:
     """8 clients, each 12 latent-page requests and 2 prompt requests (bounded); no error.
     Latencies are recorded (printed and written to JSON), never asserted."""
     rng = np.random.default_rng(0)
-    jobs = [[("latent", {"sae": 0, "latent": int(rng.integers(64))}) for _ in range(12)]
-            + [("prompt", {"sae": 0, "text": f"{TEXT} {c}", "latent": c, "layer": 1})
-               for c in range(2)] for _ in range(8)]  # fmt: skip
+    jobs = [
+        [("latent", {"sae": 0, "latent": int(rng.integers(64))}) for _ in range(12)]
+        + [("prompt", {"sae": 0, "text": f"{TEXT} {c}", "latent": c, "layer": 1}) for c in range(2)]
+        for _ in range(8)
+    ]
     lat: dict[str, list[float]] = {"latent": [], "prompt": []}
     lock = threading.Lock()
 
@@ -246,8 +254,14 @@ def test_load_8_concurrent_clients(url, tmp_path) -> None:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(client, jobs))
     assert len(lat["latent"]) == 96 and len(lat["prompt"]) == 16
-    summary = {k: {"n": len(v), "p50_ms": 1e3 * float(np.percentile(v, 50)),
-                   "p95_ms": 1e3 * float(np.percentile(v, 95))} for k, v in lat.items()}  # fmt: skip
+    summary = {
+        k: {
+            "n": len(v),
+            "p50_ms": 1e3 * float(np.percentile(v, 50)),
+            "p95_ms": 1e3 * float(np.percentile(v, 95)),
+        }
+        for k, v in lat.items()
+    }
     (tmp_path / "latency.json").write_text(json.dumps(summary))
     print("explore load test (8 clients):", summary)
 
@@ -283,8 +297,17 @@ def test_steering_in_max_units_at_several_layers_equals_hooked_addition(url, wor
             hd.remove()
         return lp
 
-    code, d = get(f"{url}/api/prompt", sae=0, text=TEXT, layer=1, steer=latent, factor=factor,
-                  units="max", steer_layers="0,2", gen=4)  # fmt: skip
+    code, d = get(
+        f"{url}/api/prompt",
+        sae=0,
+        text=TEXT,
+        layer=1,
+        steer=latent,
+        factor=factor,
+        units="max",
+        steer_layers="0,2",
+        gen=4,
+    )
     assert code == 200, d
     assert d["steer"]["layers"] == layers and d["steer"]["max_act"] == pytest.approx(mx)
     pos = len(ids) - 1

@@ -79,8 +79,14 @@ def make_cache(path: Path, n: int = 1024, d: int = 8, seed: int = 0, nan_rows=()
     acts[list(nan_rows)] = float("nan")
     mask = torch.ones(n, dtype=torch.bool)
     mask[::16] = False
-    meta = {"layers": LAYERS, "d_model": d, "model": "synthetic", "dataset": "synthetic",
-            "split": "train", "context_length": 32}  # fmt: skip
+    meta = {
+        "layers": LAYERS,
+        "d_model": d,
+        "model": "synthetic",
+        "dataset": "synthetic",
+        "split": "train",
+        "context_length": 32,
+    }
     w = CacheWriter(path, meta, shard_tokens=256, storage_dtype="float32")
     w.add(acts, torch.randint(0, 100, (n,), generator=g), mask)
     w.close()
@@ -105,8 +111,12 @@ TRAIN = TrainConfig(batch_tokens=64, max_steps=4, checkpoint_every=2, lr=1e-3, d
 
 
 def train(out: Path, cache: Path, cfg: TrainConfig = TRAIN, r=(2,), k=(2,)) -> Path:
-    return train_command(out, source=SourceConfig(cache=cache), train=cfg,
-                         sae=SaeGridConfig(expansion_factor=list(r), k=list(k)))  # fmt: skip
+    return train_command(
+        out,
+        source=SourceConfig(cache=cache),
+        train=cfg,
+        sae=SaeGridConfig(expansion_factor=list(r), k=list(k)),
+    )
 
 
 def cli(capsys, *args: str | Path) -> tuple[int, list[str]]:
@@ -144,16 +154,19 @@ def test_usage_errors_are_one_line(capsys, args, says):
 def test_error_lines_for_os_memory_and_decoding():
     from mlsae.cli.errors import error_line
 
-    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
-                       "allocate memory: you tried to allocate 40960000000 bytes. Error code 12")  # fmt: skip
+    oom = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+        "allocate memory: you tried to allocate 40960000000 bytes. Error code 12"
+    )
     assert error_line(oom) == (
         "out of memory (can't allocate memory: you tried to allocate 40960000000 bytes): lower "
         "--batch-tokens, --expansion-factor or --tokens, or free memory"
     )
     assert error_line(MemoryError()).startswith("out of memory (MemoryError)")
     full = OSError(errno.ENOSPC, "No space left on device", "/d/x.json")
-    assert error_line(full) == ("/d/x.json: No space left on device (the disk is full: free some "
-                                "space or write elsewhere)")  # fmt: skip
+    assert error_line(full) == (
+        "/d/x.json: No space left on device (the disk is full: free some space or write elsewhere)"
+    )
     with pytest.raises(UnicodeDecodeError) as bad:
         b"caf\xe9".decode("utf-8")
     assert error_line(bad.value) == (
@@ -191,8 +204,23 @@ def test_full_disk_mid_run_is_one_line_and_resumable(cache, tmp_path, monkeypatc
         return real(src, dst)
 
     monkeypatch.setattr(io_mod.os, "replace", replace)
-    args = ["train", "--cache", cache, "--out", tmp_path / "r", "--batch-tokens", "64",
-            "--expansion-factor", "2", "-k", "2", "--max-steps", "4", "--checkpoint-every", "2"]  # fmt: skip
+    args = [
+        "train",
+        "--cache",
+        cache,
+        "--out",
+        tmp_path / "r",
+        "--batch-tokens",
+        "64",
+        "--expansion-factor",
+        "2",
+        "-k",
+        "2",
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ]
     code, lines = cli(capsys, *args)
     line = one_error_line(lines)
     assert code == 2 and "state.pt: No space left on device (the disk is full" in line
@@ -210,11 +238,25 @@ def test_file_size_limit_in_a_real_process(cache, tmp_path):
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    cmd = [sys.executable, "-m", "mlsae", "train", "--cache", str(cache), "--out",
-           str(tmp_path / "r"), "--batch-tokens", "64", "--expansion-factor", "64", "-k", "2",
-           "--max-steps", "2"]  # fmt: skip
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300,
-                       preexec_fn=limit)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlsae",
+        "train",
+        "--cache",
+        str(cache),
+        "--out",
+        str(tmp_path / "r"),
+        "--batch-tokens",
+        "64",
+        "--expansion-factor",
+        "64",
+        "-k",
+        "2",
+        "--max-steps",
+        "2",
+    ]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, preexec_fn=limit)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     line = one_error_line(lines)
     assert r.returncode == 2 and "checkpoint/state.pt: File too large" in line, r.stderr
@@ -261,9 +303,13 @@ def test_non_utf8_jsonl_names_file_and_line(tmp_path):
 
 
 KIND_FILES = {
-    "cache": ["manifest.json"], "run": ["train_cfg.json"], "sae": ["cfg.json", "sae.safetensors"],
-    "lens": ["lens.json"], "analysis": ["analysis.json"], "evolution": ["evolution.json"],
-}  # fmt: skip
+    "cache": ["manifest.json"],
+    "run": ["train_cfg.json"],
+    "sae": ["cfg.json", "sae.safetensors"],
+    "lens": ["lens.json"],
+    "analysis": ["analysis.json"],
+    "evolution": ["evolution.json"],
+}
 
 
 @pytest.mark.parametrize("writer", ["cache", "run", "analysis", "evolution", "lens", "cross"])
@@ -309,8 +355,17 @@ def test_evaluate_cli_refuses_a_cache_manifest(cache, tmp_path, capsys):
     before = files(cache)
     sae = SparseAutoencoder(SaeConfig(d_in=8, expansion_factor=2, k=2, layers=LAYERS))
     sae.save(tmp_path / "sae")
-    code, lines = cli(capsys, "evaluate", tmp_path / "sae", "--cache", cache, "--allow-train",
-                      "--no-ce", "--out", cache / "manifest.json")  # fmt: skip
+    code, lines = cli(
+        capsys,
+        "evaluate",
+        tmp_path / "sae",
+        "--cache",
+        cache,
+        "--allow-train",
+        "--no-ce",
+        "--out",
+        cache / "manifest.json",
+    )
     assert code == 2 and "inside an activation cache" in one_error_line(lines)
     assert files(cache) == before
 
@@ -319,32 +374,63 @@ def test_evaluate_cli_refuses_a_cache_manifest(cache, tmp_path, capsys):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.text(max_size=8)
     | st.floats(allow_nan=True, allow_infinity=True),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=6,
-)  # fmt: skip
+)
 
 SHA = "ab" * 32
 VALID: dict[type, dict[str, Any]] = {
     SaeConfig: SaeConfig(d_in=8, expansion_factor=2, k=3, layers=[0, 2]).to_dict(),
     ShardEntry: {"name": "shard_00000.safetensors", "sha256": SHA, "n_tokens": 10, "n_used": 9},
-    Manifest: {"layers": [0, 3], "d_model": 8, "dtype": "float32", "n_tokens": 10,
-               "complete": True, "model": "m", "context_length": 5,
-               "shards": [{"name": "shard_00000.safetensors", "sha256": SHA, "n_tokens": 10}]},
-    LensInfo: {"format": "mlsae-tuned-lens", "n_layers": 3, "d_model": 8, "layers": [0, 1],
-               "model": "m", "max_cond": 1e6},
-    PerLayerListing: {"layers": [0, 1], "saes": [{"layer": 0, "path": "layer_00"},
-                                                 {"layer": 1, "path": "layer_01"}]},
+    Manifest: {
+        "layers": [0, 3],
+        "d_model": 8,
+        "dtype": "float32",
+        "n_tokens": 10,
+        "complete": True,
+        "model": "m",
+        "context_length": 5,
+        "shards": [{"name": "shard_00000.safetensors", "sha256": SHA, "n_tokens": 10}],
+    },
+    LensInfo: {
+        "format": "mlsae-tuned-lens",
+        "n_layers": 3,
+        "d_model": 8,
+        "layers": [0, 1],
+        "model": "m",
+        "max_cond": 1e6,
+    },
+    PerLayerListing: {
+        "layers": [0, 1],
+        "saes": [{"layer": 0, "path": "layer_00"}, {"layer": 1, "path": "layer_01"}],
+    },
     CheckpointInfo: {"step": 4, "epoch": 0, "batch": 4},
     MetricsRow: {"step": 3, "epoch": 0, "sae": "sae", "loss": 0.5},
     TrainConfig: to_dict(TrainConfig()),
     DataConfig: to_dict(DataConfig(dataset="x.txt")),
-    RunConfig: to_dict(RunConfig(
-        data=DataConfig(), model=ModelConfig(), source=SourceConfig(), sae=SaeGridConfig(),
-        train=TrainConfig(), cache="/c", mode="mlsae", layers=[0, 1], d_in=8,
-        members=[MemberSpec("sae", 8, 32, [0, 1], 0)], fingerprint="f")),
-}  # fmt: skip
+    RunConfig: to_dict(
+        RunConfig(
+            data=DataConfig(),
+            model=ModelConfig(),
+            source=SourceConfig(),
+            sae=SaeGridConfig(),
+            train=TrainConfig(),
+            cache="/c",
+            mode="mlsae",
+            layers=[0, 1],
+            d_in=8,
+            members=[MemberSpec("sae", 8, 32, [0, 1], 0)],
+            fingerprint="f",
+        )
+    ),
+}
 
 
 def has_type(value: Any, tp: Any) -> bool:
@@ -365,8 +451,9 @@ def has_type(value: Any, tp: Any) -> bool:
     if dataclasses.is_dataclass(tp):
         return isinstance(value, tp) and all(
             has_type(getattr(value, f.name), hints(tp)[f.name])
-            for f in dataclasses.fields(tp) if f.init
-        )  # fmt: skip
+            for f in dataclasses.fields(tp)
+            if f.init
+        )
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:
@@ -389,8 +476,7 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cls=st.sampled_from(list(VALID)), data=st.data(), value=json_values,
-       drop=st.booleans())  # fmt: skip
+@given(cls=st.sampled_from(list(VALID)), data=st.data(), value=json_values, drop=st.booleans())
 def test_schema_accepts_typed_values_or_refuses_by_name(cls, data, value, drop):
     """One field of a valid file replaced by any JSON value (or dropped): the schema check either
     refuses it with an MlsaeError naming the file, or returns an object whose every field has
@@ -505,8 +591,10 @@ def test_wrong_types_in_files_are_named(cache, tmp_path):
     run = train(tmp_path / "r", cache)
     cfg = run / "sae" / "cfg.json"
     good = cfg.read_text()
-    for text, says in [("[1, 2]", "expected a JSON object"),
-                       (good.replace('"k": 2', '"k": "2"'), "k: expected an integer, got '2'")]:  # fmt: skip
+    for text, says in [
+        ("[1, 2]", "expected a JSON object"),
+        (good.replace('"k": 2', '"k": "2"'), "k: expected an integer, got '2'"),
+    ]:
         cfg.write_text(text)
         with pytest.raises(MlsaeError, match=says):
             load_sae(run / "sae")
@@ -574,8 +662,16 @@ def test_load_sae_checks_dtype_and_finiteness(tmp_path, edit, says):
         load_sae(tmp_path / "s")
 
 
-@pytest.mark.parametrize("bad", [{"lr": float("inf")}, {"lr": float("nan")}, {"eps": -1.0},
-                                 {"aux_coef": float("nan")}, {"betas": (float("nan"), 0.9)}])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lr": float("inf")},
+        {"lr": float("nan")},
+        {"eps": -1.0},
+        {"aux_coef": float("nan")},
+        {"betas": (float("nan"), 0.9)},
+    ],
+)
 def test_nonfinite_options_are_refused(bad):
     with pytest.raises(MlsaeError):
         TrainConfig(**bad)
@@ -595,12 +691,20 @@ def test_resume_refuses_a_cache_rebuilt_at_the_same_path(tmp_path):
 
 def test_one_writer_per_run_and_stale_locks_do_not_block(cache, tmp_path):
     run = train(tmp_path / "r", cache)
-    with folder_lock(run, "training run"), pytest.raises(MlsaeError, match=rf"in use by another "
-                                                        rf"mlsae process \(pid {os.getpid()}"):  # fmt: skip
+    with (
+        folder_lock(run, "training run"),
+        pytest.raises(
+            MlsaeError,
+            match=rf"in use by another "
+            rf"mlsae process \(pid {os.getpid()}",
+        ),
+    ):
         train_command(run, resume=True, train_given={"max_steps": 6})
     # a process holding the lock is killed: its lock goes with it
-    code = (f"import time; from mlsae.core.lock import folder_lock\n"
-            f"with folder_lock({str(run)!r}):\n print('held', flush=True); time.sleep(600)")  # fmt: skip
+    code = (
+        f"import time; from mlsae.core.lock import folder_lock\n"
+        f"with folder_lock({str(run)!r}):\n print('held', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen(
         [sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE, text=True
     )
@@ -620,9 +724,12 @@ def test_one_writer_per_run_and_stale_locks_do_not_block(cache, tmp_path):
 def test_options_and_memory_are_checked_before_the_run_folder(tiny_model_dir, tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps." for i in range(200)))
-    kw = dict(model=ModelConfig(model=str(tiny_model_dir)),
-              data=DataConfig(dataset=str(text), context_length=32),
-              source=SourceConfig(tokens=512), train=TRAIN)  # fmt: skip
+    kw = dict(
+        model=ModelConfig(model=str(tiny_model_dir)),
+        data=DataConfig(dataset=str(text), context_length=32),
+        source=SourceConfig(tokens=512),
+        train=TRAIN,
+    )
     with pytest.raises(MlsaeError, match="-k 999 must be between 1 and d_sae"):
         train_command(tmp_path / "r", sae=SaeGridConfig(expansion_factor=[2], k=[999]), **kw)
     with pytest.raises(MlsaeError, match=r"need about \d+\.\d GB of memory"):
@@ -637,10 +744,17 @@ def test_memory_estimate_counts_the_real_parameters(cache, monkeypatch):
 
     src = ActivationCache(cache)
     run = RunConfig(
-        data=DataConfig(), model=ModelConfig(), source=SourceConfig(), sae=SaeGridConfig(),
-        train=TRAIN, cache=str(cache), mode="mlsae", layers=LAYERS, d_in=8,
+        data=DataConfig(),
+        model=ModelConfig(),
+        source=SourceConfig(),
+        sae=SaeGridConfig(),
+        train=TRAIN,
+        cache=str(cache),
+        mode="mlsae",
+        layers=LAYERS,
+        d_in=8,
         members=[MemberSpec("a", 2, 2, LAYERS, 0), MemberSpec("b", 4, 2, LAYERS, 0)],
-    )  # fmt: skip
+    )
     n = sum(
         p.numel()
         for r in (2, 4)
@@ -668,8 +782,21 @@ def test_a_damaged_complete_cache_is_repaired_and_ctrl_c_is_one_line(
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Document {i}: river stone cloud seven." for i in range(300)))
-    args = ["cache", "--model", tiny_model_dir, "--dataset", corpus, "--tokens", "1024",
-            "--context-length", "32", "--shard-tokens", "256", "--out", tmp_path / "c"]  # fmt: skip
+    args = [
+        "cache",
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        corpus,
+        "--tokens",
+        "1024",
+        "--context-length",
+        "32",
+        "--shard-tokens",
+        "256",
+        "--out",
+        tmp_path / "c",
+    ]
     real, calls = LiveSource.load_block, []
 
     def interrupted(self, i):

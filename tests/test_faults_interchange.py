@@ -34,8 +34,15 @@ def test_gemma3_alias_resolves_its_hook_names(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF")
     monkeypatch.setattr(data_model, "cache_root", lambda: tmp_path / "cache")
     monkeypatch.setattr(data_model, "gemma_gguf_path", lambda: gguf)
-    cfg = AutoConfig.for_model("gemma3_text", num_hidden_layers=3, hidden_size=16,
-                               intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-                               head_dim=8, vocab_size=64)  # fmt: skip
+    cfg = AutoConfig.for_model(
+        "gemma3_text",
+        num_hidden_layers=3,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=64,
+    )
     cfg.save_pretrained(data_model.gguf_cache_dir(gguf))
     assert block_hook_names("gemma3-270m") == ["model.layers.0", "model.layers.1", "model.layers.2"]

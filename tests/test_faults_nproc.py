@@ -18,15 +18,35 @@ from test_train import make_cache
 from mlsae.cli.launch import job_failure, read_lines
 from mlsae.core.dist import FAULT_ENV, injected_kill
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "MLSAE_DIST_TIMEOUT": "120"}  # fmt: skip
-ARGS = ["--batch-tokens", "64", "--expansion-factor", "2", "-k", "2", "--checkpoint-every", "3",
-        "--max-steps", "12"]  # fmt: skip
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "MLSAE_DIST_TIMEOUT": "120",
+}
+ARGS = [
+    "--batch-tokens",
+    "64",
+    "--expansion-factor",
+    "2",
+    "-k",
+    "2",
+    "--checkpoint-every",
+    "3",
+    "--max-steps",
+    "12",
+]
 
 
 def mlsae(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mlsae", *args], env=env or ENV,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "mlsae", *args],
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def mlsae_lines(stderr: str) -> list[str]:
@@ -74,8 +94,17 @@ def test_injected_kill_reads_rank_and_call(monkeypatch):
 def test_a_killed_rank_ends_the_job_in_one_line_and_the_run_resumes(tmp_path):
     cache = make_cache(tmp_path / "c", n_tokens=1024)
     run = tmp_path / "run"
-    killed = mlsae("train", "--nproc", "2", "--cache", str(cache), "--out", str(run), *ARGS,
-                   env={**ENV, FAULT_ENV: "1:5"})  # fmt: skip  # rank 1 dies after step 5
+    killed = mlsae(
+        "train",
+        "--nproc",
+        "2",
+        "--cache",
+        str(cache),
+        "--out",
+        str(run),
+        *ARGS,
+        env={**ENV, FAULT_ENV: "1:5"},
+    )  # rank 1 dies after step 5
     lines = mlsae_lines(killed.stderr)
     assert killed.returncode == 2, killed.stderr[-3000:]
     assert len(lines) == 1 and "Traceback" not in killed.stderr, killed.stderr[-3000:]
@@ -122,12 +151,22 @@ def test_leaving_the_session_stops_gloos_threads():
     without an active exception", SIGABRT) now and then; after the session none is left."""
     port = free_port()
     procs = [
-        subprocess.Popen([sys.executable, "-c", EXIT_THREADS], text=True,
-                         env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-c", EXIT_THREADS],
+            text=True,
+            env={
+                **ENV,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for r in range(2)
-    ]  # fmt: skip
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]

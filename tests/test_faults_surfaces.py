@@ -52,8 +52,13 @@ def test_index_output_never_replaces_an_input_or_another_kind(world, tmp_path) -
     run, cache = world["run"], world["cache"]
     before = digest(run, cache)
     shard = next(cache.glob("shard_*.safetensors"))
-    for bad in (run / "sae" / "sae.safetensors", run / "sae" / "cfg.json",
-                cache / "manifest.json", shard, cache / "new.sqlite"):  # fmt: skip
+    for bad in (
+        run / "sae" / "sae.safetensors",
+        run / "sae" / "cfg.json",
+        cache / "manifest.json",
+        shard,
+        cache / "new.sqlite",
+    ):
         with pytest.raises(MlsaeError):
             check_index_output(bad, inputs=[run, cache])
     (tmp_path / "notes.txt").write_text("mine")
@@ -99,9 +104,13 @@ def test_export_refuses_escapes_and_other_kinds(world, tmp_path) -> None:
     other = tmp_path / "o" / "r0"
     shutil.copytree(world["run"] / "sae", other)  # an SAE folder where a hook folder would go
     before = digest(run, other)
-    cases = [(tmp_path / "o", "../../x.{layer}"), (tmp_path / "o", str(tmp_path / "a.{layer}")),
-             (tmp_path / "o", "r{layer}"), (run / "inside", "h.{layer}"),
-             (world["cache"] / "x", "h.{layer}")]  # fmt: skip
+    cases = [
+        (tmp_path / "o", "../../x.{layer}"),
+        (tmp_path / "o", str(tmp_path / "a.{layer}")),
+        (tmp_path / "o", "r{layer}"),
+        (run / "inside", "h.{layer}"),
+        (world["cache"] / "x", "h.{layer}"),
+    ]
     for out, fmt in cases:
         with pytest.raises(MlsaeError):
             export_saelens(run, out, hook_format=fmt, approximate=True)
@@ -173,8 +182,12 @@ def test_a_real_full_disk_leaves_a_good_index_intact(tmp_path, monkeypatch) -> N
 def _sparsify(d: Path, k: object = 4, scale: float = 1.0) -> Path:
     d.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
-    t = {"encoder.weight": torch.randn(64, 32, generator=g), "encoder.bias": torch.zeros(64),
-         "W_dec": torch.randn(64, 32, generator=g) * scale, "b_dec": torch.zeros(32)}  # fmt: skip
+    t = {
+        "encoder.weight": torch.randn(64, 32, generator=g),
+        "encoder.bias": torch.zeros(64),
+        "W_dec": torch.randn(64, 32, generator=g) * scale,
+        "b_dec": torch.zeros(32),
+    }
     save_file(t, str(d / "sae.safetensors"))
     (d / "cfg.json").write_text(json.dumps({"k": k, "activation": "topk"}))
     return d
@@ -183,9 +196,14 @@ def _sparsify(d: Path, k: object = 4, scale: float = 1.0) -> Path:
 def _paper(d: Path, **cfg) -> Path:
     d.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
-    save_file({"encoder.weight": torch.randn(64, 32, generator=g),
-               "decoder.weight": torch.randn(32, 64, generator=g),
-               "pre_encoder_bias": torch.zeros(32)}, str(d / "model.safetensors"))  # fmt: skip
+    save_file(
+        {
+            "encoder.weight": torch.randn(64, 32, generator=g),
+            "decoder.weight": torch.randn(32, 64, generator=g),
+            "pre_encoder_bias": torch.zeros(32),
+        },
+        str(d / "model.safetensors"),
+    )
     base = {"k": 4, "standardize": True, "layers": [1], "model_name": "m"}
     (d / "config.json").write_text(json.dumps({**base, **cfg}))
     return d
@@ -281,8 +299,9 @@ def test_a_damaged_index_is_refused_at_startup(world, tmp_path, sql) -> None:
 
 
 def test_a_bad_latent_info_is_one_error_not_a_traceback(world, tmp_path) -> None:
-    p = _edited_index(world, tmp_path, "UPDATE latents SET info = "
-                      "'{\"logit_pos\": [[\"a\", 1]]}' WHERE latent = 3;")  # fmt: skip
+    p = _edited_index(
+        world, tmp_path, 'UPDATE latents SET info = \'{"logit_pos": [["a", 1]]}\' WHERE latent = 3;'
+    )
     d = IndexDB(p)
     with pytest.raises(MlsaeError, match="logit_pos"):
         d.latent(0, 3)
@@ -343,8 +362,12 @@ def test_stream_resume_refuses_a_changed_corpus_or_model(gpt2_dir, tmp_path) -> 
     model = tmp_path / "m"
     shutil.copytree(gpt2_dir, model)
     data = DataConfig(dataset=str(corpus), context_length=32)
-    kw = dict(data=data, model=ModelConfig(model=str(model)), source=SourceConfig(tokens=1024),
-              sae=SaeGridConfig(expansion_factor=[2], k=[4]))  # fmt: skip
+    kw = dict(
+        data=data,
+        model=ModelConfig(model=str(model)),
+        source=SourceConfig(tokens=1024),
+        sae=SaeGridConfig(expansion_factor=[2], k=[4]),
+    )
     train_command(tmp_path / "r", train=TrainConfig(batch_tokens=64, max_steps=2), **kw)
     resume = lambda: train_command(
         tmp_path / "r",
@@ -370,8 +393,12 @@ def test_context_longer_than_the_positions_is_refused_before_any_folder(gpt2_dir
 
     corpus = write_word_corpus(tmp_path / "c.jsonl", n_docs=50)
     with pytest.raises(MlsaeError, match="512 positions"):
-        build_cache(tmp_path / "cache", ModelConfig(model=str(gpt2_dir)),
-                    DataConfig(dataset=str(corpus), context_length=2048), SourceConfig(tokens=4096))  # fmt: skip
+        build_cache(
+            tmp_path / "cache",
+            ModelConfig(model=str(gpt2_dir)),
+            DataConfig(dataset=str(corpus), context_length=2048),
+            SourceConfig(tokens=4096),
+        )
     assert not (tmp_path / "cache").exists()
 
 
@@ -418,8 +445,9 @@ def test_index_checks_n_logits_and_duplicate_layers(world, tmp_path) -> None:
 
     src = SourceConfig(cache=str(world["cache"]), tokens=96)
     with pytest.raises(MlsaeError, match="n-logits"):
-        build_index(world["run"], out=tmp_path / "i.sqlite", source=src,
-                    cfg=IndexConfig(n_logits=10**6))  # fmt: skip
+        build_index(
+            world["run"], out=tmp_path / "i.sqlite", source=src, cfg=IndexConfig(n_logits=10**6)
+        )
     run = tmp_path / "run"
     shutil.copytree(world["run"] / "sae", run / "sae")
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
@@ -445,8 +473,9 @@ JSON = st.recursive(
     ),
     max_leaves=12,
 )
-PROPERTY = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+PROPERTY = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _readers(world) -> dict[str, tuple[str, object]]:
@@ -464,13 +493,20 @@ def _readers(world) -> dict[str, tuple[str, object]]:
     return {
         "SAE cfg.json": ("run/sae/cfg.json", lambda r: load_sae(r / "run" / "sae")),
         "SAE weights": ("run/sae/sae.safetensors", lambda r: load_sae(r / "run" / "sae")),
-        "cache manifest": ("cache/manifest.json", lambda r: ActivationCache(r / "cache").load_block(0)),
+        "cache manifest": (
+            "cache/manifest.json",
+            lambda r: ActivationCache(r / "cache").load_block(0),
+        ),
         "explore.sqlite": ("run/explore.sqlite", index),
-        "sparsify cfg.json": ("sp/layers.1/cfg.json",
-                              lambda r: read_one(r / "sp" / "layers.1", "sparsify", "m", [1])),
-        "paper config.json": ("paper/config.json",
-                              lambda r: read_one(r / "paper", "mlsae-hub", "m", None)),
-    }  # fmt: skip
+        "sparsify cfg.json": (
+            "sp/layers.1/cfg.json",
+            lambda r: read_one(r / "sp" / "layers.1", "sparsify", "m", [1]),
+        ),
+        "paper config.json": (
+            "paper/config.json",
+            lambda r: read_one(r / "paper", "mlsae-hub", "m", None),
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -493,8 +529,14 @@ def _try(readers, name: str, root: Path, rel: str, data: bytes, tmp: Path) -> No
         readers[name][1](work)
 
 
-NAMES = ["SAE cfg.json", "SAE weights", "cache manifest", "explore.sqlite", "sparsify cfg.json",
-         "paper config.json"]  # fmt: skip
+NAMES = [
+    "SAE cfg.json",
+    "SAE weights",
+    "cache manifest",
+    "explore.sqlite",
+    "sparsify cfg.json",
+    "paper config.json",
+]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -507,8 +549,23 @@ def test_random_bytes_in_any_file_read_back(world, readback_root, tmp_path, name
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "SAE weights"])
 @PROPERTY
-@given(value=JSON, key=st.sampled_from(["k", "layers", "d_in", "shards", "model_name", "window",
-                                         "context_length", "top_n", "standardize", "n_tokens"]))  # fmt: skip
+@given(
+    value=JSON,
+    key=st.sampled_from(
+        [
+            "k",
+            "layers",
+            "d_in",
+            "shards",
+            "model_name",
+            "window",
+            "context_length",
+            "top_n",
+            "standardize",
+            "n_tokens",
+        ]
+    ),
+)
 def test_random_json_in_any_file_read_back(world, readback_root, tmp_path, name, value, key):
     """A random value at a random key of the file's JSON (or, for the index, of its meta table),
     and the whole file as random JSON."""

@@ -172,8 +172,9 @@ def test_pipeline_outputs(tiny, tmp_path):
     from mlsae.report.analyze import analyze_command
 
     rep = tmp_path / "analysis"
-    analyze_command(root / "run" / "layer_00", rep, inputs=Inputs.held_out(_cache(root)),
-                    evolution=tmp_path)  # fmt: skip
+    analyze_command(
+        root / "run" / "layer_00", rep, inputs=Inputs.held_out(_cache(root)), evolution=tmp_path
+    )
     page = (rep / "report.html").read_text()
     assert '<section id="evolution">' in page and 'href="../graph.html"' in page
 
@@ -234,11 +235,24 @@ def chromium(args: list[str], timeout: int = 90) -> subprocess.CompletedProcess:
     prof = tempfile.mkdtemp(prefix="mlsae-chromium-")
     try:
         return subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={prof}", "--virtual-time-budget=4000", *args],
-            capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={prof}",
+                "--virtual-time-budget=4000",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     finally:
         shutil.rmtree(prof, ignore_errors=True)
 

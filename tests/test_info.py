@@ -31,8 +31,14 @@ def test_info_summarizes_thousands_of_special_tokens(tmp_path: Path):
 
 
 def test_numbered_runs_break_at_gaps():
-    toks = [(1, "<eos>"), (5, "<unused0>"), (6, "<unused1>"), (9, "<unused2>"), (10, "<unused3>"),
-            (11, "<extra_id_0>")]  # fmt: skip
+    toks = [
+        (1, "<eos>"),
+        (5, "<unused0>"),
+        (6, "<unused1>"),
+        (9, "<unused2>"),
+        (10, "<unused3>"),
+        (11, "<extra_id_0>"),
+    ]
     assert summarize_special_tokens(toks) == (
         "6: 1='<eos>', <unused0>..<unused1> (ids 5-6), <unused2>..<unused3> (ids 9-10), "
         "11='<extra_id_0>'"

@@ -90,8 +90,9 @@ def test_sparsify_import_matches_its_forward(setup, tmp_path):
     assert json.loads((tmp_path / "set" / "per_layer.json").read_text())["layers"] == [1, 2]
     two = load_sae(tmp_path / "set" / "layer_02", compute_dtype=torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(two(acts[:, 2])[0], coders[2](acts[:, 2]).sae_out, atol=1e-5,
-                                   rtol=0)  # fmt: skip
+        torch.testing.assert_close(
+            two(acts[:, 2])[0], coders[2](acts[:, 2]).sae_out, atol=1e-5, rtol=0
+        )
 
 
 # ----------------------------------------------------------------------------- the paper
@@ -101,9 +102,16 @@ class PaperMLSAE(nn.Module, PyTorchModelHubMixin):
     """The paper's MLSAE module's parameters and init arguments (tim-lawson/mlsae
     model/autoencoder.py), so save_pretrained writes the layout its hub repos have."""
 
-    def __init__(self, n_inputs: int, n_latents: int, k: int, dead_steps_threshold: int,
-                 dead_threshold: float = 1e-3, auxk: int | None = 256,
-                 standardize: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        n_inputs: int,
+        n_latents: int,
+        k: int,
+        dead_steps_threshold: int,
+        dead_threshold: float = 1e-3,
+        auxk: int | None = 256,
+        standardize: bool = True,
+    ) -> None:
         super().__init__()
         self.encoder = nn.Linear(n_inputs, n_latents, bias=False)  # weight [m, d]
         self.decoder = nn.Linear(n_latents, n_inputs, bias=False)  # weight [d, m]
@@ -144,8 +152,9 @@ def test_paper_checkpoint_reproduces_its_forward(setup, tmp_path, standardize):
     assert sae.cfg.layers == [0, 1, 2] and sae.cfg.k == 6 and sae.cfg.d_sae == 128
     x = acts.reshape(-1, 32)
     with torch.no_grad():
-        want, z = paper_forward(x, ref.encoder.weight, ref.decoder.weight, ref.pre_encoder_bias,
-                                6, standardize)  # fmt: skip
+        want, z = paper_forward(
+            x, ref.encoder.weight, ref.decoder.weight, ref.pre_encoder_bias, 6, standardize
+        )
     with torch.no_grad():
         x_hat, enc = sae(x)
     diff = float((x_hat.double() - want).abs().max())
@@ -163,30 +172,49 @@ def test_paper_transformer_checkpoint_and_evaluate(setup, tmp_path):
     g = torch.Generator().manual_seed(4)
     w = {
         "autoencoder.encoder.weight": torch.randn(128, 32, generator=g) * 0.2,
-        "autoencoder.decoder.weight": nn.functional.normalize(torch.randn(32, 128, generator=g), dim=0),
+        "autoencoder.decoder.weight": nn.functional.normalize(
+            torch.randn(32, 128, generator=g), dim=0
+        ),
         "autoencoder.pre_encoder_bias": torch.randn(32, generator=g) * 0.1,
         "transformer.model.gpt_neox.embed_in.weight": torch.zeros(4, 32),  # ignored
-    }  # fmt: skip
+    }
     src = tmp_path / "sae-tiny-x4-k6-tfm-layers-1"
     src.mkdir()
     save_file(w, str(src / "model.safetensors"))
-    cfg = {"model_name": mdir, "layers": [1], "expansion_factor": 4, "k": 6, "auxk": 256,
-           "standardize": True, "skip_special_tokens": True, "max_length": CTX,
-           "tuned_lens": False}  # fmt: skip
+    cfg = {
+        "model_name": mdir,
+        "layers": [1],
+        "expansion_factor": 4,
+        "k": 6,
+        "auxk": 256,
+        "standardize": True,
+        "skip_special_tokens": True,
+        "max_length": CTX,
+        "tuned_lens": False,
+    }
     (src / "config.json").write_text(json.dumps(cfg))
-    res = CliRunner().invoke(app, ["import", str(src), "--format", "mlsae-hub", "--out",
-                                   str(tmp_path / "ours")])  # fmt: skip
+    res = CliRunner().invoke(
+        app, ["import", str(src), "--format", "mlsae-hub", "--out", str(tmp_path / "ours")]
+    )
     assert res.exit_code == 0, res.output
     sae = load_sae(tmp_path / "ours", compute_dtype=torch.float32)
     assert sae.cfg.model == mdir and sae.cfg.layers == [1]
-    want, _ = paper_forward(acts[:, 1], w["autoencoder.encoder.weight"],
-                            w["autoencoder.decoder.weight"], w["autoencoder.pre_encoder_bias"], 6)  # fmt: skip
+    want, _ = paper_forward(
+        acts[:, 1],
+        w["autoencoder.encoder.weight"],
+        w["autoencoder.decoder.weight"],
+        w["autoencoder.pre_encoder_bias"],
+        6,
+    )
     with torch.no_grad():
         assert float((sae(acts[:, 1])[0].double() - want).abs().max()) <= 1e-5
     # evaluate reads the imported folder unchanged
-    ev = evaluate_command(tmp_path / "ours", tmp_path / "eval.json",
-                          data=DataConfig(dataset=data, split="test", context_length=CTX),
-                          source=SourceConfig(tokens=4 * CTX))  # fmt: skip
+    ev = evaluate_command(
+        tmp_path / "ours",
+        tmp_path / "eval.json",
+        data=DataConfig(dataset=data, split="test", context_length=CTX),
+        source=SourceConfig(tokens=4 * CTX),
+    )
     assert ev.layers == [1] and 0 < ev.per_layer.fvu[0] < 10
     assert ev.per_layer.delta_ce[0] is not None
     # a tuned-lens checkpoint cannot be represented: one clear line
@@ -202,13 +230,19 @@ def test_paper_transformer_checkpoint_and_evaluate(setup, tmp_path):
 def trained_run(setup):
     root, mdir, data, _ = setup
     for split in ("train", "test"):
-        build_cache(root / f"cache_{split}", ModelConfig(model=mdir),
-                    DataConfig(dataset=data, split=split, context_length=CTX),  # type: ignore[arg-type]
-                    SourceConfig(tokens=6 * CTX, batch_size=4),
-                    ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX))  # fmt: skip
-    run = train_command(root / "run", source=SourceConfig(cache=root / "cache_train"),
-                        sae=SaeGridConfig(expansion_factor=[2], k=[4]),
-                        train=TrainConfig(batch_tokens=64, lr=2e-3, max_steps=4))  # fmt: skip
+        build_cache(
+            root / f"cache_{split}",
+            ModelConfig(model=mdir),
+            DataConfig(dataset=data, split=split, context_length=CTX),  # type: ignore[arg-type]
+            SourceConfig(tokens=6 * CTX, batch_size=4),
+            ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
+        )
+    run = train_command(
+        root / "run",
+        source=SourceConfig(cache=root / "cache_train"),
+        sae=SaeGridConfig(expansion_factor=[2], k=[4]),
+        train=TrainConfig(batch_tokens=64, lr=2e-3, max_steps=4),
+    )
     evaluate_command(run, run / "eval.json", source=SourceConfig(cache=root / "cache_test"))
     return run
 
@@ -236,8 +270,11 @@ def test_hub_folder_loads_back(trained_run, tmp_path, monkeypatch):
     import huggingface_hub
 
     asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, **kw: asked.append(repo_id) or str(out))  # fmt: skip
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo_id, **kw: asked.append(repo_id) or str(out),
+    )
     hub = mlsae.load_sae("me/tiny-mlsae").state_tensors()
     assert asked[0] == "me/tiny-mlsae" and all(torch.equal(orig[n], hub[n]) for n in orig)
     # without --approximate a standardize SAE gets no SAELens folder, and the card says why

@@ -27,8 +27,15 @@ HOOK_PREFIX = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "gpt2": "
 
 def make_sae(path: Path, layers: list[int], normalize: str, model: str, seed: int = 0) -> Path:
     """A random SAE with non-zero biases, saved as an mlsae SAE folder."""
-    cfg = SaeConfig(d_in=32, expansion_factor=4, k=6, layers=layers, model=model,
-                    dataset="words.jsonl", normalize=normalize)  # type: ignore[arg-type]  # fmt: skip
+    cfg = SaeConfig(
+        d_in=32,
+        expansion_factor=4,
+        k=6,
+        layers=layers,
+        model=model,
+        dataset="words.jsonl",
+        normalize=normalize,
+    )  # type: ignore[arg-type]
     sae = SparseAutoencoder(cfg, seed=seed, compute_dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
@@ -144,8 +151,10 @@ def test_saelens_loads_and_matches(models, tmp_path, kind, layers, normalize):
         if normalize == "standardize":  # the documented approximation: exactly 1e-5 * u_hat
             torch.testing.assert_close((x_hat - x_sl).double(), EPS * u_hat, rtol=0, atol=2e-6)
             assert "approximate" in meta["mlsae"]["note"]
-    print(f"\n{kind} {normalize}: max |SAELens - mlsae| encode {worst['encode']:.2e} "
-          f"decode {worst['decode']:.2e}")  # fmt: skip
+    print(
+        f"\n{kind} {normalize}: max |SAELens - mlsae| encode {worst['encode']:.2e} "
+        f"decode {worst['decode']:.2e}"
+    )
     if normalize != "standardize":
         assert worst["decode"] <= 1e-5
 
@@ -160,8 +169,12 @@ def test_round_trip_is_identity(models, tmp_path, kind, layers, normalize):
     (back,) = import_command(tmp_path / "sl", "saelens", tmp_path / "back")
     after = load_sae(back)
     assert after.cfg == before.cfg  # layers, normalize, model, dataset restored
-    diff = max(float((a - b).abs().max()) for a, b in
-               zip(before.state_tensors().values(), after.state_tensors().values(), strict=True))  # fmt: skip
+    diff = max(
+        float((a - b).abs().max())
+        for a, b in zip(
+            before.state_tensors().values(), after.state_tensors().values(), strict=True
+        )
+    )
     print(f"\nround trip {kind} {normalize}: max abs weight difference {diff}")
     assert diff == 0.0
 
@@ -186,8 +199,13 @@ def test_foreign_saelens_conventions_fold_exactly(tmp_path):
     from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
     for apply_b, rescale in ((False, False), (True, True), (False, True)):
-        cfg = TopKSAEConfig(d_in=32, d_sae=128, k=5, apply_b_dec_to_input=apply_b,
-                            rescale_acts_by_decoder_norm=rescale)  # fmt: skip
+        cfg = TopKSAEConfig(
+            d_in=32,
+            d_sae=128,
+            k=5,
+            apply_b_dec_to_input=apply_b,
+            rescale_acts_by_decoder_norm=rescale,
+        )
         cfg.metadata.hook_name = "model.layers.4"
         sl = TopKSAE(cfg)
         g = torch.Generator().manual_seed(5)
@@ -220,12 +238,24 @@ def test_standardize_needs_approximate_and_errors_are_one_line(models, tmp_path)
     assert res.exit_code != 0 and isinstance(res.exception, MlsaeError)
     assert "\n" not in str(res.exception) and not (tmp_path / "o").exists()
     res = CliRunner().invoke(
-        app, ["export", str(tmp_path / "sae"), "--format", "saelens", "--out", str(tmp_path / "o"),
-              "--approximate", "--hook-format", "blocks.{layer}.hook_resid_post"],
-    )  # fmt: skip
+        app,
+        [
+            "export",
+            str(tmp_path / "sae"),
+            "--format",
+            "saelens",
+            "--out",
+            str(tmp_path / "o"),
+            "--approximate",
+            "--hook-format",
+            "blocks.{layer}.hook_resid_post",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]  # fmt: skip
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_post",
+    ]
     cfg = SaeConfig(d_in=32, expansion_factor=2, k=4, layers=[0], model=str(mdir), lens="/x")
     SparseAutoencoder(cfg).save(tmp_path / "lens_sae")
     with pytest.raises(MlsaeError, match="tuned-lens"):
@@ -235,10 +265,19 @@ def test_standardize_needs_approximate_and_errors_are_one_line(models, tmp_path)
 def test_layer_of_hook_reads_block_outputs_only():
     from mlsae.interchange.meta import layer_of_hook
 
-    cases = {"model.layers.3": 3, "gpt_neox.layers.12": 12, "transformer.h.0": 0, "layers.7": 7,
-             "blocks.3.hook_resid_post": 3, "blocks.3.hook_resid_pre": 2,
-             "blocks.0.hook_resid_pre": None, "blocks.3.hook_mlp_out": None,
-             "model.layers.3.mlp": None, "blocks.2.attn.hook_z": None, "embed": None}  # fmt: skip
+    cases = {
+        "model.layers.3": 3,
+        "gpt_neox.layers.12": 12,
+        "transformer.h.0": 0,
+        "layers.7": 7,
+        "blocks.3.hook_resid_post": 3,
+        "blocks.3.hook_resid_pre": 2,
+        "blocks.0.hook_resid_pre": None,
+        "blocks.3.hook_mlp_out": None,
+        "model.layers.3.mlp": None,
+        "blocks.2.attn.hook_z": None,
+        "embed": None,
+    }
     assert {name: layer_of_hook(name) for name in cases} == cases
 
 

@@ -53,9 +53,11 @@ def _special(tok) -> list[int]:
 
 def _final_norm_and_head(model):
     """Independent lookup of the final norm and lm_head (not via mlsae.data.capture)."""
-    norm = {"gpt_neox": lambda: model.gpt_neox.final_layer_norm,
-            "llama": lambda: model.model.norm,
-            "gpt2": lambda: model.transformer.ln_f}[model.config.model_type]()  # fmt: skip
+    norm = {
+        "gpt_neox": lambda: model.gpt_neox.final_layer_norm,
+        "llama": lambda: model.model.norm,
+        "gpt2": lambda: model.transformer.ln_f,
+    }[model.config.model_type]()
     return norm, model.lm_head if hasattr(model, "lm_head") else model.embed_out
 
 
@@ -74,9 +76,10 @@ def test_inverse_is_exact_for_dense_A() -> None:
     z = lens(h, 1).numpy().astype(np.float64)
     np.testing.assert_allclose(z, h.numpy() @ (np.eye(16) + a).T + c, atol=1e-5)
     np.testing.assert_allclose(
-        lens.inverse(torch.from_numpy(z), 1).numpy(), (z - c) @ np.linalg.inv(np.eye(16) + a).T,
+        lens.inverse(torch.from_numpy(z), 1).numpy(),
+        (z - c) @ np.linalg.inv(np.eye(16) + a).T,
         atol=1e-9,
-    )  # fmt: skip
+    )
     # the paper's fault: an element-wise product with the diagonal of the inverse is wrong
     diag_inv = torch.tensor(np.diag(np.linalg.inv(np.eye(16) + a)), dtype=torch.float32)
     assert (((lens(h, 1) - lens.c(1).detach()) * diag_inv) - h).abs().max() > 1e-2
@@ -248,9 +251,14 @@ def test_regression_init_is_weighted_least_squares(tiny_model, tokenizer) -> Non
     ids = _ids(tokenizer, b=4, t=32, seed=4)
     lens = TunedLens(L, D)
     n = regression_init(
-        tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), ridge=0.0, min_singular=0.0,
+        tiny_model,
+        lens,
+        [ids[:2], ids[2:]],
+        _special(tokenizer),
+        ridge=0.0,
+        min_singular=0.0,
         progress=False,
-    )  # fmt: skip
+    )
     used = ~torch.isin(ids, torch.tensor(_special(tokenizer)))
     assert n == int(used.sum())
     with torch.no_grad():
@@ -269,9 +277,14 @@ def test_regression_init_is_weighted_least_squares(tiny_model, tokenizer) -> Non
     floor = 0.5 * float(sv0.max())
     assert sv0.min() < floor  # the floor binds
     regression_init(
-        tiny_model, lens, [ids[:2], ids[2:]], _special(tokenizer), ridge=0.0,
-        min_singular=floor, progress=False,
-    )  # fmt: skip
+        tiny_model,
+        lens,
+        [ids[:2], ids[2:]],
+        _special(tokenizer),
+        ridge=0.0,
+        min_singular=floor,
+        progress=False,
+    )
     w = (sw**2)[:, 0]
     for layer in range(L - 1):
         a = lens.A(layer).detach().double().numpy()
@@ -288,9 +301,15 @@ def test_training_reduces_kl(tiny_model, tokenizer) -> None:
     test = torch.randint(0, 256, (4, 32), generator=g)
     lens = TunedLens(L, D)
     run = train_lens(
-        tiny_model, lens, train, _special(tokenizer), steps=25, batch_size=4, lr=1e-2,
+        tiny_model,
+        lens,
+        train,
+        _special(tokenizer),
+        steps=25,
+        batch_size=4,
+        lr=1e-2,
         progress=False,
-    )  # fmt: skip
+    )
     hist = run.history
     assert len(hist) == 25 and run.stop_reason == "max steps (25)"  # no held-out: full budget
     assert hist[-1] < 0.7 * hist[0]
@@ -318,9 +337,18 @@ def test_kl_training_beats_the_warm_start_on_held_out_tokens(tiny_model, tokeniz
     regression_init(tiny_model, lens, [train[:1]], sp, progress=False)
     warm = evaluate_lens(tiny_model, lens, [hold], sp, progress=False).tuned.kl
     run = train_lens(
-        tiny_model, lens, train, sp, steps=40, batch_size=4, lr=1e-2, holdout=hold,
-        eval_every=5, patience=2, progress=False,
-    )  # fmt: skip
+        tiny_model,
+        lens,
+        train,
+        sp,
+        steps=40,
+        batch_size=4,
+        lr=1e-2,
+        holdout=hold,
+        eval_every=5,
+        patience=2,
+        progress=False,
+    )
     after = evaluate_lens(tiny_model, lens, [hold], sp, progress=False).tuned.kl
     assert run.heldout_steps[0] == 0 and run.heldout_kl[0] == pytest.approx(
         sum(warm[: L - 1]) / (L - 1), rel=1e-4, abs=1e-6
@@ -354,7 +382,7 @@ def test_early_stopping_keeps_the_warm_start_when_training_hurts(tiny_model, tok
         eval_every=2,
         patience=2,
         progress=False,
-    )  # fmt: skip  (lr 3 in standardised coordinates: every step makes the lens worse)
+    )  # (lr 3 in standardised coordinates: every step makes the lens worse)
     assert "no block improved in 2 evaluations" in run.stop_reason
     assert len(run.history) == 4 and run.heldout_steps == [0, 2, 4]
     assert all(s == 0 for s in run.best_step.values())
@@ -372,8 +400,9 @@ def test_no_singular_value_floor_unless_asked(tiny_model, tokenizer) -> None:
     regression_init(tiny_model, default, [ids], sp, progress=False)
     regression_init(tiny_model, zero, [ids], sp, min_singular=0.0, progress=False)
     regression_init(tiny_model, floored, [ids], sp, min_singular=0.9, progress=False)
-    sv = lambda lens, i: np.linalg.svd(np.eye(D) + lens.A(i).detach().double().numpy(),
-                                       compute_uv=False)  # fmt: skip
+    sv = lambda lens, i: np.linalg.svd(
+        np.eye(D) + lens.A(i).detach().double().numpy(), compute_uv=False
+    )
     assert min(sv(default, i).min() for i in range(L - 1)) < 0.9  # a floor would bind
     for i in range(L - 1):
         assert torch.equal(default.A(i), zero.A(i))
@@ -424,8 +453,13 @@ def test_tuned_lens_package_import(tmp_path: Path) -> None:
     folder = tmp_path / "tl"
     folder.mkdir()
     torch.save(state, folder / "params.pt")
-    cfg = {"base_model_name_or_path": "EleutherAI/pythia-70m", "d_model": d,
-           "num_hidden_layers": n, "bias": True, "lens_type": "linear_tuned_lens"}  # fmt: skip
+    cfg = {
+        "base_model_name_or_path": "EleutherAI/pythia-70m",
+        "d_model": d,
+        "num_hidden_layers": n,
+        "bias": True,
+        "lens_type": "linear_tuned_lens",
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     lens = load_lens(folder)
     assert lens.n_layers == n and lens.model_name == "EleutherAI/pythia-70m"
@@ -464,9 +498,21 @@ def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
     runner = CliRunner()
     common = ["--model", str(model_dir), "--dataset", str(data), "--context-length", "32"]
     r = runner.invoke(
-        app, ["lens", "train", "--out", str(tmp_path / "lens"), "--tokens", "256",
-              "--steps", "4", "--lr", "1e-2", *common],
-    )  # fmt: skip
+        app,
+        [
+            "lens",
+            "train",
+            "--out",
+            str(tmp_path / "lens"),
+            "--tokens",
+            "256",
+            "--steps",
+            "4",
+            "--lr",
+            "1e-2",
+            *common,
+        ],
+    )
     assert r.exit_code == 0, r.output
     training = load_lens(tmp_path / "lens").meta["training"]
     assert training["steps"] <= 4 and training["init"] == "regression"
@@ -476,9 +522,9 @@ def test_cli_train_and_evaluate(tmp_path: Path, tokenizer) -> None:
     assert len(training["singular_values"]["cond"]) == 2
     out = tmp_path / "eval.json"
     r = runner.invoke(
-        app, ["lens", "evaluate", str(tmp_path / "lens"), "--out", str(out), "--tokens", "64",
-              *common],
-    )  # fmt: skip
+        app,
+        ["lens", "evaluate", str(tmp_path / "lens"), "--out", str(out), "--tokens", "64", *common],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["layers"] == [0, 1, 2] and res["split"] == "test"
@@ -497,8 +543,17 @@ def test_lens_train_config_defaults_and_bad_values() -> None:
     assert LensTrainConfig().lr == 1e-3  # after the regression warm start
     assert LensTrainConfig(init="zero").lr == 1e-3
     assert LensTrainConfig(lr=5e-3).lr == 5e-3
-    for bad in ({"init": "ones"}, {"steps": -1}, {"step_contexts": 0}, {"lr": 0.0},
-                {"ridge": -1.0}, {"min_singular": 1.0}, {"init": "zero", "steps": 0},
-                {"holdout_contexts": -1}, {"eval_every": 0}, {"patience": 0}):  # fmt: skip
+    for bad in (
+        {"init": "ones"},
+        {"steps": -1},
+        {"step_contexts": 0},
+        {"lr": 0.0},
+        {"ridge": -1.0},
+        {"min_singular": 1.0},
+        {"init": "zero", "steps": 0},
+        {"holdout_contexts": -1},
+        {"eval_every": 0},
+        {"patience": 0},
+    ):
         with pytest.raises(MlsaeError):
             LensTrainConfig(**bad)

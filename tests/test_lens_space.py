@@ -52,14 +52,20 @@ def root(tmp_path_factory, tokenizer) -> Path:
     write_word_corpus(root / "docs.jsonl")
     _random_lens(0).save(root / "lens")
     _random_lens(1).save(root / "lens_b")
-    for name, split, lens in (("test", "test", None), ("test_lens", "test", root / "lens"),
-                              ("train", "train", None), ("train_lens", "train", root / "lens")):  # fmt: skip
+    for name, split, lens in (
+        ("test", "test", None),
+        ("test_lens", "test", root / "lens"),
+        ("train", "train", None),
+        ("train_lens", "train", root / "lens"),
+    ):
         build_cache(
-            root / f"cache_{name}", ModelConfig(model=str(root / "model")),
+            root / f"cache_{name}",
+            ModelConfig(model=str(root / "model")),
             DataConfig(dataset=str(root / "docs.jsonl"), split=split, context_length=CTX),  # type: ignore[arg-type]
             SourceConfig(tokens=8 * CTX, batch_size=4),
-            ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX), lens,
-        )  # fmt: skip
+            ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
+            lens,
+        )
     return root
 
 
@@ -107,9 +113,26 @@ def test_lens_cache_holds_translated_vectors(root: Path) -> None:
 
 
 def _train(root: Path, out: Path, cache: str, *extra: str) -> None:
-    args = ["train", "--cache", str(root / cache), "--out", str(out), "--expansion-factor", "2",
-            "-k", "4", "--batch-tokens", "64", "--lr", "1e-3", "--compute-dtype", "float32",
-            "--epochs", "2", *extra]  # fmt: skip
+    args = [
+        "train",
+        "--cache",
+        str(root / cache),
+        "--out",
+        str(out),
+        "--expansion-factor",
+        "2",
+        "-k",
+        "4",
+        "--batch-tokens",
+        "64",
+        "--lr",
+        "1e-3",
+        "--compute-dtype",
+        "float32",
+        "--epochs",
+        "2",
+        *extra,
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
 
@@ -152,8 +175,12 @@ def test_perfect_reconstruction_through_the_lens_has_zero_delta_ce(root, monkeyp
     def run() -> dict:
         sae = _Identity(lens_ref(root / "lens"))
         e = Entry("id", root, sae, list(range(L)), resolve_space(sae.cfg.lens, None))
-        evaluate_entries([e], ActivationCache(root / "cache_test"),
-                         model=ModelConfig(model=str(root / "model")), batch_size=4)  # fmt: skip
+        evaluate_entries(
+            [e],
+            ActivationCache(root / "cache_test"),
+            model=ModelConfig(model=str(root / "model")),
+            batch_size=4,
+        )
         return e.result("m")
 
     r = run()
@@ -199,8 +226,14 @@ def _reference(root: Path, sae, model) -> dict:
 def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    cfg = SaeConfig(d_in=D, expansion_factor=2, k=4, layers=list(range(L)),
-                    model=str(root / "model"), lens=lens_ref(root / "lens"))  # fmt: skip
+    cfg = SaeConfig(
+        d_in=D,
+        expansion_factor=2,
+        k=4,
+        layers=list(range(L)),
+        model=str(root / "model"),
+        lens=lens_ref(root / "lens"),
+    )
     SparseAutoencoder(cfg, seed=3, compute_dtype=torch.float32).save(tmp_path / "run" / "sae")
     sae = load_sae(tmp_path / "run" / "sae", compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
@@ -221,9 +254,12 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
     want = [np.linalg.cond(np.eye(D) + lens.A(x).detach().double().numpy()) for x in range(L)]
     np.testing.assert_allclose(results["cache_test"].per_layer.lens_cond, want, rtol=1e-9)
     # the model path (no cache) agrees as well
-    r = evaluate_command(tmp_path / "run", tmp_path / "m.json",
-                         data=DataConfig(dataset=str(root / "docs.jsonl"), split="test", context_length=CTX),
-                         source=SourceConfig(tokens=8 * CTX, batch_size=4))  # fmt: skip
+    r = evaluate_command(
+        tmp_path / "run",
+        tmp_path / "m.json",
+        data=DataConfig(dataset=str(root / "docs.jsonl"), split="test", context_length=CTX),
+        source=SourceConfig(tokens=8 * CTX, batch_size=4),
+    )
     np.testing.assert_allclose(r.per_layer.fvu_model, ref["fvu_model"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(r.per_layer.delta_ce, ref["delta_ce"], rtol=1e-3, atol=1e-5)
 
@@ -238,10 +274,15 @@ def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, 
             source=SourceConfig(cache=root / "cache_test_lens"),
         )
     with pytest.raises(MlsaeError, match="trained in the model's space"):
-        evaluate_command(tmp_path / "plain", tmp_path / "e.json",
-                         source=SourceConfig(cache=root / "cache_test"), lens=root / "lens")  # fmt: skip
-    other = SaeConfig(d_in=D, expansion_factor=2, k=4, layers=list(range(L)),
-                      lens=lens_ref(root / "lens_b"))  # fmt: skip
+        evaluate_command(
+            tmp_path / "plain",
+            tmp_path / "e.json",
+            source=SourceConfig(cache=root / "cache_test"),
+            lens=root / "lens",
+        )
+    other = SaeConfig(
+        d_in=D, expansion_factor=2, k=4, layers=list(range(L)), lens=lens_ref(root / "lens_b")
+    )
     SparseAutoencoder(other, seed=0).save(tmp_path / "other")
     with pytest.raises(MlsaeError, match="was built with lens"):
         evaluate_command(
@@ -253,8 +294,16 @@ def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, 
 
     from mlsae import cli
 
-    argv = ["mlsae", "train", "--cache", str(root / "cache_train_lens"), "--out",
-            str(tmp_path / "t"), "--lens", str(root / "lens_b")]  # fmt: skip
+    argv = [
+        "mlsae",
+        "train",
+        "--cache",
+        str(root / "cache_train_lens"),
+        "--out",
+        str(tmp_path / "t"),
+        "--lens",
+        str(root / "lens_b"),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:
         cli.main()
@@ -272,17 +321,29 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     _train(root, tmp_path / "plain", "cache_train")
     _train(root, tmp_path / "lensed", "cache_train", "--lens", str(root / "lens"))
     test = SourceConfig(cache=root / "cache_test")
-    ev = evaluate_command(tmp_path / "lensed", tmp_path / "lensed" / "eval.json", source=test,
-                          ev=EvalConfig(ce=False))  # fmt: skip
-    pev = evaluate_command(tmp_path / "plain", tmp_path / "plain" / "eval.json", source=test,
-                           ev=EvalConfig(ce=False))  # fmt: skip
-    lens_eval = {"layers": [0, 1, 2], "tuned": {"kl": [0.5, 0.25, 0.0], "ce": [3.0, 2.5, 2.0]},
-                 "logit": {"kl": [4.0, 2.0, 0.0], "ce": [6.0, 4.0, 2.0]}, "cond": [1.0] * 3,
-                 "model_ce": 2.0, "n_kl_positions": 8, "n_ce_positions": 7}  # fmt: skip
+    ev = evaluate_command(
+        tmp_path / "lensed", tmp_path / "lensed" / "eval.json", source=test, ev=EvalConfig(ce=False)
+    )
+    pev = evaluate_command(
+        tmp_path / "plain", tmp_path / "plain" / "eval.json", source=test, ev=EvalConfig(ce=False)
+    )
+    lens_eval = {
+        "layers": [0, 1, 2],
+        "tuned": {"kl": [0.5, 0.25, 0.0], "ce": [3.0, 2.5, 2.0]},
+        "logit": {"kl": [4.0, 2.0, 0.0], "ce": [6.0, 4.0, 2.0]},
+        "cond": [1.0] * 3,
+        "model_ce": 2.0,
+        "n_kl_positions": 8,
+        "n_ce_positions": 7,
+    }
     (root / "lens" / "eval.json").write_text(json.dumps(lens_eval))
     try:
-        s = analyze_command(tmp_path / "plain", tmp_path / "a", inputs=Inputs.held_out(test),
-                            compare=[tmp_path / "lensed"]).summary  # fmt: skip
+        s = analyze_command(
+            tmp_path / "plain",
+            tmp_path / "a",
+            inputs=Inputs.held_out(test),
+            compare=[tmp_path / "lensed"],
+        ).summary
     finally:
         (root / "lens" / "eval.json").unlink()
     c = s.compare[0]
@@ -290,8 +351,12 @@ def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) 
     # the same lens SAE analysed on the stored lens cache (no on-the-fly transform)
     lens_cache = Inputs.held_out(SourceConfig(cache=root / "cache_test_lens"))
     direct = analyze_command(tmp_path / "lensed", tmp_path / "b", inputs=lens_cache).summary
-    for k in ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token",
-              "multi_layer_fraction_aggregate"):  # fmt: skip
+    for k in (
+        "rel_var_latent",
+        "rel_var_token",
+        "multi_layer_fraction_token",
+        "multi_layer_fraction_aggregate",
+    ):
         assert getattr(c, k) == pytest.approx(getattr(direct, k), rel=1e-4, abs=1e-6), k
     assert c.rel_var_latent != pytest.approx(s.rel_var_latent, rel=1e-6)
     text = (tmp_path / "a" / "report.html").read_text()
@@ -312,10 +377,15 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
 
     _train(root, tmp_path / "pl", "cache_train", "--per-layer", "--lens", str(root / "lens"))
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.01, max_nodes_html=30)
-    fly = evolution_command(tmp_path / "pl", tmp_path / "a",
-                            source=SourceConfig(cache=root / "cache_test"), cfg=cfg)  # fmt: skip
-    stored = evolution_command(tmp_path / "pl", tmp_path / "b",
-                               source=SourceConfig(cache=root / "cache_test_lens"), cfg=cfg)  # fmt: skip
+    fly = evolution_command(
+        tmp_path / "pl", tmp_path / "a", source=SourceConfig(cache=root / "cache_test"), cfg=cfg
+    )
+    stored = evolution_command(
+        tmp_path / "pl",
+        tmp_path / "b",
+        source=SourceConfig(cache=root / "cache_test_lens"),
+        cfg=cfg,
+    )
     for p, q in zip(fly["pairs"], stored["pairs"], strict=True):
         for k in ("pass_through", "appear", "disappear"):
             assert p[k] == pytest.approx(q[k], abs=1e-6), k
@@ -324,5 +394,9 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
     # a model-space per-layer set refuses the lens cache
     _train(root, tmp_path / "pp", "cache_train", "--per-layer")
     with pytest.raises(MlsaeError, match="cache holds tuned-lens vectors"):
-        evolution_command(tmp_path / "pp", tmp_path / "c",
-                          source=SourceConfig(cache=root / "cache_test_lens"), cfg=cfg)  # fmt: skip
+        evolution_command(
+            tmp_path / "pp",
+            tmp_path / "c",
+            source=SourceConfig(cache=root / "cache_test_lens"),
+            cfg=cfg,
+        )

@@ -115,8 +115,12 @@ def test_segment_sum_row_dots_vs_dense(so, d):
     inactive[idx.unique()] = False
     assert inactive.any() and out[inactive].abs().max() == 0
     go = torch.randn(n, d, generator=g)
-    torch.testing.assert_close(native.row_dots(go, idx, table_m, so), (go @ table_m.t()).gather(1, idx),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        native.row_dots(go, idx, table_m, so),
+        (go @ table_m.t()).gather(1, idx),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_row_dots_non_contiguous_inputs(so):
@@ -189,8 +193,12 @@ def test_thread_pools_equal_the_references(tmp_path, monkeypatch, openmp):
         out_t, _ = native.segment_sum(offsets, order, k, w, table, so, transposed=True)
         torch.testing.assert_close(out_t, table.t() @ dense, rtol=1e-5, atol=1e-5)
         table_m, go = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g)
-        torch.testing.assert_close(native.row_dots(go, idx, table_m, so), (go @ table_m.t()).gather(1, idx),
-                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            native.row_dots(go, idx, table_m, so),
+            (go @ table_m.t()).gather(1, idx),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_build_falls_back_without_openmp_and_reports_failures(tmp_path, monkeypatch):

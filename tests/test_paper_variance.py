@@ -88,9 +88,17 @@ def feed_chunks(st: LayerStats, a: torch.Tensor, mask: torch.Tensor, seed: int) 
         s = e
 
 
-KEYS = ("exp_var_token", "exp_var_latent", "var_layer", "rel_var_latent", "rel_var_token",
-        "active_pair_fraction", "n_batches", "exp_var_latent_normalised",
-        "rel_var_token_normalised")  # fmt: skip
+KEYS = (
+    "exp_var_token",
+    "exp_var_latent",
+    "var_layer",
+    "rel_var_latent",
+    "rel_var_token",
+    "active_pair_fraction",
+    "n_batches",
+    "exp_var_latent_normalised",
+    "rel_var_token_normalised",
+)
 
 
 @pytest.mark.parametrize(("B", "seed"), [(16, 0), (23, 1), (7, 2), (500, 3)])
@@ -164,8 +172,9 @@ def test_identical_distribution_on_every_token(centre: int) -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.zeros(n, L, 1, dtype=torch.float64)
     active = torch.arange(n) % every == 0
-    a[active, :, 0] = r[None, :] * (0.5 + torch.rand(int(active.sum()), 1, generator=g,
-                                                     dtype=torch.float64))  # fmt: skip
+    a[active, :, 0] = r[None, :] * (
+        0.5 + torch.rand(int(active.sum()), 1, generator=g, dtype=torch.float64)
+    )
     st = LayerStats(1, list(range(L)), paper_batch_tokens=B)
     st.update_dense(a)
     res = st.result()

@@ -30,12 +30,32 @@ from mlsae.train.loop import train_command
 from mlsae.train.member import Member, make_adam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "MLSAE_DIST_TIMEOUT": "120"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "MLSAE_DIST_TIMEOUT": "120",
+}
 STEPS, BATCH = 60, 64
-ARGS = ["--batch-tokens", str(BATCH), "--expansion-factor", "4", "-k", "2", "--dead-tokens", "22",
-        "--lr", "2e-3", "--checkpoint-every", "3", "--max-steps", str(STEPS),
-        "--shuffle-buffer-shards", "2"]  # fmt: skip
+ARGS = [
+    "--batch-tokens",
+    str(BATCH),
+    "--expansion-factor",
+    "4",
+    "-k",
+    "2",
+    "--dead-tokens",
+    "22",
+    "--lr",
+    "2e-3",
+    "--checkpoint-every",
+    "3",
+    "--max-steps",
+    str(STEPS),
+    "--shuffle-buffer-shards",
+    "2",
+]
 
 
 def test_rank_share_partitions_the_blocks(tmp_path):
@@ -67,12 +87,21 @@ def _spawn(args: list[str], world: int = 2) -> list[tuple[int, str, str]]:
     environment, without its agent); (returncode, stdout, stderr) of each."""
     port = _free_port()
     procs = [
-        subprocess.Popen([sys.executable, "-m", "mlsae", *args],
-                         env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-m", "mlsae", *args],
+            env={
+                **ENV,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for r in range(world)
-    ]  # fmt: skip
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     return [(p.returncode, o.decode(), e.decode()) for p, (o, e) in zip(procs, outs, strict=True)]
 
@@ -111,8 +140,12 @@ def test_cache_on_two_ranks_equals_one(tmp_path, tiny_model_dir, arch):
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Doc {i}: a cache made by two processes." * 3 for i in range(80)))
-    args = (ModelConfig(model=str(tiny_model_dir)), DataConfig(dataset=str(text), context_length=32),
-            SourceConfig(tokens=1000, layers="0,2"), ExtractConfig(shard_tokens=128))  # fmt: skip
+    args = (
+        ModelConfig(model=str(tiny_model_dir)),
+        DataConfig(dataset=str(text), context_length=32),
+        SourceConfig(tokens=1000, layers="0,2"),
+        ExtractConfig(shard_tokens=128),
+    )
     one = build_cache(tmp_path / "one", *args)
     shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=120)}
     written: dict[int, list[str]] = {0: [], 1: []}
@@ -151,8 +184,11 @@ def emulate(cache: Path, world: int, steps: int) -> tuple[Member, list[float]]:
     in rank order, of each rank's batch s of its share (seed 0, 1 epoch is enough here)."""
     cfg = TrainConfig(batch_tokens=BATCH, lr=2e-3, dead_tokens=22)
     src = ActivationCache(cache)
-    sae = SparseAutoencoder(SaeConfig(d_in=16, expansion_factor=4, k=2, layers=LAYERS), seed=0,
-                            compute_dtype=torch.float32)  # fmt: skip
+    sae = SparseAutoencoder(
+        SaeConfig(d_in=16, expansion_factor=4, k=2, layers=LAYERS),
+        seed=0,
+        compute_dtype=torch.float32,
+    )
     m = Member(
         "sae", sae, make_adam(sae.parameters(), cfg), None, torch.zeros(64, dtype=torch.float64)
     )
@@ -161,8 +197,10 @@ def emulate(cache: Path, world: int, steps: int) -> tuple[Member, list[float]]:
     per_epoch = min(s.n_vectors(LAYERS) // local for s in shares)
     done, epoch, losses = 0, 0, []
     while done < steps:
-        its = [s.shuffled(local, LAYERS, seed=0, epoch=epoch, buffer_shards=2, drop_last=True)
-               for s in shares]  # fmt: skip
+        its = [
+            s.shuffled(local, LAYERS, seed=0, epoch=epoch, buffer_shards=2, drop_last=True)
+            for s in shares
+        ]
         for _, parts in zip(range(per_epoch), zip(*its, strict=False), strict=False):
             losses.append(
                 m.step(torch.cat([p.x for p in parts]), cfg, cfg.resolved_k_aux(16))["loss"]
@@ -213,8 +251,12 @@ def test_two_processes_equal_one_and_a_killed_rank_stops_the_job(tmp_path):
     cache = make_cache(tmp_path / "c")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mlsae", "train", "--nproc", "2", *ARGS]
-    proc = subprocess.Popen([*cmd, "--cache", str(cache), "--out", str(out)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [*cmd, "--cache", str(cache), "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 240
     while _ckpt_step(out) < 6 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)

@@ -140,8 +140,16 @@ def test_cli_replace_matches_hooks(setup, tmp_path, kind):
 
     root, model = setup
     out = tmp_path / "eval.json"
-    args = ["evaluate", str(root / kind), "--out", str(out), "--cache",
-            str(root / "cache_test"), "--replace", "all"]  # fmt: skip
+    args = [
+        "evaluate",
+        str(root / kind),
+        "--out",
+        str(out),
+        "--cache",
+        str(root / "cache_test"),
+        "--replace",
+        "all",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "blocks replaced together" in res.output
@@ -169,10 +177,18 @@ def test_cli_replace_matches_hooks(setup, tmp_path, kind):
 
 def test_replace_bad_inputs(setup, tmp_path):
     root, _ = setup
-    base = ["evaluate", str(root / "mlsae"), "--out", str(tmp_path / "e.json"), "--cache",
-            str(root / "cache_test")]  # fmt: skip
-    for extra, msg in ((["--replace", "7"], "--replace"),
-                       (["--replace", "all", "--no-ce"], "--no-ce")):  # fmt: skip
+    base = [
+        "evaluate",
+        str(root / "mlsae"),
+        "--out",
+        str(tmp_path / "e.json"),
+        "--cache",
+        str(root / "cache_test"),
+    ]
+    for extra, msg in (
+        (["--replace", "7"], "--replace"),
+        (["--replace", "all", "--no-ce"], "--no-ce"),
+    ):
         res = CliRunner().invoke(app, [*base, *extra])
         assert isinstance(res.exception, MlsaeError) and msg in str(res.exception), res.output
         assert not (tmp_path / "e.json").exists()

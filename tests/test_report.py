@@ -75,15 +75,21 @@ def make_report(tmp: Path, with_eval: bool = True) -> tuple[Path, list]:
     figs = make_figures(tmp, stats, geo, [("a prompt", pstats)], [("sae_layer3", pstats)])
     ev = (tmp / "eval.json", EvalResult.from_json(EVAL)) if with_eval else None
     s = _summary(
-        stats, geo,
+        stats,
+        geo,
         run=str(tmp / "run"),
         sae=str(tmp / "run" / "sae"),
         data=DataInfo(model="tiny", split="test"),
         prompts=[PromptSummary(**LayerSummary.of(pstats).layer_fields(), text="a prompt <b>")],
-        compare=[CompareSummary(**LayerSummary.of(pstats).layer_fields(), sae="sae_layer3",
-                                sae_cfg=SaeConfig(d_in=8, expansion_factor=2, k=4, layers=[3]))],
+        compare=[
+            CompareSummary(
+                **LayerSummary.of(pstats).layer_fields(),
+                sae="sae_layer3",
+                sae_cfg=SaeConfig(d_in=8, expansion_factor=2, k=4, layers=[3]),
+            )
+        ],
         eval_mean=ev[1].mean if ev else None,
-    )  # fmt: skip
+    )
     json.dumps(s.to_json(), allow_nan=False)  # NaNs were cleaned
     cfgs = {"cfg.json": {"d_in": 8, "k": 4, "layers": LAYERS}, "train_cfg.json": {"lr": 1e-4}}
     return write_report(tmp / "report.html", s, figs, cfgs, ev), figs
@@ -152,11 +158,21 @@ def _viridis_dark_pixels(png: Path) -> int:
 def _screenshot(html: Path, png: Path) -> None:
     with tempfile.TemporaryDirectory() as prof:
         cmd = [
-            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={prof}", f"--screenshot={png}",
-            "--window-size=1200,2400", "--hide-scrollbars", html.resolve().as_uri(),
-        ]  # fmt: skip
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={prof}",
+            f"--screenshot={png}",
+            "--window-size=1200,2400",
+            "--hide-scrollbars",
+            html.resolve().as_uri(),
+        ]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
 
 
@@ -240,8 +256,18 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
 
     root, model, mdir, _ = runs
     out = tmp_path / "out"
-    args = ["analyze", str(root / "mlsae"), "--cache", str(root / "cache"), "--out", str(out),
-            "--prompt", "alpha beta river", "--compare", str(root / "l1")]  # fmt: skip
+    args = [
+        "analyze",
+        str(root / "mlsae"),
+        "--cache",
+        str(root / "cache"),
+        "--out",
+        str(out),
+        "--prompt",
+        "alpha beta river",
+        "--compare",
+        str(root / "l1"),
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     s = json.loads((out / "analysis.json").read_text())
@@ -255,9 +281,12 @@ def test_analyze_command_matches_brute_force(runs, tmp_path):
     b = brute(dense, ones, [0, 1, 2])
     assert s["n_tokens"] == dense.shape[0] and s["layers"] == [0, 1, 2]
     assert s["n_latents_alive"] == len(b["alive"])
-    for key, want in [("rel_var_latent", b["rel_var_latent"]), ("rel_var_token",
-                      b["rel_var_token"]), ("multi_layer_fraction_aggregate", b["agg"]),
-                      ("multi_layer_fraction_token", b["tok"])]:  # fmt: skip
+    for key, want in [
+        ("rel_var_latent", b["rel_var_latent"]),
+        ("rel_var_token", b["rel_var_token"]),
+        ("multi_layer_fraction_aggregate", b["agg"]),
+        ("multi_layer_fraction_token", b["tok"]),
+    ]:
         assert s[key] == pytest.approx(want, rel=1e-6, abs=1e-6), key
     xc = x - x.mean(0)
     cos = torch.nn.functional.cosine_similarity(xc[:, :-1], xc[:, 1:], dim=-1).mean(0)
@@ -326,8 +355,11 @@ def test_analyze_runs_the_model_without_a_cache(runs, tmp_path):
 
     root, _, mdir, data = runs
     out = tmp_path / "o"
-    live = Inputs(SourceConfig(tokens=2 * CTX),
-                  DataConfig(dataset=data, split="test", context_length=CTX), ModelConfig(model=mdir))  # fmt: skip
+    live = Inputs(
+        SourceConfig(tokens=2 * CTX),
+        DataConfig(dataset=data, split="test", context_length=CTX),
+        ModelConfig(model=mdir),
+    )
     s = analyze_command(root / "mlsae", out, inputs=live).summary
     assert s.cache is None and 0 < s.n_tokens <= 2 * CTX
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
@@ -341,11 +373,29 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
         shutil.copytree(root / "l1" / "sae", tmp_path / "sweep" / name)
     for argv, msg in [
         (["analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "does not exist"),
-        (["analyze", str(tmp_path / "sweep"), "--cache", str(root / "cache"), "--out", str(tmp_path / "o")],
-         "several SAEs"),
-        (["analyze", str(root / "mlsae"), "--cache", str(tmp_path), "--out", str(tmp_path / "o")],
-         "has no manifest"),
-    ]:  # fmt: skip
+        (
+            [
+                "analyze",
+                str(tmp_path / "sweep"),
+                "--cache",
+                str(root / "cache"),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "several SAEs",
+        ),
+        (
+            [
+                "analyze",
+                str(root / "mlsae"),
+                "--cache",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "has no manifest",
+        ),
+    ]:
         monkeypatch.setattr("sys.argv", ["mlsae", *argv])
         with pytest.raises(SystemExit) as e:
             main()

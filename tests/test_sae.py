@@ -207,8 +207,11 @@ def test_save_load_roundtrip(tmp_path):
     assert cfg["d_sae"] == 40 and cfg["layers"] == [1, 2]
     t = load_file(str(tmp_path / "s" / "sae.safetensors"))
     assert {k: tuple(v.shape) for k, v in t.items()} == {
-        "W_enc": (10, 40), "b_enc": (40,), "W_dec": (40, 10), "b_dec": (10,)
-    }  # fmt: skip
+        "W_enc": (10, 40),
+        "b_enc": (40,),
+        "W_dec": (40, 10),
+        "b_dec": (10,),
+    }
     back = mlsae.load_sae(tmp_path / "s")
     assert not back.training and back.cfg == sae.cfg
     assert all(p.is_contiguous() for p in back.parameters())

@@ -94,11 +94,12 @@ def test_metrics_match_plain_computation(setup, tmp_path):
     root, model = setup
     out = tmp_path / "eval.json"
     result = evaluate_run(
-        root / "mlsae", out,
+        root / "mlsae",
+        out,
         source=SourceConfig(cache=root / "cache_test"),
         data=DataConfig(split="test", context_length=CTX),
         ev=EvalConfig(format="saebench"),
-    )  # fmt: skip
+    )
     ac = ActivationCache(root / "cache_test")
     shards = [ac.load_shard(i) for i in range(ac.n_shards)]
     ids = torch.cat([s.token_ids for s in shards]).view(-1, CTX)

@@ -38,10 +38,12 @@ def world(tmp_path_factory, tokenizer):
     corpus = write_word_corpus(root / "docs.jsonl", n_docs=200)
     for name, sink in (("on", True), ("off", False)):
         build_cache(
-            root / f"cache_{name}", ModelConfig(model=str(root / "model")),
+            root / f"cache_{name}",
+            ModelConfig(model=str(root / "model")),
             DataConfig(dataset=str(corpus), split="test", context_length=CTX, exclude_sink=sink),
-            SourceConfig(tokens=8 * CTX, batch_size=4), ExtractConfig(storage_dtype="float32"),
-        )  # fmt: skip
+            SourceConfig(tokens=8 * CTX, batch_size=4),
+            ExtractConfig(storage_dtype="float32"),
+        )
     cfg = SaeConfig(d_in=D, expansion_factor=2, k=4, layers=LAYERS, model=str(root / "model"))
     SparseAutoencoder(cfg, seed=0, compute_dtype=torch.float32).save(root / "sae")
     return root, model, corpus
@@ -76,8 +78,12 @@ def _fvu(sae_dir: Path, x: np.ndarray) -> float:
 def test_metrics_exclude_the_sink_by_default(world, tokenizer, tmp_path, sink) -> None:
     root, model, corpus = world
     name = "on" if sink else "off"
-    res = evaluate_command(root / "sae", tmp_path / "e.json",
-                           source=SourceConfig(cache=root / f"cache_{name}"), ev=EvalConfig(ce=False))  # fmt: skip
+    res = evaluate_command(
+        root / "sae",
+        tmp_path / "e.json",
+        source=SourceConfig(cache=root / f"cache_{name}"),
+        ev=EvalConfig(ce=False),
+    )
     x, keep = _vectors(model, tokenizer, corpus, sink)
     for i in range(len(LAYERS)):
         assert res.per_layer.fvu[i] == pytest.approx(

@@ -42,16 +42,25 @@ def setup(tmp_path_factory):
     make_model("gpt2", vocab_size=len(tok)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     text = root / "corpus.txt"
-    text.write_text("\n\n".join(f"Document {i}: the quick brown fox {i % 7} jumps." * 4
-                                for i in range(120)))  # fmt: skip
+    text.write_text(
+        "\n\n".join(f"Document {i}: the quick brown fox {i % 7} jumps." * 4 for i in range(120))
+    )
     return model_dir, text
 
 
 def _configs(model_dir: Path, text: Path, **train_kw):
     data = DataConfig(dataset=str(text), context_length=CTX)
     model = ModelConfig(model=str(model_dir))
-    train = TrainConfig(**{"batch_tokens": 64, "lr": 2e-3, "dead_tokens": 40,
-                           "checkpoint_every": 4, "shuffle_buffer_shards": 2, **train_kw})  # fmt: skip
+    train = TrainConfig(
+        **{
+            "batch_tokens": 64,
+            "lr": 2e-3,
+            "dead_tokens": 40,
+            "checkpoint_every": 4,
+            "shuffle_buffer_shards": 2,
+            **train_kw,
+        }
+    )
     return data, model, train
 
 
@@ -74,18 +83,42 @@ def test_stream_equals_cache_and_writes_only_the_run(setup, tmp_path):
     data, model, train = _configs(model_dir, text, max_steps=40)
     src = SourceConfig(tokens=TOKENS, layers="0,2")
     cache = tmp_path / "cache"
-    build_cache(cache, model, DataConfig(dataset=str(text), context_length=CTX, split="train"),
-                src, ExtractConfig(shard_tokens=SHARD))  # fmt: skip
+    build_cache(
+        cache,
+        model,
+        DataConfig(dataset=str(text), context_length=CTX, split="train"),
+        src,
+        ExtractConfig(shard_tokens=SHARD),
+    )
     sae = SaeGridConfig(expansion_factor=[4], k=[4])
-    cached = train_command(tmp_path / "cached", data=data, model=model,
-                           source=SourceConfig(cache=cache), sae=sae, train=train)  # fmt: skip
+    cached = train_command(
+        tmp_path / "cached",
+        data=data,
+        model=model,
+        source=SourceConfig(cache=cache),
+        sae=sae,
+        train=train,
+    )
     before = _tree(Path(setup[0]).parent, tmp_path) | _tree(tmp_path, tmp_path / "live")
-    live = train_command(tmp_path / "live", data=data, model=model, source=src, sae=sae,
-                         train=train, stream=ExtractConfig(shard_tokens=SHARD))  # fmt: skip
+    live = train_command(
+        tmp_path / "live",
+        data=data,
+        model=model,
+        source=src,
+        sae=sae,
+        train=train,
+        stream=ExtractConfig(shard_tokens=SHARD),
+    )
     after = _tree(Path(setup[0]).parent, tmp_path) | _tree(tmp_path, tmp_path / "live")
     assert after == before, f"files written outside the run: {sorted(after - before)}"
     assert {p.name for p in live.iterdir()} == {
-        "sae", "checkpoint", "metrics.jsonl", "train_cfg.json", "final_fvu.json", ".lock"}  # fmt: skip
+        "sae",
+        "checkpoint",
+        "metrics.jsonl",
+        "train_cfg.json",
+        "final_fvu.json",
+        ".lock",
+    }
     cfg = json.loads((live / "train_cfg.json").read_text())
     assert cfg["cache"] is None and cfg["stream"]["shard_tokens"] == SHARD
     rows = [json.loads(s) for s in (live / "metrics.jsonl").read_text().splitlines()]
@@ -94,8 +127,15 @@ def test_stream_equals_cache_and_writes_only_the_run(setup, tmp_path):
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want], rel=1e-6, abs=1e-6)
     _assert_same(live, cached)
     # another block size is another order: the runs differ (the comparison can fail)
-    other = train_command(tmp_path / "other", data=data, model=model, source=src, sae=sae,
-                          train=train, stream=ExtractConfig(shard_tokens=2 * SHARD))  # fmt: skip
+    other = train_command(
+        tmp_path / "other",
+        data=data,
+        model=model,
+        source=src,
+        sae=sae,
+        train=train,
+        stream=ExtractConfig(shard_tokens=2 * SHARD),
+    )
     assert not torch.equal(_weights(other)["W_enc"], _weights(live)["W_enc"])
 
 
@@ -113,16 +153,56 @@ def test_stream_kill9_resume_is_exact(setup, tmp_path):
     data, model, train = _configs(model_dir, text, max_steps=80, epochs=3)
     src = SourceConfig(tokens=TOKENS, layers="0,2")
     sae = SaeGridConfig(expansion_factor=[4], k=[4])
-    ref = train_command(tmp_path / "ref", data=data, model=model, source=src, sae=sae,
-                        train=train, stream=ExtractConfig(shard_tokens=SHARD))  # fmt: skip
+    ref = train_command(
+        tmp_path / "ref",
+        data=data,
+        model=model,
+        source=src,
+        sae=sae,
+        train=train,
+        stream=ExtractConfig(shard_tokens=SHARD),
+    )
     out = tmp_path / "run"
-    args = ["--model", str(model_dir), "--dataset", str(text), "--context-length", str(CTX),
-            "--tokens", str(TOKENS), "--layers", "0,2", "--shard-tokens", str(SHARD),
-            "--shuffle-buffer-shards", "2", "--batch-tokens", "64", "--lr", "2e-3",
-            "--dead-tokens", "40", "--checkpoint-every", "4", "--max-steps", "80",
-            "--epochs", "3", "--expansion-factor", "4", "-k", "4", "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "mlsae", "train", *args], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    args = [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(text),
+        "--context-length",
+        str(CTX),
+        "--tokens",
+        str(TOKENS),
+        "--layers",
+        "0,2",
+        "--shard-tokens",
+        str(SHARD),
+        "--shuffle-buffer-shards",
+        "2",
+        "--batch-tokens",
+        "64",
+        "--lr",
+        "2e-3",
+        "--dead-tokens",
+        "40",
+        "--checkpoint-every",
+        "4",
+        "--max-steps",
+        "80",
+        "--epochs",
+        "3",
+        "--expansion-factor",
+        "4",
+        "-k",
+        "4",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlsae", "train", *args],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 180
     while _ckpt_step(out) < 12 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)

@@ -24,8 +24,17 @@ from mlsae.synth.generate import generate, sample, samples
 from mlsae.synth.score import match, recovery_at, true_edges
 from mlsae.synth.truth import AND, OR, SPECIALISED, build_truth
 
-SMALL = SynthConfig(n_layers=5, d_model=16, n_features=16, tokens=1024, test_tokens=512,
-                    context_length=32, n_and=1, n_or=1, n_specialised=1)  # fmt: skip
+SMALL = SynthConfig(
+    n_layers=5,
+    d_model=16,
+    n_features=16,
+    tokens=1024,
+    test_tokens=512,
+    context_length=32,
+    n_and=1,
+    n_or=1,
+    n_specialised=1,
+)
 
 
 def _sample(cfg: SynthConfig, n: int = 4000, seed: int = 0):
@@ -122,8 +131,9 @@ def test_generate_writes_a_deterministic_cache_and_truth(tmp_path: Path) -> None
     b = generate(tmp_path / "b", SMALL)
     generate(tmp_path / "c", replace(SMALL, seed=1))
     for split in ("train", "test"):
-        ma, mb, mc = (json.loads((tmp_path / n / split / "manifest.json").read_text())
-                      for n in "abc")  # fmt: skip
+        ma, mb, mc = (
+            json.loads((tmp_path / n / split / "manifest.json").read_text()) for n in "abc"
+        )
         assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
         assert [s["sha256"] for s in ma["shards"]] != [s["sha256"] for s in mc["shards"]]
     assert a["edges"] == b["edges"]
@@ -186,8 +196,12 @@ def _oracle_evolution(tmp_path: Path, cfg: SynthConfig, normalize: str, rescale:
     from mlsae.core.config import SourceConfig
 
     evo = tmp_path / f"evo_{normalize}_{rescale}"
-    evolution_command(run, evo, source=SourceConfig(cache=data / "test"),
-                      cfg=EvolutionConfig(rescale=rescale, min_support=5))  # fmt: skip
+    evolution_command(
+        run,
+        evo,
+        source=SourceConfig(cache=data / "test"),
+        cfg=EvolutionConfig(rescale=rescale, min_support=5),
+    )
     return score_command(run, data, evo)
 
 
@@ -195,9 +209,19 @@ def test_pass_through_on_oracle_saes_needs_comparable_activations(tmp_path: Path
     """Issue 24, 3(d): the same feature at adjacent layers, identical activations on every
     token. Oracle SAEs without normalisation find every pass-through; standardised ones lose
     most of it unless the activations are multiplied back by each vector's scale."""
-    cfg = replace(SMALL, d_model=32, n_features=31, test_tokens=4096, n_and=1, n_or=1,
-                  n_specialised=1, min_span=2, max_span=2, firing_max=0.3,
-                  firing_exponent=0.0)  # fmt: skip
+    cfg = replace(
+        SMALL,
+        d_model=32,
+        n_features=31,
+        test_tokens=4096,
+        n_and=1,
+        n_or=1,
+        n_specialised=1,
+        min_span=2,
+        max_span=2,
+        firing_max=0.3,
+        firing_exponent=0.0,
+    )
     plain = {e.kind: e for e in _oracle_evolution(tmp_path, cfg, "none", True).edges}
     assert plain["pass_through"].recall == 1.0 and plain["pass_through"].precision == 1.0
     assert plain["and"].recall == 1.0 and plain["or"].recall == 1.0
@@ -220,24 +244,76 @@ def test_true_edges_map_through_the_matching() -> None:
 
 def test_cli_end_to_end(tmp_path: Path) -> None:
     """generate -> train (MLSAE) -> score, through the CLI, in seconds."""
-    r = CliRunner().invoke(app, ["synth", "generate", "--out", str(tmp_path / "d"),
-                                 "--n-layers", "3", "--d-model", "16", "--n-features", "16",
-                                 "--tokens", "1024", "--test-tokens", "256",
-                                 "--context-length", "32"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "generate",
+            "--out",
+            str(tmp_path / "d"),
+            "--n-layers",
+            "3",
+            "--d-model",
+            "16",
+            "--n-features",
+            "16",
+            "--tokens",
+            "1024",
+            "--test-tokens",
+            "256",
+            "--context-length",
+            "32",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(app, ["train", "--cache", str(tmp_path / "d" / "train"), "--out",
-                                 str(tmp_path / "run"), "--expansion-factor", "2", "-k", "4",
-                                 "--batch-tokens", "256", "--lr", "3e-3"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--cache",
+            str(tmp_path / "d" / "train"),
+            "--out",
+            str(tmp_path / "run"),
+            "--expansion-factor",
+            "2",
+            "-k",
+            "4",
+            "--batch-tokens",
+            "256",
+            "--lr",
+            "3e-3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = tmp_path / "score.json"
-    r = CliRunner().invoke(app, ["synth", "score", str(tmp_path / "run"), "--truth",
-                                 str(tmp_path / "d"), "--out", str(out)])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "score",
+            str(tmp_path / "run"),
+            "--truth",
+            str(tmp_path / "d"),
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     body = json.loads(out.read_text())
     assert body["kind"] == "multi-layer" and 0 < body["mcc"] <= 1
     assert body["spans"]["n_matched"] > 0 and len(body["layers"]) == 3
-    r = CliRunner().invoke(app, ["synth", "score", str(tmp_path / "run"), "--truth",
-                                 str(tmp_path / "run"), "--out", str(tmp_path / "x.json")])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "score",
+            str(tmp_path / "run"),
+            "--truth",
+            str(tmp_path / "run"),
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+    )
     assert r.exit_code != 0 and not (tmp_path / "x.json").exists()
 
 

@@ -30,10 +30,37 @@ def _run(*args: str) -> None:
 def world(tmp_path_factory) -> dict[str, Path]:
     """generate -> train -> evaluate --no-ce -> analyze -> index, all through the CLI."""
     t = tmp_path_factory.mktemp("synth_commands")
-    _run("synth", "generate", "--out", str(t / "d"), "--tokens", "2048", "--test-tokens",
-         str(TEST_TOKENS), "--n-layers", str(N_LAYERS), "--d-model", "32", "--n-features", "32")  # fmt: skip
-    _run("train", "--cache", str(t / "d" / "train"), "--out", str(t / "run"),
-         "--expansion-factor", "2", "-k", "4", "--batch-tokens", "256", "--lr", "3e-3")  # fmt: skip
+    _run(
+        "synth",
+        "generate",
+        "--out",
+        str(t / "d"),
+        "--tokens",
+        "2048",
+        "--test-tokens",
+        str(TEST_TOKENS),
+        "--n-layers",
+        str(N_LAYERS),
+        "--d-model",
+        "32",
+        "--n-features",
+        "32",
+    )
+    _run(
+        "train",
+        "--cache",
+        str(t / "d" / "train"),
+        "--out",
+        str(t / "run"),
+        "--expansion-factor",
+        "2",
+        "-k",
+        "4",
+        "--batch-tokens",
+        "256",
+        "--lr",
+        "3e-3",
+    )
     test = str(t / "d" / "test")
     _run("evaluate", str(t / "run"), "--cache", test, "--no-ce", "--out", str(t / "eval.json"))
     _run("analyze", str(t / "run"), "--cache", test, "--out", str(t / "analysis"))

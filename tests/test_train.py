@@ -42,8 +42,14 @@ def make_cache(path: Path, n_tokens=2048, d=16, seed=0, masked_every=32, all_mas
     """A real activation cache of sparse combinations of a random dictionary, per layer."""
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(3, 40, d, generator=g)  # noqa: N806 - per-layer dictionaries
-    meta = {"layers": LAYERS, "d_model": d, "model": "synthetic", "dataset": "synthetic",
-            "split": "train", "context_length": 64}  # fmt: skip
+    meta = {
+        "layers": LAYERS,
+        "d_model": d,
+        "model": "synthetic",
+        "dataset": "synthetic",
+        "split": "train",
+        "context_length": 64,
+    }
     w = CacheWriter(path, meta, shard_tokens=256, storage_dtype="float32")
     for _ in range(0, n_tokens, 128):
         z = torch.zeros(128, 3, 40).scatter_(
@@ -99,12 +105,15 @@ def _train(
     cfg = cfg or TrainConfig()
     cfg = TrainConfig(**{**cfg.__dict__, **train_kw}) if train_kw else cfg
     return train_command(
-        out, data=data or DataConfig(), model=model or ModelConfig(),
+        out,
+        data=data or DataConfig(),
+        model=model or ModelConfig(),
         source=SourceConfig(cache=cache, layers=layers, tokens=tokens),
-        sae=SaeGridConfig(expansion_factor=list(r), k=list(k), single_layer=single_layer,
-                          per_layer=per_layer),
+        sae=SaeGridConfig(
+            expansion_factor=list(r), k=list(k), single_layer=single_layer, per_layer=per_layer
+        ),
         train=cfg,
-    )  # fmt: skip
+    )
 
 
 def _resume(out, **train_given):
@@ -174,8 +183,7 @@ def test_recovers_known_sparse_dictionary():
 
 
 def test_run_outputs_and_metrics(cache_dir, tmp_path):
-    out = _train(tmp_path / "r", cache_dir, r=[4], k=[2],
-                        cfg=_cfg(dead_tokens=22), epochs=1)  # fmt: skip
+    out = _train(tmp_path / "r", cache_dir, r=[4], k=[2], cfg=_cfg(dead_tokens=22), epochs=1)
     assert {"sae", "checkpoint", "metrics.jsonl", "train_cfg.json", "final_fvu.json"} <= {
         p.name for p in out.iterdir()
     }
@@ -195,31 +203,34 @@ def test_run_outputs_and_metrics(cache_dir, tmp_path):
 
 
 def test_sweep_equals_separate_runs(cache_dir, tmp_path):
-    sweep = _train(tmp_path / "sw", cache_dir, r=[2, 4],
-                          k=[2, 4], cfg=_cfg(max_steps=12))  # fmt: skip
+    sweep = _train(tmp_path / "sw", cache_dir, r=[2, 4], k=[2, 4], cfg=_cfg(max_steps=12))
     names = {p.name for p in sweep.iterdir() if p.name.startswith("sae_")}
     assert names == {"sae_R2_k2", "sae_R2_k4", "sae_R4_k2", "sae_R4_k4"}
     rows = (sweep / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 12 * 4
     for r, k in ((2, 4), (4, 2)):
-        one = _train(tmp_path / f"one{r}{k}", cache_dir, r=[r],
-                            k=[k], cfg=_cfg(max_steps=12))  # fmt: skip
+        one = _train(tmp_path / f"one{r}{k}", cache_dir, r=[r], k=[k], cfg=_cfg(max_steps=12))
         _assert_same(sweep / f"sae_R{r}_k{k}", one / "sae", atol=1e-6)
 
 
 def test_per_layer_set_feeds_each_sae_its_layer(cache_dir, tmp_path):
     cfg = _cfg(max_steps=6)
-    run = _train(tmp_path / "pl", cache_dir, layers="0,5", per_layer=True,
-                        r=[2], k=[3], cfg=cfg)  # fmt: skip
+    run = _train(tmp_path / "pl", cache_dir, layers="0,5", per_layer=True, r=[2], k=[3], cfg=cfg)
     index = json.loads((run / "per_layer.json").read_text())
     assert index["layers"] == [0, 5]
     assert [e["path"] for e in index["saes"]] == ["layer_00", "layer_05"]
     assert json.loads((run / "layer_05" / "cfg.json").read_text())["layers"] == [5]
-    spec = next(s for s in json.loads((run / "train_cfg.json").read_text())["members"]
-                if s["name"] == "layer_05")  # fmt: skip
+    spec = next(
+        s
+        for s in json.loads((run / "train_cfg.json").read_text())["members"]
+        if s["name"] == "layer_05"
+    )
     # Replay layer 5 by hand: batches of 64 vectors per layer, only layer 5's rows.
-    sae = SparseAutoencoder(SaeConfig(d_in=16, expansion_factor=2, k=3, layers=[5]), seed=spec["seed"],
-                            compute_dtype=torch.float32)  # fmt: skip
+    sae = SparseAutoencoder(
+        SaeConfig(d_in=16, expansion_factor=2, k=3, layers=[5]),
+        seed=spec["seed"],
+        compute_dtype=torch.float32,
+    )
     m = Member("x", sae, make_adam(sae.parameters(), cfg), 5, torch.zeros(32, dtype=torch.float64))
     batches = ActivationCache(cache_dir).shuffled(128, [0, 5], seed=0, epoch=0, drop_last=True)
     for _, b in zip(range(6), batches, strict=False):
@@ -237,8 +248,24 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mlsae", "train", *args]
 
 
-RUN_ARGS = ["--batch-tokens", "64", "--expansion-factor", "4", "-k", "2", "--dead-tokens", "22",
-            "--lr", "2e-3", "--checkpoint-every", "3", "--epochs", "2", "--max-steps", "150"]  # fmt: skip
+RUN_ARGS = [
+    "--batch-tokens",
+    "64",
+    "--expansion-factor",
+    "4",
+    "-k",
+    "2",
+    "--dead-tokens",
+    "22",
+    "--lr",
+    "2e-3",
+    "--checkpoint-every",
+    "3",
+    "--epochs",
+    "2",
+    "--max-steps",
+    "150",
+]
 
 
 def _ckpt_step(run: Path) -> int:
@@ -264,11 +291,19 @@ def test_killed_and_resumed_run_equals_uninterrupted(cache_dir, tmp_path):
     """SIGKILL of a subprocess (its last periodic checkpoint survives), resume, SIGTERM
     (checkpoint on the spot, exit 143), resume to the end: the same weights and per-step
     losses as one uninterrupted run, across an epoch boundary, with AuxK active."""
-    ref = _train(tmp_path / "ref", cache_dir, r=[4], k=[2],
-                        cfg=_cfg(checkpoint_every=3, dead_tokens=22), epochs=2, max_steps=150)  # fmt: skip
+    ref = _train(
+        tmp_path / "ref",
+        cache_dir,
+        r=[4],
+        k=[2],
+        cfg=_cfg(checkpoint_every=3, dead_tokens=22),
+        epochs=2,
+        max_steps=150,
+    )
     out = tmp_path / "run"
-    rc, _ = _interrupt(_cli("--cache", str(cache_dir), "--out", str(out), *RUN_ARGS), out, 20,
-                       signal.SIGKILL)  # fmt: skip
+    rc, _ = _interrupt(
+        _cli("--cache", str(cache_dir), "--out", str(out), *RUN_ARGS), out, 20, signal.SIGKILL
+    )
     killed_at = _ckpt_step(out)
     assert rc == -signal.SIGKILL and 20 <= killed_at < 150
 
@@ -347,9 +382,14 @@ def test_train_from_model_and_dataset(tiny_model_dir, tmp_path, arch):
     """No --cache: the model is run on a local text file as training goes (no cache written)."""
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps." * 3 for i in range(60)))
-    out = _train(tmp_path / "r", model=ModelConfig(model=str(tiny_model_dir)),
-                 data=DataConfig(dataset=str(text), context_length=64), tokens=512,
-                 layers="0,2", cfg=_cfg(max_steps=3))  # fmt: skip
+    out = _train(
+        tmp_path / "r",
+        model=ModelConfig(model=str(tiny_model_dir)),
+        data=DataConfig(dataset=str(text), context_length=64),
+        tokens=512,
+        layers="0,2",
+        cfg=_cfg(max_steps=3),
+    )
     assert not (out / "cache").exists()
     assert json.loads((out / "train_cfg.json").read_text())["layers"] == [0, 2]
     assert json.loads((out / "sae" / "cfg.json").read_text())["layers"] == [0, 2]

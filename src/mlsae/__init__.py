@@ -61,21 +61,47 @@ if TYPE_CHECKING:
     from mlsae.sae.autoencoder import SparseAutoencoder
 
 _WHERE = {
-    "mlsae.api.pipeline": ["activations", "analyze", "evaluate", "evaluate_lens", "evolution",
-                           "load_model", "resume", "train", "train_lens"],
-    "mlsae.api.run": ["Run", "Steering", "TokenProb", "layer_distribution", "open_run", "steer",
-                      "top_latents"],
+    "mlsae.api.pipeline": [
+        "activations",
+        "analyze",
+        "evaluate",
+        "evaluate_lens",
+        "evolution",
+        "load_model",
+        "resume",
+        "train",
+        "train_lens",
+    ],
+    "mlsae.api.run": [
+        "Run",
+        "Steering",
+        "TokenProb",
+        "layer_distribution",
+        "open_run",
+        "steer",
+        "top_latents",
+    ],
     "mlsae.analysis.prompt": ["PromptCodes"],
     "mlsae.analysis.analyze": ["AnalysisResult"],
     "mlsae.analysis.summary": ["AnalysisSummary", "read_analysis"],
     "mlsae.eval.result": ["EvalResult"],
-    "mlsae.core.config": ["DataConfig", "ExtractConfig", "ModelConfig", "SaeGridConfig",
-                          "SourceConfig", "TrainConfig"],
+    "mlsae.core.config": [
+        "DataConfig",
+        "ExtractConfig",
+        "ModelConfig",
+        "SaeGridConfig",
+        "SourceConfig",
+        "TrainConfig",
+    ],
     "mlsae.core.inputs": ["Inputs"],
-    "mlsae.core.stage_config": ["AnalysisConfig", "EvalConfig", "EvolutionConfig",
-                                "LensTrainConfig"],
+    "mlsae.core.stage_config": [
+        "AnalysisConfig",
+        "EvalConfig",
+        "EvolutionConfig",
+        "LensTrainConfig",
+    ],
     "mlsae.core.errors": ["MlsaeError"],
-}  # fmt: skip
+}
 _MODULE = {name: module for module, names in _WHERE.items() for name in names}
 
 __all__ = [

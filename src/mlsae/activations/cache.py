@@ -66,13 +66,20 @@ def write_shard(
 ) -> dict[str, Any]:
     """Write shard `index` of a cache (activations [n, L, d] stored in `dtype`, token_ids [n],
     mask [n]) atomically; returns its manifest entry."""
-    tensors = {"activations": acts.detach().to("cpu", dtype), "token_ids": ids.cpu().long(),
-               "mask": mask.cpu().bool()}  # fmt: skip
+    tensors = {
+        "activations": acts.detach().to("cpu", dtype),
+        "token_ids": ids.cpu().long(),
+        "mask": mask.cpu().bool(),
+    }
     data = st_save({k: v.contiguous() for k, v in tensors.items()})
     name = shard_name(index)
     write_bytes(Path(out) / name, data, fsync=True)
-    return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "n_tokens": len(ids),
-            "n_used": int(tensors["mask"].sum())}  # fmt: skip
+    return {
+        "name": name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "n_tokens": len(ids),
+        "n_used": int(tensors["mask"].sum()),
+    }
 
 
 class CacheWriter:
@@ -157,8 +164,10 @@ class CacheWriter:
         n_bad = int(bad[:n].sum())
         if n_bad:
             entry["n_nonfinite"] = n_bad
-            log.warning(f"{self.out / entry['name']}: {n_bad} token(s) whose vectors held NaN or "
-                        "inf are stored as zeros and masked out")  # fmt: skip
+            log.warning(
+                f"{self.out / entry['name']}: {n_bad} token(s) whose vectors held NaN or "
+                "inf are stored as zeros and masked out"
+            )
         self.add_shard(entry)
 
     def add_shard(self, entry: dict[str, Any]) -> None:
@@ -177,9 +186,11 @@ class CacheWriter:
         if self.manifest["n_tokens"] == 0:
             raise MlsaeError(f"{self.out}: no tokens were written")
         if self.manifest["n_nonfinite"] == self.manifest["n_tokens"]:
-            raise MlsaeError(f"{self.out}: every vector held NaN or inf (the model's weights or "
-                             "dtype are broken: try --dtype float32); the cache is left "
-                             "incomplete")  # fmt: skip
+            raise MlsaeError(
+                f"{self.out}: every vector held NaN or inf (the model's weights or "
+                "dtype are broken: try --dtype float32); the cache is left "
+                "incomplete"
+            )
         self.manifest["complete"] = True
         self._save_manifest()
         return dict(self.manifest)
@@ -260,8 +271,10 @@ class ActivationCache(ActivationSource):
         verified = key in _VERIFIED
         where = f"shard {entry['name']} of {self.path}"
         if not verified and _sha256_file(path) != entry["sha256"]:
-            raise MlsaeError(f"{where} is corrupt (sha256 mismatch): rebuild the cache by running "
-                             "the same `mlsae cache` command again")  # fmt: skip
+            raise MlsaeError(
+                f"{where} is corrupt (sha256 mismatch): rebuild the cache by running "
+                "the same `mlsae cache` command again"
+            )
         try:
             tensors = load_file(path)
         except Exception as e:  # safetensors' own errors
@@ -279,14 +292,18 @@ class ActivationCache(ActivationSource):
             mask = tensors["mask"]
             used = int(mask.sum())
             if entry.get("n_used") is not None and used != entry["n_used"]:
-                raise MlsaeError(f"{where}: the manifest says {entry['n_used']} used tokens, "
-                                 f"the shard's mask {used}: the manifest was edited; rebuild "
-                                 "the cache")  # fmt: skip
+                raise MlsaeError(
+                    f"{where}: the manifest says {entry['n_used']} used tokens, "
+                    f"the shard's mask {used}: the manifest was edited; rebuild "
+                    "the cache"
+                )
             ok = torch.isfinite(tensors["activations"]).flatten(1).all(1) | ~mask  # [n]
             if not bool(ok.all()):
-                raise MlsaeError(f"{where} holds {int((~ok).sum())} used token(s) with NaN or "
-                                 "inf vectors: rebuild the cache with this mlsae (it masks "
-                                 "them out)")  # fmt: skip
+                raise MlsaeError(
+                    f"{where} holds {int((~ok).sum())} used token(s) with NaN or "
+                    "inf vectors: rebuild the cache with this mlsae (it masks "
+                    "them out)"
+                )
             _VERIFIED.add(key)
         return tensors
 

@@ -118,9 +118,15 @@ def open_cache_source(
     if source.tokens is None:
         raise MlsaeError("give --tokens: how many tokens to cache")
     per_shard = max(1, extract.shard_tokens // data.context_length)  # contexts per shard
-    return open_live(source, data, model, default_tokens=source.tokens, lens=lens,
-                     storage_dtype=extract.storage_dtype,
-                     block_tokens=per_shard * data.context_length)  # fmt: skip
+    return open_live(
+        source,
+        data,
+        model,
+        default_tokens=source.tokens,
+        lens=lens,
+        storage_dtype=extract.storage_dtype,
+        block_tokens=per_shard * data.context_length,
+    )
 
 
 def build_cache(
@@ -163,13 +169,29 @@ def _build(
     live = open_cache_source(model, data, source, extract, lens)
     contexts = live.contexts()  # [n_ctx, ctx]: too few tokens fails here, before any write
     settings = {
-        **{k: live.info[k] for k in ("model", "model_dtype", "dataset", "split", "text_column",
-                                     "hf_split", "test_fraction", "context_length", "layers",
-                                     "d_model", "dtype", "lens", "exclude_sink")},
+        **{
+            k: live.info[k]
+            for k in (
+                "model",
+                "model_dtype",
+                "dataset",
+                "split",
+                "text_column",
+                "hf_split",
+                "test_fraction",
+                "context_length",
+                "layers",
+                "d_model",
+                "dtype",
+                "lens",
+                "exclude_sink",
+            )
+        },
         "txt_documents": txt_documents_of(data),
-        "requested_tokens": source.tokens, "target_tokens": live.n_contexts * ctx,
+        "requested_tokens": source.tokens,
+        "target_tokens": live.n_contexts * ctx,
         "shard_tokens": per_shard * ctx,
-    }  # fmt: skip
+    }
     meta = {k: v for k, v in settings.items() if k not in ("dtype", "shard_tokens")}
     meta["special_ids"] = list(live.lm.special_ids)
     _existing(out, settings)  # a foreign folder or other arguments: refused before any write
@@ -189,8 +211,14 @@ def _build(
         return _write(out, live, settings, meta, contexts, extract)
 
 
-def _write(out: Path, live: LiveSource, settings: dict[str, Any], meta: dict[str, Any],
-           contexts: Tensor, extract: ExtractConfig) -> dict[str, Any]:  # fmt: skip
+def _write(
+    out: Path,
+    live: LiveSource,
+    settings: dict[str, Any],
+    meta: dict[str, Any],
+    contexts: Tensor,
+    extract: ExtractConfig,
+) -> dict[str, Any]:
     """The writing part of `build_cache` (under the folder's lock)."""
     from tqdm import tqdm
 
@@ -204,8 +232,13 @@ def _write(out: Path, live: LiveSource, settings: dict[str, Any], meta: dict[str
     start = len(done or [])
     if start:
         log.info(f"resuming {out} after {start * per_shard * ctx} tokens")
-    bar = tqdm(total=live.n_tokens, initial=start * per_shard * ctx, unit="tok", unit_scale=True,
-               desc="cache")  # fmt: skip
+    bar = tqdm(
+        total=live.n_tokens,
+        initial=start * per_shard * ctx,
+        unit="tok",
+        unit_scale=True,
+        desc="cache",
+    )
     try:
         with bar:
             for i in range(start, live.n_blocks):  # a block is exactly one shard
@@ -213,9 +246,12 @@ def _write(out: Path, live: LiveSource, settings: dict[str, Any], meta: dict[str
                 writer.add(b.activations, b.token_ids, b.mask)
                 bar.update(len(b.token_ids))
     except Interrupted as e:
-        raise Interrupted(e.signum, f"stopped by signal {e.signum}: {writer.manifest['n_tokens']} "
-                          f"tokens of {out} are saved; run the same command again to resume "
-                          "it") from None  # fmt: skip
+        raise Interrupted(
+            e.signum,
+            f"stopped by signal {e.signum}: {writer.manifest['n_tokens']} "
+            f"tokens of {out} are saved; run the same command again to resume "
+            "it",
+        ) from None
     writer.close()
     return record_norm_outliers(out)
 

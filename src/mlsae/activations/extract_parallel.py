@@ -56,16 +56,23 @@ def build_parallel(
         writer = CacheWriter(out, meta, shard_tokens, storage_dtype, shards=done or [])
     comm.barrier()  # the folder exists before anyone writes into it
     todo = list(range(len(done or []), live.n_blocks))
-    bar = tqdm(total=len(todo), unit="shard", desc=f"cache ({comm.world} processes)",
-               disable=not comm.main)  # fmt: skip
+    bar = tqdm(
+        total=len(todo), unit="shard", desc=f"cache ({comm.world} processes)", disable=not comm.main
+    )
     with bar:
         for r0 in range(0, len(todo), comm.world):
             mine = r0 + comm.rank
             entry = None
             if mine < len(todo):
                 b = live.load_block(todo[mine])
-                entry = write_shard(out, todo[mine], b.activations, b.token_ids, b.mask,
-                                    writer.dtype if writer else live.dtype)  # fmt: skip
+                entry = write_shard(
+                    out,
+                    todo[mine],
+                    b.activations,
+                    b.token_ids,
+                    b.mask,
+                    writer.dtype if writer else live.dtype,
+                )
             entries = comm.gather_objects(entry)
             if writer is not None:
                 for e in entries:

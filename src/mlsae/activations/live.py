@@ -64,12 +64,21 @@ class LiveSource(ActivationSource):
         self.per_block = max(1, block_tokens // self.context_length)
         self._ids: Tensor | None = None  # [n_contexts, T] compact, tokenized on first random access
         self.info = {
-            "model": lm.name, "model_dtype": model_dtype, "dataset": data.name,
-            "split": data.split, "text_column": data.text_column, "hf_split": data.hf_split,
-            "test_fraction": data.test_fraction, "context_length": self.context_length,
-            "layers": self.layers, "d_model": self.d_model, "dtype": storage_dtype, "lens": lens,
-            "special_ids": list(lm.special_ids), "exclude_sink": data.exclude_sink,
-        }  # fmt: skip
+            "model": lm.name,
+            "model_dtype": model_dtype,
+            "dataset": data.name,
+            "split": data.split,
+            "text_column": data.text_column,
+            "hf_split": data.hf_split,
+            "test_fraction": data.test_fraction,
+            "context_length": self.context_length,
+            "layers": self.layers,
+            "d_model": self.d_model,
+            "dtype": storage_dtype,
+            "lens": lens,
+            "special_ids": list(lm.special_ids),
+            "exclude_sink": data.exclude_sink,
+        }
 
     def describe(self) -> str:
         return f"{self.lm.name} on {self.data.name!r} ({self.data.split})"
@@ -87,8 +96,9 @@ class LiveSource(ActivationSource):
             dtype = torch.uint16 if vocab <= 1 << 16 else torch.int32
             ids = torch.empty(self.n_contexts, self.context_length, dtype=dtype)
             n = 0
-            for row in itertools.islice(iter_contexts(self.lm.tokenizer, self.data),
-                                        self.n_contexts):  # fmt: skip
+            for row in itertools.islice(
+                iter_contexts(self.lm.tokenizer, self.data), self.n_contexts
+            ):
                 if int(row.max()) >= vocab or int(row.min()) < 0:
                     raise MlsaeError(f"token ids outside the vocabulary of {self.lm.name}")
                 ids[n] = row
@@ -166,8 +176,11 @@ class LiveSource(ActivationSource):
 
     def iter_ordered(self, max_tokens: int | None = None) -> Iterator[Block]:
         """Blocks in stream order without tokenizing ahead (memory: one block)."""
-        limit = self.n_contexts if max_tokens is None else min(
-            self.n_contexts, math.ceil(max_tokens / self.context_length))  # fmt: skip
+        limit = (
+            self.n_contexts
+            if max_tokens is None
+            else min(self.n_contexts, math.ceil(max_tokens / self.context_length))
+        )
         it = itertools.islice(self.iter_contexts(), limit)
         done = 0
         while chunk := list(itertools.islice(it, self.per_block)):
@@ -180,14 +193,19 @@ class LiveSource(ActivationSource):
             )
             done += len(chunk)
         if done < limit:
-            log.warning(f"{self.describe()} holds only {done * self.context_length} tokens "
-                        f"({done} contexts), fewer than the {limit * self.context_length} asked for")  # fmt: skip
+            log.warning(
+                f"{self.describe()} holds only {done * self.context_length} tokens "
+                f"({done} contexts), fewer than the {limit * self.context_length} asked for"
+            )
 
     def token_batches(
         self, batch_size: int, max_tokens: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        limit = self.n_contexts if max_tokens is None else min(
-            self.n_contexts, math.ceil(max_tokens / self.context_length))  # fmt: skip
+        limit = (
+            self.n_contexts
+            if max_tokens is None
+            else min(self.n_contexts, math.ceil(max_tokens / self.context_length))
+        )
         it = itertools.islice(self.iter_contexts(), limit)
         while chunk := list(itertools.islice(it, batch_size)):
             ids = torch.stack(chunk)

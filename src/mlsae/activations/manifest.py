@@ -37,14 +37,20 @@ class ShardEntry:
     """Tokens whose vectors held NaN or inf when written: stored as zeros, masked out."""
 
     def __post_init__(self) -> None:
-        check(SHARD_NAME.match(self.name) is not None,
-              f"shard name {self.name!r} is not shard_NNNNN.safetensors")  # fmt: skip
+        check(
+            SHARD_NAME.match(self.name) is not None,
+            f"shard name {self.name!r} is not shard_NNNNN.safetensors",
+        )
         check(SHA256.match(self.sha256) is not None, f"{self.name}: sha256 is not 64 hex digits")
         check(self.n_tokens >= 1, f"{self.name}: n_tokens must be >= 1, not {self.n_tokens}")
-        check(self.n_used is None or 0 <= self.n_used <= self.n_tokens,
-              f"{self.name}: n_used {self.n_used} is not in 0..n_tokens ({self.n_tokens})")  # fmt: skip
-        check(0 <= self.n_nonfinite <= self.n_tokens,
-              f"{self.name}: n_nonfinite {self.n_nonfinite} is not in 0..n_tokens")  # fmt: skip
+        check(
+            self.n_used is None or 0 <= self.n_used <= self.n_tokens,
+            f"{self.name}: n_used {self.n_used} is not in 0..n_tokens ({self.n_tokens})",
+        )
+        check(
+            0 <= self.n_nonfinite <= self.n_tokens,
+            f"{self.name}: n_nonfinite {self.n_nonfinite} is not in 0..n_tokens",
+        )
 
 
 @dataclass
@@ -87,14 +93,20 @@ class Manifest:
         check(self.format == FORMAT, f"format is {self.format!r}, not {FORMAT!r}")
         check(self.version == 1, f"format version {self.version} is not supported (1)")
         check(bool(self.layers), "layers is empty")
-        check(len(set(self.layers)) == len(self.layers) and min(self.layers) >= 0,
-              f"layers {self.layers} must be distinct block indices >= 0")  # fmt: skip
+        check(
+            len(set(self.layers)) == len(self.layers) and min(self.layers) >= 0,
+            f"layers {self.layers} must be distinct block indices >= 0",
+        )
         check(self.d_model >= 1, f"d_model must be >= 1, not {self.d_model}")
-        check(self.context_length is None or self.context_length >= 1,
-              f"context_length must be >= 1, not {self.context_length}")  # fmt: skip
+        check(
+            self.context_length is None or self.context_length >= 1,
+            f"context_length must be >= 1, not {self.context_length}",
+        )
         names = [s.name for s in self.shards]
-        check(names == [shard_name(i) for i in range(len(names))],
-              "shards must be shard_00000.safetensors, shard_00001..., in order")  # fmt: skip
+        check(
+            names == [shard_name(i) for i in range(len(names))],
+            "shards must be shard_00000.safetensors, shard_00001..., in order",
+        )
         total = sum(s.n_tokens for s in self.shards)
         check(
             total == self.n_tokens, f"shard sizes add up to {total}, not n_tokens {self.n_tokens}"

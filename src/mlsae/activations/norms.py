@@ -36,22 +36,42 @@ class NormOutliers:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "factor": self.factor, "layers": self.layers, "n_vectors": self.n_vectors,
-            "median_norm": self.median_norm, "n_outliers": self.n_outliers,
+            "factor": self.factor,
+            "layers": self.layers,
+            "n_vectors": self.n_vectors,
+            "median_norm": self.median_norm,
+            "n_outliers": self.n_outliers,
             "variance_share": self.variance_share,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_summary(cls, d: dict[str, Any]) -> NormOutliers:
-        return cls(**{k: d[k] for k in ("layers", "factor", "n_vectors", "median_norm",
-                                          "n_outliers", "variance_share")})  # fmt: skip
+        return cls(
+            **{
+                k: d[k]
+                for k in (
+                    "layers",
+                    "factor",
+                    "n_vectors",
+                    "median_norm",
+                    "n_outliers",
+                    "variance_share",
+                )
+            }
+        )
 
     def select(self, layers: list[int]) -> NormOutliers:
         """The report restricted to some layers."""
         pos = [self.layers.index(ly) for ly in layers]
         pick = lambda v: [v[i] for i in pos]  # noqa: E731
-        return NormOutliers(list(layers), self.factor, self.n_vectors, pick(self.median_norm),
-                            pick(self.n_outliers), pick(self.variance_share))  # fmt: skip
+        return NormOutliers(
+            list(layers),
+            self.factor,
+            self.n_vectors,
+            pick(self.median_norm),
+            pick(self.n_outliers),
+            pick(self.variance_share),
+        )
 
     def dominated(self, share: float = 0.5) -> list[int]:
         """Layers where outliers carry more than `share` of the variance."""
@@ -112,9 +132,13 @@ def norm_outliers(
         1e-300
     )
     return NormOutliers(
-        list(source.layers), factor, n, median.tolist(), count.tolist(),
+        list(source.layers),
+        factor,
+        n,
+        median.tolist(),
+        count.tolist(),
         share.clamp(0, 1).tolist(),
-    )  # fmt: skip
+    )
 
 
 def nonzero_median(norms: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,16 @@ def open_live(
     """`open_source` for commands that must run the model (caching, the tuned lens)."""
     if source.cache is not None:
         raise MlsaeError("this command runs the model: --cache is not an input here")
-    src = open_source(source, data, model, default_tokens=default_tokens, layers=layers,
-                      lens=lens, storage_dtype=storage_dtype, block_tokens=block_tokens)  # fmt: skip
+    src = open_source(
+        source,
+        data,
+        model,
+        default_tokens=default_tokens,
+        layers=layers,
+        lens=lens,
+        storage_dtype=storage_dtype,
+        block_tokens=block_tokens,
+    )
     assert isinstance(src, LiveSource)
     return src
 
@@ -80,10 +88,17 @@ def open_source(
         transform = lambda acts: tl.forward_stack(acts, chosen)  # noqa: E731
         lens_name = lens_ref(lens)
     return LiveSource(
-        lm, data, source.tokens or default_tokens, chosen, batch_size=source.batch_size,
-        block_tokens=block_tokens, storage_dtype=storage_dtype, transform=transform,
-        lens=lens_name, model_dtype=model.dtype,
-    )  # fmt: skip
+        lm,
+        data,
+        source.tokens or default_tokens,
+        chosen,
+        batch_size=source.batch_size,
+        block_tokens=block_tokens,
+        storage_dtype=storage_dtype,
+        transform=transform,
+        lens=lens_name,
+        model_dtype=model.dtype,
+    )
 
 
 def source_model(source: ActivationSource, model: ModelConfig | None = None) -> LoadedModel:

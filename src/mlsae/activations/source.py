@@ -257,8 +257,9 @@ class ActivationSource(ABC):
                 if t + 1 < len(todo):  # the other buffer is free: its batches were all yielded
                     fut = pool.submit(self._fill, groups[todo[t + 1]], lpos, bufs[(t + 1) % 2])
                 take = _Gather(bufs[t % 2].view(-1, self.d_model), layer_ids, rows, pos)
-                perm = torch.randperm(sizes[j] // (n_l if group_tokens else 1),
-                                      generator=_gen(seed, epoch, j))  # fmt: skip
+                perm = torch.randperm(
+                    sizes[j] // (n_l if group_tokens else 1), generator=_gen(seed, epoch, j)
+                )
                 if group_tokens:  # token t -> its vectors t * n_l + [0, n_l)
                     perm = (perm.unsqueeze(1) * n_l + torch.arange(n_l)).reshape(-1)
                 o = start - begin if j == first else 0

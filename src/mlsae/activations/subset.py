@@ -54,6 +54,8 @@ def rank_share(source: ActivationSource, rank: int, world: int) -> ActivationSou
     if world == 1:
         return source
     if source.n_blocks < world:
-        raise MlsaeError(f"{source.describe()} has {source.n_blocks} blocks, fewer than the "
-                         f"{world} processes: use more tokens or smaller blocks")  # fmt: skip
+        raise MlsaeError(
+            f"{source.describe()} has {source.n_blocks} blocks, fewer than the "
+            f"{world} processes: use more tokens or smaller blocks"
+        )
     return BlockSubset(source, range(rank, source.n_blocks, world))

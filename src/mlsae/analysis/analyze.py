@@ -140,9 +140,13 @@ def _check_source(src: ActivationSource, cfg: SaeConfig) -> None:
 def _compare_summary(c: _Compared, stats: LayerStatsResult) -> CompareSummary:
     ev = _read_eval(RunFolder(c.run).find_eval(c.sae_dir))
     return CompareSummary(
-        **LayerSummary.of(stats).layer_fields(), sae=str(c.sae_dir), label=label(c.sae_dir),
-        space=_space_name(c.sae.cfg), sae_cfg=c.sae.cfg, eval_mean=ev[1].mean if ev else None,
-    )  # fmt: skip
+        **LayerSummary.of(stats).layer_fields(),
+        sae=str(c.sae_dir),
+        label=label(c.sae_dir),
+        space=_space_name(c.sae.cfg),
+        sae_cfg=c.sae.cfg,
+        eval_mean=ev[1].mean if ev else None,
+    )
 
 
 def _configs(cfg: SaeConfig, run: Path, sae_dir: Path) -> dict[str, dict[str, object]]:
@@ -198,25 +202,32 @@ def analyze(
     layers = list(cfg.layers) if len(cfg.layers) > 1 else list(src.layers)
     encoders = {"main": (sae_encoder(sae, _on_the_fly(space), layers), cfg.d_sae)}
     for i, c in enumerate(cmps):
-        sp = resolve_space(c.sae.cfg.lens, src.lens, sae_dir=c.sae_dir,
-                           what=f"--compare SAE {c.sae_dir}")  # fmt: skip
+        sp = resolve_space(
+            c.sae.cfg.lens, src.lens, sae_dir=c.sae_dir, what=f"--compare SAE {c.sae_dir}"
+        )
         encoders[f"compare_{i}"] = (sae_encoder(c.sae, _on_the_fly(sp), layers), c.sae.cfg.d_sae)
-    prompt_stats = analyze_prompts(prompts, model, sae, cfg, layers, chunk_vectors, space.lens,
-                                   exclude_sink=data.exclude_sink)  # fmt: skip
+    prompt_stats = analyze_prompts(
+        prompts, model, sae, cfg, layers, chunk_vectors, space.lens, exclude_sink=data.exclude_sink
+    )
     pbt = (settings or AnalysisConfig()).paper_batch_tokens or None
-    results, geo = analyze_source(src, encoders, layers, chunk_vectors, paper_batch_tokens=pbt,
-                                  boot=boot or BootstrapConfig())  # fmt: skip
+    results, geo = analyze_source(
+        src, encoders, layers, chunk_vectors, paper_batch_tokens=pbt, boot=boot or BootstrapConfig()
+    )
     stats = results["main"]
     ev = _read_eval(folder.find_eval(sae_dir))
     summary = AnalysisSummary(
-        **LayerSummary.of(stats).layer_fields(), run=str(run), sae=str(sae_dir), space=_space_name(cfg),
+        **LayerSummary.of(stats).layer_fields(),
+        run=str(run),
+        sae=str(sae_dir),
+        space=_space_name(cfg),
         cache=None if source.cache is None else str(source.cache),
         data=DataInfo(**{k: _str(src.info.get(k)) for k in ("model", "dataset", "split", "lens")}),
-        sae_cfg=cfg, eval_mean=ev[1].mean if ev else None,
+        sae_cfg=cfg,
+        eval_mean=ev[1].mean if ev else None,
         prompts=[PromptSummary.of_prompt(t, s) for t, s in zip(prompts, prompt_stats, strict=True)],
         compare=[_compare_summary(c, results[f"compare_{i}"]) for i, c in enumerate(cmps)],
         lens_eval=_lens_eval([cfg.lens, *(c.sae.cfg.lens for c in cmps)]),
-    )  # fmt: skip
+    )
     if geo is not None:
         summary.set_geometry(geo)
     if isinstance(sae, CrosscoderSAE):  # where a crosscoder lives: its decoder-norm share
@@ -224,10 +235,14 @@ def analyze(
     write_json(out / "analysis.json", summary.to_json())
     stats.save_npz(out / "latents.npz")
     return AnalysisResult(
-        summary, stats, geo, list(zip(prompts, prompt_stats, strict=True)),
+        summary,
+        stats,
+        geo,
+        list(zip(prompts, prompt_stats, strict=True)),
         [(label(c.sae_dir), results[f"compare_{i}"]) for i, c in enumerate(cmps)],
-        _configs(cfg, run, sae_dir), ev,
-    )  # fmt: skip
+        _configs(cfg, run, sae_dir),
+        ev,
+    )
 
 
 def _str(x: object) -> str | None:

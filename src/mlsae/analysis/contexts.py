@@ -76,9 +76,13 @@ class ContextLayerStats:
         return lut[contexts]
 
     def update(
-        self, ctx: Tensor, entries: tuple[Tensor, Tensor, Tensor, Tensor], key: Tensor,
-        dev: Tensor, cnt: Tensor,
-    ) -> None:  # fmt: skip
+        self,
+        ctx: Tensor,
+        entries: tuple[Tensor, Tensor, Tensor, Tensor],
+        key: Tensor,
+        dev: Tensor,
+        cnt: Tensor,
+    ) -> None:
         """Add one batch's active entries (a, latent j, layer column pos, token tok: [E]) with
         the grouping `LayerStats.update` made (per (token, latent) group: key = token x n +
         latent, s Var `dev`, layer count `cnt`), `ctx` [n] the context of each token."""
@@ -146,8 +150,13 @@ class ContextLayerStats:
             multi_layer_fraction_token_per_latent=iv["multi_layer_fraction_token_per_latent"],
         )
         if paper_batches:
-            rows = torch.tensor([[f / vl if vl else math.nan, tf / f if f else math.nan]
-                                 for tf, f, vl, *_ in paper_batches], dtype=F64)  # fmt: skip
+            rows = torch.tensor(
+                [
+                    [f / vl if vl else math.nan, tf / f if f else math.nan]
+                    for tf, f, vl, *_ in paper_batches
+                ],
+                dtype=F64,
+            )
             pb = Bootstrap(len(rows), n_resamples, seed)
             means = pb.sums(rows) / len(rows)  # [B, 2] the mean over the resampled batches
             out.paper_bootstrap = pb.info

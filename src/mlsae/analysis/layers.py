@@ -99,8 +99,14 @@ class LayerStatsResult:
 
     def save_npz(self, path: Path) -> None:
         """The per-latent arrays as a compressed .npz (atomic)."""
-        names = ["p_layer_given_latent", "expected_layer", "var_latent", "var_token",
-                 "latent_mass", "multi_token_per_latent"]  # fmt: skip
+        names = [
+            "p_layer_given_latent",
+            "expected_layer",
+            "var_latent",
+            "var_token",
+            "latent_mass",
+            "multi_token_per_latent",
+        ]
         arrays = {"layers": np.asarray(self.layers), **{k: getattr(self, k) for k in names}}
         write_with(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".tmp.npz")
 

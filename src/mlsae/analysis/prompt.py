@@ -102,9 +102,15 @@ def encode_prompt(
         top_acts[r], top_idx[r] = acts.reshape(len(r), L, k), idx.reshape(len(r), L, k)
     flat = ids[0].tolist()
     return PromptCodes(
-        text, flat, [str(lm.tokenizer.decode([i])) for i in flat], layers, used, top_acts, top_idx,
+        text,
+        flat,
+        [str(lm.tokenizer.decode([i])) for i in flat],
+        layers,
+        used,
+        top_acts,
+        top_idx,
         sae.cfg.d_sae,
-    )  # fmt: skip
+    )
 
 
 def analyze_prompts(

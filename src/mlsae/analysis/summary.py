@@ -98,23 +98,30 @@ class LayerSummary:
         pf = stats.paper_formula
         r = number(stats.rel_var_token)
         return LayerSummary(
-            layers=list(stats.layers), n_tokens=stats.n_tokens, n_latents=stats.n_latents,
-            n_latents_alive=stats.n_latents_alive, n_latents_dead=stats.n_latents_dead,
-            var_layer=number(stats.var_layer), mean_var_latent=number(stats.mean_var_latent),
+            layers=list(stats.layers),
+            n_tokens=stats.n_tokens,
+            n_latents=stats.n_latents,
+            n_latents_alive=stats.n_latents_alive,
+            n_latents_dead=stats.n_latents_dead,
+            var_layer=number(stats.var_layer),
+            mean_var_latent=number(stats.mean_var_latent),
             mean_var_token=number(stats.mean_var_token),
-            rel_var_latent=number(stats.rel_var_latent), rel_var_token=r,
+            rel_var_latent=number(stats.rel_var_latent),
+            rel_var_token=r,
             multi_layer_fraction_aggregate=number(stats.multi_layer_fraction_aggregate),
             multi_layer_fraction_token=number(stats.multi_layer_fraction_token),
             multi_layer_fraction_token_per_latent=number(
-                stats.multi_layer_fraction_token_per_latent),
+                stats.multi_layer_fraction_token_per_latent
+            ),
             p_layer=[number(float(p)) for p in stats.p_layer],
             active_layers_hist=[int(h) for h in stats.active_layers_hist],
             active_pair_fraction=number(stats.active_pair_fraction),
-            paper_formula=None if pf is None else from_dict(PaperFormula, json_safe(pf),
-                                                            "paper formula"),
+            paper_formula=None
+            if pf is None
+            else from_dict(PaperFormula, json_safe(pf), "paper formula"),
             intervals=stats.intervals,
             token_variance_factor=1.0 / r if r is not None and r > 0 else None,
-        )  # fmt: skip
+        )
 
     def layer_fields(self) -> dict[str, Any]:
         """The `LayerSummary` fields by name (to build a subclass's object from this one)."""
@@ -164,8 +171,16 @@ class LensEval:
     result: LensEvalResult
 
 
-_GEOMETRY = ("adjacent_pairs", "adjacent_cosine", "adjacent_cosine_raw", "norm_mean",
-             "norm_std", "norm_min", "norm_max", "norm_quantiles")  # fmt: skip
+_GEOMETRY = (
+    "adjacent_pairs",
+    "adjacent_cosine",
+    "adjacent_cosine_raw",
+    "norm_mean",
+    "norm_std",
+    "norm_min",
+    "norm_max",
+    "norm_quantiles",
+)
 
 
 @dataclass
@@ -275,17 +290,31 @@ def read_analysis(path: Path) -> AnalysisSummary:
     return AnalysisSummary.from_json(read_json(path, "analysis summary"), str(path))
 
 
-HEADLINE = ("n_tokens", "n_latents", "n_latents_alive", "var_layer", "mean_var_latent",
-            "mean_var_token", "rel_var_latent", "rel_var_token", "token_variance_factor",
-            "multi_layer_fraction_aggregate", "multi_layer_fraction_token",
-            "multi_layer_fraction_token_per_latent", "active_pair_fraction")  # fmt: skip
+HEADLINE = (
+    "n_tokens",
+    "n_latents",
+    "n_latents_alive",
+    "var_layer",
+    "mean_var_latent",
+    "mean_var_token",
+    "rel_var_latent",
+    "rel_var_token",
+    "token_variance_factor",
+    "multi_layer_fraction_aggregate",
+    "multi_layer_fraction_token",
+    "multi_layer_fraction_token_per_latent",
+    "active_pair_fraction",
+)
 """The quantities of a `LayerSummary` the tables show, in order."""
 
 
 def columns(s: AnalysisSummary) -> list[tuple[str, LayerSummary]]:
     """The summaries a table sets side by side: the SAE, each `--compare` SAE, each prompt."""
-    return [("this SAE", s), *((f"compare: {c.label}", c) for c in s.compare),
-            *((f"prompt {i + 1}", p) for i, p in enumerate(s.prompts))]  # fmt: skip
+    return [
+        ("this SAE", s),
+        *((f"compare: {c.label}", c) for c in s.compare),
+        *((f"prompt {i + 1}", p) for i, p in enumerate(s.prompts)),
+    ]
 
 
 def _cell(v: object) -> str:
@@ -300,8 +329,12 @@ def summary_table(s: AnalysisSummary) -> str:
     rows = [["quantity", *(name for name, _ in cols)]]
     rows += [[k, *(_cell(getattr(d, k)) for _, d in cols)] for k in HEADLINE]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                       enumerate(zip(r, widths, strict=True))) for r in rows]  # fmt: skip
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -312,5 +345,6 @@ def summary_frame(s: AnalysisSummary) -> Any:
     except ImportError:
         raise MlsaeError("to_pandas() needs pandas (pip install pandas)") from None
     cols = columns(s)
-    return pd.DataFrame({name: [getattr(d, k) for k in HEADLINE] for name, d in cols},
-                        index=list(HEADLINE))  # fmt: skip
+    return pd.DataFrame(
+        {name: [getattr(d, k) for k in HEADLINE] for name, d in cols}, index=list(HEADLINE)
+    )

@@ -117,9 +117,14 @@ def train(
     from mlsae.train.loop import train_command
 
     folder = train_command(
-        Path(out), data=data, model=model, source=_source(source, cache), sae=sae, train=config,
+        Path(out),
+        data=data,
+        model=model,
+        source=_source(source, cache),
+        sae=sae,
+        train=config,
         stream=stream,
-    )  # fmt: skip
+    )
     return Run(folder)
 
 
@@ -165,9 +170,14 @@ def evaluate(
 
     inputs = _held_out(source, cache, data, model)
     return evaluate_command(
-        Path(run), Path(out), source=inputs.source, data=inputs.data, model=inputs.model,
-        ev=config, lens=None if lens is None else Path(lens),
-    )  # fmt: skip
+        Path(run),
+        Path(out),
+        source=inputs.source,
+        data=inputs.data,
+        model=inputs.model,
+        ev=config,
+        lens=None if lens is None else Path(lens),
+    )
 
 
 def analyze(
@@ -195,11 +205,15 @@ def analyze(
     from mlsae.report.analyze import analyze_command
 
     return analyze_command(
-        Path(run), Path(out), inputs=_held_out(source, cache, data, model), prompts=prompts,
+        Path(run),
+        Path(out),
+        inputs=_held_out(source, cache, data, model),
+        prompts=prompts,
         compare=[Path(c) for c in compare or []],
         evolution=None if evolution is None else Path(evolution),
-        lens=None if lens is None else Path(lens), cfg=config,
-    )  # fmt: skip
+        lens=None if lens is None else Path(lens),
+        cfg=config,
+    )
 
 
 def evolution(
@@ -222,9 +236,14 @@ def evolution(
 
     inputs = _held_out(source, cache, data, model)
     return evolution_command(
-        Path(run), Path(out), source=inputs.source, data=inputs.data, model=inputs.model,
-        cfg=config, figures=write_figures,
-    )  # fmt: skip
+        Path(run),
+        Path(out),
+        source=inputs.source,
+        data=inputs.data,
+        model=inputs.model,
+        cfg=config,
+        figures=write_figures,
+    )
 
 
 def train_lens(
@@ -243,12 +262,16 @@ def train_lens(
     """
     from mlsae.activations.open import open_live
     from mlsae.core.outputs import check_output
-    from mlsae.lens.train import train_lens_command
+    from mlsae.lens.command import train_lens_command
 
     check_output(Path(out), "lens")
     data = DataConfig(dataset=dataset, split="train")
-    live = open_live(SourceConfig(tokens=tokens), data, ModelConfig(model=model, device="cpu"),
-                     default_tokens=tokens)  # fmt: skip
+    live = open_live(
+        SourceConfig(tokens=tokens),
+        data,
+        ModelConfig(model=model, device="cpu"),
+        default_tokens=tokens,
+    )
     return train_lens_command(Path(out), live, config)
 
 
@@ -278,6 +301,11 @@ def evaluate_lens(
     if not name:
         raise MlsaeError("the lens does not name its model: pass model=")
     data = DataConfig(dataset=dataset, split="test")
-    live = open_live(SourceConfig(tokens=tokens), data, ModelConfig(model=name, device="cpu"),
-                     default_tokens=tokens, layers=[])  # fmt: skip
+    live = open_live(
+        SourceConfig(tokens=tokens),
+        data,
+        ModelConfig(model=name, device="cpu"),
+        default_tokens=tokens,
+        layers=[],
+    )
     return evaluate_lens_command(tl, Path(out), live, SourceConfig().batch_size)

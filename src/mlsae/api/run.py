@@ -128,8 +128,14 @@ class Run:
 
         sae = self.sae
         space = resolve_space(sae.cfg.lens, None, sae_dir=self.folder.sae_dir())
-        return encode_prompt(self.model(), prompt, sae, list(sae.cfg.layers), space.lens,
-                             exclude_sink=bool(sae.cfg.exclude_sink))  # fmt: skip
+        return encode_prompt(
+            self.model(),
+            prompt,
+            sae,
+            list(sae.cfg.layers),
+            space.lens,
+            exclude_sink=bool(sae.cfg.exclude_sink),
+        )
 
     def top_latents(
         self, prompt: str, layer: int, position: int = -1, n: int = 10
@@ -155,9 +161,16 @@ class Run:
             return [TokenProb(int(t["id"]), str(t["token"]), float(t["p"])) for t in nxt[key]]
 
         return Steering(
-            prompt, latent, int(got["layer"]), float(factor), dist("clean"), dist("spliced"),
-            dist("steered"), float(nxt["kl_spliced"]), float(nxt["kl_steered"]),
-        )  # fmt: skip
+            prompt,
+            latent,
+            int(got["layer"]),
+            float(factor),
+            dist("clean"),
+            dist("spliced"),
+            dist("steered"),
+            float(nxt["kl_spliced"]),
+            float(nxt["kl_steered"]),
+        )
 
     def _explorer(self) -> Live:
         """The explorer's prompt engine on this run, sharing this Run's model."""

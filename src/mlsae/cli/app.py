@@ -115,8 +115,10 @@ def train(
         others -= {"device"}
         if others:
             opts = ", ".join("--" + k.replace("_", "-") for k in sorted(others))
-            raise MlsaeError(f"{opts}: a resumed run keeps its settings (only --max-steps, "
-                             "--epochs and --device may change)")  # fmt: skip
+            raise MlsaeError(
+                f"{opts}: a resumed run keeps its settings (only --max-steps, "
+                "--epochs and --device may change)"
+            )
         given_train = {k: getattr(train, k) for k in given["train"]}
         device = model.device if "device" in given["model"] else None
         run = train_command(resume, resume=True, train_given=given_train, device=device)
@@ -124,14 +126,20 @@ def train(
         assert out is not None
         from mlsae.api.pipeline import train as train_run  # the Python API's call
 
-        run = train_run(out, train, data=data, model=model, source=source, sae=sae,
-                        stream=stream).path  # fmt: skip
+        run = train_run(
+            out, train, data=data, model=model, source=source, sae=sae, stream=stream
+        ).path
     if is_main_process():
         print(format_fvu(read_json(run / "final_fvu.json")))
 
 
-@config_command(app, defaults=TEST, help_overrides={
-    "layers": "Evaluate on these blocks instead of the SAE's own, e.g. '0-11' or '3'"})  # fmt: skip
+@config_command(
+    app,
+    defaults=TEST,
+    help_overrides={
+        "layers": "Evaluate on these blocks instead of the SAE's own, e.g. '0-11' or '3'"
+    },
+)
 def evaluate(
     runs: Annotated[
         list[Path],
@@ -204,8 +212,17 @@ def analyze(
     """Where latents live across layers (SPEC 4), residual geometry, and report.html."""
     from mlsae.report.analyze import analyze_command
 
-    analyze_command(run, out, inputs=Inputs(source, data, model), prompts=prompt,
-                    compare=compare, evolution=evolution, lens=lens, cfg=cfg, boot=boot)  # fmt: skip
+    analyze_command(
+        run,
+        out,
+        inputs=Inputs(source, data, model),
+        prompts=prompt,
+        compare=compare,
+        evolution=evolution,
+        lens=lens,
+        cfg=cfg,
+        boot=boot,
+    )
     print(f"report: {out / 'report.html'}")
 
 
@@ -220,11 +237,13 @@ def evolution(
     boot: BootstrapConfig,
 ) -> None:
     """Features across layers of per-layer SAEs: statistics, graph, communities, SAE Match."""
-    from mlsae.evolution.run import evolution_command, format_summary
+    from mlsae.evolution.run import evolution_command
+    from mlsae.evolution.table import format_summary
     from mlsae.report.evolution import write_figures
 
-    body = evolution_command(run, out, source=source, data=data, model=model, cfg=cfg,
-                             boot=boot, figures=write_figures)  # fmt: skip
+    body = evolution_command(
+        run, out, source=source, data=data, model=model, cfg=cfg, boot=boot, figures=write_figures
+    )
     print(format_summary(body, out))
 
 

@@ -17,16 +17,32 @@ controls_app = typer.Typer(
     help="Controls of the cross-layer measures: seed ceiling, nulls, causal check.",
 )
 NOT_MEASURES = {
-    "layers", "top_m", "edge_threshold", "edge_measure", "max_edges_per_pair", "boolean_threshold",
-    "specialise_necessity", "specialise_sufficiency", "contexts", "memory_gb", "seed",
-    "resolution", "community", "max_nodes_html",
-}  # fmt: skip
+    "layers",
+    "top_m",
+    "edge_threshold",
+    "edge_measure",
+    "max_edges_per_pair",
+    "boolean_threshold",
+    "specialise_necessity",
+    "specialise_sufficiency",
+    "contexts",
+    "memory_gb",
+    "seed",
+    "resolution",
+    "community",
+    "max_nodes_html",
+}
 Run = Annotated[Path, typer.Argument(help="Per-layer SAE run folder (`train --per-layer`)")]
 Out = Annotated[Path, typer.Option(help="Output JSON file")]
 
 
-@config_command(controls_app, "measures", defaults={"split": "test"}, exclude=NOT_MEASURES | {
-    "causal_contexts", "causal_features", "drop"}, fixed={"device": "cpu"})  # fmt: skip
+@config_command(
+    controls_app,
+    "measures",
+    defaults={"split": "test"},
+    exclude=NOT_MEASURES | {"causal_contexts", "causal_features", "drop"},
+    fixed={"device": "cpu"},
+)
 def controls_measures(
     run: Run,
     out: Out,
@@ -48,12 +64,19 @@ def controls_measures(
     rows, body = measures_command(run, out, seed_run, source, data, model, cfg, ctl)
     print(format_rows(rows))
     t = body["time_s"]
-    print(f"wrote {out} ({body['n_used_tokens']} tokens, {body['n_contexts']} contexts; "
-          f"encode {t['encode']:.0f} s, measures {t['measures']:.0f} s)")  # fmt: skip
+    print(
+        f"wrote {out} ({body['n_used_tokens']} tokens, {body['n_contexts']} contexts; "
+        f"encode {t['encode']:.0f} s, measures {t['measures']:.0f} s)"
+    )
 
 
-@config_command(controls_app, "causal", defaults={"split": "test"},
-                exclude=NOT_MEASURES | {"gaps"}, fixed={"device": "cpu"})  # fmt: skip
+@config_command(
+    controls_app,
+    "causal",
+    defaults={"split": "test"},
+    exclude=NOT_MEASURES | {"gaps"},
+    fixed={"device": "cpu"},
+)
 def controls_causal(
     run: Run,
     out: Out,

@@ -55,8 +55,10 @@ def error_line(e: BaseException) -> str | None:
         return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8"
     if is_out_of_memory(e):
         text = str(e).split("DefaultCPUAllocator: ")[-1].split(". Error code")[0]
-        return (f"out of memory ({text or type(e).__name__}): lower --batch-tokens, "
-                "--expansion-factor or --tokens, or free memory")  # fmt: skip
+        return (
+            f"out of memory ({text or type(e).__name__}): lower --batch-tokens, "
+            "--expansion-factor or --tokens, or free memory"
+        )
     if isinstance(e, OSError):
         return os_error_message(e)
     return None

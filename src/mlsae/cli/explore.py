@@ -39,13 +39,21 @@ def register(app: typer.Typer) -> None:
         from mlsae.explore.index import build_index
 
         r = build_index(run, out=out, source=source, data=data, model=model, cfg=cfg)
-        print(f"indexed {r['n_tokens']} tokens, SAEs {', '.join(r['saes'])}: {r['path']} "
-              f"({r['bytes'] / 1e6:.1f} MB, {r['time_s']:.0f} s)")  # fmt: skip
+        print(
+            f"indexed {r['n_tokens']} tokens, SAEs {', '.join(r['saes'])}: {r['path']} "
+            f"({r['bytes'] / 1e6:.1f} MB, {r['time_s']:.0f} s)"
+        )
         print(f"explore it: mlsae explore {run}")
 
-    @config_command(app, "explore", exclude={"split", "text_column", "hf_split", "context_length", "test_fraction"},
-                    help_overrides={"model": "Model for the prompt page (default: the index's)",
-                                    "dataset": "Unused: the prompt page runs the model on your text"})  # fmt: skip
+    @config_command(
+        app,
+        "explore",
+        exclude={"split", "text_column", "hf_split", "context_length", "test_fraction"},
+        help_overrides={
+            "model": "Model for the prompt page (default: the index's)",
+            "dataset": "Unused: the prompt page runs the model on your text",
+        },
+    )
     def explore(
         run: Annotated[Path, typer.Argument(help="Run folder indexed by `mlsae index`")],
         cfg: ExploreConfig,
@@ -71,8 +79,16 @@ def serve(
     from mlsae.explore.server import create_app
 
     host, port = cfg.host, cfg.port
-    app = create_app(run, db=db, model=model.model, evolution=evolution, max_tokens=cfg.max_tokens,
-                     dtype=model.dtype, host=host, dense=cfg.dense)  # fmt: skip
+    app = create_app(
+        run,
+        db=db,
+        model=model.model,
+        evolution=evolution,
+        max_tokens=cfg.max_tokens,
+        dtype=model.dtype,
+        host=host,
+        dense=cfg.dense,
+    )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -13,8 +13,17 @@ from mlsae.cli.options import config_command
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.stage_config import ExportConfig, ImportConfig
 
-_ONLY_NAMES = {"split", "text_column", "hf_split", "context_length", "test_fraction", "dtype",
-               "cache", "tokens", "batch_size"}  # fmt: skip
+_ONLY_NAMES = {
+    "split",
+    "text_column",
+    "hf_split",
+    "context_length",
+    "test_fraction",
+    "dtype",
+    "cache",
+    "tokens",
+    "batch_size",
+}
 """Import records a model, a dataset and layers: the other data / model settings do not apply."""
 
 
@@ -50,14 +59,26 @@ def register(app: typer.Typer) -> None:
         else:
             from mlsae.interchange.hub import export_hub
 
-            export_hub(run, out, repo_id=cfg.repo_id, eval_json=cfg.eval_json,
-                       approximate=cfg.approximate, hook_format=cfg.hook_format)  # fmt: skip
+            export_hub(
+                run,
+                out,
+                repo_id=cfg.repo_id,
+                eval_json=cfg.eval_json,
+                approximate=cfg.approximate,
+                hook_format=cfg.hook_format,
+            )
             print(f"wrote {out}: upload with `huggingface-cli upload {cfg.repo_id} {out}`")
 
-    @config_command(app, "import", exclude=_ONLY_NAMES, help_overrides={
-        "model": "The model the SAE reads (when the source does not say)",
-        "dataset": "Dataset to record in cfg.json (when the source does not say)",
-        "layers": "Block indices it reads, e.g. '3' or '0-5' (when the source does not say)"})  # fmt: skip
+    @config_command(
+        app,
+        "import",
+        exclude=_ONLY_NAMES,
+        help_overrides={
+            "model": "The model the SAE reads (when the source does not say)",
+            "dataset": "Dataset to record in cfg.json (when the source does not say)",
+            "layers": "Block indices it reads, e.g. '3' or '0-5' (when the source does not say)",
+        },
+    )
     def import_(
         src: Annotated[str, typer.Argument(help="Folder, or an org/name hub repo")],
         out: Annotated[Path, typer.Option(help="New mlsae SAE folder")],

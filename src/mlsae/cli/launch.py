@@ -60,8 +60,16 @@ def without_nproc(argv: list[str]) -> list[str]:
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """The torchrun command line running `mlsae ARGV` (ARGV without --nproc) on nproc
     processes of this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "mlsae", *without_nproc(argv)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "mlsae",
+        *without_nproc(argv),
+    ]
 
 
 def relaunch(nproc: int) -> None:
@@ -132,13 +140,18 @@ def job_failure(failures: dict[int, Any], lines: dict[int, str], world: int) -> 
     if failure.exitcode < 0:
         sig = signal.Signals(-failure.exitcode)
         how = HOW_KILLED.get(sig, "a signal")
-        hint = next((t for t in (lines.get(r, "") for r in sorted(lines)) if "continue with" in t),
-                    "")  # fmt: skip
+        hint = next(
+            (t for t in (lines.get(r, "") for r in sorted(lines)) if "continue with" in t), ""
+        )
         then = "continue with" + hint.split("continue with", 1)[1] if hint else "see its log above"
-        return 2, (f"error: rank {rank} of {world} was killed by signal {int(sig)} ({sig.name}: "
-                   f"{how}) and the job was stopped; {then}")  # fmt: skip
+        return 2, (
+            f"error: rank {rank} of {world} was killed by signal {int(sig)} ({sig.name}: "
+            f"{how}) and the job was stopped; {then}"
+        )
     line = lines.get(0) or lines.get(rank)
     if line is None:
-        line = (f"error: rank {rank} of {world} failed with exit code {failure.exitcode} "
-                "(its traceback is above)")  # fmt: skip
+        line = (
+            f"error: rank {rank} of {world} failed with exit code {failure.exitcode} "
+            "(its traceback is above)"
+        )
     return failure.exitcode or 2, line

@@ -18,8 +18,14 @@ lens_app = typer.Typer(
 )
 
 
-@config_command(lens_app, "train", defaults={"tokens": 16384}, exclude={"cache"}, fixed={"split": "train", "device": "cpu"},
-                help_overrides={"tokens": "Training-split tokens (all used by the regression)"})  # fmt: skip
+@config_command(
+    lens_app,
+    "train",
+    defaults={"tokens": 16384},
+    exclude={"cache"},
+    fixed={"split": "train", "device": "cpu"},
+    help_overrides={"tokens": "Training-split tokens (all used by the regression)"},
+)
 def lens_train(
     out: Annotated[Path, typer.Option(help="Output lens folder (lens.safetensors + lens.json)")],
     data: DataConfig,
@@ -30,7 +36,7 @@ def lens_train(
     """Train a tuned lens: minimise KL(final || lens) at every block but the last."""
     from mlsae.activations.open import open_live
     from mlsae.core.outputs import check_output
-    from mlsae.lens.train import train_lens_command
+    from mlsae.lens.command import train_lens_command
 
     check_output(out, "lens")
     live = open_live(source, data, model, default_tokens=16384)
@@ -38,10 +44,17 @@ def lens_train(
     print(f"lens saved to {out} ({len(lens.trained_layers)} translators)")
 
 
-@config_command(lens_app, "evaluate", defaults={"tokens": 2048}, exclude={"cache", "layers"},
-                fixed={"split": "test", "device": "cpu"}, help_overrides={
-                    "model": "Model (default: the one named in the lens)",
-                    "tokens": "Test-split tokens to evaluate"})  # fmt: skip
+@config_command(
+    lens_app,
+    "evaluate",
+    defaults={"tokens": 2048},
+    exclude={"cache", "layers"},
+    fixed={"split": "test", "device": "cpu"},
+    help_overrides={
+        "model": "Model (default: the one named in the lens)",
+        "tokens": "Test-split tokens to evaluate",
+    },
+)
 def lens_evaluate(
     lens: Annotated[Path, typer.Argument(help="Lens folder (ours or tuned-lens params.pt)")],
     out: Annotated[Path, typer.Option(help="Output JSON file")],
@@ -62,6 +75,11 @@ def lens_evaluate(
     tl.meta["path"] = str(lens)
     if model.model is None and not tl.model_name:
         raise MlsaeError("the lens does not name its model: pass --model")
-    live = open_live(source, data, replace(model, model=model.model or tl.model_name),
-                     default_tokens=2048, layers=[])  # fmt: skip
+    live = open_live(
+        source,
+        data,
+        replace(model, model=model.model or tl.model_name),
+        default_tokens=2048,
+        layers=[],
+    )
     print(format_table(evaluate_lens_command(tl, out, live, source.batch_size, boot)))

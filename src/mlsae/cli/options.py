@@ -106,8 +106,13 @@ def config_command(
     (they keep their default); fixed: fields set by the command; aliases: extra option names;
     help_overrides: a command-specific help text for a field. Keys are field names.
     """
-    spec = _Spec(dict(defaults or {}), exclude, dict(fixed or {}), dict(aliases or {}),
-                 dict(help_overrides or {}))  # fmt: skip
+    spec = _Spec(
+        dict(defaults or {}),
+        exclude,
+        dict(fixed or {}),
+        dict(aliases or {}),
+        dict(help_overrides or {}),
+    )
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         params, expanded = _parameters(fn, spec)

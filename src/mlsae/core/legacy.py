@@ -26,10 +26,14 @@ def run_config_v1(d: dict[str, Any], train_fields: set[str]) -> dict[str, Any]:
         "data": {"dataset": d.get("dataset") or V1_DEFAULT, "exclude_sink": False},
         "model": {"model": d.get("model") or V1_DEFAULT},
         "source": {"cache": d.get("cache")},
-        "sae": {"expansion_factor": rs or [8], "k": ks or [32],
-                "normalize": d.get("normalize", "standardize"),
-                "per_layer": d.get("mode") == "per_layer", "lens": d.get("lens")},
+        "sae": {
+            "expansion_factor": rs or [8],
+            "k": ks or [32],
+            "normalize": d.get("normalize", "standardize"),
+            "per_layer": d.get("mode") == "per_layer",
+            "lens": d.get("lens"),
+        },
         "train": train,
         **{k: d.get(k) for k in ("cache", "mode", "layers", "d_in", "members", "lens")},
         "version": 2,
-    }  # fmt: skip
+    }

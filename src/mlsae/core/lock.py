@@ -42,8 +42,10 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[None]:
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            log.warning(f"{path}: this file system cannot lock files; do not run two mlsae "
-                        f"commands on {folder} at once")  # fmt: skip
+            log.warning(
+                f"{path}: this file system cannot lock files; do not run two mlsae "
+                f"commands on {folder} at once"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield

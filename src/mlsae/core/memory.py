@@ -45,6 +45,8 @@ def check_memory(need: int, what: str, hint: str, available: int | None = None) 
     if avail is None:
         return
     if need > avail:
-        raise MlsaeError(f"{what} need about {gb(need)} of memory and this machine has "
-                         f"{gb(avail)} available: {hint}")  # fmt: skip
+        raise MlsaeError(
+            f"{what} need about {gb(need)} of memory and this machine has "
+            f"{gb(avail)} available: {hint}"
+        )
     log.debug(f"{what}: about {gb(need)} of {gb(avail)} available")

@@ -115,14 +115,18 @@ def check_output(
             raise MlsaeError(f"{option} {out} is also an input of this command: choose another")
         if apart and (r_inp in res.parents or res in r_inp.parents):
             where = "inside" if r_inp in res.parents else "around"
-            raise MlsaeError(f"{option} {out} is {where} this command's input {inp}: choose a "
-                             "location apart from it")  # fmt: skip
+            raise MlsaeError(
+                f"{option} {out} is {where} this command's input {inp}: choose a "
+                "location apart from it"
+            )
     check_kind_of_file(out, option, file)
     for parent in res.parents:
         k = folder_kind(parent)
         if k in CLOSED:
-            raise MlsaeError(f"{option} {out} is inside {NAMES[k]} ({parent}), which holds only "
-                             "its own files: choose a location outside it")  # fmt: skip
+            raise MlsaeError(
+                f"{option} {out} is inside {NAMES[k]} ({parent}), which holds only "
+                "its own files: choose a location outside it"
+            )
     if out.exists():
         if file and out.is_dir():
             raise MlsaeError(
@@ -132,13 +136,15 @@ def check_output(
             raise MlsaeError(f"{option} {out} is a file: choose a folder")
         k = None if file else folder_kind(out)
         if k is not None and k != kind:
-            raise MlsaeError(f"{option} {out} is {NAMES[k]}: choose a new {option} "
-                             "(it is left untouched)")  # fmt: skip
+            raise MlsaeError(
+                f"{option} {out} is {NAMES[k]}: choose a new {option} (it is left untouched)"
+            )
     if file:
         k = folder_kind(res.parent)
         if k is not None and k != kind and out.name in OWNED[k]:
-            raise MlsaeError(f"{option} {out} is a file of {NAMES[k]} ({res.parent}): choose "
-                             "another file name")  # fmt: skip
+            raise MlsaeError(
+                f"{option} {out} is a file of {NAMES[k]} ({res.parent}): choose another file name"
+            )
     check_writable(res.parent if file else res, f"{option} {out}", need_bytes)
     return out
 
@@ -148,11 +154,13 @@ def check_kind_of_file(out: Path, option: str = "--out", file: bool = True) -> N
     writing there would write into the device or replace the link, never what an output means.
     A folder reached through a link is checked where it resolves to."""
     if file and out.is_symlink():
-        raise MlsaeError(f"{option} {out} is a symbolic link: give the path it points to, or a "
-                         "new name")  # fmt: skip
+        raise MlsaeError(
+            f"{option} {out} is a symbolic link: give the path it points to, or a new name"
+        )
     if out.exists() and not out.is_dir() and not out.is_file():
-        raise MlsaeError(f"{option} {out} is not a regular file (a device, FIFO or socket): "
-                         "give a file name")  # fmt: skip
+        raise MlsaeError(
+            f"{option} {out} is not a regular file (a device, FIFO or socket): give a file name"
+        )
 
 
 def confined(base: Path, rel: str, what: str) -> Path:
@@ -160,8 +168,7 @@ def confined(base: Path, rel: str, what: str) -> Path:
     relative, has no '..' and stays strictly inside `base` once symbolic links are resolved."""
     parts = Path(rel).parts
     if not rel.strip() or Path(rel).is_absolute() or ".." in parts or "\x00" in rel:
-        raise MlsaeError(f"{what} {rel!r} is not a plain relative name: it must stay inside "
-                         f"{base}")  # fmt: skip
+        raise MlsaeError(f"{what} {rel!r} is not a plain relative name: it must stay inside {base}")
     path = base / rel
     if _resolved(base) not in _resolved(path).parents:
         raise MlsaeError(f"{what} {rel!r} leads outside {base}")
@@ -189,8 +196,10 @@ def check_writable(folder: Path, what: str, need_bytes: int = 0) -> None:
         return
     need = max(int(need_bytes), MIN_FREE_BYTES)
     if free < need:
-        raise MlsaeError(f"{what}: the disk holding {q} has {_size(free)} free, this needs "
-                         f"about {_size(need)}: free some space or write elsewhere")  # fmt: skip
+        raise MlsaeError(
+            f"{what}: the disk holding {q} has {_size(free)} free, this needs "
+            f"about {_size(need)}: free some space or write elsewhere"
+        )
 
 
 def _size(n: float) -> str:

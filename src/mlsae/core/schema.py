@@ -38,8 +38,13 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in get_args(tp))
     if origin in (list, tuple):
         item = get_args(tp)[0] if get_args(tp) else Any
-        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans",
-                  Path: "path strings"}.get(item)  # fmt: skip
+        plural = {
+            int: "integers",
+            float: "numbers",
+            str: "strings",
+            bool: "booleans",
+            Path: "path strings",
+        }.get(item)
         if plural is None and dataclasses.is_dataclass(item):
             plural = "objects"
         return f"a list of {plural}" if plural else f"a list, each {_describe(item)}"
@@ -47,8 +52,13 @@ def _describe(tp: Any) -> str:
         return "null"
     if dataclasses.is_dataclass(tp):
         return "an object"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            Path: "a path string"}.get(tp, getattr(tp, "__name__", str(tp)))  # fmt: skip
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        Path: "a path string",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def convert(tp: Any, value: Any, where: str) -> Any:

@@ -44,10 +44,14 @@ class EvalConfig:
     zero ablation, l2_ratio, ...), written beside --out as SAEBench's core result files."""
 
     def __post_init__(self) -> None:
-        check(self.format in ("mlsae", "saebench"),
-              f"unknown --format {self.format!r}: mlsae or saebench")  # fmt: skip
-        check(self.ce or (self.replace is None and self.format == "mlsae"),
-              "--replace and --format saebench splice into the model: drop --no-ce")  # fmt: skip
+        check(
+            self.format in ("mlsae", "saebench"),
+            f"unknown --format {self.format!r}: mlsae or saebench",
+        )
+        check(
+            self.ce or (self.replace is None and self.format == "mlsae"),
+            "--replace and --format saebench splice into the model: drop --no-ce",
+        )
 
 
 @dataclass
@@ -121,8 +125,10 @@ class LensTrainConfig:
         check(
             self.eval_every >= 1 and self.patience >= 1, "--eval-every and --patience must be >= 1"
         )
-        check(not (self.init == "zero" and self.steps == 0),
-              "--init zero with --steps 0 would save the logit lens: use --steps >= 1")  # fmt: skip
+        check(
+            not (self.init == "zero" and self.steps == 0),
+            "--init zero with --steps 0 would save the logit lens: use --steps >= 1",
+        )
 
 
 @dataclass
@@ -180,8 +186,10 @@ class EvolutionConfig:
     by a std that changes from layer to layer with the other features; issue 24, 3d)."""
 
     def __post_init__(self) -> None:
-        check(self.top_m > 0 or self.edge_threshold is not None,
-              "give --top-m, --edge-threshold or both to define graph edges")  # fmt: skip
+        check(
+            self.top_m > 0 or self.edge_threshold is not None,
+            "give --top-m, --edge-threshold or both to define graph edges",
+        )
         check(self.top_m >= 0, f"--top-m must be >= 0, not {self.top_m}")
         check(
             self.edge_measure in MEASURES,
@@ -192,10 +200,14 @@ class EvolutionConfig:
             f"--active-fraction must be in (0, 1), not {self.active_fraction}",
         )
         check(self.memory_gb > 0, f"--memory-gb must be > 0, not {self.memory_gb}")
-        check(self.contexts >= 0 and self.min_support >= 1 and self.max_nodes_html >= 1,
-              "--contexts must be >= 0, --min-support and --max-nodes-html >= 1")  # fmt: skip
-        check(self.community in ("auto", "leiden", "louvain"),
-              f"unknown --community {self.community!r}: auto, leiden or louvain")  # fmt: skip
+        check(
+            self.contexts >= 0 and self.min_support >= 1 and self.max_nodes_html >= 1,
+            "--contexts must be >= 0, --min-support and --max-nodes-html >= 1",
+        )
+        check(
+            self.community in ("auto", "leiden", "louvain"),
+            f"unknown --community {self.community!r}: auto, leiden or louvain",
+        )
 
 
 @dataclass
@@ -251,8 +263,10 @@ class IndexConfig:
     """Seed of the activation sampling."""
 
     def __post_init__(self) -> None:
-        check(self.top_n >= 1 and self.samples >= 4 and 0 <= self.window <= 32,
-              "--top-n must be >= 1, --samples >= 4 and --window in [0, 32]")  # fmt: skip
+        check(
+            self.top_n >= 1 and self.samples >= 4 and 0 <= self.window <= 32,
+            "--top-n must be >= 1, --samples >= 4 and --window in [0, 32]",
+        )
         check(
             self.n_logits >= 1 and self.n_neighbours >= 1,
             "--n-logits and --n-neighbours must be >= 1",
@@ -307,6 +321,8 @@ class ControlsConfig:
     def __post_init__(self) -> None:
         check(all(g >= 2 for g in self.gaps), f"--gaps must be >= 2, not {self.gaps}")
         check(self.resamples >= 1, f"--resamples must be >= 1, not {self.resamples}")
-        check(self.causal_contexts >= 1 and self.causal_features >= 1,
-              "--causal-contexts and --causal-features must be >= 1")  # fmt: skip
+        check(
+            self.causal_contexts >= 1 and self.causal_features >= 1,
+            "--causal-contexts and --causal-features must be >= 1",
+        )
         check(0 < self.drop <= 1, f"--drop must be in (0, 1], not {self.drop}")

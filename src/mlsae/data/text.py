@@ -107,8 +107,9 @@ def _read_jsonl(path: Path, column: str) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise MlsaeError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
-                                 f"{e.start} of the line)") from None  # fmt: skip
+                raise MlsaeError(
+                    f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -126,13 +127,16 @@ def text_value(value: object, where: str) -> str:
     `where` for a number, boolean, object or list (cached as its Python repr otherwise) or a
     string holding a lone surrogate (which no tokenizer can encode)."""
     if not isinstance(value, str):
-        raise MlsaeError(f"{where} is {type(value).__name__} {str(value)[:40]!r}, not text: "
-                         "choose the text column with --text-column")  # fmt: skip
+        raise MlsaeError(
+            f"{where} is {type(value).__name__} {str(value)[:40]!r}, not text: "
+            "choose the text column with --text-column"
+        )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise MlsaeError(f"{where}: not valid Unicode text ({e.reason} at character "
-                         f"{e.start})") from None  # fmt: skip
+        raise MlsaeError(
+            f"{where}: not valid Unicode text ({e.reason} at character {e.start})"
+        ) from None
     return value
 
 

@@ -14,13 +14,8 @@ from mlsae.core.io import write_json
 from mlsae.core.layers import parse_layers
 from mlsae.core.outputs import check_output
 from mlsae.core.stage_config import EvalConfig
-from mlsae.eval.evaluate import (
-    METRICS,
-    evaluate_entries,
-    load_entry,
-    open_eval_source,
-)
-from mlsae.eval.result import CrossResult, fmt_value
+from mlsae.eval.evaluate import evaluate_entries, load_entry, open_eval_source
+from mlsae.eval.result import METRICS, CrossResult, fmt_value
 from mlsae.sae.folders import RunFolder
 from mlsae.sae.metrics import mean_or_none
 
@@ -55,8 +50,9 @@ def cross_command(
     mlsae.reset_metrics()
     rows = [*singles, mlsae]
     src = open_eval_source(rows, replace(source, layers=None), data, model)
-    name = evaluate_entries(rows, src, model=model, ev=ev,
-                            tokens=source.tokens, batch_size=source.batch_size)  # fmt: skip
+    name = evaluate_entries(
+        rows, src, model=model, ev=ev, tokens=source.tokens, batch_size=source.batch_size
+    )
     mats = {}
     for key in METRICS:
         mat = []
@@ -65,10 +61,15 @@ def cross_command(
             mat.append([per.get(c) for c in cols])
         mats[key] = mat
     cross = CrossResult(
-        [e.label for e in rows], [[int(x) for x in e.sae.cfg.layers] for e in rows], cols,
-        [str(e.path) for e in rows], name, mlsae.metrics.n_tokens,
-        [e.metrics.dead_fraction() for e in rows], **mats,
-    )  # fmt: skip
+        [e.label for e in rows],
+        [[int(x) for x in e.sae.cfg.layers] for e in rows],
+        cols,
+        [str(e.path) for e in rows],
+        name,
+        mlsae.metrics.n_tokens,
+        [e.metrics.dead_fraction() for e in rows],
+        **mats,
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "cross.json", cross.to_json())

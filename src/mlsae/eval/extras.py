@@ -38,9 +38,13 @@ class ExtraSums:
     """The sums behind fvu_std and delta_ce_typical of one evaluated SAE."""
 
     def __init__(
-        self, layers: Sequence[int], d_in: int, d_sae: int, bootstrap: bool,
+        self,
+        layers: Sequence[int],
+        d_in: int,
+        d_sae: int,
+        bootstrap: bool,
         thresholds: dict[int, float] | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.thresholds = thresholds
         self.std = LayerMetrics(layers, d_in, d_sae)
         self.std_contexts = ContextSums(layers, d_in) if bootstrap else None
@@ -59,9 +63,13 @@ class ExtraSums:
             self.std_contexts.update(layer, contexts, u, u_hat)
 
     def splice_typical(
-        self, model: PreTrainedModel, cp: CleanPass, recons: dict[int, Tensor],
-        plain: dict[int, Any], rows: Tensor,
-    ) -> None:  # fmt: skip
+        self,
+        model: PreTrainedModel,
+        cp: CleanPass,
+        recons: dict[int, Tensor],
+        plain: dict[int, Any],
+        rows: Tensor,
+    ) -> None:
         """delta CE with each block's outlier positions left clean. recons: block -> model-space
         reconstruction of the used positions; plain: splice_layers' stats of `recons` (reused
         where a batch has no outlier); rows [B]: the context of each batch row."""

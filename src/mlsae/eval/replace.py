@@ -51,16 +51,20 @@ def parse_replace(spec: str, layers: Sequence[int]) -> list[int]:
         ) from None
     missing = [x for x in chosen if x not in have]
     if not chosen or missing:
-        raise MlsaeError(f"--replace {spec!r}: block(s) {missing or chosen} are not among the "
-                         f"evaluated layers {have}")  # fmt: skip
+        raise MlsaeError(
+            f"--replace {spec!r}: block(s) {missing or chosen} are not among the "
+            f"evaluated layers {have}"
+        )
     return chosen
 
 
 def _with(h: Tensor, used: Tensor, x_hat: Tensor) -> Tensor:
     """h [B, T, d] with its used positions replaced by x_hat [N_used, d]."""
     if x_hat.shape != (int(used.sum()), h.shape[-1]):
-        raise MlsaeError(f"reconstruction of shape {tuple(x_hat.shape)}, expected "
-                         f"[{int(used.sum())}, {h.shape[-1]}] (used positions x d_model)")  # fmt: skip
+        raise MlsaeError(
+            f"reconstruction of shape {tuple(x_hat.shape)}, expected "
+            f"[{int(used.sum())}, {h.shape[-1]}] (used positions x d_model)"
+        )
     h = h.clone()
     h[used] = x_hat.to(h.device, h.dtype)
     return h
@@ -173,8 +177,12 @@ class Replacement:
 
     def result(self) -> ReplaceResult:
         rows = [
-            ReplaceRow(self.blocks[: m + 1], self.ce_sum[m] / n if n else None,
-                       self.kl_sum[m] / n if n else None, n)
+            ReplaceRow(
+                self.blocks[: m + 1],
+                self.ce_sum[m] / n if n else None,
+                self.kl_sum[m] / n if n else None,
+                n,
+            )
             for m, n in enumerate(self.n)
-        ]  # fmt: skip
+        ]
         return ReplaceResult(self.spec, rows)

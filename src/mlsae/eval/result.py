@@ -231,8 +231,10 @@ def format_eval_table(r: EvalResult) -> str:
     rows.append(f"dead fraction {dead}   tokens {r.n_tokens}")
     if r.intervals is not None:
         b = r.intervals.bootstrap
-        rows.append(f"95% CI: percentile bootstrap over {b.n_contexts} contexts "
-                    f"({b.n_resamples} resamples, seed {b.seed})")  # fmt: skip
+        rows.append(
+            f"95% CI: percentile bootstrap over {b.n_contexts} contexts "
+            f"({b.n_resamples} resamples, seed {b.seed})"
+        )
     if r.norm_outliers is not None:
         rep = r.norm_outliers
         rows.append(f"outliers: {rep.describe()}")
@@ -241,8 +243,10 @@ def format_eval_table(r: EvalResult) -> str:
                 "  the FVU of those layers mostly measures how well these few vectors are rebuilt"
             )
         if r.per_layer.fvu_typical is not None:
-            rows.append(f"  fvu_typ: the FVU without the tokens whose vector is above "
-                        f"{rep.factor:g}x its layer's median norm")  # fmt: skip
+            rows.append(
+                f"  fvu_typ: the FVU without the tokens whose vector is above "
+                f"{rep.factor:g}x its layer's median norm"
+            )
         if r.per_layer.delta_ce_typical is not None:
             rows.append("  dce_typ: delta CE with those positions left clean (not spliced)")
     if r.per_layer.fvu_std is not None:

@@ -112,15 +112,25 @@ def decoder_directions(sae: Any) -> Tensor:
     d_sae, dev = int(sae.cfg.d_sae), sae.device
     ones = torch.ones(1, 1, device=dev)
     zero_center = torch.zeros(1, int(sae.cfg.d_in), device=dev)  # cancels in the difference
-    empty = EncoderOutput(torch.zeros(1, 1, device=dev), torch.zeros(1, 1, dtype=torch.long,
-                          device=dev), torch.zeros(1, 1, device=dev), ones, zero_center)  # fmt: skip
+    empty = EncoderOutput(
+        torch.zeros(1, 1, device=dev),
+        torch.zeros(1, 1, dtype=torch.long, device=dev),
+        torch.zeros(1, 1, device=dev),
+        ones,
+        zero_center,
+    )
     base = sae.decode(empty)  # [1, d]
     rows = []
     for i in range(0, d_sae, _DIRECTION_CHUNK):
         idx = torch.arange(i, min(d_sae, i + _DIRECTION_CHUNK), device=dev)[:, None]
         c = len(idx)
-        enc = EncoderOutput(torch.ones(c, 1, device=dev), idx, torch.zeros(c, 1, device=dev),
-                            torch.ones(c, 1, device=dev), zero_center)  # fmt: skip
+        enc = EncoderOutput(
+            torch.ones(c, 1, device=dev),
+            idx,
+            torch.zeros(c, 1, device=dev),
+            torch.ones(c, 1, device=dev),
+            zero_center,
+        )
         rows.append((sae.decode(enc) - base).float().cpu())
     return torch.cat(rows)
 
@@ -230,17 +240,26 @@ math_nan = float("nan")
 
 _CATEGORIES = {
     "model_behavior_preservation": ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"),
-    "model_performance_preservation": ("ce_loss_score", "ce_loss_with_ablation",
-                                       "ce_loss_with_sae", "ce_loss_without_sae"),
+    "model_performance_preservation": (
+        "ce_loss_score",
+        "ce_loss_with_ablation",
+        "ce_loss_with_sae",
+        "ce_loss_without_sae",
+    ),
     "reconstruction_quality": ("explained_variance", "explained_variance_legacy", "mse", "cossim"),
     "shrinkage": ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"),
     "sparsity": ("l0", "l1"),
     "token_stats": ("total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"),
-    "misc_metrics": ("freq_over_1_percent", "freq_over_10_percent",
-                     "normalized_freq_over_1_percent", "normalized_freq_over_10_percent",
-                     "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim",
-                     "frac_alive"),
-}  # fmt: skip
+    "misc_metrics": (
+        "freq_over_1_percent",
+        "freq_over_10_percent",
+        "normalized_freq_over_1_percent",
+        "normalized_freq_over_10_percent",
+        "average_max_encoder_cosine_sim",
+        "average_max_decoder_cosine_sim",
+        "frac_alive",
+    ),
+}
 """SAEBench's core result categories and the metric names in each (CoreMetricCategories)."""
 
 
@@ -282,7 +301,7 @@ def saebench_file(result: dict[str, Any], index: int, sae_cfg: dict[str, Any]) -
         "eval_result_unstructured": {
             "mlsae_block": layer,
             "exclude_sink": result.get("exclude_sink"),
-        },  # fmt: skip
+        },
     }
 
 

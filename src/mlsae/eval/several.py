@@ -62,10 +62,18 @@ def evaluate_run(
         if lens is not None:
             raise MlsaeError("--lens applies to one SAE, not to a per-layer set")
         return evaluate_per_layer(run, out, source=source, data=data, model=model, ev=ev, boot=boot)
-    return evaluate_command(run, out, source=source, data=data, model=model, ev=ev, lens=lens,
-                            boot=boot,
-                            observe=partial(make_observers, ev),
-                            finish=partial(finish_observers, ev=ev, out=Path(out)))  # fmt: skip
+    return evaluate_command(
+        run,
+        out,
+        source=source,
+        data=data,
+        model=model,
+        ev=ev,
+        lens=lens,
+        boot=boot,
+        observe=partial(make_observers, ev),
+        finish=partial(finish_observers, ev=ev, out=Path(out)),
+    )
 
 
 def make_observers(ev: EvalConfig, entries: list[Entry]) -> list[BatchObserver]:
@@ -76,8 +84,10 @@ def make_observers(ev: EvalConfig, entries: list[Entry]) -> list[BatchObserver]:
 
         for e in entries:
             if e.sae.token_code:
-                raise MlsaeError(f"--format saebench: {e.path} is a {e.sae.cfg.architecture}, "
-                                 "which SAEBench's per-layer SAE format cannot describe")  # fmt: skip
+                raise MlsaeError(
+                    f"--format saebench: {e.path} is a {e.sae.cfg.architecture}, "
+                    "which SAEBench's per-layer SAE format cannot describe"
+                )
         observers.append(SaebenchObserver(entries))
     return observers
 
@@ -177,8 +187,15 @@ def evaluate_per_layer(
     entries = [load_entry(d, label=f"L{ly}") for ly, d in pairs]
     src = open_eval_source(entries, replace(source, layers=None), data, model)
     observers = make_observers(ev, entries)
-    name = evaluate_entries(entries, src, model=model, ev=ev, tokens=source.tokens,
-                            batch_size=source.batch_size, observers=observers)  # fmt: skip
+    name = evaluate_entries(
+        entries,
+        src,
+        model=model,
+        ev=ev,
+        tokens=source.tokens,
+        batch_size=source.batch_size,
+        observers=observers,
+    )
     result = _merge([e.result(name, boot) for e in entries], Path(run), name)
     result.exclude_sink = bool(src.info.get("exclude_sink", False))
     finish_observers(result, observers, ev=ev, out=Path(out))
@@ -270,8 +287,10 @@ def format_saebench(section: dict[str, Any], files: list[str]) -> str:
     for layer, m in zip(section["layers"], section["per_layer"], strict=True):
         rows.append(f"{layer:5d}" + "".join(" " + fmt_value(m[k]) for k in _SAEBENCH_COLUMNS))
     if files:
-        rows.append(f"SAEBench result files: {files[0]}" + (f" ... ({len(files)})" if len(
-            files) > 1 else ""))  # fmt: skip
+        rows.append(
+            f"SAEBench result files: {files[0]}"
+            + (f" ... ({len(files)})" if len(files) > 1 else "")
+        )
     return "\n".join(rows)
 
 
@@ -287,8 +306,11 @@ def format_replace(replace: dict[str, Any], per_layer: dict[str, Any], layers: l
         blocks = row["blocks"]
         name = _span(blocks)
         last = alone.get(blocks[-1], (None, None))
-        rows.append(f"{name:<26}{fmt_value(row['delta_ce'])} {fmt_value(row['kl'])}" + " " * 21
-                    + f"{fmt_value(last[0])} {fmt_value(last[1])}")  # fmt: skip
+        rows.append(
+            f"{name:<26}{fmt_value(row['delta_ce'])} {fmt_value(row['kl'])}"
+            + " " * 21
+            + f"{fmt_value(last[0])} {fmt_value(last[1])}"
+        )
     return "\n".join(rows)
 
 

@@ -51,8 +51,10 @@ class NextBlock:
     def __init__(self, model: nn.Module, ids: Tensor, layer: int) -> None:
         blocks = get_blocks(model)
         if not 0 <= layer < len(blocks) - 1:
-            raise MlsaeError(f"the causal check needs blocks {layer} and {layer + 1}: the model "
-                             f"has {len(blocks)}")  # fmt: skip
+            raise MlsaeError(
+                f"the causal check needs blocks {layer} and {layer + 1}: the model "
+                f"has {len(blocks)}"
+            )
         self.block = blocks[layer + 1]
         kept: dict[str, Any] = {}
 
@@ -85,9 +87,11 @@ class NextBlock:
         scale = float(kept["next"].abs().max().clamp_min(1e-30))
         self.mismatch = float((again - kept["next"]).abs().max()) / scale
         if self.mismatch > 1e-4:
-            raise MlsaeError(f"calling block {layer + 1} directly does not reproduce the model "
-                             f"(relative difference {self.mismatch:.2e}): the causal check "
-                             "cannot run on this architecture")  # fmt: skip
+            raise MlsaeError(
+                f"calling block {layer + 1} directly does not reproduce the model "
+                f"(relative difference {self.mismatch:.2e}): the causal check "
+                "cannot run on this architecture"
+            )
 
     @torch.inference_mode()
     def __call__(self, h: Tensor) -> Tensor:
@@ -102,9 +106,14 @@ def feature_acts(enc_acts: Tensor, enc_idx: Tensor, features: Tensor) -> Tensor:
 
 
 def choose_predecessors(
-    best_prev_idx: Tensor, cross: Tensor, w_up: Tensor, w_down: Tensor, alive_up: Tensor,
-    features: Tensor, gen: torch.Generator,
-) -> dict[str, Tensor]:  # fmt: skip
+    best_prev_idx: Tensor,
+    cross: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    alive_up: Tensor,
+    features: Tensor,
+    gen: torch.Generator,
+) -> dict[str, Tensor]:
     """The three predecessors [F] (int64) of each tested down feature (see the module doc).
     cross [d_up, d_down]: sum_t a_i b_j (> 0 where i and j were both active on a token)."""
     wu = torch.nn.functional.normalize(w_up.double(), dim=1)
@@ -116,8 +125,11 @@ def choose_predecessors(
         if len(pool) == 0:
             raise MlsaeError(f"down feature {j} has no co-active up feature")
         random[n] = pool[torch.randint(len(pool), (1,), generator=gen)]
-    return {"pearson": best_prev_idx[features].clone(), "decoder_cos": cos.argmax(1),
-            "random": random}  # fmt: skip
+    return {
+        "pearson": best_prev_idx[features].clone(),
+        "decoder_cos": cos.argmax(1),
+        "random": random,
+    }
 
 
 @dataclass
@@ -139,9 +151,15 @@ class CausalResult:
 
 @torch.inference_mode()
 def killed_fractions(
-    nxt: NextBlock, used: Tensor, sae_up: SparseAutoencoder, sae_down: SparseAutoencoder,
-    features: Tensor, preds: dict[str, Tensor], drop: float, rescale: bool,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:  # fmt: skip
+    nxt: NextBlock,
+    used: Tensor,
+    sae_up: SparseAutoencoder,
+    sae_down: SparseAutoencoder,
+    features: Tensor,
+    preds: dict[str, Tensor],
+    drop: float,
+    rescale: bool,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """Per kind: killed event counts [F] and active counts [F] of the tested features, and the
     base activations [n_used, F]."""
     h = nxt.h
@@ -173,12 +191,19 @@ def killed_fractions(
 
 
 def causal_pair(
-    nxt: NextBlock, used: Tensor, layers: tuple[int, int], saes: tuple[SparseAutoencoder, SparseAutoencoder],
-    features: Tensor, preds: dict[str, Tensor], cfg: EvolutionConfig, ctl: ControlsConfig,
-) -> CausalResult:  # fmt: skip
+    nxt: NextBlock,
+    used: Tensor,
+    layers: tuple[int, int],
+    saes: tuple[SparseAutoencoder, SparseAutoencoder],
+    features: Tensor,
+    preds: dict[str, Tensor],
+    cfg: EvolutionConfig,
+    ctl: ControlsConfig,
+) -> CausalResult:
     """Run the removals of one pair and summarise them."""
-    killed, active, _ = killed_fractions(nxt, used, saes[0], saes[1], features, preds, ctl.drop,
-                                         cfg.rescale)  # fmt: skip
+    killed, active, _ = killed_fractions(
+        nxt, used, saes[0], saes[1], features, preds, ctl.drop, cfg.rescale
+    )
     bs = Bootstrap(len(features), ctl.resamples, ctl.control_seed)
     rates, intervals, pooled, same = {}, {}, {}, {}
     for kind in preds:
@@ -188,13 +213,26 @@ def causal_pair(
         pooled[kind] = float(killed[kind].sum()) / max(int(active[kind].sum()), 1)
         same[kind] = float((preds[kind] == preds["pearson"]).double().mean())
     per_feature = [
-        {"feature": int(j), "active_tokens": int(active["pearson"][n]),
-         **{f"{k}_up": int(preds[k][n]) for k in preds},
-         **{f"{k}_killed": int(killed[k][n]) for k in preds}}
+        {
+            "feature": int(j),
+            "active_tokens": int(active["pearson"][n]),
+            **{f"{k}_up": int(preds[k][n]) for k in preds},
+            **{f"{k}_killed": int(killed[k][n]) for k in preds},
+        }
         for n, j in enumerate(features.tolist())
-    ]  # fmt: skip
-    return CausalResult(layers[0], layers[1], int(used.sum()), len(features), rates, intervals,
-                        pooled, same, nxt.mismatch, per_feature)  # fmt: skip
+    ]
+    return CausalResult(
+        layers[0],
+        layers[1],
+        int(used.sum()),
+        len(features),
+        rates,
+        intervals,
+        pooled,
+        same,
+        nxt.mismatch,
+        per_feature,
+    )
 
 
 def format_causal(results: list[CausalResult]) -> str:
@@ -209,6 +247,8 @@ def format_causal(results: list[CausalResult]) -> str:
             iv = r.intervals.get(k)
             ci = "" if iv is None else f" [{iv.low:.3f},{iv.high:.3f}]"
             cells.append(f"{r.rates[k]:.3f}{ci}".rjust(26))
-        lines.append(f"{r.up_layer:>3}-{r.down_layer:<3} {r.n_tokens:>6} {r.n_features:>5} "
-                     + " ".join(cells))  # fmt: skip
+        lines.append(
+            f"{r.up_layer:>3}-{r.down_layer:<3} {r.n_tokens:>6} {r.n_features:>5} "
+            + " ".join(cells)
+        )
     return "\n".join(lines)

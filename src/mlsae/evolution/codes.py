@@ -83,8 +83,13 @@ def source_chunks(
         if path is not None
         else f"{source.info.get('dataset')}:{source.info.get('split')}"
     )
-    facts = {"n_tokens": n, "context_length": int(source.context_length),
-             "model": source.info.get("model"), "source": where, "lens": source.lens}  # fmt: skip
+    facts = {
+        "n_tokens": n,
+        "context_length": int(source.context_length),
+        "model": source.info.get("model"),
+        "source": where,
+        "lens": source.lens,
+    }
     return gen(), facts
 
 

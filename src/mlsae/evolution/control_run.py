@@ -39,9 +39,13 @@ def _open(
     from mlsae.activations.open import open_source
 
     sc = load_per_layer(run)[0][1].cfg
-    return open_source(source, replace(data, dataset=data.dataset or sc.dataset),
-                       replace(model, model=model.model or sc.model), default_tokens=8192,
-                       layers=None)  # fmt: skip
+    return open_source(
+        source,
+        replace(data, dataset=data.dataset or sc.dataset),
+        replace(model, model=model.model or sc.model),
+        default_tokens=8192,
+        layers=None,
+    )
 
 
 def _up_layers(ctl: ControlsConfig) -> list[int]:
@@ -52,9 +56,15 @@ def _up_layers(ctl: ControlsConfig) -> list[int]:
 
 
 def measures_command(
-    run: Path, out: Path, seed_run: Path | None, source: SourceConfig, data: DataConfig,
-    model: ModelConfig, cfg: EvolutionConfig, ctl: ControlsConfig,
-) -> tuple[list[ControlRow], dict[str, Any]]:  # fmt: skip
+    run: Path,
+    out: Path,
+    seed_run: Path | None,
+    source: SourceConfig,
+    data: DataConfig,
+    model: ModelConfig,
+    cfg: EvolutionConfig,
+    ctl: ControlsConfig,
+) -> tuple[list[ControlRow], dict[str, Any]]:
     """Every control row of the up layers, written to `out` (JSON)."""
     t0 = time.perf_counter()
     check_output(out, "eval", file=True, inputs=[run, seed_run, source.cache])
@@ -95,9 +105,14 @@ def held_out_contexts(src: ActivationSource, n_contexts: int) -> tuple[torch.Ten
 
 
 def causal_command(
-    run: Path, out: Path, source: SourceConfig, data: DataConfig, model: ModelConfig,
-    cfg: EvolutionConfig, ctl: ControlsConfig,
-) -> tuple[list[CausalResult], dict[str, Any]]:  # fmt: skip
+    run: Path,
+    out: Path,
+    source: SourceConfig,
+    data: DataConfig,
+    model: ModelConfig,
+    cfg: EvolutionConfig,
+    ctl: ControlsConfig,
+) -> tuple[list[CausalResult], dict[str, Any]]:
     """The causal check of each pair (l, l+1) of the up layers, written to `out` (JSON)."""
     from mlsae.activations.open import source_model
 
@@ -124,15 +139,27 @@ def causal_command(
             0
         ]
         if len(eligible) == 0:
-            raise MlsaeError(f"no down feature of layer {lu + 1} is active on >= "
-                             f"{cfg.min_support} of the causal tokens")  # fmt: skip
+            raise MlsaeError(
+                f"no down feature of layer {lu + 1} is active on >= "
+                f"{cfg.min_support} of the causal tokens"
+            )
         pick = eligible[torch.randperm(len(eligible), generator=gen)[: ctl.causal_features]]
         features = pick.sort().values
         cross, _ = ps.matrices()
-        preds = choose_predecessors(res.best_prev_idx, cross, saes[lu].W_dec.detach().cpu(),
-                                    saes[lu + 1].W_dec.detach().cpu(), fa.alive, features, gen)  # fmt: skip
-        results.append(causal_pair(nxt, used, (lu, lu + 1), (saes[lu], saes[lu + 1]), features, preds,
-                                   cfg, ctl))  # fmt: skip
+        preds = choose_predecessors(
+            res.best_prev_idx,
+            cross,
+            saes[lu].W_dec.detach().cpu(),
+            saes[lu + 1].W_dec.detach().cpu(),
+            fa.alive,
+            features,
+            gen,
+        )
+        results.append(
+            causal_pair(
+                nxt, used, (lu, lu + 1), (saes[lu], saes[lu + 1]), features, preds, cfg, ctl
+            )
+        )
         log.info(f"causal check {lu}->{lu + 1}: {results[-1].rates}")
     body = {
         "run": str(run),
@@ -148,7 +175,7 @@ def causal_command(
                 },
             }
             for r in results
-        ],  # fmt: skip
+        ],
         "time_s": time.perf_counter() - t0,
     }
     write_json(out, body)

@@ -113,8 +113,12 @@ def pair_result(
     ps = PairStats(fa.threshold(cfg.active_fraction), fb.threshold(cfg.active_fraction))
     step = 2048
     for s in range(0, len(up.idx), step):
-        ps.update(up.idx[s : s + step], up.acts[s : s + step],
-                  down.idx[s : s + step], down.acts[s : s + step])  # fmt: skip
+        ps.update(
+            up.idx[s : s + step],
+            up.acts[s : s + step],
+            down.idx[s : s + step],
+            down.acts[s : s + step],
+        )
     res = summarize_pair(fa, fb, ps, cfg, up.w_dec, down.w_dec, (up.layer, down.layer))
     return res, fa, fb, ps
 
@@ -192,9 +196,13 @@ def _quantiles(x: Tensor, names: dict[str, float | None]) -> dict[str, float]:
 
 
 def control_row(
-    kind: str, up: LayerCodes, down: LayerCodes, ctx: Tensor, cfg: EvolutionConfig,
+    kind: str,
+    up: LayerCodes,
+    down: LayerCodes,
+    ctx: Tensor,
+    cfg: EvolutionConfig,
     bs: Bootstrap | None,
-) -> ControlRow:  # fmt: skip
+) -> ControlRow:
     """Measures of (up, down) over the same tokens; intervals when `bs` is given."""
     res, fa, fb, _ = pair_result(up, down, cfg)
     s = res.summary
@@ -221,9 +229,12 @@ def control_row(
     )
     if bs is not None:
         up_sums = partner_sums(up, down, res.best_next_idx.where(alive_up, -1), ctx)
-        row.intervals = rate_intervals(up_sums, alive_up, {
-            "pass_through": (cfg.pass_through, True), "disappear": (cfg.link_threshold, False)
-        }, bs)  # fmt: skip
+        row.intervals = rate_intervals(
+            up_sums,
+            alive_up,
+            {"pass_through": (cfg.pass_through, True), "disappear": (cfg.link_threshold, False)},
+            bs,
+        )
         dn_sums = partner_sums(down, up, res.best_prev_idx.where(alive_dn, -1), ctx)
         row.intervals |= rate_intervals(
             dn_sums, alive_dn, {"appear": (cfg.link_threshold, False)}, bs
@@ -232,9 +243,12 @@ def control_row(
 
 
 def control_rows(
-    codes: dict[tuple[str, int], LayerCodes], ctx: Tensor, up_layers: list[int],
-    cfg: EvolutionConfig, ctl: ControlsConfig,
-) -> Iterator[ControlRow]:  # fmt: skip
+    codes: dict[tuple[str, int], LayerCodes],
+    ctx: Tensor,
+    up_layers: list[int],
+    cfg: EvolutionConfig,
+    ctl: ControlsConfig,
+) -> Iterator[ControlRow]:
     """Every control of every up layer l: codes[("main", l)] are the per-layer set's,
     codes[("seed", l)] the second seed's (optional)."""
     n_ctx = len(torch.unique(ctx))
@@ -271,9 +285,16 @@ def verdicts(rows: list[ControlRow], measure: str = "pass_through") -> list[dict
         if o is None or r is o:
             continue
         v = verdict(o.intervals.get(measure), r.intervals.get(measure))
-        out.append({"up_layer": r.up_layer, "control": r.kind, "measure": measure,
-                    "observed": getattr(o, measure), "control_value": getattr(r, measure),
-                    "observed_vs_control": v})  # fmt: skip
+        out.append(
+            {
+                "up_layer": r.up_layer,
+                "control": r.kind,
+                "measure": measure,
+                "observed": getattr(o, measure),
+                "control_value": getattr(r, measure),
+                "observed_vs_control": v,
+            }
+        )
     return out
 
 
@@ -284,8 +305,10 @@ def format_rows(rows: list[ControlRow]) -> str:
         text = "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
         return text if iv is None else f"{text} [{iv.low:.3f},{iv.high:.3f}]"
 
-    head = (f"{'control':>12} {'pair':>7} {'pass-through [95% CI]':>24} {'disappear [CI]':>22} "
-            f"{'appear [CI]':>22} {'bestP p50':>9} {'p90':>6} {'dec cos':>7}")  # fmt: skip
+    head = (
+        f"{'control':>12} {'pair':>7} {'pass-through [95% CI]':>24} {'disappear [CI]':>22} "
+        f"{'appear [CI]':>22} {'bestP p50':>9} {'p90':>6} {'dec cos':>7}"
+    )
     lines = [head]
     for r in rows:
         iv = r.intervals
@@ -310,9 +333,14 @@ def rows_json(rows: list[ControlRow]) -> list[dict]:
 
 
 def load_codes(
-    source: ActivationSource, run: Path, seed_run: Path | None, up_layers: list[int],
-    ctl: ControlsConfig, rescale: bool, max_tokens: int | None = None,
-) -> tuple[dict[tuple[str, int], LayerCodes], Tensor]:  # fmt: skip
+    source: ActivationSource,
+    run: Path,
+    seed_run: Path | None,
+    up_layers: list[int],
+    ctl: ControlsConfig,
+    rescale: bool,
+    max_tokens: int | None = None,
+) -> tuple[dict[tuple[str, int], LayerCodes], Tensor]:
     """Codes of every SAE the controls of `up_layers` need: ("main", layer) from the per-layer
     set `run`, ("seed", layer) from the second-seed set `seed_run` (at the up layers it has)."""
     main = dict(load_per_layer(run))

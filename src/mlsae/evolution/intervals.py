@@ -60,10 +60,14 @@ def select(r: PairResult, alive_up: Tensor, alive_dn: Tensor) -> Selected:
     keys = list(index)
     t = lambda x: torch.tensor(x, dtype=torch.int64)
     return Selected(
-        ui=t([k[0] for k in keys]), dj=t([k[1] for k in keys]), next_e=t(next_e),
-        prev_e=t(prev_e), and_e=t(and_e).reshape(-1, 2), or_e=t(or_e).reshape(-1, 2),
+        ui=t([k[0] for k in keys]),
+        dj=t([k[1] for k in keys]),
+        next_e=t(next_e),
+        prev_e=t(prev_e),
+        and_e=t(and_e).reshape(-1, 2),
+        or_e=t(or_e).reshape(-1, 2),
         spec_e=t(spec_e),
-    )  # fmt: skip
+    )
 
 
 def _dense(idx: Tensor, acts: Tensor, d: int) -> Tensor:
@@ -73,9 +77,15 @@ def _dense(idx: Tensor, acts: Tensor, d: int) -> Tensor:
 
 
 def context_sums(
-    store: CodeStore, p: int, sel: Selected, stats: tuple[FeatureStats, FeatureStats],
-    thresholds: tuple[Tensor, Tensor], ctx: Tensor, n_contexts: int, chunk_rows: int = 512,
-) -> Tensor:  # fmt: skip
+    store: CodeStore,
+    p: int,
+    sel: Selected,
+    stats: tuple[FeatureStats, FeatureStats],
+    thresholds: tuple[Tensor, Tensor],
+    ctx: Tensor,
+    n_contexts: int,
+    chunk_rows: int = 512,
+) -> Tensor:
     """[len(SUMS) + 1, C, E] per-context sums of the selected pairs of layer pair (p, p + 1)
     (the last row: the context's token count, the same for every pair)."""
     E = len(sel.ui)
@@ -142,9 +152,13 @@ def classify(
 
 
 def rate_intervals(
-    results: list[PairResult], stats: list[FeatureStats], store: CodeStore,
-    cfg: EvolutionConfig, boot: BootstrapConfig, context_length: int,
-) -> tuple[list[dict[str, Interval | None]], Bootstrap]:  # fmt: skip
+    results: list[PairResult],
+    stats: list[FeatureStats],
+    store: CodeStore,
+    cfg: EvolutionConfig,
+    boot: BootstrapConfig,
+    context_length: int,
+) -> tuple[list[dict[str, Interval | None]], Bootstrap]:
     """Per pair, the interval of each rate over the contexts of the used tokens."""
     ctx_of = torch.from_numpy(store.positions() // max(context_length, 1))
     _, ctx = torch.unique(ctx_of, return_inverse=True)  # contexts with used tokens: 0..C-1
@@ -154,12 +168,18 @@ def rate_intervals(
     out = []
     for p, r in enumerate(results):
         sel = select(r, stats[p].alive, stats[p + 1].alive)
-        sums = context_sums(store, p, sel, (stats[p], stats[p + 1]), (thr[p], thr[p + 1]), ctx,
-                            n_contexts)  # fmt: skip
-        blocks = [resampled_measures(sums[:, :, e : e + 1024], bs)
-                  for e in range(0, sums.shape[2], 1024)]  # fmt: skip
-        pearson, suf, nec = (torch.cat([m[q] for m in blocks], 1) if blocks else
-                             torch.zeros(bs.counts.shape[0], 0, dtype=F64) for q in range(3))  # fmt: skip
+        sums = context_sums(
+            store, p, sel, (stats[p], stats[p + 1]), (thr[p], thr[p + 1]), ctx, n_contexts
+        )
+        blocks = [
+            resampled_measures(sums[:, :, e : e + 1024], bs) for e in range(0, sums.shape[2], 1024)
+        ]
+        pearson, suf, nec = (
+            torch.cat([m[q] for m in blocks], 1)
+            if blocks
+            else torch.zeros(bs.counts.shape[0], 0, dtype=F64)
+            for q in range(3)
+        )
         rates = classify(pearson, suf, nec, sel, cfg)
         out.append({k: bs.interval(v) for k, v in rates.items()})
     return out, bs

@@ -67,9 +67,13 @@ class MatchScores:
 
     @torch.no_grad()
     def update(
-        self, p: int, sae_down: SparseAutoencoder, enc_up: EncoderOutput,
-        enc_down: EncoderOutput, x_down: Tensor,
-    ) -> None:  # fmt: skip
+        self,
+        p: int,
+        sae_down: SparseAutoencoder,
+        enc_up: EncoderOutput,
+        enc_down: EncoderOutput,
+        x_down: Tensor,
+    ) -> None:
         """Add one batch of pair p: codes of x_up and x_down [n, d_in] at both layers."""
         d = self.pairs[p][1]
         moved = permute_codes(enc_up, self.perms[p])._replace(center=enc_down.center)
@@ -90,6 +94,12 @@ class MatchScores:
         for p, (u, d) in enumerate(self.pairs):
             perm = self.perms[p]
             same = float((perm == torch.arange(len(perm))).double().mean())
-            out.append({"up_layer": u, "down_layer": d, **{v: fvus[v][p] for v in VARIANTS},
-                        "identity_fraction": same})  # fmt: skip
+            out.append(
+                {
+                    "up_layer": u,
+                    "down_layer": d,
+                    **{v: fvus[v][p] for v in VARIANTS},
+                    "identity_fraction": same,
+                }
+            )
         return out

@@ -41,8 +41,7 @@ def _terms(s: FeatureStats, counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
     mu = s.sum / n
     sd = (s.sumsq / n - mu * mu).clamp_min(0).sqrt()
     cnt = counts.to(F64)
-    return (mu, torch.where(sd > 0, 1 / sd, math.nan), cnt,
-            torch.where(cnt > 0, 1 / cnt, math.nan))  # fmt: skip
+    return (mu, torch.where(sd > 0, 1 / sd, math.nan), cnt, torch.where(cnt > 0, 1 / cnt, math.nan))
 
 
 def _unit_rows(w: Tensor | None) -> Tensor | None:
@@ -163,12 +162,15 @@ class _Scan:
         self.spec_suf = torch.full((d_dn,), math.nan, dtype=F64)
         self.spec_par = torch.full((d_dn,), -1, dtype=i64)
 
-    def boolean(self, nec: Tensor, suf: Tensor, nosup_r: Tensor, sup_dn: Tensor, s: int,
-                threshold: float) -> None:  # fmt: skip
+    def boolean(
+        self, nec: Tensor, suf: Tensor, nosup_r: Tensor, sup_dn: Tensor, s: int, threshold: float
+    ) -> None:
         """Quasi-boolean AND / OR members (features under min_support left out) and each down
         feature's most necessary parent (specialisation)."""
-        for hits, mem, cnt in ((nec >= threshold, self.and_mem, self.and_cnt),
-                               (suf >= threshold, self.or_mem, self.or_cnt)):  # fmt: skip
+        for hits, mem, cnt in (
+            (nec >= threshold, self.and_mem, self.and_cnt),
+            (suf >= threshold, self.or_mem, self.or_cnt),
+        ):
             hits[nosup_r] = False
             hits &= sup_dn[None, :]
             _fill_members(mem, cnt, hits, s)
@@ -249,8 +251,9 @@ def summarize_pair(
     for s in range(0, d_up, step):
         rows = torch.arange(s, min(s + step, d_up))
         ms = measures(up, down, pair, slice(s, s + len(rows)), None, wu, wd, need)
-        scan.boolean(ms["necessity"], ms["sufficiency"], ~sup_up[rows], sup_dn, s,
-                     cfg.boolean_threshold)  # fmt: skip
+        scan.boolean(
+            ms["necessity"], ms["sufficiency"], ~sup_up[rows], sup_dn, s, cfg.boolean_threshold
+        )
         scan.partners(ms["pearson"], rows, s)
         e = ms[cfg.edge_measure].nan_to_num_(nan=-math.inf)  # may modify the measure in place
         e[~up.alive[rows]] = -math.inf
@@ -260,8 +263,11 @@ def summarize_pair(
             e[e < cfg.edge_threshold] = -math.inf
         scan.candidates(e, rows, s, cfg.max_edges_per_pair)
     ei, ej = scan.edges(cfg.max_edges_per_pair, cfg.top_m)
-    spec_ok = (sup_dn & (scan.spec_nec >= cfg.specialise_necessity)
-               & (scan.spec_suf <= cfg.specialise_sufficiency))  # fmt: skip
+    spec_ok = (
+        sup_dn
+        & (scan.spec_nec >= cfg.specialise_necessity)
+        & (scan.spec_suf <= cfg.specialise_sufficiency)
+    )
     res = PairResult(
         up_layer=layers[0],
         down_layer=layers[1],
@@ -281,9 +287,14 @@ def summarize_pair(
 
 
 def _boolean(
-    up: FeatureStats, down: FeatureStats, pair: PairStats, cfg: EvolutionConfig, mem: Tensor,
-    ok: Tensor, kind: str,
-) -> list[tuple[int, int, int]]:  # fmt: skip
+    up: FeatureStats,
+    down: FeatureStats,
+    pair: PairStats,
+    cfg: EvolutionConfig,
+    mem: Tensor,
+    ok: Tensor,
+    kind: str,
+) -> list[tuple[int, int, int]]:
     """(down, up 1, up 2) of the AND / OR candidates `ok` (exactly two parents). With
     `cfg.boolean_exclusive` a candidate must also be a combination, not a copy: for an OR
     neither parent alone covers the child (each necessity < t) and the two together do
@@ -305,9 +316,12 @@ def _boolean(
 
 
 def pair_summary(
-    r: PairResult, alive_up: Tensor, alive_dn: Tensor, cfg: EvolutionConfig,
+    r: PairResult,
+    alive_up: Tensor,
+    alive_dn: Tensor,
+    cfg: EvolutionConfig,
     supported: tuple[Tensor, Tensor] | None = None,
-) -> PairSummary:  # fmt: skip
+) -> PairSummary:
     """Fractions over alive features; dead ones counted."""
     nu, nd = int(alive_up.sum()), int(alive_dn.sum())
     bn = r.best_next[alive_up].nan_to_num(-math.inf)

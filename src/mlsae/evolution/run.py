@@ -12,7 +12,6 @@ DIR/graph.html and the figures. Only used (non-special) tokens count.
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import shutil
 import tempfile
@@ -45,10 +44,9 @@ from mlsae.evolution.graph import (
     community_summary,
     finite,
     graph_json,
-    node_details,
     select_nodes,
-    write_graph_html,
 )
+from mlsae.evolution.graph_html import node_details, write_graph_html
 from mlsae.evolution.match import MatchScores, match_permutation
 from mlsae.evolution.measures import (
     PairResult,
@@ -57,7 +55,6 @@ from mlsae.evolution.measures import (
 )
 from mlsae.evolution.stats import FeatureStats, PairStats
 from mlsae.evolution.summary import (
-    RATES,
     DataFacts,
     EvolutionSummary,
     Findings,
@@ -65,7 +62,6 @@ from mlsae.evolution.summary import (
     MatchRow,
     NullRates,
     PairSummary,
-    fmt_interval,
 )
 from mlsae.lens.tuned import Space
 from mlsae.sae.autoencoder import SparseAutoencoder
@@ -75,9 +71,14 @@ log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def first_pass(
-    chunks: Iterator[Chunk], saes: list[tuple[int, SparseAutoencoder]], store: CodeStore, match: MatchScores,
-    cfg: EvolutionConfig, total: int | None, spaces: list[Space] | None = None,
-) -> list[FeatureStats]:  # fmt: skip
+    chunks: Iterator[Chunk],
+    saes: list[tuple[int, SparseAutoencoder]],
+    store: CodeStore,
+    match: MatchScores,
+    cfg: EvolutionConfig,
+    total: int | None,
+    spaces: list[Space] | None = None,
+) -> list[FeatureStats]:
     """Encode every layer of every chunk; feature statistics, codes on disk, SAE Match FVUs.
     `spaces` (lens.Space per SAE): tuned-lens SAEs read T_l(x)."""
     stats = [FeatureStats(sae.cfg.d_sae, cfg.contexts) for _, sae in saes]
@@ -109,9 +110,12 @@ def first_pass(
 
 
 def second_pass(
-    saes: list[tuple[int, SparseAutoencoder]], stats: list[FeatureStats], store: CodeStore,
-    cfg: EvolutionConfig, chunk_rows: int = 4096,
-) -> list[PairResult]:  # fmt: skip
+    saes: list[tuple[int, SparseAutoencoder]],
+    stats: list[FeatureStats],
+    store: CodeStore,
+    cfg: EvolutionConfig,
+    chunk_rows: int = 4096,
+) -> list[PairResult]:
     """Co-moments of each adjacent pair, in groups under the memory budget; then reduce. With
     `cfg.null`, each pair's detectors also run with the down layer's tokens permuted (one
     seeded global permutation), written to each summary's `null`."""
@@ -139,14 +143,20 @@ def second_pass(
             w_up, w_dn = su.W_dec.cpu(), sd.W_dec.cpu()
             res = summarize_pair(stats[p], stats[p + 1], acc.pop(p), cfg, w_up, w_dn, (lu, ld))
             if perm is not None and res.summary is not None:
-                shuffled = summarize_pair(stats[p], stats[p + 1], null.pop(p), cfg, w_up, w_dn,
-                                          (lu, ld)).summary  # fmt: skip
+                shuffled = summarize_pair(
+                    stats[p], stats[p + 1], null.pop(p), cfg, w_up, w_dn, (lu, ld)
+                ).summary
                 assert shuffled is not None
                 res.summary.null = NullRates(
-                    permutation="global", seed=cfg.seed, pass_through=shuffled.pass_through,
-                    appear=shuffled.appear, disappear=shuffled.disappear, n_and=shuffled.n_and,
-                    n_or=shuffled.n_or, n_specialised=shuffled.n_specialised,
-                )  # fmt: skip
+                    permutation="global",
+                    seed=cfg.seed,
+                    pass_through=shuffled.pass_through,
+                    appear=shuffled.appear,
+                    disappear=shuffled.disappear,
+                    n_and=shuffled.n_and,
+                    n_or=shuffled.n_or,
+                    n_specialised=shuffled.n_specialised,
+                )
             results.append(res)
     bar.close()
     return results
@@ -198,9 +208,13 @@ def _open(run: Path, source: SourceConfig, data: DataConfig, model: ModelConfig)
     saes = [(ly, sae.to(device)) for ly, sae in load_per_layer(run)]
     layers = [ly for ly, _ in saes]
     sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
-    src = open_source(source, replace(data, dataset=data.dataset or sc.dataset),
-                      replace(model, model=model.model or sc.model), default_tokens=8192,
-                      layers=layers)  # fmt: skip
+    src = open_source(
+        source,
+        replace(data, dataset=data.dataset or sc.dataset),
+        replace(model, model=model.model or sc.model),
+        default_tokens=8192,
+        layers=layers,
+    )
     chunks, facts = source_chunks(src, saes, source.tokens)
     spaces = [
         resolve_space(sae.cfg.lens, facts.get("lens"), what=f"the SAE of layer {ly}")
@@ -235,8 +249,10 @@ def evolution_command(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pairs = list(zip(layers[:-1], layers[1:], strict=True))
-    perms = [match_permutation(saes[p][1].W_dec.cpu(), saes[p + 1][1].W_dec.cpu())
-             for p in range(len(pairs))]  # fmt: skip
+    perms = [
+        match_permutation(saes[p][1].W_dec.cpu(), saes[p + 1][1].W_dec.cpu())
+        for p in range(len(pairs))
+    ]
     match = MatchScores(pairs, perms, saes[0][1].cfg.d_in, saes[0][1].cfg.d_sae)
     clock: dict[str, float] = {}  # phase -> end time
     bootstrap = None
@@ -282,9 +298,13 @@ def evolution_command(
 
 
 def _intervals(
-    results: list[PairResult], stats: list[FeatureStats], store: CodeStore,
-    cfg: EvolutionConfig, boot: BootstrapConfig, context_length: int,
-) -> BootstrapInfo:  # fmt: skip
+    results: list[PairResult],
+    stats: list[FeatureStats],
+    store: CodeStore,
+    cfg: EvolutionConfig,
+    boot: BootstrapConfig,
+    context_length: int,
+) -> BootstrapInfo:
     """Each pair's rate intervals over contexts, into its summary (see evolution.intervals)."""
     from mlsae.evolution.intervals import rate_intervals
 
@@ -297,10 +317,16 @@ def _intervals(
 
 
 def _graph_outputs(
-    out: Path, run: Path, stats: list[FeatureStats], results: list[PairResult],
-    cfg: EvolutionConfig, tokens: np.ndarray, op: _Opened,
-    tokenizer: PreTrainedTokenizerBase | None, clock: dict[str, float],
-) -> tuple[FeatureGraph, int]:  # fmt: skip
+    out: Path,
+    run: Path,
+    stats: list[FeatureStats],
+    results: list[PairResult],
+    cfg: EvolutionConfig,
+    tokens: np.ndarray,
+    op: _Opened,
+    tokenizer: PreTrainedTokenizerBase | None,
+    clock: dict[str, float],
+) -> tuple[FeatureGraph, int]:
     """The graph and its communities; DIR/graph.json and DIR/graph.html. Returns the graph
     and the number of nodes drawn."""
     alive = [s.alive for s in stats]
@@ -312,10 +338,12 @@ def _graph_outputs(
     write_json(out / "graph.json", graph_json(g), indent=None)
     often = np.concatenate([(s.nonzero[s.alive] >= cfg.min_support).numpy() for s in stats])
     keep = select_nodes(g, cfg.max_nodes_html, often)
-    details = node_details(g, keep, stats, results, cfg, tokens, op.facts["context_length"],
-                           tokenizer)  # fmt: skip
-    drawn = write_graph_html(out / "graph.html", g, details, keep,
-                             f"mlsae evolution: {Path(run).name}")  # fmt: skip
+    details = node_details(
+        g, keep, stats, results, cfg, tokens, op.facts["context_length"], tokenizer
+    )
+    drawn = write_graph_html(
+        out / "graph.html", g, details, keep, f"mlsae evolution: {Path(run).name}"
+    )
     clock["html"] = time.perf_counter()
     return g, drawn
 
@@ -331,52 +359,3 @@ def _tokenizer_for(model: str | None) -> PreTrainedTokenizerBase | None:
     except (MlsaeError, OSError, ValueError) as e:
         log.warning(f"contexts shown as token ids ({e})")
         return None
-
-
-def thresholds_line(cfg: EvolutionConfig) -> str:
-    """Every threshold the counts rest on, in words (printed, and in the report)."""
-    t = cfg.boolean_threshold
-    exact = math.ceil(1 / (1 - t) - 1e-9) if t < 1 else None
-    note = (f"; on a feature with fewer than {exact} active tokens a necessity / sufficiency "
-            f">= {t} means exactly 1" if exact else "")  # fmt: skip
-    return (
-        f"thresholds: pass-through best next Pearson >= {cfg.pass_through}; appear / disappear "
-        f"no partner of Pearson >= {cfg.link_threshold}; AND / OR exactly two parents of "
-        f"necessity / sufficiency >= {t}; specialised necessity >= {cfg.specialise_necessity} "
-        f"and sufficiency <= {cfg.specialise_sufficiency}; 'active' > {cfg.active_fraction} x "
-        f"the feature's max; AND / OR / specialised only among features active on >= "
-        f"{cfg.min_support} tokens (min_support){note}"
-    )
-
-
-def format_summary(body: EvolutionSummary, out: Path) -> str:
-    """One line per layer pair (counts with the null model's in brackets), the thresholds, then
-    the communities and where the outputs are."""
-    null = any(s.null is not None for s in body.pairs)
-    lines = [f"{'pair':>9} {'pass':>6} {'appear':>7} {'disapp':>7} {'AND':>8} {'OR':>8} "
-             f"{'spec':>11} {'matchFVU':>9} {'unperm':>7} {'own':>6}"]  # fmt: skip
-    f = lambda v: "-" if v is None else f"{v:.3f}"
-    for s, m in zip(body.pairs, body.match, strict=True):
-        c = lambda v, k, nl=s.null: f"{v}" if nl is None else f"{v} ({getattr(nl, k)})"
-        lines.append(f"{s.up_layer:>4}->{s.down_layer:<4} {f(s.pass_through):>6} "
-                     f"{f(s.appear):>7} {f(s.disappear):>7} {c(s.n_and, 'n_and'):>8} "
-                     f"{c(s.n_or, 'n_or'):>8} {c(s.n_specialised, 'n_specialised'):>11} "
-                     f"{f(m.matched):>9} {f(m.unpermuted):>7} {f(m.own):>6}")  # fmt: skip
-    if null:
-        lines.append(f"(n): the same detectors with the down layer's tokens permuted (null "
-                     f"model, one global permutation, seed {body.settings.seed})")  # fmt: skip
-    if body.bootstrap is not None:
-        b = body.bootstrap
-        lines.append(f"95% intervals (percentile bootstrap over {b.n_contexts} contexts, "
-                     f"{b.n_resamples} resamples, seed {b.seed}; partners fixed):")  # fmt: skip
-        for s in body.pairs:
-            iv = " ".join(f"{k} {fmt_interval(s.intervals.get(k), 0)}" for k in RATES)
-            lines.append(f"{s.up_layer:>4}->{s.down_layer:<4} {iv}")
-    lines.append(thresholds_line(body.settings))
-    c = body.communities
-    lines.append(f"communities ({c.method}): {c.n_communities} with >= 2 features, "
-          f"largest {c.largest}, {c.n_singletons} singletons")  # fmt: skip
-    phases = ", ".join(f"{k} {v:.0f} s" for k, v in body.phase_s.items())
-    lines.append(f"wrote {out}/evolution.json, graph.json, graph.html ({body.time_s:.0f} s: "
-          f"{phases}; peak RSS {body.peak_rss_mb:.0f} MB)")  # fmt: skip
-    return "\n".join(lines)

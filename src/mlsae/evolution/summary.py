@@ -15,16 +15,21 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mlsae.core.bootstrap import BootstrapInfo, Interval
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json_object
 from mlsae.core.schema import from_dict, to_dict
-from mlsae.core.stage_config import MEASURES, EvolutionConfig
+from mlsae.core.stage_config import EvolutionConfig
+from mlsae.evolution.graphfile import GraphFile
 
-THRESHOLDS = ("pass_through", "link_threshold", "boolean_threshold", "specialise_necessity",
-              "specialise_sufficiency", "active_fraction")  # fmt: skip
+THRESHOLDS = (
+    "pass_through",
+    "link_threshold",
+    "boolean_threshold",
+    "specialise_necessity",
+    "specialise_sufficiency",
+    "active_fraction",
+)
 """The settings that are thresholds on measures in [0, 1]."""
 RATES = ("pass_through", "appear", "disappear", "and_rate", "or_rate", "specialised")
 """The per-pair rates that get a null model and an interval over contexts."""
@@ -50,8 +55,10 @@ def _counts(name: str, obj: object) -> None:
     """A JSON object of non-negative integers (dict fields are not checked by core.schema)."""
     _check(isinstance(obj, dict), f"{name}: expected an object")
     for k, v in obj.items():  # type: ignore[union-attr]
-        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-               f"{name}: {k}: expected a count, got {v!r:.40}")  # fmt: skip
+        _check(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            f"{name}: {k}: expected a count, got {v!r:.40}",
+        )
 
 
 @dataclass
@@ -108,16 +115,18 @@ class PairSummary:
     """Bootstrap interval over contexts of each rate of RATES (empty without --bootstrap)."""
 
     def __post_init__(self) -> None:
-        _check(0 <= self.up_layer < self.down_layer, f"pair {self.up_layer}->{self.down_layer}")
+        # up == down: the seed ceiling of `mlsae controls` (two SAEs of one block)
+        _check(0 <= self.up_layer <= self.down_layer, f"pair {self.up_layer}->{self.down_layer}")
         counts = (self.alive_up, self.dead_up, self.alive_down, self.dead_down, self.n_edges)
         _check(min(counts) >= 0, "negative feature or edge count")
         for k in ("pass_through", "disappear", "appear", "specialised"):
             _fraction(k, getattr(self, k))
         d_up, d_dn = self.alive_up + self.dead_up, self.alive_down + self.dead_down
-        for name, rows, n in (("and_features", self.and_features, self.n_and),
-                              ("or_features", self.or_features, self.n_or),
-                              ("specialised_features", self.specialised_features,
-                               self.n_specialised)):  # fmt: skip
+        for name, rows, n in (
+            ("and_features", self.and_features, self.n_and),
+            ("or_features", self.or_features, self.n_or),
+            ("specialised_features", self.specialised_features, self.n_specialised),
+        ):
             _check(len(rows) == n, f"{name}: {len(rows)} rows for a count of {n}")
             for r in rows:
                 ok = 0 <= r[0] < d_dn and all(0 <= i < d_up for i in r[1:])
@@ -242,8 +251,10 @@ class EvolutionSummary:
 
     def __post_init__(self) -> None:
         ly = self.layers
-        _check(len(ly) >= 2 and ly[0] >= 0 and all(a < b for a, b in pairwise(ly)),
-               f"layers: {ly!r:.60} are not >= 2 increasing block numbers")  # fmt: skip
+        _check(
+            len(ly) >= 2 and ly[0] >= 0 and all(a < b for a, b in pairwise(ly)),
+            f"layers: {ly!r:.60} are not >= 2 increasing block numbers",
+        )
         for k in THRESHOLDS:
             _fraction(f"settings: {k}", getattr(self.settings, k))
         _check(self.n_used_tokens >= 0, "n_used_tokens: negative")
@@ -256,8 +267,10 @@ class EvolutionSummary:
         for k, v in self.phase_s.items():
             _check(isinstance(v, (int, float)) and math.isfinite(v), f"phase_s: {k}: {v!r:.30}")
         for k, v in self.figures.items():
-            _check(isinstance(v, str) and "/" not in v and v not in ("", ".", ".."),
-                   f"figures: {k}: {v!r:.40} is not a file name")  # fmt: skip
+            _check(
+                isinstance(v, str) and "/" not in v and v not in ("", ".", ".."),
+                f"figures: {k}: {v!r:.40} is not a file name",
+            )
 
     def to_json(self) -> dict[str, Any]:
         out = to_dict(self)
@@ -278,103 +291,6 @@ class EvolutionSummary:
         if isinstance(obj, dict) and isinstance(obj.get("settings"), dict):
             obj = {**obj, "settings": {**OLDER, **obj["settings"]}}
         return from_dict(cls, obj, where)
-
-
-def _ints(obj: dict, key: str, where: str) -> np.ndarray:
-    v = obj.get(key)
-    _check(isinstance(v, list), f"{where}: {key}: expected a list of integers")
-    assert isinstance(v, list)
-    _check(all(type(x) is int for x in v), f"{where}: {key}: expected a list of integers")
-    return np.asarray(v, dtype=np.int64).reshape(-1)
-
-
-def _floats(obj: dict, key: str, where: str) -> np.ndarray:
-    """A list of finite numbers or nulls (NaN in the array)."""
-    v = obj.get(key)
-    _check(isinstance(v, list), f"{where}: {key}: expected a list of numbers")
-    assert isinstance(v, list)
-    _check(all(type(x) in (int, float) or x is None for x in v),
-           f"{where}: {key}: expected a list of numbers or nulls")  # fmt: skip
-    out = np.asarray([math.nan if x is None else x for x in v], dtype=np.float64).reshape(-1)
-    _check(not np.isinf(out).any() and np.isnan(out).sum() == v.count(None),
-           f"{where}: {key}: a number that is not finite")  # fmt: skip
-    return out
-
-
-@dataclass
-class GraphFile:
-    """DIR/graph.json: nodes [V] (layer, feature, community, density) and edges [E] (source,
-    target: indices into the nodes, from an up-layer to the next layer; every measure)."""
-
-    layers: list[int]
-    edge_measure: str
-    community_method: str
-    layer: np.ndarray
-    feature: np.ndarray
-    community: np.ndarray  # [V], or [0] when communities were not computed
-    density: np.ndarray  # [V] NaN where not recorded
-    src: np.ndarray
-    dst: np.ndarray
-    measures: dict[str, np.ndarray]
-
-    def to_json(self) -> dict[str, Any]:
-        num = lambda a: [None if not math.isfinite(x) else float(f"{x:.6g}") for x in a.tolist()]
-        return {
-            "layers": self.layers,
-            "edge_measure": self.edge_measure,
-            "community_method": self.community_method,
-            "nodes": {"layer": self.layer.tolist(), "feature": self.feature.tolist(),
-                      "community": self.community.tolist(), "density": num(self.density)},
-            "edges": {"source": self.src.tolist(), "target": self.dst.tolist(),
-                      **{k: num(v) for k, v in self.measures.items()}},
-        }  # fmt: skip
-
-    @classmethod
-    def from_json(cls, obj: object, where: str = "graph.json") -> GraphFile:
-        _check(isinstance(obj, dict), f"{where}: expected a JSON object")
-        assert isinstance(obj, dict)
-        layers = obj.get("layers")
-        _check(isinstance(layers, list) and len(layers) >= 2
-               and all(type(x) is int and x >= 0 for x in layers)
-               and all(a < b for a, b in pairwise(layers)),
-               f"{where}: layers: expected >= 2 increasing block numbers")  # fmt: skip
-        measure, method = obj.get("edge_measure", "pearson"), obj.get("community_method", "")
-        _check(measure in MEASURES, f"{where}: edge_measure: {measure!r:.40} is not a measure")
-        _check(isinstance(method, str), f"{where}: community_method: expected a string")
-        nodes, edges = obj.get("nodes"), obj.get("edges")
-        _check(isinstance(nodes, dict) and isinstance(edges, dict),
-               f"{where}: expected 'nodes' and 'edges' objects")  # fmt: skip
-        assert isinstance(nodes, dict) and isinstance(edges, dict) and isinstance(layers, list)
-        g = cls(layers, str(measure), str(method), _ints(nodes, "layer", where),
-                _ints(nodes, "feature", where), _ints(nodes, "community", where),
-                _floats(nodes, "density", where), _ints(edges, "source", where),
-                _ints(edges, "target", where),
-                {k: _floats(edges, k, where) for k in MEASURES})  # fmt: skip
-        g.validate(where)
-        return g
-
-    def validate(self, where: str) -> None:
-        """Ranges: nodes on the listed layers, edges between nodes of adjacent layers."""
-        n, e = len(self.layer), len(self.src)
-        _check(len(self.feature) == n and len(self.density) == n, f"{where}: node array lengths")
-        _check(len(self.community) in (0, n), f"{where}: nodes: community length")
-        _check(bool(np.isin(self.layer, self.layers).all()), f"{where}: a node on no listed layer")
-        _check(bool((self.feature >= 0).all()), f"{where}: a negative feature index")
-        key = self.layer * (int(self.feature.max(initial=0)) + 1) + self.feature
-        _check(len(np.unique(key)) == n, f"{where}: a (layer, feature) node listed twice")
-        _check(bool((self.community >= -1).all()), f"{where}: a community below -1")
-        d = self.density[~np.isnan(self.density)]
-        _check(bool(((d >= 0) & (d <= 1)).all()), f"{where}: a density outside [0, 1]")
-        _check(len(self.dst) == e, f"{where}: edges: source and target lengths differ")
-        _check(self.edge_measure in self.measures, f"{where}: edges: no {self.edge_measure}")
-        for k, v in self.measures.items():
-            _check(len(v) == e, f"{where}: edges: {k} has {len(v)} values for {e} edges")
-        ends = np.concatenate([self.src, self.dst])
-        _check(bool(((ends >= 0) & (ends < n)).all()),
-               f"{where}: an edge endpoint outside the {n} nodes")  # fmt: skip
-        pos = np.searchsorted(np.asarray(self.layers), self.layer)
-        _check(bool((pos[self.dst] == pos[self.src] + 1).all()),
-               f"{where}: an edge that does not join adjacent layers")  # fmt: skip
 
 
 @dataclass
@@ -399,6 +315,8 @@ def load_evolution(folder: Path, with_graph: bool = False) -> EvolutionOutput:
     if with_graph:
         gpath = folder / "graph.json"
         graph = GraphFile.from_json(read_json_object(gpath, "feature graph"), str(gpath))
-        _check(graph.layers == summary.layers,
-               f"{gpath}: layers {graph.layers} differ from evolution.json's")  # fmt: skip
+        _check(
+            graph.layers == summary.layers,
+            f"{gpath}: layers {graph.layers} differ from evolution.json's",
+        )
     return EvolutionOutput(folder, summary, graph)

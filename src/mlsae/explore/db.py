@@ -62,8 +62,10 @@ def check_index_output(path: Path, inputs: list[Any]) -> None:
         except OSError as e:
             raise MlsaeError(f"--out {path}: unreadable ({e.strerror})") from None
         if head != SQLITE_HEADER:
-            raise MlsaeError(f"--out {path} exists and is not an explorer index: choose a new "
-                             "file name (it is left untouched)")  # fmt: skip
+            raise MlsaeError(
+                f"--out {path} exists and is not an explorer index: choose a new "
+                "file name (it is left untouched)"
+            )
 
 
 def sqlite_os_error(e: BaseException, path: Path) -> OSError | None:
@@ -126,8 +128,10 @@ class Writer:
         self.con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
 
     def stream(self, ids: np.ndarray) -> None:
-        rows = [(s, ids[s : s + STREAM_ROW].astype(np.int32).tobytes())
-                for s in range(0, len(ids), STREAM_ROW)]  # fmt: skip
+        rows = [
+            (s, ids[s : s + STREAM_ROW].astype(np.int32).tobytes())
+            for s in range(0, len(ids), STREAM_ROW)
+        ]
         self.con.executemany("INSERT INTO stream VALUES (?, ?)", rows)
 
     def vocab(self, texts: list[str]) -> None:
@@ -140,9 +144,17 @@ class Writer:
         cfg = x.rs.sae.cfg
         self.con.execute(
             "INSERT INTO saes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (i, x.rs.label, str(x.rs.path), json.dumps(x.rs.layers), cfg.d_sae, cfg.k, cfg.lens,
-             x.stats.n_tokens),
-        )  # fmt: skip
+            (
+                i,
+                x.rs.label,
+                str(x.rs.path),
+                json.dumps(x.rs.layers),
+                cfg.d_sae,
+                cfg.k,
+                cfg.lens,
+                x.stats.n_tokens,
+            ),
+        )
         lat, ex, tok = sae_rows(i, x, effects, neigh, stream, vocab, ctx)
         lat = [(*r[:8], json.dumps(r[8], separators=(",", ":")), r[9]) for r in lat]
         self.con.executemany("INSERT INTO latents VALUES (?,?,?,?,?,?,?,?,?,?)", lat)
@@ -209,8 +221,14 @@ class IndexDB:
         c0 = pos // self.ctx * self.ctx  # a longer prefix for the prompt page's link
         pre = self.stream[max(c0, pos - PROMPT_PREFIX) : pos].tolist()
         prompt = "".join(self.token(i) for i in pre) + "".join(self.token(i) for i in ids[at:])
-        return {"pos": pos, "tokens": [self.token(i) for i in ids], "acts": vals, "at": at,
-                "prompt": prompt, "prompt_at": len(pre)}  # fmt: skip
+        return {
+            "pos": pos,
+            "tokens": [self.token(i) for i in ids],
+            "acts": vals,
+            "at": at,
+            "prompt": prompt,
+            "prompt_at": len(pre),
+        }
 
     def latent(self, sae: int, j: int) -> dict[str, Any] | None:
         rows = self.q("SELECT * FROM latents WHERE sae = ? AND latent = ?", (sae, j))
@@ -229,8 +247,17 @@ class IndexDB:
         info["top_tokens"] = [
             {"id": t, "token": self.token(t), "n": n, "max": mx} for t, n, mx in info["top_tokens"]
         ]
-        return {"sae": r[0], "latent": r[1], "n_active": r[2], "freq": r[3], "max_act": r[4],
-                "mean_act": r[5], "mean_layer": r[6], "var_layer": r[7], **info}  # fmt: skip
+        return {
+            "sae": r[0],
+            "latent": r[1],
+            "n_active": r[2],
+            "freq": r[3],
+            "max_act": r[4],
+            "mean_act": r[5],
+            "mean_layer": r[6],
+            "var_layer": r[7],
+            **info,
+        }
 
     def examples(
         self, sae: int, j: int, kind: str, layer: int | None = None, limit: int | None = None
@@ -300,12 +327,23 @@ class IndexDB:
         holding `match`, when given)."""
         out = []
         for j in latents:
-            r = self.q("SELECT latent, n_active, freq, max_act, mean_layer, text FROM latents "
-                       "WHERE sae=? AND latent=?", (sae, j))  # fmt: skip
+            r = self.q(
+                "SELECT latent, n_active, freq, max_act, mean_layer, text FROM latents "
+                "WHERE sae=? AND latent=?",
+                (sae, j),
+            )
             if r:
                 lj, n, f, mx, ml, text = r[0]
                 lines = (text or "").split("\n")
                 hit = [x for x in lines if match and match.lower() in x.lower()]
-                out.append({"latent": lj, "n_active": n, "freq": f, "max_act": mx,
-                            "mean_layer": ml, "text": (hit or lines)[0]})  # fmt: skip
+                out.append(
+                    {
+                        "latent": lj,
+                        "n_active": n,
+                        "freq": f,
+                        "max_act": mx,
+                        "mean_layer": ml,
+                        "text": (hit or lines)[0],
+                    }
+                )
         return out

@@ -47,9 +47,14 @@ def _quantile_pick(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sae_rows(
-    sae_id: int, x: Any, effects: tuple[torch.Tensor, ...], neigh: tuple[torch.Tensor, torch.Tensor],
-    stream: np.ndarray, vocab: list[str], ctx: int,
-) -> tuple[list[tuple], list[tuple], list[tuple]]:  # fmt: skip
+    sae_id: int,
+    x: Any,
+    effects: tuple[torch.Tensor, ...],
+    neigh: tuple[torch.Tensor, torch.Tensor],
+    stream: np.ndarray,
+    vocab: list[str],
+    ctx: int,
+) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """(latent rows, example rows, token_latent rows) of one SaeIndexer `x` (see db.SCHEMA)."""
     res = x.stats.result()
     n, L, m, w = res.n_tokens, x.L, x.m, x.w
@@ -78,20 +83,38 @@ def sae_rows(
             if not ok.any():
                 continue
             k = int(ok.sum())
-            ex.append((sae_id, j, "top", layers[p], tpos[p, j, :k].astype(np.int32).tobytes(),
-                       tkey[p, j, :k].astype(np.float32).tobytes(),
-                       twin[p, j, :k].astype(np.float16).tobytes(), None, None))  # fmt: skip
+            ex.append(
+                (
+                    sae_id,
+                    j,
+                    "top",
+                    layers[p],
+                    tpos[p, j, :k].astype(np.int32).tobytes(),
+                    tkey[p, j, :k].astype(np.float32).tobytes(),
+                    twin[p, j, :k].astype(np.float16).tobytes(),
+                    None,
+                    None,
+                )
+            )
             best += zip(tkey[p, j, :k].tolist(), tpos[p, j, :k].tolist(), strict=True)
         ok = np.isfinite(skey[j])
         if ok.any():
             acts = sact[j][ok]
             pick, band = _quantile_pick(acts)
             sel = np.nonzero(ok)[0][pick]
-            ex.append((sae_id, j, "quantile", -1, spos[j, sel].astype(np.int32).tobytes(),
-                       sact[j, sel].astype(np.float32).tobytes(),
-                       swin[j, sel].astype(np.float16).tobytes(),
-                       np.asarray(layers)[slay[j, sel]].astype(np.int16).tobytes(),
-                       band.tobytes()))  # fmt: skip
+            ex.append(
+                (
+                    sae_id,
+                    j,
+                    "quantile",
+                    -1,
+                    spos[j, sel].astype(np.int32).tobytes(),
+                    sact[j, sel].astype(np.float32).tobytes(),
+                    swin[j, sel].astype(np.float16).tobytes(),
+                    np.asarray(layers)[slay[j, sel]].astype(np.int16).tobytes(),
+                    band.tobytes(),
+                )
+            )
         best.sort(key=lambda e: -e[0])
         tc: Counter[int] = Counter()
         tmax: dict[int, float] = {}
@@ -116,10 +139,18 @@ def sae_rows(
             "neighbours": [[int(i), _num(v)] for i, v in zip(ni[j], nv[j], strict=True)],
             "top_tokens": [[t, tc[t], _num(tmax[t])] for t in tops],
         }
-        lat.append((
-            sae_id, j, int(pairs[j]), pairs[j] / n if n else None,
-            _num(best[0][0]) if best else None, _num(mean_act),
-            _num(res.expected_layer[j]) if alive else None,
-            _num(res.var_latent[j]) if alive else None, row, "\n".join(texts),
-        ))  # fmt: skip
+        lat.append(
+            (
+                sae_id,
+                j,
+                int(pairs[j]),
+                pairs[j] / n if n else None,
+                _num(best[0][0]) if best else None,
+                _num(mean_act),
+                _num(res.expected_layer[j]) if alive else None,
+                _num(res.var_latent[j]) if alive else None,
+                row,
+                "\n".join(texts),
+            )
+        )
     return lat, ex, tok

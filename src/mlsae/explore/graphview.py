@@ -67,9 +67,14 @@ class FeatureGraphView:
 
     def describe(self, v: int) -> dict[str, Any]:
         c = int(self.community[v])
-        return {"id": int(v), "layer": int(self.layer[v]), "feature": int(self.feature[v]),
-                "community": c, "community_size": int(self.sizes[c]) if c >= 0 else 1,
-                "density": None if np.isnan(self.density[v]) else float(self.density[v])}  # fmt: skip
+        return {
+            "id": int(v),
+            "layer": int(self.layer[v]),
+            "feature": int(self.feature[v]),
+            "community": c,
+            "community_size": int(self.sizes[c]) if c >= 0 else 1,
+            "density": None if np.isnan(self.density[v]) else float(self.density[v]),
+        }
 
     def _step(self, frontier: list[int], delta: int, thr: float, per_layer: int) -> list[int]:
         """Nodes one layer before (delta -1) / after (+1) the frontier joined by an edge >= thr,
@@ -101,8 +106,14 @@ class FeatureGraphView:
             s, t = self.ptr[u], self.ptr[u + 1]
             for o, e in zip(self.nbr[s:t].tolist(), self.edge[s:t].tolist(), strict=True):
                 if o in keep and self.src[e] == u and self.weight[e] >= thr:
-                    edges.append({"source": u, "target": o, "weight": float(self.weight[e]),
-                                  "pearson": float(self.pearson[e])})  # fmt: skip
+                    edges.append(
+                        {
+                            "source": u,
+                            "target": o,
+                            "weight": float(self.weight[e]),
+                            "pearson": float(self.pearson[e]),
+                        }
+                    )
         return {"nodes": [self.describe(u) for u in nodes], "edges": edges}
 
     def chain(self, v: int) -> list[dict[str, Any]]:
@@ -146,14 +157,25 @@ class FeatureGraphView:
         }
         dens = np.nan_to_num(self.density[members], nan=-1.0)
         top = members[np.argsort(-dens, kind="stable")[:limit]]
-        return {"community": c, "size": int(len(members)), "layers": per, "method": self.method,
-                "members": [self.describe(int(u)) for u in top]}  # fmt: skip
+        return {
+            "community": c,
+            "size": int(len(members)),
+            "layers": per,
+            "method": self.method,
+            "members": [self.describe(int(u)) for u in top],
+        }
 
     def summary(self) -> dict[str, Any]:
         multi = int((self.sizes >= 2).sum())
-        return {"layers": self.layers, "n_nodes": len(self), "n_edges": int(len(self.src)),
-                "edge_measure": self.measure, "pass_through": self.pass_through,
-                "n_communities": multi, "community_method": self.method}  # fmt: skip
+        return {
+            "layers": self.layers,
+            "n_nodes": len(self),
+            "n_edges": int(len(self.src)),
+            "edge_measure": self.measure,
+            "pass_through": self.pass_through,
+            "n_communities": multi,
+            "community_method": self.method,
+        }
 
     def strongest(self, n: int = 10) -> list[dict[str, Any]]:
         """A few starting points: the endpoints of the strongest edges between features active

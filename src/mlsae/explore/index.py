@@ -75,8 +75,12 @@ class SaeIndexer:
         self.hist = torch.zeros(self.m * (len(HIST_EDGES) - 1), dtype=torch.int64)  # [m*B]
         win = (torch.float16, (2 * self.w + 1,))
         self.top = TopKeeper(self.L * self.m, top_n, {"pos": (torch.int64, ()), "win": win})
-        pay = {"pos": (torch.int64, ()), "layer": (torch.int64, ()), "act": (torch.float32, ()),
-               "win": win}  # fmt: skip
+        pay = {
+            "pos": (torch.int64, ()),
+            "layer": (torch.int64, ()),
+            "act": (torch.float32, ()),
+            "win": win,
+        }
         self.sample = TopKeeper(self.m, samples, pay)
         self.gen = torch.Generator().manual_seed(int(seed))
 
@@ -170,8 +174,9 @@ def vocab_size(lm: LoadedModel, n_logits: int) -> int:
     """The model's vocabulary size (MlsaeError unless 1 <= n_logits <= it)."""
     n = int(next(lm.model.get_input_embeddings().parameters()).shape[0])
     if not 1 <= n_logits <= n:
-        raise MlsaeError(f"--n-logits {n_logits} must be between 1 and the model's "
-                         f"vocabulary size {n}")  # fmt: skip
+        raise MlsaeError(
+            f"--n-logits {n_logits} must be between 1 and the model's vocabulary size {n}"
+        )
     return n
 
 
@@ -248,46 +253,68 @@ def build_index(
     saes = run_saes(run)
     layers = sorted({ly for s in saes for ly in s.layers})
     cfg0 = saes[0].sae.cfg
-    src = open_source(source, replace(data, dataset=data.dataset or cfg0.dataset),
-                      replace(model, model=model.model or cfg0.model), default_tokens=HELD_OUT_TOKENS,
-                      layers=layers)  # fmt: skip
+    src = open_source(
+        source,
+        replace(data, dataset=data.dataset or cfg0.dataset),
+        replace(model, model=model.model or cfg0.model),
+        default_tokens=HELD_OUT_TOKENS,
+        layers=layers,
+    )
     lm = index_model(src, model)
     cache_lens, ctx = src.lens, max(1, src.context_length)
     chunks = source_chunks(src, layers, source.tokens)
     total = src.n_tokens if source.tokens is None else min(src.n_tokens, source.tokens)
     path_ = getattr(src, "path", None)
-    src_info = ({"cache": str(Path(path_).resolve()), "split": src.info.get("split")} if path_ is not None
-                else {"dataset": src.info.get("dataset"), "split": src.info.get("split")})  # fmt: skip
+    src_info = (
+        {"cache": str(Path(path_).resolve()), "split": src.info.get("split")}
+        if path_ is not None
+        else {"dataset": src.info.get("dataset"), "split": src.info.get("split")}
+    )
     for s in saes:
         if s.sae.cfg.d_in != src.d_model:
             raise MlsaeError(f"SAE {s.path}: d_in {s.sae.cfg.d_in}, activations {src.d_model}")
     idx = [
-        SaeIndexer(s, resolve_space(s.sae.cfg.lens, cache_lens, sae_dir=s.path,
-                                    what=f"SAE {s.path}"), top_n, window, samples, cfg.seed + i)
+        SaeIndexer(
+            s,
+            resolve_space(s.sae.cfg.lens, cache_lens, sae_dir=s.path, what=f"SAE {s.path}"),
+            top_n,
+            window,
+            samples,
+            cfg.seed + i,
+        )
         for i, s in enumerate(saes)
-    ]  # fmt: skip
+    ]
     n_vocab = vocab_size(lm, cfg.n_logits) if lm is not None else 0
     stream = index_pass(chunks, idx, layers, ctx, total)
     t_pass = time.perf_counter() - t0
     tokenizer = lm.tokenizer if lm is not None else None
     vocab = decode_vocab(tokenizer, n_vocab or int(stream.max()) + 1)
     meta = {
-        "format": FORMAT, "run": str(run.resolve()), "model": lm.name if lm else None,
+        "format": FORMAT,
+        "run": str(run.resolve()),
+        "model": lm.name if lm else None,
         "source": src_info,
-        "context_length": ctx, "n_stream_tokens": len(stream), "top_n": top_n,
-        "window": window, "samples": samples, "hist_edges": HIST_EDGES.tolist(),
+        "context_length": ctx,
+        "n_stream_tokens": len(stream),
+        "top_n": top_n,
+        "window": window,
+        "samples": samples,
+        "hist_edges": HIST_EDGES.tolist(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sae_sha256": {s.label: weights_sha256(s.path) for s in saes},
         "vocab_bytes": fragment_bytes(tokenizer, vocab),
-    }  # fmt: skip
+    }
     with db.Writer(path) as w:
         w.meta(meta)
         w.stream(stream)
         w.vocab(vocab)
         for i, x in enumerate(idx):
             W = x.rs.sae.W_dec.detach()
-            effects = (logit_effects(lm.model, W, cfg.n_logits) if lm is not None
-                       else no_logit_effects(len(W)))  # fmt: skip
+            effects = (
+                logit_effects(lm.model, W, cfg.n_logits)
+                if lm is not None
+                else no_logit_effects(len(W))
+            )
             neigh = decoder_neighbours(W, cfg.n_neighbours)
             w.sae(i, x, effects, neigh, stream, vocab, ctx)
         meta["time_s"] = time.perf_counter() - t0
@@ -295,5 +322,11 @@ def build_index(
         w.meta(meta)
     size = path.stat().st_size
     log.info(f"wrote {path} ({size / 1e6:.1f} MB) in {meta['time_s']:.0f} s")
-    return {"path": str(path), "bytes": size, "time_s": meta["time_s"], "pass_s": t_pass,
-            "n_tokens": idx[0].stats.n_tokens, "saes": [s.label for s in saes]}  # fmt: skip
+    return {
+        "path": str(path),
+        "bytes": size,
+        "time_s": meta["time_s"],
+        "pass_s": t_pass,
+        "n_tokens": idx[0].stats.n_tokens,
+        "saes": [s.label for s in saes],
+    }

@@ -143,8 +143,15 @@ class Live:
         return (sp.to_model(w, layer) - sp.to_model(torch.zeros_like(w), layer))[0]
 
     @torch.inference_mode()
-    def prompt(self, text: str, sae_id: int, latent: int | None, layer: int | None,
-               pos: int | None, steer: SteerRequest | None = None) -> dict[str, Any]:  # fmt: skip
+    def prompt(
+        self,
+        text: str,
+        sae_id: int,
+        latent: int | None,
+        layer: int | None,
+        pos: int | None,
+        steer: SteerRequest | None = None,
+    ) -> dict[str, Any]:
         """Everything the prompt page shows for one request (see the module docstring). With no
         latent, the strongest latent at the chosen token and layer (else on the prompt)."""
         from mlsae.core.threads import one_thread
@@ -175,8 +182,14 @@ class Live:
             out = self._codes(sae_id, cp, T, at, pos, latent)
             out["next"] = self._next(sae_id, cp, ids, at, pos, out["enc_at"], steer)
             del out["enc_at"]
-            return {"tokens": self.show(ids), "ids": ids, "layers": rs.layers, "layer": at,
-                    "pos": pos, **out}  # fmt: skip
+            return {
+                "tokens": self.show(ids),
+                "ids": ids,
+                "layers": rs.layers,
+                "layer": at,
+                "pos": pos,
+                **out,
+            }
 
     def show(self, ids: list[int]) -> list[str]:
         """Display strings of a token sequence (characters split over tokens merged)."""
@@ -201,8 +214,11 @@ class Live:
         top_at: list[tuple[int, float]] = []
         if r is not None:
             order = enc_at.top_acts[r].argsort(descending=True)
-            top_at = [(int(enc_at.top_indices[r, i]), float(enc_at.top_acts[r, i]))
-                      for i in order if enc_at.top_acts[r, i] > 0]  # fmt: skip
+            top_at = [
+                (int(enc_at.top_indices[r, i]), float(enc_at.top_acts[r, i]))
+                for i in order
+                if enc_at.top_acts[r, i] > 0
+            ]
         total = mat.sum(0)
         if latent is None:
             latent = top_at[0][0] if top_at else int(total.argmax())
@@ -218,15 +234,29 @@ class Live:
         tok_lat = peak.topk(min(N_AT_TOKEN, m)).indices
         tok_lat = tok_lat[peak[tok_lat] > 0]
         return {
-            "latent": latent, "heatmap": heat.tolist(), "used": used.tolist(), "top_at": top_at,
-            "top_prompt": {"latents": best.tolist(), "matrix": mat[:, best].T.tolist(),
-                           "mean_layer": mean_layer.tolist()},
+            "latent": latent,
+            "heatmap": heat.tolist(),
+            "used": used.tolist(),
+            "top_at": top_at,
+            "top_prompt": {
+                "latents": best.tolist(),
+                "matrix": mat[:, best].T.tolist(),
+                "mean_layer": mean_layer.tolist(),
+            },
             "at_token": {"latents": tok_lat.tolist(), "matrix": at_tok[:, tok_lat].T.tolist()},
             "enc_at": enc_at,
-        }  # fmt: skip
+        }
 
-    def _next(self, sae_id: int, cp: Any, ids: list[int], at: int, pos: int, enc_at: Any,
-              steer: SteerRequest | None) -> dict[str, Any]:  # fmt: skip
+    def _next(
+        self,
+        sae_id: int,
+        cp: Any,
+        ids: list[int],
+        at: int,
+        pos: int,
+        enc_at: Any,
+        steer: SteerRequest | None,
+    ) -> dict[str, Any]:
         """Next-token distributions at pos: the model's, with the reconstruction spliced in at
         `at`, and steered; plus clean and steered greedy continuations of the prompt."""
         from mlsae.eval.splice import spliced_logp
@@ -240,8 +270,12 @@ class Live:
         clean = cp.clean_p[r].clamp_min(1e-30).log()
         x_hat = sp.to_model(rs.sae.decode(enc_at), at)
         spliced = spliced_logp(lm.model, cp, at, x_hat)[r]
-        nxt = {"pos": pos, "clean": self._dist(clean), "spliced": self._dist(spliced),
-               "kl_spliced": kl(clean, spliced)}  # fmt: skip
+        nxt = {
+            "pos": pos,
+            "clean": self._dist(clean),
+            "spliced": self._dist(spliced),
+            "kl_spliced": kl(clean, spliced),
+        }
         if steer is None:
             return nxt
         plan = self._plan(sae_id, steer)
@@ -254,11 +288,21 @@ class Live:
         for ly in steer.layers:
             h = cp.vectors(ly)  # [N_used, d]
             add = added(plan, ly, h, cp.input_ids[0][cp.used[0]])
-            norms.append({"layer": ly, "resid": float(h.norm(dim=1).mean()),
-                          "added": float(add.norm(dim=1).mean())})  # fmt: skip
-        nxt.update(steered=self._dist(steered, clean), kl_steered=kl(clean, steered),
-                   compare=self._compare(clean, steered), norms=norms,
-                   gen_clean=self.show(gen_clean), gen_steered=self.show(gen_steer))  # fmt: skip
+            norms.append(
+                {
+                    "layer": ly,
+                    "resid": float(h.norm(dim=1).mean()),
+                    "added": float(add.norm(dim=1).mean()),
+                }
+            )
+        nxt.update(
+            steered=self._dist(steered, clean),
+            kl_steered=kl(clean, steered),
+            compare=self._compare(clean, steered),
+            norms=norms,
+            gen_clean=self.show(gen_clean),
+            gen_steered=self.show(gen_steer),
+        )
         return nxt
 
     def _plan(self, sae_id: int, steer: SteerRequest) -> SteerPlan:
@@ -277,15 +321,29 @@ class Live:
         """The top tokens of a distribution (with their probability under `base`, if given)."""
         top = _top(logp, N_NEXT)
         names = [self.show([i])[0] for i, _ in top]
-        return [{"id": i, "token": t, "p": p, **({} if base is None else {"base": float(base[i].exp())})}
-                for (i, p), t in zip(top, names, strict=True)]  # fmt: skip
+        return [
+            {
+                "id": i,
+                "token": t,
+                "p": p,
+                **({} if base is None else {"base": float(base[i].exp())}),
+            }
+            for (i, p), t in zip(top, names, strict=True)
+        ]
 
     def _compare(self, clean: Tensor, steered: Tensor) -> list[dict[str, Any]]:
         """Tokens whose probability rose / fell most under steering."""
         d = steered.exp() - clean.exp()
         out = []
         for sign, idx in (("up", d.topk(6).indices), ("down", (-d).topk(6).indices)):
-            out += [{"dir": sign, "id": int(i), "token": self.show([int(i)])[0],
-                     "clean": float(clean[i].exp()), "steered": float(steered[i].exp())}
-                    for i in idx]  # fmt: skip
+            out += [
+                {
+                    "dir": sign,
+                    "id": int(i),
+                    "token": self.show([int(i)])[0],
+                    "clean": float(clean[i].exp()),
+                    "steered": float(steered[i].exp()),
+                }
+                for i in idx
+            ]
         return out

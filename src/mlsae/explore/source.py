@@ -49,9 +49,11 @@ def run_saes(run: str | Path) -> list[RunSae]:
     for d in folder.sae_dirs():
         sae = load_sae(d)
         if sae.token_code:  # the index stores per-vector codes, each from one layer's vector
-            raise MlsaeError(f"{d} is a {sae.cfg.architecture}: index and explore encode one layer's "
-                             "vectors at a time, its code reads all layers of a token at once "
-                             "(not supported; evaluate and analyze take it)")  # fmt: skip
+            raise MlsaeError(
+                f"{d} is a {sae.cfg.architecture}: index and explore encode one layer's "
+                "vectors at a time, its code reads all layers of a token at once "
+                "(not supported; evaluate and analyze take it)"
+            )
         layers = sorted(int(x) for x in sae.cfg.layers)
         if not layers:
             raise MlsaeError(f"{d}: the SAE lists no layers")
@@ -98,9 +100,12 @@ def check_served_saes(saes: list[RunSae], indexed: dict | None, index: Path) -> 
         return
     labels = [s.label for s in saes]
     if sorted(labels) != sorted(indexed):
-        raise MlsaeError(f"{index} indexed the SAEs {sorted(indexed)}, the run now holds "
-                         f"{sorted(labels)}: run `mlsae index` again")  # fmt: skip
+        raise MlsaeError(
+            f"{index} indexed the SAEs {sorted(indexed)}, the run now holds "
+            f"{sorted(labels)}: run `mlsae index` again"
+        )
     for s in saes:
         if weights_sha256(s.path) != indexed[s.label]:
-            raise MlsaeError(f"{s.path}: the SAE changed since {index} was made: run "
-                             "`mlsae index` again")  # fmt: skip
+            raise MlsaeError(
+                f"{s.path}: the SAE changed since {index} was made: run `mlsae index` again"
+            )

@@ -24,13 +24,23 @@ FORMAT = "mlsae-explore-index-1"
 COLUMNS = {
     "meta": ["key", "value"],
     "saes": ["sae", "label", "path", "layers", "d_sae", "k", "lens", "n_tokens"],
-    "latents": ["sae", "latent", "n_active", "freq", "max_act", "mean_act", "mean_layer",
-                "var_layer", "info", "text"],
+    "latents": [
+        "sae",
+        "latent",
+        "n_active",
+        "freq",
+        "max_act",
+        "mean_act",
+        "mean_layer",
+        "var_layer",
+        "info",
+        "text",
+    ],
     "examples": ["sae", "latent", "kind", "layer", "pos", "act", "win", "lay", "band"],
     "token_latents": ["sae", "token", "latent", "n", "max_act"],
     "vocab": ["id", "text"],
     "stream": ["start", "ids"],
-}  # fmt: skip
+}
 """The tables the explorer reads and their columns, in order."""
 
 
@@ -166,8 +176,9 @@ def check_rows(con: sqlite3.Connection, path: Path, meta: IndexMeta, saes: list[
         (w,),
     ).fetchall()
     if bad:
-        raise _damaged(path, f"the examples of SAE {bad[0][0]} latent {bad[0][1]} have "
-                       "blobs of the wrong size")  # fmt: skip
+        raise _damaged(
+            path, f"the examples of SAE {bad[0][0]} latent {bad[0][1]} have blobs of the wrong size"
+        )
     d = {s.sae: s.d_sae for s in saes}
     for s, n in con.execute("SELECT sae, max(latent) FROM latents GROUP BY sae").fetchall():
         if s not in d or not isinstance(n, int) or n >= d[s]:

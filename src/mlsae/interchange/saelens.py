@@ -86,8 +86,10 @@ def saelens_config(
     """The 6.x cfg.json of `sae` read at block `layer` through module `hook`."""
     cfg = sae.cfg
     if cfg.architecture == "crosscoder":
-        raise MlsaeError("a crosscoder cannot be exported to SAELens: SAELens has no crosscoder "
-                         "format (one code per token over several layers' vectors)")  # fmt: skip
+        raise MlsaeError(
+            "a crosscoder cannot be exported to SAELens: SAELens has no crosscoder "
+            "format (one code per token over several layers' vectors)"
+        )
     if cfg.architecture not in ("topk", "matryoshka"):  # matryoshka encodes as TopK does
         raise MlsaeError(
             f"a {cfg.architecture} SAE cannot be exported to SAELens: its inference code is a "
@@ -153,8 +155,10 @@ def _check_hook_folder(dest: Path, run: Path) -> None:
     and apart from the SAE being exported."""
     check_output(dest, "saelens", inputs=[run], apart=True)
     if dest.is_dir() and any(dest.iterdir()) and folder_kind(dest) != "saelens":
-        raise MlsaeError(f"--out: {dest} exists and is not a SAELens folder: it would be "
-                         "replaced; choose a new --out (it is left untouched)")  # fmt: skip
+        raise MlsaeError(
+            f"--out: {dest} exists and is not a SAELens folder: it would be "
+            "replaced; choose a new --out (it is left untouched)"
+        )
 
 
 def export_saelens(

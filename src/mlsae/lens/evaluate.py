@@ -25,7 +25,8 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.schema import from_dict, to_dict
 from mlsae.core.stage_config import BootstrapConfig
-from mlsae.lens.train import CHUNK, ContextSource, capture_lens_layers, final_logits
+from mlsae.lens.command import ContextSource
+from mlsae.lens.train import CHUNK, capture_lens_layers, final_logits
 from mlsae.lens.tuned import TunedLens
 
 if TYPE_CHECKING:
@@ -146,10 +147,15 @@ def evaluate_lens(
         raise MlsaeError("no evaluation tokens (every position is a special token?)")
     res = lambda k: [float(v) for v in sums[k] / (n_kl if k.endswith("k") else n_ce)]
     return LensEvalResult(
-        layers, LensCurves(res("tk"), res("tc")), LensCurves(res("lk"), res("lc")),
-        [lens.cond(layer) for layer in layers], model_ce / n_ce, n_kl, n_ce,
+        layers,
+        LensCurves(res("tk"), res("tc")),
+        LensCurves(res("lk"), res("lc")),
+        [lens.cond(layer) for layer in layers],
+        model_ce / n_ce,
+        n_kl,
+        n_ce,
         intervals=_kl_intervals(torch.cat(per_ctx), boot or BootstrapConfig()),
-    )  # fmt: skip
+    )
 
 
 def _kl_intervals(ctx: Tensor, boot: BootstrapConfig) -> LensIntervals | None:
@@ -185,8 +191,10 @@ def format_table(result: LensEvalResult) -> str:
     lines.append(f"model CE {result.model_ce:.4f} over {result.n_ce_positions} positions")
     if iv is not None:
         b = iv.bootstrap
-        lines.append(f"95% CI: percentile bootstrap over {b.n_contexts} contexts "
-                     f"({b.n_resamples} resamples, seed {b.seed})")  # fmt: skip
+        lines.append(
+            f"95% CI: percentile bootstrap over {b.n_contexts} contexts "
+            f"({b.n_resamples} resamples, seed {b.seed})"
+        )
     return "\n".join(lines)
 
 

@@ -87,15 +87,16 @@ class LensTrainLog:
             "steps_run": len(self.history),
             "stop_reason": self.stop_reason,
             "heldout_positions": self.heldout_positions,
-            "heldout_curve": [[s, round(k, 6)] for s, k in zip(self.heldout_steps,
-                                                                self.heldout_kl, strict=True)],
+            "heldout_curve": [
+                [s, round(k, 6)] for s, k in zip(self.heldout_steps, self.heldout_kl, strict=True)
+            ],
             "best_step_per_layer": {str(b): self.best_step[b] for b in blocks},
             "best_heldout_kl_per_layer": {str(b): round(self.best_kl[b], 6) for b in blocks},
             "heldout_kl_warm_start": round(self.heldout_kl[0], 6) if self.heldout_kl else None,
             "heldout_kl_best": (
                 round(sum(self.best_kl.values()) / len(blocks), 6) if blocks else None
             ),
-        }  # fmt: skip
+        }
 
 
 class HeldOut:

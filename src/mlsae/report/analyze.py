@@ -51,13 +51,22 @@ def analyze_command(
 ) -> AnalysisResult:
     """The whole `mlsae analyze`; returns what it computed (`.summary`: analysis.json)."""
     inputs = inputs or Inputs.held_out()
-    check_output(out, "analysis", inputs=[run, *(compare or []), evolution, lens,
-                                          inputs.source.cache])  # fmt: skip
+    check_output(
+        out, "analysis", inputs=[run, *(compare or []), evolution, lens, inputs.source.cache]
+    )
     if evolution is not None:  # an unreadable evolution folder fails before the work
         from mlsae.report.evolution import evolution_section_html
 
         evolution_section_html(Path(evolution))
-    res = analyze(run, out, inputs=inputs, prompts=prompts, compare=compare, lens=lens,
-                  settings=cfg, boot=boot)  # fmt: skip
+    res = analyze(
+        run,
+        out,
+        inputs=inputs,
+        prompts=prompts,
+        compare=compare,
+        lens=lens,
+        settings=cfg,
+        boot=boot,
+    )
     write_analysis_report(out, res, evolution)
     return res

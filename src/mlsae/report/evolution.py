@@ -16,7 +16,6 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402  # noqa: E402
 
 from mlsae.core.io import save_figure  # noqa: E402
-from mlsae.evolution.run import thresholds_line  # noqa: E402
 from mlsae.evolution.summary import (  # noqa: E402
     RATES,
     EvolutionSummary,
@@ -24,6 +23,7 @@ from mlsae.evolution.summary import (  # noqa: E402
     fmt_interval,
     load_evolution,
 )
+from mlsae.evolution.table import thresholds_line  # noqa: E402
 
 FIGURES = {
     "fractions": "evolution_fractions.png",
@@ -43,9 +43,11 @@ def write_figures(out: Path, body: EvolutionSummary) -> dict[str, str]:
     x = [s.down_layer for s in pairs]
     val = lambda rows, k: [np.nan if getattr(r, k) is None else getattr(r, k) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    for key, label in (("pass_through", "passed through (best next Pearson >= %.2f)"),
-                       ("appear", "appear (no predecessor >= %.2f)"),
-                       ("disappear", "disappear (no successor >= %.2f)")):  # fmt: skip
+    for key, label in (
+        ("pass_through", "passed through (best next Pearson >= %.2f)"),
+        ("appear", "appear (no predecessor >= %.2f)"),
+        ("disappear", "disappear (no successor >= %.2f)"),
+    ):
         thr = getattr(body.settings, "pass_through" if key == "pass_through" else "link_threshold")
         ax.plot(x, val(pairs, key), marker="o", ms=3, label=label % thr)
     ax.set_xlabel("layer l+1 of the pair (l, l+1)")
@@ -68,10 +70,12 @@ def write_figures(out: Path, body: EvolutionSummary) -> dict[str, str]:
     files["communities"] = _save(fig, out / FIGURES["communities"])
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    for key, label in (("matched", "SAE Match: decode$_{l+1}$(P encode$_l$(x$_l$))"),
-                       ("matched_target_scale", "SAE Match, x$_{l+1}$'s mean/std"),
-                       ("unpermuted", "unpermuted: decode$_{l+1}$(encode$_l$(x$_l$))"),
-                       ("own", "own SAE at l+1")):  # fmt: skip
+    for key, label in (
+        ("matched", "SAE Match: decode$_{l+1}$(P encode$_l$(x$_l$))"),
+        ("matched_target_scale", "SAE Match, x$_{l+1}$'s mean/std"),
+        ("unpermuted", "unpermuted: decode$_{l+1}$(encode$_l$(x$_l$))"),
+        ("own", "own SAE at l+1"),
+    ):
         ax.plot(x, val(match, key), marker="o", ms=3, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("layer l+1")
@@ -107,8 +111,11 @@ def reading(body: EvolutionSummary) -> list[str]:
         f"inside one previous-layer feature (necessity >= {s.specialise_necessity}) on at "
         f"most {_pct(s.specialise_sufficiency)} of its active tokens.",
     ]
-    m = [(r.matched, r.unpermuted, r.own) for r in body.match
-         if r.matched is not None and r.unpermuted is not None]  # fmt: skip
+    m = [
+        (r.matched, r.unpermuted, r.own)
+        for r in body.match
+        if r.matched is not None and r.unpermuted is not None
+    ]
     if m:
         mm = float(np.mean([a for a, _, _ in m]))
         mu = float(np.mean([b for _, b, _ in m]))
@@ -145,13 +152,23 @@ def pair_table_html(body: EvolutionSummary) -> str:
             cells.append(html.escape(text).replace("&amp;rarr;", "&rarr;"))
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     b = body.bootstrap
-    note = (f"Intervals: 95% percentile bootstrap over {b.n_contexts} contexts ({b.n_resamples} "
-            f"resamples), each feature's partners fixed by the full data." if b else
-            "No intervals (run with --bootstrap > 0).")  # fmt: skip
-    note += (" Null: the same detectors with the down layer's tokens permuted (one global "
-             f"permutation, seed {body.settings.seed}).")  # fmt: skip
-    return (f"<p>{html.escape(note)}</p><table><tr>"
-            + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")  # fmt: skip
+    note = (
+        f"Intervals: 95% percentile bootstrap over {b.n_contexts} contexts ({b.n_resamples} "
+        f"resamples), each feature's partners fixed by the full data."
+        if b
+        else "No intervals (run with --bootstrap > 0)."
+    )
+    note += (
+        " Null: the same detectors with the down layer's tokens permuted (one global "
+        f"permutation, seed {body.settings.seed})."
+    )
+    return (
+        f"<p>{html.escape(note)}</p><table><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _null_value(p: PairSummary, key: str) -> float | None:
@@ -177,11 +194,13 @@ def evolution_section_html(dir: Path, graph_href: str | None = None) -> str:
     body = load_evolution(d).summary
     href = graph_href or (d / "graph.html").resolve().as_uri()
     c = body.communities
-    parts = ['<section id="evolution"><h2>Features across layers (per-layer SAEs)</h2>',
-             f"<p>{len(body.layers)} per-layer SAEs, {body.n_used_tokens} used tokens; "
-             f"{c.n_communities} communities ({html.escape(c.method)})"
-             f" of median size {c.median_size}, largest {c.largest}. "
-             f'<a href="{html.escape(href)}">Interactive feature graph</a>.</p><ul>']  # fmt: skip
+    parts = [
+        '<section id="evolution"><h2>Features across layers (per-layer SAEs)</h2>',
+        f"<p>{len(body.layers)} per-layer SAEs, {body.n_used_tokens} used tokens; "
+        f"{c.n_communities} communities ({html.escape(c.method)})"
+        f" of median size {c.median_size}, largest {c.largest}. "
+        f'<a href="{html.escape(href)}">Interactive feature graph</a>.</p><ul>',
+    ]
     parts += [f"<li>{html.escape(t)}</li>" for t in reading(body)]
     parts.append(f"<li>{html.escape(thresholds_line(body.settings))}.</li></ul>")
     parts.append(pair_table_html(body))

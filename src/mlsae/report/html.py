@@ -129,9 +129,13 @@ def _geometry_reading(s: AnalysisSummary) -> list[str]:
         out.append(
             f"Mean residual norm goes from {_f(nm[0])} (block {s.layers[0]}) to {_f(nm[-1])} "
             f"(block {s.layers[-1]}), rising at {int((steps > 0).sum())} of {len(steps)} "
-            "steps: " + ("norms grow with depth, as the paper reports." if grows
-                         else "norms do not grow steadily with depth, unlike the paper.")
-        )  # fmt: skip
+            "steps: "
+            + (
+                "norms grow with depth, as the paper reports."
+                if grows
+                else "norms do not grow steadily with depth, unlike the paper."
+            )
+        )
     cos = [c for c in (s.adjacent_cosine or []) if c is not None]
     if cos:
         out.append(
@@ -172,8 +176,12 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2g}%"
 
 
-_MULTI = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token",
-          "multi_layer_fraction_aggregate")  # fmt: skip
+_MULTI = (
+    "rel_var_latent",
+    "rel_var_token",
+    "multi_layer_fraction_token",
+    "multi_layer_fraction_aggregate",
+)
 
 
 def lens_reading(s: AnalysisSummary, c: CompareSummary) -> str:
@@ -221,8 +229,10 @@ def _cell(v: Any) -> str:
 
 
 def _kv_table(d: dict[str, object]) -> str:
-    rows = "".join(f"<tr><td class=k>{html.escape(str(k))}</td><td class=k>{_cell(v)}</td></tr>"
-                   for k, v in d.items())  # fmt: skip
+    rows = "".join(
+        f"<tr><td class=k>{html.escape(str(k))}</td><td class=k>{_cell(v)}</td></tr>"
+        for k, v in d.items()
+    )
     return f"<table>{rows}</table>"
 
 
@@ -257,16 +267,30 @@ def eval_table(ev: EvalResult) -> str:
     note = ""
     if ev.intervals is not None:
         b = ev.intervals.bootstrap
-        note = (f"<p>95% intervals: percentile bootstrap over the {b.n_contexts} evaluated "
-                f"contexts ({b.n_resamples} resamples, seed {b.seed}; SPEC 7).</p>")  # fmt: skip
+        note = (
+            f"<p>95% intervals: percentile bootstrap over the {b.n_contexts} evaluated "
+            f"contexts ({b.n_resamples} resamples, seed {b.seed}; SPEC 7).</p>"
+        )
     return _grid(header, rows) + note
 
 
-_INTERVAL_KEYS = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_aggregate",
-                  "multi_layer_fraction_token", "multi_layer_fraction_token_per_latent",
-                  "paper_rel_var_latent", "paper_rel_var_token")  # fmt: skip
-_PAPER_KEYS = ("rel_var_latent", "rel_var_token", "token_variance_factor",
-               "active_pair_fraction", "batch_tokens", "n_batches")  # fmt: skip
+_INTERVAL_KEYS = (
+    "rel_var_latent",
+    "rel_var_token",
+    "multi_layer_fraction_aggregate",
+    "multi_layer_fraction_token",
+    "multi_layer_fraction_token_per_latent",
+    "paper_rel_var_latent",
+    "paper_rel_var_token",
+)
+_PAPER_KEYS = (
+    "rel_var_latent",
+    "rel_var_token",
+    "token_variance_factor",
+    "active_pair_fraction",
+    "batch_tokens",
+    "n_batches",
+)
 _EVAL_KEYS = ("fvu", "fvu_model", "mse", "delta_ce", "kl", "l0")  # held-out, from eval.json
 
 
@@ -283,8 +307,11 @@ def _ratio_table(s: AnalysisSummary) -> str:
     lens = any(c.space != s.space for c in s.compare)
     tag = (lambda space: f" ({space} space)") if lens else (lambda space: "")
     cols = columns(s)
-    names = [f"this SAE{tag(s.space)}", *(f"compare: {c.label}{tag(c.space)}" for c in s.compare),
-             *(name for name, _ in cols[1 + len(s.compare):])]  # fmt: skip
+    names = [
+        f"this SAE{tag(s.space)}",
+        *(f"compare: {c.label}{tag(c.space)}" for c in s.compare),
+        *(name for name, _ in cols[1 + len(s.compare) :]),
+    ]
     sums = [d for _, d in cols]
     rows = [[k, *(getattr(d, k) for d in sums)] for k in HEADLINE]
     for k in _PAPER_KEYS:  # the paper code's formula (SPEC 4), beside ours
@@ -337,9 +364,11 @@ def write_report(
         _ratio_table(s),
     ]
     if s.prompts:
-        parts.append("<p>Prompts: " + "; ".join(
-            f"{i + 1}: <q>{html.escape(p.text)}</q>" for i, p in enumerate(s.prompts)
-        ) + "</p>")  # fmt: skip
+        parts.append(
+            "<p>Prompts: "
+            + "; ".join(f"{i + 1}: <q>{html.escape(p.text)}</q>" for i, p in enumerate(s.prompts))
+            + "</p>"
+        )
     parts.append("<h2>Figures</h2>")
     for cap, p in figs:
         parts.append(f"<figure>{_img(p)}<figcaption>{html.escape(cap)}</figcaption></figure>")
@@ -353,11 +382,15 @@ def write_report(
             lens_table(le.result),
         ]
     if ev is not None:
-        parts += [f"<h2>Evaluation <small>({html.escape(ev[0].name)})</small></h2>",
-                  eval_table(ev[1])]  # fmt: skip
+        parts += [
+            f"<h2>Evaluation <small>({html.escape(ev[0].name)})</small></h2>",
+            eval_table(ev[1]),
+        ]
     else:
-        parts.append("<h2>Evaluation</h2><p>No evaluation JSON in the run folder "
-                     "(run <code>mlsae evaluate</code> to add one).</p>")  # fmt: skip
+        parts.append(
+            "<h2>Evaluation</h2><p>No evaluation JSON in the run folder "
+            "(run <code>mlsae evaluate</code> to add one).</p>"
+        )
     parts += list(extra_sections or [])
     parts.append("<h2>Configuration</h2>")
     for name, cfg in configs.items():

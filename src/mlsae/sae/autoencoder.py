@@ -71,8 +71,13 @@ class EncoderOutput(NamedTuple):
     def to(self, device: torch.device | str) -> EncoderOutput:
         """The same code on another device (e.g. the CPU, for statistics and files)."""
         center = None if self.center is None else self.center.to(device)
-        return EncoderOutput(self.top_acts.to(device), self.top_indices.to(device),
-                             self.mean.to(device), self.std.to(device), center)  # fmt: skip
+        return EncoderOutput(
+            self.top_acts.to(device),
+            self.top_indices.to(device),
+            self.mean.to(device),
+            self.std.to(device),
+            center,
+        )
 
 
 class StepOutput(NamedTuple):
@@ -245,8 +250,10 @@ class SparseAutoencoder(nn.Module):
         if enc.center is not None:
             u_hat = u_hat + enc.center
         elif self.cfg.center_layers:
-            raise MlsaeError("this SAE centres each block (center_layers): decode a code from "
-                             "its own encode(x, layer), which carries the blocks' means")  # fmt: skip
+            raise MlsaeError(
+                "this SAE centres each block (center_layers): decode a code from "
+                "its own encode(x, layer), which carries the blocks' means"
+            )
         return u_hat * enc.std + enc.mean
 
     def forward(self, x: Tensor, layer: int | Tensor | None = None) -> tuple[Tensor, EncoderOutput]:

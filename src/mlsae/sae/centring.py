@@ -116,8 +116,10 @@ def describe_choice(choice: str, on: bool, layers: Sequence[int], ratios: Sequen
     """The line the training log prints about per-layer centring."""
     top = max(range(len(ratios)), key=lambda i: ratios[i])
     median = sorted(ratios)[len(ratios) // 2]
-    facts = (f"block mean / RMS deviation: largest {ratios[top]:.2f} at block {layers[top]}, "
-             f"median {median:.2f}")  # fmt: skip
+    facts = (
+        f"block mean / RMS deviation: largest {ratios[top]:.2f} at block {layers[top]}, "
+        f"median {median:.2f}"
+    )
     why = {"auto": f"auto: largest >= {AUTO_RATIO:g}" if on else f"auto: largest < {AUTO_RATIO:g}"}
     how = why.get(choice, f"--center-layers {choice}")
     return f"per-layer centring {'on' if on else 'off'} ({how}; {facts})"

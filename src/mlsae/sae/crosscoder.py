@@ -128,10 +128,16 @@ class CrosscoderSAE(SparseAutoencoder):
         ut = u.reshape(t, -1)  # [T, L d]
         step = t if torch.is_grad_enabled() else max(1, ENCODE_CHUNK // self.n_layers)
         parts = [
-            topk_encode(ut[i : i + step], self.b_dec, self.W_enc, self.b_enc, self.code_width,
-                        self.compute_dtype)
+            topk_encode(
+                ut[i : i + step],
+                self.b_dec,
+                self.W_enc,
+                self.b_enc,
+                self.code_width,
+                self.compute_dtype,
+            )
             for i in range(0, t, step)
-        ]  # fmt: skip
+        ]
         if len(parts) == 1:
             return parts[0].acts, parts[0].idx
         return torch.cat([p.acts for p in parts]), torch.cat([p.idx for p in parts])
@@ -223,9 +229,15 @@ class CrosscoderSAE(SparseAutoencoder):
         dead = aux_dead(dead, k_aux, aux_coef)
         sparse_aux = dead is not None and dead.numel() > AUX_SPARSE_RATIO * k_aux
         enc = topk_encode(
-            ut, self.b_dec, self.W_enc, self.b_enc, self.code_width, self.compute_dtype, dead,
+            ut,
+            self.b_dec,
+            self.W_enc,
+            self.b_enc,
+            self.code_width,
+            self.compute_dtype,
+            dead,
             k_aux if sparse_aux else 0,
-        )  # fmt: skip
+        )
         return self.reconstruction_loss(ut, enc, dead, k_aux, aux_coef, reduce)
 
     # ------------------------------------------------------------------ files
@@ -251,8 +263,10 @@ def token_pass(
     if not sae.token_code:
         return {}
     if [int(x) for x in layers] != [int(x) for x in sae.cfg.layers]:
-        raise MlsaeError(f"a {sae.cfg.architecture} reads all the layers it was trained on "
-                         f"({sae.cfg.layers}) at once, not {list(layers)}")  # fmt: skip
+        raise MlsaeError(
+            f"a {sae.cfg.architecture} reads all the layers it was trained on "
+            f"({sae.cfg.layers}) at once, not {list(layers)}"
+        )
     xs = [inputs(layer) for layer in layers]
     x_hat, enc = sae(torch.stack(xs, 1).reshape(-1, xs[0].shape[-1]))  # token t, layer i: t L + i
     n_l = len(xs)

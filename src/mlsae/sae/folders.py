@@ -92,8 +92,10 @@ class RunFolder:
             if len(layers) != 1:
                 raise MlsaeError(f"{folder} is not a single-layer SAE (layers {layers})")
             if want is not None and layers[0] != want:
-                raise MlsaeError(f"{listing}: {folder} is listed for layer {want} but its "
-                                 f"{SAE_CFG} says layer {layers[0]}")  # fmt: skip
+                raise MlsaeError(
+                    f"{listing}: {folder} is listed for layer {want} but its "
+                    f"{SAE_CFG} says layer {layers[0]}"
+                )
             out.append((layers[0], folder))
         out.sort(key=lambda t: t[0])
         got = [ly for ly, _ in out]
@@ -220,8 +222,10 @@ def load_sae(path: str | Path, compute_dtype: torch.dtype | None = None) -> Spar
         raise MlsaeError(f"{w_path} does not match {cfg_path}: expected {want}, found {got}")
     for n, t in tensors.items():
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise MlsaeError(f"{w_path}: {n} has dtype {str(t.dtype).removeprefix('torch.')}, "
-                             "not a floating-point type: not SAE weights")  # fmt: skip
+            raise MlsaeError(
+                f"{w_path}: {n} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                "not a floating-point type: not SAE weights"
+            )
         if not bool(torch.isfinite(t).all()):
             raise MlsaeError(f"{w_path}: {n} holds NaN or inf values (a diverged training?)")
     with torch.no_grad():

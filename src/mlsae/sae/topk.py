@@ -39,7 +39,13 @@ class TopKSAE(SparseAutoencoder):
         dead = aux_dead(dead, k_aux, aux_coef)
         sparse_aux = dead is not None and dead.numel() > AUX_SPARSE_RATIO * k_aux
         enc = topk_encode(
-            u, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, self.compute_dtype, dead,
+            u,
+            self.b_dec,
+            self.W_enc,
+            self.b_enc,
+            self.cfg.k,
+            self.compute_dtype,
+            dead,
             k_aux if sparse_aux else 0,
-        )  # fmt: skip
+        )
         return self.reconstruction_loss(u, enc, dead, k_aux, aux_coef, reduce)

@@ -63,10 +63,18 @@ def score_command(
         if sae.cfg.d_in != truth.cfg.d_model:
             raise MlsaeError(f"{run}: d_in {sae.cfg.d_in}, the truth's width {truth.cfg.d_model}")
         centre = sae.cfg.normalize != "none"
-        rec = [recovery_at(sae.W_dec.cpu(), truth, ly, centre, cfg.recovered_cos)
-               for ly in range(L)]  # fmt: skip
-        out = SynthScore(str(run), str(truth_dir), "multi-layer", _mean([r.mcc for r in rec]),
-                         _mean([r.recovered for r in rec]), _mean([r.recovery for r in rec]), rec)  # fmt: skip
+        rec = [
+            recovery_at(sae.W_dec.cpu(), truth, ly, centre, cfg.recovered_cos) for ly in range(L)
+        ]
+        out = SynthScore(
+            str(run),
+            str(truth_dir),
+            "multi-layer",
+            _mean([r.mcc for r in rec]),
+            _mean([r.recovered for r in rec]),
+            _mean([r.recovery for r in rec]),
+            rec,
+        )
         out.spans = _spans(sae, truth, body, Path(truth_dir), centre, cfg)
         if evolution is not None:
             raise MlsaeError("--evolution needs a per-layer run (`mlsae evolution` reads those)")
@@ -78,10 +86,18 @@ def score_command(
         )
     rec = []
     for ly, sae in sorted(saes.items()):
-        rec.append(recovery_at(sae.W_dec.cpu(), truth, ly, sae.cfg.normalize != "none",
-                               cfg.recovered_cos))  # fmt: skip
-    out = SynthScore(str(run), str(truth_dir), "per-layer", _mean([r.mcc for r in rec]),
-                     _mean([r.recovered for r in rec]), _mean([r.recovery for r in rec]), rec)  # fmt: skip
+        rec.append(
+            recovery_at(sae.W_dec.cpu(), truth, ly, sae.cfg.normalize != "none", cfg.recovered_cos)
+        )
+    out = SynthScore(
+        str(run),
+        str(truth_dir),
+        "per-layer",
+        _mean([r.mcc for r in rec]),
+        _mean([r.recovered for r in rec]),
+        _mean([r.recovery for r in rec]),
+        rec,
+    )
     by_layer = {r.layer: r for r in rec}
     from mlsae.synth.score import match_score
 
@@ -106,22 +122,30 @@ def _alive_cos(saes: dict[int, Any], graph: dict[str, Any]) -> list[float]:
     out = []
     for ly in sorted(saes)[:-1]:
         up, down = saes[ly], saes[ly + 1]
-        cos = matched_cosines(up.W_dec.cpu(), down.W_dec.cpu(),
-                              alive_from_graph(graph, ly, up.cfg.d_sae),
-                              alive_from_graph(graph, ly + 1, down.cfg.d_sae))  # fmt: skip
+        cos = matched_cosines(
+            up.W_dec.cpu(),
+            down.W_dec.cpu(),
+            alive_from_graph(graph, ly, up.cfg.d_sae),
+            alive_from_graph(graph, ly + 1, down.cfg.d_sae),
+        )
         out.append(float(cos.median()) if len(cos) else math.nan)
     return out
 
 
-def _spans(sae: Any, truth: Any, body: dict[str, Any], truth_dir: Path, centre: bool,
-           cfg: ScoreConfig) -> SpanScore:  # fmt: skip
+def _spans(
+    sae: Any, truth: Any, body: dict[str, Any], truth_dir: Path, centre: bool, cfg: ScoreConfig
+) -> SpanScore:
     """Run the MLSAE on the truth's test cache and compare its layer distributions."""
     from mlsae.activations.cache import ActivationCache
     from mlsae.analysis.layers import analyze_source, sae_encoder
 
     cache = ActivationCache(truth_dir / "test")
-    res, _ = analyze_source(cache, {"mlsae": (sae_encoder(sae), sae.cfg.d_sae)},
-                            list(range(truth.cfg.n_layers)), geometry=False)  # fmt: skip
+    res, _ = analyze_source(
+        cache,
+        {"mlsae": (sae_encoder(sae), sae.cfg.d_sae)},
+        list(range(truth.cfg.n_layers)),
+        geometry=False,
+    )
     _, m = span_match(sae.W_dec.cpu(), truth, centre)
     return span_score(res["mlsae"], truth, body["test"], m, cfg.span_share)
 
@@ -137,21 +161,30 @@ def score_json(s: SynthScore) -> dict[str, Any]:
 def format_score(s: SynthScore) -> str:
     """A few lines for the terminal."""
     f = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-    lines = [f"{s.kind} SAE {s.run}: MCC {f(s.mcc)}, recovered (cos >= threshold) "
-             f"{f(s.recovered)}, recovery {f(s.recovery)} (means over layers)"]  # fmt: skip
+    lines = [
+        f"{s.kind} SAE {s.run}: MCC {f(s.mcc)}, recovered (cos >= threshold) "
+        f"{f(s.recovered)}, recovery {f(s.recovery)} (means over layers)"
+    ]
     lines.append("MCC by layer: " + " ".join(f(r.mcc) for r in s.layers))
     if s.spans is not None:
         sp = s.spans
-        lines.append(f"spans: {sp.n_matched} matched latents, Spearman E[L] "
-                     f"{f(sp.expected_layer_spearman)}, span {f(sp.span_spearman)}")  # fmt: skip
+        lines.append(
+            f"spans: {sp.n_matched} matched latents, Spearman E[L] "
+            f"{f(sp.expected_layer_spearman)}, span {f(sp.span_spearman)}"
+        )
         for k, (meas, true) in sp.measured_vs_true.items():
             lines.append(f"  {k:<40} measured {f(meas)}  true {f(true)}")
     for e in s.edges:
-        lines.append(f"{e.kind:<12} true {e.n_true:>4} reported {e.n_reported:>5} recall "
-                     f"{f(e.recall)} precision {f(e.precision)}")  # fmt: skip
+        lines.append(
+            f"{e.kind:<12} true {e.n_true:>4} reported {e.n_reported:>5} recall "
+            f"{f(e.recall)} precision {f(e.precision)}"
+        )
     if s.match is not None:
-        lines.append(f"SAE Match: accuracy on true pass-through pairs {f(s.match.accuracy)}, "
-                     "median matched decoder cosine "
-                     + " ".join(f(x) for x in s.match.median_matched_cos)
-                     + "; alive latents " + " ".join(f(x) for x in s.match.median_matched_cos_alive))  # fmt: skip
+        lines.append(
+            f"SAE Match: accuracy on true pass-through pairs {f(s.match.accuracy)}, "
+            "median matched decoder cosine "
+            + " ".join(f(x) for x in s.match.median_matched_cos)
+            + "; alive latents "
+            + " ".join(f(x) for x in s.match.median_matched_cos_alive)
+        )
     return "\n".join(lines)

@@ -79,28 +79,41 @@ class SynthConfig:
         check(self.n_layers >= 2, f"--n-layers must be >= 2, not {self.n_layers}")
         check(self.d_model >= 2, f"--d-model must be >= 2, not {self.d_model}")
         check(self.n_features >= 1, f"--n-features must be >= 1, not {self.n_features}")
-        check(self.superposition or self.n_features <= self.d_model,
-              f"--n-features {self.n_features} > --d-model {self.d_model}: give --superposition")  # fmt: skip
-        check(self.tokens >= self.context_length and self.test_tokens >= self.context_length,
-              "--tokens and --test-tokens must be at least --context-length")  # fmt: skip
+        check(
+            self.superposition or self.n_features <= self.d_model,
+            f"--n-features {self.n_features} > --d-model {self.d_model}: give --superposition",
+        )
+        check(
+            self.tokens >= self.context_length and self.test_tokens >= self.context_length,
+            "--tokens and --test-tokens must be at least --context-length",
+        )
         check(self.context_length >= 1, "--context-length must be >= 1")
         check(0 <= self.drift_deg <= 180, f"--drift-deg must be in [0, 180], not {self.drift_deg}")
         check(self.drift_deg == 0 or self.d_model % 2 == 0, "--drift-deg needs an even --d-model")
         span = self.max_span or self.n_layers
-        check(1 <= self.min_span <= span <= self.n_layers,
-              f"need 1 <= --min-span <= --max-span <= --n-layers ({self.n_layers})")  # fmt: skip
-        check(0 < self.firing_max <= 1 and 0 < self.parent_firing <= 1,
-              "--firing-max and --parent-firing must be in (0, 1]")  # fmt: skip
+        check(
+            1 <= self.min_span <= span <= self.n_layers,
+            f"need 1 <= --min-span <= --max-span <= --n-layers ({self.n_layers})",
+        )
+        check(
+            0 < self.firing_max <= 1 and 0 < self.parent_firing <= 1,
+            "--firing-max and --parent-firing must be in (0, 1]",
+        )
         check(self.firing_exponent >= 0, "--firing-exponent must be >= 0")
-        check(0 < self.magnitude_min <= self.magnitude_max,
-              "need 0 < --magnitude-min <= --magnitude-max")  # fmt: skip
+        check(
+            0 < self.magnitude_min <= self.magnitude_max,
+            "need 0 < --magnitude-min <= --magnitude-max",
+        )
         check(self.schedule_sd >= 0 and self.noise >= 0, "--schedule-sd, --noise must be >= 0")
         check(self.norm_growth > 0, f"--norm-growth must be > 0, not {self.norm_growth}")
         check(0 <= self.layer_activity <= 1, "--layer-activity must be in [0, 1]")
         check(min(self.n_and, self.n_or, self.n_specialised) >= 0, "relation counts must be >= 0")
         need = 3 * (self.n_and + self.n_or) + 2 * self.n_specialised
-        check(need <= self.n_features, f"{need} features are relation parents and children, "
-              f"more than --n-features {self.n_features}")  # fmt: skip
+        check(
+            need <= self.n_features,
+            f"{need} features are relation parents and children, "
+            f"more than --n-features {self.n_features}",
+        )
         check(0 < self.specialise_fraction < 1, "--specialise-fraction must be in (0, 1)")
         check(0 <= self.outlier_fraction < 1, "--outlier-fraction must be in [0, 1)")
 

@@ -122,7 +122,7 @@ def sample(truth: Truth, n: int, g: torch.Generator) -> Sample:
             (n, len(dirs)),
             check_invariants=True,
             is_coalesced=True,
-        )  # fmt: skip (sorted, distinct pairs)
+        )  # (sorted, distinct pairs)
         x[:, ly] = torch.sparse.mm(codes, dirs[:, ly])
     if cfg.noise > 0:
         x += cfg.noise * torch.randn(n, L, d, generator=g)
@@ -169,10 +169,17 @@ def write_split(out: Path, truth: Truth, split: str, n_tokens: int) -> dict[str,
     from mlsae.activations.extract import record_norm_outliers
 
     cfg = truth.cfg
-    meta = {"model": None, "dataset": "synthetic", "split": split,
-            "context_length": cfg.context_length, "layers": list(range(cfg.n_layers)),
-            "d_model": cfg.d_model, "lens": None, "exclude_sink": False,
-            "synthetic_seed": cfg.seed}  # fmt: skip
+    meta = {
+        "model": None,
+        "dataset": "synthetic",
+        "split": split,
+        "context_length": cfg.context_length,
+        "layers": list(range(cfg.n_layers)),
+        "d_model": cfg.d_model,
+        "lens": None,
+        "exclude_sink": False,
+        "synthetic_seed": cfg.seed,
+    }
     writer = CacheWriter(out, meta, CHUNK_CONTEXTS * cfg.context_length, cfg.storage_dtype)
     stats = LayerStats(truth.n_features, list(range(cfg.n_layers)), PAPER_BATCH_TOKENS)
     fired = torch.zeros(truth.n_features, dtype=torch.int64)
@@ -187,10 +194,13 @@ def write_split(out: Path, truth: Truth, split: str, n_tokens: int) -> dict[str,
     writer.close()
     record_norm_outliers(out)
     res = stats.result()
-    return {"n_tokens": n, "n_outlier_tokens": n_out,
-            "firing_rate": (fired.double() / max(n, 1)).tolist(),
-            "layer_stats": res.summary(),
-            "expected_layer": res.expected_layer.tolist()}  # fmt: skip
+    return {
+        "n_tokens": n,
+        "n_outlier_tokens": n_out,
+        "firing_rate": (fired.double() / max(n, 1)).tolist(),
+        "layer_stats": res.summary(),
+        "expected_layer": res.expected_layer.tolist(),
+    }
 
 
 def generate(out: Path, cfg: SynthConfig) -> dict[str, Any]:

@@ -30,13 +30,22 @@ def oracle_per_layer(truth: Truth, out: Path, normalize: Normalize = "none") -> 
     cfg = truth.cfg
     F, d = cfg.n_features, cfg.d_model
     if cfg.superposition or d - (normalize != "none") < F:
-        raise MlsaeError("oracle SAEs need orthonormal features, fewer than --d-model under "
-                         "per-vector standardisation")  # fmt: skip
+        raise MlsaeError(
+            "oracle SAEs need orthonormal features, fewer than --d-model under "
+            "per-vector standardisation"
+        )
     out = Path(out)
     entries = []
     for ly in range(cfg.n_layers):
-        sc = SaeConfig(d_in=d, expansion_factor=1, k=F, normalize=normalize, layers=[ly],
-                       model="synthetic", dataset="synthetic")  # fmt: skip
+        sc = SaeConfig(
+            d_in=d,
+            expansion_factor=1,
+            k=F,
+            normalize=normalize,
+            layers=[ly],
+            model="synthetic",
+            dataset="synthetic",
+        )
         sae = SparseAutoencoder(sc)
         w = unit(truth.directions[:, ly], centre=normalize != "none")  # [F, d]
         enc = torch.linalg.pinv(w)  # [d, F]: u = z w  =>  z = u enc

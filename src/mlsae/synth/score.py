@@ -112,10 +112,14 @@ def recovery_at(
     cos = (unit(w_dec) @ t.T).abs().numpy()  # [d_sae, n]
     mcc, m = match(cos)
     best = cos.max(0) if cos.size else np.zeros(0)
-    return Recovery(layer=layer, n_true=len(feats), mcc=mcc,
-                    recovery=float(best.mean()) if len(feats) else math.nan,
-                    recovered=float((best >= threshold).mean()) if len(feats) else math.nan,
-                    match={int(feats[c]): j for c, j in m.items()})  # fmt: skip
+    return Recovery(
+        layer=layer,
+        n_true=len(feats),
+        mcc=mcc,
+        recovery=float(best.mean()) if len(feats) else math.nan,
+        recovered=float((best >= threshold).mean()) if len(feats) else math.nan,
+        match={int(feats[c]): j for c, j in m.items()},
+    )
 
 
 def span_match(w_dec: Tensor, truth: Truth, centre: bool) -> tuple[np.ndarray, dict[int, int]]:
@@ -150,22 +154,37 @@ def span_score(
     s_true = [float(truth.last[f] - truth.first[f] + 1) for f, _ in pairs]
     ts = true_stats["layer_stats"]
     ms = stats.summary()
-    names = ("rel_var_latent", "rel_var_token", "multi_layer_fraction_aggregate",
-             "multi_layer_fraction_token", "multi_layer_fraction_token_per_latent")  # fmt: skip
+    names = (
+        "rel_var_latent",
+        "rel_var_token",
+        "multi_layer_fraction_aggregate",
+        "multi_layer_fraction_token",
+        "multi_layer_fraction_token_per_latent",
+    )
     both: dict[str, list[float | None]] = {k: [ms[k], ts[k]] for k in names}
     for k in ("rel_var_latent", "rel_var_token"):
         mp, tp = ms.get("paper_formula") or {}, ts.get("paper_formula") or {}
         both[f"paper_{k}"] = [mp.get(k), tp.get(k)]
-    return SpanScore(n_matched=len(pairs), expected_layer_spearman=_spearman(e_meas, e_true),
-                     span_spearman=_spearman(s_meas, s_true), measured_vs_true=both)  # fmt: skip
+    return SpanScore(
+        n_matched=len(pairs),
+        expected_layer_spearman=_spearman(e_meas, e_true),
+        span_spearman=_spearman(s_meas, s_true),
+        measured_vs_true=both,
+    )
 
 
 def _pr(kind: str, true: set, reported: set) -> EdgeScore:
     """Precision / recall of a set of reported edges against the true ones."""
     hit = true & reported
-    return EdgeScore(kind=kind, n_true=len(true), n_reported=len(reported), n_hit_true=len(hit),
-                     n_hit_reported=len(hit), recall=len(hit) / len(true) if true else None,
-                     precision=len(hit) / len(reported) if reported else None)  # fmt: skip
+    return EdgeScore(
+        kind=kind,
+        n_true=len(true),
+        n_reported=len(reported),
+        n_hit_true=len(hit),
+        n_hit_reported=len(hit),
+        recall=len(hit) / len(true) if true else None,
+        precision=len(hit) / len(reported) if reported else None,
+    )
 
 
 def true_edges(truth: Truth, rec: dict[int, Recovery]) -> dict[str, set]:
@@ -188,8 +207,10 @@ def reported_edges(evo: dict[str, Any], graph: dict[str, Any]) -> dict[str, set]
     """The edges an `mlsae evolution` output reports, in the same form as `true_edges`."""
     s = evo["settings"]
     if s.get("edge_measure") != "pearson" or (s.get("edge_threshold") or 0) > s["pass_through"]:
-        raise MlsaeError("score needs an evolution output made with --edge-measure pearson and "
-                         "no --edge-threshold above --pass-through")  # fmt: skip
+        raise MlsaeError(
+            "score needs an evolution output made with --edge-measure pearson and "
+            "no --edge-threshold above --pass-through"
+        )
     out: dict[str, set] = {"pass_through": set(), "and": set(), "or": set(), "specialised": set()}
     nodes, edges = graph["nodes"], graph["edges"]
     best: dict[tuple[int, int], tuple[float, int]] = {}

@@ -59,8 +59,12 @@ class Truth:
     def edges(self) -> dict[str, list[list[int]]]:
         """True edges: pass_through [l, f] (f at l -> f at l+1), and / or [l, child, p1, p2],
         specialised [l, child, parent] (l = the upper layer of the pair)."""
-        out: dict[str, list[list[int]]] = {"pass_through": [], "and": [], "or": [],
-                                            "specialised": []}  # fmt: skip
+        out: dict[str, list[list[int]]] = {
+            "pass_through": [],
+            "and": [],
+            "or": [],
+            "specialised": [],
+        }
         for f in range(self.n_features):
             a, b = int(self.first[f]), int(self.last[f])
             out["pass_through"] += [[ly, f] for ly in range(a, b)]
@@ -72,8 +76,18 @@ class Truth:
         return out
 
     def tensors(self) -> dict[str, Tensor]:
-        names = ("base", "directions", "first", "last", "kind", "parents", "firing", "schedule",
-                 "layer_scale", "sink")  # fmt: skip
+        names = (
+            "base",
+            "directions",
+            "first",
+            "last",
+            "kind",
+            "parents",
+            "firing",
+            "schedule",
+            "layer_scale",
+            "sink",
+        )
         return {k: getattr(self, k) for k in names}
 
 
@@ -145,11 +159,19 @@ def build_truth(cfg: SynthConfig) -> Truth:
     scale = cfg.norm_growth ** (ly / (L - 1))
     sink = rng.standard_normal(d)
     t = lambda x, dt=torch.float64: torch.as_tensor(np.ascontiguousarray(x), dtype=dt)
-    return Truth(cfg=cfg, base=t(base), directions=t(dirs), first=t(rel["first"], torch.int64),
-                 last=t(rel["last"], torch.int64), kind=t(rel["kind"], torch.int64),
-                 parents=t(rel["parents"], torch.int64), firing=t(rel["firing"]),
-                 schedule=t(schedule), layer_scale=t(scale),
-                 sink=t(sink / np.linalg.norm(sink)))  # fmt: skip
+    return Truth(
+        cfg=cfg,
+        base=t(base),
+        directions=t(dirs),
+        first=t(rel["first"], torch.int64),
+        last=t(rel["last"], torch.int64),
+        kind=t(rel["kind"], torch.int64),
+        parents=t(rel["parents"], torch.int64),
+        firing=t(rel["firing"]),
+        schedule=t(schedule),
+        layer_scale=t(scale),
+        sink=t(sink / np.linalg.norm(sink)),
+    )
 
 
 def save_truth(out: Path, truth: Truth, facts: dict[str, Any]) -> None:
@@ -157,9 +179,14 @@ def save_truth(out: Path, truth: Truth, facts: dict[str, Any]) -> None:
     from mlsae.core.io import write_json, write_safetensors
 
     write_safetensors(out / TRUTH_TENSORS, truth.tensors())
-    body = {"format": "mlsae-synthetic-truth", "version": 1, "settings": asdict(truth.cfg),
-            "kinds": {v: int((truth.kind == k).sum()) for k, v in KIND_NAMES.items()},
-            "edges": truth.edges(), **facts}  # fmt: skip
+    body = {
+        "format": "mlsae-synthetic-truth",
+        "version": 1,
+        "settings": asdict(truth.cfg),
+        "kinds": {v: int((truth.kind == k).sum()) for k, v in KIND_NAMES.items()},
+        "edges": truth.edges(),
+        **facts,
+    }
     write_json(out / TRUTH_JSON, body)
 
 
@@ -182,7 +209,10 @@ def load_truth(folder: Path) -> tuple[Truth, dict[str, Any]]:
     truth = build_truth(cfg)
     want = {k: tuple(v.shape) for k, v in truth.tensors().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if got != want or any(not torch.equal(tensors[k], v) for k, v in truth.tensors().items()
-                          if k in ("first", "last", "kind", "parents")):  # fmt: skip
+    if got != want or any(
+        not torch.equal(tensors[k], v)
+        for k, v in truth.tensors().items()
+        if k in ("first", "last", "kind", "parents")
+    ):
         raise MlsaeError(f"{folder / TRUTH_TENSORS} does not match the settings in truth.json")
     return Truth(cfg=cfg, **tensors), body

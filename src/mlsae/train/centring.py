@@ -51,9 +51,12 @@ def estimate_block_means(
 
 
 def resolve_centring(
-    out: Path, run: RunConfig, source: ActivationSource, to_sae: Callable[[Batch], Tensor],
+    out: Path,
+    run: RunConfig,
+    source: ActivationSource,
+    to_sae: Callable[[Batch], Tensor],
     main: bool = True,
-) -> tuple[RunConfig, Tensor | None]:  # fmt: skip
+) -> tuple[RunConfig, Tensor | None]:
     """The run with `--center-layers` resolved to on / off, and the block means [L, d] (rows in
     run.layers order) a new run starts from (None: no centring, or a resume, whose means are
     in its checkpoint). auto: the MLSAE decides from the ratios; one-block SAEs are off."""
@@ -69,8 +72,7 @@ def resolve_centring(
             why = "--center-layers off" if choice == "off" else "auto: SAEs of one block"
             log.info(f"per-layer centring {'on' if on else 'off'} ({why})")
         return replace(run, sae=replace(run.sae, center_layers="on" if on else "off")), None
-    acc = estimate_block_means(source, list(run.layers), to_sae, run.sae.normalize,
-                               run.train.seed)  # fmt: skip
+    acc = estimate_block_means(source, list(run.layers), to_sae, run.sae.normalize, run.train.seed)
     ratios = acc.ratios()
     on = choice == "on" or auto_choice(ratios)
     if main:

@@ -70,16 +70,25 @@ class TrainState:
         if not comm.main:
             return
         payload = {
-            "version": VERSION, "step": self.step, "epoch": self.epoch, "batch": self.batch,
-            "world": self.world, "rng": torch.get_rng_state(),
+            "version": VERSION,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "world": self.world,
+            "rng": torch.get_rng_state(),
             "members": {m.name: m.state() for m in self.members},
-        }  # fmt: skip
+        }
         buf = io.BytesIO()
         torch.save(payload, buf)
         data = buf.getvalue()
-        summary = {"step": self.step, "epoch": self.epoch, "batch": self.batch,
-                   "members": sorted(payload["members"]), "version": VERSION,
-                   "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+        summary = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "members": sorted(payload["members"]),
+            "version": VERSION,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
         with atomic_dir(Path(run) / CHECKPOINT) as tmp:
             write_bytes(tmp / STATE, data)
             write_json(tmp / SUMMARY, summary)
@@ -116,13 +125,17 @@ class TrainState:
         if not isinstance(world, int) or isinstance(world, bool) or world < 1:
             raise MlsaeError(f"{where}: world: expected an integer >= 1, got {world!r}")
         if world != self.world:
-            raise MlsaeError(f"{Path(where).parents[1]} was trained on {world} process(es): "
-                             f"resume it with --nproc {world} (the data order depends on it)")  # fmt: skip
+            raise MlsaeError(
+                f"{Path(where).parents[1]} was trained on {world} process(es): "
+                f"resume it with --nproc {world} (the data order depends on it)"
+            )
         plan.check(payload["step"], payload["epoch"], payload["batch"], where)
         names = sorted(payload["members"])
         if names != sorted(m.name for m in self.members):
-            raise MlsaeError(f"{where}: holds SAE(s) {names}, this run trains "
-                             f"{sorted(m.name for m in self.members)}: not this run's")  # fmt: skip
+            raise MlsaeError(
+                f"{where}: holds SAE(s) {names}, this run trains "
+                f"{sorted(m.name for m in self.members)}: not this run's"
+            )
         for m in self.members:
             check_member_state(m, payload["members"][m.name], f"{where}: members.{m.name}")
 
@@ -140,11 +153,15 @@ class Plan:
         """MlsaeError unless (step, epoch, batch) is a position of this plan: within it, and
         consistent (every step trains one batch; an epoch is `per_epoch` batches)."""
         if step > self.total:
-            raise MlsaeError(f"{where}: step {step} is beyond this run's plan of {self.total} "
-                             "steps (--max-steps may only be raised on resume)")  # fmt: skip
+            raise MlsaeError(
+                f"{where}: step {step} is beyond this run's plan of {self.total} "
+                "steps (--max-steps may only be raised on resume)"
+            )
         if step != epoch * self.per_epoch + batch or batch > self.per_epoch:
-            raise MlsaeError(f"{where}: step {step} is not epoch {epoch}, batch {batch} of this "
-                             f"run's epochs of {self.per_epoch} batches: not this run's")  # fmt: skip
+            raise MlsaeError(
+                f"{where}: step {step} is not epoch {epoch}, batch {batch} of this "
+                f"run's epochs of {self.per_epoch} batches: not this run's"
+            )
 
 
 def read_checkpoint(run: Path) -> dict[str, Any] | None:
@@ -160,8 +177,10 @@ def read_checkpoint(run: Path) -> dict[str, Any] | None:
         raise MlsaeError(f"{path}: unreadable checkpoint ({e.strerror})") from None
     digest = _recorded_sha256(folder)
     if digest is not None and hashlib.sha256(data).hexdigest() != digest:
-        raise MlsaeError(f"{path}: corrupt checkpoint (its sha256 is not the one recorded in "
-                         f"{SUMMARY}): restore the run folder from a copy, or start again")  # fmt: skip
+        raise MlsaeError(
+            f"{path}: corrupt checkpoint (its sha256 is not the one recorded in "
+            f"{SUMMARY}): restore the run folder from a copy, or start again"
+        )
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a corrupt file
@@ -309,8 +328,9 @@ def open_metrics(out: Path, keep_step: int) -> TextIO:
     if path.exists():
         rows = read_jsonl(path, "metrics log")
         kept = [
-            r for i, r in enumerate(rows)
+            r
+            for i, r in enumerate(rows)
             if from_dict(MetricsRow, r, f"{path} row {i + 1}").step <= keep_step
-        ]  # fmt: skip
+        ]
         write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return open(path, "a")  # noqa: SIM115 - closed by the caller

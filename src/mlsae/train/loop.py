@@ -76,8 +76,10 @@ def run_training(
     state = TrainState(new_members(run, comm, means), world=comm.world)
     if state.load(out, comm, batches.plan):
         if comm.main:
-            log.info(f"resuming {out} at step {state.step} (epoch {state.epoch}, batch "
-                     f"{state.batch}) with the settings of {RUN_CFG}")  # fmt: skip
+            log.info(
+                f"resuming {out} at step {state.step} (epoch {state.epoch}, batch "
+                f"{state.batch}) with the settings of {RUN_CFG}"
+            )
     else:
         for prm in (p for m in state.members for p in m.sae.parameters()):
             comm.broadcast_(prm.data)  # one initialisation (the seeds already agree; as DDP)
@@ -103,9 +105,13 @@ def run_training(
 
 
 def train_step(
-    state: TrainState, batch: Batch, cfg: TrainConfig, k_aux: int, comm: Comm,
+    state: TrainState,
+    batch: Batch,
+    cfg: TrainConfig,
+    k_aux: int,
+    comm: Comm,
     source: ActivationSource,
-) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+) -> tuple[list[dict[str, Any]], int]:
     """One optimizer step of every member on its vectors of `batch` (SAE inputs); returns one
     metrics row per member that trained and the number of vectors (all processes) trained on."""
     step = state.step + 1
@@ -164,18 +170,25 @@ class Batches:
             if state.batch >= self.plan.per_epoch:
                 state.next_epoch()
             stream = self.share.shuffled(  # a generator: closed (its reader thread ended) below
-                self.local_batch, self.layers, seed=self.seed, epoch=state.epoch,
-                skip_batches=state.batch, buffer_shards=self.buffer_shards, drop_last=True,
+                self.local_batch,
+                self.layers,
+                seed=self.seed,
+                epoch=state.epoch,
+                skip_batches=state.batch,
+                buffer_shards=self.buffer_shards,
+                drop_last=True,
                 group_tokens=self.group_tokens,
-            )  # fmt: skip
+            )
             with contextlib.closing(cast(Generator[Batch, None, None], stream)):
                 for batch in stream:
                     yield batch
                     if state.batch >= self.plan.per_epoch or state.step >= self.plan.total:
                         break
                 else:
-                    raise MlsaeError(f"{self.share.describe()} ended after {state.batch} of "
-                                     f"epoch {state.epoch}'s {self.plan.per_epoch} batches")  # fmt: skip
+                    raise MlsaeError(
+                        f"{self.share.describe()} ended after {state.batch} of "
+                        f"epoch {state.epoch}'s {self.plan.per_epoch} batches"
+                    )
 
 
 def check_source(run: RunConfig, source: ActivationSource) -> None:
@@ -217,11 +230,18 @@ def new_members(run: RunConfig, comm: Comm, means: torch.Tensor | None = None) -
     members = []
     for s in run.members:
         sc = SaeConfig(
-            d_in=run.d_in, expansion_factor=s.expansion_factor, k=s.k,
-            normalize=run.sae.normalize, layers=list(s.layers), model=run.model.name,
-            dataset=run.data.name, lens=run.lens, exclude_sink=run.data.exclude_sink,
-            center_layers=run.sae.center_layers == "on", **run.sae.architecture_settings(),
-        )  # fmt: skip
+            d_in=run.d_in,
+            expansion_factor=s.expansion_factor,
+            k=s.k,
+            normalize=run.sae.normalize,
+            layers=list(s.layers),
+            model=run.model.name,
+            dataset=run.data.name,
+            lens=run.lens,
+            exclude_sink=run.data.exclude_sink,
+            center_layers=run.sae.center_layers == "on",
+            **run.sae.architecture_settings(),
+        )
         sae = SparseAutoencoder(sc, seed=s.seed, compute_dtype=dtype, device=device)
         if means is not None:
             sae.get_buffer("layer_means").copy_(
@@ -240,8 +260,11 @@ def new_members(run: RunConfig, comm: Comm, means: torch.Tensor | None = None) -
 
 def interrupted(out: Path, step: int, signum: int, world: int) -> Interrupted:
     nproc = f" --nproc {world}`" if world > 1 else "`"
-    return Interrupted(signum, f"stopped by signal {signum} at step {step}: checkpoint saved; "
-                               f"continue with `mlsae train --resume {out}{nproc}")  # fmt: skip
+    return Interrupted(
+        signum,
+        f"stopped by signal {signum} at step {step}: checkpoint saved; "
+        f"continue with `mlsae train --resume {out}{nproc}",
+    )
 
 
 def train_command(
@@ -269,9 +292,20 @@ def train_command(
     name = device or (model.device if model is not None and not resume else None)
     with session(resolve_device(name) if name else None) as comm, contextlib.ExitStack() as lock:
         try:
-            run, src = _open_run(out, comm, lock, data=data, model=model, source=source, sae=sae,
-                                 train=train, stream=stream, resume=resume,
-                                 train_given=train_given, device=device)  # fmt: skip
+            run, src = _open_run(
+                out,
+                comm,
+                lock,
+                data=data,
+                model=model,
+                source=source,
+                sae=sae,
+                train=train,
+                stream=stream,
+                resume=resume,
+                train_given=train_given,
+                device=device,
+            )
             members = run_training(out, run, src, comm)
         except RuntimeError as e:  # a collective failed: another process died or timed out
             if comm.world == 1:

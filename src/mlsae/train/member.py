@@ -74,9 +74,14 @@ class Member:
         return 1.0 / len(self.sae.cfg.layers)
 
     def step(
-        self, x: Tensor, cfg: TrainConfig, k_aux: int, comm: Comm = SINGLE, n: int | None = None,
+        self,
+        x: Tensor,
+        cfg: TrainConfig,
+        k_aux: int,
+        comm: Comm = SINGLE,
+        n: int | None = None,
         layer: Tensor | None = None,
-    ) -> dict[str, float]:  # fmt: skip
+    ) -> dict[str, float]:
         """One optimizer step on raw vectors x [B, d] (any device: moved to the SAE's); returns
         the step's metrics. Data-parallel (`comm` of several processes): x is this process's
         share of the global batch of n vectors, and the step is the global batch's (see

@@ -48,7 +48,12 @@ def check_training_memory(run: RunConfig, source: ActivationSource) -> None:
     """MlsaeError with the estimate if the run would not fit in the available memory."""
     m = training_memory(run, source)
     n = len(run.members)
-    what = (f"the {n} SAE{'s' if n > 1 else ''} of this run (weights, gradients and Adam states "
-            f"{gb(m['state'])}, a step's activations {gb(m['step'])}, data {gb(m['data'])})")  # fmt: skip
-    check_memory(sum(m.values()), what,
-                 "lower --expansion-factor or --batch-tokens (or --shuffle-buffer-shards)")  # fmt: skip
+    what = (
+        f"the {n} SAE{'s' if n > 1 else ''} of this run (weights, gradients and Adam states "
+        f"{gb(m['state'])}, a step's activations {gb(m['step'])}, data {gb(m['data'])})"
+    )
+    check_memory(
+        sum(m.values()),
+        what,
+        "lower --expansion-factor or --batch-tokens (or --shuffle-buffer-shards)",
+    )

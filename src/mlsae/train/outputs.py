@@ -48,7 +48,7 @@ class Progress:
                 desc="train",
                 dynamic_ncols=True,
                 disable=not comm.main,
-            )  # fmt: skip
+            )
         )
         self.main, self.start_step = comm.main, start
         self.t_start = self.t_last = time.perf_counter()
@@ -71,8 +71,9 @@ class Progress:
                 self.log.write(json.dumps(row) + "\n")
             self.log.flush()
         if self.wb is not None:
-            self.wb.log({f"{r['sae']}/{k}": v for r in rows for k, v in r.items() if k != "sae"},
-                        step=step)  # fmt: skip
+            self.wb.log(
+                {f"{r['sae']}/{k}": v for r in rows for k, v in r.items() if k != "sae"}, step=step
+            )
         self.bar.set_postfix(fvu=f"{rows[0]['fvu']:.3f}" if rows else "-", vec_s=f"{vps:.0f}")
         self.bar.update(1)
 
@@ -122,9 +123,12 @@ def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> d
     acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
     seen, grouped = 0, any(m.sae.token_code for m in members)  # crosscoder: whole tokens
     for batch in source.shuffled(
-        8192 // len(layers) * len(layers), layers, seed=cfg.seed + 1,
-        buffer_shards=cfg.shuffle_buffer_shards, group_tokens=grouped,
-    ):  # fmt: skip
+        8192 // len(layers) * len(layers),
+        layers,
+        seed=cfg.seed + 1,
+        buffer_shards=cfg.shuffle_buffer_shards,
+        group_tokens=grouped,
+    ):
         batch.x = to_sae(batch)
         for m in members:
             whole = m.sae(batch.x) if m.sae.token_code else None  # rows as batch.x
@@ -154,7 +158,7 @@ def format_fvu(res: dict[str, Any]) -> str:
         per = " ".join(
             f"{ly}:{v:.3f}" if v is not None else f"{ly}:-"
             for ly, v in zip(r["layers"], r["per_layer"]["fvu"], strict=True)
-        )  # fmt: skip
+        )
         mean = r["mean"]["fvu"]
         lines.append(f"  {name}: mean {mean:.4f} | {per}" if mean is not None else f"  {name}: -")
     return "\n".join(lines)

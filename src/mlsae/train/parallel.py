@@ -43,8 +43,10 @@ def plan_shares(
     """(this process's share of the source, its vectors per step, steps per epoch) for global
     batches of `read_batch` vectors."""
     if read_batch % comm.world:
-        raise MlsaeError(f"a global batch of {read_batch} vectors does not split evenly over "
-                         f"{comm.world} processes: choose --batch-tokens accordingly")  # fmt: skip
+        raise MlsaeError(
+            f"a global batch of {read_batch} vectors does not split evenly over "
+            f"{comm.world} processes: choose --batch-tokens accordingly"
+        )
     local = read_batch // comm.world
     share = rank_share(source, comm.rank, comm.world)
     n_vec = share.n_vectors(layers)

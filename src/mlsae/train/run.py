@@ -60,21 +60,28 @@ def _layers(source: ActivationSource, spec: str | None, sae: SaeGridConfig) -> l
 
 
 def plan_run(
-    source: ActivationSource, data: DataConfig, model: ModelConfig, src: SourceConfig,
-    sae: SaeGridConfig, train: TrainConfig,
-) -> RunConfig:  # fmt: skip
+    source: ActivationSource,
+    data: DataConfig,
+    model: ModelConfig,
+    src: SourceConfig,
+    sae: SaeGridConfig,
+    train: TrainConfig,
+) -> RunConfig:
     """The RunConfig of a new run over `source` (every SAE shape checked); the model and data
     settings are the activations' own (a cache's manifest)."""
     from mlsae.lens.tuned import lens_ref, resolve_space
 
     info = source.info
-    model = replace(model, model=info.get("model") or model.model,
-                    dtype=info.get("model_dtype") or model.dtype)  # fmt: skip
+    model = replace(
+        model, model=info.get("model") or model.model, dtype=info.get("model_dtype") or model.dtype
+    )
     data = replace(
-        data, dataset=info.get("dataset") or data.dataset, split=info.get("split") or data.split,
+        data,
+        dataset=info.get("dataset") or data.dataset,
+        split=info.get("split") or data.split,
         context_length=int(info.get("context_length") or data.context_length),
         exclude_sink=bool(info.get("exclude_sink", False)),  # caches made before: not excluded
-    )  # fmt: skip
+    )
 
     lens = lens_ref(sae.lens) if sae.lens is not None else None
     if lens is not None:  # a cache through another lens: refused
@@ -85,22 +92,35 @@ def plan_run(
     members = member_specs(mode, layers, sae, train.seed)
     for m in members:  # shape errors before any work
         SaeConfig(
-            d_in=source.d_model, expansion_factor=m.expansion_factor, k=m.k,
-            normalize=sae.normalize, **sae.architecture_settings(),
-        )  # fmt: skip
+            d_in=source.d_model,
+            expansion_factor=m.expansion_factor,
+            k=m.k,
+            normalize=sae.normalize,
+            **sae.architecture_settings(),
+        )
     grouped = sae.architecture in ("token_topk", "crosscoder")
     if grouped and mode == "mlsae" and train.batch_tokens % len(layers):
-        raise MlsaeError(f"--architecture {sae.architecture} takes whole tokens: --batch-tokens "
-                         f"{train.batch_tokens} is not a multiple of the {len(layers)} layers")  # fmt: skip
+        raise MlsaeError(
+            f"--architecture {sae.architecture} takes whole tokens: --batch-tokens "
+            f"{train.batch_tokens} is not a multiple of the {len(layers)} layers"
+        )
     cache = getattr(source, "path", None)
     if cache is not None:  # a cache is read whole: no command-line token default in the record
         src = replace(src, tokens=None)
     return RunConfig(
-        data=data, model=model, source=src, sae=sae, train=train,
-        cache=None if cache is None else str(Path(cache).resolve()), mode=mode, layers=layers,
-        d_in=source.d_model, members=members, lens=lens,
+        data=data,
+        model=model,
+        source=src,
+        sae=sae,
+        train=train,
+        cache=None if cache is None else str(Path(cache).resolve()),
+        mode=mode,
+        layers=layers,
+        d_in=source.d_model,
+        members=members,
+        lens=lens,
         fingerprint=getattr(source, "fingerprint", None),
-    )  # fmt: skip
+    )
 
 
 def check_new_run(out: Path) -> None:
@@ -129,8 +149,10 @@ def read_run(
         other = sorted(set(train_given) - RESUMABLE)
         if other:
             opts = ", ".join("--" + k.replace("_", "-") for k in other)
-            raise MlsaeError(f"{opts}: a resumed run keeps its settings (only --max-steps and "
-                             "--epochs may change)")  # fmt: skip
+            raise MlsaeError(
+                f"{opts}: a resumed run keeps its settings (only --max-steps and "
+                "--epochs may change)"
+            )
         run.train = replace(run.train, **train_given)  # validated again
         if save:
             save_run(out, run)

@@ -51,10 +51,14 @@ def open_stream(
     fixed = [int(x) for x in layers] if isinstance(layers, list) else None
     spec = layers if isinstance(layers, str) else None
     return open_live(
-        replace(source, cache=None, layers=spec), replace(data, split="train"), model,
-        default_tokens=source.tokens or DEFAULT_TOKENS, layers=fixed,
-        storage_dtype=stream.storage_dtype, block_tokens=stream.shard_tokens,
-    )  # fmt: skip
+        replace(source, cache=None, layers=spec),
+        replace(data, split="train"),
+        model,
+        default_tokens=source.tokens or DEFAULT_TOKENS,
+        layers=fixed,
+        storage_dtype=stream.storage_dtype,
+        block_tokens=stream.shard_tokens,
+    )
 
 
 def open_run_source(run: RunConfig) -> ActivationSource:
@@ -97,10 +101,12 @@ def prepare_run(
         if run.cache is None and run.fingerprint is not None:
             have = stream_fingerprint(run)
             if have != run.fingerprint:
-                raise MlsaeError(f"--resume {out}: the model or the corpus changed since the run "
-                                 f"started (stream fingerprint {have[:12]}, the run's "
-                                 f"{run.fingerprint[:12]}): the run cannot continue on other "
-                                 "data; train a new run with --out instead")  # fmt: skip
+                raise MlsaeError(
+                    f"--resume {out}: the model or the corpus changed since the run "
+                    f"started (stream fingerprint {have[:12]}, the run's "
+                    f"{run.fingerprint[:12]}): the run cannot continue on other "
+                    "data; train a new run with --out instead"
+                )
         check_training_memory(run, src)
         return run, src
     data, model = data or DataConfig(), model or ModelConfig()
@@ -192,7 +198,9 @@ def stream_fingerprint(run: RunConfig) -> str:
     facts = {
         "model": _inputs_digest(model),
         "dataset": _inputs_digest(run.data.dataset),
-        "data": to_dict(run.data), "source": to_dict(replace(run.source, cache=None)),
-        "stream": to_dict(run.stream), "layers": list(run.layers),
-    }  # fmt: skip
+        "data": to_dict(run.data),
+        "source": to_dict(replace(run.source, cache=None)),
+        "stream": to_dict(run.stream),
+        "layers": list(run.layers),
+    }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
