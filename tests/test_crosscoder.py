@@ -143,6 +143,15 @@ def test_run_trains_saves_and_resumes_bit_identically(cache, tmp_path):
     assert sae.cfg.architecture == "crosscoder" and sae.cfg.layers == [0, 2, 5]
     with pytest.raises(MlsaeError, match="multiple of the 3 layers"):
         _train(tmp_path / "r", cache, "crosscoder", batch_tokens=50)
+    assert not whole.joinpath("sae", "cfg.json").read_text().count('"center_layers": true')
+
+
+def test_per_layer_centring_is_off_for_the_crosscoder() -> None:
+    from mlsae.core.config import SaeGridConfig
+
+    assert SaeGridConfig(architecture="crosscoder").center_layers == "auto"  # resolved to off
+    with pytest.raises(MlsaeError, match="decoder bias per block"):
+        SaeGridConfig(architecture="crosscoder", center_layers="on")
 
 
 # ----------------------------------------------------------------------------- evaluate

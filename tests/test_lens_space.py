@@ -152,15 +152,26 @@ def test_train_on_the_fly_equals_training_on_a_lens_cache(root: Path, tmp_path: 
 class _Identity:
     """A perfect 'SAE' (x_hat = x) for exactness checks of the lens round trip."""
 
+    token_code = False  # each layer encoded on its own (SparseAutoencoder's default)
+
     def __init__(self, lens: str) -> None:
         self.cfg = SaeConfig(d_in=D, expansion_factor=1, k=D, layers=list(range(L)), lens=lens)
 
-    def encode(self, x: torch.Tensor) -> SimpleNamespace:
+    def encode(self, x: torch.Tensor, layer: int | None = None) -> SimpleNamespace:
         idx = torch.arange(D).expand(len(x), -1)
-        return SimpleNamespace(x=x, top_indices=idx, top_acts=torch.ones_like(x))
+        ones = torch.ones(len(x), 1)  # standardised space = the SAE's space: mean 0, std 1
+        return SimpleNamespace(
+            x=x, top_indices=idx, top_acts=torch.ones_like(x), mean=0 * ones, std=ones, center=None
+        )
 
     def decode(self, enc: SimpleNamespace) -> torch.Tensor:
         return enc.x
+
+    def __call__(
+        self, x: torch.Tensor, layer: int | None = None
+    ) -> tuple[torch.Tensor, SimpleNamespace]:
+        enc = self.encode(x, layer)
+        return self.decode(enc), enc
 
 
 def _diagonal_inverse(self: TunedLens, z: torch.Tensor, layer: int) -> torch.Tensor:
@@ -386,11 +397,12 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
         source=SourceConfig(cache=root / "cache_test_lens"),
         cfg=cfg,
     )
-    for p, q in zip(fly["pairs"], stored["pairs"], strict=True):
+    for p, q in zip(fly.pairs, stored.pairs, strict=True):
         for k in ("pass_through", "appear", "disappear"):
-            assert p[k] == pytest.approx(q[k], abs=1e-6), k
-    for p, q in zip(fly["match"], stored["match"], strict=True):
-        assert p == pytest.approx(q, rel=1e-4)
+            assert getattr(p, k) == pytest.approx(getattr(q, k), abs=1e-6), k
+    for p, q in zip(fly.match, stored.match, strict=True):
+        for k in ("matched", "matched_target_scale", "unpermuted", "own", "identity_fraction"):
+            assert getattr(p, k) == pytest.approx(getattr(q, k), rel=1e-4, abs=1e-6), k
     # a model-space per-layer set refuses the lens cache
     _train(root, tmp_path / "pp", "cache_train", "--per-layer")
     with pytest.raises(MlsaeError, match="cache holds tuned-lens vectors"):

@@ -259,6 +259,10 @@ class SaeGridConfig:
         check(min(self.k) >= 1, "-k must be >= 1")
         check(self.center_layers in ("auto", "on", "off"), "--center-layers: auto, on or off")
         check(
+            self.architecture != "crosscoder" or self.center_layers != "on",
+            "--center-layers on: the crosscoder has a decoder bias per block already",
+        )
+        check(
             not (self.single_layer is not None and self.per_layer),
             "--single-layer cannot be combined with --per-layer",
         )

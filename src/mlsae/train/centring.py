@@ -17,7 +17,6 @@ from torch import Tensor
 
 from mlsae.activations.source import ActivationSource, Batch
 from mlsae.core.config import Normalize, RunConfig
-from mlsae.core.errors import MlsaeError
 from mlsae.core.io import recover_dir
 from mlsae.sae.centring import MEAN_TOKENS, BlockMeans, auto_choice, describe_choice
 from mlsae.train.checkpoint import CHECKPOINT, STATE
@@ -62,8 +61,6 @@ def resolve_centring(
     in its checkpoint). auto: the MLSAE decides from the ratios; one-block SAEs are off."""
     choice = run.sae.center_layers
     if run.sae.architecture == "crosscoder":  # its decoder bias is per block already
-        if choice == "on":
-            raise MlsaeError("--center-layers on: the crosscoder has a decoder bias per block")
         choice = "off"
     resuming = (recover_dir(Path(out) / CHECKPOINT) / STATE).is_file()
     if resuming or choice == "off" or (choice == "auto" and run.mode != "mlsae"):

@@ -148,7 +148,7 @@ def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> d
 
 def _rows(enc: Any, sel: torch.Tensor) -> Any:
     """The EncoderOutput of the rows `sel` of `enc`."""
-    return type(enc)(*(t[sel] for t in enc))
+    return type(enc)(*(None if t is None else t[sel] for t in enc))
 
 
 def format_fvu(res: dict[str, Any]) -> str:
