@@ -68,6 +68,13 @@ class EncoderOutput(NamedTuple):
     # ("layer_norm"), ones ("none")
     center: Tensor | None = None  # f32[N, d] each row's block mean mu_l (per-layer centring)
 
+    def rows(self, sel: Tensor | slice) -> EncoderOutput:
+        """The code of the selected rows (a mask, indices or a slice)."""
+        center = None if self.center is None else self.center[sel]
+        return EncoderOutput(
+            self.top_acts[sel], self.top_indices[sel], self.mean[sel], self.std[sel], center
+        )
+
     def to(self, device: torch.device | str) -> EncoderOutput:
         """The same code on another device (e.g. the CPU, for statistics and files)."""
         center = None if self.center is None else self.center.to(device)

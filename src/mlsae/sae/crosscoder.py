@@ -270,7 +270,4 @@ def token_pass(
     xs = [inputs(layer) for layer in layers]
     x_hat, enc = sae(torch.stack(xs, 1).reshape(-1, xs[0].shape[-1]))  # token t, layer i: t L + i
     n_l = len(xs)
-    return {
-        layer: (x_hat[i::n_l], EncoderOutput(*(None if t is None else t[i::n_l] for t in enc)))
-        for i, layer in enumerate(layers)
-    }
+    return {layer: (x_hat[i::n_l], enc.rows(slice(i, None, n_l))) for i, layer in enumerate(layers)}

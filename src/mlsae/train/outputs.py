@@ -137,18 +137,13 @@ def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> d
                 if sel.any():
                     x = batch.x[sel]
                     x_hat, enc = (
-                        m.sae(x, layer) if whole is None else (whole[0][sel], _rows(whole[1], sel))
+                        m.sae(x, layer) if whole is None else (whole[0][sel], whole[1].rows(sel))
                     )
                     acc[m.name].update(layer, x, x_hat, enc.top_indices, enc.top_acts)
         seen += len(batch)
         if seen >= EVAL_VECTORS:
             break
     return {name: a.result() for name, a in acc.items()}
-
-
-def _rows(enc: Any, sel: torch.Tensor) -> Any:
-    """The EncoderOutput of the rows `sel` of `enc`."""
-    return type(enc)(*(None if t is None else t[sel] for t in enc))
 
 
 def format_fvu(res: dict[str, Any]) -> str:
