@@ -90,8 +90,8 @@ def main() -> None:
     from mlsae.core.stage_config import LensTrainConfig
     from mlsae.data.model import load_model
     from mlsae.data.text import take_contexts
-    from mlsae.lens.evaluate import evaluate_lens
     from mlsae.lens.command import split_holdout
+    from mlsae.lens.evaluate import evaluate_lens
     from mlsae.lens.train import regression_init, train_lens
     from mlsae.lens.tuned import TunedLens, load_lens
 
