@@ -162,6 +162,25 @@ def _configs(cfg: SaeConfig, run: Path, sae_dir: Path) -> dict[str, dict[str, ob
     return configs
 
 
+def _encoders(
+    sae: SparseAutoencoder,
+    space: Space,
+    cmps: list[_Compared],
+    cache_lens: str | None,
+    layers: list[int],
+) -> dict[str, Any]:
+    """The main SAE's and each `--compare` SAE's encoder for the analysis pass, by name."""
+    from mlsae.lens.tuned import resolve_space
+
+    encoders = {"main": (sae_encoder(sae, _on_the_fly(space), layers), sae.cfg.d_sae)}
+    for i, c in enumerate(cmps):
+        sp = resolve_space(
+            c.sae.cfg.lens, cache_lens, sae_dir=c.sae_dir, what=f"--compare SAE {c.sae_dir}"
+        )
+        encoders[f"compare_{i}"] = (sae_encoder(c.sae, _on_the_fly(sp), layers), c.sae.cfg.d_sae)
+    return encoders
+
+
 def analyze(
     run: Path,
     out: Path,
@@ -200,12 +219,7 @@ def analyze(
     _check_source(src, cfg)
     space = resolve_space(cfg.lens, src.lens, override=lens, sae_dir=sae_dir)
     layers = list(cfg.layers) if len(cfg.layers) > 1 else list(src.layers)
-    encoders = {"main": (sae_encoder(sae, _on_the_fly(space), layers), cfg.d_sae)}
-    for i, c in enumerate(cmps):
-        sp = resolve_space(
-            c.sae.cfg.lens, src.lens, sae_dir=c.sae_dir, what=f"--compare SAE {c.sae_dir}"
-        )
-        encoders[f"compare_{i}"] = (sae_encoder(c.sae, _on_the_fly(sp), layers), c.sae.cfg.d_sae)
+    encoders = _encoders(sae, space, cmps, src.lens, layers)
     prompt_stats = analyze_prompts(
         prompts, model, sae, cfg, layers, chunk_vectors, space.lens, exclude_sink=data.exclude_sink
     )

@@ -128,19 +128,8 @@ def _decoder(tokenizer: Any) -> Any:
     return dec
 
 
-def node_details(
-    g: FeatureGraph,
-    keep: np.ndarray,
-    stats: list[FeatureStats],
-    results: list[PairResult],
-    cfg: EvolutionConfig,
-    tokens: np.ndarray,
-    ctx_len: int,
-    tokenizer: Any,
-) -> dict[int, dict]:
-    """The graph.html panel of each drawn node: measures, flags, partners, contexts."""
-    pos_of = {ly: p for p, ly in enumerate(g.layers)}
-    dec = _decoder(tokenizer)
+def _relation_flags(results: list[PairResult]) -> dict[tuple[int, int], list[str]]:
+    """(layer, feature) -> the AND / OR / specialisation lines of its graph.html panel."""
     flags: dict[tuple[int, int], list[str]] = {}
     for r in results:
         for kind, rows in (("AND", r.and_features), ("OR", r.or_features)):
@@ -154,6 +143,23 @@ def node_details(
                     )
         for j, i in r.specialised:
             flags.setdefault((r.down_layer, j), []).append(f"specialises {node_id(r.up_layer, i)}")
+    return flags
+
+
+def node_details(
+    g: FeatureGraph,
+    keep: np.ndarray,
+    stats: list[FeatureStats],
+    results: list[PairResult],
+    cfg: EvolutionConfig,
+    tokens: np.ndarray,
+    ctx_len: int,
+    tokenizer: Any,
+) -> dict[int, dict]:
+    """The graph.html panel of each drawn node: measures, flags, partners, contexts."""
+    pos_of = {ly: p for p, ly in enumerate(g.layers)}
+    dec = _decoder(tokenizer)
+    flags = _relation_flags(results)
     inc: dict[int, list[int]] = {}
     for e, (s, t) in enumerate(zip(g.src, g.dst, strict=True)):
         inc.setdefault(int(s), []).append(e)

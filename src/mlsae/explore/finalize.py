@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,108 @@ def _quantile_pick(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pick_arr, _bands(acts)[pick_arr]
 
 
+@dataclass
+class _Arrays:
+    """One SaeIndexer's accumulators as numpy views (shapes: L blocks, m latents, C top
+    examples per block, W window tokens)."""
+
+    sae_id: int
+    layers: list[int]
+    count: np.ndarray  # [L, m] active tokens
+    S: np.ndarray  # [L, m] sum of activations
+    pairs: np.ndarray  # [m] tokens active at >= 1 layer
+    tkey: np.ndarray  # [L, m, C] top activations (NaN: empty)
+    tpos: np.ndarray  # [L, m, C]
+    twin: np.ndarray  # [L, m, C, W]
+    hist: np.ndarray  # [m, B]
+    skey: np.ndarray  # [m, S] sampled activations (NaN: empty)
+    spos: np.ndarray
+    slay: np.ndarray
+    sact: np.ndarray
+    swin: np.ndarray
+
+    @classmethod
+    def of(cls, sae_id: int, x: Any) -> _Arrays:
+        L, m, C, W = x.L, x.m, x.top.C, 2 * x.w + 1
+        sample = x.sample.data
+        return cls(
+            sae_id,
+            list(x.rs.layers),
+            x.count.view(L, m).numpy(),
+            x.stats.S.numpy(),
+            x.stats.pairs.numpy(),
+            x.top.key.view(L, m, C).numpy(),
+            x.top.data["pos"].view(L, m, C).numpy(),
+            x.top.data["win"].view(L, m, C, W).numpy(),
+            x.hist.view(m, x.hist.numel() // m).numpy(),
+            x.sample.key.numpy(),
+            sample["pos"].numpy(),
+            sample["layer"].numpy(),
+            sample["act"].numpy(),
+            sample["win"].numpy(),
+        )
+
+    def top_examples(self, j: int, ex: list[tuple]) -> list[tuple[float, int]]:
+        """Append latent j's top-example rows per block; its (act, pos) over all blocks."""
+        best: list[tuple[float, int]] = []
+        for p in range(len(self.layers)):
+            k = int(np.isfinite(self.tkey[p, j]).sum())
+            if k == 0:
+                continue
+            ex.append(
+                (
+                    self.sae_id,
+                    j,
+                    "top",
+                    self.layers[p],
+                    self.tpos[p, j, :k].astype(np.int32).tobytes(),
+                    self.tkey[p, j, :k].astype(np.float32).tobytes(),
+                    self.twin[p, j, :k].astype(np.float16).tobytes(),
+                    None,
+                    None,
+                )
+            )
+            best += zip(self.tkey[p, j, :k].tolist(), self.tpos[p, j, :k].tolist(), strict=True)
+        best.sort(key=lambda e: -e[0])
+        return best
+
+    def quantile_examples(self, j: int, ex: list[tuple]) -> None:
+        """Append latent j's quantile-example row (examples spread over its activations)."""
+        ok = np.isfinite(self.skey[j])
+        if not ok.any():
+            return
+        pick, band = _quantile_pick(self.sact[j][ok])
+        sel = np.nonzero(ok)[0][pick]
+        ex.append(
+            (
+                self.sae_id,
+                j,
+                "quantile",
+                -1,
+                self.spos[j, sel].astype(np.int32).tobytes(),
+                self.sact[j, sel].astype(np.float32).tobytes(),
+                self.swin[j, sel].astype(np.float16).tobytes(),
+                np.asarray(self.layers)[self.slay[j, sel]].astype(np.int16).tobytes(),
+                band.tobytes(),
+            )
+        )
+
+
+def _top_tokens(
+    best: list[tuple[float, int]], stream: np.ndarray
+) -> tuple[list[int], Counter[int], dict[int, float]]:
+    """The N_TOKENS most frequent tokens among a latent's top examples (ties: larger max
+    activation, then smaller id), with each token's count and max activation."""
+    counts: Counter[int] = Counter()
+    tmax: dict[int, float] = {}
+    for a, pos in best:
+        t = int(stream[pos])
+        counts[t] += 1
+        tmax[t] = max(tmax.get(t, 0.0), a)
+    tops = sorted(counts, key=lambda t: (-counts[t], -tmax[t], t))[:N_TOKENS]
+    return tops, counts, tmax
+
+
 def sae_rows(
     sae_id: int,
     x: Any,
@@ -57,83 +160,28 @@ def sae_rows(
 ) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """(latent rows, example rows, token_latent rows) of one SaeIndexer `x` (see db.SCHEMA)."""
     res = x.stats.result()
-    n, L, m, w = res.n_tokens, x.L, x.m, x.w
-    C, W = x.top.C, 2 * w + 1
-    count = x.count.view(L, m).numpy()
-    S = x.stats.S.numpy()  # [L, m] sum of activations
-    pairs = x.stats.pairs.numpy()  # [m] tokens active at >= 1 layer
-    tkey = x.top.key.view(L, m, C).numpy()
-    tpos = x.top.data["pos"].view(L, m, C).numpy()
-    twin = x.top.data["win"].view(L, m, C, W).numpy()
-    B = x.hist.numel() // m
-    hist = x.hist.view(m, B).numpy()
-    skey = x.sample.key.numpy()
-    spos, slay = x.sample.data["pos"].numpy(), x.sample.data["layer"].numpy()
-    sact, swin = x.sample.data["act"].numpy(), x.sample.data["win"].numpy()
+    n, L, w = res.n_tokens, x.L, x.w
+    arr = _Arrays.of(sae_id, x)
     hv, hi, lv, li = (t.numpy() for t in effects)
     nv, ni = (t.numpy() for t in neigh)
-    layers = x.rs.layers
     lat, ex, tok = [], [], []
-    for j in range(m):
-        cnt = count[:, j]
-        alive = pairs[j] > 0
-        best = []  # (act, pos) over all layers
-        for p in range(L):
-            ok = np.isfinite(tkey[p, j])
-            if not ok.any():
-                continue
-            k = int(ok.sum())
-            ex.append(
-                (
-                    sae_id,
-                    j,
-                    "top",
-                    layers[p],
-                    tpos[p, j, :k].astype(np.int32).tobytes(),
-                    tkey[p, j, :k].astype(np.float32).tobytes(),
-                    twin[p, j, :k].astype(np.float16).tobytes(),
-                    None,
-                    None,
-                )
-            )
-            best += zip(tkey[p, j, :k].tolist(), tpos[p, j, :k].tolist(), strict=True)
-        ok = np.isfinite(skey[j])
-        if ok.any():
-            acts = sact[j][ok]
-            pick, band = _quantile_pick(acts)
-            sel = np.nonzero(ok)[0][pick]
-            ex.append(
-                (
-                    sae_id,
-                    j,
-                    "quantile",
-                    -1,
-                    spos[j, sel].astype(np.int32).tobytes(),
-                    sact[j, sel].astype(np.float32).tobytes(),
-                    swin[j, sel].astype(np.float16).tobytes(),
-                    np.asarray(layers)[slay[j, sel]].astype(np.int16).tobytes(),
-                    band.tobytes(),
-                )
-            )
-        best.sort(key=lambda e: -e[0])
-        tc: Counter[int] = Counter()
-        tmax: dict[int, float] = {}
-        for a, pos in best:
-            t = int(stream[pos])
-            tc[t] += 1
-            tmax[t] = max(tmax.get(t, 0.0), a)
-        tops = sorted(tc, key=lambda t: (-tc[t], -tmax[t], t))[:N_TOKENS]
+    for j in range(x.m):
+        cnt, S = arr.count[:, j], arr.S[:, j]
+        alive = arr.pairs[j] > 0
+        best = arr.top_examples(j, ex)
+        arr.quantile_examples(j, ex)
+        tops, tc, tmax = _top_tokens(best, stream)
         tok += [(sae_id, t, j, tc[t], _num(tmax[t])) for t in tops]
         texts = []
         for _, pos in best[:N_TEXT]:
             ids, _ = window_ids(stream, int(pos), w, ctx)
             texts.append("".join(vocab[i] if 0 <= i < len(vocab) else f"<{i}>" for i in ids))
-        mean_act = S[:, j].sum() / cnt.sum() if cnt.sum() else math.nan
+        mean_act = S.sum() / cnt.sum() if cnt.sum() else math.nan
         row = {
             "layer_count": cnt.tolist(),
-            "layer_mean": [_num(S[p, j] / cnt[p]) if cnt[p] else None for p in range(L)],
+            "layer_mean": [_num(S[p] / cnt[p]) if cnt[p] else None for p in range(L)],
             "layer_dist": [_num(v) for v in res.p_layer_given_latent[j]],
-            "hist": [[int(b), int(c)] for b, c in enumerate(hist[j]) if c],
+            "hist": [[int(b), int(c)] for b, c in enumerate(arr.hist[j]) if c],
             "logit_pos": [[int(i), _num(v)] for i, v in zip(hi[j], hv[j], strict=True)],
             "logit_neg": [[int(i), _num(v)] for i, v in zip(li[j], lv[j], strict=True)],
             "neighbours": [[int(i), _num(v)] for i, v in zip(ni[j], nv[j], strict=True)],
@@ -143,8 +191,8 @@ def sae_rows(
             (
                 sae_id,
                 j,
-                int(pairs[j]),
-                pairs[j] / n if n else None,
+                int(arr.pairs[j]),
+                arr.pairs[j] / n if n else None,
                 _num(best[0][0]) if best else None,
                 _num(mean_act),
                 _num(res.expected_layer[j]) if alive else None,

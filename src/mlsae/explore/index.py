@@ -226,6 +226,64 @@ def index_pass(
     return np.concatenate(tokens)
 
 
+def _source_info(src: Any) -> dict[str, Any]:
+    """What the index records of its tokens' source: a cache's folder, or a dataset; the split."""
+    path = getattr(src, "path", None)
+    if path is not None:
+        return {"cache": str(Path(path).resolve()), "split": src.info.get("split")}
+    return {"dataset": src.info.get("dataset"), "split": src.info.get("split")}
+
+
+def _write_sae(
+    w: Any,
+    i: int,
+    x: SaeIndexer,
+    lm: Any,
+    cfg: IndexConfig,
+    stream: np.ndarray,
+    vocab: list[str],
+    ctx: int,
+) -> None:
+    """One SAE's rows: its accumulators with the decoder's logit effects (none without a
+    model) and nearest decoder neighbours."""
+    W = x.rs.sae.W_dec.detach()
+    if lm is not None:
+        effects = logit_effects(lm.model, W, cfg.n_logits)
+    else:
+        effects = no_logit_effects(len(W))
+    neigh = decoder_neighbours(W, cfg.n_neighbours)
+    w.sae(i, x, effects, neigh, stream, vocab, ctx)
+
+
+def _meta(
+    run: Path,
+    lm: Any,
+    src: Any,
+    stream: np.ndarray,
+    cfg: IndexConfig,
+    saes: list[RunSae],
+    vocab_bytes: Any,
+) -> dict[str, Any]:
+    """The index's meta table: provenance, settings and the indexed SAEs' hashes."""
+    from mlsae.explore.source import weights_sha256
+
+    return {
+        "format": FORMAT,
+        "run": str(run.resolve()),
+        "model": lm.name if lm else None,
+        "source": _source_info(src),
+        "context_length": max(1, src.context_length),
+        "n_stream_tokens": len(stream),
+        "top_n": cfg.top_n,
+        "window": cfg.window,
+        "samples": cfg.samples,
+        "hist_edges": HIST_EDGES.tolist(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sae_sha256": {s.label: weights_sha256(s.path) for s in saes},
+        "vocab_bytes": vocab_bytes,
+    }
+
+
 def build_index(
     run: str | Path,
     *,
@@ -240,7 +298,7 @@ def build_index(
     RUN/explore.sqlite). Returns a summary: path, size, time, tokens."""
     from mlsae.activations.open import open_source
     from mlsae.explore import db
-    from mlsae.explore.source import run_saes, source_chunks, weights_sha256
+    from mlsae.explore.source import run_saes, source_chunks
     from mlsae.lens.tuned import resolve_space
 
     source, data, model = Inputs.held_out(source, data, model).parts()
@@ -264,12 +322,6 @@ def build_index(
     cache_lens, ctx = src.lens, max(1, src.context_length)
     chunks = source_chunks(src, layers, source.tokens)
     total = src.n_tokens if source.tokens is None else min(src.n_tokens, source.tokens)
-    path_ = getattr(src, "path", None)
-    src_info = (
-        {"cache": str(Path(path_).resolve()), "split": src.info.get("split")}
-        if path_ is not None
-        else {"dataset": src.info.get("dataset"), "split": src.info.get("split")}
-    )
     for s in saes:
         if s.sae.cfg.d_in != src.d_model:
             raise MlsaeError(f"SAE {s.path}: d_in {s.sae.cfg.d_in}, activations {src.d_model}")
@@ -289,34 +341,13 @@ def build_index(
     t_pass = time.perf_counter() - t0
     tokenizer = lm.tokenizer if lm is not None else None
     vocab = decode_vocab(tokenizer, n_vocab or int(stream.max()) + 1)
-    meta = {
-        "format": FORMAT,
-        "run": str(run.resolve()),
-        "model": lm.name if lm else None,
-        "source": src_info,
-        "context_length": ctx,
-        "n_stream_tokens": len(stream),
-        "top_n": top_n,
-        "window": window,
-        "samples": samples,
-        "hist_edges": HIST_EDGES.tolist(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "sae_sha256": {s.label: weights_sha256(s.path) for s in saes},
-        "vocab_bytes": fragment_bytes(tokenizer, vocab),
-    }
+    meta = _meta(run, lm, src, stream, cfg, saes, fragment_bytes(tokenizer, vocab))
     with db.Writer(path) as w:
         w.meta(meta)
         w.stream(stream)
         w.vocab(vocab)
         for i, x in enumerate(idx):
-            W = x.rs.sae.W_dec.detach()
-            effects = (
-                logit_effects(lm.model, W, cfg.n_logits)
-                if lm is not None
-                else no_logit_effects(len(W))
-            )
-            neigh = decoder_neighbours(W, cfg.n_neighbours)
-            w.sae(i, x, effects, neigh, stream, vocab, ctx)
+            _write_sae(w, i, x, lm, cfg, stream, vocab, ctx)
         meta["time_s"] = time.perf_counter() - t0
         meta["pass_s"] = t_pass
         w.meta(meta)

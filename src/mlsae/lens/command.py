@@ -60,6 +60,51 @@ def split_holdout(contexts: Tensor, n_holdout: int) -> tuple[Tensor, Tensor | No
     return contexts[:-n_holdout], contexts[-n_holdout:]
 
 
+def _training_record(
+    source: ContextSource,
+    cfg: LensTrainConfig,
+    contexts: Tensor,
+    train_ctx: Tensor,
+    holdout: Tensor | None,
+    n_regr: int,
+    run: LensTrainLog,
+    wall: float,
+    lens: TunedLens,
+) -> dict[str, Any]:
+    """What lens.json records of the training: data, hold-out, settings, the KL curve, time
+    and the translators' singular values."""
+    history = run.history
+    return {
+        "dataset": source.info.get("dataset"),
+        "split": source.info.get("split"),
+        "context_length": int(contexts.shape[1]),
+        "tokens": int(train_ctx.numel()),
+        "holdout": {
+            "contexts": 0 if holdout is None else len(holdout),
+            "tokens": 0 if holdout is None else int(holdout.numel()),
+            "source": "the last contexts of the training split's tokens (not the test split)",
+            "eval_every": cfg.eval_every,
+            "patience": cfg.patience,
+        },
+        "init": cfg.init,
+        "ridge": cfg.ridge if cfg.init == "regression" else None,
+        "min_singular": cfg.min_singular if cfg.init == "regression" else None,
+        "regression_positions": n_regr,
+        "max_steps": cfg.steps,
+        "steps": len(history),
+        "step_contexts": cfg.step_contexts,
+        "lr": cfg.lr,
+        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0 at max_steps",
+        "loss": "sum over layers of mean KL(final || lens)",
+        "seed": cfg.seed,
+        "model_dtype": source.info.get("model_dtype"),
+        "kl_first_last": [history[0], history[-1]] if history else None,
+        **run.to_json(),
+        "wall_seconds": round(wall, 1),
+        "singular_values": _singular_summary(lens),
+    }
+
+
 def train_lens_command(
     out: Path, source: ContextSource, cfg: LensTrainConfig | None = None
 ) -> TunedLens:
@@ -102,35 +147,9 @@ def train_lens_command(
         )
     history = run.history
     wall = time.perf_counter() - t0
-    lens.meta["training"] = {
-        "dataset": source.info.get("dataset"),
-        "split": source.info.get("split"),
-        "context_length": int(contexts.shape[1]),
-        "tokens": int(train_ctx.numel()),
-        "holdout": {
-            "contexts": 0 if holdout is None else len(holdout),
-            "tokens": 0 if holdout is None else int(holdout.numel()),
-            "source": "the last contexts of the training split's tokens (not the test split)",
-            "eval_every": cfg.eval_every,
-            "patience": cfg.patience,
-        },
-        "init": cfg.init,
-        "ridge": cfg.ridge if cfg.init == "regression" else None,
-        "min_singular": cfg.min_singular if cfg.init == "regression" else None,
-        "regression_positions": n_regr,
-        "max_steps": cfg.steps,
-        "steps": len(history),
-        "step_contexts": cfg.step_contexts,
-        "lr": cfg.lr,
-        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0 at max_steps",
-        "loss": "sum over layers of mean KL(final || lens)",
-        "seed": cfg.seed,
-        "model_dtype": source.info.get("model_dtype"),
-        "kl_first_last": [history[0], history[-1]] if history else None,
-        **run.to_json(),
-        "wall_seconds": round(wall, 1),
-        "singular_values": _singular_summary(lens),
-    }
+    lens.meta["training"] = _training_record(
+        source, cfg, contexts, train_ctx, holdout, n_regr, run, wall, lens
+    )
     lens.save(out)
     js = run.to_json()
     kl = (
