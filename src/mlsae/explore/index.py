@@ -226,7 +226,7 @@ def index_pass(
     return np.concatenate(tokens)
 
 
-def _source_info(src: Any) -> dict[str, Any]:
+def _source_info(src: Any) -> dict[str, str | None]:
     """What the index records of its tokens' source: a cache's folder, or a dataset; the split."""
     path = getattr(src, "path", None)
     if path is not None:
@@ -263,7 +263,7 @@ def _meta(
     cfg: IndexConfig,
     saes: list[RunSae],
     vocab_bytes: Any,
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """The index's meta table: provenance, settings and the indexed SAEs' hashes."""
     from mlsae.explore.source import weights_sha256
 

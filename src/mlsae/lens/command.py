@@ -70,7 +70,7 @@ def _training_record(
     run: LensTrainLog,
     wall: float,
     lens: TunedLens,
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """What lens.json records of the training: data, hold-out, settings, the KL curve, time
     and the translators' singular values."""
     history = run.history
