@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mlsae.core.config import SourceConfig
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import EvolutionConfig
 from mlsae.evolution.run import evolution_command
 from mlsae.synth.command import score_command
@@ -33,9 +34,8 @@ def main() -> None:
                 cfg = EvolutionConfig(boolean_threshold=t, boolean_exclusive=excl)
                 out = root / f"evo_{sae}_{t}_{int(excl)}"
                 if not (out / "evolution.json").exists():
-                    evolution_command(
-                        root / sae, out, source=SourceConfig(cache=root / "data" / "test"), cfg=cfg
-                    )
+                    inputs = Inputs.held_out(SourceConfig(cache=root / "data" / "test"))
+                    evolution_command(root / sae, out, inputs=inputs, cfg=cfg)
                 from mlsae.evolution.summary import load_evolution
 
                 ev = load_evolution(out).summary

@@ -31,8 +31,8 @@ def angle(c: float) -> float:
 
 
 def main() -> None:
-    from mlsae.core.io import read_json_object
     from mlsae.evolution.match import folded_decoder, match_permutation
+    from mlsae.evolution.summary import load_evolution
     from mlsae.sae.folders import RunFolder, load_sae
     from mlsae.synth.score import alive_from_graph, recovery_at, reported_edges
 
@@ -45,9 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     saes = {ly: load_sae(d) for ly, d in RunFolder(args.run).per_layer_dirs()}
-    evo = read_json_object(args.evolution / "evolution.json", "evolution output")
-    graph = read_json_object(args.evolution / "graph.json", "evolution graph")
-    passed = reported_edges(evo, graph)["pass_through"]
+    evo = load_evolution(args.evolution, with_graph=True)
+    graph = evo.graph
+    assert graph is not None
+    passed = reported_edges(evo.summary, graph)["pass_through"]
     truth = None
     if args.truth is not None:
         from mlsae.synth.truth import load_truth

@@ -148,6 +148,7 @@ def model_with_test_cache(root: Path, arch: str, tokenizer, context_length: int)
     (model, model folder, corpus path)."""
     from mlsae.activations.extract import build_cache
     from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
+    from mlsae.core.inputs import Inputs
 
     model = make_model(arch, len(tokenizer))
     model.save_pretrained(root / "model")
@@ -156,9 +157,11 @@ def model_with_test_cache(root: Path, arch: str, tokenizer, context_length: int)
     mdir, data = str(root / "model"), str(root / "docs.jsonl")
     build_cache(
         root / "cache_test",
-        ModelConfig(model=mdir),
-        DataConfig(dataset=data, split="test", context_length=context_length),  # type: ignore[arg-type]
-        SourceConfig(tokens=4 * context_length, batch_size=4),
+        Inputs(
+            SourceConfig(tokens=4 * context_length, batch_size=4),
+            DataConfig(dataset=data, split="test", context_length=context_length),
+            ModelConfig(model=mdir),
+        ),
         ExtractConfig(storage_dtype="float32", shard_tokens=2 * context_length),
     )
     return model, mdir, data

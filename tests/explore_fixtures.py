@@ -15,6 +15,7 @@ from conftest import make_model, make_tokenizer, write_word_corpus
 
 from mlsae.activations.extract import build_cache
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
+from mlsae.core.inputs import Inputs
 from mlsae.sae.autoencoder import SparseAutoencoder
 
 D, CTX, LAYERS = 32, 24, [0, 1, 2]
@@ -42,9 +43,7 @@ def build_world(root: Path, arch: str = "llama", n_tokens: int = 480) -> dict[st
     data = DataConfig(dataset=str(corpus), split="train", context_length=CTX)
     build_cache(
         root / "cache",
-        ModelConfig(model=str(mdir)),
-        data,
-        SourceConfig(tokens=n_tokens, batch_size=3),
+        Inputs(SourceConfig(tokens=n_tokens, batch_size=3), data, ModelConfig(model=str(mdir))),
         ExtractConfig(storage_dtype="float32", shard_tokens=5 * CTX),
     )
     make_sae(LAYERS).save(root / "run" / "sae")
@@ -119,7 +118,7 @@ def indexed_world(root: Path) -> dict[str, Path]:
     w = build_world(root)
     build_index(
         w["run"],
-        source=SourceConfig(cache=w["cache"]),
+        inputs=Inputs.held_out(source=SourceConfig(cache=w["cache"])),
         cfg=IndexConfig(top_n=8, window=3, samples=12),
     )
     return w

@@ -118,7 +118,7 @@ def test_dense_matches_brute_force_with_mask_and_dead():
     check_against_brute(r, b)
     assert r.n_latents_dead == 2
     assert r.active_layers_hist == b["hist"]
-    assert r.summary()["n_latents_alive"] == len(b["alive"])
+    assert r.n_latents_alive == len(b["alive"])
 
 
 def test_unmasked_differs():

@@ -23,6 +23,7 @@ from mlsae.core.config import (
     TrainConfig,
 )
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import load_sae
 from mlsae.sae.registry import ARCHITECTURES, sae_class
@@ -291,9 +292,7 @@ def _train(out: Path, cache: Path, arch: str, **train_kw) -> Path:
     )
     return train_command(
         out,
-        data=DataConfig(),
-        model=ModelConfig(),
-        source=SourceConfig(cache=cache),
+        inputs=Inputs(source=SourceConfig(cache=cache), data=DataConfig(), model=ModelConfig()),
         sae=SaeGridConfig(
             expansion_factor=[4],
             k=[3],

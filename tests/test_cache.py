@@ -19,6 +19,7 @@ from mlsae.activations.cache import ActivationCache, CacheWriter
 from mlsae.activations.extract import build_cache
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.data.capture import capture, special_ids_of
 from mlsae.data.text import iter_contexts
 
@@ -200,7 +201,7 @@ def _build(
     data = DataConfig(dataset=str(corpus), context_length=16)
     source = SourceConfig(tokens=n_tokens, layers=layers, batch_size=3)
     extract = ExtractConfig(storage_dtype=storage_dtype, shard_tokens=64)
-    return build_cache(out, ModelConfig(model=str(model_dir)), data, source, extract, lens)
+    return build_cache(out, Inputs(source, data, ModelConfig(model=str(model_dir))), extract, lens)
 
 
 def test_round_trip_equals_capture(tmp_path: Path, tiny_model_dir: Path, tokenizer) -> None:
@@ -348,9 +349,11 @@ def test_cli(tmp_path: Path, neox_dir: Path, monkeypatch, capsys) -> None:
 def test_real_model_default_corpus(tmp_path: Path) -> None:
     man = build_cache(
         tmp_path / "c",
-        ModelConfig(),
-        DataConfig(context_length=64),
-        SourceConfig(tokens=128, layers="0,29", batch_size=2),
+        Inputs(
+            SourceConfig(tokens=128, layers="0,29", batch_size=2),
+            DataConfig(context_length=64),
+            ModelConfig(),
+        ),
     )
     assert man["d_model"] == 576 and man["layers"] == [0, 29] and man["n_tokens"] == 128
     shard = ActivationCache(tmp_path / "c").load_shard(0)

@@ -21,6 +21,7 @@ from mlsae.core.config import (
     TrainConfig,
 )
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.centring import BlockMeans, auto_choice, rows_of_blocks
 from mlsae.sae.folders import load_sae
@@ -188,10 +189,8 @@ def _train(out: Path, cache: Path, center: str) -> Path:
 
     return train_command(
         out,
-        data=DataConfig(),
-        model=ModelConfig(),
-        source=SourceConfig(cache=cache),
-        sae=SaeGridConfig(expansion_factor=[2], k=[4], center_layers=center),  # type: ignore[arg-type]
+        inputs=Inputs(source=SourceConfig(cache=cache), data=DataConfig(), model=ModelConfig()),
+        sae=SaeGridConfig(expansion_factor=[2], k=[4], center_layers=center),
         train=TrainConfig(batch_tokens=128, lr=2e-3, max_steps=12, checkpoint_every=6),
     )
 

@@ -20,6 +20,7 @@ import torch
 from mlsae.activations.cache import CacheWriter
 from mlsae.core.config import SaeGridConfig, SourceConfig, TrainConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.train.loop import train_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,7 +60,7 @@ def _train(out: Path, cache: Path, max_steps: int) -> Path:
         batch_tokens=64, epochs=2, max_steps=max_steps, checkpoint_every=7, lr=2e-3, dead_tokens=40
     )
     sae = SaeGridConfig(expansion_factor=[4], k=[2])
-    return train_command(out, source=SourceConfig(cache=cache), train=cfg, sae=sae)
+    return train_command(out, inputs=Inputs(source=SourceConfig(cache=cache)), train=cfg, sae=sae)
 
 
 def _payload(run: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from mlsae.core.calibrate import Calibration
 from mlsae.core.compute import resolve_compute_dtype, resolve_device
 from mlsae.core.config import ModelConfig, SaeConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.sae import kernels
 from mlsae.sae.autoencoder import SparseAutoencoder, geometric_median
 
@@ -180,8 +181,7 @@ def test_run_records_its_device_and_resume_may_move_it(tmp_path):
     cache = make_cache(tmp_path / "c", n_tokens=512)
     out = train_command(
         tmp_path / "r",
-        model=ModelConfig(device="cpu"),
-        source=SourceConfig(cache=cache),
+        inputs=Inputs(source=SourceConfig(cache=cache), model=ModelConfig(device="cpu")),
         sae=SaeGridConfig(expansion_factor=[2], k=[2]),
         train=TrainConfig(batch_tokens=64, max_steps=2),
     )

@@ -15,6 +15,7 @@ from mlsae.activations.extract import build_cache
 from mlsae.cli.app import app
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import EvalConfig
 from mlsae.eval.cross import cross_command
 from mlsae.eval.evaluate import evaluate_command
@@ -40,9 +41,11 @@ def _opts(
     """The config keywords of evaluate_command / cross_command."""
     lay = None if layers is None else ",".join(map(str, layers))
     return dict(
-        source=SourceConfig(cache=cache, layers=lay, tokens=tokens, batch_size=batch_size),
-        data=DataConfig(dataset=dataset, split=split, context_length=CTX),
-        model=ModelConfig(model=model),
+        inputs=Inputs(
+            SourceConfig(cache=cache, layers=lay, tokens=tokens, batch_size=batch_size),
+            DataConfig(dataset=dataset, split=split, context_length=CTX),
+            ModelConfig(model=model),
+        ),
         ev=EvalConfig(ce=ce, allow_train=allow_train),
     )
 
@@ -60,9 +63,11 @@ def setup(tmp_path_factory, tokenizer):
     for split in ("test", "train"):
         build_cache(
             root / f"cache_{split}",
-            ModelConfig(model=mdir),
-            DataConfig(dataset=data, split=split, context_length=CTX),  # type: ignore[arg-type]
-            SourceConfig(tokens=6 * CTX, batch_size=4),
+            Inputs(
+                SourceConfig(tokens=6 * CTX, batch_size=4),
+                DataConfig(dataset=data, split=split, context_length=CTX),
+                ModelConfig(model=mdir),
+            ),
             ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
         )
     for name, layers, seed in (("mlsae", [0, 1, 2], 0), ("l0", [0], 1), ("l2", [2], 2)):

@@ -13,6 +13,7 @@ import pytest
 from explore_fixtures import LAYERS, indexed_world, make_sae, serve
 
 from mlsae.core.config import SourceConfig
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import IndexConfig
 from mlsae.explore.index import build_index
 from mlsae.explore.server import create_app
@@ -134,10 +135,14 @@ def test_features_across_layers_page(world, browser, tmp_path) -> None:
     evolution_command(
         run,
         tmp_path / "evo",
-        source=SourceConfig(cache=world["cache"]),
+        inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"])),
         cfg=EvolutionConfig(min_support=1),
     )
-    build_index(run, source=SourceConfig(cache=world["cache"]), cfg=IndexConfig(top_n=4))
+    build_index(
+        run,
+        inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"])),
+        cfg=IndexConfig(top_n=4),
+    )
     with serve(create_app(run, evolution=tmp_path / "evo")) as url:
         page = new_page(browser)
         errors: list[str] = []

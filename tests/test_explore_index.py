@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import IndexConfig
 from mlsae.explore.db import IndexDB
 from mlsae.explore.index import HIST_EDGES, build_index
@@ -28,7 +29,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w = build_world(root)
     build_index(
         w["run"],
-        source=SourceConfig(cache=w["cache"]),
+        inputs=Inputs.held_out(source=SourceConfig(cache=w["cache"])),
         cfg=IndexConfig(top_n=TOP_N, window=WINDOW, samples=12),
     )
     w["db"] = w["run"] / "explore.sqlite"
@@ -187,9 +188,11 @@ def test_live_source_equals_cache(world, tmp_path) -> None:
         world["run"],
         out=out,
         cfg=IndexConfig(top_n=TOP_N, window=WINDOW, samples=12),
-        model=ModelConfig(model=str(world["model"])),
-        source=SourceConfig(tokens=480),
-        data=DataConfig(dataset=str(world["corpus"]), split="train", context_length=CTX),
+        inputs=Inputs.held_out(
+            source=SourceConfig(tokens=480),
+            data=DataConfig(dataset=str(world["corpus"]), split="train", context_length=CTX),
+            model=ModelConfig(model=str(world["model"])),
+        ),
     )
     a, b = IndexDB(world["db"]), IndexDB(out)
     assert np.array_equal(a.stream, b.stream)
@@ -209,10 +212,10 @@ def test_per_layer_set_sweep_and_lens_sae(world, brute, tmp_path) -> None:
         make_sae([ly], seed=10 + ly).save(tmp_path / "pl" / f"layer_{ly:02d}")
     r = build_index(
         tmp_path / "pl",
-        source=SourceConfig(cache=world["cache"]),
+        inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"])),
         cfg=IndexConfig(top_n=3, window=1),
     )
-    db = IndexDB(r["path"])
+    db = IndexDB(r.path)
     assert [s["layers"] for s in db.saes] == [[0], [1], [2]]
     acts, _, mask = read_cache(world["cache"])
     a1 = dense_codes(tmp_path / "pl" / "layer_01", acts[mask, 1])
@@ -221,8 +224,10 @@ def test_per_layer_set_sweep_and_lens_sae(world, brute, tmp_path) -> None:
     make_sae([1], seed=11).save(tmp_path / "single" / "sae")
     db = IndexDB(
         build_index(
-            tmp_path / "single", source=SourceConfig(cache=world["cache"]), cfg=IndexConfig(top_n=3)
-        )["path"]
+            tmp_path / "single",
+            inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"])),
+            cfg=IndexConfig(top_n=3),
+        ).path
     )
     assert [(s["label"], s["layers"]) for s in db.saes] == [("L1", [1])]
     a1 = dense_codes(tmp_path / "single" / "sae", acts[mask, 1])
@@ -232,14 +237,17 @@ def test_per_layer_set_sweep_and_lens_sae(world, brute, tmp_path) -> None:
         make_sae(LAYERS, k=k).save(tmp_path / "sweep" / name)
     db = IndexDB(
         build_index(
-            tmp_path / "sweep", source=SourceConfig(cache=world["cache"]), cfg=IndexConfig(top_n=2)
-        )["path"]
+            tmp_path / "sweep",
+            inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"])),
+            cfg=IndexConfig(top_n=2),
+        ).path
     )
     assert [(s["label"], s["k"]) for s in db.saes] == [("sae_R2_k3", 3), ("sae_R2_k5", 5)]
     db = IndexDB(
-        build_index(tmp_path / "sweep" / "sae_R2_k5", source=SourceConfig(cache=world["cache"]))[
-            "path"
-        ]
+        build_index(
+            tmp_path / "sweep" / "sae_R2_k5",
+            inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"])),
+        ).path
     )
     assert [s["label"] for s in db.saes] == ["sae_R2_k5"]
     # a lens SAE reads T_l(x) = x + A x + c
@@ -256,9 +264,9 @@ def test_per_layer_set_sweep_and_lens_sae(world, brute, tmp_path) -> None:
     db = IndexDB(
         build_index(
             tmp_path / "lensrun",
-            source=SourceConfig(cache=world["cache"]),
+            inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"])),
             cfg=IndexConfig(top_n=2),
-        )["path"]
+        ).path
     )
     tl = lens.translators["0"]
     x0 = acts[mask, 0].astype(np.float64)
@@ -269,10 +277,14 @@ def test_per_layer_set_sweep_and_lens_sae(world, brute, tmp_path) -> None:
 
 def test_errors(world, tmp_path) -> None:
     with pytest.raises(MlsaeError, match="does not exist"):
-        build_index(tmp_path / "nope", source=SourceConfig(cache=world["cache"]))
+        build_index(
+            tmp_path / "nope", inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"]))
+        )
     with pytest.raises(MlsaeError, match="top-n"):
         build_index(
-            world["run"], source=SourceConfig(cache=world["cache"]), cfg=IndexConfig(top_n=0)
+            world["run"],
+            inputs=Inputs.held_out(source=SourceConfig(cache=world["cache"])),
+            cfg=IndexConfig(top_n=0),
         )
     with pytest.raises(MlsaeError, match="does not exist"):
         IndexDB(tmp_path / "missing.sqlite")

@@ -48,6 +48,7 @@ from mlsae.core.config import (
     TrainConfig,
 )
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import read_jsonl
 from mlsae.core.layers import iter_layers_arg
 from mlsae.core.lock import folder_lock
@@ -113,7 +114,7 @@ TRAIN = TrainConfig(batch_tokens=64, max_steps=4, checkpoint_every=2, lr=1e-3, d
 def train(out: Path, cache: Path, cfg: TrainConfig = TRAIN, r=(2,), k=(2,)) -> Path:
     return train_command(
         out,
-        source=SourceConfig(cache=cache),
+        inputs=Inputs(source=SourceConfig(cache=cache)),
         train=cfg,
         sae=SaeGridConfig(expansion_factor=list(r), k=list(k)),
     )
@@ -725,9 +726,11 @@ def test_options_and_memory_are_checked_before_the_run_folder(tiny_model_dir, tm
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps." for i in range(200)))
     kw = dict(
-        model=ModelConfig(model=str(tiny_model_dir)),
-        data=DataConfig(dataset=str(text), context_length=32),
-        source=SourceConfig(tokens=512),
+        inputs=Inputs(
+            SourceConfig(tokens=512),
+            DataConfig(dataset=str(text), context_length=32),
+            ModelConfig(model=str(tiny_model_dir)),
+        ),
         train=TRAIN,
     )
     with pytest.raises(MlsaeError, match="-k 999 must be between 1 and d_sae"):

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.outputs import check_output, confined
 from mlsae.explore import db as index_db
 from mlsae.explore.db import IndexDB, Writer, check_index_output
@@ -363,9 +364,7 @@ def test_stream_resume_refuses_a_changed_corpus_or_model(gpt2_dir, tmp_path) -> 
     shutil.copytree(gpt2_dir, model)
     data = DataConfig(dataset=str(corpus), context_length=32)
     kw = dict(
-        data=data,
-        model=ModelConfig(model=str(model)),
-        source=SourceConfig(tokens=1024),
+        inputs=Inputs(SourceConfig(tokens=1024), data, ModelConfig(model=str(model))),
         sae=SaeGridConfig(expansion_factor=[2], k=[4]),
     )
     train_command(tmp_path / "r", train=TrainConfig(batch_tokens=64, max_steps=2), **kw)
@@ -395,9 +394,11 @@ def test_context_longer_than_the_positions_is_refused_before_any_folder(gpt2_dir
     with pytest.raises(MlsaeError, match="512 positions"):
         build_cache(
             tmp_path / "cache",
-            ModelConfig(model=str(gpt2_dir)),
-            DataConfig(dataset=str(corpus), context_length=2048),
-            SourceConfig(tokens=4096),
+            Inputs(
+                SourceConfig(tokens=4096),
+                DataConfig(dataset=str(corpus), context_length=2048),
+                ModelConfig(model=str(gpt2_dir)),
+            ),
         )
     assert not (tmp_path / "cache").exists()
 
@@ -446,14 +447,17 @@ def test_index_checks_n_logits_and_duplicate_layers(world, tmp_path) -> None:
     src = SourceConfig(cache=str(world["cache"]), tokens=96)
     with pytest.raises(MlsaeError, match="n-logits"):
         build_index(
-            world["run"], out=tmp_path / "i.sqlite", source=src, cfg=IndexConfig(n_logits=10**6)
+            world["run"],
+            out=tmp_path / "i.sqlite",
+            inputs=Inputs.held_out(source=src),
+            cfg=IndexConfig(n_logits=10**6),
         )
     run = tmp_path / "run"
     shutil.copytree(world["run"] / "sae", run / "sae")
     cfg = json.loads((run / "sae" / "cfg.json").read_text())
     (run / "sae" / "cfg.json").write_text(json.dumps({**cfg, "layers": [0, 0, 1]}))
     with pytest.raises(MlsaeError, match="twice"):
-        build_index(run, out=tmp_path / "j.sqlite", source=src)
+        build_index(run, out=tmp_path / "j.sqlite", inputs=Inputs.held_out(source=src))
     assert not (tmp_path / "i.sqlite").exists() and not (tmp_path / "j.sqlite").exists()
 
 

@@ -16,6 +16,7 @@ import torch
 from mlsae.activations.cache import CacheWriter
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import EvolutionConfig
 from mlsae.evolution.graph import communities
 from mlsae.evolution.match import MatchScores, match_permutation
@@ -137,7 +138,11 @@ def test_pipeline_outputs(tiny, tmp_path):
     root, sigma, x0, a = tiny
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.001, max_nodes_html=60)
     body = evolution_command(
-        root / "run", tmp_path, source=_cache(root), cfg=cfg, figures=write_figures
+        root / "run",
+        tmp_path,
+        inputs=Inputs.held_out(source=_cache(root)),
+        cfg=cfg,
+        figures=write_figures,
     )
     ev = json.loads((tmp_path / "evolution.json").read_text())
     gj = json.loads((tmp_path / "graph.json").read_text())
@@ -168,7 +173,6 @@ def test_pipeline_outputs(tiny, tmp_path):
     assert "Many features pass through: holds" in sec and "data:image/png;base64" in sec
     assert not list(tmp_path.glob(".codes-*"))  # the code store is removed
     # `mlsae analyze --evolution DIR` puts this section and a relative graph link in report.html
-    from mlsae.core.inputs import Inputs
     from mlsae.report.analyze import analyze_command
 
     rep = tmp_path / "analysis"
@@ -204,10 +208,15 @@ def test_user_errors(tiny, tmp_path):
 
     root = tiny[0]
     with pytest.raises(MlsaeError, match="at least two"):
-        evolution_command(root / "run" / "layer_00", tmp_path, source=_cache(root))
+        evolution_command(
+            root / "run" / "layer_00", tmp_path, inputs=Inputs.held_out(source=_cache(root))
+        )
     with pytest.raises(MlsaeError, match="memory-gb"):
         evolution_command(
-            root / "run", tmp_path, source=_cache(root), cfg=EvolutionConfig(memory_gb=1e-6)
+            root / "run",
+            tmp_path,
+            inputs=Inputs.held_out(source=_cache(root)),
+            cfg=EvolutionConfig(memory_gb=1e-6),
         )
 
 
@@ -266,7 +275,10 @@ def test_graph_html_renders_and_click_shows_panel(tiny, tmp_path):
 
     root = tiny[0]
     evolution_command(
-        root / "run", tmp_path, source=_cache(root), cfg=EvolutionConfig(max_nodes_html=40)
+        root / "run",
+        tmp_path,
+        inputs=Inputs.held_out(source=_cache(root)),
+        cfg=EvolutionConfig(max_nodes_html=40),
     )
     page = (tmp_path / "graph.html").read_text()
     assert "cytoscape" in page and "http://" not in page.split("<script>")[0]
@@ -302,9 +314,11 @@ def test_pipeline_from_model(tmp_path, tokenizer):
     body = evolution_command(
         tmp_path / "run",
         tmp_path / "out",
-        model=ModelConfig(model=str(tmp_path / "m")),
-        data=DataConfig(dataset=str(tmp_path / "d.txt"), split="train", context_length=32),
-        source=SourceConfig(tokens=200, batch_size=3),
+        inputs=Inputs.held_out(
+            source=SourceConfig(tokens=200, batch_size=3),
+            data=DataConfig(dataset=str(tmp_path / "d.txt"), split="train", context_length=32),
+            model=ModelConfig(model=str(tmp_path / "m")),
+        ),
         cfg=EvolutionConfig(min_support=1),
     )
     assert body.data.n_tokens == 224  # 7 whole contexts

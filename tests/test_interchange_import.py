@@ -27,6 +27,7 @@ from mlsae.core.config import (
     TrainConfig,
 )
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.data.capture import capture
 from mlsae.eval.evaluate import evaluate_command
 from mlsae.interchange.convert import import_command
@@ -212,8 +213,10 @@ def test_paper_transformer_checkpoint_and_evaluate(setup, tmp_path):
     ev = evaluate_command(
         tmp_path / "ours",
         tmp_path / "eval.json",
-        data=DataConfig(dataset=data, split="test", context_length=CTX),
-        source=SourceConfig(tokens=4 * CTX),
+        inputs=Inputs.held_out(
+            source=SourceConfig(tokens=4 * CTX),
+            data=DataConfig(dataset=data, split="test", context_length=CTX),
+        ),
     )
     assert ev.layers == [1] and 0 < ev.per_layer.fvu[0] < 10
     assert ev.per_layer.delta_ce[0] is not None
@@ -232,18 +235,24 @@ def trained_run(setup):
     for split in ("train", "test"):
         build_cache(
             root / f"cache_{split}",
-            ModelConfig(model=mdir),
-            DataConfig(dataset=data, split=split, context_length=CTX),  # type: ignore[arg-type]
-            SourceConfig(tokens=6 * CTX, batch_size=4),
+            Inputs(
+                SourceConfig(tokens=6 * CTX, batch_size=4),
+                DataConfig(dataset=data, split=split, context_length=CTX),
+                ModelConfig(model=mdir),
+            ),
             ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
         )
     run = train_command(
         root / "run",
-        source=SourceConfig(cache=root / "cache_train"),
+        inputs=Inputs(source=SourceConfig(cache=root / "cache_train")),
         sae=SaeGridConfig(expansion_factor=[2], k=[4]),
         train=TrainConfig(batch_tokens=64, lr=2e-3, max_steps=4),
     )
-    evaluate_command(run, run / "eval.json", source=SourceConfig(cache=root / "cache_test"))
+    evaluate_command(
+        run,
+        run / "eval.json",
+        inputs=Inputs.held_out(source=SourceConfig(cache=root / "cache_test")),
+    )
     return run
 
 

@@ -18,6 +18,7 @@ from mlsae.activations.extract import build_cache
 from mlsae.cli.app import app
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import EvalConfig
 from mlsae.eval.evaluate import Entry, evaluate_command, evaluate_entries
 from mlsae.lens.tuned import TunedLens, lens_ref, load_lens, resolve_space
@@ -60,9 +61,11 @@ def root(tmp_path_factory, tokenizer) -> Path:
     ):
         build_cache(
             root / f"cache_{name}",
-            ModelConfig(model=str(root / "model")),
-            DataConfig(dataset=str(root / "docs.jsonl"), split=split, context_length=CTX),  # type: ignore[arg-type]
-            SourceConfig(tokens=8 * CTX, batch_size=4),
+            Inputs(
+                SourceConfig(tokens=8 * CTX, batch_size=4),
+                DataConfig(dataset=str(root / "docs.jsonl"), split=split, context_length=CTX),
+                ModelConfig(model=str(root / "model")),
+            ),
             ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
             lens,
         )
@@ -254,7 +257,7 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
         results[cache] = r = evaluate_command(
             tmp_path / "run",
             tmp_path / f"{cache}.json",
-            source=SourceConfig(cache=root / cache, batch_size=4),
+            inputs=Inputs.held_out(source=SourceConfig(cache=root / cache, batch_size=4)),
         )
         assert r.space == "tuned-lens" and r.lens == lens_ref(root / "lens")
         np.testing.assert_allclose(r.per_layer.fvu, ref["fvu"], rtol=1e-4, atol=1e-6)
@@ -268,8 +271,10 @@ def test_evaluate_lens_sae_in_both_spaces(root: Path, tmp_path: Path) -> None:
     r = evaluate_command(
         tmp_path / "run",
         tmp_path / "m.json",
-        data=DataConfig(dataset=str(root / "docs.jsonl"), split="test", context_length=CTX),
-        source=SourceConfig(tokens=8 * CTX, batch_size=4),
+        inputs=Inputs.held_out(
+            source=SourceConfig(tokens=8 * CTX, batch_size=4),
+            data=DataConfig(dataset=str(root / "docs.jsonl"), split="test", context_length=CTX),
+        ),
     )
     np.testing.assert_allclose(r.per_layer.fvu_model, ref["fvu_model"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(r.per_layer.delta_ce, ref["delta_ce"], rtol=1e-3, atol=1e-5)
@@ -282,13 +287,13 @@ def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, 
         evaluate_command(
             tmp_path / "plain",
             tmp_path / "e.json",
-            source=SourceConfig(cache=root / "cache_test_lens"),
+            inputs=Inputs.held_out(source=SourceConfig(cache=root / "cache_test_lens")),
         )
     with pytest.raises(MlsaeError, match="trained in the model's space"):
         evaluate_command(
             tmp_path / "plain",
             tmp_path / "e.json",
-            source=SourceConfig(cache=root / "cache_test"),
+            inputs=Inputs.held_out(source=SourceConfig(cache=root / "cache_test")),
             lens=root / "lens",
         )
     other = SaeConfig(
@@ -299,7 +304,7 @@ def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, 
         evaluate_command(
             tmp_path / "other",
             tmp_path / "e.json",
-            source=SourceConfig(cache=root / "cache_test_lens"),
+            inputs=Inputs.held_out(source=SourceConfig(cache=root / "cache_test_lens")),
         )
     import sys
 
@@ -326,17 +331,22 @@ def test_mismatched_lenses_are_refused(root: Path, tmp_path: Path, monkeypatch, 
 
 
 def test_analyze_compares_with_and_without_the_lens(root: Path, tmp_path: Path) -> None:
-    from mlsae.core.inputs import Inputs
     from mlsae.report.analyze import analyze_command
 
     _train(root, tmp_path / "plain", "cache_train")
     _train(root, tmp_path / "lensed", "cache_train", "--lens", str(root / "lens"))
     test = SourceConfig(cache=root / "cache_test")
     ev = evaluate_command(
-        tmp_path / "lensed", tmp_path / "lensed" / "eval.json", source=test, ev=EvalConfig(ce=False)
+        tmp_path / "lensed",
+        tmp_path / "lensed" / "eval.json",
+        inputs=Inputs.held_out(source=test),
+        ev=EvalConfig(ce=False),
     )
     pev = evaluate_command(
-        tmp_path / "plain", tmp_path / "plain" / "eval.json", source=test, ev=EvalConfig(ce=False)
+        tmp_path / "plain",
+        tmp_path / "plain" / "eval.json",
+        inputs=Inputs.held_out(source=test),
+        ev=EvalConfig(ce=False),
     )
     lens_eval = {
         "layers": [0, 1, 2],
@@ -389,12 +399,15 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
     _train(root, tmp_path / "pl", "cache_train", "--per-layer", "--lens", str(root / "lens"))
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.01, max_nodes_html=30)
     fly = evolution_command(
-        tmp_path / "pl", tmp_path / "a", source=SourceConfig(cache=root / "cache_test"), cfg=cfg
+        tmp_path / "pl",
+        tmp_path / "a",
+        inputs=Inputs.held_out(source=SourceConfig(cache=root / "cache_test")),
+        cfg=cfg,
     )
     stored = evolution_command(
         tmp_path / "pl",
         tmp_path / "b",
-        source=SourceConfig(cache=root / "cache_test_lens"),
+        inputs=Inputs.held_out(source=SourceConfig(cache=root / "cache_test_lens")),
         cfg=cfg,
     )
     for p, q in zip(fly.pairs, stored.pairs, strict=True):
@@ -409,6 +422,6 @@ def test_evolution_of_lens_per_layer_saes(root: Path, tmp_path: Path) -> None:
         evolution_command(
             tmp_path / "pp",
             tmp_path / "c",
-            source=SourceConfig(cache=root / "cache_test_lens"),
+            inputs=Inputs.held_out(source=SourceConfig(cache=root / "cache_test_lens")),
             cfg=cfg,
         )

@@ -59,12 +59,12 @@ def test_streaming_equals_one_shot_per_layer():
             many.update(layer, _t(x[sl]), _t(x_hat[sl]), torch.as_tensor(idx[sl]), _t(acts[sl]))
     a, b = one.result(), many.result()
     for key in ("fvu", "mse", "l0"):
-        np.testing.assert_allclose(a["per_layer"][key], b["per_layer"][key], rtol=1e-9)
+        np.testing.assert_allclose(a.per_layer[key], b.per_layer[key], rtol=1e-9)
         ref = [_np_metrics(*[np.asarray(v, np.float32) for v in data[x]])[key] for x in (0, 5)]
-        np.testing.assert_allclose(a["per_layer"][key], ref, rtol=1e-5)
-        assert a["mean"][key] == pytest.approx(np.mean(ref), rel=1e-5)
-    assert a["n_tokens"] == b["n_tokens"] == 500
-    assert a["layers"] == [0, 5]
+        np.testing.assert_allclose(a.per_layer[key], ref, rtol=1e-5)
+        assert a.mean[key] == pytest.approx(np.mean(ref), rel=1e-5)
+    assert a.n_tokens == b.n_tokens == 500
+    assert a.layers == [0, 5]
 
 
 def test_large_offset_is_stable():

@@ -107,16 +107,17 @@ def test_paper_formula_matches_brute_force(B, seed):
     st = LayerStats(a.shape[2], LAYERS, paper_batch_tokens=B)
     feed_chunks(st, a, mask, seed)
     got = st.result().paper_formula
+    assert got is not None
     want = brute(a, mask, B)
     for key in KEYS:
-        assert got[key] == pytest.approx(want[key], rel=1e-10, abs=1e-12), key
+        assert getattr(got, key) == pytest.approx(want[key], rel=1e-10, abs=1e-12), key
     T = int(mask.sum())
-    assert got["batch_tokens"] == B
-    assert got["tokens_in_batches"] == (T // B) * B if T >= B else T
-    assert got["last_partial_batch"].startswith(
+    assert got.batch_tokens == B
+    assert got.tokens_in_batches == (T // B) * B if T >= B else T
+    assert got.last_partial_batch.startswith(
         "none" if T % B == 0 else "dropped" if T >= B else "used"
     )
-    assert got["token_variance_factor"] == pytest.approx(1 / want["rel_var_token"])
+    assert got.token_variance_factor == pytest.approx(1 / want["rel_var_token"])
 
 
 def test_hand_worked_case():
@@ -127,11 +128,11 @@ def test_hand_worked_case():
     pv = PaperVariance(2, 2, batch_tokens=1)
     pv.update(torch.tensor([[[1.0], [1.0]]]), torch.tensor([[[0], [0]]]))
     r = pv.result()
-    assert r["exp_var_token"] == pytest.approx(0.125)
-    assert r["var_layer"] == pytest.approx(0.1875)
-    assert r["rel_var_latent"] == pytest.approx(2 / 3)
-    assert r["rel_var_token"] == pytest.approx(1.0)
-    assert r["active_pair_fraction"] == pytest.approx(0.5)
+    assert r.exp_var_token == pytest.approx(0.125)
+    assert r.var_layer == pytest.approx(0.1875)
+    assert r.rel_var_latent == pytest.approx(2 / 3)
+    assert r.rel_var_token == pytest.approx(1.0)
+    assert r.active_pair_fraction == pytest.approx(0.5)
 
 
 def test_spec_ratios_unchanged_and_no_merge():
@@ -153,8 +154,8 @@ def test_spec_ratios_unchanged_and_no_merge():
 
 def test_no_tokens_is_nan():
     r = PaperVariance(3, 2).result()
-    assert r["n_batches"] == 0 and math.isnan(r["rel_var_token"])
-    assert r["token_variance_factor"] is None
+    assert r.n_batches == 0 and math.isnan(r.rel_var_token)
+    assert r.token_variance_factor is None
 
 
 @pytest.mark.parametrize("centre", [15, 2])
@@ -187,6 +188,6 @@ def test_identical_distribution_on_every_token(centre: int) -> None:
     paper = res.paper_formula
     assert paper is not None
     want = var / (var + (1 - f) * mu * mu)
-    assert paper["rel_var_token"] == pytest.approx(want, rel=1e-6)
-    assert paper["token_variance_factor"] == pytest.approx(1 + (1 - f) * mu * mu / var, rel=1e-6)
-    assert paper["token_variance_factor"] > (100 if centre == 15 else 3)
+    assert paper.rel_var_token == pytest.approx(want, rel=1e-6)
+    assert paper.token_variance_factor == pytest.approx(1 + (1 - f) * mu * mu / var, rel=1e-6)
+    assert paper.token_variance_factor > (100 if centre == 15 else 3)

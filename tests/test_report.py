@@ -218,9 +218,11 @@ def runs(tmp_path_factory, tokenizer):
     mdir, data = str(root / "model"), str(root / "docs.jsonl")
     build_cache(
         root / "cache",
-        ModelConfig(model=mdir),
-        DataConfig(dataset=data, split="test", context_length=CTX),
-        SourceConfig(tokens=6 * CTX, batch_size=4),
+        Inputs(
+            SourceConfig(tokens=6 * CTX, batch_size=4),
+            DataConfig(dataset=data, split="test", context_length=CTX),
+            ModelConfig(model=mdir),
+        ),
         ExtractConfig(storage_dtype="float32", shard_tokens=2 * CTX),
     )
     for name, layers, seed in (("mlsae", [0, 1, 2], 0), ("l1", [1], 1)):

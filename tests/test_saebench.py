@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsae.core.config import DataConfig, SourceConfig
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import EvalConfig
 from mlsae.data.capture import get_blocks
 from mlsae.eval.saebench import max_other_cosine
@@ -96,8 +97,10 @@ def test_metrics_match_plain_computation(setup, tmp_path):
     result = evaluate_run(
         root / "mlsae",
         out,
-        source=SourceConfig(cache=root / "cache_test"),
-        data=DataConfig(split="test", context_length=CTX),
+        inputs=Inputs.held_out(
+            source=SourceConfig(cache=root / "cache_test"),
+            data=DataConfig(split="test", context_length=CTX),
+        ),
         ev=EvalConfig(format="saebench"),
     )
     ac = ActivationCache(root / "cache_test")

@@ -16,6 +16,7 @@ from mlsae.activations.cache import ActivationCache
 from mlsae.activations.extract import build_cache
 from mlsae.activations.norms import norm_outliers
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import EvalConfig
 from mlsae.data.capture import capture, special_ids_of
 from mlsae.data.text import iter_contexts
@@ -39,9 +40,13 @@ def world(tmp_path_factory, tokenizer):
     for name, sink in (("on", True), ("off", False)):
         build_cache(
             root / f"cache_{name}",
-            ModelConfig(model=str(root / "model")),
-            DataConfig(dataset=str(corpus), split="test", context_length=CTX, exclude_sink=sink),
-            SourceConfig(tokens=8 * CTX, batch_size=4),
+            Inputs(
+                SourceConfig(tokens=8 * CTX, batch_size=4),
+                DataConfig(
+                    dataset=str(corpus), split="test", context_length=CTX, exclude_sink=sink
+                ),
+                ModelConfig(model=str(root / "model")),
+            ),
             ExtractConfig(storage_dtype="float32"),
         )
     cfg = SaeConfig(d_in=D, expansion_factor=2, k=4, layers=LAYERS, model=str(root / "model"))
@@ -81,7 +86,7 @@ def test_metrics_exclude_the_sink_by_default(world, tokenizer, tmp_path, sink) -
     res = evaluate_command(
         root / "sae",
         tmp_path / "e.json",
-        source=SourceConfig(cache=root / f"cache_{name}"),
+        inputs=Inputs.held_out(source=SourceConfig(cache=root / f"cache_{name}")),
         ev=EvalConfig(ce=False),
     )
     x, keep = _vectors(model, tokenizer, corpus, sink)

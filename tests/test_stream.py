@@ -24,6 +24,7 @@ from mlsae.core.config import (
     SourceConfig,
     TrainConfig,
 )
+from mlsae.core.inputs import Inputs
 from mlsae.train.loop import train_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,26 +86,20 @@ def test_stream_equals_cache_and_writes_only_the_run(setup, tmp_path):
     cache = tmp_path / "cache"
     build_cache(
         cache,
-        model,
-        DataConfig(dataset=str(text), context_length=CTX, split="train"),
-        src,
+        Inputs(src, DataConfig(dataset=str(text), context_length=CTX, split="train"), model),
         ExtractConfig(shard_tokens=SHARD),
     )
     sae = SaeGridConfig(expansion_factor=[4], k=[4])
     cached = train_command(
         tmp_path / "cached",
-        data=data,
-        model=model,
-        source=SourceConfig(cache=cache),
+        inputs=Inputs(source=SourceConfig(cache=cache), data=data, model=model),
         sae=sae,
         train=train,
     )
     before = _tree(Path(setup[0]).parent, tmp_path) | _tree(tmp_path, tmp_path / "live")
     live = train_command(
         tmp_path / "live",
-        data=data,
-        model=model,
-        source=src,
+        inputs=Inputs(source=src, data=data, model=model),
         sae=sae,
         train=train,
         stream=ExtractConfig(shard_tokens=SHARD),
@@ -129,9 +124,7 @@ def test_stream_equals_cache_and_writes_only_the_run(setup, tmp_path):
     # another block size is another order: the runs differ (the comparison can fail)
     other = train_command(
         tmp_path / "other",
-        data=data,
-        model=model,
-        source=src,
+        inputs=Inputs(source=src, data=data, model=model),
         sae=sae,
         train=train,
         stream=ExtractConfig(shard_tokens=2 * SHARD),
@@ -155,9 +148,7 @@ def test_stream_kill9_resume_is_exact(setup, tmp_path):
     sae = SaeGridConfig(expansion_factor=[4], k=[4])
     ref = train_command(
         tmp_path / "ref",
-        data=data,
-        model=model,
-        source=src,
+        inputs=Inputs(source=src, data=data, model=model),
         sae=sae,
         train=train,
         stream=ExtractConfig(shard_tokens=SHARD),

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from mlsae.cli.app import app
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.synth.config import SynthConfig
 from mlsae.synth.generate import generate, sample, samples
 from mlsae.synth.score import match, recovery_at, true_edges
@@ -199,7 +200,7 @@ def _oracle_evolution(tmp_path: Path, cfg: SynthConfig, normalize: str, rescale:
     evolution_command(
         run,
         evo,
-        source=SourceConfig(cache=data / "test"),
+        inputs=Inputs.held_out(source=SourceConfig(cache=data / "test")),
         cfg=EvolutionConfig(rescale=rescale, min_support=5),
     )
     return score_command(run, data, evo)
@@ -333,11 +334,12 @@ def test_sparse_codes_give_the_dense_codes_layer_statistics() -> None:
     a, b = (LayerStats(truth.n_features, list(range(SMALL.n_layers)), 512) for _ in range(2))
     a.update(values, indices)
     b.update_dense(dense)
-    ra, rb = a.result().summary(), b.result().summary()
+    ra, rb = a.result(), b.result()
     for k in ("rel_var_latent", "rel_var_token", "multi_layer_fraction_token"):
-        assert ra[k] == pytest.approx(rb[k], rel=1e-9, abs=1e-12)
-    assert ra["paper_formula"]["rel_var_token"] == pytest.approx(
-        rb["paper_formula"]["rel_var_token"], rel=1e-9, abs=1e-12
+        assert getattr(ra, k) == pytest.approx(getattr(rb, k), rel=1e-9, abs=1e-12)
+    assert ra.paper_formula is not None and rb.paper_formula is not None
+    assert ra.paper_formula.rel_var_token == pytest.approx(
+        rb.paper_formula.rel_var_token, rel=1e-9, abs=1e-12
     )
 
 

@@ -26,6 +26,7 @@ from mlsae.core.config import (
     TrainConfig,
 )
 from mlsae.core.errors import Interrupted, MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.metrics import fvu
 from mlsae.train.loop import train_command
@@ -106,9 +107,11 @@ def _train(
     cfg = TrainConfig(**{**cfg.__dict__, **train_kw}) if train_kw else cfg
     return train_command(
         out,
-        data=data or DataConfig(),
-        model=model or ModelConfig(),
-        source=SourceConfig(cache=cache, layers=layers, tokens=tokens),
+        inputs=Inputs(
+            source=SourceConfig(cache=cache, layers=layers, tokens=tokens),
+            data=data or DataConfig(),
+            model=model or ModelConfig(),
+        ),
         sae=SaeGridConfig(
             expansion_factor=list(r), k=list(k), single_layer=single_layer, per_layer=per_layer
         ),

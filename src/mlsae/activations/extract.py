@@ -16,9 +16,10 @@ from torch import Tensor
 from mlsae.activations.cache import _OURS, MANIFEST, CacheWriter, _sha256_file
 from mlsae.activations.live import LiveSource
 from mlsae.activations.manifest import FORMAT, shard_name
-from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
+from mlsae.core.config import ExtractConfig
 from mlsae.core.dist import Comm
 from mlsae.core.errors import Interrupted, MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import read_json, write_json
 from mlsae.core.lock import LOCK, folder_lock
 from mlsae.core.outputs import check_output, check_writable
@@ -105,9 +106,7 @@ def _intact(out: Path, entry: dict[str, Any]) -> bool:
 
 
 def open_cache_source(
-    model: ModelConfig,
-    data: DataConfig,
-    source: SourceConfig,
+    inputs: Inputs,
     extract: ExtractConfig | None = None,
     lens: str | Path | None = None,
 ) -> LiveSource:
@@ -115,30 +114,26 @@ def open_cache_source(
     from mlsae.activations.open import open_live
 
     extract = extract or ExtractConfig()
-    if source.tokens is None:
+    if inputs.source.tokens is None:
         raise MlsaeError("give --tokens: how many tokens to cache")
-    per_shard = max(1, extract.shard_tokens // data.context_length)  # contexts per shard
+    per_shard = max(1, extract.shard_tokens // inputs.data.context_length)  # contexts per shard
     return open_live(
-        source,
-        data,
-        model,
-        default_tokens=source.tokens,
+        inputs,
+        default_tokens=inputs.source.tokens,
         lens=lens,
         storage_dtype=extract.storage_dtype,
-        block_tokens=per_shard * data.context_length,
+        block_tokens=per_shard * inputs.data.context_length,
     )
 
 
 def build_cache(
     out: str | Path,
-    model: ModelConfig,
-    data: DataConfig,
-    source: SourceConfig,
+    inputs: Inputs,
     extract: ExtractConfig | None = None,
     lens: str | Path | None = None,
 ) -> dict[str, Any]:
-    """`mlsae cache`: capture the chosen blocks' outputs for `source.tokens` tokens (rounded up
-    to whole contexts) of `data` into `out`, through the tuned `lens` if given (the cache then
+    """`mlsae cache`: capture the chosen blocks' outputs for `inputs.source.tokens` tokens
+    (rounded up to whole contexts) of `inputs.data` into `out`, through the tuned `lens` if given (the cache then
     holds T_l(x)); resumes an interrupted run of the same command, and rewrites the damaged
     shards of a complete one. The output location is checked (kind, writable, room for the
     cache) before the model loads. Launched by torchrun with several processes, they share the
@@ -146,19 +141,18 @@ def build_cache(
     from mlsae.core.compute import resolve_device
     from mlsae.core.dist import session
 
-    with session(resolve_device(model.device)) as comm:
-        return _build(comm, out, model, data, source, extract, lens)
+    with session(resolve_device(inputs.model.device)) as comm:
+        return _build(comm, out, inputs, extract, lens)
 
 
 def _build(
     comm: Comm,
     out: str | Path,
-    model: ModelConfig,
-    data: DataConfig,
-    source: SourceConfig,
+    inputs: Inputs,
     extract: ExtractConfig | None,
     lens: str | Path | None,
 ) -> dict[str, Any]:
+    source, data = inputs.source, inputs.data
     extract = extract or ExtractConfig()
     if source.tokens is None:
         raise MlsaeError("give --tokens: how many tokens to cache")
@@ -166,7 +160,7 @@ def _build(
     check_output(out, "cache", inputs=[lens])
     ctx = data.context_length
     per_shard = max(1, extract.shard_tokens // ctx)  # contexts per shard
-    live = open_cache_source(model, data, source, extract, lens)
+    live = open_cache_source(inputs, extract, lens)
     contexts = live.contexts()  # [n_ctx, ctx]: too few tokens fails here, before any write
     settings = {
         **{

@@ -10,17 +10,16 @@ from pathlib import Path
 
 from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.config import ModelConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.data.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
 def open_live(
-    source: SourceConfig,
-    data: DataConfig,
-    model: ModelConfig,
+    inputs: Inputs,
     *,
     default_tokens: int,
     layers: Sequence[int] | None = None,
@@ -29,12 +28,10 @@ def open_live(
     block_tokens: int = 4096,
 ) -> LiveSource:
     """`open_source` for commands that must run the model (caching, the tuned lens)."""
-    if source.cache is not None:
+    if inputs.source.cache is not None:
         raise MlsaeError("this command runs the model: --cache is not an input here")
     src = open_source(
-        source,
-        data,
-        model,
+        inputs,
         default_tokens=default_tokens,
         layers=layers,
         lens=lens,
@@ -46,9 +43,7 @@ def open_live(
 
 
 def open_source(
-    source: SourceConfig,
-    data: DataConfig,
-    model: ModelConfig,
+    inputs: Inputs,
     *,
     default_tokens: int,
     layers: Sequence[int] | None = None,
@@ -56,11 +51,12 @@ def open_source(
     storage_dtype: str = "float32",
     block_tokens: int = 4096,
 ) -> ActivationSource:
-    """`source.cache` if given (its own model, data and layers; `data`/`model` unused), else a
-    `LiveSource` running `model` on `source.tokens or default_tokens` tokens of `data`, capturing
-    `layers` (default: `source.layers`, i.e. all blocks), through the tuned `lens` if given.
-    Live vectors keep the model's precision (float32) unless `storage_dtype` says otherwise
-    (`mlsae cache` rounds them as it stores them)."""
+    """`inputs.source.cache` if given (its own model, data and layers; `inputs.data` /
+    `inputs.model` unused), else a `LiveSource` running the model on `source.tokens or
+    default_tokens` tokens of the data, capturing `layers` (default: `source.layers`, i.e. all
+    blocks), through the tuned `lens` if given. Live vectors keep the model's precision (float32)
+    unless `storage_dtype` says otherwise (`mlsae cache` rounds them as it stores them)."""
+    source, data, model = inputs.parts()
     if source.cache is not None:
         from mlsae.activations.cache import ActivationCache
 

@@ -68,13 +68,13 @@ class AnalysisResult:
         return self.summary.to_pandas()
 
 
-def _read_eval(found: tuple[Path, dict[str, Any]] | None) -> tuple[Path, EvalResult] | None:
+def _read_eval(found: Path | None) -> tuple[Path, EvalResult] | None:
     """The typed evaluation of `RunFolder.find_eval`'s file (None, with a warning, if it does
     not read as one)."""
     if found is None:
         return None
     try:
-        return found[0], EvalResult.from_json(found[1], str(found[0]))
+        return found, EvalResult.from_json(read_json(found, "evaluation"), str(found))
     except MlsaeError as e:
         log.warning(f"{e}: the evaluation is left out of the report")
         return None
@@ -215,7 +215,9 @@ def analyze(
     data = replace(data, dataset=data.dataset or cfg.dataset)
     model = replace(model, model=model.model or cfg.model)
     layers_wanted = list(cfg.layers) if len(cfg.layers) > 1 else None
-    src = open_source(source, data, model, default_tokens=HELD_OUT_TOKENS, layers=layers_wanted)
+    src = open_source(
+        Inputs(source, data, model), default_tokens=HELD_OUT_TOKENS, layers=layers_wanted
+    )
     _check_source(src, cfg)
     space = resolve_space(cfg.lens, src.lens, override=lens, sae_dir=sae_dir)
     layers = list(cfg.layers) if len(cfg.layers) > 1 else list(src.layers)

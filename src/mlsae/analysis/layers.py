@@ -30,7 +30,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,13 +40,13 @@ from mlsae.analysis.contexts import AnalysisIntervals, ContextLayerStats
 from mlsae.analysis.geometry import GeometryResult, ResidualGeometry
 from mlsae.analysis.paper_variance import (
     PAPER_BATCH_TOKENS,
+    PaperFormula,
     PaperVariance,
     active_entries,
     unique_inverse,
 )
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_with
-from mlsae.core.schema import to_dict
 from mlsae.core.stage_config import BootstrapConfig
 from mlsae.lens.tuned import TunedLens
 from mlsae.sae.autoencoder import SparseAutoencoder
@@ -88,7 +87,7 @@ class LayerStatsResult:
     """Number of active (token, latent) pairs active at exactly m layers, m = 0..L (m=0 is 0)."""
     active_pair_fraction: float = math.nan
     """Active (token, latent) pairs / (tokens x latents)."""
-    paper_formula: dict[str, Any] | None = None
+    paper_formula: PaperFormula | None = None
     """The paper code's ratios (paper_variance.PaperVariance.result), if it was accumulated."""
     intervals: AnalysisIntervals | None = None
     """Bootstrap intervals over contexts (SPEC 7), if per-context sums were kept."""
@@ -109,29 +108,6 @@ class LayerStatsResult:
         ]
         arrays = {"layers": np.asarray(self.layers), **{k: getattr(self, k) for k in names}}
         write_with(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".tmp.npz")
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready scalars and short lists (no per-latent arrays)."""
-        return {
-            "layers": self.layers,
-            "n_tokens": self.n_tokens,
-            "n_latents": self.n_latents,
-            "n_latents_alive": self.n_latents_alive,
-            "n_latents_dead": self.n_latents_dead,
-            "var_layer": self.var_layer,
-            "mean_var_latent": self.mean_var_latent,
-            "mean_var_token": self.mean_var_token,
-            "rel_var_latent": self.rel_var_latent,
-            "rel_var_token": self.rel_var_token,
-            "multi_layer_fraction_aggregate": self.multi_layer_fraction_aggregate,
-            "multi_layer_fraction_token": self.multi_layer_fraction_token,
-            "multi_layer_fraction_token_per_latent": self.multi_layer_fraction_token_per_latent,
-            "p_layer": self.p_layer.tolist(),
-            "active_layers_hist": self.active_layers_hist,
-            "active_pair_fraction": self.active_pair_fraction,
-            "paper_formula": self.paper_formula,
-            "intervals": None if self.intervals is None else to_dict(self.intervals),
-        }
 
 
 class LayerStats:

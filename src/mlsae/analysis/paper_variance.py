@@ -31,7 +31,7 @@ drops incomplete sequences) unless no full batch exists, in which case it is the
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -41,6 +41,34 @@ from mlsae.core.errors import MlsaeError
 F64 = torch.float64
 PAPER_BATCH_TOKENS = 2048
 """The paper's batch: batch_size 1 x max_length 2048 tokens."""
+
+Number = float | None
+"""A number; None (or NaN, before `LayerSummary.of` makes it None) where it is undefined."""
+
+
+@dataclass
+class PaperFormula:
+    """The layer-variance ratios as the paper's code computes them (SPEC 4; this
+    module), for comparison with ours."""
+
+    formula: str = ""
+    layer_values: str = ""
+    batch_tokens: int = 0
+    n_batches: int = 0
+    tokens_in_batches: int = 0
+    last_partial_batch: str = ""
+    special_tokens: str = ""
+    active_pair_fraction: Number = None
+    exp_var_token: Number = None
+    exp_var_latent: Number = None
+    var_layer: Number = None
+    rel_var_latent: Number = None
+    rel_var_token: Number = None
+    token_variance_factor: Number = None
+    """1 / rel_var_token: how much smaller a latent's layer variance is for a single token."""
+    exp_var_latent_normalised: Number = None
+    rel_var_token_normalised: Number = None
+    """rel_var_token with each latent's token-averaged distribution normalised to sum 1."""
 
 
 def _v(q: Tensor, values: Tensor) -> Tensor:
@@ -119,7 +147,7 @@ class PaperVariance:
         norm = torch.where(f > 0, m2 - m1 * m1 / f.clamp_min(1e-300), 0.0)  # [n] f Var_r(L)
         return e_var_tf, e_var_f, var_l, float(norm.mean())
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> PaperFormula:
         """The paper-code quantities (JSON-ready); does not modify the accumulator."""
         batches, last = list(self.batches), "none"
         pairs, used = self.pairs_closed, len(batches) * self.batch_tokens
@@ -134,24 +162,24 @@ class PaperVariance:
         ]
         mean = [sum(col) / len(rows) for col in zip(*rows, strict=True)] or [math.nan] * 7
         rel_t = mean[4]
-        return {
-            "formula": "paper code (tim-lawson/mlsae analysis/variances.py), see SPEC 4",
-            "layer_values": "positions 0..L-1 in the SAE's layer list",
-            "batch_tokens": self.batch_tokens,
-            "n_batches": len(rows),
-            "tokens_in_batches": used,
-            "last_partial_batch": last,
-            "special_tokens": "excluded (the paper keeps them with zeroed inputs)",
-            "active_pair_fraction": pairs / (used * self.n_latents) if used else math.nan,
-            "exp_var_token": mean[0],
-            "exp_var_latent": mean[1],
-            "var_layer": mean[2],
-            "rel_var_latent": mean[3],
-            "rel_var_token": rel_t,
-            "token_variance_factor": 1 / rel_t if rel_t > 0 and math.isfinite(rel_t) else None,
-            "exp_var_latent_normalised": mean[5],
-            "rel_var_token_normalised": mean[6],
-        }
+        return PaperFormula(
+            formula="paper code (tim-lawson/mlsae analysis/variances.py), see SPEC 4",
+            layer_values="positions 0..L-1 in the SAE's layer list",
+            batch_tokens=self.batch_tokens,
+            n_batches=len(rows),
+            tokens_in_batches=used,
+            last_partial_batch=last,
+            special_tokens="excluded (the paper keeps them with zeroed inputs)",
+            active_pair_fraction=pairs / (used * self.n_latents) if used else math.nan,
+            exp_var_token=mean[0],
+            exp_var_latent=mean[1],
+            var_layer=mean[2],
+            rel_var_latent=mean[3],
+            rel_var_token=rel_t,
+            token_variance_factor=1 / rel_t if rel_t > 0 and math.isfinite(rel_t) else None,
+            exp_var_latent_normalised=mean[5],
+            rel_var_token_normalised=mean[6],
+        )
 
 
 def _div(a: float, b: float) -> float:

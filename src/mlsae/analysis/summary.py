@@ -17,6 +17,7 @@ from typing import Any
 from mlsae.analysis.contexts import AnalysisIntervals
 from mlsae.analysis.geometry import GeometryResult
 from mlsae.analysis.layers import LayerStatsResult
+from mlsae.analysis.paper_variance import PaperFormula
 from mlsae.core.config import SaeConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import json_safe, read_json
@@ -32,31 +33,6 @@ Number = float | None
 def number(x: float | None) -> Number:
     """x as a float, None when it is missing or not finite."""
     return float(x) if x is not None and math.isfinite(x) else None
-
-
-@dataclass
-class PaperFormula:
-    """The layer-variance ratios as the paper's code computes them (SPEC 4;
-    `analysis.paper_variance`), for comparison with ours."""
-
-    formula: str = ""
-    layer_values: str = ""
-    batch_tokens: int = 0
-    n_batches: int = 0
-    tokens_in_batches: int = 0
-    last_partial_batch: str = ""
-    special_tokens: str = ""
-    active_pair_fraction: Number = None
-    exp_var_token: Number = None
-    exp_var_latent: Number = None
-    var_layer: Number = None
-    rel_var_latent: Number = None
-    rel_var_token: Number = None
-    token_variance_factor: Number = None
-    """1 / rel_var_token: how much smaller a latent's layer variance is for a single token."""
-    exp_var_latent_normalised: Number = None
-    rel_var_token_normalised: Number = None
-    """rel_var_token with each latent's token-averaged distribution normalised to sum 1."""
 
 
 @dataclass
@@ -118,7 +94,7 @@ class LayerSummary:
             active_pair_fraction=number(stats.active_pair_fraction),
             paper_formula=None
             if pf is None
-            else from_dict(PaperFormula, json_safe(pf), "paper formula"),
+            else from_dict(PaperFormula, json_safe(to_dict(pf)), "paper formula"),
             intervals=stats.intervals,
             token_variance_factor=1.0 / r if r is not None and r > 0 else None,
         )

@@ -89,7 +89,7 @@ def activations(
     source = SourceConfig(
         cache=None if cache is None else Path(cache), tokens=tokens, layers=layers
     )
-    return open_source(source, data, ModelConfig(model=model), default_tokens=tokens)
+    return open_source(Inputs(source, data, ModelConfig(model=model)), default_tokens=tokens)
 
 
 def train(
@@ -116,11 +116,10 @@ def train(
     from mlsae.api.run import Run
     from mlsae.train.loop import train_command
 
+    inputs = Inputs(_source(source, cache), data or DataConfig(), model or ModelConfig())
     folder = train_command(
         Path(out),
-        data=data,
-        model=model,
-        source=_source(source, cache),
+        inputs=inputs,
         sae=sae,
         train=config,
         stream=stream,
@@ -168,13 +167,10 @@ def evaluate(
     """
     from mlsae.eval.evaluate import evaluate_command
 
-    inputs = _held_out(source, cache, data, model)
     return evaluate_command(
         Path(run),
         Path(out),
-        source=inputs.source,
-        data=inputs.data,
-        model=inputs.model,
+        inputs=_held_out(source, cache, data, model),
         ev=config,
         lens=None if lens is None else Path(lens),
     )
@@ -234,13 +230,10 @@ def evolution(
     from mlsae.evolution.run import evolution_command
     from mlsae.report.evolution import write_figures
 
-    inputs = _held_out(source, cache, data, model)
     return evolution_command(
         Path(run),
         Path(out),
-        source=inputs.source,
-        data=inputs.data,
-        model=inputs.model,
+        inputs=_held_out(source, cache, data, model),
         cfg=config,
         figures=write_figures,
     )
@@ -267,9 +260,7 @@ def train_lens(
     check_output(Path(out), "lens")
     data = DataConfig(dataset=dataset, split="train")
     live = open_live(
-        SourceConfig(tokens=tokens),
-        data,
-        ModelConfig(model=model, device="cpu"),
+        Inputs(SourceConfig(tokens=tokens), data, ModelConfig(model=model, device="cpu")),
         default_tokens=tokens,
     )
     return train_lens_command(Path(out), live, config)
@@ -302,9 +293,7 @@ def evaluate_lens(
         raise MlsaeError("the lens does not name its model: pass model=")
     data = DataConfig(dataset=dataset, split="test")
     live = open_live(
-        SourceConfig(tokens=tokens),
-        data,
-        ModelConfig(model=name, device="cpu"),
+        Inputs(SourceConfig(tokens=tokens), data, ModelConfig(model=name, device="cpu")),
         default_tokens=tokens,
         layers=[],
     )

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from mlsae.explore.live import Live
     from mlsae.sae.autoencoder import SparseAutoencoder
     from mlsae.sae.folders import RunFolder
+    from mlsae.sae.metrics import MetricsResult
 
 
 @dataclass
@@ -100,12 +101,13 @@ class Run:
         return self.folder.load(self.folder.sae_dir())
 
     @property
-    def final_fvu(self) -> dict[str, Any] | None:
-        """final_fvu.json: each SAE's per-layer FVU on training tokens (None before the end)."""
-        from mlsae.core.io import read_json_object
+    def final_fvu(self) -> dict[str, MetricsResult] | None:
+        """final_fvu.json: each SAE's per-layer metrics on training tokens (`.per_layer["fvu"]`,
+        `.mean["fvu"]`; None before the end)."""
+        from mlsae.train.outputs import read_final_fvu
 
         path = self.path / "final_fvu.json"
-        return read_json_object(path, "final FVU") if path.is_file() else None
+        return read_final_fvu(path) if path.is_file() else None
 
     def model(self) -> LoadedModel:
         """The model the SAE reads (loaded once)."""

@@ -77,7 +77,7 @@ def cache(
     from mlsae.core.dist import is_main_process
 
     relaunch(nproc)
-    man = build_cache(out, model, data, source, extract, lens)
+    man = build_cache(out, Inputs(source, data, model), extract, lens)
     if is_main_process():
         print(f"{out}: {man['n_tokens']} tokens of layers {man['layers'][0]}..{man['layers'][-1]}")
         if isinstance(man.get("norm_outliers"), dict):
@@ -104,8 +104,7 @@ def train(
     Without --cache, the model runs on --tokens training tokens as training goes (the live
     stream, through the same shuffle buffer as a cache: nothing is written outside the run)."""
     from mlsae.core.dist import is_main_process
-    from mlsae.core.io import read_json
-    from mlsae.train.loop import format_fvu, train_command
+    from mlsae.train.loop import format_fvu, read_final_fvu, train_command
 
     if (out is None) == (resume is None):
         raise MlsaeError("give exactly one of --out RUN (new run) or --resume RUN")
@@ -130,7 +129,7 @@ def train(
             out, train, data=data, model=model, source=source, sae=sae, stream=stream
         ).path
     if is_main_process():
-        print(format_fvu(read_json(run / "final_fvu.json")))
+        print(format_fvu(read_final_fvu(run / "final_fvu.json")))
 
 
 @config_command(
@@ -172,14 +171,14 @@ def evaluate(
             raise MlsaeError("--lens applies to one RUN, not to --cross")
         if len(runs) < 2:
             raise MlsaeError("--cross needs MLSAE_RUN and at least one single-layer SAE_RUN")
-        result = cross_command(runs[0], runs[1:], out, source=source, data=data, model=model, ev=ev)
+        result = cross_command(runs[0], runs[1:], out, inputs=Inputs(source, data, model), ev=ev)
         cross_figures(result, out)
         print(format_cross(result))
     else:
         if len(runs) != 1:
             raise MlsaeError("evaluate takes one RUN (use --cross for several)")
         res = evaluate_run(
-            runs[0], out, source=source, data=data, model=model, ev=ev, lens=lens, boot=boot
+            runs[0], out, inputs=Inputs(source, data, model), ev=ev, lens=lens, boot=boot
         )
         print(format_table(res))
         if extras := format_extras(res):
@@ -242,7 +241,7 @@ def evolution(
     from mlsae.report.evolution import write_figures
 
     body = evolution_command(
-        run, out, source=source, data=data, model=model, cfg=cfg, boot=boot, figures=write_figures
+        run, out, inputs=Inputs(source, data, model), cfg=cfg, boot=boot, figures=write_figures
     )
     print(format_summary(body, out))
 

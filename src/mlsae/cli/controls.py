@@ -10,6 +10,7 @@ import typer
 
 from mlsae.cli.options import config_command
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import ControlsConfig, EvolutionConfig
 
 controls_app = typer.Typer(
@@ -61,7 +62,7 @@ def controls_measures(
     from mlsae.evolution.control_run import measures_command
     from mlsae.evolution.controls import format_rows
 
-    rows, body = measures_command(run, out, seed_run, source, data, model, cfg, ctl)
+    rows, body = measures_command(run, out, seed_run, Inputs(source, data, model), cfg, ctl)
     print(format_rows(rows))
     t = body["time_s"]
     print(
@@ -92,6 +93,6 @@ def controls_causal(
     from mlsae.evolution.causal import format_causal
     from mlsae.evolution.control_run import causal_command
 
-    results, body = causal_command(run, out, source, data, model, cfg, ctl)
+    results, body = causal_command(run, out, Inputs(source, data, model), cfg, ctl)
     print(format_causal(results))
     print(f"wrote {out} ({body['n_contexts']} contexts, {body['time_s']:.0f} s)")

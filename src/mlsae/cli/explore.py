@@ -12,6 +12,7 @@ import typer
 from mlsae.cli.options import config_command
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import ExploreConfig, IndexConfig
 
 
@@ -38,10 +39,10 @@ def register(app: typer.Typer) -> None:
         histogram, logit effects, decoder neighbours (one streaming pass; SQLite)."""
         from mlsae.explore.index import build_index
 
-        r = build_index(run, out=out, source=source, data=data, model=model, cfg=cfg)
+        r = build_index(run, out=out, inputs=Inputs(source, data, model), cfg=cfg)
         print(
-            f"indexed {r['n_tokens']} tokens, SAEs {', '.join(r['saes'])}: {r['path']} "
-            f"({r['bytes'] / 1e6:.1f} MB, {r['time_s']:.0f} s)"
+            f"indexed {r.n_tokens} tokens, SAEs {', '.join(r.saes)}: {r.path} "
+            f"({r.bytes / 1e6:.1f} MB, {r.time_s:.0f} s)"
         )
         print(f"explore it: mlsae explore {run}")
 

@@ -11,6 +11,7 @@ import typer
 
 from mlsae.cli.options import config_command
 from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import BootstrapConfig, LensTrainConfig
 
 lens_app = typer.Typer(
@@ -39,7 +40,7 @@ def lens_train(
     from mlsae.lens.command import train_lens_command
 
     check_output(out, "lens")
-    live = open_live(source, data, model, default_tokens=16384)
+    live = open_live(Inputs(source, data, model), default_tokens=16384)
     lens = train_lens_command(out, live, cfg)
     print(f"lens saved to {out} ({len(lens.trained_layers)} translators)")
 
@@ -76,9 +77,7 @@ def lens_evaluate(
     if model.model is None and not tl.model_name:
         raise MlsaeError("the lens does not name its model: pass --model")
     live = open_live(
-        source,
-        data,
-        replace(model, model=model.model or tl.model_name),
+        Inputs(source, data, replace(model, model=model.model or tl.model_name)),
         default_tokens=2048,
         layers=[],
     )

@@ -4,10 +4,8 @@ MLSAE (paper figure), sharing one clean pass per batch (evaluate.py's engine).""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
@@ -25,16 +23,14 @@ def cross_command(
     sae_runs: Sequence[str | Path],
     out: str | Path,
     *,
-    source: SourceConfig | None = None,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
+    inputs: Inputs | None = None,
     ev: EvalConfig | None = None,
 ) -> CrossResult:
     """`mlsae evaluate --cross MLSAE_RUN SAE_RUN ... --out DIR`: every single-layer SAE on every
-    layer of the MLSAE (or `source.layers`), the MLSAE on its own layers, sharing one clean pass
+    layer of the MLSAE (or `inputs.source.layers`), the MLSAE on its own layers, sharing one clean pass
     per batch. Writes DIR/cross.json (the figures are the report stage's)."""
-    source, ev = source or SourceConfig(), ev or EvalConfig()
-    source, data, model = Inputs.held_out(source, data, model).parts()
+    inputs, ev = inputs or Inputs.held_out(), ev or EvalConfig()
+    source, model = inputs.source, inputs.model
     check_output(out, "cross", inputs=[mlsae_run, *sae_runs, source.cache])
     layers = parse_layers(source.layers)
     mdirs = RunFolder(Path(mlsae_run)).sae_dirs()
@@ -49,7 +45,7 @@ def cross_command(
     mlsae.layers = [x for x in mlsae.layers if x in cols]
     mlsae.reset_metrics()
     rows = [*singles, mlsae]
-    src = open_eval_source(rows, replace(source, layers=None), data, model)
+    src = open_eval_source(rows, inputs)
     name = evaluate_entries(
         rows, src, model=model, ev=ev, tokens=source.tokens, batch_size=source.batch_size
     )

@@ -21,9 +21,9 @@ from transformers import PreTrainedModel
 from mlsae.activations.cache import ActivationCache
 from mlsae.activations.live import LiveSource
 from mlsae.activations.source import ActivationSource
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.config import ModelConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.core.inputs import Inputs
+from mlsae.core.inputs import HELD_OUT_TOKENS, Inputs
 from mlsae.core.io import write_json
 from mlsae.core.layers import parse_layers
 from mlsae.core.outputs import check_output
@@ -171,20 +171,21 @@ def run_model(
             bar.update(ids.numel())
 
 
-def open_eval_source(
-    entries: Sequence[Entry], source: SourceConfig, data: DataConfig, model: ModelConfig
-) -> ActivationSource:
-    """The held-out activations for `entries`: the cache, or the model (default: the SAEs')
-    on 8,192 tokens of the data (default: the SAEs' dataset, test split)."""
+def open_eval_source(entries: Sequence[Entry], inputs: Inputs) -> ActivationSource:
+    """The held-out activations for `entries`' blocks: the cache, or the model (default: the
+    SAEs') on 8,192 tokens of the data (default: the SAEs' dataset, test split)."""
     from mlsae.activations.open import open_source
 
+    source, data, model = inputs.parts()
     cfg0 = entries[0].sae.cfg
     layers = sorted({x for e in entries for x in e.layers})
     return open_source(
-        source,
-        replace(data, dataset=data.dataset or cfg0.dataset),
-        replace(model, model=model.model or cfg0.model),
-        default_tokens=8192,
+        Inputs(
+            replace(source, layers=None),
+            replace(data, dataset=data.dataset or cfg0.dataset),
+            replace(model, model=model.model or cfg0.model),
+        ),
+        default_tokens=HELD_OUT_TOKENS,
         layers=layers,
     )
 
@@ -275,23 +276,22 @@ def evaluate_command(
     run: str | Path,
     out: str | Path,
     *,
-    source: SourceConfig | None = None,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
+    inputs: Inputs | None = None,
     ev: EvalConfig | None = None,
     lens: Path | None = None,
     boot: BootstrapConfig | None = None,
     observe: Callable[[list[Entry]], list[BatchObserver]] | None = None,
     finish: Callable[[EvalResult, list[BatchObserver]], None] | None = None,
 ) -> EvalResult:
-    """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens (`source`:
-    a cache, else the model on the test split), with bootstrap intervals over the contexts
+    """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens
+    (`inputs.source`: a cache, else the model on the test split; `Inputs.held_out()` default), with bootstrap intervals over the contexts
     (`boot`). `source.layers` evaluates the SAE on other layers than it was trained on (e.g. a
     single-layer SAE on any layer). `lens`: where a lens SAE's lens folder is now.
     observe(entries): observers of the clean passes; finish(result, observers) adds their
     sections (eval/several.py). Writes the JSON and returns the result."""
-    source, ev, boot = source or SourceConfig(), ev or EvalConfig(), boot or BootstrapConfig()
-    source, data, model = Inputs.held_out(source, data, model).parts()
+    inputs = inputs or Inputs.held_out()
+    source, model = inputs.source, inputs.model
+    ev, boot = ev or EvalConfig(), boot or BootstrapConfig()
     check_output(out, "eval", file=True, inputs=[run, source.cache, lens])
     if (ev.replace is not None or ev.format != "mlsae") and observe is None:
         raise MlsaeError("--replace / --format saebench: call mlsae.eval.several.evaluate_run")
@@ -299,7 +299,7 @@ def evaluate_command(
         RunFolder(Path(run)).sae_dir(), layers=parse_layers(source.layers), lens=lens
     )
     entry.bootstrap = boot.bootstrap > 0
-    src = open_eval_source([entry], replace(source, layers=None), data, model)
+    src = open_eval_source([entry], inputs)
     rep = None
     if isinstance(src, ActivationCache) and set(entry.layers) <= set(src.layers):
         # (a cache only: the model would have to run twice more otherwise)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import BootstrapConfig, EvalConfig
@@ -47,27 +46,22 @@ def evaluate_run(
     run: str | Path,
     out: str | Path,
     *,
-    source: SourceConfig | None = None,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
+    inputs: Inputs | None = None,
     ev: EvalConfig | None = None,
     lens: Path | None = None,
     boot: BootstrapConfig | None = None,
 ) -> EvalResult:
     """`mlsae evaluate RUN`: `evaluate_command` with the observers `ev` asks for, or, for a
     per-layer set, `evaluate_per_layer`. Writes the JSON and returns the result."""
-    source, ev = source or SourceConfig(), ev or EvalConfig()
-    source, data, model = Inputs.held_out(source, data, model).parts()
+    inputs, ev = inputs or Inputs.held_out(), ev or EvalConfig()
     if is_per_layer_set(Path(run)):
         if lens is not None:
             raise MlsaeError("--lens applies to one SAE, not to a per-layer set")
-        return evaluate_per_layer(run, out, source=source, data=data, model=model, ev=ev, boot=boot)
+        return evaluate_per_layer(run, out, inputs=inputs, ev=ev, boot=boot)
     return evaluate_command(
         run,
         out,
-        source=source,
-        data=data,
-        model=model,
+        inputs=inputs,
         ev=ev,
         lens=lens,
         boot=boot,
@@ -160,9 +154,7 @@ def evaluate_per_layer(
     run: str | Path,
     out: str | Path,
     *,
-    source: SourceConfig,
-    data: DataConfig,
-    model: ModelConfig,
+    inputs: Inputs,
     ev: EvalConfig,
     boot: BootstrapConfig | None = None,
 ) -> EvalResult:
@@ -175,6 +167,7 @@ def evaluate_per_layer(
     from mlsae.eval.evaluate import evaluate_entries, load_entry, open_eval_source
     from mlsae.sae.folders import RunFolder
 
+    source = inputs.source
     check_output(out, "eval", file=True, inputs=[run, source.cache])
 
     pairs = RunFolder(Path(run)).per_layer_dirs()
@@ -185,12 +178,12 @@ def evaluate_per_layer(
             raise MlsaeError(f"{run} has no SAE for block(s) {missing} (a per-layer set)")
         pairs = [(ly, d) for ly, d in pairs if ly in want]
     entries = [load_entry(d, label=f"L{ly}") for ly, d in pairs]
-    src = open_eval_source(entries, replace(source, layers=None), data, model)
+    src = open_eval_source(entries, inputs)
     observers = make_observers(ev, entries)
     name = evaluate_entries(
         entries,
         src,
-        model=model,
+        model=inputs.model,
         ev=ev,
         tokens=source.tokens,
         batch_size=source.batch_size,

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from mlsae.activations.source import ActivationSource
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import HELD_OUT_TOKENS, Inputs
 from mlsae.core.io import write_json
 from mlsae.core.layers import parse_layers
 from mlsae.core.outputs import check_output
@@ -33,17 +33,18 @@ from mlsae.evolution.controls import (
 log = logging.getLogger(__name__)
 
 
-def _open(
-    run: Path, source: SourceConfig, data: DataConfig, model: ModelConfig
-) -> ActivationSource:
+def _open(run: Path, inputs: Inputs) -> ActivationSource:
     from mlsae.activations.open import open_source
 
+    source, data, model = inputs.parts()
     sc = load_per_layer(run)[0][1].cfg
     return open_source(
-        source,
-        replace(data, dataset=data.dataset or sc.dataset),
-        replace(model, model=model.model or sc.model),
-        default_tokens=8192,
+        Inputs(
+            source,
+            replace(data, dataset=data.dataset or sc.dataset),
+            replace(model, model=model.model or sc.model),
+        ),
+        default_tokens=HELD_OUT_TOKENS,
         layers=None,
     )
 
@@ -59,16 +60,15 @@ def measures_command(
     run: Path,
     out: Path,
     seed_run: Path | None,
-    source: SourceConfig,
-    data: DataConfig,
-    model: ModelConfig,
+    inputs: Inputs,
     cfg: EvolutionConfig,
     ctl: ControlsConfig,
 ) -> tuple[list[ControlRow], dict[str, Any]]:
     """Every control row of the up layers, written to `out` (JSON)."""
     t0 = time.perf_counter()
+    source = inputs.source
     check_output(out, "eval", file=True, inputs=[run, seed_run, source.cache])
-    src = _open(run, source, data, model)
+    src = _open(run, inputs)
     codes, ctx = load_codes(src, run, seed_run, _up_layers(ctl), ctl, cfg.rescale, source.tokens)
     t1 = time.perf_counter()
     rows = list(control_rows(codes, ctx, _up_layers(ctl), cfg, ctl))
@@ -107,9 +107,7 @@ def held_out_contexts(src: ActivationSource, n_contexts: int) -> tuple[torch.Ten
 def causal_command(
     run: Path,
     out: Path,
-    source: SourceConfig,
-    data: DataConfig,
-    model: ModelConfig,
+    inputs: Inputs,
     cfg: EvolutionConfig,
     ctl: ControlsConfig,
 ) -> tuple[list[CausalResult], dict[str, Any]]:
@@ -117,10 +115,10 @@ def causal_command(
     from mlsae.activations.open import source_model
 
     t0 = time.perf_counter()
-    check_output(out, "eval", file=True, inputs=[run, source.cache])
-    src = _open(run, source, data, model)
+    check_output(out, "eval", file=True, inputs=[run, inputs.source.cache])
+    src = _open(run, inputs)
     saes = dict(load_per_layer(run))
-    lm = source_model(src, model)
+    lm = source_model(src, inputs.model)
     ids, used = held_out_contexts(src, ctl.causal_contexts)
     gen = torch.Generator().manual_seed(ctl.control_seed)
     results: list[CausalResult] = []
@@ -129,7 +127,7 @@ def causal_command(
         if lu + 1 not in saes or lu not in saes:
             log.warning(f"no SAE pair ({lu}, {lu + 1}): skipped")
             continue
-        codes, _ = load_codes(src, run, None, [lu], ctl_pairs, cfg.rescale, source.tokens)
+        codes, _ = load_codes(src, run, None, [lu], ctl_pairs, cfg.rescale, inputs.source.tokens)
         res, fa, _, ps = pair_result(codes[("main", lu)], codes[("main", lu + 1)], cfg)
         nxt = NextBlock(lm.model, ids, lu)
         with torch.inference_mode():

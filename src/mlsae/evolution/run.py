@@ -28,9 +28,9 @@ from transformers import PreTrainedTokenizerBase
 
 from mlsae.activations.live import LiveSource
 from mlsae.core.bootstrap import BootstrapInfo
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.config import ModelConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.core.inputs import Inputs
+from mlsae.core.inputs import HELD_OUT_TOKENS, Inputs
 from mlsae.core.io import write_json
 from mlsae.core.outputs import check_output
 from mlsae.core.schema import from_dict
@@ -197,22 +197,25 @@ class _Opened:
         return [ly for ly, _ in self.saes]
 
 
-def _open(run: Path, source: SourceConfig, data: DataConfig, model: ModelConfig) -> _Opened:
+def _open(run: Path, inputs: Inputs) -> _Opened:
     """Load the per-layer SAEs and open their token stream (a cache, or the model on a dataset
     split, by default the SAEs' model and dataset)."""
     from mlsae.activations.open import open_source
     from mlsae.core.compute import resolve_device
     from mlsae.lens.tuned import resolve_space
 
+    source, data, model = inputs.parts()
     device = resolve_device(model.device)
     saes = [(ly, sae.to(device)) for ly, sae in load_per_layer(run)]
     layers = [ly for ly, _ in saes]
     sc = saes[0][1].cfg  # the SAEs' model and dataset unless given
     src = open_source(
-        source,
-        replace(data, dataset=data.dataset or sc.dataset),
-        replace(model, model=model.model or sc.model),
-        default_tokens=8192,
+        Inputs(
+            source,
+            replace(data, dataset=data.dataset or sc.dataset),
+            replace(model, model=model.model or sc.model),
+        ),
+        default_tokens=HELD_OUT_TOKENS,
         layers=layers,
     )
     chunks, facts = source_chunks(src, saes, source.tokens)
@@ -229,22 +232,21 @@ def evolution_command(
     run: Path,
     out: Path,
     *,
-    source: SourceConfig | None = None,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
+    inputs: Inputs | None = None,
     cfg: EvolutionConfig | None = None,
     boot: BootstrapConfig | None = None,
     figures: Callable[[Path, EvolutionSummary], dict[str, str]] | None = None,
 ) -> EvolutionSummary:
     """Run everything and write DIR/{evolution.json, graph.json, graph.html} (and the figures,
     drawn by `figures(out, summary)` when given: the report stage's). Tokens come from
-    `source` (a cache in stream order, else the model, by default the SAEs', on 8,192 test
+    `inputs.source` (a cache in stream order, else the model, by default the SAEs', on 8,192 test
     tokens of the SAEs' dataset)."""
     t0 = time.perf_counter()
     cfg = cfg or EvolutionConfig()
-    source, data, model = Inputs.held_out(source, data, model).parts()
+    inputs = inputs or Inputs.held_out()
+    source = inputs.source
     check_output(out, "evolution", inputs=[run, source.cache])
-    op = _open(run, source, data, model)
+    op = _open(run, inputs)
     saes, layers = op.saes, op.layers
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

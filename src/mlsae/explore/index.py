@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from mlsae.analysis.layers import LayerStats
-from mlsae.core.config import DataConfig, ModelConfig, SourceConfig
+from mlsae.core.config import ModelConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import HELD_OUT_TOKENS, Inputs
 from mlsae.core.stage_config import IndexConfig
@@ -284,24 +284,40 @@ def _meta(
     }
 
 
+@dataclass
+class IndexSummary:
+    """What `build_index` wrote."""
+
+    path: Path
+    """The database file."""
+    bytes: int
+    """Its size."""
+    time_s: float
+    """Wall time of the whole command."""
+    pass_s: float
+    """Wall time of the pass over the tokens."""
+    n_tokens: int
+    """Tokens indexed."""
+    saes: list[str]
+    """The label of each indexed SAE."""
+
+
 def build_index(
     run: str | Path,
     *,
     out: str | Path | None = None,
-    source: SourceConfig | None = None,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
+    inputs: Inputs | None = None,
     cfg: IndexConfig | None = None,
-) -> dict[str, Any]:
-    """Index every SAE of `run` on `source` (a cache, else the model, by default the SAEs', on
+) -> IndexSummary:
+    """Index every SAE of `run` on `inputs.source` (a cache, else the model, by default the SAEs', on
     8,192 test tokens of the SAEs' dataset) and write the database atomically (default
-    RUN/explore.sqlite). Returns a summary: path, size, time, tokens."""
+    RUN/explore.sqlite). Returns what was written (`IndexSummary`)."""
     from mlsae.activations.open import open_source
     from mlsae.explore import db
     from mlsae.explore.source import run_saes, source_chunks
     from mlsae.lens.tuned import resolve_space
 
-    source, data, model = Inputs.held_out(source, data, model).parts()
+    source, data, model = (inputs or Inputs.held_out()).parts()
     cfg = cfg or IndexConfig()
     top_n, window, samples = cfg.top_n, cfg.window, cfg.samples
     t0 = time.perf_counter()
@@ -312,9 +328,11 @@ def build_index(
     layers = sorted({ly for s in saes for ly in s.layers})
     cfg0 = saes[0].sae.cfg
     src = open_source(
-        source,
-        replace(data, dataset=data.dataset or cfg0.dataset),
-        replace(model, model=model.model or cfg0.model),
+        Inputs(
+            source,
+            replace(data, dataset=data.dataset or cfg0.dataset),
+            replace(model, model=model.model or cfg0.model),
+        ),
         default_tokens=HELD_OUT_TOKENS,
         layers=layers,
     )
@@ -353,11 +371,11 @@ def build_index(
         w.meta(meta)
     size = path.stat().st_size
     log.info(f"wrote {path} ({size / 1e6:.1f} MB) in {meta['time_s']:.0f} s")
-    return {
-        "path": str(path),
-        "bytes": size,
-        "time_s": meta["time_s"],
-        "pass_s": t_pass,
-        "n_tokens": idx[0].stats.n_tokens,
-        "saes": [s.label for s in saes],
-    }
+    return IndexSummary(
+        path=path,
+        bytes=size,
+        time_s=meta["time_s"],
+        pass_s=t_pass,
+        n_tokens=idx[0].stats.n_tokens,
+        saes=[s.label for s in saes],
+    )

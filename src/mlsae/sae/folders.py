@@ -118,9 +118,10 @@ class RunFolder:
                 )
         return None
 
-    def find_eval(self, sae_dir: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    def find_eval(self, sae_dir: Path | None = None) -> Path | None:
         """RUN/eval.json, else the first *.json of the run or SAE folder with `per_layer` (an
-        `mlsae evaluate` output); None if there is none."""
+        `mlsae evaluate` output, read by `mlsae.eval.result.EvalResult.from_json`); None if there is
+        none."""
         sae_dir = sae_dir or self.sae_dir()
         seen: set[Path] = set()
         cands = [
@@ -137,7 +138,7 @@ class RunFolder:
             except MlsaeError:
                 continue
             if is_eval_result(obj):
-                return p, obj
+                return p
             if isinstance(obj, dict) and "per_layer" in obj:
                 log.warning(f"{p}: not a readable `mlsae evaluate` output: ignored")
         return None

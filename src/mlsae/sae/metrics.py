@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -162,17 +163,33 @@ class LayerMetrics:
         rows = [self._index(x) for x in (layers if layers is not None else self.layers)]
         return float((self.counts[rows].sum(0) == 0).double().mean())
 
-    def result(self) -> dict:
-        """The evaluation JSON body: layers, per_layer, mean (over layers), dead_fraction,
-        n_tokens."""
+    def result(self) -> MetricsResult:
+        """The metrics per layer, their means over layers, the dead fraction and the token
+        count (final_fvu.json's value of one SAE is its `to_dict`)."""
         per = self.per_layer()
-        return {
-            "layers": self.layers,
-            "per_layer": per,
-            "mean": {k: mean_or_none(v) for k, v in per.items()},
-            "dead_fraction": self.dead_fraction(),
-            "n_tokens": self.n_tokens,
-        }
+        return MetricsResult(
+            layers=list(self.layers),
+            per_layer=per,
+            mean={k: mean_or_none(v) for k, v in per.items()},
+            dead_fraction=self.dead_fraction(),
+            n_tokens=self.n_tokens,
+        )
+
+
+@dataclass
+class MetricsResult:
+    """One SAE's streaming metrics (`LayerMetrics.result`): what training's final_fvu.json
+    holds per SAE."""
+
+    layers: list[int]
+    """Block index of each layer."""
+    per_layer: dict[str, list[float | None]]
+    """fvu, mse, l0, delta_ce, kl: one value per layer (None where nothing was measured)."""
+    mean: dict[str, float | None]
+    """Each metric's mean over the layers that have one (None if none has)."""
+    dead_fraction: float
+    """Latents never active on any layer / all latents."""
+    n_tokens: int
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlsae.core.errors import MlsaeError
 from mlsae.synth.config import ScoreConfig
@@ -23,6 +23,9 @@ from mlsae.synth.score import (
     true_edges,
 )
 from mlsae.synth.truth import load_truth
+
+if TYPE_CHECKING:
+    from mlsae.evolution.graphfile import GraphFile
 
 
 @dataclass
@@ -103,19 +106,20 @@ def score_command(
 
     out.match = ms = match_score([saes[ly].W_dec.cpu() for ly in range(L)], truth, by_layer)
     if evolution is not None:
-        from mlsae.core.io import read_json_object
+        from mlsae.evolution.summary import load_evolution
 
-        evo = read_json_object(Path(evolution) / "evolution.json", "evolution output")
-        graph = read_json_object(Path(evolution) / "graph.json", "evolution graph")
-        if evo.get("layers") != list(range(L)):
-            raise MlsaeError(f"{evolution}: layers {evo.get('layers')}, the truth has 0..{L - 1}")
-        out.edges = edge_scores(true_edges(truth, by_layer), reported_edges(evo, graph))
+        evo = load_evolution(Path(evolution), with_graph=True)
+        graph = evo.graph
+        assert graph is not None  # with_graph
+        if evo.summary.layers != list(range(L)):
+            raise MlsaeError(f"{evolution}: layers {evo.summary.layers}, the truth has 0..{L - 1}")
+        out.edges = edge_scores(true_edges(truth, by_layer), reported_edges(evo.summary, graph))
         ms.median_matched_cos_alive = _alive_cos(saes, graph)
         out.evolution = str(evolution)
     return out
 
 
-def _alive_cos(saes: dict[int, Any], graph: dict[str, Any]) -> list[float]:
+def _alive_cos(saes: dict[int, Any], graph: GraphFile) -> list[float]:
     """Per adjacent pair: the median decoder cosine of SAE Match's pairs of alive latents."""
     from mlsae.synth.score import alive_from_graph, matched_cosines
 

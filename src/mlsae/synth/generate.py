@@ -167,6 +167,8 @@ def write_split(out: Path, truth: Truth, split: str, n_tokens: int) -> dict[str,
     true statistics for truth.json."""
     from mlsae.activations.cache import CacheWriter, write_shard
     from mlsae.activations.extract import record_norm_outliers
+    from mlsae.analysis.summary import LayerSummary
+    from mlsae.core.schema import to_dict
 
     cfg = truth.cfg
     meta = {
@@ -198,7 +200,7 @@ def write_split(out: Path, truth: Truth, split: str, n_tokens: int) -> dict[str,
         "n_tokens": n,
         "n_outlier_tokens": n_out,
         "firing_rate": (fired.double() / max(n, 1)).tolist(),
-        "layer_stats": res.summary(),
+        "layer_stats": to_dict(LayerSummary.of(res)),
         "expected_layer": res.expected_layer.tolist(),
     }
 

@@ -36,7 +36,10 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 from torch import Tensor
 
+from mlsae.analysis.layers import LayerStatsResult
 from mlsae.core.errors import MlsaeError
+from mlsae.evolution.graphfile import GraphFile
+from mlsae.evolution.summary import EvolutionSummary
 from mlsae.synth.truth import Truth
 
 
@@ -142,9 +145,17 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 
 def span_score(
-    stats: Any, truth: Truth, true_stats: dict[str, Any], m: dict[int, int], share: float
+    stats: LayerStatsResult,
+    truth: Truth,
+    true_stats: dict[str, Any],
+    m: dict[int, int],
+    share: float,
 ) -> SpanScore:
-    """`stats`: the MLSAE's LayerStatsResult on the test cache; `true_stats`: truth.json's."""
+    """`stats`: the MLSAE's layer statistics on the test cache; `true_stats`: truth.json's
+    body of the test split (raw JSON, read here)."""
+    from mlsae.analysis.summary import LayerSummary
+    from mlsae.core.schema import from_dict
+
     alive = stats.latent_mass > 0
     pairs = [(f, j) for f, j in m.items() if alive[j]]
     true_e = true_stats["expected_layer"]
@@ -152,8 +163,8 @@ def span_score(
     e_true = [float(true_e[f]) for f, _ in pairs]
     s_meas = [float((stats.p_layer_given_latent[j] >= share).sum()) for _, j in pairs]
     s_true = [float(truth.last[f] - truth.first[f] + 1) for f, _ in pairs]
-    ts = true_stats["layer_stats"]
-    ms = stats.summary()
+    ts = from_dict(LayerSummary, true_stats["layer_stats"], "truth.json layer_stats")
+    ms = LayerSummary.of(stats)
     names = (
         "rel_var_latent",
         "rel_var_token",
@@ -161,10 +172,10 @@ def span_score(
         "multi_layer_fraction_token",
         "multi_layer_fraction_token_per_latent",
     )
-    both: dict[str, list[float | None]] = {k: [ms[k], ts[k]] for k in names}
+    both: dict[str, list[float | None]] = {k: [getattr(ms, k), getattr(ts, k)] for k in names}
     for k in ("rel_var_latent", "rel_var_token"):
-        mp, tp = ms.get("paper_formula") or {}, ts.get("paper_formula") or {}
-        both[f"paper_{k}"] = [mp.get(k), tp.get(k)]
+        papers = (ms.paper_formula, ts.paper_formula)
+        both[f"paper_{k}"] = [None if p is None else getattr(p, k) for p in papers]
     return SpanScore(
         n_matched=len(pairs),
         expected_layer_spearman=_spearman(e_meas, e_true),
@@ -203,30 +214,30 @@ def true_edges(truth: Truth, rec: dict[int, Recovery]) -> dict[str, set]:
     return out
 
 
-def reported_edges(evo: dict[str, Any], graph: dict[str, Any]) -> dict[str, set]:
+def reported_edges(evo: EvolutionSummary, graph: GraphFile) -> dict[str, set]:
     """The edges an `mlsae evolution` output reports, in the same form as `true_edges`."""
-    s = evo["settings"]
-    if s.get("edge_measure") != "pearson" or (s.get("edge_threshold") or 0) > s["pass_through"]:
+    s = evo.settings
+    if s.edge_measure != "pearson" or (s.edge_threshold or 0) > s.pass_through:
         raise MlsaeError(
             "score needs an evolution output made with --edge-measure pearson and "
             "no --edge-threshold above --pass-through"
         )
     out: dict[str, set] = {"pass_through": set(), "and": set(), "or": set(), "specialised": set()}
-    nodes, edges = graph["nodes"], graph["edges"]
+    pearson = graph.measures["pearson"]  # NaN where graph.json holds null
     best: dict[tuple[int, int], tuple[float, int]] = {}
-    for a, b, p in zip(edges["source"], edges["target"], edges["pearson"], strict=True):
-        key = (nodes["layer"][a], nodes["feature"][a])
-        if p is not None and (key not in best or p > best[key][0]):
-            best[key] = (p, nodes["feature"][b])
+    for a, b, p in zip(graph.src.tolist(), graph.dst.tolist(), pearson.tolist(), strict=True):
+        key = (int(graph.layer[a]), int(graph.feature[a]))
+        if not math.isnan(p) and (key not in best or p > best[key][0]):
+            best[key] = (p, int(graph.feature[b]))
     for (ly, up), (p, down) in best.items():
-        if p >= s["pass_through"]:
+        if p >= s.pass_through:
             out["pass_through"].add((ly, up, down))
-    for pair in evo["pairs"]:
-        ly = pair["up_layer"]
-        for kind in ("and", "or"):
-            for down, u1, u2 in pair[f"{kind}_features"]:
+    for pair in evo.pairs:
+        ly = pair.up_layer
+        for kind, rows in (("and", pair.and_features), ("or", pair.or_features)):
+            for down, u1, u2 in rows:
                 out[kind].add((ly, down, frozenset((u1, u2))))
-        for down, up in pair.get("specialised_features", []):
+        for down, up in pair.specialised_features:
             out["specialised"].add((ly, down, up))
     return out
 
@@ -250,11 +261,10 @@ def matched_cosines(
     return (u[ok] * v[perm[ok]]).sum(-1)
 
 
-def alive_from_graph(graph: dict[str, Any], layer: int, d_sae: int) -> Tensor:
+def alive_from_graph(graph: GraphFile, layer: int, d_sae: int) -> Tensor:
     """bool [d_sae]: the latents of `layer` that are nodes of an evolution graph.json (alive)."""
     out = torch.zeros(d_sae, dtype=torch.bool)
-    nodes = graph["nodes"]
-    for ly, f in zip(nodes["layer"], nodes["feature"], strict=True):
+    for ly, f in zip(graph.layer.tolist(), graph.feature.tolist(), strict=True):
         if ly == layer:
             out[f] = True
     return out

@@ -34,17 +34,15 @@ import torch
 from mlsae.activations.source import ActivationSource, Batch
 from mlsae.core.compute import resolve_compute_dtype, resolve_device
 from mlsae.core.config import (
-    DataConfig,
     ExtractConfig,
-    ModelConfig,
     RunConfig,
     SaeConfig,
     SaeGridConfig,
-    SourceConfig,
     TrainConfig,
 )
 from mlsae.core.dist import Comm
 from mlsae.core.errors import Interrupted, MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
 from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
@@ -53,11 +51,18 @@ from mlsae.sae.registry import sae_class
 from mlsae.train.centring import member_means, resolve_centring
 from mlsae.train.checkpoint import Plan, StopSignals, TrainState
 from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam, step_probe
-from mlsae.train.outputs import Progress, final_fvu, format_fvu, sae_inputs
+from mlsae.train.outputs import (
+    Progress,
+    final_fvu,
+    format_fvu,
+    read_final_fvu,
+    sae_inputs,
+    write_final_fvu,
+)
 from mlsae.train.parallel import plan_shares
 from mlsae.train.run import save_run
 
-__all__ = ["final_fvu", "format_fvu", "run_training", "train_command"]
+__all__ = ["final_fvu", "format_fvu", "read_final_fvu", "run_training", "train_command"]
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +275,7 @@ def interrupted(out: Path, step: int, signum: int, world: int) -> Interrupted:
 def train_command(
     out: Path,
     *,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
-    source: SourceConfig | None = None,
+    inputs: Inputs | None = None,
     sae: SaeGridConfig | None = None,
     train: TrainConfig | None = None,
     stream: ExtractConfig | None = None,
@@ -282,23 +285,21 @@ def train_command(
 ) -> Path:
     """`mlsae train`: a new run in `out`, or (resume) continue the run in `out` with its saved
     settings, except `train_given` (max_steps, epochs) which may be raised and `device`.
-    Without `source.cache`, the model is run on `source.tokens` training tokens as the run goes
+    Without `inputs.source.cache`, the model is run on `source.tokens` training tokens as the run goes
     (the live stream, blocks and dtype from `stream`; nothing is written outside `out`).
     Launched by torchrun with several processes, they train data-parallel
     (`mlsae.train.parallel`). Returns the run folder."""
     from mlsae.core.dist import first_line, session
 
     out = Path(out)
-    name = device or (model.device if model is not None and not resume else None)
+    name = device or (inputs.model.device if inputs is not None and not resume else None)
     with session(resolve_device(name) if name else None) as comm, contextlib.ExitStack() as lock:
         try:
             run, src = _open_run(
                 out,
                 comm,
                 lock,
-                data=data,
-                model=model,
-                source=source,
+                inputs=inputs,
                 sae=sae,
                 train=train,
                 stream=stream,
@@ -327,8 +328,8 @@ def _finish(out: Path, run: RunConfig, members: list[Member], src: ActivationSou
         entries = [{"layer": m.layer, "path": m.name} for m in members]
         write_json(out / PER_LAYER, {"layers": [m.layer for m in members], "saes": entries})
     res = final_fvu(run, members, src)
-    write_json(out / "final_fvu.json", res)
-    if not math.isfinite(sum(r["mean"]["fvu"] or 0.0 for r in res.values())):
+    write_final_fvu(out / "final_fvu.json", res)
+    if not math.isfinite(sum(r.mean["fvu"] or 0.0 for r in res.values())):
         raise MlsaeError("training diverged (non-finite FVU): lower --lr")
 
 

@@ -17,6 +17,9 @@ from mlsae.activations.source import ActivationSource
 from mlsae.core.config import RunConfig
 from mlsae.core.dist import Comm
 from mlsae.core.errors import MlsaeError
+from mlsae.core.io import read_json_object, write_json
+from mlsae.core.schema import from_dict, to_dict
+from mlsae.sae.metrics import LayerMetrics, MetricsResult
 from mlsae.train.checkpoint import open_metrics
 
 log = logging.getLogger(__name__)
@@ -114,10 +117,10 @@ def wandb_start(out: Path, run: RunConfig) -> Any:
 
 
 @torch.no_grad()
-def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> dict[str, Any]:
+def final_fvu(
+    run: RunConfig, members: list[Any], source: ActivationSource
+) -> dict[str, MetricsResult]:
     """Per-layer FVU (raw space) of each SAE on a pass over up to EVAL_VECTORS training vectors."""
-    from mlsae.sae.metrics import LayerMetrics
-
     cfg, layers = run.train, list(run.layers)
     to_sae = sae_inputs(run, source, layers)
     acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
@@ -146,14 +149,25 @@ def final_fvu(run: RunConfig, members: list[Any], source: ActivationSource) -> d
     return {name: a.result() for name, a in acc.items()}
 
 
-def format_fvu(res: dict[str, Any]) -> str:
+def write_final_fvu(path: Path, res: dict[str, MetricsResult]) -> None:
+    """final_fvu.json: {SAE name: its metrics}."""
+    write_json(path, {name: to_dict(r) for name, r in res.items()})
+
+
+def read_final_fvu(path: Path) -> dict[str, MetricsResult]:
+    """final_fvu.json read back, every SAE's metrics type-checked."""
+    obj = read_json_object(path, "final FVU")
+    return {name: from_dict(MetricsResult, r, f"{path}: {name}") for name, r in obj.items()}
+
+
+def format_fvu(res: dict[str, MetricsResult]) -> str:
     """The final per-layer FVU of each SAE as text (final_fvu.json)."""
     lines = ["final per-layer FVU (training tokens):"]
     for name, r in res.items():
         per = " ".join(
             f"{ly}:{v:.3f}" if v is not None else f"{ly}:-"
-            for ly, v in zip(r["layers"], r["per_layer"]["fvu"], strict=True)
+            for ly, v in zip(r.layers, r.per_layer["fvu"], strict=True)
         )
-        mean = r["mean"]["fvu"]
+        mean = r.mean["fvu"]
         lines.append(f"  {name}: mean {mean:.4f} | {per}" if mean is not None else f"  {name}: -")
     return "\n".join(lines)

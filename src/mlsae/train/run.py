@@ -10,16 +10,14 @@ from pathlib import Path
 
 from mlsae.activations.source import ActivationSource
 from mlsae.core.config import (
-    DataConfig,
     MemberSpec,
-    ModelConfig,
     RunConfig,
     SaeConfig,
     SaeGridConfig,
-    SourceConfig,
     TrainConfig,
 )
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import read_json, write_json
 from mlsae.core.lock import LOCK
 from mlsae.sae.folders import RUN_CFG
@@ -61,9 +59,7 @@ def _layers(source: ActivationSource, spec: str | None, sae: SaeGridConfig) -> l
 
 def plan_run(
     source: ActivationSource,
-    data: DataConfig,
-    model: ModelConfig,
-    src: SourceConfig,
+    inputs: Inputs,
     sae: SaeGridConfig,
     train: TrainConfig,
 ) -> RunConfig:
@@ -71,6 +67,7 @@ def plan_run(
     settings are the activations' own (a cache's manifest)."""
     from mlsae.lens.tuned import lens_ref, resolve_space
 
+    src, data, model = inputs.parts()
     info = source.info
     model = replace(
         model, model=info.get("model") or model.model, dtype=info.get("model_dtype") or model.dtype

@@ -15,16 +15,14 @@ from pathlib import Path
 
 from mlsae.activations.source import ActivationSource
 from mlsae.core.config import (
-    DataConfig,
     ExtractConfig,
-    ModelConfig,
     RunConfig,
     SaeGridConfig,
-    SourceConfig,
     TrainConfig,
 )
 from mlsae.core.dist import Comm
 from mlsae.core.errors import MlsaeError
+from mlsae.core.inputs import Inputs
 from mlsae.core.io import write_json
 from mlsae.core.lock import folder_lock
 from mlsae.core.outputs import check_output, check_writable
@@ -38,22 +36,17 @@ DEFAULT_TOKENS = 50_000
 
 
 def open_stream(
-    data: DataConfig,
-    model: ModelConfig,
-    source: SourceConfig,
-    stream: ExtractConfig,
-    layers: list[int] | str | None,
+    inputs: Inputs, stream: ExtractConfig, layers: list[int] | str | None
 ) -> ActivationSource:
-    """The live training stream: `model` on `source.tokens` tokens of the train split of
-    `data`, blocks of `stream.shard_tokens` tokens stored in `stream.storage_dtype`."""
+    """The live training stream: the model on `source.tokens` tokens of the train split of
+    `inputs.data`, blocks of `stream.shard_tokens` tokens stored in `stream.storage_dtype`."""
     from mlsae.activations.open import open_live
 
+    source, data, model = inputs.parts()
     fixed = [int(x) for x in layers] if isinstance(layers, list) else None
     spec = layers if isinstance(layers, str) else None
     return open_live(
-        replace(source, cache=None, layers=spec),
-        replace(data, split="train"),
-        model,
+        Inputs(replace(source, cache=None, layers=spec), replace(data, split="train"), model),
         default_tokens=source.tokens or DEFAULT_TOKENS,
         layers=fixed,
         storage_dtype=stream.storage_dtype,
@@ -69,16 +62,14 @@ def open_run_source(run: RunConfig) -> ActivationSource:
         return ActivationCache(run.cache)
     if run.stream is None:
         raise MlsaeError(f"{RUN_CFG} names no activation cache nor live stream: cannot resume")
-    return open_stream(run.data, run.model, run.source, run.stream, list(run.layers))
+    return open_stream(Inputs(run.source, run.data, run.model), run.stream, list(run.layers))
 
 
 def prepare_run(
     out: Path,
     lock: ExitStack,
     *,
-    data: DataConfig | None = None,
-    model: ModelConfig | None = None,
-    source: SourceConfig | None = None,
+    inputs: Inputs | None = None,
     sae: SaeGridConfig | None = None,
     train: TrainConfig | None = None,
     stream: ExtractConfig | None = None,
@@ -109,8 +100,8 @@ def prepare_run(
                 )
         check_training_memory(run, src)
         return run, src
-    data, model = data or DataConfig(), model or ModelConfig()
-    source, sae = source or SourceConfig(), sae or SaeGridConfig()
+    source, data, model = (inputs or Inputs()).parts()
+    sae = sae or SaeGridConfig()
     train, stream = train or TrainConfig(), stream or ExtractConfig()
     check_new_run(out)
     check_output(out, "run", inputs=[source.cache, sae.lens])
@@ -122,12 +113,12 @@ def prepare_run(
         from mlsae.activations.cache import ActivationCache
 
         src: ActivationSource = ActivationCache(source.cache)
-        run = plan_run(src, data, model, source, sae, train)
+        run = plan_run(src, Inputs(source, data, model), sae, train)
     else:
         source = replace(source, tokens=source.tokens or DEFAULT_TOKENS)
         layers = str(sae.single_layer) if sae.single_layer is not None else source.layers
-        src = open_stream(data, model, source, stream, layers)
-        run = plan_run(src, replace(data, split="train"), model, source, sae, train)
+        src = open_stream(Inputs(source, data, model), stream, layers)
+        run = plan_run(src, Inputs(source, replace(data, split="train"), model), sae, train)
         run.stream = stream
         run.fingerprint = stream_fingerprint(run)
     per_read = len(run.layers) if run.mode == "per_layer" else 1
