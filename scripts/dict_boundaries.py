@@ -8,7 +8,9 @@ imports inside functions included). For a crossing function, every parameter and
 annotation that contains `dict[str, Any]` counts once; for a crossing class, every annotated
 field and every parameter / return of its public methods (no leading `_`, plus `__init__`)
 that contains it. Annotations that stay inside one module or one subpackage are not counted:
-a JSON file's raw form read and typed in one place is fine. `--list` prints each one as
+a JSON file's raw form read and typed in one place is fine. The serialisation methods
+(`to_json` / `to_dict`: a typed object's JSON form, handed to `core.io.write_json`) and the JSON
+layer itself (`core.io`, `core.schema`) are counted apart. `--list` prints each one as
 `module:line name (where)`. Standard library only; the count is what the prose quotes.
 """
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PATTERN = "dict[str, Any]"
+SERIALISATION = ("to_json", "to_dict")
+JSON_LAYER = ("mlsae.core.io", "mlsae.core.schema")
 
 
 @dataclass
@@ -29,6 +33,10 @@ class Hit:
     line: int
     name: str
     where: str
+
+    @property
+    def serialisation(self) -> bool:
+        return self.name.split(".")[-1] in SERIALISATION or self.module in JSON_LAYER
 
 
 def subpackage(module: str) -> str:
@@ -131,12 +139,15 @@ def main() -> int:
     hits = count(args.src)
     if args.list:
         for h in hits:
-            print(f"{h.module}:{h.line} {h.name} ({h.where})")
+            tag = ", serialisation" if h.serialisation else ""
+            print(f"{h.module}:{h.line} {h.name} ({h.where}{tag})")
     names = {(h.module, h.name.split(".")[0]) for h in hits}
+    ser = sum(h.serialisation for h in hits)
     total = sum(PATTERN in p.read_text() for p in (args.src / "mlsae").rglob("*.py"))
     print(
         f"{len(hits)} `{PATTERN}` annotations on {len(names)} names cross a subpackage "
-        f"boundary ({total} modules mention it)"
+        f"boundary: {len(hits) - ser} stage interfaces, {ser} serialisation (to_json / to_dict, "
+        f"core.io / core.schema); {total} modules mention it"
     )
     return 0
 

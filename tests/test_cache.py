@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from mlsae.activations import cache as cache_mod
 from mlsae.activations.cache import ActivationCache, CacheWriter
-from mlsae.activations.extract import build_cache
+from mlsae.activations.extract import BuiltCache, build_cache
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import Inputs
@@ -197,7 +197,7 @@ def _build(
     layers="0,2",
     storage_dtype="bfloat16",
     lens=None,
-) -> dict:
+) -> BuiltCache:
     data = DataConfig(dataset=str(corpus), context_length=16)
     source = SourceConfig(tokens=n_tokens, layers=layers, batch_size=3)
     extract = ExtractConfig(storage_dtype=storage_dtype, shard_tokens=64)
@@ -206,10 +206,14 @@ def _build(
 
 def test_round_trip_equals_capture(tmp_path: Path, tiny_model_dir: Path, tokenizer) -> None:
     corpus = _corpus(tmp_path / "corpus")
-    man = _build(tmp_path / "c", tiny_model_dir, corpus, storage_dtype="float32")
-    assert all(k in man for k in REQUIRED) and man["n_tokens"] == 208  # 13 whole contexts
-    assert man["layers"] == [0, 2] and man["d_model"] == 32 and man["dtype"] == "float32"
-    assert [s["n_tokens"] for s in man["shards"]] == [64, 64, 64, 16]
+    built = _build(tmp_path / "c", tiny_model_dir, corpus, storage_dtype="float32")
+    raw = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert all(k in raw for k in REQUIRED) and "norm_outliers" in raw
+    man = built.manifest
+    assert man.n_tokens == raw["n_tokens"] == 208  # 13 whole contexts
+    assert man.layers == [0, 2] and man.d_model == 32 and man.dtype == "float32"
+    assert [s.n_tokens for s in man.shards] == [64, 64, 64, 16]
+    assert built.norm_outliers is not None and built.norm_outliers.layers == [0, 2]
     c = ActivationCache(tmp_path / "c")
     shards = list(c.iter_ordered())
     acts = torch.cat([s.activations for s in shards])  # [208, 2, 32]
@@ -283,7 +287,7 @@ def test_rerun_complete_and_mismatched_args(tmp_path: Path, neox_dir: Path) -> N
     corpus = _corpus(tmp_path / "corpus")
     _build(tmp_path / "c", neox_dir, corpus)
     before = _files(tmp_path / "c")
-    assert _build(tmp_path / "c", neox_dir, corpus)["complete"] is True
+    assert _build(tmp_path / "c", neox_dir, corpus).manifest.complete is True
     with pytest.raises(MlsaeError, match=r"other arguments \(layers: \[0, 2\] -> \[1\].*new --out"):
         _build(tmp_path / "c", neox_dir, corpus, layers="1")
     with pytest.raises(MlsaeError, match="requested_tokens: 200 -> 100"):
@@ -354,8 +358,8 @@ def test_real_model_default_corpus(tmp_path: Path) -> None:
             DataConfig(context_length=64),
             ModelConfig(),
         ),
-    )
-    assert man["d_model"] == 576 and man["layers"] == [0, 29] and man["n_tokens"] == 128
+    ).manifest
+    assert man.d_model == 576 and man.layers == [0, 29] and man.n_tokens == 128
     shard = ActivationCache(tmp_path / "c").load_shard(0)
     assert shard.activations.shape == (128, 2, 576) and shard.activations.dtype == torch.bfloat16
     special = torch.tensor(man["special_ids"])

@@ -137,16 +137,19 @@ def test_cache_on_two_ranks_equals_one(tmp_path, tiny_model_dir, arch):
     manifest as one process, each rank writing every other shard."""
     from mlsae.activations.extract import _build, build_cache
     from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SourceConfig
+    from mlsae.core.inputs import Inputs
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Doc {i}: a cache made by two processes." * 3 for i in range(80)))
     args = (
-        ModelConfig(model=str(tiny_model_dir)),
-        DataConfig(dataset=str(text), context_length=32),
-        SourceConfig(tokens=1000, layers="0,2"),
+        Inputs(
+            SourceConfig(tokens=1000, layers="0,2"),
+            DataConfig(dataset=str(text), context_length=32),
+            ModelConfig(model=str(tiny_model_dir)),
+        ),
         ExtractConfig(shard_tokens=128),
     )
-    one = build_cache(tmp_path / "one", *args)
+    one = json.loads((build_cache(tmp_path / "one", *args).path / "manifest.json").read_text())
     shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=120)}
     written: dict[int, list[str]] = {0: [], 1: []}
     real = extract_parallel.write_shard

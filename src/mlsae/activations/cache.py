@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from mlsae.activations.manifest import FORMAT, Manifest, fingerprint, shard_name
+from mlsae.activations.manifest import FORMAT, Manifest, ShardEntry, fingerprint, shard_name
 from mlsae.activations.source import ActivationSource, Batch, Block, Shard
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import read_json, write_bytes, write_json
@@ -63,7 +63,7 @@ def _sha256_file(path: Path) -> str:
 
 def write_shard(
     out: Path, index: int, acts: Tensor, ids: Tensor, mask: Tensor, dtype: torch.dtype
-) -> dict[str, Any]:
+) -> ShardEntry:
     """Write shard `index` of a cache (activations [n, L, d] stored in `dtype`, token_ids [n],
     mask [n]) atomically; returns its manifest entry."""
     tensors = {
@@ -74,12 +74,12 @@ def write_shard(
     data = st_save({k: v.contiguous() for k, v in tensors.items()})
     name = shard_name(index)
     write_bytes(Path(out) / name, data, fsync=True)
-    return {
-        "name": name,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "n_tokens": len(ids),
-        "n_used": int(tensors["mask"].sum()),
-    }
+    return ShardEntry(
+        name=name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        n_tokens=len(ids),
+        n_used=int(tensors["mask"].sum()),
+    )
 
 
 class CacheWriter:
@@ -94,7 +94,7 @@ class CacheWriter:
         shard_tokens: int = 4096,
         storage_dtype: str = "bfloat16",
         *,
-        shards: list[dict[str, Any]] | None = None,
+        shards: list[ShardEntry] | None = None,
     ) -> None:
         self.out = Path(out)
         self.dtype = _storage_dtype(storage_dtype)
@@ -107,7 +107,7 @@ class CacheWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.shard_tokens = int(shard_tokens)
         self.n_layers, self.d_model = len(meta["layers"]), int(meta["d_model"])
-        done = [dict(s) for s in shards or []]
+        done = list(shards or [])
         self.manifest: dict[str, Any] = {
             "format": FORMAT,
             "version": 1,
@@ -116,10 +116,10 @@ class CacheWriter:
             "layers": [int(x) for x in meta["layers"]],
             "d_model": self.d_model,
             "dtype": storage_dtype,
-            "n_tokens": sum(int(s["n_tokens"]) for s in done),
+            "n_tokens": sum(s.n_tokens for s in done),
             "shard_tokens": self.shard_tokens,
-            "shards": done,
-            "n_nonfinite": sum(int(s.get("n_nonfinite", 0)) for s in done),
+            "shards": [s.to_json() for s in done],
+            "n_nonfinite": sum(s.n_nonfinite for s in done),
             "complete": False,
         }
         self._buf: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # acts, ids, mask, non-finite
@@ -163,21 +163,21 @@ class CacheWriter:
         )
         n_bad = int(bad[:n].sum())
         if n_bad:
-            entry["n_nonfinite"] = n_bad
+            entry.n_nonfinite = n_bad
             log.warning(
-                f"{self.out / entry['name']}: {n_bad} token(s) whose vectors held NaN or "
+                f"{self.out / entry.name}: {n_bad} token(s) whose vectors held NaN or "
                 "inf are stored as zeros and masked out"
             )
         self.add_shard(entry)
 
-    def add_shard(self, entry: dict[str, Any]) -> None:
+    def add_shard(self, entry: ShardEntry) -> None:
         """Record a shard file written by `write_shard` as the next shard (several processes
         writing one cache: each writes its shards, one writer keeps the manifest)."""
-        if entry["name"] != shard_name(len(self.manifest["shards"])):
-            raise MlsaeError(f"shard {entry['name']} is not the cache's next shard")
-        self.manifest["shards"].append(dict(entry))
-        self.manifest["n_tokens"] += int(entry["n_tokens"])
-        self.manifest["n_nonfinite"] += int(entry.get("n_nonfinite", 0))
+        if entry.name != shard_name(len(self.manifest["shards"])):
+            raise MlsaeError(f"shard {entry.name} is not the cache's next shard")
+        self.manifest["shards"].append(entry.to_json())
+        self.manifest["n_tokens"] += entry.n_tokens
+        self.manifest["n_nonfinite"] += entry.n_nonfinite
         self._save_manifest()
 
     def close(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from torch import Tensor
 
 from mlsae.activations.cache import _OURS, MANIFEST, CacheWriter, _sha256_file
 from mlsae.activations.live import LiveSource
-from mlsae.activations.manifest import FORMAT, shard_name
+from mlsae.activations.manifest import FORMAT, Manifest, ShardEntry, shard_name
+from mlsae.activations.norms import NormOutliers
 from mlsae.core.config import ExtractConfig
 from mlsae.core.dist import Comm
 from mlsae.core.errors import Interrupted, MlsaeError
@@ -23,6 +25,7 @@ from mlsae.core.inputs import Inputs
 from mlsae.core.io import read_json, write_json
 from mlsae.core.lock import LOCK, folder_lock
 from mlsae.core.outputs import check_output, check_writable
+from mlsae.core.schema import from_dict
 from mlsae.data.text import txt_documents_of
 
 log = logging.getLogger(__name__)
@@ -61,9 +64,9 @@ def _existing(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_shard: int) -> Any:
-    """Verified shards of an earlier run of the same command (list), the finished manifest
-    (dict) if it completed with every shard intact, or None for a fresh start. Never touches a
-    foreign folder."""
+    """Verified shards of an earlier run of the same command (list of `ShardEntry`), the
+    finished manifest (dict) if it completed with every shard intact, or None for a fresh start.
+    Never touches a foreign folder."""
     m = _existing(out, settings)
     if m is None:
         for p in out.iterdir() if out.is_dir() else []:
@@ -81,16 +84,17 @@ def _resume_point(out: Path, settings: dict[str, Any], contexts: Tensor, per_sha
         c0 = i * per_shard
         want = contexts[c0 : c0 + per_shard].reshape(-1)
         try:
-            ok = s["name"] == shard_name(i) and int(s["n_tokens"]) == want.numel()
-            ok = ok and _sha256_file(path) == s["sha256"]
+            entry = from_dict(ShardEntry, s, f"{out / MANIFEST}: shard {i}")
+            ok = entry.name == shard_name(i) and entry.n_tokens == want.numel()
+            ok = ok and _sha256_file(path) == entry.sha256
             with safe_open(path, framework="pt") as f:
                 ok = ok and torch.equal(f.get_tensor("token_ids"), want)
         except Exception:
-            ok = False
+            break
         if not ok or want.numel() < per_shard * ctx:  # a short shard is only ever the last
             break
-        good.append(s)
-    keep = {s["name"] for s in good} | {MANIFEST, LOCK}
+        good.append(entry)
+    keep = {s.name for s in good} | {MANIFEST, LOCK}
     for p in out.iterdir():
         if _OURS.match(p.name) and p.name not in keep:
             p.unlink()
@@ -126,23 +130,39 @@ def open_cache_source(
     )
 
 
+@dataclass
+class BuiltCache:
+    """What `build_cache` wrote: the cache folder, its manifest and the norm-outlier report
+    recorded in it."""
+
+    path: Path
+    manifest: Manifest
+    norm_outliers: NormOutliers | None
+
+
 def build_cache(
     out: str | Path,
     inputs: Inputs,
     extract: ExtractConfig | None = None,
     lens: str | Path | None = None,
-) -> dict[str, Any]:
+) -> BuiltCache:
     """`mlsae cache`: capture the chosen blocks' outputs for `inputs.source.tokens` tokens
     (rounded up to whole contexts) of `inputs.data` into `out`, through the tuned `lens` if given (the cache then
     holds T_l(x)); resumes an interrupted run of the same command, and rewrites the damaged
     shards of a complete one. The output location is checked (kind, writable, room for the
     cache) before the model loads. Launched by torchrun with several processes, they share the
-    shards (`extract_parallel`). Returns the manifest."""
+    shards (`extract_parallel`). Returns what was written (on every process)."""
     from mlsae.core.compute import resolve_device
     from mlsae.core.dist import session
 
     with session(resolve_device(inputs.model.device)) as comm:
-        return _build(comm, out, inputs, extract, lens)
+        man = _build(comm, out, inputs, extract, lens)
+    rep = man.get("norm_outliers")
+    return BuiltCache(
+        Path(out),
+        from_dict(Manifest, man, str(Path(out) / MANIFEST)),
+        NormOutliers.from_summary(rep) if isinstance(rep, dict) else None,
+    )
 
 
 def _build(
@@ -198,7 +218,9 @@ def _build(
 
         man = build_parallel(comm, out, live, settings, meta, extract.storage_dtype, _resume_point)
         if "norm_outliers" not in man:  # rank 0 adds it; every process returns one manifest
-            man = comm.broadcast_object(record_norm_outliers(out) if comm.main else None)
+            if comm.main:
+                record_norm_outliers(out)
+            man = comm.broadcast_object(read_json(out / MANIFEST) if comm.main else None)
         return man
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "activation cache"):
@@ -247,12 +269,13 @@ def _write(
             "it",
         ) from None
     writer.close()
-    return record_norm_outliers(out)
+    record_norm_outliers(out)
+    return read_json(out / MANIFEST, "manifest")
 
 
-def record_norm_outliers(out: Path) -> dict[str, Any]:
+def record_norm_outliers(out: Path) -> NormOutliers:
     """Add the per-layer norm-outlier report (mlsae.activations.norms) to a finished cache's
-    manifest; returns the manifest."""
+    manifest; returns the report."""
     from mlsae.activations.cache import ActivationCache
     from mlsae.activations.norms import norm_outliers
 
@@ -261,4 +284,4 @@ def record_norm_outliers(out: Path) -> dict[str, Any]:
     log.info(f"{out}: {rep.describe()}")
     man = {**cache.manifest, "norm_outliers": rep.summary()}
     write_json(out / MANIFEST, man)
-    return man
+    return rep

@@ -52,6 +52,19 @@ class ShardEntry:
             f"{self.name}: n_nonfinite {self.n_nonfinite} is not in 0..n_tokens",
         )
 
+    def to_json(self) -> dict[str, str | int]:
+        """The manifest's entry (`n_used` when known, `n_nonfinite` when not 0)."""
+        out: dict[str, str | int] = {
+            "name": self.name,
+            "sha256": self.sha256,
+            "n_tokens": self.n_tokens,
+        }
+        if self.n_used is not None:
+            out["n_used"] = self.n_used
+        if self.n_nonfinite:
+            out["n_nonfinite"] = self.n_nonfinite
+        return out
+
 
 @dataclass
 class Manifest:

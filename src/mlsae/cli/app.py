@@ -73,15 +73,15 @@ def cache(
 ) -> None:
     """Capture residual-stream vectors of every chosen block into safetensors shards."""
     from mlsae.activations.extract import build_cache
-    from mlsae.activations.norms import NormOutliers
     from mlsae.core.dist import is_main_process
 
     relaunch(nproc)
-    man = build_cache(out, Inputs(source, data, model), extract, lens)
+    built = build_cache(out, Inputs(source, data, model), extract, lens)
     if is_main_process():
-        print(f"{out}: {man['n_tokens']} tokens of layers {man['layers'][0]}..{man['layers'][-1]}")
-        if isinstance(man.get("norm_outliers"), dict):
-            print(NormOutliers.from_summary(man["norm_outliers"]).describe())
+        man = built.manifest
+        print(f"{out}: {man.n_tokens} tokens of layers {man.layers[0]}..{man.layers[-1]}")
+        if built.norm_outliers is not None:
+            print(built.norm_outliers.describe())
 
 
 @config_command(app, defaults={"tokens": 50_000}, aliases={"k": ["-k"]}, help_overrides=STREAM_HELP)

@@ -62,11 +62,11 @@ def controls_measures(
     from mlsae.evolution.control_run import measures_command
     from mlsae.evolution.controls import format_rows
 
-    rows, body = measures_command(run, out, seed_run, Inputs(source, data, model), cfg, ctl)
+    rows, ran = measures_command(run, out, seed_run, Inputs(source, data, model), cfg, ctl)
     print(format_rows(rows))
-    t = body["time_s"]
+    t = ran.time_s
     print(
-        f"wrote {out} ({body['n_used_tokens']} tokens, {body['n_contexts']} contexts; "
+        f"wrote {out} ({ran.n_used_tokens} tokens, {ran.n_contexts} contexts; "
         f"encode {t['encode']:.0f} s, measures {t['measures']:.0f} s)"
     )
 
@@ -93,6 +93,6 @@ def controls_causal(
     from mlsae.evolution.causal import format_causal
     from mlsae.evolution.control_run import causal_command
 
-    results, body = causal_command(run, out, Inputs(source, data, model), cfg, ctl)
+    results, ran = causal_command(run, out, Inputs(source, data, model), cfg, ctl)
     print(format_causal(results))
-    print(f"wrote {out} ({body['n_contexts']} contexts, {body['time_s']:.0f} s)")
+    print(f"wrote {out} ({ran.n_contexts} contexts, {ran.time_s['total']:.0f} s)")

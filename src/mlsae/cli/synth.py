@@ -48,12 +48,11 @@ def synth_score(
 ) -> None:
     """MCC and recovery per layer, spans and layer distributions (MLSAE), evolution's edges and
     SAE Match (per-layer set) against the truth."""
-    from mlsae.core.io import write_json
     from mlsae.core.outputs import check_output
-    from mlsae.synth.command import format_score, score_command, score_json
+    from mlsae.synth.command import format_score, score_command, write_score
 
     check_output(out, "eval", file=True, inputs=[run, truth, evolution])
     s = score_command(run, truth, evolution, cfg)
-    write_json(out, score_json(s))
+    write_score(out, s)
     print(format_score(s))
     print(f"wrote {out}")

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -31,6 +30,16 @@ from mlsae.evolution.controls import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ControlsTiming:
+    """What a controls command read and how long its phases took (its JSON has them too)."""
+
+    n_used_tokens: int
+    n_contexts: int
+    time_s: dict[str, float]
+    """Seconds per phase (measures: encode, measures; causal: total)."""
 
 
 def _open(run: Path, inputs: Inputs) -> ActivationSource:
@@ -63,8 +72,9 @@ def measures_command(
     inputs: Inputs,
     cfg: EvolutionConfig,
     ctl: ControlsConfig,
-) -> tuple[list[ControlRow], dict[str, Any]]:
-    """Every control row of the up layers, written to `out` (JSON)."""
+) -> tuple[list[ControlRow], ControlsTiming]:
+    """Every control row of the up layers, written to `out` (JSON); with what was read and
+    the time taken."""
     t0 = time.perf_counter()
     source = inputs.source
     check_output(out, "eval", file=True, inputs=[run, seed_run, source.cache])
@@ -72,22 +82,26 @@ def measures_command(
     codes, ctx = load_codes(src, run, seed_run, _up_layers(ctl), ctl, cfg.rescale, source.tokens)
     t1 = time.perf_counter()
     rows = list(control_rows(codes, ctx, _up_layers(ctl), cfg, ctl))
+    verdict_rows = [v for m in ("pass_through", "disappear", "appear") for v in verdicts(rows, m)]
+    timing = ControlsTiming(
+        len(ctx), len(torch.unique(ctx)), {"encode": t1 - t0, "measures": time.perf_counter() - t1}
+    )
     body = {
         "run": str(run),
         "seed_run": None if seed_run is None else str(seed_run),
         "source": src.describe(),
-        "n_used_tokens": len(ctx),
-        "n_contexts": len(torch.unique(ctx)),
+        "n_used_tokens": timing.n_used_tokens,
+        "n_contexts": timing.n_contexts,
         "settings": {"evolution": asdict(cfg), "controls": asdict(ctl)},
         "interval": "95% percentile bootstrap over contexts, each feature's best partner fixed",
         "permutation": "layer l+1's tokens permuted within each context (perm_context) or over "
         "the whole stream (perm_global)",
         "rows": rows_json(rows),
-        "verdicts": [v for m in ("pass_through", "disappear", "appear") for v in verdicts(rows, m)],
-        "time_s": {"encode": t1 - t0, "measures": time.perf_counter() - t1},
+        "verdicts": verdict_rows,
+        "time_s": timing.time_s,
     }
     write_json(out, body)
-    return rows, body
+    return rows, timing
 
 
 def held_out_contexts(src: ActivationSource, n_contexts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +124,9 @@ def causal_command(
     inputs: Inputs,
     cfg: EvolutionConfig,
     ctl: ControlsConfig,
-) -> tuple[list[CausalResult], dict[str, Any]]:
-    """The causal check of each pair (l, l+1) of the up layers, written to `out` (JSON)."""
+) -> tuple[list[CausalResult], ControlsTiming]:
+    """The causal check of each pair (l, l+1) of the up layers, written to `out` (JSON); with
+    what was read and the time taken."""
     from mlsae.activations.open import source_model
 
     t0 = time.perf_counter()
@@ -177,4 +192,4 @@ def causal_command(
         "time_s": time.perf_counter() - t0,
     }
     write_json(out, body)
-    return results, body
+    return results, ControlsTiming(int(used.sum()), body["n_contexts"], {"total": body["time_s"]})

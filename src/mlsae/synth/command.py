@@ -154,12 +154,14 @@ def _spans(
     return span_score(res["mlsae"], truth, body["test"], m, cfg.span_share)
 
 
-def score_json(s: SynthScore) -> dict[str, Any]:
-    """The JSON body (the per-layer feature -> latent maps left out)."""
+def write_score(out: Path, s: SynthScore) -> None:
+    """The score as JSON (the per-layer feature -> latent maps left out)."""
+    from mlsae.core.io import write_json
+
     d = asdict(s)
     for r in d["layers"]:
         r.pop("match", None)
-    return d
+    write_json(out, d)
 
 
 def format_score(s: SynthScore) -> str:

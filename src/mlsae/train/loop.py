@@ -280,7 +280,7 @@ def train_command(
     train: TrainConfig | None = None,
     stream: ExtractConfig | None = None,
     resume: bool = False,
-    train_given: dict[str, Any] | None = None,
+    train_given: dict[str, object] | None = None,
     device: str | None = None,
 ) -> Path:
     """`mlsae train`: a new run in `out`, or (resume) continue the run in `out` with its saved
