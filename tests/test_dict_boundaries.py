@@ -17,7 +17,6 @@ ALLOWED = {
     "mlsae.activations.norms:NormOutliers.summary",
     "mlsae.activations.norms:NormOutliers.from_summary",
     "mlsae.activations.source:ActivationSource.info",
-    "mlsae.analysis.summary:LayerSummary.layer_fields",
     "mlsae.core.config:SaeGridConfig.architecture_settings",
     "mlsae.explore.live:Live.prompt",
     "mlsae.lens.tuned:TunedLens.__init__",

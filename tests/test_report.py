@@ -22,7 +22,6 @@ from mlsae.analysis.summary import (
     AnalysisSummary,
     CompareSummary,
     DataInfo,
-    LayerSummary,
     PromptSummary,
     read_analysis,
 )
@@ -63,7 +62,7 @@ EVAL = {
 
 
 def _summary(stats, geo=None, **kw) -> AnalysisSummary:
-    s = AnalysisSummary(**LayerSummary.of(stats).layer_fields(), **kw)
+    s = AnalysisSummary.of(stats, **kw)
     if geo is not None:
         s.set_geometry(geo)
     return s
@@ -80,10 +79,10 @@ def make_report(tmp: Path, with_eval: bool = True) -> tuple[Path, list]:
         run=str(tmp / "run"),
         sae=str(tmp / "run" / "sae"),
         data=DataInfo(model="tiny", split="test"),
-        prompts=[PromptSummary(**LayerSummary.of(pstats).layer_fields(), text="a prompt <b>")],
+        prompts=[PromptSummary.of(pstats, text="a prompt <b>")],
         compare=[
-            CompareSummary(
-                **LayerSummary.of(pstats).layer_fields(),
+            CompareSummary.of(
+                pstats,
                 sae="sae_layer3",
                 sae_cfg=SaeConfig(d_in=8, expansion_factor=2, k=4, layers=[3]),
             )

@@ -147,11 +147,12 @@ def build_cache(
     lens: str | Path | None = None,
 ) -> BuiltCache:
     """`mlsae cache`: capture the chosen blocks' outputs for `inputs.source.tokens` tokens
-    (rounded up to whole contexts) of `inputs.data` into `out`, through the tuned `lens` if given (the cache then
-    holds T_l(x)); resumes an interrupted run of the same command, and rewrites the damaged
-    shards of a complete one. The output location is checked (kind, writable, room for the
-    cache) before the model loads. Launched by torchrun with several processes, they share the
-    shards (`extract_parallel`). Returns what was written (on every process)."""
+    (rounded up to whole contexts) of `inputs.data` into `out`, through the tuned `lens` if
+    given (the cache then holds T_l(x)); resumes an interrupted run of the same command, and
+    rewrites the damaged shards of a complete one. The output location is checked (kind,
+    writable, room for the cache) before the model loads. Launched by torchrun with several
+    processes, they share the shards (`extract_parallel`). Returns what was written (on every
+    process)."""
     from mlsae.core.compute import resolve_device
     from mlsae.core.dist import session
 

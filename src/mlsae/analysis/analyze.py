@@ -24,7 +24,6 @@ from mlsae.analysis.summary import (
     AnalysisSummary,
     CompareSummary,
     DataInfo,
-    LayerSummary,
     LensEval,
     PromptSummary,
 )
@@ -139,8 +138,8 @@ def _check_source(src: ActivationSource, cfg: SaeConfig) -> None:
 
 def _compare_summary(c: _Compared, stats: LayerStatsResult) -> CompareSummary:
     ev = _read_eval(RunFolder(c.run).find_eval(c.sae_dir))
-    return CompareSummary(
-        **LayerSummary.of(stats).layer_fields(),
+    return CompareSummary.of(
+        stats,
         sae=str(c.sae_dir),
         label=label(c.sae_dir),
         space=_space_name(c.sae.cfg),
@@ -231,8 +230,8 @@ def analyze(
     )
     stats = results["main"]
     ev = _read_eval(folder.find_eval(sae_dir))
-    summary = AnalysisSummary(
-        **LayerSummary.of(stats).layer_fields(),
+    summary = AnalysisSummary.of(
+        stats,
         run=str(run),
         sae=str(sae_dir),
         space=_space_name(cfg),

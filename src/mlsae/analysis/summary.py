@@ -10,9 +10,9 @@ Undefined numbers (a ratio with a zero denominator) are None here, null in the J
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mlsae.analysis.contexts import AnalysisIntervals
 from mlsae.analysis.geometry import GeometryResult
@@ -28,6 +28,8 @@ from mlsae.sae.crosscoder import LayerShareSummary
 
 Number = float | None
 """A finite number, or None where it is undefined."""
+S = TypeVar("S", bound="LayerSummary")
+"""`LayerSummary` or a subclass (`LayerSummary.of` builds either)."""
 
 
 def number(x: float | None) -> Number:
@@ -68,12 +70,13 @@ class LayerSummary:
     token_variance_factor: Number = None
     """1 / rel_var_token (None when it is 0 or undefined)."""
 
-    @staticmethod
-    def of(stats: LayerStatsResult) -> LayerSummary:
-        """The summary of finished statistics (NaN as None)."""
+    @classmethod
+    def of(cls: type[S], stats: LayerStatsResult, **extra: Any) -> S:
+        """The summary of finished statistics (NaN as None), as `cls` with its own fields
+        `extra` (e.g. `PromptSummary.of(stats, text=...)`)."""
         pf = stats.paper_formula
         r = number(stats.rel_var_token)
-        return LayerSummary(
+        return cls(
             layers=list(stats.layers),
             n_tokens=stats.n_tokens,
             n_latents=stats.n_latents,
@@ -97,11 +100,8 @@ class LayerSummary:
             else from_dict(PaperFormula, json_safe(to_dict(pf)), "paper formula"),
             intervals=stats.intervals,
             token_variance_factor=1.0 / r if r is not None and r > 0 else None,
+            **extra,
         )
-
-    def layer_fields(self) -> dict[str, Any]:
-        """The `LayerSummary` fields by name (to build a subclass's object from this one)."""
-        return {f.name: getattr(self, f.name) for f in fields(LayerSummary)}
 
 
 @dataclass
@@ -112,7 +112,7 @@ class PromptSummary(LayerSummary):
 
     @staticmethod
     def of_prompt(text: str, stats: LayerStatsResult) -> PromptSummary:
-        return PromptSummary(**LayerSummary.of(stats).layer_fields(), text=text)
+        return PromptSummary.of(stats, text=text)
 
 
 @dataclass

@@ -27,8 +27,8 @@ def cross_command(
     ev: EvalConfig | None = None,
 ) -> CrossResult:
     """`mlsae evaluate --cross MLSAE_RUN SAE_RUN ... --out DIR`: every single-layer SAE on every
-    layer of the MLSAE (or `inputs.source.layers`), the MLSAE on its own layers, sharing one clean pass
-    per batch. Writes DIR/cross.json (the figures are the report stage's)."""
+    layer of the MLSAE (or `inputs.source.layers`), the MLSAE on its own layers, sharing one
+    clean pass per batch. Writes DIR/cross.json (the figures are the report stage's)."""
     inputs, ev = inputs or Inputs.held_out(), ev or EvalConfig()
     source, model = inputs.source, inputs.model
     check_output(out, "cross", inputs=[mlsae_run, *sae_runs, source.cache])

@@ -284,9 +284,10 @@ def evaluate_command(
     finish: Callable[[EvalResult, list[BatchObserver]], None] | None = None,
 ) -> EvalResult:
     """`mlsae evaluate RUN --out FILE.json`: metrics of one SAE on held-out tokens
-    (`inputs.source`: a cache, else the model on the test split; `Inputs.held_out()` default), with bootstrap intervals over the contexts
-    (`boot`). `source.layers` evaluates the SAE on other layers than it was trained on (e.g. a
-    single-layer SAE on any layer). `lens`: where a lens SAE's lens folder is now.
+    (`inputs.source`: a cache, else the model on the test split; default `Inputs.held_out()`),
+    with bootstrap intervals over the contexts (`boot`). `source.layers` evaluates the SAE on
+    other layers than it was trained on (e.g. a single-layer SAE on any layer). `lens`: where a
+    lens SAE's lens folder is now.
     observe(entries): observers of the clean passes; finish(result, observers) adds their
     sections (eval/several.py). Writes the JSON and returns the result."""
     inputs = inputs or Inputs.held_out()

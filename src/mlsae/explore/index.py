@@ -309,8 +309,8 @@ def build_index(
     inputs: Inputs | None = None,
     cfg: IndexConfig | None = None,
 ) -> IndexSummary:
-    """Index every SAE of `run` on `inputs.source` (a cache, else the model, by default the SAEs', on
-    8,192 test tokens of the SAEs' dataset) and write the database atomically (default
+    """Index every SAE of `run` on `inputs.source` (a cache, else the model, by default the
+    SAEs', on 8,192 test tokens of the SAEs' dataset) and write the database atomically (default
     RUN/explore.sqlite). Returns what was written (`IndexSummary`)."""
     from mlsae.activations.open import open_source
     from mlsae.explore import db

@@ -285,7 +285,8 @@ def train_command(
 ) -> Path:
     """`mlsae train`: a new run in `out`, or (resume) continue the run in `out` with its saved
     settings, except `train_given` (max_steps, epochs) which may be raised and `device`.
-    Without `inputs.source.cache`, the model is run on `source.tokens` training tokens as the run goes
+    Without `inputs.source.cache`, the model is run on `source.tokens` training tokens as the
+    run goes
     (the live stream, blocks and dtype from `stream`; nothing is written outside `out`).
     Launched by torchrun with several processes, they train data-parallel
     (`mlsae.train.parallel`). Returns the run folder."""
