@@ -50,6 +50,7 @@ from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import kernel_backend, set_malloc_retain
 from mlsae.sae.registry import sae_class
+from mlsae.train.calibrate import calibrate_thresholds
 from mlsae.train.centring import member_means, resolve_centring
 from mlsae.train.checkpoint import Plan, StopSignals, TrainState
 from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam, step_probe
@@ -94,14 +95,24 @@ def run_training(
             progress.step(rows, n_vectors, state.step, state.epoch)
             stop = comm.any(sig.signum is not None)
             if state.step % cfg.checkpoint_every == 0 or stop:
-                state.save(out, comm)
+                save(out, run, state, source, comm)
             if stop:
                 comm.barrier()  # the others wait until rank 0 has written it
                 raise interrupted(out, state.step, sig.signum or signal.SIGTERM, comm.world)
-        state.save(out, comm)
+        save(out, run, state, source, comm)
         comm.barrier()
         progress.summary(state.step)
     return state.members
+
+
+def save(
+    out: Path, run: RunConfig, state: TrainState, source: ActivationSource, comm: Comm
+) -> None:
+    """Checkpoint the run; rank 0, which writes the SAEs, first calibrates their inference
+    thresholds (`mlsae.train.calibrate`)."""
+    if comm.main:
+        calibrate_thresholds(run, state.members, source)
+    state.save(out, comm)
 
 
 def train_step(
