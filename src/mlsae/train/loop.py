@@ -172,6 +172,13 @@ class Batches:
         total = min(total, cfg.max_steps) if cfg.max_steps else total
         plan = Plan(per_epoch=per_epoch, epochs=cfg.epochs, total=total)
         grouped = bool(sae_class(run.sae.architecture).token_grouped)
+        if grouped and local % len(layers):  # each process's share: whole tokens
+            raise MlsaeError(
+                f"--architecture {run.sae.architecture} takes whole tokens: each of the "
+                f"{comm.world} processes would read {local} vectors of a global batch, not a "
+                f"multiple of the {len(layers)} layers (choose --batch-tokens a multiple of "
+                f"{len(layers) * comm.world // per_read})"
+            )
         return cls(share, layers, local, plan, cfg.seed, cfg.shuffle_buffer_shards, grouped)
 
     def iterate(self, state: TrainState) -> Iterator[Batch]:
