@@ -11,8 +11,15 @@ per-token TopK over layers needs.
 The crosscoder's batch is the same N vectors read as N / L token vectors of width L x d; its
 code keeps k x L latents per token (matched active latents), so its FLOPs match the others'.
 
+The sparse kernels or dense matmuls for the decoder and the encoder's backward
+(`kernels.dense_pays` picks by the code's density): with the crosscoder, its step is also timed
+with the sparse kernels forced ("crosscoder/sparse"; "vs sparse" > 1: the chosen path is faster), and
+`--decode-sweep` times the decoder alone (forward and backward, sparse gather vs dense matmul)
+over code densities at the MLSAE's shape (N vectors of d) and the crosscoder's (N / L tokens of
+L x d), m = R x d latents.
+
 Usage: .venv/bin/python bench/architectures.py [--n 4096 --d 576 --r 8 --k 32 --layers 30
-       --repeats 5 --only topk crosscoder]
+       --repeats 5 --only topk crosscoder] [--decode-sweep]
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ def adam(params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10)
 
 
-def ours(arch: str, x: torch.Tensor, r: int, k: int, n_layers: int) -> Callable[[], None]:
+def ours(
+    arch: str, x: torch.Tensor, r: int, k: int, n_layers: int, dense_from: float | None = None
+) -> Callable[[], None]:
     cfg = SaeConfig(
         d_in=x.shape[1],
         expansion_factor=r,
@@ -56,12 +65,60 @@ def ours(arch: str, x: torch.Tensor, r: int, k: int, n_layers: int) -> Callable[
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        sae.train_step_forward(x).loss.backward()
+        with decode_density(dense_from):
+            sae.train_step_forward(x).loss.backward()
         sae.remove_parallel_grad_()
         opt.step()
         sae.normalize_decoder_()
 
     return step
+
+
+@contextlib.contextmanager
+def decode_density(dense_from: float | None):
+    """kernels.DENSE_DECODE_DENSITY set to `dense_from` inside, for rows of any width (None:
+    both unchanged): 0 forces the dense matmuls, 2 the sparse kernels."""
+    old = kernels.DENSE_DECODE_DENSITY, kernels.DENSE_DECODE_WIDTH
+    if dense_from is not None:
+        kernels.DENSE_DECODE_DENSITY, kernels.DENSE_DECODE_WIDTH = dense_from, 0
+    try:
+        yield
+    finally:
+        kernels.DENSE_DECODE_DENSITY, kernels.DENSE_DECODE_WIDTH = old
+
+
+def decode_sweep(n: int, d: int, r: int, n_layers: int, repeats: int) -> None:
+    """The decoder alone, forward + backward (grad acts, grad W_dec), sparse vs dense, over
+    densities, at the MLSAE's and the crosscoder's shapes; prints ms and sparse / dense."""
+    m = r * d
+    print(f"decoder forward + backward, m={m}; best of {repeats} interleaved [median]")
+    print(
+        f"  {'shape':22s} {'density':>8s} {'sparse ms':>18s} {'dense ms':>18s} {'sparse/dense':>14s}"
+    )
+    for rows, width in ((n, d), (n // n_layers, d * n_layers)):
+        g = torch.Generator().manual_seed(0)
+        w_dec = torch.nn.Parameter(torch.randn(m, width, generator=g))
+        for density in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3):
+            w = max(1, round(density * m))
+            idx = torch.rand(rows, m, generator=g).topk(w, dim=1).indices
+            acts = torch.rand(rows, w, generator=g).requires_grad_(True)
+            grad = torch.randn(rows, width, generator=g)
+            times: dict[str, list[float]] = {"sparse": [], "dense": []}
+            for rep in range(repeats + 1):
+                for name, dense_from in (("sparse", 2.0), ("dense", 0.0)):
+                    acts.grad = w_dec.grad = None
+                    t0 = time.perf_counter()
+                    with decode_density(dense_from):
+                        kernels.sparse_decode(acts, idx, w_dec).backward(grad)
+                    if rep:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+            sp, de = times["sparse"], times["dense"]
+            shape = f"{rows} x {width}"
+            print(
+                f"  {shape:22s} {w / m:8.3f} {min(sp):9.1f} [{statistics.median(sp):6.1f}] "
+                f"{min(de):9.1f} [{statistics.median(de):6.1f}] {min(sp) / min(de):6.2f} "
+                f"[{statistics.median(sp) / statistics.median(de):5.2f}]"
+            )
 
 
 def dense_code(arch: str, pre: torch.Tensor, k: int, n_layers: int) -> torch.Tensor:
@@ -171,6 +228,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-dense", action="store_true", help="skip the dense references")
     p.add_argument(
+        "--decode-sweep", action="store_true", help="time the decoder's two paths over densities"
+    )
+    p.add_argument(
         "--only",
         nargs="+",
         default=list(ARCHITECTURES),
@@ -178,6 +238,9 @@ def main() -> None:
         help="architectures to time (topk is always timed: the ratios' base)",
     )
     a = p.parse_args()
+    if a.decode_sweep:
+        decode_sweep(a.n // a.layers * a.layers, a.d, a.r, a.layers, a.repeats)
+        return
     archs = [x for x in ARCHITECTURES if x == "topk" or x in a.only]
     n = a.n // a.layers * a.layers
     x = torch.randn(n, a.d, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
@@ -185,6 +248,8 @@ def main() -> None:
     fns: dict[str, Callable[[], None]] = {}
     for arch in archs:
         fns[arch] = ours(arch, x, a.r, a.k, a.layers)
+        if arch == "crosscoder":
+            fns["crosscoder/sparse"] = ours(arch, x, a.r, a.k, a.layers, dense_from=2.0)
         if not a.no_dense:
             fns[f"{arch}/dense"] = dense(arch, x, a.r, a.k, a.layers)
     sp = sparsify_topk(x, a.r, a.k)
@@ -212,6 +277,8 @@ def main() -> None:
     )
     for arch in archs:
         rows = [("vs dense", f"{arch}/dense", arch), ("cost vs topk", arch, "topk")]
+        if arch == "crosscoder":  # > 1: the chosen (dense) decoder is faster
+            rows.append(("vs sparse", "crosscoder/sparse", arch))
         if arch == "topk":
             rows.append(("vs sparsify", "topk/sparsify", "topk"))
         for label, num, den in rows:

@@ -199,31 +199,47 @@ def test_training_loss_and_gradients_equal_dense_reference(arch, k_aux):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-6)
 
 
+def _capped_count(pre: torch.Tensor, t: float, width: int) -> int:
+    """Plain torch: latents an inference code keeps over the rows of pre, each row its
+    pre-activations above t (and 0), at most `width` of them."""
+    return int((pre > max(t, 0.0)).sum(1).clamp_max(width).sum())
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "token_topk"])
-def test_threshold_is_the_running_smallest_kept_activation_and_used_at_inference(arch):
+def test_calibrated_threshold_keeps_k_per_vector_on_the_sample_and_is_used_at_inference(arch):
     torch.manual_seed(2)
-    sae = _sae(arch)
+    sae = _sae(arch, k=2)
+    assert float(sae.threshold) == -1  # not calibrated yet
+    for _ in range(3):  # training does not touch the threshold
+        sae.train_step_forward(torch.randn(8 * N_LAYERS, 12) * 2 + 1)
     assert float(sae.threshold) == -1
-    values = []
-    for _ in range(3):
-        x = torch.randn(8 * N_LAYERS, 12) * 2 + 1
-        sae.train_step_forward(x)
-        with torch.no_grad():
-            pre = (_normalize(x) - sae.b_dec) @ sae.W_enc + sae.b_enc
-            z = _dense_code(arch, pre, sae.cfg.k, N_LAYERS)
-        values.append(float(z[z > 0].min()))
-    want = values[0]
-    for v in values[1:]:
-        want = 0.99 * want + 0.01 * v
-    assert float(sae.threshold) == pytest.approx(want, rel=1e-5)
+    x = torch.randn(40 * N_LAYERS, 12) * 2 + 1
+    with torch.no_grad():  # 20 latents reading one direction; rows along it: the cap binds
+        sae.W_enc[:, :20] = sae.W_enc[:, :1]
+        x[::10] = sae.W_enc[:, 0] * 10 + 0.1 * x[::10]
+    cal = sae.calibration()
+    cal.add(x[:50])
+    cal.add(x[50:])
+    t = cal.finish()
+    assert float(sae.threshold) == pytest.approx(t)
     with torch.no_grad():
-        x = torch.randn(20, 12)
         pre = (_normalize(x) - sae.b_dec) @ sae.W_enc + sae.b_enc
-        above = pre * (pre > float(sae.threshold))  # at most code_width per row: the largest
-        v, i = above.topk(sae.code_width, dim=1)
-        want_code = torch.zeros_like(pre).scatter(1, i, v)
-        assert (above > 0).sum(1).max() > 0
-        torch.testing.assert_close(sae.dense_acts(sae.encode(x)), want_code, **TOL)
+    n, w, want = len(x), sae.code_width, sae.cfg.k * len(x)
+    # brute force: the kept count is non-increasing in t; t sits in the gap where it is k N
+    values = torch.unique(pre[pre > 0])  # ascending
+    counts = [_capped_count(pre, float(v), w) for v in values]
+    above = [float(v) for v, c in zip(values, counts, strict=True) if c < want]
+    below = [float(v) for v, c in zip(values, counts, strict=True) if c >= want]
+    assert max(below) < t < min(above)
+    assert _capped_count(pre, t, w) == want
+    assert (pre > t).sum(1).max() > w  # the cap binds on some rows (the capped count matters)
+    # inference uses it: the code is the capped above-threshold set, k N latents in all
+    kept = pre * (pre > t)
+    v, i = kept.topk(w, dim=1)
+    want_code = torch.zeros_like(pre).scatter(1, i, v)
+    code = sae.dense_acts(sae.encode(x))
+    torch.testing.assert_close(code, want_code, **TOL)
+    assert int((code > 0).sum()) == want == 2 * n
 
 
 def test_token_topk_spreads_a_tokens_latents_over_its_layers_and_needs_whole_tokens():
@@ -316,7 +332,20 @@ def test_run_trains_saves_and_resumes_bit_identically(arch, cache, tmp_path):
     sae = load_sae(whole)
     assert sae.cfg.architecture == arch and sae.cfg.layers == [0, 2, 5]
     if arch in ("batchtopk", "token_topk"):
-        assert float(sae.threshold) > 0  # learned
+        # calibrated on the run's training vectors (all of this small cache): k per vector on
+        # average over them, counted here in plain torch
+        xs = _all_vectors(cache)
+        with torch.no_grad():
+            u = _normalize(xs)
+            pre = (u - sae.b_dec) @ sae.W_enc + sae.b_enc
+        assert float(sae.threshold) > 0
+        assert _capped_count(pre, float(sae.threshold), sae.code_width) == sae.cfg.k * len(xs)
+
+
+def _all_vectors(path: Path) -> torch.Tensor:
+    """Every vector of a cache (all its tokens and layers), in plain reads."""
+    src = ActivationCache(path)
+    return torch.cat([b.x for b in src.shuffled(999, seed=0, buffer_shards=1)])
 
 
 def test_token_topk_refuses_batches_of_partial_tokens(cache, tmp_path):

@@ -62,12 +62,25 @@ def _dense(params, x, k_total, dead, k_aux, aux_coef):
     return rec + aux_coef * auxk, rec, auxk, z, u_hat
 
 
-@pytest.mark.parametrize("k_aux", [2, 9])  # fewer / more than the 5 dead latents
-def test_loss_code_and_gradients_equal_dense_reference(k_aux):
+@pytest.fixture(params=["sparse", "dense"])
+def decoder_path(request, monkeypatch):
+    """The decoder and the encoder's backward forced onto one of their two paths, the sparse
+    kernels or dense matmuls (kernels.dense_pays)."""
+    from mlsae.sae import kernels
+
+    dense = request.param == "dense"
+    monkeypatch.setattr(kernels, "DENSE_DECODE_DENSITY", 0.0 if dense else 2.0)
+    monkeypatch.setattr(kernels, "DENSE_DECODE_WIDTH", 0 if dense else 1 << 30)
+    return request.param
+
+
+# fewer / more than the 5 dead latents (AuxK dense over their columns); 18 dead: sparse AuxK
+@pytest.mark.parametrize("k_aux, n_dead", [(2, 5), (9, 5), (2, 18)])
+def test_loss_code_and_gradients_equal_dense_reference(k_aux, n_dead, decoder_path):
     torch.manual_seed(1)
     sae = _xc()
     x = torch.randn(10 * L, D) * 2 + 1
-    dead = torch.tensor([0, 7, 9, 20, 33])
+    dead = torch.tensor([0, 7, 9, 20, 33]) if n_dead == 5 else torch.arange(0, 72, 4)
     out = sae.train_step_forward(x, dead, k_aux=k_aux, aux_coef=0.25)
     out.loss.backward()
     params = _weights(sae)
@@ -83,6 +96,44 @@ def test_loss_code_and_gradients_equal_dense_reference(k_aux):
     for name, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), params, strict=True):
         grad = getattr(sae, name).grad.reshape(shapes[name])
         torch.testing.assert_close(grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_dense_decode_equals_the_sparse_path_values_and_gradients(aux):
+    """kernels.dense_decode (a scatter then a matmul) against the embedding-bag path: the same
+    reconstruction and the same gradients of the code and of W_dec, AuxK's dead columns too."""
+    from mlsae.sae import kernels
+
+    g = torch.Generator().manual_seed(5)
+    n, m, d, w = 7, 40, 9, 12
+    idx = torch.rand(n, m, generator=g).topk(w, dim=1).indices  # distinct within a row
+    acts = torch.rand(n, w, generator=g)
+    dead = torch.tensor([3, 11, 29]) if aux else None
+    a_aux = torch.rand(n, 3, generator=g) if aux else None
+    grad_out = torch.randn(n, d, generator=g)
+    grad_aux = torch.randn(n, d, generator=g)
+    got = {}
+    for path, (density, width) in {"sparse": (2.0, 1 << 30), "dense": (0.0, 0)}.items():
+        a = acts.clone().requires_grad_()
+        wd = torch.randn(m, d, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        b = None if a_aux is None else a_aux.clone().requires_grad_()
+        old = kernels.DENSE_DECODE_DENSITY, kernels.DENSE_DECODE_WIDTH
+        kernels.DENSE_DECODE_DENSITY, kernels.DENSE_DECODE_WIDTH = density, width
+        try:
+            out, e_hat = kernels.sparse_decode_aux(a, idx, wd, b, dead)
+        finally:
+            kernels.DENSE_DECODE_DENSITY, kernels.DENSE_DECODE_WIDTH = old
+        loss = (out * grad_out).sum() + (e_hat * grad_aux).sum() if aux else (out * grad_out).sum()
+        loss.backward()
+        got[path] = (out, e_hat, a.grad, wd.grad, None if b is None else b.grad)
+        # plain torch: the code scattered densely, a matmul
+        with torch.no_grad():
+            z = torch.zeros(n, m).scatter(1, idx, acts)
+            torch.testing.assert_close(out.detach(), z @ wd, **TOL)
+    for s_t, d_t in zip(got["sparse"], got["dense"], strict=True):
+        if s_t is not None:
+            torch.testing.assert_close(d_t, s_t, **TOL)
+    assert got["dense"][3].abs().sum() > 0
 
 
 def test_per_layer_code_is_the_shared_code_times_decoder_norms_and_decodes_exactly(tmp_path):

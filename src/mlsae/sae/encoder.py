@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import mlsae.sae.kernels as kernels
 import mlsae.sae.native as native
 from mlsae.sae.kernels import custom_path, latent_segments, segment_sum, topk
 
@@ -81,6 +82,8 @@ def _sparse_backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
     g = (g_acts if g_acts is not None else torch.zeros_like(acts)) * (acts > 0)  # ReLU
     if g_dead is not None and dead_idx.shape[1]:  # sparse AuxK: more entries, same sums
         idx, g = torch.cat([idx, dead_idx], 1), torch.cat([g, g_dead.to(g.dtype)], 1)
+    if kernels.dense_pays(idx.shape[1], m, d):
+        return _dense_backward(ctx, v, W_enc, idx, g, dead, g_dead, dead_idx)
     seg = latent_segments(idx, m)
     dense = g_dead is not None and dead.numel() > 0 and not dead_idx.shape[1]
     g_u = g_bdec = g_w = None
@@ -101,6 +104,21 @@ def _sparse_backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
             g_u = g_u + g_dead @ W_enc.index_select(1, dead).t()
     g_benc = col if ctx.needs_input_grad[3] else None
     return g_u, g_bdec, g_w, g_benc
+
+
+def _dense_backward(ctx, v, W_enc, idx, g, dead, g_dead, dead_idx) -> tuple[Tensor | None, ...]:  # noqa: N803
+    """`_sparse_backward` through the dense gradient of the pre-activations G [N, m] (the
+    entries' gradients scattered, plus AuxK's dead columns): grad W_enc = v^T @ G, grad u = G @
+    W_enc^T, as matmuls; for codes dense enough that they beat the segment sums
+    (`kernels.dense_pays`)."""
+    big = torch.zeros(len(v), W_enc.shape[1], dtype=g.dtype).scatter_add_(1, idx, g)
+    if g_dead is not None and dead.numel() and not dead_idx.shape[1]:
+        big.index_add_(1, dead, g_dead.to(g.dtype))
+    col = big.sum(0)  # [m]
+    g_u = big @ W_enc.t() if ctx.needs_input_grad[0] else None
+    g_bdec = -(W_enc @ col) if ctx.needs_input_grad[1] else None
+    g_w = v.t() @ big if ctx.needs_input_grad[2] else None
+    return g_u, g_bdec, g_w, col if ctx.needs_input_grad[3] else None
 
 
 _TILE: list[Tensor] = []  # the last tile buffer, kept between training steps

@@ -3,8 +3,9 @@ L layer vectors together. A latent may then fire at every layer of a token or at
 data decide how the token's k x L active latents spread over its layers (TopK fixes k per layer
 vector). Training needs batches holding all L layers of each token, consecutive in the run's
 layer order (`ActivationSource.shuffled(group_tokens=True)`); inference, which sees one vector
-at a time, keeps the pre-activations above a threshold learned in training, as BatchTopK does
-(`encode_grouped` gives the exact per-token selection of whole tokens). With one layer it is the
+at a time, keeps the pre-activations above a threshold calibrated on training vectors to keep k
+per vector on average, as BatchTopK does (`mlsae.sae.batchtopk.ThresholdCalibration`;
+`encode_grouped` gives the exact per-token selection of whole tokens). With one layer it is the
 TopK SAE (k per vector) with a threshold at inference.
 """
 

@@ -48,6 +48,7 @@ from mlsae.sae.autoencoder import SparseAutoencoder
 from mlsae.sae.folders import PER_LAYER, RUN_CFG
 from mlsae.sae.kernels import kernel_backend, set_malloc_retain
 from mlsae.sae.registry import sae_class
+from mlsae.train.calibrate import calibrate_thresholds
 from mlsae.train.centring import member_means, resolve_centring
 from mlsae.train.checkpoint import Plan, StopSignals, TrainState
 from mlsae.train.member import SINGLE, Member, NonFinite, all_finite, make_adam, step_probe
@@ -99,14 +100,24 @@ def run_training(
             progress.step(rows, n_vectors, state.step, state.epoch)
             stop = comm.any(sig.signum is not None)
             if state.step % cfg.checkpoint_every == 0 or stop:
-                state.save(out, comm)
+                save(out, run, state, source, comm)
             if stop:
                 comm.barrier()  # the others wait until rank 0 has written it
                 raise interrupted(out, state.step, sig.signum or signal.SIGTERM, comm.world)
-        state.save(out, comm)
+        save(out, run, state, source, comm)
         comm.barrier()
         progress.summary(state.step)
     return state.members
+
+
+def save(
+    out: Path, run: RunConfig, state: TrainState, source: ActivationSource, comm: Comm
+) -> None:
+    """Checkpoint the run; rank 0, which writes the SAEs, first calibrates their inference
+    thresholds (`mlsae.train.calibrate`)."""
+    if comm.main:
+        calibrate_thresholds(run, state.members, source)
+    state.save(out, comm)
 
 
 def train_step(
@@ -166,6 +177,13 @@ class Batches:
         total = min(total, cfg.max_steps) if cfg.max_steps else total
         plan = Plan(per_epoch=per_epoch, epochs=cfg.epochs, total=total)
         grouped = bool(sae_class(run.sae.architecture).token_grouped)
+        if grouped and local % len(layers):  # each process's share: whole tokens
+            raise MlsaeError(
+                f"--architecture {run.sae.architecture} takes whole tokens: each of the "
+                f"{comm.world} processes would read {local} vectors of a global batch, not a "
+                f"multiple of the {len(layers)} layers (choose --batch-tokens a multiple of "
+                f"{len(layers) * comm.world // per_read})"
+            )
         return cls(share, layers, local, plan, cfg.seed, cfg.shuffle_buffer_shards, grouped)
 
     def iterate(self, state: TrainState) -> Iterator[Batch]:

@@ -8,12 +8,13 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import torch
 
-from mlsae.activations.source import ActivationSource
+from mlsae.activations.source import ActivationSource, Batch
 from mlsae.core.config import RunConfig
 from mlsae.core.dist import Comm
 from mlsae.core.errors import MlsaeError
@@ -116,23 +117,38 @@ def wandb_start(out: Path, run: RunConfig) -> Any:
 # ----------------------------------------------------------------------------- after training
 
 
-@torch.no_grad()
-def final_fvu(
-    run: RunConfig, members: list[Any], source: ActivationSource
-) -> dict[str, MetricsResult]:
-    """Per-layer FVU (raw space) of each SAE on a pass over up to EVAL_VECTORS training vectors."""
+def training_sample(
+    run: RunConfig, source: ActivationSource, members: list[Any]
+) -> Iterator[Batch]:
+    """The run's fixed sample of training vectors (SAE inputs): up to EVAL_VECTORS of them, the
+    same on every call (seed + 1's order), whole tokens if a member's code is per token. The
+    final FVU pass and the threshold calibration (`mlsae.train.calibrate`) read it."""
     cfg, layers = run.train, list(run.layers)
     to_sae = sae_inputs(run, source, layers)
-    acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
     seen, grouped = 0, any(m.sae.token_code for m in members)  # crosscoder: whole tokens
-    for batch in source.shuffled(
+    stream = source.shuffled(
         8192 // len(layers) * len(layers),
         layers,
         seed=cfg.seed + 1,
         buffer_shards=cfg.shuffle_buffer_shards,
         group_tokens=grouped,
-    ):
-        batch.x = to_sae(batch)
+    )
+    with contextlib.closing(cast(Generator[Batch, None, None], stream)):  # ends its reader
+        for batch in stream:
+            batch.x = to_sae(batch)
+            yield batch
+            seen += len(batch)
+            if seen >= EVAL_VECTORS:
+                break
+
+
+@torch.no_grad()
+def final_fvu(
+    run: RunConfig, members: list[Any], source: ActivationSource
+) -> dict[str, MetricsResult]:
+    """Per-layer FVU (raw space) of each SAE on the run's `training_sample`."""
+    acc = {m.name: LayerMetrics(m.sae.cfg.layers, m.sae.cfg.d_in, m.sae.cfg.d_sae) for m in members}
+    for batch in training_sample(run, source, members):
         for m in members:
             whole = m.sae(batch.x) if m.sae.token_code else None  # rows as batch.x
             for layer in m.sae.cfg.layers:
@@ -143,9 +159,6 @@ def final_fvu(
                         m.sae(x, layer) if whole is None else (whole[0][sel], whole[1].rows(sel))
                     )
                     acc[m.name].update(layer, x, x_hat, enc.top_indices, enc.top_acts)
-        seen += len(batch)
-        if seen >= EVAL_VECTORS:
-            break
     return {name: a.result() for name, a in acc.items()}
 
 
