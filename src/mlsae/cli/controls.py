@@ -62,7 +62,7 @@ def controls_measures(
     from mlsae.evolution.controls import format_rows
 
     rows, body = measures_command(run, out, seed_run, source, data, model, cfg, ctl)
-    print(format_rows(rows))
+    print(format_rows(rows, cfg))
     t = body["time_s"]
     print(
         f"wrote {out} ({body['n_used_tokens']} tokens, {body['n_contexts']} contexts; "
@@ -93,5 +93,5 @@ def controls_causal(
     from mlsae.evolution.control_run import causal_command
 
     results, body = causal_command(run, out, source, data, model, cfg, ctl)
-    print(format_causal(results))
+    print(format_causal(results, ctl.drop))
     print(f"wrote {out} ({body['n_contexts']} contexts, {body['time_s']:.0f} s)")

@@ -311,8 +311,9 @@ def verdicts(rows: list[ControlRow], measure: str = "pass_through") -> list[dict
     return out
 
 
-def format_rows(rows: list[ControlRow]) -> str:
-    """The controls table: one line per row, rates with their intervals."""
+def format_rows(rows: list[ControlRow], cfg: EvolutionConfig | None = None) -> str:
+    """The controls table: one line per row, rates with their intervals; then the thresholds
+    and how the intervals were made (given `cfg`)."""
 
     def f(v: float | None, iv: Interval | None = None) -> str:
         text = "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
@@ -331,6 +332,12 @@ def format_rows(rows: list[ControlRow]) -> str:
             f"{f(r.disappear, iv.get('disappear')):>22} {f(r.appear, iv.get('appear')):>22} "
             f"{f(r.best_pearson['p50']):>9} {f(r.best_pearson['p90']):>6} "
             f"{f(r.matched_decoder_cos['mean']):>7}"
+        )
+    if cfg is not None:
+        lines.append(
+            f"pass-through: best-partner Pearson >= {cfg.pass_through}; disappear / appear: no "
+            f"partner of Pearson >= {cfg.link_threshold}; 95% CI: bootstrap over contexts, "
+            f"symmetric about the rate (reaching both percentiles), partners fixed"
         )
     return "\n".join(lines)
 
