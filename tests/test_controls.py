@@ -133,20 +133,24 @@ def test_rate_intervals_equal_a_resampling_loop():
         "pt"
     ]
     draws = resample_indices(10, 200, 7)
-    values = []
-    for row in draws:
-        rows = np.concatenate([np.arange(40 * c, 40 * c + 40) for c in row])
+
+    def share(rows: np.ndarray) -> float:
         x, y = a.numpy()[rows].astype(np.float64), b.numpy()[rows].astype(np.float64)
         r = []
         for i in np.nonzero(alive.numpy())[0]:
             sx, sy = x[:, i].std(), y[:, i].std()
             cov = ((x[:, i] - x[:, i].mean()) * (y[:, i] - y[:, i].mean())).mean()
             r.append(cov / (sx * sy) if sx > 0 and sy > 0 else -np.inf)
-        values.append(np.mean(np.array(r) >= 0.95))
+        return float(np.mean(np.array(r) >= 0.95))
+
+    values = [share(np.concatenate([np.arange(40 * c, 40 * c + 40) for c in row])) for row in draws]
+    t = share(np.arange(400))  # the full-data share: the interval's centre
     low, high = np.percentile(values, [2.5, 97.5])
+    h = max(high - t, t - low)  # symmetric about t, reaching both percentiles
     assert got is not None
-    assert got.low == pytest.approx(low, abs=1e-12) and got.high == pytest.approx(high, abs=1e-12)
-    assert 0 < got.low < got.high < 1
+    assert got.low == pytest.approx(max(t - h, 0), abs=1e-12)
+    assert got.high == pytest.approx(min(t + h, 1), abs=1e-12)
+    assert 0 < got.low <= t <= got.high < 1
 
 
 def random_sae(

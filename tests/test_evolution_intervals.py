@@ -103,12 +103,18 @@ def test_rate_intervals_equal_a_brute_force_loop(tmp_path, exclusive) -> None:
         rows = np.concatenate([members[c] for c in row])
         for k, v in brute_rates(an[rows], bn[rows], thr, sel, cfg).items():
             rates[k].append(v)
+    whole = brute_rates(an, bn, thr, sel, cfg)  # the centre: every rate on all tokens
+    for k, s in ((k, getattr(res.summary, k)) for k in ("pass_through", "appear", "disappear")):
+        assert whole[k] == pytest.approx(s, abs=1e-12), k  # the reported rate
     for k, iv in got.items():
         v = np.asarray(rates[k])
         v = v[np.isfinite(v)]
         lo, hi = np.percentile(v, [2.5, 97.5])
+        h = max(hi - whole[k], whole[k] - lo)  # symmetric about it, reaching both percentiles
         assert iv is not None, k
-        assert iv.low == pytest.approx(lo, abs=1e-9) and iv.high == pytest.approx(hi, abs=1e-9), k
+        assert iv.low == pytest.approx(max(whole[k] - h, 0), abs=1e-9), k
+        assert iv.high == pytest.approx(min(whole[k] + h, 1), abs=1e-9), k
+        assert iv.low <= whole[k] <= iv.high, k
     pt = got["pass_through"]
     assert pt is not None and pt.low <= pt.high
 

@@ -16,6 +16,7 @@ from mlsae.data.capture import capture
 from mlsae.lens.evaluate import evaluate_lens
 from mlsae.lens.train import regression_init, train_lens
 from mlsae.lens.tuned import TunedLens, identity_lens, load_lens
+from mlsae.report.html import lens_table
 
 L, D = 3, 32  # conftest N_LAYERS, D_MODEL
 
@@ -188,15 +189,26 @@ def test_evaluation_matches_independent_computation(tiny_model, tokenizer) -> No
     # the KL intervals: a brute-force percentile bootstrap over the 3 contexts, same draws
     assert got.intervals is not None and got.intervals.bootstrap.n_contexts == 3
     draws = resample_indices(3, got.intervals.bootstrap.n_resamples, 0)
+    means = {
+        "tuned": (got.intervals.kl_tuned_mean, np.zeros(len(draws))),
+        "logit": (got.intervals.kl_logit_mean, np.zeros(len(draws))),
+    }
     for kind, ivs in (("tuned", got.intervals.kl_tuned), ("logit", got.intervals.kl_logit)):
         for layer in range(L):
             ctx = np.array(ref[kind]["kl_ctx"][layer])  # [3, 2]
             vals = [ctx[d, 0].sum() / ctx[d, 1].sum() for d in draws]
+            means[kind][1][:] += np.array(vals) / L  # the mean over layers of each resample
             iv = ivs[layer]
             assert iv is not None
             lo, hi = np.percentile(vals, [2.5, 97.5])
             assert iv.low == pytest.approx(lo, rel=1e-4, abs=1e-7)
             assert iv.high == pytest.approx(hi, rel=1e-4, abs=1e-7)
+    for kind, (iv, vals) in means.items():  # the headline: KL's mean over the layers
+        lo, hi = np.percentile(vals, [2.5, 97.5])
+        assert iv is not None, kind
+        assert iv.low == pytest.approx(lo, rel=1e-4, abs=1e-7)
+        assert iv.high == pytest.approx(hi, rel=1e-4, abs=1e-7)
+    assert "mean" in got.table() and "mean" in lens_table(got)
     assert got.model_ce == pytest.approx(ref["logit"]["ce"][-1], rel=1e-5, abs=1e-6)
 
 

@@ -418,3 +418,19 @@ def test_tables_and_frames_hold_the_numbers():
     assert frame.loc["n_tokens", "prompt 1"] == pstats.n_tokens
     row = next(r for r in s.table().splitlines() if r.startswith("rel_var_latent "))
     assert row.split()[1:] == [f"{stats.rel_var_latent:.4g}", f"{pstats.rel_var_latent:.4g}"]
+
+
+def test_analysis_table_prints_the_intervals():
+    """The text table of `analyze` shows each headline interval it has, and only those."""
+    from mlsae.analysis.contexts import AnalysisIntervals
+    from mlsae.core.bootstrap import BootstrapInfo, Interval
+
+    stats, _ = synthetic()
+    s = _summary(stats)
+    assert "95% CI" not in s.table()
+    s.intervals = AnalysisIntervals(BootstrapInfo(16, 100, 0), rel_var_latent=Interval(0.25, 0.5))
+    lines = s.table().splitlines()
+    row = next(r for r in lines if r.startswith("95% CI: rel_var_latent "))
+    assert row.split()[3:] == ["[0.25,", "0.5]"]
+    assert not any(r.startswith("95% CI: rel_var_token") for r in lines)
+    assert any(r.startswith("bootstrap contexts") and r.split()[-1] == "16" for r in lines)

@@ -304,6 +304,15 @@ def summary_table(s: AnalysisSummary) -> str:
     cols = columns(s)
     rows = [["quantity", *(name for name, _ in cols)]]
     rows += [[k, *(_cell(getattr(d, k)) for _, d in cols)] for k in HEADLINE]
+    ivs = [getattr(d, "intervals", None) for _, d in cols]  # prompts have none
+    for f in fields(AnalysisIntervals):
+        cells = [getattr(iv, f.name) if iv is not None else None for iv in ivs]
+        if f.type.startswith("Interval") and any(c is not None for c in cells):
+            text = ["-" if c is None else f"[{c.low:.4g}, {c.high:.4g}]" for c in cells]
+            rows.append([f"95% CI: {f.name}", *text])
+    if any(iv is not None for iv in ivs):
+        n = [str(iv.bootstrap.n_contexts) if iv is not None else "-" for iv in ivs]
+        rows.append(["bootstrap contexts (percentile)", *n])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(

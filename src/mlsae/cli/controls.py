@@ -63,7 +63,7 @@ def controls_measures(
     from mlsae.evolution.controls import format_rows
 
     rows, ran = measures_command(run, out, seed_run, Inputs(source, data, model), cfg, ctl)
-    print(format_rows(rows))
+    print(format_rows(rows, cfg))
     t = ran.time_s
     print(
         f"wrote {out} ({ran.n_used_tokens} tokens, {ran.n_contexts} contexts; "
@@ -94,5 +94,5 @@ def controls_causal(
     from mlsae.evolution.control_run import causal_command
 
     results, ran = causal_command(run, out, Inputs(source, data, model), cfg, ctl)
-    print(format_causal(results))
+    print(format_causal(results, ctl.drop))
     print(f"wrote {out} ({ran.n_contexts} contexts, {ran.time_s['total']:.0f} s)")

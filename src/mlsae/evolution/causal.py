@@ -235,8 +235,9 @@ def causal_pair(
     )
 
 
-def format_causal(results: list[CausalResult]) -> str:
-    """The causal table: per pair, the killed rate of each predecessor kind with its interval."""
+def format_causal(results: list[CausalResult], drop: float | None = None) -> str:
+    """The causal table: per pair, the killed rate of each predecessor kind with its interval;
+    then the kill threshold and the interval's method (given `drop`)."""
     head = f"{'pair':>7} {'tokens':>6} {'feats':>5} " + " ".join(
         f"{k + ' [95% CI]':>26}" for k in KINDS
     )
@@ -250,5 +251,10 @@ def format_causal(results: list[CausalResult]) -> str:
         lines.append(
             f"{r.up_layer:>3}-{r.down_layer:<3} {r.n_tokens:>6} {r.n_features:>5} "
             + " ".join(cells)
+        )
+    if drop is not None:
+        lines.append(
+            f"killed: the down feature's activation falls to <= {1 - drop:g} x its value "
+            f"(--drop {drop:g}); 95% CI: percentile bootstrap over the tested down features"
         )
     return "\n".join(lines)

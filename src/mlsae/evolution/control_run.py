@@ -93,7 +93,8 @@ def measures_command(
         "n_used_tokens": timing.n_used_tokens,
         "n_contexts": timing.n_contexts,
         "settings": {"evolution": asdict(cfg), "controls": asdict(ctl)},
-        "interval": "95% percentile bootstrap over contexts, each feature's best partner fixed",
+        "interval": "95% bootstrap over contexts, symmetric about the full-data rate (reaching "
+        "both percentiles), each feature's best partner fixed",
         "permutation": "layer l+1's tokens permuted within each context (perm_context) or over "
         "the whole stream (perm_global)",
         "rows": rows_json(rows),

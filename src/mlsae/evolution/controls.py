@@ -11,9 +11,10 @@ For an up layer l of a per-layer set, on the held-out tokens of an activation ca
   gap_g       (l, l+g): non-adjacent blocks (a null for "adjacent blocks are special").
 Each row gets the measures of `summarize_pair` (pass-through at Pearson >= pass_through,
 appear / disappear at link_threshold), the distribution of the best-partner Pearson, and the
-decoder cosine of each up feature with its best-Pearson partner. Intervals: a percentile
-bootstrap over contexts (core.bootstrap) of the rates with each feature's best partner fixed
-at its full-data choice (so the interval is conditional on the partner choice).
+decoder cosine of each up feature with its best-Pearson partner. Intervals: a bootstrap over
+contexts (core.bootstrap; the symmetric interval about the full-data rate) of the rates with
+each feature's best partner fixed at its full-data choice (so the interval is conditional on
+the partner choice).
 """
 
 from __future__ import annotations
@@ -155,17 +156,29 @@ def rate_intervals(
     sums: Tensor, alive: Tensor, cuts: dict[str, tuple[float, bool]], bs: Bootstrap
 ) -> dict[str, Interval | None]:
     """Bootstrap intervals of fractions of alive features whose fixed-partner Pearson is
-    >= cut (True) or < cut (False); a NaN Pearson counts as below every cut."""
+    >= cut (True) or < cut (False); a NaN Pearson counts as below every cut. The symmetric
+    interval about the full-data fraction (core.bootstrap: these threshold counts'
+    resamples sit above their estimate)."""
     alive_sums = sums[:, alive]  # [C, n_alive, 6]
+
+    def shares(resampled: Tensor) -> dict[str, Tensor]:
+        """[R, n_alive, 6] resampled sums -> each fraction [R]."""
+        r = pearson_from_sums(resampled).nan_to_num(-math.inf)
+        return {
+            name: (r >= cut if above else r < cut).double().mean(1)
+            for name, (cut, above) in cuts.items()
+        }
+
     values: dict[str, list[Tensor]] = {k: [] for k in cuts}
     flat = alive_sums.reshape(bs.n_contexts, -1)
     for s in range(0, bs.counts.shape[0], 100):
-        r = pearson_from_sums((bs.counts[s : s + 100] @ flat).reshape(-1, *alive_sums.shape[1:]))
-        r = r.nan_to_num(-math.inf)
-        for name, (cut, above) in cuts.items():
-            hit = r >= cut if above else r < cut
-            values[name].append(hit.double().mean(1))
-    return {k: bs.interval(torch.cat(v)) for k, v in values.items()}
+        part = shares((bs.counts[s : s + 100] @ flat).reshape(-1, *alive_sums.shape[1:]))
+        for name, v in part.items():
+            values[name].append(v)
+    point = shares(bs.whole().sums(alive_sums))
+    return {
+        k: bs.symmetric(torch.cat(v), float(point[k][0]), (0.0, 1.0)) for k, v in values.items()
+    }
 
 
 @dataclass
@@ -298,8 +311,9 @@ def verdicts(rows: list[ControlRow], measure: str = "pass_through") -> list[dict
     return out
 
 
-def format_rows(rows: list[ControlRow]) -> str:
-    """The controls table: one line per row, rates with their intervals."""
+def format_rows(rows: list[ControlRow], cfg: EvolutionConfig | None = None) -> str:
+    """The controls table: one line per row, rates with their intervals; then the thresholds
+    and how the intervals were made (given `cfg`)."""
 
     def f(v: float | None, iv: Interval | None = None) -> str:
         text = "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
@@ -318,6 +332,12 @@ def format_rows(rows: list[ControlRow]) -> str:
             f"{f(r.disappear, iv.get('disappear')):>22} {f(r.appear, iv.get('appear')):>22} "
             f"{f(r.best_pearson['p50']):>9} {f(r.best_pearson['p90']):>6} "
             f"{f(r.matched_decoder_cos['mean']):>7}"
+        )
+    if cfg is not None:
+        lines.append(
+            f"pass-through: best-partner Pearson >= {cfg.pass_through}; disappear / appear: no "
+            f"partner of Pearson >= {cfg.link_threshold}; 95% CI: bootstrap over contexts, "
+            f"symmetric about the rate (reaching both percentiles), partners fixed"
         )
     return "\n".join(lines)
 

@@ -1,13 +1,15 @@
 """Intervals over contexts for the evolution rates (SPEC 7, issue 24 item 1): pass-through,
-appear, disappear, AND, OR and specialised, each a percentile bootstrap over contexts with the
-one bootstrap of core.bootstrap.
+appear, disappear, AND, OR and specialised, each a bootstrap over contexts with the one
+bootstrap of core.bootstrap: the symmetric interval about the full-data rate (`symmetric`:
+these threshold counts' resamples sit above their estimate, core.bootstrap says why).
 
 A full per-context co-moment matrix is too big, so the partners are fixed by the classification
 on all the data: each alive up feature's best next-layer partner, each alive down feature's best
 previous one, the two parents of each reported AND / OR and the parent of each specialised
 feature. One more pass over the codes collects per-context sums for those pairs only (x, y, x^2,
 y^2, xy, |A|, |B|, |A & B| and the token count); each resample recomputes every Pearson,
-necessity and sufficiency from its contexts' sums and re-classifies. The interval is therefore
+necessity and sufficiency from its contexts' sums and re-classifies (the point estimate: the
+same on all contexts, equal to the reported rate). The interval is therefore
 conditional on the partners chosen (a feature whose best partner would change in a resample
 keeps its full-data partner), and the fractions keep the full-data alive features as their
 denominators.
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mlsae.core.bootstrap import Bootstrap, Interval
+from mlsae.core.bootstrap import Bootstrap, ContextWeights, Interval
 from mlsae.core.stage_config import BootstrapConfig, EvolutionConfig
 from mlsae.evolution.codes import CodeStore
 from mlsae.evolution.measures import PairResult
@@ -105,7 +107,7 @@ def context_sums(
     return out
 
 
-def resampled_measures(sums: Tensor, bs: Bootstrap) -> tuple[Tensor, Tensor, Tensor]:
+def resampled_measures(sums: Tensor, bs: ContextWeights) -> tuple[Tensor, Tensor, Tensor]:
     """Pearson, sufficiency and necessity [B, E] of every resample (as `measures.measures`:
     population moments over the resampled tokens, zeros included; NaN where undefined)."""
     x, y, xx, yy, xy, on_a, on_b, on_ab, n = (bs.sums(q) for q in sums)
@@ -171,15 +173,20 @@ def rate_intervals(
         sums = context_sums(
             store, p, sel, (stats[p], stats[p + 1]), (thr[p], thr[p + 1]), ctx, n_contexts
         )
-        blocks = [
-            resampled_measures(sums[:, :, e : e + 1024], bs) for e in range(0, sums.shape[2], 1024)
-        ]
-        pearson, suf, nec = (
-            torch.cat([m[q] for m in blocks], 1)
-            if blocks
-            else torch.zeros(bs.counts.shape[0], 0, dtype=F64)
-            for q in range(3)
-        )
-        rates = classify(pearson, suf, nec, sel, cfg)
-        out.append({k: bs.interval(v) for k, v in rates.items()})
+        rates = classify(*_measures(sums, bs), sel, cfg)
+        point = classify(*_measures(sums, bs.whole()), sel, cfg)
+        out.append({k: bs.symmetric(v, float(point[k][0]), (0.0, 1.0)) for k, v in rates.items()})
     return out, bs
+
+
+def _measures(sums: Tensor, w: ContextWeights) -> tuple[Tensor, Tensor, Tensor]:
+    """`resampled_measures` in blocks of 1,024 pairs (memory: rows x pairs floats)."""
+    blocks = [
+        resampled_measures(sums[:, :, e : e + 1024], w) for e in range(0, sums.shape[2], 1024)
+    ]
+    rows = w.sums(sums[-1, :, :1]).shape[0]
+    pearson, suf, nec = (
+        torch.cat([m[q] for m in blocks], 1) if blocks else torch.zeros(rows, 0, dtype=F64)
+        for q in range(3)
+    )
+    return pearson, suf, nec

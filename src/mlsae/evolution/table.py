@@ -55,7 +55,7 @@ def format_summary(body: EvolutionSummary, out: Path) -> str:
     if body.bootstrap is not None:
         b = body.bootstrap
         lines.append(
-            f"95% intervals (percentile bootstrap over {b.n_contexts} contexts, "
+            f"95% intervals (bootstrap over {b.n_contexts} contexts, symmetric about the rate, "
             f"{b.n_resamples} resamples, seed {b.seed}; partners fixed):"
         )
         for s in body.pairs:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.core.bootstrap import Bootstrap, BootstrapInfo, Interval
+from mlsae.core.bootstrap import Bootstrap, BootstrapInfo, Interval, mean_over_columns
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.schema import from_dict, to_dict
@@ -50,6 +50,9 @@ class LensIntervals:
     bootstrap: BootstrapInfo
     kl_tuned: list[Interval | None]
     kl_logit: list[Interval | None]
+    kl_tuned_mean: Interval | None = None
+    """Of the KL's mean over the layers (the headline number; None in older files)."""
+    kl_logit_mean: Interval | None = None
 
 
 @dataclass
@@ -166,7 +169,13 @@ def _kl_intervals(ctx: Tensor, boot: BootstrapConfig) -> LensIntervals | None:
     bs = Bootstrap(len(ctx), boot.bootstrap, boot.bootstrap_seed)
     n = ctx[:, :, -1:].expand_as(ctx[:, :, :-1])
     kl = bs.ratio(ctx[:, :, :-1], n)  # [B, 2, L]
-    return LensIntervals(bs.info, bs.intervals(kl[:, 0]), bs.intervals(kl[:, 1]))
+    return LensIntervals(
+        bs.info,
+        bs.intervals(kl[:, 0]),
+        bs.intervals(kl[:, 1]),
+        bs.interval(mean_over_columns(kl[:, 0])),
+        bs.interval(mean_over_columns(kl[:, 1])),
+    )
 
 
 def _ci(iv: Interval | None) -> str:
@@ -187,6 +196,12 @@ def format_table(result: LensEvalResult) -> str:
         lines.append(
             f"{layer:>5} {t.kl[i]:>9.4f} {g.kl[i]:>9.4f} {t.ce[i]:>9.4f} "
             f"{g.ce[i]:>9.4f} {cond[i]:>10.4g}" + extra
+        )
+    if t.kl:
+        extra = f" {_ci(iv.kl_tuned_mean)} {_ci(iv.kl_logit_mean)}" if iv is not None else ""
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        lines.append(
+            f"{'mean':>5} {mean(t.kl):>9.4f} {mean(g.kl):>9.4f} {'':>9} {'':>9} {'':>10}" + extra
         )
     lines.append(f"model CE {result.model_ce:.4f} over {result.n_ce_positions} positions")
     if iv is not None:

@@ -153,8 +153,9 @@ def pair_table_html(body: EvolutionSummary) -> str:
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     b = body.bootstrap
     note = (
-        f"Intervals: 95% percentile bootstrap over {b.n_contexts} contexts ({b.n_resamples} "
-        f"resamples), each feature's partners fixed by the full data."
+        f"Intervals: 95% bootstrap over {b.n_contexts} contexts ({b.n_resamples} resamples), "
+        f"symmetric about the rate and reaching both percentiles (a threshold count's "
+        f"resamples sit above it), each feature's partners fixed by the full data."
         if b
         else "No intervals (run with --bootstrap > 0)."
     )

@@ -329,13 +329,21 @@ def _ratio_table(s: AnalysisSummary) -> str:
 
 
 def lens_table(lens_eval: LensEvalResult) -> str:
-    """Per-layer KL and CE of the tuned lens vs the logit lens (`mlsae lens evaluate`)."""
-    t, lg, cond = lens_eval.tuned, lens_eval.logit, lens_eval.cond
+    """Per-layer KL and CE of the tuned lens vs the logit lens (`mlsae lens evaluate`), with
+    the KL's 95% intervals over contexts and a mean row when it has them."""
+    t, lg, cond, iv = lens_eval.tuned, lens_eval.logit, lens_eval.cond, lens_eval.intervals
     rows = [
         [layer, t.kl[i], lg.kl[i], t.ce[i], lg.ce[i], cond[i] if i < len(cond) else None]
+        + ([_interval(iv.kl_tuned[i]), _interval(iv.kl_logit[i])] if iv else [])
         for i, layer in enumerate(lens_eval.layers)
     ]
-    return _grid(["layer", "KL tuned", "KL logit", "CE tuned", "CE logit", "cond(I+A)"], rows)
+    head = ["layer", "KL tuned", "KL logit", "CE tuned", "CE logit", "cond(I+A)"]
+    if iv is not None and t.kl:
+        head += ["KL tuned 95% CI", "KL logit 95% CI"]
+        mean = [sum(t.kl) / len(t.kl), sum(lg.kl) / len(lg.kl)]
+        rows.append(["mean", *mean, None, None, None])
+        rows[-1] += [_interval(iv.kl_tuned_mean), _interval(iv.kl_logit_mean)]
+    return _grid(head, rows)
 
 
 def _img(path: Path) -> str:
