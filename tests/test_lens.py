@@ -197,6 +197,15 @@ def test_evaluation_matches_independent_computation(tiny_model, tokenizer) -> No
             lo, hi = np.percentile(vals, [2.5, 97.5])
             assert iv.low == pytest.approx(lo, rel=1e-4, abs=1e-7)
             assert iv.high == pytest.approx(hi, rel=1e-4, abs=1e-7)
+    # ... and of the mean KL over the trained layers (all but the last), the same draws
+    for kind, iv in (("tuned", got.intervals.mean_tuned), ("logit", got.intervals.mean_logit)):
+        ctx = [np.array(ref[kind]["kl_ctx"][layer]) for layer in range(L - 1)]
+        vals = [np.mean([c[d, 0].sum() / c[d, 1].sum() for c in ctx]) for d in draws]
+        lo, hi = np.percentile(vals, [2.5, 97.5])
+        assert iv is not None and iv.low == pytest.approx(lo, rel=1e-4, abs=1e-7)
+        assert iv.high == pytest.approx(hi, rel=1e-4, abs=1e-7)
+        mean = getattr(got, f"mean_kl_{kind}")
+        assert mean == pytest.approx(np.mean(ref[kind]["kl"][: L - 1]), rel=1e-4, abs=1e-7)
     assert got.model_ce == pytest.approx(ref["logit"]["ce"][-1], rel=1e-5, abs=1e-6)
 
 
@@ -409,6 +418,61 @@ def test_no_singular_value_floor_unless_asked(tiny_model, tokenizer) -> None:
         assert sv(floored, i).min() >= 0.9 * (1 - 1e-5)
 
 
+def test_floor_singular_values_is_numpys_clamped_svd() -> None:
+    from mlsae.lens.train import floor_singular_values
+
+    g = torch.Generator().manual_seed(7)
+    a = 0.8 * torch.randn(12, 12, generator=g) / 12**0.5 - 0.5 * torch.eye(12)
+    u, sv, vh = np.linalg.svd(np.eye(12) + a.double().numpy())
+    assert sv.min() < 0.5  # the floor binds
+    got = floor_singular_values(a, 0.5)
+    assert got is not None
+    ref = (u * np.maximum(sv, 0.5)) @ vh - np.eye(12)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-10)
+    assert floor_singular_values(a, float(sv.min()) * 0.99) is None  # nothing to raise
+    assert floor_singular_values(a, float(sv.min()) * 1.001) is not None  # just binds
+
+
+def test_keep_floor_through_the_kl_steps(tiny_model, tokenizer) -> None:
+    """With the floor kept, every translator's I + A has singular values >= the floor after
+    the KL steps (checked with numpy's SVD); without it the same steps go below it."""
+    g = torch.Generator().manual_seed(3)
+    train = torch.randint(0, 256, (8, 32), generator=g)
+    hold = torch.randint(0, 256, (2, 32), generator=g)
+    sp = _special(tokenizer)
+    floor = 0.9
+    svmin = lambda lens, i: np.linalg.svd(
+        np.eye(D) + lens.A(i).detach().double().numpy(), compute_uv=False
+    ).min()
+    lenses = {}
+    for keep in (False, True):
+        lens = TunedLens(L, D)
+        regression_init(tiny_model, lens, [train], sp, min_singular=floor, progress=False)
+        assert min(svmin(lens, i) for i in range(L - 1)) >= floor * (1 - 1e-5)
+        run = train_lens(
+            tiny_model,
+            lens,
+            train,
+            sp,
+            steps=20,
+            batch_size=4,
+            lr=5e-2,
+            holdout=hold,
+            eval_every=1,
+            patience=20,
+            progress=False,
+            min_singular=floor if keep else None,
+        )
+        assert (run.floor_projections > 0) == keep
+        lenses[keep] = lens
+    assert min(svmin(lenses[False], i) for i in range(L - 1)) < floor * 0.99
+    for i in range(L - 1):  # the kept (best held-out) translators respect the floor
+        assert svmin(lenses[True], i) >= floor * (1 - 1e-4)
+        assert lenses[True].cond(i) <= float(
+            np.linalg.svd(np.eye(D) + lenses[True].A(i).detach().double().numpy())[1].max()
+        ) / floor * (1 + 1e-4)
+
+
 def test_condition_number_is_numpys() -> None:
     lens = _random_lens(4, 16, scale=0.9, seed=3)
     for layer in range(4):
@@ -554,6 +618,8 @@ def test_lens_train_config_defaults_and_bad_values() -> None:
         {"holdout_contexts": -1},
         {"eval_every": 0},
         {"patience": 0},
+        {"keep_floor": True},
+        {"keep_floor": True, "min_singular": 0.0},
     ):
         with pytest.raises(MlsaeError):
             LensTrainConfig(**bad)

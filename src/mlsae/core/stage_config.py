@@ -91,6 +91,11 @@ class LensTrainConfig:
     min_singular: float | None = None
     """Floor on the singular values of I + A after the regression (default: no floor, SPEC 5;
     0.9 bounds the exact inverse's gain at 1.1x, at a cost in lens KL)."""
+    keep_floor: bool = False
+    """Keep --min-singular through the KL steps too: after every optimizer step each
+    translator's singular values of I + A below it are raised to it (a projection), so the
+    lens stays well conditioned for the exact inverse (default: the floor binds only at the
+    regression; the KL steps may then shrink singular values again)."""
     lr: float | None = None
     """Adam lr of the KL steps (default: 1e-3 after the regression and from zero)."""
     steps: int = 120
@@ -122,6 +127,10 @@ class LensTrainConfig:
             "--min-singular must be in [0, 1)",
         )
         check(self.holdout_contexts >= 0, "--holdout-contexts must be >= 0")
+        check(
+            not self.keep_floor or bool(self.min_singular),
+            "--keep-floor needs a floor: give --min-singular (e.g. 0.9)",
+        )
         check(
             self.eval_every >= 1 and self.patience >= 1, "--eval-every and --patience must be >= 1"
         )

@@ -88,13 +88,19 @@ def _training_record(
         },
         "init": cfg.init,
         "ridge": cfg.ridge if cfg.init == "regression" else None,
-        "min_singular": cfg.min_singular if cfg.init == "regression" else None,
+        "min_singular": (cfg.min_singular if cfg.init == "regression" or cfg.keep_floor else None),
+        "keep_floor": cfg.keep_floor,
         "regression_positions": n_regr,
         "max_steps": cfg.steps,
         "steps": len(history),
         "step_contexts": cfg.step_contexts,
         "lr": cfg.lr,
-        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0 at max_steps",
+        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0 at max_steps"
+        + (
+            ", singular values of I + A projected to >= min_singular after every step"
+            if cfg.keep_floor
+            else ""
+        ),
         "loss": "sum over layers of mean KL(final || lens)",
         "seed": cfg.seed,
         "model_dtype": source.info.get("model_dtype"),
@@ -144,6 +150,7 @@ def train_lens_command(
             holdout=holdout,
             eval_every=cfg.eval_every,
             patience=cfg.patience,
+            min_singular=cfg.min_singular if cfg.keep_floor else None,
         )
     history = run.history
     wall = time.perf_counter() - t0

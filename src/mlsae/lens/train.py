@@ -17,7 +17,9 @@ two stages:
 2. KL training (`train_lens`): Adam on the KL loss in standardised coordinates
    (`_Preconditioned`), short warmup, linear decay to 0 over the maximum budget, stopped early
    when the KL on held-out training-split contexts stops improving; each block keeps its
-   translator of lowest held-out KL (heldout.py).
+   translator of lowest held-out KL (heldout.py). With `min_singular` the floor is kept
+   through these steps too: after every optimizer step each translator is projected
+   (`floor_singular_values`), so cond(I + A) <= max singular value / floor throughout.
 
 Evaluation against the logit lens: evaluate.py.
 """
@@ -44,7 +46,14 @@ from mlsae.lens.tuned import TunedLens
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["CHUNK", "capture_lens_layers", "final_logits", "regression_init", "train_lens"]
+__all__ = [
+    "CHUNK",
+    "capture_lens_layers",
+    "final_logits",
+    "floor_singular_values",
+    "regression_init",
+    "train_lens",
+]
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +125,40 @@ class _Preconditioned(nn.Module):
         a = self.s[:, None] * self.B / self.s[None, :]
         return a, self.s * self.e - a @ self.mu
 
+    @torch.no_grad()
+    def floor_(self, floor: float) -> bool:
+        """Project in place so that I + A has no singular value below `floor`, keeping c (the
+        lens's offset) unchanged; returns whether anything changed."""
+        a, c = self.affine()
+        floored = floor_singular_values(a, floor)
+        if floored is None:
+            return False
+        a = floored.float()
+        self.B.copy_(a * self.s[None, :] / self.s[:, None])
+        self.e.copy_((c + a @ self.mu) / self.s)
+        return True
+
     def forward(self, h: Tensor) -> Tensor:
         hf = h.float()  # [N, d]
         return hf + self.s * (((hf - self.mu) / self.s) @ self.B.T + self.e)
+
+
+@torch.no_grad()
+def floor_singular_values(a: Tensor, floor: float) -> Tensor | None:
+    """A' with the singular values of I + A' those of I + A raised to at least `floor` (the
+    same singular vectors; the nearest such matrix in Frobenius norm), in float64; None when
+    I + A has no singular value below floor x (1 - 1e-6). a: [d, d].
+
+    The check is a Cholesky factorisation of M^T M - (floor (1 - 1e-6))^2 I (M = I + A), which
+    exists iff every singular value of M is above that: far cheaper than the SVD, which only
+    runs when the floor binds."""
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    m = eye + a.detach().double()
+    _, info = torch.linalg.cholesky_ex(m.T @ m - (floor * (1 - 1e-6)) ** 2 * eye)
+    if int(info) == 0:
+        return None
+    u, sv, vh = torch.linalg.svd(m)
+    return (u * sv.clamp_min(floor)) @ vh - eye
 
 
 @torch.no_grad()
@@ -165,10 +205,9 @@ def regression_init(
         g = gram[layer] + torch.diag(ridge * gram[layer].diagonal() + 1e-12)
         beta = torch.linalg.solve(g, rhs[layer])  # [d+1, d]
         a, c = beta[:d].T, beta[d]  # A [d, d], c [d]
-        eye = torch.eye(d, dtype=torch.float64)
-        u, sv, vh = torch.linalg.svd(eye + a)
-        if min_singular and float(sv.min()) < min_singular:
-            a = (u * sv.clamp_min(min_singular)) @ vh - eye
+        floored = floor_singular_values(a, min_singular) if min_singular else None
+        if floored is not None:
+            a = floored
             sw, swx = gram[layer][d, d], gram[layer][d, :d]  # sum w, sum w x
             c = (rhs[layer][d] - a @ swx) / sw  # weighted mean of y - x - A x
         lens._set(layer, a, c)
@@ -208,13 +247,16 @@ def train_lens(
     holdout: Tensor | None = None,
     eval_every: int = 10,
     patience: int = 3,
+    min_singular: float | None = None,
 ) -> LensTrainLog:
     """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order), Adam with linear
     warmup and linear decay to 0 over `steps`. With `holdout` [m, T] contexts (never trained
     on), the held-out KL is measured before the first step and every `eval_every` steps; each
     block ends with its translator of lowest held-out KL (possibly the warm start) and training
     stops after `patience` evaluations without any block improving. Without `holdout`, all
-    `steps` run and the last translators are kept."""
+    `steps` run and the last translators are kept. With `min_singular` (> 0) every translator
+    is projected after every step (and before the first) so that I + A keeps its singular
+    values >= min_singular (projected gradient descent; `floor_singular_values`)."""
     trained = lens.trained_layers
     if not trained:
         raise MlsaeError("nothing to train: the lens only covers the last block (identity)")
@@ -228,6 +270,8 @@ def train_lens(
         first = [batches.next() for _ in range(max(1, math.ceil(stat_contexts / batch_size)))]
         stats = [capture_lens_layers(model, lens, ids, special_ids) for ids in first]
         pre = _preconditioned(lens, stats)
+        floor = _Floor(pre, min_singular, out)
+        floor.apply()
         opt = torch.optim.Adam(
             [q for m in pre.values() for q in m.parameters()], lr=lr, betas=(0.9, 0.999)
         )
@@ -249,6 +293,7 @@ def train_lens(
             total = _kl_backward_all(model, pre, x, layers)
             if len(x):
                 opt.step()
+                floor.apply()
                 out.history.append(total / len(trained))
                 bar.set_postfix(kl=f"{out.history[-1]:.3f}")
             opt.zero_grad(set_to_none=True)
@@ -265,6 +310,22 @@ def train_lens(
             a, c = m.affine() if tracker is None else tracker.best[layer][2:]
             lens._set(layer, a, c)
     return out
+
+
+class _Floor:
+    """Keeps every translator's singular values of I + A >= `floor` (no-op for None / 0),
+    counting the projections that changed a translator in `log.floor_projections`."""
+
+    def __init__(
+        self, pre: dict[int, _Preconditioned], floor: float | None, log: LensTrainLog
+    ) -> None:
+        self.pre, self.floor, self.log = pre, floor, log
+
+    def apply(self) -> None:
+        if not self.floor:
+            return
+        for m in self.pre.values():
+            self.log.floor_projections += int(m.floor_(self.floor))
 
 
 def _preconditioned(
