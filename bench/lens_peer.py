@@ -120,19 +120,21 @@ def _args() -> argparse.Namespace:
 
 
 def _data(lm, args):
-    """(training contexts per seed index, held-out contexts, test batches)."""
+    """(training contexts per seed, held-out contexts, test batches): the split's first
+    --holdout-contexts contexts are held out, then seed s trains on block s of the rest."""
     from mlsae.core.config import DataConfig
     from mlsae.data.text import take_contexts
 
     ctx = args.context_length
     n_train = -(-args.train_tokens // ctx)
+    n_hold = args.holdout_contexts
     contexts = take_contexts(
         lm.tokenizer,
         DataConfig(split="train", context_length=ctx),
-        n_train * len(args.seeds) + args.holdout_contexts,
+        n_hold + n_train * (max(args.seeds) + 1),
     )
-    holdout = contexts[len(contexts) - args.holdout_contexts :]
-    train = [contexts[j * n_train : (j + 1) * n_train] for j in range(len(args.seeds))]
+    holdout = contexts[:n_hold]  # the same for every seed
+    train = {s: contexts[n_hold + s * n_train : n_hold + (s + 1) * n_train] for s in args.seeds}
     test = take_contexts(
         lm.tokenizer, DataConfig(split="test", context_length=ctx), -(-args.test_tokens // ctx)
     )
@@ -178,14 +180,14 @@ def _train_arm(arm, lm, train_ctx, holdout, args, seed, steps):
     return lens, run.to_json()
 
 
-def run_seed(lm, j, seed, data, args) -> dict:
+def run_seed(lm, seed, data, args) -> dict:
     """Train and evaluate every arm for one seed; the JSON record of seed<s>.json."""
     from mlsae.lens.command import _singular_summary
     from mlsae.lens.evaluate import lens_kl_sums
     from mlsae.lens.tuned import identity_lens
 
     train, holdout, test_batches = data
-    train_ctx = train[j]
+    train_ctx = train[seed]
     steps = args.steps or -(-len(train_ctx) // args.batch_size)
     record: dict = {"seed": seed, "train_tokens": int(train_ctx.numel()), "steps": steps}
     arms: dict = {}
@@ -231,18 +233,22 @@ def main() -> None:
         report(args.report, args.bootstrap)
         return
     from mlsae.core.config import ModelConfig
-    from mlsae.core.io import write_json
+    from mlsae.core.io import read_json_object, write_json
     from mlsae.data.model import load_model
 
     t0 = time.perf_counter()
     lm = load_model(ModelConfig())
     data = _data(lm, args)
-    for j, seed in enumerate(args.seeds):
-        rec = run_seed(lm, j, seed, data, args)
+    for seed in args.seeds:
+        rec = run_seed(lm, seed, data, args)
         rec["args"] = {k: str(v) for k, v in vars(args).items()}
         rec["model"] = lm.name
         if args.out is not None:
-            write_json(args.out / f"seed{seed}.json", rec)
+            path = args.out / f"seed{seed}.json"
+            if path.is_file():  # another invocation's arms of this seed are kept
+                old = read_json_object(path, "lens_peer seed")
+                rec["arms"] = {**old["arms"], **rec["arms"]}
+            write_json(path, rec)
             print(f"wrote {args.out / f'seed{seed}.json'}", flush=True)
     print(f"total wall {time.perf_counter() - t0:.0f} s")
     if args.out is not None:
@@ -250,74 +256,79 @@ def main() -> None:
 
 
 def report(folder: Path, n_resamples: int) -> None:
-    """Print the comparison tables of the seed<s>.json files in `folder`."""
+    """Print the comparison tables of the seed<s>.json files in `folder` (each arm over the
+    seeds that ran it; its difference to the package's lens over those same seeds)."""
     from mlsae.core.bootstrap import Bootstrap
     from mlsae.core.io import read_json_object
 
     recs = [read_json_object(p, "lens_peer seed") for p in sorted(folder.glob("seed*.json"))]
     if not recs:
         raise SystemExit(f"no seed*.json in {folder}")
-    arms = [a for a in ARMS if all(a in r["arms"] for r in recs)]
-    layers = recs[0]["arms"][arms[0]]["layers"]
+    arms = [a for a in ARMS if any(a in r["arms"] for r in recs)]
+    first = next(r["arms"][arms[0]] for r in recs if arms[0] in r["arms"])
+    layers = first["layers"]
     cols = list(range(len(layers) - 1))  # blocks 0..L-2 (the last block is the identity)
-    per_ctx = {  # arm -> [S, C, L + 1]
-        a: torch.tensor([r["arms"][a]["per_context"] for r in recs], dtype=torch.float64)
-        for a in arms
-    }
-    n_ctx = per_ctx[arms[0]].shape[1]
-    bs = Bootstrap(n_ctx, n_resamples, 0)
+    bs = Bootstrap(len(first["per_context"]), n_resamples, 0)
 
-    def resampled_mean(a: str) -> torch.Tensor:
-        """[B]: the seed-averaged mean KL over cols, per resample of the test contexts."""
-        x = per_ctx[a].mean(0)  # [C, L + 1]: the positions column is the same for every seed
+    def resampled_mean(a: str, seeds: list[int]) -> torch.Tensor:
+        """[B]: the mean KL over cols of `a` averaged over `seeds`, per resample of the test
+        contexts (the positions column is the same for every seed)."""
+        x = torch.tensor(
+            [r["arms"][a]["per_context"] for r in recs if r["seed"] in seeds], dtype=torch.float64
+        ).mean(0)  # [C, L + 1]
         kl = bs.ratio(x[:, :-1], x[:, -1:].expand_as(x[:, :-1]))  # [B, L]
         return kl[:, cols].mean(1)
 
-    seed_means = {
-        a: [statistics.fmean(r["arms"][a]["kl"][c] for c in cols) for r in recs] for a in arms
-    }
+    def seed_mean(r: dict, a: str) -> float:
+        return statistics.fmean(r["arms"][a]["kl"][c] for c in cols)
+
     print(
-        f"model {recs[0].get('model')}; seeds {[r['seed'] for r in recs]}; "
-        f"{recs[0]['train_tokens']} training tokens per seed, {recs[0]['steps']} max KL steps; "
-        f"{recs[0]['n_test_positions']} test positions in {n_ctx} contexts; mean KL over blocks "
-        f"0-{cols[-1]}; 95% CI: percentile bootstrap over test contexts ({n_resamples} "
-        "resamples) of the seed-averaged mean"
+        f"model {recs[0].get('model')}; {recs[0]['train_tokens']} training tokens per seed, "
+        f"{recs[0]['steps']} max KL steps; {recs[0]['n_test_positions']} test positions in "
+        f"{bs.n_contexts} contexts; mean KL over blocks 0-{cols[-1]}; 95% CI: percentile "
+        f"bootstrap over test contexts ({n_resamples} resamples) of the seed-averaged mean; "
+        "'minus theirs': the paired difference to the package's lens over the same seeds"
     )
-    ref = resampled_mean("theirs") if "theirs" in arms else None
     print(
-        f"{'arm':>10} {'per seed':>26} {'mean +- sd':>17} {'95% CI':>17} "
-        f"{'minus theirs, 95% CI':>28} {'blocks < theirs':>16} {'max cond':>9} {'train s':>8}"
+        f"{'arm':>10} {'seeds':>7} {'per seed':>22} {'mean +- sd':>17} {'95% CI':>17} "
+        f"{'minus theirs [95% CI]':>29} {'blocks < theirs':>16} {'max cond':>9} {'train s':>8}"
     )
     for a in arms:
-        m = seed_means[a]
-        sd = statistics.stdev(m) if len(m) > 1 else float("nan")
-        iv = Bootstrap.interval(resampled_mean(a))
-        diff = (
-            "" if ref is None or a == "theirs" else str(Bootstrap.interval(resampled_mean(a) - ref))
-        )
-        dmean = (
-            ""
-            if a == "theirs" or "theirs" not in arms
-            else f"{statistics.fmean(m) - statistics.fmean(seed_means['theirs']):+.3f} "
-        )
-        better = ""
-        if "theirs" in arms and a != "theirs":
+        runs = [r for r in recs if a in r["arms"]]
+        seeds = [r["seed"] for r in runs]
+        m = [seed_mean(r, a) for r in runs]
+        sd = f"{statistics.stdev(m):.3f}" if len(m) > 1 else "-"
+        iv = Bootstrap.interval(resampled_mean(a, seeds))
+        diff = better = ""
+        if a != "theirs" and all("theirs" in r["arms"] for r in runs):
+            d = statistics.fmean(m) - statistics.fmean(seed_mean(r, "theirs") for r in runs)
+            div = Bootstrap.interval(resampled_mean(a, seeds) - resampled_mean("theirs", seeds))
+            diff = f"{d:+.3f} {div}"
             better = "/".join(
                 str(sum(r["arms"][a]["kl"][c] < r["arms"]["theirs"]["kl"][c] for c in cols))
-                for r in recs
+                for r in runs
             )
-        cond = max(max(r["arms"][a]["cond"]) for r in recs)
-        wall = statistics.fmean(r["arms"][a]["wall_train_s"] for r in recs)
+        cond = max(max(r["arms"][a]["cond"]) for r in runs)
+        wall = statistics.fmean(r["arms"][a]["wall_train_s"] for r in runs)
         print(
-            f"{a:>10} {' '.join(f'{v:.3f}' for v in m):>26} "
-            f"{statistics.fmean(m):>8.3f} +- {sd:<5.3f} {str(iv):>17} {dmean + diff:>28} "
+            f"{a:>10} {','.join(map(str, seeds)):>7} {' '.join(f'{v:.3f}' for v in m):>22} "
+            f"{statistics.fmean(m):>8.3f} +- {sd:<5} {str(iv):>17} {diff:>29} "
             f"{better:>16} {cond:>9.3g} {wall:>8.0f}"
         )
+    for a in arms:
+        svs = [r["arms"][a]["singular_values"] for r in recs if a in r["arms"]]
+        if svs and svs[0] is not None:
+            lo = min(min(v["min"]) for v in svs)
+            hi = max(max(v["max"]) for v in svs)
+            print(
+                f"{a:>10}: singular values of I + A_l over blocks and seeds in [{lo:.4g}, {hi:.4g}]"
+            )
     _cond_table(recs, arms, layers)
 
 
 def _cond_table(recs: list[dict], arms: list[str], layers: list[int]) -> None:
-    """cond(I + A_l) per block (seed 0's lenses) and per-block KL (mean over seeds)."""
+    """Per block: KL (mean over the seeds that ran the arm) and cond(I + A) of the first
+    seed's lens that has the arm."""
     shown = [a for a in arms if a != "logit"]
     print("per block: KL (mean over seeds) and cond(I + A) of the first seed's lens")
     print(
@@ -327,8 +338,8 @@ def _cond_table(recs: list[dict], arms: list[str], layers: list[int]) -> None:
         + " ".join(f"{'cond ' + a:>15}" for a in shown)
     )
     for i, layer in enumerate(layers[:-1]):
-        kl = [statistics.fmean(r["arms"][a]["kl"][i] for r in recs) for a in arms]
-        cond = [recs[0]["arms"][a]["cond"][i] for a in shown]
+        kl = [statistics.fmean(r["arms"][a]["kl"][i] for r in recs if a in r["arms"]) for a in arms]
+        cond = [next(r["arms"][a]["cond"][i] for r in recs if a in r["arms"]) for a in shown]
         print(
             f"{layer:>5} "
             + " ".join(f"{v:>14.4f}" for v in kl)
