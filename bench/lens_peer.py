@@ -17,6 +17,7 @@ Arms (every one evaluated by mlsae.lens.evaluate.lens_kl_sums on the same test c
   floor_init  warm with --min-singular F: the floor binds at the warm start only;
   floor_kept  warm with --min-singular F --keep-floor: the floor is kept through the KL steps
               (each translator projected after every step);
+  cond_kept   warm with --cond-cap C: cond(I + A) <= C at the warm start and after every step;
   logit       the logit lens (identity translators).
 Equal tokens: seed s trains every arm on the same --train-tokens of training-split contexts
 (block s of them, disjoint across seeds; the data order is seeded by s too): the warm start's
@@ -51,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-ARMS = ("theirs", "warm", "zero", "floor_init", "floor_kept", "logit")
+ARMS = ("theirs", "warm", "zero", "floor_init", "floor_kept", "cond_kept", "logit")
 
 
 def train_theirs(model, their_lens, contexts, special_ids, steps, batch_size, seed) -> list:
@@ -110,6 +111,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--min-singular", type=float, default=0.9, help="floor of the floor arms")
+    ap.add_argument("--cond-cap", type=float, default=10.0, help="cap of the cond_kept arm")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--out", type=Path, default=None, help="folder for seed<s>.json")
@@ -159,9 +161,18 @@ def _train_arm(arm, lm, train_ctx, holdout, args, seed, steps):
         return lens, {"steps_run": len(hist), "train_kl": [round(k, 5) for k in hist]}
     lens = TunedLens(lm.n_layers, lm.d_model, model=lm.name)
     floor = args.min_singular if arm.startswith("floor") else None
+    cap = args.cond_cap if arm == "cond_kept" else None
     if arm != "zero":
         batches = [train_ctx[i : i + 8] for i in range(0, len(train_ctx), 8)]
-        regression_init(lm.model, lens, batches, lm.special_ids, min_singular=floor, progress=False)
+        regression_init(
+            lm.model,
+            lens,
+            batches,
+            lm.special_ids,
+            min_singular=floor,
+            progress=False,
+            max_cond=cap,
+        )
     run = train_lens(
         lm.model,
         lens,
@@ -176,6 +187,7 @@ def _train_arm(arm, lm, train_ctx, holdout, args, seed, steps):
         patience=args.patience,
         progress=False,
         min_singular=floor if arm == "floor_kept" else None,
+        max_cond=cap,
     )
     return lens, run.to_json()
 

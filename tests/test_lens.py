@@ -433,6 +433,56 @@ def test_floor_singular_values_is_numpys_clamped_svd() -> None:
     assert floor_singular_values(a, float(sv.min()) * 1.001) is not None  # just binds
 
 
+def test_cap_condition_is_numpys_clamped_svd() -> None:
+    from mlsae.lens.train import cap_condition, condition_translator
+
+    g = torch.Generator().manual_seed(8)
+    a = torch.diag(torch.linspace(-0.9, 20.0, 10)) + 0.1 * torch.randn(10, 10, generator=g)
+    u, sv, vh = np.linalg.svd(np.eye(10) + a.double().numpy())
+    assert sv.max() / sv.min() > 10  # the cap binds
+    got = cap_condition(a, 10.0)
+    assert got is not None
+    ref = (u * np.maximum(sv, sv.max() / 10)) @ vh - np.eye(10)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-10)
+    assert np.linalg.cond(np.eye(10) + got.numpy()) == pytest.approx(10.0, rel=1e-6)
+    assert cap_condition(a, 1.01 * sv.max() / sv.min()) is None
+    both = condition_translator(a, 0.5, 10.0)  # the floor (0.5 < largest / 10) does not bind
+    assert both is not None
+    np.testing.assert_allclose(both.numpy(), ref, rtol=1e-9, atol=1e-10)
+    assert condition_translator(a, None, None) is None
+
+
+def test_cond_cap_through_the_kl_steps(tiny_model, tokenizer) -> None:
+    """With --cond-cap every translator keeps cond(I + A) <= the cap after the warm start and
+    the KL steps (numpy's condition number); without the projection in the steps it is exceeded."""
+    g = torch.Generator().manual_seed(4)
+    train = torch.randint(0, 256, (8, 32), generator=g)
+    sp = _special(tokenizer)
+    cap = 1.5
+    cond = lambda lens, i: np.linalg.cond(np.eye(D) + lens.A(i).detach().double().numpy())
+    lenses = {}
+    for keep in (False, True):
+        lens = TunedLens(L, D)
+        regression_init(tiny_model, lens, [train], sp, max_cond=cap, progress=False)
+        assert max(cond(lens, i) for i in range(L - 1)) <= cap * (1 + 1e-5)
+        run = train_lens(
+            tiny_model,
+            lens,
+            train,
+            sp,
+            steps=15,
+            batch_size=4,
+            lr=5e-2,
+            progress=False,
+            max_cond=cap if keep else None,
+        )
+        assert (run.floor_projections > 0) == keep
+        lenses[keep] = lens
+    assert max(cond(lenses[False], i) for i in range(L - 1)) > cap * 1.01
+    for i in range(L - 1):
+        assert cond(lenses[True], i) <= cap * (1 + 1e-4)
+
+
 def test_keep_floor_through_the_kl_steps(tiny_model, tokenizer) -> None:
     """With the floor kept, every translator's I + A has singular values >= the floor after
     the KL steps (checked with numpy's SVD); without it the same steps go below it."""
@@ -620,6 +670,7 @@ def test_lens_train_config_defaults_and_bad_values() -> None:
         {"patience": 0},
         {"keep_floor": True},
         {"keep_floor": True, "min_singular": 0.0},
+        {"cond_cap": 0.5},
     ):
         with pytest.raises(MlsaeError):
             LensTrainConfig(**bad)

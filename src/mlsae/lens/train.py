@@ -19,7 +19,10 @@ two stages:
    when the KL on held-out training-split contexts stops improving; each block keeps its
    translator of lowest held-out KL (heldout.py). With `min_singular` the floor is kept
    through these steps too: after every optimizer step each translator is projected
-   (`floor_singular_values`), so cond(I + A) <= max singular value / floor throughout.
+   (`floor_singular_values`), so cond(I + A) <= max singular value / floor throughout. The
+   final norm ignores a translator's overall scale, and the warm start's largest singular
+   values reach hundreds (the residual norm grows ~20x over the blocks), so an absolute floor
+   bounds cond(I + A) only loosely; `max_cond` bounds it directly (`cap_condition`).
 
 Evaluation against the logit lens: evaluate.py.
 """
@@ -50,6 +53,7 @@ __all__ = [
     "CHUNK",
     "capture_lens_layers",
     "final_logits",
+    "cap_condition",
     "floor_singular_values",
     "regression_init",
     "train_lens",
@@ -126,11 +130,12 @@ class _Preconditioned(nn.Module):
         return a, self.s * self.e - a @ self.mu
 
     @torch.no_grad()
-    def floor_(self, floor: float) -> bool:
-        """Project in place so that I + A has no singular value below `floor`, keeping c (the
-        lens's offset) unchanged; returns whether anything changed."""
+    def project_(self, min_singular: float | None, max_cond: float | None) -> bool:
+        """Project in place so that I + A has no singular value below `min_singular` and a
+        condition number <= `max_cond` (`condition_translator`), keeping c (the lens's offset)
+        unchanged; returns whether anything changed."""
         a, c = self.affine()
-        floored = floor_singular_values(a, floor)
+        floored = condition_translator(a, min_singular, max_cond)
         if floored is None:
             return False
         a = floored.float()
@@ -162,6 +167,29 @@ def floor_singular_values(a: Tensor, floor: float) -> Tensor | None:
 
 
 @torch.no_grad()
+def cap_condition(a: Tensor, max_cond: float) -> Tensor | None:
+    """A' with the singular values of I + A' those of I + A raised to at least (largest /
+    max_cond), so cond(I + A') <= max_cond (same singular vectors; nearest in Frobenius norm
+    among matrices with that floor), in float64; None when cond(I + A) is already within it."""
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    u, sv, vh = torch.linalg.svd(eye + a.detach().double())
+    floor = float(sv.max()) / max_cond
+    if float(sv.min()) >= floor * (1 - 1e-9):
+        return None
+    return (u * sv.clamp_min(floor)) @ vh - eye
+
+
+def condition_translator(
+    a: Tensor, min_singular: float | None, max_cond: float | None
+) -> Tensor | None:
+    """`floor_singular_values` then `cap_condition` (each when given); None if neither
+    changed A."""
+    floored = floor_singular_values(a, min_singular) if min_singular else None
+    capped = cap_condition(a if floored is None else floored, max_cond) if max_cond else None
+    return floored if capped is None else capped
+
+
+@torch.no_grad()
 def regression_init(
     model: PreTrainedModel,
     lens: TunedLens,
@@ -170,6 +198,7 @@ def regression_init(
     ridge: float = 0.01,
     min_singular: float | None = None,
     progress: bool = True,
+    max_cond: float | None = None,
 ) -> int:
     """Warm start: set each trained translator to the weighted least-squares affine map from
     x_l to the last block's output x_{L-1} (Din et al. 2023, "Jump to conclusions"), i.e.
@@ -180,7 +209,9 @@ def regression_init(
     The fit squashes directions the final output does not vary in (singular values of I + A
     down to 1e-4), which the exact inverse amplifies up to ~1e4-fold. With `min_singular`,
     singular values below it are raised to it (then c is refit), which bounds ||(I + A)^-1|| by
-    1 / min_singular at a cost in lens KL (see core.stage_config.SUGGESTED_MIN_SINGULAR); None or 0: no floor."""
+    1 / min_singular at a cost in lens KL (see core.stage_config.SUGGESTED_MIN_SINGULAR); None or 0: no floor.
+    With `max_cond`, singular values below the largest / max_cond are raised too
+    (`cap_condition`), which bounds cond(I + A)."""
     trained = lens.trained_layers
     d = lens.d_model
     gram = {layer: torch.zeros(d + 1, d + 1, dtype=torch.float64) for layer in trained}
@@ -205,7 +236,7 @@ def regression_init(
         g = gram[layer] + torch.diag(ridge * gram[layer].diagonal() + 1e-12)
         beta = torch.linalg.solve(g, rhs[layer])  # [d+1, d]
         a, c = beta[:d].T, beta[d]  # A [d, d], c [d]
-        floored = floor_singular_values(a, min_singular) if min_singular else None
+        floored = condition_translator(a, min_singular, max_cond)
         if floored is not None:
             a = floored
             sw, swx = gram[layer][d, d], gram[layer][d, :d]  # sum w, sum w x
@@ -248,6 +279,7 @@ def train_lens(
     eval_every: int = 10,
     patience: int = 3,
     min_singular: float | None = None,
+    max_cond: float | None = None,
 ) -> LensTrainLog:
     """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order), Adam with linear
     warmup and linear decay to 0 over `steps`. With `holdout` [m, T] contexts (never trained
@@ -256,7 +288,8 @@ def train_lens(
     stops after `patience` evaluations without any block improving. Without `holdout`, all
     `steps` run and the last translators are kept. With `min_singular` (> 0) every translator
     is projected after every step (and before the first) so that I + A keeps its singular
-    values >= min_singular (projected gradient descent; `floor_singular_values`)."""
+    values >= min_singular (projected gradient descent; `floor_singular_values`); with
+    `max_cond`, so that cond(I + A) <= max_cond (`cap_condition`)."""
     trained = lens.trained_layers
     if not trained:
         raise MlsaeError("nothing to train: the lens only covers the last block (identity)")
@@ -270,7 +303,7 @@ def train_lens(
         first = [batches.next() for _ in range(max(1, math.ceil(stat_contexts / batch_size)))]
         stats = [capture_lens_layers(model, lens, ids, special_ids) for ids in first]
         pre = _preconditioned(lens, stats)
-        floor = _Floor(pre, min_singular, out)
+        floor = _Floor(pre, min_singular, max_cond, out)
         floor.apply()
         opt = torch.optim.Adam(
             [q for m in pre.values() for q in m.parameters()], lr=lr, betas=(0.9, 0.999)
@@ -313,19 +346,24 @@ def train_lens(
 
 
 class _Floor:
-    """Keeps every translator's singular values of I + A >= `floor` (no-op for None / 0),
-    counting the projections that changed a translator in `log.floor_projections`."""
+    """Keeps every translator's singular values of I + A >= `floor` and its condition number
+    <= `max_cond` (no-op for None / 0), counting the projections that changed a translator in
+    `log.floor_projections`."""
 
     def __init__(
-        self, pre: dict[int, _Preconditioned], floor: float | None, log: LensTrainLog
+        self,
+        pre: dict[int, _Preconditioned],
+        floor: float | None,
+        max_cond: float | None,
+        log: LensTrainLog,
     ) -> None:
-        self.pre, self.floor, self.log = pre, floor, log
+        self.pre, self.floor, self.max_cond, self.log = pre, floor, max_cond, log
 
     def apply(self) -> None:
-        if not self.floor:
+        if not self.floor and not self.max_cond:
             return
         for m in self.pre.values():
-            self.log.floor_projections += int(m.floor_(self.floor))
+            self.log.floor_projections += int(m.project_(self.floor, self.max_cond))
 
 
 def _preconditioned(
