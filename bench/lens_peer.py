@@ -37,8 +37,18 @@ the tables from those files: per arm the mean KL over blocks 0-28 per seed, mean
 seeds, the 95% interval over test contexts of the seed-averaged mean KL, and the paired
 interval of its difference to the package's lens (the same resamples for both arms).
 
+--blocks restricts every lens to some blocks (every KL step costs two [tokens, d] x [d, vocab]
+matmuls per block, so 8 blocks cost ~1/3.6 of 29); the package's translators of the other
+blocks then get no gradient, so its clip_grad_norm 1.0 covers only the trained ones.
+
     nice -n 5 python bench/lens_peer.py --out /work/runs/lens/peer --seeds 0 1 2
     python bench/lens_peer.py --report /work/runs/lens/peer
+    # issue 24's run (2 processes on a loaded 2-core machine):
+    A="--train-tokens 1024 --test-tokens 512 --context-length 64 --eval-every 8 --patience 2
+       --cond-cap 10 --blocks 0 4 8 12 16 20 24 28 --out /work/runs/lens/peer --save-lenses"
+    python bench/lens_peer.py $A --seeds 0 --arms theirs warm zero logit floor_init \
+        floor_kept cond_kept
+    python bench/lens_peer.py $A --seeds 1 2 --arms theirs warm zero
 """
 
 from __future__ import annotations
@@ -55,9 +65,10 @@ import torch
 ARMS = ("theirs", "warm", "zero", "floor_init", "floor_kept", "cond_kept", "logit")
 
 
-def train_theirs(model, their_lens, contexts, special_ids, steps, batch_size, seed) -> list:
-    """The tuned-lens package's training recipe (see the module docstring); returns the mean
-    training KL per translator of each step."""
+def train_theirs(model, their_lens, contexts, special_ids, steps, batch_size, seed, blocks) -> list:
+    """The tuned-lens package's training recipe (see the module docstring) for the translators
+    of `blocks` (ours; the package's translator b + 1); returns the mean training KL per
+    translator of each step."""
     from transformers import get_linear_schedule_with_warmup
 
     from mlsae.data.capture import used_mask
@@ -83,8 +94,9 @@ def train_theirs(model, their_lens, contexts, special_ids, steps, batch_size, se
             out = model(input_ids=ids, output_hidden_states=True)
         labels = out.logits.float().log_softmax(-1)[mask]  # [N, V] (token shift 0 for KL)
         total = 0.0
-        for i, h in enumerate(out.hidden_states[:-1]):  # translator i on hidden_states[i]
-            logits = their_lens(h[mask], idx=i)  # [N, V]
+        for b in blocks:  # the package's translator i = b + 1 acts on hidden_states[i]
+            h = out.hidden_states[b + 1]
+            logits = their_lens(h[mask], idx=b + 1)  # [N, V]
             loss = torch.sum(labels.exp() * (labels - logits.log_softmax(-1)), dim=-1).mean()
             loss.backward()
             total += float(loss.detach())
@@ -92,7 +104,7 @@ def train_theirs(model, their_lens, contexts, special_ids, steps, batch_size, se
         opt.step()
         opt.zero_grad(set_to_none=False)
         sched.step()
-        hist.append(total / len(out.hidden_states[:-1]))
+        hist.append(total / len(blocks))
     return hist
 
 
@@ -113,6 +125,13 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--min-singular", type=float, default=0.9, help="floor of the floor arms")
     ap.add_argument("--cond-cap", type=float, default=10.0, help="cap of the cond_kept arm")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train and evaluate translators of these blocks only (default: all but the last)",
+    )
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--out", type=Path, default=None, help="folder for seed<s>.json")
     ap.add_argument("--save-lenses", action="store_true", help="also save OUT/lenses/<arm>_s<s>")
@@ -143,8 +162,16 @@ def _data(lm, args):
     return train, holdout, [test[i : i + 2] for i in range(0, len(test), 2)]
 
 
+def _layers(lm, args) -> list[int]:
+    """The lenses' blocks: --blocks (default every block) and the last (identity) block."""
+    blocks = args.blocks if args.blocks else list(range(lm.n_layers - 1))
+    args.blocks = blocks
+    return sorted(set(blocks) | {lm.n_layers - 1})
+
+
 def _train_arm(arm, lm, train_ctx, holdout, args, seed, steps):
     """One trained lens of `arm` (not logit) and its training record."""
+    layers = _layers(lm, args)
     from mlsae.lens.train import regression_init, train_lens
     from mlsae.lens.tuned import TunedLens, load_lens
 
@@ -153,13 +180,16 @@ def _train_arm(arm, lm, train_ctx, holdout, args, seed, steps):
 
         theirs = PackageLens.from_model(lm.model).float()
         hist = train_theirs(
-            lm.model, theirs, train_ctx, lm.special_ids, steps, args.batch_size, seed
+            lm.model, theirs, train_ctx, lm.special_ids, steps, args.batch_size, seed, args.blocks
         )
         with tempfile.TemporaryDirectory() as tmp:
             theirs.save(tmp)
-            lens = load_lens(tmp)  # re-indexed onto block outputs
+            full = load_lens(tmp)  # re-indexed onto block outputs
+        lens = TunedLens(lm.n_layers, lm.d_model, layers, model=lm.name)
+        for b in args.blocks:
+            lens._set(b, full.A(b), full.c(b))
         return lens, {"steps_run": len(hist), "train_kl": [round(k, 5) for k in hist]}
-    lens = TunedLens(lm.n_layers, lm.d_model, model=lm.name)
+    lens = TunedLens(lm.n_layers, lm.d_model, layers, model=lm.name)
     floor = args.min_singular if arm.startswith("floor") else None
     cap = args.cond_cap if arm == "cond_kept" else None
     if arm != "zero":
@@ -196,7 +226,7 @@ def run_seed(lm, seed, data, args) -> dict:
     """Train and evaluate every arm for one seed; the JSON record of seed<s>.json."""
     from mlsae.lens.command import _singular_summary
     from mlsae.lens.evaluate import lens_kl_sums
-    from mlsae.lens.tuned import identity_lens
+    from mlsae.lens.tuned import TunedLens
 
     train, holdout, test_batches = data
     train_ctx = train[seed]
@@ -207,7 +237,7 @@ def run_seed(lm, seed, data, args) -> dict:
         torch.manual_seed(seed)
         t = time.perf_counter()
         if arm == "logit":
-            lens, training = identity_lens(lm.n_layers, lm.d_model, lm.name), {}
+            lens, training = TunedLens(lm.n_layers, lm.d_model, _layers(lm, args)), {}
         else:
             lens, training = _train_arm(arm, lm, train_ctx, holdout, args, seed, steps)
         wall_train = time.perf_counter() - t
@@ -297,7 +327,8 @@ def report(folder: Path, n_resamples: int) -> None:
     print(
         f"model {recs[0].get('model')}; {recs[0]['train_tokens']} training tokens per seed, "
         f"{recs[0]['steps']} max KL steps; {recs[0]['n_test_positions']} test positions in "
-        f"{bs.n_contexts} contexts; mean KL over blocks 0-{cols[-1]}; 95% CI: percentile "
+        f"{bs.n_contexts} contexts; mean KL over blocks {[layers[c] for c in cols]}; 95% CI: "
+        "percentile "
         f"bootstrap over test contexts ({n_resamples} resamples) of the seed-averaged mean; "
         "'minus theirs': the paired difference to the package's lens over the same seeds"
     )
