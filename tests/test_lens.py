@@ -189,26 +189,25 @@ def test_evaluation_matches_independent_computation(tiny_model, tokenizer) -> No
     # the KL intervals: a brute-force percentile bootstrap over the 3 contexts, same draws
     assert got.intervals is not None and got.intervals.bootstrap.n_contexts == 3
     draws = resample_indices(3, got.intervals.bootstrap.n_resamples, 0)
-    means = {
-        "tuned": (got.intervals.kl_tuned_mean, np.zeros(len(draws))),
-        "logit": (got.intervals.kl_logit_mean, np.zeros(len(draws))),
-    }
     for kind, ivs in (("tuned", got.intervals.kl_tuned), ("logit", got.intervals.kl_logit)):
         for layer in range(L):
             ctx = np.array(ref[kind]["kl_ctx"][layer])  # [3, 2]
             vals = [ctx[d, 0].sum() / ctx[d, 1].sum() for d in draws]
-            means[kind][1][:] += np.array(vals) / L  # the mean over layers of each resample
             iv = ivs[layer]
             assert iv is not None
             lo, hi = np.percentile(vals, [2.5, 97.5])
             assert iv.low == pytest.approx(lo, rel=1e-4, abs=1e-7)
             assert iv.high == pytest.approx(hi, rel=1e-4, abs=1e-7)
-    for kind, (iv, vals) in means.items():  # the headline: KL's mean over the layers
+    # ... and of the mean KL over the trained layers (all but the last), the same draws
+    for kind, iv in (("tuned", got.intervals.mean_tuned), ("logit", got.intervals.mean_logit)):
+        ctx = [np.array(ref[kind]["kl_ctx"][layer]) for layer in range(L - 1)]
+        vals = [np.mean([c[d, 0].sum() / c[d, 1].sum() for c in ctx]) for d in draws]
         lo, hi = np.percentile(vals, [2.5, 97.5])
-        assert iv is not None, kind
-        assert iv.low == pytest.approx(lo, rel=1e-4, abs=1e-7)
+        assert iv is not None and iv.low == pytest.approx(lo, rel=1e-4, abs=1e-7)
         assert iv.high == pytest.approx(hi, rel=1e-4, abs=1e-7)
-    assert "mean" in got.table() and "mean" in lens_table(got)
+        mean = getattr(got, f"mean_kl_{kind}")
+        assert mean == pytest.approx(np.mean(ref[kind]["kl"][: L - 1]), rel=1e-4, abs=1e-7)
+    assert "mean KL over the trained layers" in got.table() and "mean" in lens_table(got)
     assert got.model_ce == pytest.approx(ref["logit"]["ce"][-1], rel=1e-5, abs=1e-6)
 
 
@@ -421,6 +420,111 @@ def test_no_singular_value_floor_unless_asked(tiny_model, tokenizer) -> None:
         assert sv(floored, i).min() >= 0.9 * (1 - 1e-5)
 
 
+def test_floor_singular_values_is_numpys_clamped_svd() -> None:
+    from mlsae.lens.train import floor_singular_values
+
+    g = torch.Generator().manual_seed(7)
+    a = 0.8 * torch.randn(12, 12, generator=g) / 12**0.5 - 0.5 * torch.eye(12)
+    u, sv, vh = np.linalg.svd(np.eye(12) + a.double().numpy())
+    assert sv.min() < 0.5  # the floor binds
+    got = floor_singular_values(a, 0.5)
+    assert got is not None
+    ref = (u * np.maximum(sv, 0.5)) @ vh - np.eye(12)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-10)
+    assert floor_singular_values(a, float(sv.min()) * 0.99) is None  # nothing to raise
+    assert floor_singular_values(a, float(sv.min()) * 1.001) is not None  # just binds
+
+
+def test_cap_condition_is_numpys_clamped_svd() -> None:
+    from mlsae.lens.train import cap_condition, condition_translator
+
+    g = torch.Generator().manual_seed(8)
+    a = torch.diag(torch.linspace(-0.9, 20.0, 10)) + 0.1 * torch.randn(10, 10, generator=g)
+    u, sv, vh = np.linalg.svd(np.eye(10) + a.double().numpy())
+    assert sv.max() / sv.min() > 10  # the cap binds
+    got = cap_condition(a, 10.0)
+    assert got is not None
+    ref = (u * np.maximum(sv, sv.max() / 10)) @ vh - np.eye(10)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-10)
+    assert np.linalg.cond(np.eye(10) + got.numpy()) == pytest.approx(10.0, rel=1e-6)
+    assert cap_condition(a, 1.01 * sv.max() / sv.min()) is None
+    both = condition_translator(a, 0.5, 10.0)  # the floor (0.5 < largest / 10) does not bind
+    assert both is not None
+    np.testing.assert_allclose(both.numpy(), ref, rtol=1e-9, atol=1e-10)
+    assert condition_translator(a, None, None) is None
+
+
+def test_cond_cap_through_the_kl_steps(tiny_model, tokenizer) -> None:
+    """With --cond-cap every translator keeps cond(I + A) <= the cap after the warm start and
+    the KL steps (numpy's condition number); without the projection in the steps it is exceeded."""
+    g = torch.Generator().manual_seed(4)
+    train = torch.randint(0, 256, (8, 32), generator=g)
+    sp = _special(tokenizer)
+    cap = 1.5
+    cond = lambda lens, i: np.linalg.cond(np.eye(D) + lens.A(i).detach().double().numpy())
+    lenses = {}
+    for keep in (False, True):
+        lens = TunedLens(L, D)
+        regression_init(tiny_model, lens, [train], sp, max_cond=cap, progress=False)
+        assert max(cond(lens, i) for i in range(L - 1)) <= cap * (1 + 1e-5)
+        run = train_lens(
+            tiny_model,
+            lens,
+            train,
+            sp,
+            steps=15,
+            batch_size=4,
+            lr=5e-2,
+            progress=False,
+            max_cond=cap if keep else None,
+        )
+        assert (run.floor_projections > 0) == keep
+        lenses[keep] = lens
+    assert max(cond(lenses[False], i) for i in range(L - 1)) > cap * 1.01
+    for i in range(L - 1):
+        assert cond(lenses[True], i) <= cap * (1 + 1e-4)
+
+
+def test_keep_floor_through_the_kl_steps(tiny_model, tokenizer) -> None:
+    """With the floor kept, every translator's I + A has singular values >= the floor after
+    the KL steps (checked with numpy's SVD); without it the same steps go below it."""
+    g = torch.Generator().manual_seed(3)
+    train = torch.randint(0, 256, (8, 32), generator=g)
+    hold = torch.randint(0, 256, (2, 32), generator=g)
+    sp = _special(tokenizer)
+    floor = 0.9
+    svmin = lambda lens, i: np.linalg.svd(
+        np.eye(D) + lens.A(i).detach().double().numpy(), compute_uv=False
+    ).min()
+    lenses = {}
+    for keep in (False, True):
+        lens = TunedLens(L, D)
+        regression_init(tiny_model, lens, [train], sp, min_singular=floor, progress=False)
+        assert min(svmin(lens, i) for i in range(L - 1)) >= floor * (1 - 1e-5)
+        run = train_lens(
+            tiny_model,
+            lens,
+            train,
+            sp,
+            steps=20,
+            batch_size=4,
+            lr=5e-2,
+            holdout=hold,
+            eval_every=1,
+            patience=20,
+            progress=False,
+            min_singular=floor if keep else None,
+        )
+        assert (run.floor_projections > 0) == keep
+        lenses[keep] = lens
+    assert min(svmin(lenses[False], i) for i in range(L - 1)) < floor * 0.99
+    for i in range(L - 1):  # the kept (best held-out) translators respect the floor
+        assert svmin(lenses[True], i) >= floor * (1 - 1e-4)
+        assert lenses[True].cond(i) <= float(
+            np.linalg.svd(np.eye(D) + lenses[True].A(i).detach().double().numpy())[1].max()
+        ) / floor * (1 + 1e-4)
+
+
 def test_condition_number_is_numpys() -> None:
     lens = _random_lens(4, 16, scale=0.9, seed=3)
     for layer in range(4):
@@ -566,6 +670,9 @@ def test_lens_train_config_defaults_and_bad_values() -> None:
         {"holdout_contexts": -1},
         {"eval_every": 0},
         {"patience": 0},
+        {"keep_floor": True},
+        {"keep_floor": True, "min_singular": 0.0},
+        {"cond_cap": 0.5},
     ):
         with pytest.raises(MlsaeError):
             LensTrainConfig(**bad)

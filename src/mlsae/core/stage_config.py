@@ -91,6 +91,17 @@ class LensTrainConfig:
     min_singular: float | None = None
     """Floor on the singular values of I + A after the regression (default: no floor, SPEC 5;
     0.9 bounds the exact inverse's gain at 1.1x, at a cost in lens KL)."""
+    keep_floor: bool = False
+    """Keep --min-singular through the KL steps too: after every optimizer step each
+    translator's singular values of I + A below it are raised to it (a projection), so the
+    lens stays well conditioned for the exact inverse (default: the floor binds only at the
+    regression; the KL steps may then shrink singular values again)."""
+    cond_cap: float | None = None
+    """Bound cond(I + A) of every translator by this, at the warm start and after every KL
+    step (singular values below the largest / this are raised to it). Scale-free, unlike
+    --min-singular: the final norm ignores a translator's overall scale, and the warm start's
+    largest singular values reach hundreds, so a floor of 0.9 still allows cond ~500
+    (default: no bound)."""
     lr: float | None = None
     """Adam lr of the KL steps (default: 1e-3 after the regression and from zero)."""
     steps: int = 120
@@ -122,6 +133,11 @@ class LensTrainConfig:
             "--min-singular must be in [0, 1)",
         )
         check(self.holdout_contexts >= 0, "--holdout-contexts must be >= 0")
+        check(self.cond_cap is None or self.cond_cap >= 1, "--cond-cap must be >= 1")
+        check(
+            not self.keep_floor or bool(self.min_singular),
+            "--keep-floor needs a floor: give --min-singular (e.g. 0.9)",
+        )
         check(
             self.eval_every >= 1 and self.patience >= 1, "--eval-every and --patience must be >= 1"
         )

@@ -88,13 +88,20 @@ def _training_record(
         },
         "init": cfg.init,
         "ridge": cfg.ridge if cfg.init == "regression" else None,
-        "min_singular": cfg.min_singular if cfg.init == "regression" else None,
+        "min_singular": (cfg.min_singular if cfg.init == "regression" or cfg.keep_floor else None),
+        "keep_floor": cfg.keep_floor,
+        "cond_cap": cfg.cond_cap,
         "regression_positions": n_regr,
         "max_steps": cfg.steps,
         "steps": len(history),
         "step_contexts": cfg.step_contexts,
         "lr": cfg.lr,
-        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0 at max_steps",
+        "optimizer": "adam in standardised coordinates, warmup + linear decay to 0 at max_steps"
+        + (
+            ", singular values of I + A projected to >= min_singular after every step"
+            if cfg.keep_floor
+            else ""
+        ),
         "loss": "sum over layers of mean KL(final || lens)",
         "seed": cfg.seed,
         "model_dtype": source.info.get("model_dtype"),
@@ -128,7 +135,13 @@ def train_lens_command(
         bs = source.batch_size
         batches = [train_ctx[i : i + bs] for i in range(0, len(train_ctx), bs)]
         n_regr = regression_init(
-            lm.model, lens, batches, lm.special_ids, ridge=cfg.ridge, min_singular=cfg.min_singular
+            lm.model,
+            lens,
+            batches,
+            lm.special_ids,
+            ridge=cfg.ridge,
+            min_singular=cfg.min_singular,
+            max_cond=cfg.cond_cap,
         )
     run = LensTrainLog(stop_reason="no KL steps (--steps 0)")
     if cfg.steps:
@@ -144,6 +157,8 @@ def train_lens_command(
             holdout=holdout,
             eval_every=cfg.eval_every,
             patience=cfg.patience,
+            min_singular=cfg.min_singular if cfg.keep_floor else None,
+            max_cond=cfg.cond_cap,
         )
     history = run.history
     wall = time.perf_counter() - t0

@@ -50,9 +50,10 @@ class LensIntervals:
     bootstrap: BootstrapInfo
     kl_tuned: list[Interval | None]
     kl_logit: list[Interval | None]
-    kl_tuned_mean: Interval | None = None
-    """Of the KL's mean over the layers (the headline number; None in older files)."""
-    kl_logit_mean: Interval | None = None
+    mean_tuned: Interval | None = None
+    """Of the mean KL over the trained layers (all but the last block), tuned lens."""
+    mean_logit: Interval | None = None
+    """The same for the logit lens."""
 
 
 @dataclass
@@ -73,6 +74,10 @@ class LensEvalResult:
     split: str | None = None
     n_tokens: int = 0
     intervals: LensIntervals | None = None
+    mean_kl_tuned: float | None = None
+    """Mean of the per-layer KL over the trained layers (every covered block but the last)."""
+    mean_kl_logit: float | None = None
+    """The same for the logit lens."""
 
     def to_json(self) -> dict[str, Any]:
         out = to_dict(self)
@@ -88,20 +93,35 @@ class LensEvalResult:
         return format_table(self)
 
 
+@dataclass
+class LensKLSums:
+    """What one pass of a lens over held-out contexts accumulates (float64 sums)."""
+
+    layers: list[int]
+    sums: dict[str, Tensor]
+    """Per layer [L]: 'tk' / 'lk' KL sums of the tuned / logit lens, 'tc' / 'lc' CE sums."""
+    per_context: Tensor
+    """[C, 2, L + 1]: per context, the KL sums of the tuned (0) and logit (1) lens per layer;
+    the last column holds the context's used positions."""
+    n_kl: int
+    n_ce: int
+    model_ce: float
+    """Summed over the CE positions."""
+
+
 @torch.no_grad()
-def evaluate_lens(
+def lens_kl_sums(
     model: PreTrainedModel,
     lens: TunedLens,
     batches: Iterable[Tensor],
     special_ids: Sequence[int],
     progress: bool = True,
-    boot: BootstrapConfig | None = None,
-) -> LensEvalResult:
-    """Per-layer KL(final || lens) and next-token CE of the tuned and the logit lens, with
-    bootstrap intervals of the KL over the contexts (the rows of the batches; `boot`).
-
-    batches: [B, T] token ids. Sums are float64; KL is averaged over used positions, CE over
-    used positions t < T-1 (target token t+1, whatever it is)."""
+    with_logit: bool = True,
+) -> LensKLSums:
+    """Per-layer KL(final || lens) and next-token CE sums of the tuned and the logit lens, and
+    the KL sums per context (the rows of the batches), so intervals and paired comparisons of
+    lenses on the same contexts need no model rerun. batches: [B, T] token ids. `with_logit`
+    False: the logit lens is skipped (its sums stay 0; half the cost)."""
     layers = lens.layers
     sums = {k: torch.zeros(len(layers), dtype=torch.float64) for k in ("tk", "tc", "lk", "lc")}
     n_kl = n_ce = 0
@@ -130,7 +150,7 @@ def evaluate_lens(
             kl_pos = torch.zeros(len(xc), dtype=torch.float64)  # [n] KL per position
             for i, layer in enumerate(layers):
                 h = xc[:, cap.index(layer)]
-                for key in ("t", "l"):
+                for key in ("t", "l") if with_logit else ("t",):
                     if key == "t" or layer != lens.last_layer:  # identical at the last block
                         logits = (
                             lens.logits(model, h, layer) if key == "t" else final_logits(model, h)
@@ -148,33 +168,64 @@ def evaluate_lens(
         per_ctx.append(ctx)
     if n_kl == 0 or n_ce == 0:
         raise MlsaeError("no evaluation tokens (every position is a special token?)")
-    res = lambda k: [float(v) for v in sums[k] / (n_kl if k.endswith("k") else n_ce)]
+    return LensKLSums(layers, sums, torch.cat(per_ctx), n_kl, n_ce, model_ce)
+
+
+def evaluate_lens(
+    model: PreTrainedModel,
+    lens: TunedLens,
+    batches: Iterable[Tensor],
+    special_ids: Sequence[int],
+    progress: bool = True,
+    boot: BootstrapConfig | None = None,
+) -> LensEvalResult:
+    """Per-layer KL(final || lens) and next-token CE of the tuned and the logit lens, with
+    bootstrap intervals of the KL over the contexts (the rows of the batches; `boot`).
+
+    batches: [B, T] token ids. Sums are float64; KL is averaged over used positions, CE over
+    used positions t < T-1 (target token t+1, whatever it is)."""
+    acc = lens_kl_sums(model, lens, batches, special_ids, progress)
+    res = lambda k: [float(v) for v in acc.sums[k] / (acc.n_kl if k.endswith("k") else acc.n_ce)]
+    trained = [i for i, layer in enumerate(acc.layers) if layer != lens.last_layer]
+    tuned, logit = LensCurves(res("tk"), res("tc")), LensCurves(res("lk"), res("lc"))
+    mean = lambda v: sum(v[i] for i in trained) / len(trained) if trained else None
     return LensEvalResult(
-        layers,
-        LensCurves(res("tk"), res("tc")),
-        LensCurves(res("lk"), res("lc")),
-        [lens.cond(layer) for layer in layers],
-        model_ce / n_ce,
-        n_kl,
-        n_ce,
-        intervals=_kl_intervals(torch.cat(per_ctx), boot or BootstrapConfig()),
+        acc.layers,
+        tuned,
+        logit,
+        [lens.cond(layer) for layer in acc.layers],
+        acc.model_ce / acc.n_ce,
+        acc.n_kl,
+        acc.n_ce,
+        intervals=_kl_intervals(acc.per_context, boot or BootstrapConfig(), trained),
+        mean_kl_tuned=mean(tuned.kl),
+        mean_kl_logit=mean(logit.kl),
     )
 
 
-def _kl_intervals(ctx: Tensor, boot: BootstrapConfig) -> LensIntervals | None:
+def mean_kl_resamples(bs: Bootstrap, per_context: Tensor, columns: Sequence[int]) -> Tensor:
+    """[B, 2]: each resample's mean over the layer `columns` of the per-layer KL (tuned, logit),
+    from per-context sums per_context [C, 2, L + 1] (`LensKLSums.per_context`)."""
+    n = per_context[:, :, -1:].expand_as(per_context[:, :, :-1])
+    kl = bs.ratio(per_context[:, :, :-1], n)  # [B, 2, L]
+    return kl[:, :, list(columns)].mean(-1)
+
+
+def _kl_intervals(ctx: Tensor, boot: BootstrapConfig, trained: list[int]) -> LensIntervals | None:
     """Per-layer KL intervals from per-context sums ctx [C, 2, L + 1] (the last column: the
-    context's used positions)."""
+    context's used positions), and those of the mean over the `trained` layer columns."""
     if boot.bootstrap <= 0 or not len(ctx):
         return None
     bs = Bootstrap(len(ctx), boot.bootstrap, boot.bootstrap_seed)
     n = ctx[:, :, -1:].expand_as(ctx[:, :, :-1])
     kl = bs.ratio(ctx[:, :, :-1], n)  # [B, 2, L]
+    mean = mean_kl_resamples(bs, ctx, trained) if trained else None
     return LensIntervals(
         bs.info,
         bs.intervals(kl[:, 0]),
         bs.intervals(kl[:, 1]),
-        bs.interval(mean_over_columns(kl[:, 0])),
-        bs.interval(mean_over_columns(kl[:, 1])),
+        None if mean is None else bs.interval(mean[:, 0]),
+        None if mean is None else bs.interval(mean[:, 1]),
     )
 
 
@@ -197,13 +248,13 @@ def format_table(result: LensEvalResult) -> str:
             f"{layer:>5} {t.kl[i]:>9.4f} {g.kl[i]:>9.4f} {t.ce[i]:>9.4f} "
             f"{g.ce[i]:>9.4f} {cond[i]:>10.4g}" + extra
         )
-    if t.kl:
-        extra = f" {_ci(iv.kl_tuned_mean)} {_ci(iv.kl_logit_mean)}" if iv is not None else ""
-        mean = lambda v: sum(v) / len(v)  # noqa: E731
-        lines.append(
-            f"{'mean':>5} {mean(t.kl):>9.4f} {mean(g.kl):>9.4f} {'':>9} {'':>9} {'':>10}" + extra
-        )
     lines.append(f"model CE {result.model_ce:.4f} over {result.n_ce_positions} positions")
+    if result.mean_kl_tuned is not None and result.mean_kl_logit is not None:
+        m_t, m_l = (f" {iv.mean_tuned}", f" {iv.mean_logit}") if iv is not None else ("", "")
+        lines.append(
+            f"mean KL over the trained layers: tuned {result.mean_kl_tuned:.4f}{m_t}, "
+            f"logit {result.mean_kl_logit:.4f}{m_l}"
+        )
     if iv is not None:
         b = iv.bootstrap
         lines.append(

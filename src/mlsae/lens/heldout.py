@@ -80,6 +80,9 @@ class LensTrainLog:
     """Per block, its held-out KL there."""
     stop_reason: str = ""
     heldout_positions: int = 0
+    floor_projections: int = 0
+    """(step, block) projections that raised a singular value of I + A to the floor (0
+    without a floor kept through the steps)."""
 
     def to_json(self) -> dict:
         blocks = sorted(self.best_step)
@@ -87,6 +90,7 @@ class LensTrainLog:
             "steps_run": len(self.history),
             "stop_reason": self.stop_reason,
             "heldout_positions": self.heldout_positions,
+            "floor_projections": self.floor_projections,
             "heldout_curve": [
                 [s, round(k, 6)] for s, k in zip(self.heldout_steps, self.heldout_kl, strict=True)
             ],

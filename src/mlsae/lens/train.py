@@ -17,7 +17,12 @@ two stages:
 2. KL training (`train_lens`): Adam on the KL loss in standardised coordinates
    (`_Preconditioned`), short warmup, linear decay to 0 over the maximum budget, stopped early
    when the KL on held-out training-split contexts stops improving; each block keeps its
-   translator of lowest held-out KL (heldout.py).
+   translator of lowest held-out KL (heldout.py). With `min_singular` the floor is kept
+   through these steps too: after every optimizer step each translator is projected
+   (`floor_singular_values`), so cond(I + A) <= max singular value / floor throughout. The
+   final norm ignores a translator's overall scale, and the warm start's largest singular
+   values reach hundreds (the residual norm grows ~20x over the blocks), so an absolute floor
+   bounds cond(I + A) only loosely; `max_cond` bounds it directly (`cap_condition`).
 
 Evaluation against the logit lens: evaluate.py.
 """
@@ -44,7 +49,15 @@ from mlsae.lens.tuned import TunedLens
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["CHUNK", "capture_lens_layers", "final_logits", "regression_init", "train_lens"]
+__all__ = [
+    "CHUNK",
+    "capture_lens_layers",
+    "final_logits",
+    "cap_condition",
+    "floor_singular_values",
+    "regression_init",
+    "train_lens",
+]
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +129,64 @@ class _Preconditioned(nn.Module):
         a = self.s[:, None] * self.B / self.s[None, :]
         return a, self.s * self.e - a @ self.mu
 
+    @torch.no_grad()
+    def project_(self, min_singular: float | None, max_cond: float | None) -> bool:
+        """Project in place so that I + A has no singular value below `min_singular` and a
+        condition number <= `max_cond` (`condition_translator`), keeping c (the lens's offset)
+        unchanged; returns whether anything changed."""
+        a, c = self.affine()
+        floored = condition_translator(a, min_singular, max_cond)
+        if floored is None:
+            return False
+        a = floored.float()
+        self.B.copy_(a * self.s[None, :] / self.s[:, None])
+        self.e.copy_((c + a @ self.mu) / self.s)
+        return True
+
     def forward(self, h: Tensor) -> Tensor:
         hf = h.float()  # [N, d]
         return hf + self.s * (((hf - self.mu) / self.s) @ self.B.T + self.e)
+
+
+@torch.no_grad()
+def floor_singular_values(a: Tensor, floor: float) -> Tensor | None:
+    """A' with the singular values of I + A' those of I + A raised to at least `floor` (the
+    same singular vectors; the nearest such matrix in Frobenius norm), in float64; None when
+    I + A has no singular value below floor x (1 - 1e-6). a: [d, d].
+
+    The check is a Cholesky factorisation of M^T M - (floor (1 - 1e-6))^2 I (M = I + A), which
+    exists iff every singular value of M is above that: far cheaper than the SVD, which only
+    runs when the floor binds."""
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    m = eye + a.detach().double()
+    _, info = torch.linalg.cholesky_ex(m.T @ m - (floor * (1 - 1e-6)) ** 2 * eye)
+    if int(info) == 0:
+        return None
+    u, sv, vh = torch.linalg.svd(m)
+    return (u * sv.clamp_min(floor)) @ vh - eye
+
+
+@torch.no_grad()
+def cap_condition(a: Tensor, max_cond: float) -> Tensor | None:
+    """A' with the singular values of I + A' those of I + A raised to at least (largest /
+    max_cond), so cond(I + A') <= max_cond (same singular vectors; nearest in Frobenius norm
+    among matrices with that floor), in float64; None when cond(I + A) is already within it."""
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    u, sv, vh = torch.linalg.svd(eye + a.detach().double())
+    floor = float(sv.max()) / max_cond
+    if float(sv.min()) >= floor * (1 - 1e-9):
+        return None
+    return (u * sv.clamp_min(floor)) @ vh - eye
+
+
+def condition_translator(
+    a: Tensor, min_singular: float | None, max_cond: float | None
+) -> Tensor | None:
+    """`floor_singular_values` then `cap_condition` (each when given); None if neither
+    changed A."""
+    floored = floor_singular_values(a, min_singular) if min_singular else None
+    capped = cap_condition(a if floored is None else floored, max_cond) if max_cond else None
+    return floored if capped is None else capped
 
 
 @torch.no_grad()
@@ -130,6 +198,7 @@ def regression_init(
     ridge: float = 0.01,
     min_singular: float | None = None,
     progress: bool = True,
+    max_cond: float | None = None,
 ) -> int:
     """Warm start: set each trained translator to the weighted least-squares affine map from
     x_l to the last block's output x_{L-1} (Din et al. 2023, "Jump to conclusions"), i.e.
@@ -140,7 +209,9 @@ def regression_init(
     The fit squashes directions the final output does not vary in (singular values of I + A
     down to 1e-4), which the exact inverse amplifies up to ~1e4-fold. With `min_singular`,
     singular values below it are raised to it (then c is refit), which bounds ||(I + A)^-1|| by
-    1 / min_singular at a cost in lens KL (see core.stage_config.SUGGESTED_MIN_SINGULAR); None or 0: no floor."""
+    1 / min_singular at a cost in lens KL (see core.stage_config.SUGGESTED_MIN_SINGULAR); None or 0: no floor.
+    With `max_cond`, singular values below the largest / max_cond are raised too
+    (`cap_condition`), which bounds cond(I + A)."""
     trained = lens.trained_layers
     d = lens.d_model
     gram = {layer: torch.zeros(d + 1, d + 1, dtype=torch.float64) for layer in trained}
@@ -165,10 +236,9 @@ def regression_init(
         g = gram[layer] + torch.diag(ridge * gram[layer].diagonal() + 1e-12)
         beta = torch.linalg.solve(g, rhs[layer])  # [d+1, d]
         a, c = beta[:d].T, beta[d]  # A [d, d], c [d]
-        eye = torch.eye(d, dtype=torch.float64)
-        u, sv, vh = torch.linalg.svd(eye + a)
-        if min_singular and float(sv.min()) < min_singular:
-            a = (u * sv.clamp_min(min_singular)) @ vh - eye
+        floored = condition_translator(a, min_singular, max_cond)
+        if floored is not None:
+            a = floored
             sw, swx = gram[layer][d, d], gram[layer][d, :d]  # sum w, sum w x
             c = (rhs[layer][d] - a @ swx) / sw  # weighted mean of y - x - A x
         lens._set(layer, a, c)
@@ -208,13 +278,18 @@ def train_lens(
     holdout: Tensor | None = None,
     eval_every: int = 10,
     patience: int = 3,
+    min_singular: float | None = None,
+    max_cond: float | None = None,
 ) -> LensTrainLog:
     """Train `lens` in place on `contexts` [n, T] (cycled in shuffled order), Adam with linear
     warmup and linear decay to 0 over `steps`. With `holdout` [m, T] contexts (never trained
     on), the held-out KL is measured before the first step and every `eval_every` steps; each
     block ends with its translator of lowest held-out KL (possibly the warm start) and training
     stops after `patience` evaluations without any block improving. Without `holdout`, all
-    `steps` run and the last translators are kept."""
+    `steps` run and the last translators are kept. With `min_singular` (> 0) every translator
+    is projected after every step (and before the first) so that I + A keeps its singular
+    values >= min_singular (projected gradient descent; `floor_singular_values`); with
+    `max_cond`, so that cond(I + A) <= max_cond (`cap_condition`)."""
     trained = lens.trained_layers
     if not trained:
         raise MlsaeError("nothing to train: the lens only covers the last block (identity)")
@@ -228,6 +303,8 @@ def train_lens(
         first = [batches.next() for _ in range(max(1, math.ceil(stat_contexts / batch_size)))]
         stats = [capture_lens_layers(model, lens, ids, special_ids) for ids in first]
         pre = _preconditioned(lens, stats)
+        floor = _Floor(pre, min_singular, max_cond, out)
+        floor.apply()
         opt = torch.optim.Adam(
             [q for m in pre.values() for q in m.parameters()], lr=lr, betas=(0.9, 0.999)
         )
@@ -249,6 +326,7 @@ def train_lens(
             total = _kl_backward_all(model, pre, x, layers)
             if len(x):
                 opt.step()
+                floor.apply()
                 out.history.append(total / len(trained))
                 bar.set_postfix(kl=f"{out.history[-1]:.3f}")
             opt.zero_grad(set_to_none=True)
@@ -265,6 +343,27 @@ def train_lens(
             a, c = m.affine() if tracker is None else tracker.best[layer][2:]
             lens._set(layer, a, c)
     return out
+
+
+class _Floor:
+    """Keeps every translator's singular values of I + A >= `floor` and its condition number
+    <= `max_cond` (no-op for None / 0), counting the projections that changed a translator in
+    `log.floor_projections`."""
+
+    def __init__(
+        self,
+        pre: dict[int, _Preconditioned],
+        floor: float | None,
+        max_cond: float | None,
+        log: LensTrainLog,
+    ) -> None:
+        self.pre, self.floor, self.max_cond, self.log = pre, floor, max_cond, log
+
+    def apply(self) -> None:
+        if not self.floor and not self.max_cond:
+            return
+        for m in self.pre.values():
+            self.log.floor_projections += int(m.project_(self.floor, self.max_cond))
 
 
 def _preconditioned(

@@ -338,11 +338,13 @@ def lens_table(lens_eval: LensEvalResult) -> str:
         for i, layer in enumerate(lens_eval.layers)
     ]
     head = ["layer", "KL tuned", "KL logit", "CE tuned", "CE logit", "cond(I+A)"]
-    if iv is not None and t.kl:
+    if iv is not None:
         head += ["KL tuned 95% CI", "KL logit 95% CI"]
-        mean = [sum(t.kl) / len(t.kl), sum(lg.kl) / len(lg.kl)]
-        rows.append(["mean", *mean, None, None, None])
-        rows[-1] += [_interval(iv.kl_tuned_mean), _interval(iv.kl_logit_mean)]
+    if lens_eval.mean_kl_tuned is not None and lens_eval.mean_kl_logit is not None:
+        mean = [lens_eval.mean_kl_tuned, lens_eval.mean_kl_logit]  # over the trained layers
+        rows.append(["mean (trained layers)", *mean, None, None, None])
+        if iv is not None:
+            rows[-1] += [_interval(iv.mean_tuned), _interval(iv.mean_logit)]
     return _grid(head, rows)
 
 
