@@ -2,7 +2,7 @@
 `python scripts/cache_prefix.py SRC DST TOKENS`. DST gets symbolic links to SRC's first shards
 (whole shards only: TOKENS must be a sum of SRC's first shard sizes) and a manifest listing just
 those (their sha256 as SRC's manifest records them, so `mlsae` still checks every shard it
-reads), with the norm-outlier report recomputed on the prefix. Used by scripts/seeds.sh to give
+reads), without SRC's norm-outlier report (made for all of SRC; `mlsae info` shows none). Used by scripts/seeds.sh to give
 two models the same training-token budget. An existing DST holding the same prefix is kept."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from mlsae.activations.cache import ActivationCache
-from mlsae.activations.extract import record_norm_outliers
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 
@@ -53,7 +52,6 @@ def prefix_cache(src: Path, dst: Path, tokens: int) -> ActivationCache:
         "prefix_of": str(src.resolve()),
     }
     write_json(dst / MANIFEST, man)
-    record_norm_outliers(dst)
     return ActivationCache(dst)
 
 

@@ -10,14 +10,17 @@
 #                      into OUT/cache_train by scripts/cache_prefix.py): the same budget on
 #                      every model
 #   CE_TOKENS=2048     held-out tokens of the delta-CE evaluations (the first contexts)
+#   OFF_TOKENS=2048    held-out tokens of the off-diagonal FVU (each baseline on every block,
+#                      and the MLSAE on the same tokens)
 #   CENTER=auto        --center-layers of the seeds' MLSAEs
 #   FLIP=""            on|off: one more MLSAE (first seed) with this --center-layers, analysed
+#   FLIP_AFTER=        run the FLIP stages after this many seeds (default: after all of them)
 #   R=8 K=32 LR=1e-3 BATCH=4096 DEAD=50000 EPOCHS_SINGLE=4
 # Per seed s, in OUT/s<s>/: mlsae/ (one epoch over the TOKENS tokens of every block), per_layer/
 # (SAEs of blocks b and b+1 for each b of SINGLES, EPOCHS_SINGLE epochs of their block: the
 # baselines' settings), then on CACHE_TEST: fvu_mlsae.json (all held-out tokens, every block),
 # fvu_single.json (the baselines on their blocks), off_single_BB.json (baseline BB on every
-# block), ce_mlsae.json / ce_single.json (delta CE at SINGLES on CE_TOKENS), analysis/, and
+# block on OFF_TOKENS; off_mlsae.json the MLSAE on the same), ce_mlsae.json / ce_single.json (delta CE at SINGLES on CE_TOKENS), analysis/, and
 # controls.json (`mlsae controls measures`: pass-through b -> b+1 beside the seed ceiling, the
 # block-b SAE of the next seed in SEEDS, and the token-permuted nulls).
 set -euo pipefail
@@ -26,7 +29,8 @@ M="$BIN/mlsae"; PY="$BIN/python"
 HERE=$(cd "$(dirname "$0")" && pwd)
 read -r -a SEED_LIST <<< "${SEEDS:-0 1 2}"
 read -r -a SINGLE_LIST <<< "${SINGLES:-3 12 24}"
-TOKENS=${TOKENS:-40960}; CE_TOKENS=${CE_TOKENS:-2048}; CENTER=${CENTER:-auto}; FLIP=${FLIP:-}
+TOKENS=${TOKENS:-40960}; CE_TOKENS=${CE_TOKENS:-2048}; OFF_TOKENS=${OFF_TOKENS:-2048}
+CENTER=${CENTER:-auto}; FLIP=${FLIP:-}; FLIP_AFTER=${FLIP_AFTER:-${#SEED_LIST[@]}}
 R=${R:-8}; K=${K:-32}; LR=${LR:-1e-3}; BATCH=${BATCH:-4096}; DEAD=${DEAD:-50000}
 EPOCHS_SINGLE=${EPOCHS_SINGLE:-4}
 mkdir -p "$OUT"
@@ -59,7 +63,17 @@ controls() {  # controls S S2: seed S's pass-through beside the ceiling from see
     --seed-run "$OUT/s$2/per_layer" --pair-layers "$SINGLES_CSV" --out "$OUT/s$1/controls.json"
 }
 
-prev=""
+flip() {  # the multi-layer findings with the other centring (item 4)
+  [[ -n "$FLIP" ]] || return 0
+  local s=${SEED_LIST[0]} D="$OUT/flip"
+  mkdir -p "$D"
+  run mlsae_flip "$M" train "${common[@]}" --epochs 1 --center-layers "$FLIP" --seed "$s" \
+    --out "$D/mlsae"
+  run fvu_flip "$M" evaluate "$D/mlsae" "${test[@]}" --no-ce --out "$D/fvu_mlsae.json"
+  run analyze_flip "$M" analyze "$D/mlsae" "${test[@]}" --out "$D/analysis"
+}
+
+prev=""; done_seeds=0
 for s in "${SEED_LIST[@]}"; do
   D="$OUT/s$s"
   mkdir -p "$D"
@@ -75,22 +89,17 @@ for s in "${SEED_LIST[@]}"; do
   run "ce_single_s$s" "$M" evaluate "$D/per_layer" "${test[@]}" --layers "$SINGLES_CSV" \
     --tokens "$CE_TOKENS" --out "$D/ce_single.json"
   run "analyze_s$s" "$M" analyze "$D/mlsae" "${test[@]}" --out "$D/analysis"
+  run "off_mlsae_s$s" "$M" evaluate "$D/mlsae" "${test[@]}" --tokens "$OFF_TOKENS" --no-ce \
+    --out "$D/off_mlsae.json"
   for b in "${SINGLE_LIST[@]}"; do
     BB=$(printf "%02d" "$b")
     run "off_single_${b}_s$s" "$M" evaluate "$D/per_layer/layer_$BB" "${test[@]}" \
-      --layers "$ALL" --no-ce --out "$D/off_single_$BB.json"
+      --layers "$ALL" --tokens "$OFF_TOKENS" --no-ce --out "$D/off_single_$BB.json"
   done
   if [[ -n "$prev" ]]; then controls "$prev" "$s"; fi
-  prev=$s
+  prev=$s; done_seeds=$((done_seeds + 1))
+  if (( done_seeds == FLIP_AFTER )); then flip; fi
 done
 if (( ${#SEED_LIST[@]} >= 2 )); then controls "$prev" "${SEED_LIST[0]}"; fi
 
-if [[ -n "$FLIP" ]]; then  # the multi-layer findings with the other centring (item 4)
-  s=${SEED_LIST[0]}; D="$OUT/flip"
-  mkdir -p "$D"
-  run mlsae_flip "$M" train "${common[@]}" --epochs 1 --center-layers "$FLIP" --seed "$s" \
-    --out "$D/mlsae"
-  run fvu_flip "$M" evaluate "$D/mlsae" "${test[@]}" --no-ce --out "$D/fvu_mlsae.json"
-  run analyze_flip "$M" analyze "$D/mlsae" "${test[@]}" --out "$D/analysis"
-fi
 echo; echo "done: $LOG"

@@ -198,7 +198,7 @@ def rows(out: Path) -> list[Row]:
                 ctl = single.scaled(1.1)
                 out_rows.append(Row(claim, mlsae, "1.1 x single-layer SAE", ctl, BELOW))
         off = gather(out, f"off_single_{b:02d}.json", eval_at, "fvu", None)
-        mlsae_mean = gather(out, "fvu_mlsae.json", eval_at, "fvu", None)
+        mlsae_mean = gather(out, "off_mlsae.json", eval_at, "fvu", None)
         claim = f"single-layer SAE of block {b}: mean FVU over all blocks above the MLSAE's"
         out_rows.append(Row(claim, off, "MLSAE mean FVU", mlsae_mean, ABOVE))
     for key, claim, thr, direction in (
