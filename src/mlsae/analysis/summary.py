@@ -10,7 +10,7 @@ Undefined numbers (a ratio with a zero denominator) are None here, null in the J
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.core.bootstrap import Bootstrap, BootstrapInfo, Interval, mean_over_columns
+from mlsae.core.bootstrap import Bootstrap, BootstrapInfo, Interval
 from mlsae.core.errors import MlsaeError
 from mlsae.core.io import write_json
 from mlsae.core.schema import from_dict, to_dict
