@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_model, model_with_test_cache
 from typer.testing import CliRunner
 
 from mlsae.core.bootstrap import Bootstrap, resample_indices
@@ -24,7 +25,6 @@ from mlsae.evolution.controls import (
     rate_intervals,
 )
 from mlsae.sae.autoencoder import SparseAutoencoder
-from tests.conftest import make_model, model_with_test_cache
 
 D_SAE, K = 24, 4
 

@@ -16,7 +16,7 @@ from mlsae.data.capture import capture
 from mlsae.lens.evaluate import evaluate_lens
 from mlsae.lens.train import regression_init, train_lens
 from mlsae.lens.tuned import TunedLens, identity_lens, load_lens
-from mlsae.report.html import lens_table
+from mlsae.report.tables import lens_table
 
 L, D = 3, 32  # conftest N_LAYERS, D_MODEL
 

@@ -30,7 +30,8 @@ from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import Inputs
 from mlsae.eval.result import EvalResult
 from mlsae.report.figures import make_figures
-from mlsae.report.html import eval_table, reading, write_report
+from mlsae.report.html import reading, write_report
+from mlsae.report.tables import eval_table
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAYERS = [0, 1, 2, 3, 4, 5]

@@ -6,34 +6,25 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mlsae.analysis.summary import (
-    HEADLINE,
     AnalysisSummary,
     CompareSummary,
     LayerSummary,
-    columns,
 )
-from mlsae.core.bootstrap import Interval
 from mlsae.core.io import write_text
 from mlsae.core.schema import to_dict
 from mlsae.eval.result import EvalResult, MeanRow
-from mlsae.lens.evaluate import LensEvalResult
+from mlsae.report.tables import cell_html, eval_table, fmt_g, kv_table, lens_table, ratio_table
 
 PAPER_TOKEN_FACTOR = (10.0, 100.0)  # "one to two orders of magnitude smaller"
 
 
 # ---------------------------------------------------------------- plain-language reading
-
-
-def _f(x: Any, nd: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}g}"
 
 
 def reading(s: AnalysisSummary) -> list[str]:
@@ -49,7 +40,7 @@ def reading(s: AnalysisSummary) -> list[str]:
         out.append(pr)
     if (rl := s.rel_var_latent) is not None:
         out.append(
-            f"Aggregated over tokens, a latent's layer variance is {_f(rl)} of the total layer "
+            f"Aggregated over tokens, a latent's layer variance is {fmt_g(rl)} of the total layer "
             f"variance (rel_var_latent): "
             + (
                 "individual latents spread over many layers (more than half the total spread)."
@@ -69,13 +60,13 @@ def reading(s: AnalysisSummary) -> list[str]:
         layers = c.sae_cfg.layers if c.sae_cfg is not None else "?"
         out.append(
             f"The comparison SAE ({c.label or c.sae}, trained on layers {layers})"
-            f" applied to the same layers gives rel_var_latent = {_f(c.rel_var_latent)} "
-            f"and rel_var_token = {_f(c.rel_var_token)}."
+            f" applied to the same layers gives rel_var_latent = {fmt_g(c.rel_var_latent)} "
+            f"and rel_var_token = {fmt_g(c.rel_var_token)}."
         )
     if s.eval_mean is not None:
         out.append(
-            f"Reconstruction (mean over layers): FVU {_f(s.eval_mean.fvu)}, delta CE "
-            f"{_f(s.eval_mean.delta_ce)} (paper, Pythia-70m with R=64, k=32: 0.097 and 0.565)."
+            f"Reconstruction (mean over layers): FVU {fmt_g(s.eval_mean.fvu)}, delta CE "
+            f"{fmt_g(s.eval_mean.delta_ce)} (paper, Pythia-70m with R=64, k=32: 0.097 and 0.565)."
         )
     return out
 
@@ -97,7 +88,7 @@ def _token_reading(s: AnalysisSummary) -> str | None:
     )
     return (
         f"For a single token, a latent's layer variance is {fac:.1f}x smaller than across "
-        f"tokens (rel_var_token = {_f(s.rel_var_token)}): {verdict}."
+        f"tokens (rel_var_token = {fmt_g(s.rel_var_token)}): {verdict}."
     )
 
 
@@ -127,7 +118,7 @@ def _geometry_reading(s: AnalysisSummary) -> list[str]:
         steps = np.diff(np.asarray(nm, dtype=float))
         grows = nm[-1] > nm[0] and (steps > 0).mean() >= 0.5
         out.append(
-            f"Mean residual norm goes from {_f(nm[0])} (block {s.layers[0]}) to {_f(nm[-1])} "
+            f"Mean residual norm goes from {fmt_g(nm[0])} (block {s.layers[0]}) to {fmt_g(nm[-1])} "
             f"(block {s.layers[-1]}), rising at {int((steps > 0).sum())} of {len(steps)} "
             "steps: "
             + (
@@ -152,9 +143,9 @@ def paper_reading(s: LayerSummary) -> str | None:
         return None
     return (
         f"The paper's code computes these ratios with another formula and gets "
-        f"rel_var_token = {_f(pf.rel_var_token)} (single-token variance "
-        f"{_f(pf.token_variance_factor)}x smaller; ours: {_f(s.token_variance_factor)}x) and "
-        f"rel_var_latent = {_f(pf.rel_var_latent)} (ours {_f(s.rel_var_latent)}), over "
+        f"rel_var_token = {fmt_g(pf.rel_var_token)} (single-token variance "
+        f"{fmt_g(pf.token_variance_factor)}x smaller; ours: {fmt_g(s.token_variance_factor)}x) and "
+        f"rel_var_latent = {fmt_g(pf.rel_var_latent)} (ours {fmt_g(s.rel_var_latent)}), over "
         f"{pf.n_batches} batch(es) of {pf.batch_tokens} tokens. The gap is the formula, not the "
         "data. It averages over all (token, latent) pairs, of which only "
         f"{_pct(pf.active_pair_fraction)} are active (the inactive ones count as "
@@ -165,7 +156,7 @@ def paper_reading(s: LayerSummary) -> str | None:
         "measures how deep a latent sits rather than how widely it spreads, while the "
         "per-token term is f times a true variance. Normalising each latent's q before taking "
         "its variance gives rel_var_token = "
-        f"{_f(pf.rel_var_token_normalised)}; the rest of the gap to ours is the "
+        f"{fmt_g(pf.rel_var_token_normalised)}; the rest of the gap to ours is the "
         "weighting (ours weights by activation mass, so the ratios are variances of one joint "
         "law, each in [0, 1]). The paper also keeps special tokens (inputs zeroed) in its "
         "batches; we exclude them."
@@ -187,7 +178,7 @@ _MULTI = (
 def lens_reading(s: AnalysisSummary, c: CompareSummary) -> str:
     """One sentence comparing the same kind of SAE with and without the tuned lens (SPEC 5)."""
     lensed, plain = (s, c) if s.space == "tuned-lens" else (c, s)
-    parts = [f"{k} {_f(getattr(lensed, k))} vs {_f(getattr(plain, k))}" for k in _MULTI]
+    parts = [f"{k} {fmt_g(getattr(lensed, k))} vs {fmt_g(getattr(plain, k))}" for k in _MULTI]
     a, b = lensed.multi_layer_fraction_token, plain.multi_layer_fraction_token
     verdict = ""
     if a is not None and b is not None:
@@ -202,8 +193,8 @@ def lens_reading(s: AnalysisSummary, c: CompareSummary) -> str:
     if fl is not None and ep.fvu is not None:
         out += (
             f" In the model's space (through the exact inverse) the lens SAE's held-out FVU is "
-            f"{_f(fl)} vs {_f(ep.fvu)} and its delta CE {_f(el.delta_ce)} vs "
-            f"{_f(ep.delta_ce)} (lens-space FVU {_f(el.fvu)})."
+            f"{fmt_g(fl)} vs {fmt_g(ep.fvu)} and its delta CE {fmt_g(el.delta_ce)} vs "
+            f"{fmt_g(ep.delta_ce)} (lens-space FVU {fmt_g(el.fvu)})."
         )
     return out
 
@@ -216,136 +207,6 @@ padding:3px 8px;text-align:right;font-size:13px}th{background:#f0f0f0}td.k{text-
 figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}figcaption{color:#555;
 font-size:14px}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:12px}
 .reading li{margin:.3em 0}"""
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return _f(v, 4)
-    if isinstance(v, (list, dict)):
-        return html.escape(json.dumps(v))
-    return html.escape(str(v))
-
-
-def _kv_table(d: dict[str, object]) -> str:
-    rows = "".join(
-        f"<tr><td class=k>{html.escape(str(k))}</td><td class=k>{_cell(v)}</td></tr>"
-        for k, v in d.items()
-    )
-    return f"<table>{rows}</table>"
-
-
-def _grid(header: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
-
-
-def _interval(iv: Interval | None) -> str:
-    """'[low, high]' of an interval, else '-'."""
-    return "-" if iv is None else f"[{_f(iv.low, 3)}, {_f(iv.high, 3)}]"
-
-
-def eval_table(ev: EvalResult) -> str:
-    """The evaluation's per-layer metrics and means, each metric that has a bootstrap interval
-    followed by its 95% interval column."""
-    cols = ev.per_layer.columns()
-    header: list[str] = ["layer"]
-    for k in cols:
-        header += [k, f"{k} 95% CI"] if ev.interval(k) is not None else [k]
-
-    def row(label: Any, i: int | None) -> list[Any]:
-        out = [label]
-        for k, v in cols.items():
-            out.append(v[i] if i is not None else ev.mean.get(k))
-            if ev.interval(k) is not None:
-                out.append(_interval(ev.interval(k, i)))
-        return out
-
-    rows = [row(layer, i) for i, layer in enumerate(ev.layers)] + [row("mean", None)]
-    note = ""
-    if ev.intervals is not None:
-        b = ev.intervals.bootstrap
-        note = (
-            f"<p>95% intervals: percentile bootstrap over the {b.n_contexts} evaluated "
-            f"contexts ({b.n_resamples} resamples, seed {b.seed}; SPEC 7).</p>"
-        )
-    return _grid(header, rows) + note
-
-
-_INTERVAL_KEYS = (
-    "rel_var_latent",
-    "rel_var_token",
-    "multi_layer_fraction_aggregate",
-    "multi_layer_fraction_token",
-    "multi_layer_fraction_token_per_latent",
-    "paper_rel_var_latent",
-    "paper_rel_var_token",
-)
-_PAPER_KEYS = (
-    "rel_var_latent",
-    "rel_var_token",
-    "token_variance_factor",
-    "active_pair_fraction",
-    "batch_tokens",
-    "n_batches",
-)
-_EVAL_KEYS = ("fvu", "fvu_model", "mse", "delta_ce", "kl", "l0")  # held-out, from eval.json
-
-
-def _optional_rows(name: str, vals: list[Any], empty: Any = None) -> list[list[Any]]:
-    """[[name, *vals]] if any value is not `empty`, else no row."""
-    return [[name, *vals]] if any(v != empty for v in vals) else []
-
-
-def _eval_mean(d: LayerSummary) -> MeanRow | None:
-    return d.eval_mean if isinstance(d, (AnalysisSummary, CompareSummary)) else None
-
-
-def _ratio_table(s: AnalysisSummary) -> str:
-    lens = any(c.space != s.space for c in s.compare)
-    tag = (lambda space: f" ({space} space)") if lens else (lambda space: "")
-    cols = columns(s)
-    names = [
-        f"this SAE{tag(s.space)}",
-        *(f"compare: {c.label}{tag(c.space)}" for c in s.compare),
-        *(name for name, _ in cols[1 + len(s.compare) :]),
-    ]
-    sums = [d for _, d in cols]
-    rows = [[k, *(getattr(d, k) for d in sums)] for k in HEADLINE]
-    for k in _PAPER_KEYS:  # the paper code's formula (SPEC 4), beside ours
-        vals = [None if d.paper_formula is None else getattr(d.paper_formula, k) for d in sums]
-        rows += _optional_rows(f"paper code: {k}", vals)
-    for k in _INTERVAL_KEYS:  # the context bootstrap (SPEC 7), where it was run
-        vals = [_interval(None if d.intervals is None else getattr(d.intervals, k)) for d in sums]
-        name = f"95% CI: paper code: {k[6:]}" if k.startswith("paper_") else f"95% CI: {k}"
-        rows += _optional_rows(name, vals, "-")
-    boots = [None if d.intervals is None else d.intervals.bootstrap for d in sums]
-    rows += _optional_rows("bootstrap contexts", [b and b.n_contexts for b in boots])
-    for k in _EVAL_KEYS:
-        rows += _optional_rows(f"eval: {k}", [(_eval_mean(d) or MeanRow()).get(k) for d in sums])
-    return _grid(["quantity", *names], rows)
-
-
-def lens_table(lens_eval: LensEvalResult) -> str:
-    """Per-layer KL and CE of the tuned lens vs the logit lens (`mlsae lens evaluate`), with
-    the KL's 95% intervals over contexts and a mean row when it has them."""
-    t, lg, cond, iv = lens_eval.tuned, lens_eval.logit, lens_eval.cond, lens_eval.intervals
-    rows = [
-        [layer, t.kl[i], lg.kl[i], t.ce[i], lg.ce[i], cond[i] if i < len(cond) else None]
-        + ([_interval(iv.kl_tuned[i]), _interval(iv.kl_logit[i])] if iv else [])
-        for i, layer in enumerate(lens_eval.layers)
-    ]
-    head = ["layer", "KL tuned", "KL logit", "CE tuned", "CE logit", "cond(I+A)"]
-    if iv is not None:
-        head += ["KL tuned 95% CI", "KL logit 95% CI"]
-    if lens_eval.mean_kl_tuned is not None and lens_eval.mean_kl_logit is not None:
-        mean = [lens_eval.mean_kl_tuned, lens_eval.mean_kl_logit]  # over the trained layers
-        rows.append(["mean (trained layers)", *mean, None, None, None])
-        if iv is not None:
-            rows[-1] += [_interval(iv.mean_tuned), _interval(iv.mean_logit)]
-    return _grid(head, rows)
 
 
 def _img(path: Path) -> str:
@@ -367,11 +228,11 @@ def write_report(
         f"<title>mlsae analysis: {html.escape(Path(s.run).name)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>Where latents live: {html.escape(s.run)}</h1>",
-        f"<p>SAE <code>{html.escape(s.sae)}</code>; data {_cell(to_dict(s.data))}.</p>",
+        f"<p>SAE <code>{html.escape(s.sae)}</code>; data {cell_html(to_dict(s.data))}.</p>",
         "<h2>Reading</h2><ul class=reading>",
         *[f"<li>{html.escape(t)}</li>" for t in reading(s)],
         "</ul><h2>Layer statistics</h2>",
-        _ratio_table(s),
+        ratio_table(s),
     ]
     if s.prompts:
         parts.append(
@@ -404,7 +265,7 @@ def write_report(
     parts += list(extra_sections or [])
     parts.append("<h2>Configuration</h2>")
     for name, cfg in configs.items():
-        parts += [f"<h3>{html.escape(name)}</h3>", _kv_table(cfg)]
+        parts += [f"<h3>{html.escape(name)}</h3>", kv_table(cfg)]
     parts.append(
         "<h2>Definitions</h2><p>L is the block index. P(L=l|J=j) = sum_t a[t,l,j] / "
         "sum_t,l' a[t,l',j]; P(J=j) and P(T=t,J=j) are proportional to the latent's total "
