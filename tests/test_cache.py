@@ -230,7 +230,7 @@ def test_round_trip_equals_capture(tmp_path: Path, tiny_model_dir: Path, tokeniz
     with torch.no_grad():
         hs = model(ctx, output_hidden_states=True).hidden_states
     torch.testing.assert_close(acts[:, 0], hs[1].reshape(208, 32), rtol=1e-5, atol=1e-5)
-    assert set(man["special_ids"]) == set(special_ids_of(tokenizer))
+    assert set(man.special_ids) == set(special_ids_of(tokenizer))
 
 
 @pytest.fixture
@@ -362,7 +362,7 @@ def test_real_model_default_corpus(tmp_path: Path) -> None:
     assert man.d_model == 576 and man.layers == [0, 29] and man.n_tokens == 128
     shard = ActivationCache(tmp_path / "c").load_shard(0)
     assert shard.activations.shape == (128, 2, 576) and shard.activations.dtype == torch.bfloat16
-    special = torch.tensor(man["special_ids"])
+    special = torch.tensor(man.special_ids)
     assert torch.equal(shard.mask, ~torch.isin(shard.token_ids, special))
     # the residual norm grows with depth (SPEC 4) and no vector is all zeros
     norms = shard.activations.float().norm(dim=-1)[shard.mask]  # [n_used, 2]
