@@ -365,3 +365,24 @@ def test_saelens_export_takes_topk_codes_and_refuses_threshold_codes_in_one_line
     with pytest.raises(MlsaeError, match="cannot be exported to SAELens") as e:
         saelens_config(sae, "blocks.0.hook_resid_post", 0, {}, approximate=True)
     assert "\n" not in str(e.value)
+
+
+def test_a_per_layer_set_calibrates_each_threshold_on_its_own_block(cache, tmp_path):
+    out = train_command(
+        tmp_path / "pl",
+        data=DataConfig(),
+        model=ModelConfig(),
+        source=SourceConfig(cache=cache),
+        sae=SaeGridConfig(expansion_factor=[4], k=[3], architecture="batchtopk", per_layer=True),
+        train=TrainConfig(batch_tokens=48, lr=2e-3, dead_tokens=100, max_steps=4),
+    )
+    src = ActivationCache(cache)
+    batches = list(src.shuffled(999, seed=0, buffer_shards=1))
+    xs, layers = torch.cat([b.x for b in batches]), torch.cat([b.layer for b in batches])
+    for layer in (0, 2, 5):
+        sae = load_sae(out / f"layer_{layer:02d}")
+        x = xs[layers == layer]
+        with torch.no_grad():
+            pre = (_normalize(x) - sae.b_dec) @ sae.W_enc + sae.b_enc
+        count = _capped_count(pre, float(sae.threshold), sae.code_width)
+        assert count == sae.cfg.k * len(x), layer
