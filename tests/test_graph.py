@@ -16,7 +16,7 @@ import torch
 from mlsae.activations.cache import CacheWriter
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
-from mlsae.core.stage_config import EvolutionConfig
+from mlsae.core.stage_config import BootstrapConfig, EvolutionConfig
 from mlsae.evolution.graph import communities
 from mlsae.evolution.match import MatchScores, match_permutation
 from mlsae.report.evolution import write_figures
@@ -136,10 +136,19 @@ def test_pipeline_outputs(tiny, tmp_path):
 
     root, sigma, x0, a = tiny
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.001, max_nodes_html=60)
+    boot = BootstrapConfig(bootstrap=50, bootstrap_seed=1)
     body = evolution_command(
-        root / "run", tmp_path, source=_cache(root), cfg=cfg, figures=write_figures
+        root / "run", tmp_path, source=_cache(root), cfg=cfg, figures=write_figures, boot=boot
     )
     ev = json.loads((tmp_path / "evolution.json").read_text())
+    low, high = (
+        ev["findings"]["intervals"]["pass_through_mean"]["low"],
+        ev["findings"]["intervals"]["pass_through_mean"]["high"],
+    )
+    assert low <= ev["findings"]["pass_through_mean"] <= high  # symmetric about the estimate
+    for p in ev["pairs"]:
+        iv = p["intervals"]["pass_through"]
+        assert iv["low"] <= p["pass_through"] <= iv["high"]
     gj = json.loads((tmp_path / "graph.json").read_text())
     assert ev["layers"] == [0, 1, 2] and ev["n_used_tokens"] == len(x0)
     p01 = ev["pairs"][0]
