@@ -175,6 +175,9 @@ def test_pipeline_outputs(tiny, tmp_path):
 
     sec = evolution_section_html(tmp_path)
     assert "Many features pass through: holds" in sec and "data:image/png;base64" in sec
+    mean = ev["findings"]["pass_through_mean"]
+    assert f"{100 * mean:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%]" in sec  # with its interval
+    assert "with the down layer&#x27;s tokens permuted (null model)" in sec
     assert not list(tmp_path.glob(".codes-*"))  # the code store is removed
     # `mlsae analyze --evolution DIR` puts this section and a relative graph link in report.html
     from mlsae.core.inputs import Inputs

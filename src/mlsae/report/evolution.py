@@ -111,12 +111,14 @@ def reading(body: EvolutionSummary) -> list[str]:
         f"{f.n_and} AND features (exactly two previous-layer features with necessity >= "
         f"{s.boolean_threshold}) and {f.n_or} OR features (exactly two with sufficiency "
         f">= {s.boolean_threshold}), {_pct(f.boolean_fraction)}{iv('boolean_fraction')} of "
-        f"alive features (features active on fewer than {s.min_support} tokens left out).",
+        f"alive features (features active on fewer than {s.min_support} tokens left out)"
+        f"{_null_total(pairs, ('n_and', 'n_or'))}.",
         f"Some features specialise later: {yes(f.specialise_holds)} here. "
         f"{f.n_specialised} features ({_pct(f.specialised_fraction)}"
         f"{iv('specialised_fraction')}) fire almost only "
         f"inside one previous-layer feature (necessity >= {s.specialise_necessity}) on at "
-        f"most {_pct(s.specialise_sufficiency)} of its active tokens.",
+        f"most {_pct(s.specialise_sufficiency)} of its active tokens"
+        f"{_null_total(pairs, ('n_specialised',))}.",
     ]
     m = [
         (r.matched, r.unpermuted, r.own)
@@ -177,6 +179,15 @@ def pair_table_html(body: EvolutionSummary) -> str:
         + "".join(rows)
         + "</table>"
     )
+
+
+def _null_total(pairs: list[PairSummary], keys: tuple[str, ...]) -> str:
+    """'; N with the down layer's tokens permuted (null model)', or '' without a null."""
+    nulls = [p.null for p in pairs if p.null is not None]
+    if not nulls:
+        return ""
+    n = sum(int(getattr(nl, k)) for nl in nulls for k in keys)
+    return f"; {n} with the down layer's tokens permuted (null model)"
 
 
 def _null_value(p: PairSummary, key: str) -> float | None:
