@@ -11,7 +11,7 @@ from test_evolution import constructed, feed, to_codes
 from mlsae.core.bootstrap import resample_indices
 from mlsae.core.stage_config import BootstrapConfig, EvolutionConfig
 from mlsae.evolution.codes import CodeStore
-from mlsae.evolution.intervals import Selected, rate_intervals, select
+from mlsae.evolution.intervals import Selected, overall, rate_intervals, select
 from mlsae.evolution.measures import summarize_pair
 
 CTX = 50
@@ -88,7 +88,7 @@ def test_rate_intervals_equal_a_brute_force_loop(tmp_path, exclusive) -> None:
     assert res.and_features and res.or_features and res.specialised  # every rate is exercised
     store = _store(tmp_path, a, b, pos)
     boot = BootstrapConfig(bootstrap=60, bootstrap_seed=4)
-    (got,), bs = rate_intervals([res], [up, down], store, cfg, boot, CTX)
+    (got,), found, bs = rate_intervals([res], [up, down], store, cfg, boot, CTX)
     # brute force: the same draws, each resample's tokens gathered and every rate recomputed
     ctx = np.unique((pos // CTX).numpy(), return_inverse=True)[1]
     C = int(ctx.max()) + 1
@@ -117,6 +117,33 @@ def test_rate_intervals_equal_a_brute_force_loop(tmp_path, exclusive) -> None:
         assert iv.low <= whole[k] <= iv.high, k
     pt = got["pass_through"]
     assert pt is not None and pt.low <= pt.high
+    # one pair: the findings over all pairs are its pass-through and its AND + OR rate
+    assert found["pass_through_mean"] == pt
+    boolean = np.asarray(rates["and_rate"]) + np.asarray(rates["or_rate"])
+    t = whole["and_rate"] + whole["or_rate"]
+    lo, hi = np.percentile(boolean, [2.5, 97.5])
+    h = max(hi - t, t - lo)
+    iv = found["boolean_fraction"]
+    assert iv is not None
+    assert iv.low == pytest.approx(max(t - h, 0), abs=1e-9)
+    assert iv.high == pytest.approx(min(t + h, 1), abs=1e-9)
+
+
+def test_overall_findings_pool_the_pairs() -> None:
+    """Mean pass-through over the pairs that have one; AND + OR and specialised over all
+    alive down features (numpy on the same numbers)."""
+    rng = np.random.default_rng(0)
+    names = ("pass_through", "and_rate", "or_rate", "specialised")
+    rows = [{k: torch.from_numpy(rng.random(5) / 4) for k in names} for _ in range(3)]
+    rows[1]["pass_through"][:] = float("nan")  # a pair without alive up features
+    got = overall(rows, [10, 30, 60])
+    a = np.stack([[r[k].numpy() for k in names] for r in rows])  # [pair, rate, R]
+    w = np.array([10, 30, 60.0])[:, None]
+    np.testing.assert_allclose(got["pass_through_mean"], a[[0, 2], 0].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(
+        got["boolean_fraction"], ((a[:, 1] + a[:, 2]) * w).sum(0) / 100, rtol=1e-12
+    )
+    np.testing.assert_allclose(got["specialised_fraction"], (a[:, 3] * w).sum(0) / 100, rtol=1e-12)
 
 
 def test_the_null_model_destroys_the_relations(tmp_path) -> None:

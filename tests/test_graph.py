@@ -17,7 +17,7 @@ from mlsae.activations.cache import CacheWriter
 from mlsae.core.config import DataConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import Inputs
-from mlsae.core.stage_config import EvolutionConfig
+from mlsae.core.stage_config import BootstrapConfig, EvolutionConfig
 from mlsae.evolution.graph import communities
 from mlsae.evolution.match import MatchScores, match_permutation
 from mlsae.report.evolution import write_figures
@@ -137,14 +137,24 @@ def test_pipeline_outputs(tiny, tmp_path):
 
     root, sigma, x0, a = tiny
     cfg = EvolutionConfig(top_m=2, min_support=1, memory_gb=0.001, max_nodes_html=60)
+    boot = BootstrapConfig(bootstrap=50, bootstrap_seed=1)
     body = evolution_command(
         root / "run",
         tmp_path,
         inputs=Inputs.held_out(source=_cache(root)),
         cfg=cfg,
         figures=write_figures,
+        boot=boot,
     )
     ev = json.loads((tmp_path / "evolution.json").read_text())
+    low, high = (
+        ev["findings"]["intervals"]["pass_through_mean"]["low"],
+        ev["findings"]["intervals"]["pass_through_mean"]["high"],
+    )
+    assert low <= ev["findings"]["pass_through_mean"] <= high  # symmetric about the estimate
+    for p in ev["pairs"]:
+        iv = p["intervals"]["pass_through"]
+        assert iv["low"] <= p["pass_through"] <= iv["high"]
     gj = json.loads((tmp_path / "graph.json").read_text())
     assert ev["layers"] == [0, 1, 2] and ev["n_used_tokens"] == len(x0)
     p01 = ev["pairs"][0]
@@ -171,6 +181,9 @@ def test_pipeline_outputs(tiny, tmp_path):
 
     sec = evolution_section_html(tmp_path)
     assert "Many features pass through: holds" in sec and "data:image/png;base64" in sec
+    mean = ev["findings"]["pass_through_mean"]
+    assert f"{100 * mean:.1f}% [{100 * low:.1f}%, {100 * high:.1f}%]" in sec  # with its interval
+    assert "with the down layer&#x27;s tokens permuted (null model)" in sec
     assert not list(tmp_path.glob(".codes-*"))  # the code store is removed
     # `mlsae analyze --evolution DIR` puts this section and a relative graph link in report.html
     from mlsae.report.analyze import analyze_command

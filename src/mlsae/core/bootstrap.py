@@ -1,4 +1,4 @@
-"""Confidence intervals by a percentile bootstrap over contexts (SPEC section 7): the one
+"""Confidence intervals by a bootstrap over contexts (SPEC section 7): the one
 implementation, used by `evaluate`, `analyze`, `evolution` and `lens evaluate`.
 
 A statistic is computed from per-context sums (one row per evaluated context, i.e. document
@@ -22,8 +22,9 @@ wrong when it is not (a rate near 0 whose resamples scatter both ways); BC / BCa
 above t it returns their lowest values. Such rates use `symmetric`: t +- h with h the larger
 distance from t to a percentile endpoint, the smallest interval holding both the percentile
 and the basic interval and always the estimate. On synthetic pairs with known Pearson its
-coverage is 0.65-0.75 where the estimate's bias is 3 resampling sds (percentile 0, BCa 0-0.03,
-basic 0.65-0.70), 0.91 at 1 sd (0.61, 0.75, 0.76), 0.99-1.0 when mild (docs/findings.md): a
+coverage is 0.65-0.80 where the estimate's bias is 2-3 resampling sds (percentile 0, BCa
+0-0.03, basic 0.65-0.77), 0.91-0.94 at about 1 sd (percentile 0.61-0.66, BCa 0.75, basic
+0.76-0.85), 0.99-1.0 when mild (tests/test_bootstrap_corrected.py, docs/findings.md): a
 bias the resamples do not show (a feature whose partner misses it in contexts the data lacks)
 no resampling interval can correct. The jackknife's leave-one-context-out sums come from the
 same per-context sums (`LeaveOneOut`), the point estimate from `Whole`, so one statistic

@@ -160,14 +160,15 @@ def rate_intervals(
     cfg: EvolutionConfig,
     boot: BootstrapConfig,
     context_length: int,
-) -> tuple[list[dict[str, Interval | None]], Bootstrap]:
-    """Per pair, the interval of each rate over the contexts of the used tokens."""
+) -> tuple[list[dict[str, Interval | None]], dict[str, Interval | None], Bootstrap]:
+    """Per pair, the interval of each rate over the contexts of the used tokens; and of the
+    headline findings over all pairs (`overall`), from the same resamples."""
     ctx_of = torch.from_numpy(store.positions() // max(context_length, 1))
     _, ctx = torch.unique(ctx_of, return_inverse=True)  # contexts with used tokens: 0..C-1
     n_contexts = int(ctx.max()) + 1 if len(ctx) else 0
     bs = Bootstrap(n_contexts, boot.bootstrap, boot.bootstrap_seed)
     thr = [s.threshold(cfg.active_fraction) for s in stats]
-    out = []
+    out, rows, n_down = [], [], []
     for p, r in enumerate(results):
         sel = select(r, stats[p].alive, stats[p + 1].alive)
         sums = context_sums(
@@ -176,7 +177,27 @@ def rate_intervals(
         rates = classify(*_measures(sums, bs), sel, cfg)
         point = classify(*_measures(sums, bs.whole()), sel, cfg)
         out.append({k: bs.symmetric(v, float(point[k][0]), (0.0, 1.0)) for k, v in rates.items()})
-    return out, bs
+        rows.append({k: torch.cat([point[k], v]) for k, v in rates.items()})
+        n_down.append(len(sel.prev_e))
+    found = overall(rows, n_down) if rows else {}
+    return out, {k: bs.symmetric(v[1:], float(v[0]), (0.0, 1.0)) for k, v in found.items()}, bs
+
+
+def overall(rows: list[dict[str, Tensor]], n_down: list[int]) -> dict[str, Tensor]:
+    """The findings over all pairs (as `run.findings`) from each pair's rates [R]: the mean
+    pass-through over the pairs that have one, and the AND + OR and the specialised features
+    over all alive down features (each pair's rate weighted by its alive down features)."""
+    pt = torch.stack([r["pass_through"] for r in rows])  # [P, R]
+    defined = torch.isfinite(pt[:, 0])
+    nan = torch.full_like(pt[0], math.nan)
+    w = torch.tensor(n_down, dtype=F64)[:, None]
+    pooled = lambda x: (x.nan_to_num(0.0) * w).sum(0) / w.sum() if w.sum() > 0 else nan
+    boolean = torch.stack([r["and_rate"] + r["or_rate"] for r in rows])
+    return {
+        "pass_through_mean": pt[defined].mean(0) if defined.any() else nan,
+        "boolean_fraction": pooled(boolean),
+        "specialised_fraction": pooled(torch.stack([r["specialised"] for r in rows])),
+    }
 
 
 def _measures(sums: Tensor, w: ContextWeights) -> tuple[Tensor, Tensor, Tensor]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mlsae.activations.live import LiveSource
-from mlsae.core.bootstrap import BootstrapInfo
+from mlsae.core.bootstrap import BootstrapInfo, Interval
 from mlsae.core.config import ModelConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import HELD_OUT_TOKENS, Inputs
@@ -257,7 +257,7 @@ def evolution_command(
     ]
     match = MatchScores(pairs, perms, saes[0][1].cfg.d_in, saes[0][1].cfg.d_sae)
     clock: dict[str, float] = {}  # phase -> end time
-    bootstrap = None
+    bootstrap, found = None, {}
     tmp = Path(tempfile.mkdtemp(prefix=".codes-", dir=out))
     try:
         store = CodeStore(tmp, len(saes))
@@ -267,7 +267,9 @@ def evolution_command(
             results = second_pass(saes, stats, store, cfg)
         clock["pairs"] = time.perf_counter()
         if boot is not None and boot.bootstrap > 0:
-            bootstrap = _intervals(results, stats, store, cfg, boot, op.facts["context_length"])
+            bootstrap, found = _intervals(
+                results, stats, store, cfg, boot, op.facts["context_length"]
+            )
             clock["intervals"] = time.perf_counter()
         tokens = store.tokens()
     finally:
@@ -287,7 +289,7 @@ def evolution_command(
         match=[MatchRow(**m) for m in finite(match.result())],
         communities=community_summary(g),
         graph=GraphCounts(nodes=len(g.layer), edges=len(g.src), html_nodes_drawn=drawn),
-        findings=findings(pair_rows),
+        findings=replace(findings(pair_rows), intervals=found),
         time_s=time.perf_counter() - t0,
         phase_s={k: b - a for k, a, b in zip(clock, marks[:-1], marks[1:], strict=True)},
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -306,16 +308,16 @@ def _intervals(
     cfg: EvolutionConfig,
     boot: BootstrapConfig,
     context_length: int,
-) -> BootstrapInfo:
+) -> tuple[BootstrapInfo, dict[str, Interval | None]]:
     """Each pair's rate intervals over contexts, into its summary (see evolution.intervals)."""
     from mlsae.evolution.intervals import rate_intervals
 
     with one_thread():
-        per_pair, bs = rate_intervals(results, stats, store, cfg, boot, context_length)
+        per_pair, found, bs = rate_intervals(results, stats, store, cfg, boot, context_length)
     for r, iv in zip(results, per_pair, strict=True):
         if r.summary is not None:
             r.summary.intervals = iv
-    return bs.info
+    return bs.info, found
 
 
 def _graph_outputs(

@@ -160,11 +160,21 @@ class Findings:
     n_specialised: int
     specialised_fraction: float
     specialise_holds: bool
+    intervals: dict[str, Interval | None] = field(default_factory=dict)
+    """Bootstrap interval over contexts of pass_through_mean, boolean_fraction and
+    specialised_fraction (empty without --bootstrap, and in older files)."""
 
     def __post_init__(self) -> None:
-        for k in ("pass_through_mean", "boolean_fraction", "specialised_fraction"):
+        keys = ("pass_through_mean", "boolean_fraction", "specialised_fraction")
+        for k in keys:
             _fraction(k, getattr(self, k))
         _check(min(self.n_and, self.n_or, self.n_specialised) >= 0, "negative count")
+        for k, iv in self.intervals.items():
+            _check(k in keys, f"findings: intervals: unknown finding {k!r}")
+            if isinstance(iv, dict):  # read back: core.schema leaves dict values as JSON
+                iv = from_dict(Interval, iv, f"findings: intervals: {k}")
+                self.intervals[k] = iv
+            _check(iv is None or isinstance(iv, Interval), f"findings: {k}: not an interval")
 
 
 @dataclass
@@ -282,6 +292,8 @@ class EvolutionSummary:
                     del p[k]
             if not p["intervals"]:
                 del p["intervals"]
+        if not out["findings"]["intervals"]:
+            del out["findings"]["intervals"]
         return out
 
     @classmethod

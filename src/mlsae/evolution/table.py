@@ -61,6 +61,14 @@ def format_summary(body: EvolutionSummary, out: Path) -> str:
         for s in body.pairs:
             iv = " ".join(f"{k} {fmt_interval(s.intervals.get(k), 0)}" for k in RATES)
             lines.append(f"{s.up_layer:>4}->{s.down_layer:<4} {iv}")
+        fd = body.findings
+        lines.append(
+            f"over all pairs: mean pass-through {fd.pass_through_mean:.4f} "
+            f"{fmt_interval(fd.intervals.get('pass_through_mean'), 0)}, AND + OR "
+            f"{fd.boolean_fraction:.4f} {fmt_interval(fd.intervals.get('boolean_fraction'), 0)}, "
+            f"specialised {fd.specialised_fraction:.4f} "
+            f"{fmt_interval(fd.intervals.get('specialised_fraction'), 0)} (of alive features)"
+        )
     lines.append(thresholds_line(body.settings))
     c = body.communities
     lines.append(

@@ -95,21 +95,30 @@ def reading(body: EvolutionSummary) -> list[str]:
     f, s, pairs = body.findings, body.settings, body.pairs
     pt = [p.pass_through for p in pairs if p.pass_through is not None]
     yes = lambda b: "holds" if b else "does not hold"
+    iv = lambda k: (  # noqa: E731
+        f" [{_pct(i.low)}, {_pct(i.high)}]" if (i := f.intervals.get(k)) is not None else ""
+    )
+    many = yes(f.pass_through_holds)
+    if (i := f.intervals.get("pass_through_mean")) is not None:  # the verdict by its interval
+        many = "holds" if i.low >= 0.10 else "does not hold" if i.high < 0.10 else "inconclusive"
     out = [
-        f"Many features pass through: {yes(f.pass_through_holds)} here. On average "
-        f"{_pct(f.pass_through_mean)} of a layer's alive features have a next-layer feature "
-        f"with Pearson correlation >= {s.pass_through} (range {_pct(min(pt, default=None))} "
-        f"to {_pct(max(pt, default=None))} over {len(pairs)} layer pairs; 'many' is read as "
-        f">= 10%).",
+        f"Many features pass through: {many} here. On average "
+        f"{_pct(f.pass_through_mean)}{iv('pass_through_mean')} of a layer's alive features "
+        f"have a next-layer feature with Pearson correlation >= {s.pass_through} (range "
+        f"{_pct(min(pt, default=None))} to {_pct(max(pt, default=None))} over {len(pairs)} "
+        f"layer pairs; 'many' is read as >= 10%, judged by the interval when there is one).",
         f"Some features are quasi-boolean combinations: {yes(f.boolean_holds)} here. "
         f"{f.n_and} AND features (exactly two previous-layer features with necessity >= "
         f"{s.boolean_threshold}) and {f.n_or} OR features (exactly two with sufficiency "
-        f">= {s.boolean_threshold}), {_pct(f.boolean_fraction)} of alive features "
-        f"(features active on fewer than {s.min_support} tokens left out).",
+        f">= {s.boolean_threshold}), {_pct(f.boolean_fraction)}{iv('boolean_fraction')} of "
+        f"alive features (features active on fewer than {s.min_support} tokens left out)"
+        f"{_null_total(pairs, ('n_and', 'n_or'))}.",
         f"Some features specialise later: {yes(f.specialise_holds)} here. "
-        f"{f.n_specialised} features ({_pct(f.specialised_fraction)}) fire almost only "
+        f"{f.n_specialised} features ({_pct(f.specialised_fraction)}"
+        f"{iv('specialised_fraction')}) fire almost only "
         f"inside one previous-layer feature (necessity >= {s.specialise_necessity}) on at "
-        f"most {_pct(s.specialise_sufficiency)} of its active tokens.",
+        f"most {_pct(s.specialise_sufficiency)} of its active tokens"
+        f"{_null_total(pairs, ('n_specialised',))}.",
     ]
     m = [
         (r.matched, r.unpermuted, r.own)
@@ -170,6 +179,15 @@ def pair_table_html(body: EvolutionSummary) -> str:
         + "".join(rows)
         + "</table>"
     )
+
+
+def _null_total(pairs: list[PairSummary], keys: tuple[str, ...]) -> str:
+    """'; N with the down layer's tokens permuted (null model)', or '' without a null."""
+    nulls = [p.null for p in pairs if p.null is not None]
+    if not nulls:
+        return ""
+    n = sum(int(getattr(nl, k)) for nl in nulls for k in keys)
+    return f"; {n} with the down layer's tokens permuted (null model)"
 
 
 def _null_value(p: PairSummary, key: str) -> float | None:
