@@ -146,3 +146,16 @@ def test_modules_stay_readable() -> None:
         if (n := len(p.read_text().splitlines())) > 420
     }
     assert long == {}, f"modules over ~400 lines: {long}"
+
+
+def test_tests_import_their_fixtures_as_conftest() -> None:
+    """`tests` is not a package: `from tests.conftest import` resolves to any installed
+    distribution's top-level `tests` package first (tuned-lens 0.2.0, which `make bench`
+    installs, ships one), so the suite's own modules are imported by their bare names."""
+    tests = Path(__file__).resolve().parent
+    offenders = [
+        p.name
+        for p in sorted(tests.glob("*.py"))
+        if re.search(r"^\s*(from|import) tests[.\s]", p.read_text(), re.MULTILINE)
+    ]
+    assert offenders == [], f"import fixtures as `from conftest import ...`: {offenders}"
