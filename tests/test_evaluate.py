@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 from mlsae.activations.cache import ActivationCache
 from mlsae.activations.extract import build_cache
 from mlsae.cli.app import app
+from mlsae.core.bootstrap import resample_indices
 from mlsae.core.config import DataConfig, ExtractConfig, ModelConfig, SaeConfig, SourceConfig
 from mlsae.core.errors import MlsaeError
 from mlsae.core.inputs import Inputs
-from mlsae.core.stage_config import EvalConfig
-from mlsae.eval.cross import cross_command
+from mlsae.core.stage_config import BootstrapConfig, EvalConfig
+from mlsae.eval.cross import cross_command, format_cross
 from mlsae.eval.evaluate import evaluate_command
 from mlsae.eval.result import EvalResult
 from mlsae.report.figures import cross_figures
@@ -195,6 +196,65 @@ def test_cross_matrix(setup, tmp_path):
         root / "mlsae", tmp_path / "c.json", **_opts(cache=root / "cache_test", ce=False)
     )
     np.testing.assert_allclose(cross.fvu[2], ml.per_layer.fvu, rtol=1e-5, atol=1e-6)
+
+
+def _context_moments(root: Path, sae_dir: Path, layer: int) -> list[tuple]:
+    """Per test context: (vector count, sum of x, sum of ||x||^2, sum of ||x - x_hat||^2) of
+    one SAE at one block, straight from the cache."""
+    sae = load_sae(sae_dir, compute_dtype=torch.float32)
+    ac = ActivationCache(root / "cache_test")
+    shards = [ac.load_shard(i) for i in range(ac.n_shards)]
+    acts = torch.cat([s.activations for s in shards])[:, ac.layers.index(layer)]
+    mask = torch.cat([s.mask for s in shards])
+    context = torch.arange(len(mask)) // CTX
+    with torch.no_grad():
+        x_hat = sae(acts[mask].float())[0].double()
+    x, context = acts[mask].double(), context[mask]
+    rows = []
+    for c in range(int(context.max()) + 1):
+        xs, err = x[context == c], (x - x_hat)[context == c]
+        rows.append((len(xs), xs.sum(0), float((xs**2).sum()), float((err**2).sum())))
+    return rows
+
+
+def _pooled_fvu(rows: list[tuple], draw: np.ndarray) -> float:
+    """FVU of the vectors of the drawn contexts pooled (with repeats): error over
+    sum ||x||^2 - ||sum x||^2 / n."""
+    n = sum(rows[c][0] for c in draw)
+    total = sum(rows[c][1] for c in draw)
+    square = sum(rows[c][2] for c in draw)
+    err = sum(rows[c][3] for c in draw)
+    return err / (square - float((total * total).sum()) / n)
+
+
+def test_cross_diagonal_is_paired_over_contexts(setup, tmp_path):
+    root, _, _, _ = setup
+    boot = BootstrapConfig(bootstrap=200, bootstrap_seed=3)
+    opts = _opts(cache=root / "cache_test", batch_size=3)
+    cross = cross_command(
+        root / "mlsae", [root / "l2", root / "l0"], tmp_path / "c", **opts, boot=boot
+    )
+    assert [(p.sae, p.layer) for p in cross.diagonal] == [("L0", 0), ("L2", 2)]
+    assert cross.bootstrap is not None and cross.bootstrap.n_contexts == 6
+    draws = resample_indices(6, 200, 3)
+    for r, (pair, run) in enumerate(zip(cross.diagonal, ("l0", "l2"), strict=True)):
+        col = cross.layers.index(pair.layer)
+        assert pair.fvu_ratio == pytest.approx(cross.fvu[2][col] / cross.fvu[r][col], rel=1e-9)
+        ce = cross.delta_ce[2][col] - cross.delta_ce[r][col]
+        assert pair.delta_ce_diff == pytest.approx(ce, rel=1e-9, abs=1e-12)
+        # the same draws for both SAEs: a loop over them, from the cache's vectors
+        ml = _context_moments(root, root / "mlsae" / "sae", pair.layer)
+        one = _context_moments(root, root / run / "sae", pair.layer)
+        ratios = [_pooled_fvu(ml, d) / _pooled_fvu(one, d) for d in draws]
+        low, high = np.percentile(ratios, [2.5, 97.5])
+        iv = pair.fvu_ratio_interval
+        assert iv is not None and iv.low == pytest.approx(low, rel=1e-4)
+        assert iv.high == pytest.approx(high, rel=1e-4)
+        assert pair.delta_ce_diff_interval is not None
+        assert pair.delta_ce_diff_interval.low <= pair.delta_ce_diff_interval.high
+    saved = json.loads((tmp_path / "c" / "cross.json").read_text())
+    assert [p["layer"] for p in saved["diagonal"]] == [0, 2]
+    assert "paired over 6 contexts" in format_cross(cross) and "within 10%" in format_cross(cross)
 
 
 def test_bad_inputs(setup, tmp_path):

@@ -171,7 +171,9 @@ def evaluate(
             raise MlsaeError("--lens applies to one RUN, not to --cross")
         if len(runs) < 2:
             raise MlsaeError("--cross needs MLSAE_RUN and at least one single-layer SAE_RUN")
-        result = cross_command(runs[0], runs[1:], out, inputs=Inputs(source, data, model), ev=ev)
+        result = cross_command(
+            runs[0], runs[1:], out, inputs=Inputs(source, data, model), ev=ev, boot=boot
+        )
         cross_figures(result, out)
         print(format_cross(result))
     else:

@@ -159,6 +159,22 @@ Matrix = list[list[float | None]]
 
 
 @dataclass
+class DiagonalPair:
+    """A single-layer SAE against the MLSAE on the SAE's own block, over the same held-out
+    contexts: the MLSAE / single FVU ratio and the MLSAE - single delta CE, each with a paired
+    bootstrap interval (both SAEs' sums resampled with the same draws)."""
+
+    sae: str
+    layer: int
+    fvu_ratio: float | None
+    """MLSAE FVU / single-layer FVU at `layer` (1.1: the MLSAE's FVU is 10% higher)."""
+    fvu_ratio_interval: Interval | None
+    delta_ce_diff: float | None
+    """MLSAE delta CE - single-layer delta CE at `layer` (nats; None without delta CE)."""
+    delta_ce_diff_interval: Interval | None
+
+
+@dataclass
 class CrossResult:
     """`mlsae evaluate --cross`: every single-layer SAE on every layer, and the MLSAE (last
     row) on the same layers; each metric a matrix [row][layer] (None: not measured)."""
@@ -176,6 +192,10 @@ class CrossResult:
     l0: Matrix
     delta_ce: Matrix
     kl: Matrix
+    diagonal: list[DiagonalPair] = field(default_factory=list)
+    """Each single-layer SAE vs the MLSAE on its block, paired over contexts (empty with
+    --bootstrap 0 and in older files)."""
+    bootstrap: BootstrapInfo | None = None
 
     def matrix(self, key: str) -> Matrix:
         """The matrix of metric `key` (one of METRICS)."""
