@@ -200,7 +200,8 @@ def rows(out: Path) -> list[Row]:
         off = gather(out, f"off_single_{b:02d}.json", eval_at, "fvu", None)
         mlsae_mean = gather(out, "off_mlsae.json", eval_at, "fvu", None)
         claim = f"single-layer SAE of block {b}: mean FVU over all blocks above the MLSAE's"
-        out_rows.append(Row(claim, off, "MLSAE mean FVU", mlsae_mean, ABOVE))
+        if off.values or mlsae_mean.values:
+            out_rows.append(Row(claim, off, "MLSAE mean FVU", mlsae_mean, ABOVE))
     for key, claim, thr, direction in (
         ("multi_layer_fraction_aggregate", "aggregated, latents active at > 1 block", 0.5, ABOVE),
         (
@@ -328,7 +329,7 @@ def timings(out: Path) -> None:
         lines = (out / "timings.tsv").read_text().splitlines()[1:]
     except OSError:
         return
-    parts = [ln.split("\t") for ln in lines if ln.count("\t") >= 2]
+    parts = [ln.split("\t") for ln in lines if ln.count("\t") >= 2 and "\tskipped" not in ln]
     total = sum(int(p[1]) for p in parts)
     emit(
         "Wall times (s): "
