@@ -193,7 +193,7 @@ def rows(out: Path) -> list[Row]:
         ):
             mlsae = gather(out, f"{src}_mlsae.json", eval_at, key, b)
             single = gather(out, f"{src}_single.json", eval_at, key, b)
-            if mlsae.values or single.values:
+            if mlsae.values and single.values:
                 claim = f"block {b} {what}: MLSAE <= 1.1 x single-layer SAE"
                 ctl = single.scaled(1.1)
                 out_rows.append(Row(claim, mlsae, "1.1 x single-layer SAE", ctl, BELOW))
@@ -305,8 +305,8 @@ def centring(out: Path) -> None:
         "|" + "---|" * 8,
     )
     for name, d in arms:
-        cfg = load(d / "mlsae" / "sae" / "cfg.json") or {}
-        centre = {True: "on", False: "off"}.get(cfg.get("center_layers", False), "?")
+        cfg = load(d / "mlsae" / "sae" / "cfg.json")
+        centre = "not run" if not cfg else "on" if cfg.get("center_layers") else "off"
         ev, an = load(d / "fvu_mlsae.json"), load(d / "analysis" / "analysis.json")
         cells = []
         for v, iv in (eval_at(ev, "fvu", None),):
