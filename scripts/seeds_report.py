@@ -193,14 +193,15 @@ def rows(out: Path) -> list[Row]:
         ):
             mlsae = gather(out, f"{src}_mlsae.json", eval_at, key, b)
             single = gather(out, f"{src}_single.json", eval_at, key, b)
-            if mlsae.values or single.values:
+            if mlsae.values and single.values:
                 claim = f"block {b} {what}: MLSAE <= 1.1 x single-layer SAE"
                 ctl = single.scaled(1.1)
                 out_rows.append(Row(claim, mlsae, "1.1 x single-layer SAE", ctl, BELOW))
         off = gather(out, f"off_single_{b:02d}.json", eval_at, "fvu", None)
         mlsae_mean = gather(out, "off_mlsae.json", eval_at, "fvu", None)
         claim = f"single-layer SAE of block {b}: mean FVU over all blocks above the MLSAE's"
-        out_rows.append(Row(claim, off, "MLSAE mean FVU", mlsae_mean, ABOVE))
+        if off.values or mlsae_mean.values:
+            out_rows.append(Row(claim, off, "MLSAE mean FVU", mlsae_mean, ABOVE))
     for key, claim, thr, direction in (
         ("multi_layer_fraction_aggregate", "aggregated, latents active at > 1 block", 0.5, ABOVE),
         (
@@ -304,8 +305,8 @@ def centring(out: Path) -> None:
         "|" + "---|" * 8,
     )
     for name, d in arms:
-        cfg = load(d / "mlsae" / "sae" / "cfg.json") or {}
-        centre = {True: "on", False: "off"}.get(cfg.get("center_layers", False), "?")
+        cfg = load(d / "mlsae" / "sae" / "cfg.json")
+        centre = "not run" if not cfg else "on" if cfg.get("center_layers") else "off"
         ev, an = load(d / "fvu_mlsae.json"), load(d / "analysis" / "analysis.json")
         cells = []
         for v, iv in (eval_at(ev, "fvu", None),):
@@ -328,7 +329,7 @@ def timings(out: Path) -> None:
         lines = (out / "timings.tsv").read_text().splitlines()[1:]
     except OSError:
         return
-    parts = [ln.split("\t") for ln in lines if ln.count("\t") >= 2]
+    parts = [ln.split("\t") for ln in lines if ln.count("\t") >= 2 and "\tskipped" not in ln]
     total = sum(int(p[1]) for p in parts)
     emit(
         "Wall times (s): "

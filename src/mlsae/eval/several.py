@@ -26,6 +26,8 @@ from mlsae.sae.crosscoder import token_pass
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from mlsae.activations.source import ActivationSource
+
 log = logging.getLogger(__name__)
 
 
@@ -178,7 +180,10 @@ def evaluate_per_layer(
             raise MlsaeError(f"{run} has no SAE for block(s) {missing} (a per-layer set)")
         pairs = [(ly, d) for ly, d in pairs if ly in want]
     entries = [load_entry(d, label=f"L{ly}") for ly, d in pairs]
+    for e in entries:  # per-context sums for the intervals, as evaluate_command does
+        e.bootstrap = (boot or BootstrapConfig()).bootstrap > 0
     src = open_eval_source(entries, inputs)
+    _typical_thresholds(entries, src, source.tokens)
     observers = make_observers(ev, entries)
     name = evaluate_entries(
         entries,
@@ -194,6 +199,25 @@ def evaluate_per_layer(
     finish_observers(result, observers, ev=ev, out=Path(out))
     write_json(Path(out), result.to_json())
     return result
+
+
+def _typical_thresholds(entries: list[Entry], src: ActivationSource, tokens: int | None) -> None:
+    """Each entry's norm-outlier threshold (fvu_typical), as evaluate_command sets it (a cache
+    only)."""
+    from mlsae.activations.cache import ActivationCache
+    from mlsae.activations.norms import norm_outliers
+
+    if not isinstance(src, ActivationCache):
+        return
+    every = norm_outliers(src, max_tokens=tokens)
+    for e in entries:
+        if not set(e.layers) <= set(src.layers):
+            continue
+        rep = every.select(e.layers)
+        if sum(rep.n_outliers):
+            e.thresholds = {
+                ly: rep.factor * m for ly, m in zip(rep.layers, rep.median_norm, strict=True)
+            }
 
 
 # ----------------------------------------------------------------------------- --replace
