@@ -370,9 +370,7 @@ def test_saelens_export_takes_topk_codes_and_refuses_threshold_codes_in_one_line
 def test_a_per_layer_set_calibrates_each_threshold_on_its_own_block(cache, tmp_path):
     out = train_command(
         tmp_path / "pl",
-        data=DataConfig(),
-        model=ModelConfig(),
-        source=SourceConfig(cache=cache),
+        inputs=Inputs(SourceConfig(cache=cache), DataConfig(), ModelConfig()),
         sae=SaeGridConfig(expansion_factor=[4], k=[3], architecture="batchtopk", per_layer=True),
         train=TrainConfig(batch_tokens=48, lr=2e-3, dead_tokens=100, max_steps=4),
     )

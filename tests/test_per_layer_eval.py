@@ -9,6 +9,7 @@ import torch
 
 from mlsae.activations.cache import CacheWriter
 from mlsae.core.config import SaeGridConfig, SourceConfig, TrainConfig
+from mlsae.core.inputs import Inputs
 from mlsae.core.stage_config import EvalConfig
 from mlsae.eval.evaluate import evaluate_command
 from mlsae.eval.several import evaluate_run
@@ -22,8 +23,14 @@ def _cache(path, n_tokens=1024, d=16, outlier_every=97):
     token scaled 100x at both blocks (norm outliers)."""
     g = torch.Generator().manual_seed(0)
     dic = torch.randn(2, 40, d, generator=g)
-    meta = {"layers": [0, 1], "d_model": d, "model": "synthetic", "dataset": "synthetic",
-            "split": "test", "context_length": 64}  # fmt: skip
+    meta = {
+        "layers": [0, 1],
+        "d_model": d,
+        "model": "synthetic",
+        "dataset": "synthetic",
+        "split": "test",
+        "context_length": 64,
+    }
     w = CacheWriter(path, meta, shard_tokens=256, storage_dtype="float32")
     for start in range(0, n_tokens, 128):
         z = torch.zeros(128, 2, 40).scatter_(
@@ -42,13 +49,16 @@ def test_per_layer_set_has_the_single_sae_intervals(tmp_path):
     run = tmp_path / "pl"
     train_command(
         run,
-        source=SourceConfig(cache=str(cache)),
+        inputs=Inputs(SourceConfig(cache=str(cache))),
         sae=SaeGridConfig(expansion_factor=[2], k=[3], per_layer=True),
         train=TrainConfig(batch_tokens=64, lr=2e-3, dead_tokens=200, max_steps=8),
     )
-    src, ev = SourceConfig(cache=str(cache)), EvalConfig(ce=False, allow_train=True)
-    both = evaluate_run(run, tmp_path / "set.json", source=src, ev=ev).to_json()
-    alone = evaluate_command(run / "layer_01", tmp_path / "one.json", source=src, ev=ev).to_json()
+    src, ev = (
+        Inputs.held_out(SourceConfig(cache=str(cache))),
+        EvalConfig(ce=False, allow_train=True),
+    )
+    both = evaluate_run(run, tmp_path / "set.json", inputs=src, ev=ev).to_json()
+    alone = evaluate_command(run / "layer_01", tmp_path / "one.json", inputs=src, ev=ev).to_json()
     assert both["layers"] == [0, 1] and alone["layers"] == [1]
     assert both["intervals"] is not None
     for key in ("fvu", "fvu_typical"):
