@@ -17,15 +17,8 @@ EPOCHS_SINGLE=${EPOCHS_SINGLE:-4}; SINGLES=${SINGLES:-"3 12 24"}
 CE_TOKENS=${CE_TOKENS:-2048}
 mkdir -p "$OUT"
 LOG="$OUT/timings.tsv"
-[[ -f "$LOG" ]] || printf "stage\tseconds\tcommand\n" > "$LOG"
-run() {  # run NAME CMD...: time a command, skip it when NAME is already in the log
-  local name=$1; shift
-  if grep -q "^$name	" "$LOG"; then echo "skip $name (done)"; return; fi
-  echo; echo "=== $name: $*"
-  local t0; t0=$(date +%s)
-  "$@"
-  printf "%s\t%s\t%s\n" "$name" "$(( $(date +%s) - t0 ))" "$*" >> "$LOG"
-}
+# shellcheck source=scripts/stages.sh
+source "$(dirname "$0")/stages.sh"  # run NAME CMD...: timed, skipped when done
 common=(--batch-tokens "$BATCH" --lr "$LR" --dead-tokens "$DEAD" -k "$K")
 
 run cache_train "$M" cache "${MA[@]}" --split train --tokens "$TOK" --out "$OUT/cache_train"

@@ -35,15 +35,8 @@ R=${R:-8}; K=${K:-32}; LR=${LR:-1e-3}; BATCH=${BATCH:-4096}; DEAD=${DEAD:-50000}
 EPOCHS_SINGLE=${EPOCHS_SINGLE:-4}
 mkdir -p "$OUT"
 LOG="$OUT/timings.tsv"
-[[ -f "$LOG" ]] || printf "stage\tseconds\tcommand\n" > "$LOG"
-run() {  # run NAME CMD...: time a command, skip it when NAME is already in the log
-  local name=$1; shift
-  if grep -q "^$name	" "$LOG"; then echo "skip $name (done)"; return; fi
-  echo; echo "=== $name ($(date -u +%H:%M:%S)): $*"
-  local t0; t0=$(date +%s)
-  "$@"
-  printf "%s\t%s\t%s\n" "$name" "$(( $(date +%s) - t0 ))" "$*" >> "$LOG"
-}
+# shellcheck source=scripts/stages.sh
+source "$(dirname "$0")/stages.sh"  # run NAME CMD...: timed, skipped when done
 csv() { local IFS=,; echo "$*"; }
 SINGLES_CSV=$(csv "${SINGLE_LIST[@]}")
 PAIRS=(); for b in "${SINGLE_LIST[@]}"; do PAIRS+=("$b" "$((b + 1))"); done

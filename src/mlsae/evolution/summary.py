@@ -10,6 +10,7 @@ endpoints inside the node list, fractions and thresholds in [0, 1]); any fault i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -45,6 +46,19 @@ def fmt_interval(iv: Interval | None, width: int = 17) -> str:
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise MlsaeError(msg)
+
+
+def _check_intervals(
+    intervals: dict[str, Interval | None], keys: Sequence[str], where: str
+) -> None:
+    """Every interval under a known key, and read back as an `Interval` (core.schema leaves
+    dict values as JSON): replaced in place."""
+    for k, iv in intervals.items():
+        _check(k in keys, f"{where}: unknown key {k!r}")
+        if isinstance(iv, dict):
+            iv = from_dict(Interval, iv, f"{where}: {k}")
+            intervals[k] = iv
+        _check(iv is None or isinstance(iv, Interval), f"{where}: {k}: not an interval")
 
 
 def _fraction(name: str, v: float | None) -> None:
@@ -131,12 +145,7 @@ class PairSummary:
             for r in rows:
                 ok = 0 <= r[0] < d_dn and all(0 <= i < d_up for i in r[1:])
                 _check(ok, f"{name}: {list(r)} outside the SAEs' {d_up} / {d_dn} features")
-        for k, iv in self.intervals.items():
-            _check(k in RATES, f"intervals: unknown rate {k!r}")
-            if isinstance(iv, dict):  # read back: core.schema leaves dict values as JSON
-                iv = from_dict(Interval, iv, f"intervals: {k}")
-                self.intervals[k] = iv
-            _check(iv is None or isinstance(iv, Interval), f"intervals: {k}: not an interval")
+        _check_intervals(self.intervals, RATES, "intervals")
 
     @property
     def and_rate(self) -> float | None:
@@ -169,12 +178,7 @@ class Findings:
         for k in keys:
             _fraction(k, getattr(self, k))
         _check(min(self.n_and, self.n_or, self.n_specialised) >= 0, "negative count")
-        for k, iv in self.intervals.items():
-            _check(k in keys, f"findings: intervals: unknown finding {k!r}")
-            if isinstance(iv, dict):  # read back: core.schema leaves dict values as JSON
-                iv = from_dict(Interval, iv, f"findings: intervals: {k}")
-                self.intervals[k] = iv
-            _check(iv is None or isinstance(iv, Interval), f"findings: {k}: not an interval")
+        _check_intervals(self.intervals, keys, "findings: intervals")
 
 
 @dataclass
