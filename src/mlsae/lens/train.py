@@ -305,12 +305,7 @@ def train_lens(
         pre = _preconditioned(lens, stats)
         floor = _Floor(pre, min_singular, max_cond, out)
         floor.apply()
-        opt = torch.optim.Adam(
-            [q for m in pre.values() for q in m.parameters()], lr=lr, betas=(0.9, 0.999)
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.0, 1 - i / steps)
-        )
+        opt, sched = _optimizer(pre, lr, warmup, steps)
         tracker = None
         if holdout is not None and len(holdout):
             tracker = HeldOut(model, lens, holdout, special_ids, patience)
@@ -343,6 +338,20 @@ def train_lens(
             a, c = m.affine() if tracker is None else tracker.best[layer][2:]
             lens._set(layer, a, c)
     return out
+
+
+def _optimizer(
+    pre: dict[int, _Preconditioned], lr: float, warmup: int, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam over every translator's parameters, with linear warmup over `warmup` steps and
+    linear decay to 0 at `steps`."""
+    opt = torch.optim.Adam(
+        [q for m in pre.values() for q in m.parameters()], lr=lr, betas=(0.9, 0.999)
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.0, 1 - i / steps)
+    )
+    return opt, sched
 
 
 class _Floor:
